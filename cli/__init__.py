@@ -1,0 +1,1 @@
+"""kobo: the user CLI over run folders."""

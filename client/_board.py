@@ -1,0 +1,329 @@
+"""``Board``: the object training scripts log through."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import socket
+import string
+import sys
+import threading
+import time
+import warnings
+import weakref
+from typing import Any
+
+from ..protocol import messages as m
+from ..protocol.errors import BoardClosedError, KoboError, TransportError
+from ..protocol.peer import process_start_ticks
+from ._config import ClientConfig
+from ._values import check_name, to_config, to_scalar
+
+_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def new_run_id(now: float | None = None) -> str:
+    """``YYYYmmdd_HHMMSS_xxxxxx``: UTC time and 6 random ``[a-z0-9]``."""
+    stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime(time.time() if now is None else now))
+    return stamp + "_" + "".join(secrets.choice(_ALPHABET) for _ in range(6))
+
+
+def _check_path_part(what: str, value: str) -> str:
+    if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\0" in value:
+        raise ValueError(f"{what} must be a non-empty name without '/', got {value!r}")
+    return value
+
+
+class Board:
+    """One run: logs go to ``{base_dir}/{project}/{run_id}/`` through the kobo-daemon.
+
+    ``Board(name=None, config=None, *, project="default", run_id=None,
+    base_dir="./kohakuboard", capture_output=True, ...)``.  ``board_id`` is an
+    alias of ``run_id``; an existing ``run_id`` resumes that run.  ``config``
+    must be JSON-serialisable (numpy scalars are converted); otherwise
+    ``TypeError`` naming the key is raised before anything is created.
+
+    Connecting starts a detached ``kobo-daemon`` when none answers (unless
+    ``KOBO_DAEMON_AUTOSTART=0``); raises :class:`DaemonUnavailable` when none
+    can be reached, :class:`StorageError` when the run folder cannot be written.
+
+    ``max_queue``: how many ``log()`` calls may wait in this process for the
+    sender thread.  At 80 % a warning is printed once; at 100 % ``log()``
+    blocks until the daemon catches up (nothing is dropped).
+    """
+
+    def __init__(
+        self,
+        name: str | None = None,
+        config: dict[str, Any] | None = None,
+        *,
+        project: str = "default",
+        run_id: str | None = None,
+        board_id: str | None = None,
+        base_dir: str | os.PathLike[str] | None = None,
+        capture_output: bool = True,
+        rank: int | None = None,
+        max_queue: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self._closed = True  # until fully open: finish() and __del__ are no-ops
+        if run_id is not None and board_id is not None and run_id != board_id:
+            raise ValueError(f"run_id={run_id!r} and board_id={board_id!r} disagree; pass one of them")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a string, got {type(name).__name__}")
+        cfg = ClientConfig.from_env()
+        self.config: dict[str, Any] = to_config(config or {}, "config")
+        if not isinstance(self.config, dict):
+            raise TypeError("config must be a dict")
+        self.project = _check_path_part("project", project)
+        self.run_id = _check_path_part("run_id", run_id or board_id or new_run_id())
+        self.name = name or self.run_id
+        self.base_dir = os.path.abspath(os.fspath(base_dir if base_dir is not None else cfg.base_dir))
+        self.path = os.path.join(self.base_dir, self.project, self.run_id)
+        self.rank = cfg.rank if rank is None else int(rank)
+        self.capture_output = capture_output
+        self._cfg = cfg
+        self._timeout = timeout
+        self._client = secrets.token_hex(8)
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._step = -1
+        self._global_step = 0
+        self._names: set[str] = set()
+        self._crashed = False
+        self._pid = os.getpid()
+
+        from ._spawn import ensure_daemon
+        from ._transport import Connection, Sender
+
+        ensure_daemon(cfg.endpoint, autostart=cfg.autostart)
+        self._conn = Connection(cfg.endpoint)
+        try:
+            reply = self._conn.request(
+                m.OpenRun,
+                self._env(),
+                timeout if timeout is not None else cfg.open_timeout,
+                self.name,
+                self.project,
+                self.run_id,
+                self.config,
+                os.getpid(),
+                process_start_ticks(),
+                socket.gethostname(),
+            )
+        except BaseException:
+            self._conn.close()
+            raise
+        self.resumed = not reply.created
+        if self.resumed and reply.attached == 0:
+            # Resuming a run nobody else is writing: continue its counters.
+            self._step = reply.last_step
+            self._global_step = reply.last_global_step
+        self._sender = Sender(
+            self._conn.ctx, cfg.endpoint, self.path, self._client, self.rank, max_queue or cfg.max_queue
+        )
+        self._sender.start()
+        self._closed = False
+        _register(self)
+        self._capture = None
+        if capture_output:
+            from ._capture import start_capture
+
+            self._capture = start_capture(self._send_output)
+
+    # -------------------------------------------------------------- logging
+
+    def _env(self) -> m.Envelope:
+        return m.Envelope(self.path, self._client, 0, self.rank, max(self._step, 0), self._global_step, time.time())
+
+    @property
+    def global_step(self) -> int:
+        """The user's counter, changed only by :meth:`step`."""
+        return self._global_step
+
+    @property
+    def current_step(self) -> int:
+        """The step of the latest ``log()`` call (-1 before the first)."""
+        return self._step
+
+    def step(self, increment: int = 1) -> int:
+        """Advance ``global_step`` by ``increment`` (once per optimizer update); return it."""
+        if type(increment) is not int:
+            if not (hasattr(increment, "__index__")):
+                raise TypeError(f"increment must be an integer, got {type(increment).__name__}")
+            increment = int(increment)
+        with self._lock:
+            self._global_step += increment
+            return self._global_step
+
+    def log(self, auto_step: bool = True, **values: Any) -> None:
+        """Log values; returns as soon as they are queued (non-blocking).
+
+        Every value of one call shares one ``(step, global_step)``.
+        ``auto_step=False`` reuses the previous call's step.  A value that
+        cannot be logged raises ``TypeError``/``ValueError`` naming its key, and
+        nothing of the call is sent.  Raises :class:`BoardClosedError` after
+        :meth:`finish`.
+        """
+        if self._closed:
+            raise BoardClosedError(f"board {self.run_id!r} is finished; create a new Board to log more")
+        scalars: dict[str, float] = {}
+        names = self._names
+        for key, value in values.items():
+            t = type(value)
+            scalars[key] = float(value) if (t is float or t is int) and abs(value) < 1e308 else to_scalar(key, value)
+            if key not in names:
+                check_name(key)
+                names.add(key)
+        if not scalars:
+            return
+        with self._lock:
+            if auto_step:
+                self._step += 1
+            elif self._step < 0:
+                self._step = 0
+            self._seq = seq = self._seq + 1
+            self._sender.put((seq, self._step, self._global_step, time.time(), scalars))
+
+    def _send_output(self, stream: str, text: str) -> None:
+        if self._closed and self._capture is None:
+            return
+        with self._lock:
+            self._seq = seq = self._seq + 1
+            env = m.Envelope(self.path, self._client, seq, self.rank, max(self._step, 0), self._global_step, time.time())
+            self._sender.put(m.OutputMessage(env, stream, text))
+
+    # ----------------------------------------------------------- durability
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until everything logged before this call is durable in the run folder.
+
+        Raises :class:`StorageError` if the daemon cannot write it (disk full,
+        folder not writable), :class:`KoboTimeoutError` after ``timeout``
+        seconds (default 60), :class:`DaemonUnavailable` if the daemon died.
+        """
+        if self._closed:
+            raise BoardClosedError(f"board {self.run_id!r} is finished")
+        self._raise_sender_error()
+        with self._lock:
+            last = self._seq
+        self._conn.request(
+            m.FlushRequest, self._env(), timeout if timeout is not None else self._cfg.flush_timeout, last
+        )
+
+    def _raise_sender_error(self) -> None:
+        err = self._sender.error
+        if err is not None:
+            raise TransportError(f"sending to kobo-daemon failed: {err!r}") from err
+
+    def finish(self, timeout: float | None = None, *, status: str | None = None) -> None:
+        """Write everything, mark the run finished (or crashed), close the board.
+
+        Idempotent; called by ``with``, at exit and after an uncaught exception.
+        Returns within about ``timeout`` seconds (default 10) even when the
+        daemon is dead; then it warns how many ``log()`` calls may not have
+        been written.  Raises :class:`StorageError` if the daemon reports that
+        it could not write the run (the data stays with the daemon, which
+        writes it once it can).
+        """
+        if self._closed:
+            return
+        if self._capture is not None:
+            self._capture.stop()  # forwards the unfinished last line first
+            self._capture = None
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            last = self._seq
+        status = status or ("crashed" if self._crashed else "finished")
+        timeout = self._cfg.finish_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        _unregister(self)
+        sent_all = self._sender.stop(max(0.1, deadline - time.monotonic()))
+        try:
+            self._conn.request(
+                m.FinishRun, self._env(), max(0.1, deadline - time.monotonic()), last, status
+            )
+        except TransportError as exc:
+            unsent = last - self._sender.sent_seq
+            warnings.warn(
+                f"kohakuboard: run {self.path} could not be finished ({exc}); "
+                f"{unsent if not sent_all else 'up to ' + str(last)} log() call(s) may not have been written",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        finally:
+            if self._sender.is_alive():
+                self._conn.ctx.destroy(linger=0)
+            else:
+                self._conn.close()
+
+    close = finish
+
+    def __enter__(self) -> "Board":
+        return self
+
+    def __exit__(self, et: Any, exc: Any, tb: Any) -> None:
+        if et is not None:
+            self._crashed = True
+            try:
+                self.finish()
+            except KoboError:
+                pass  # never mask the user's exception
+        else:
+            self.finish()
+
+    def __repr__(self) -> str:
+        state = "finished" if self._closed else "open"
+        return f"<Board {self.project}/{self.run_id} {state} step={self._step} global_step={self._global_step}>"
+
+    def stats(self) -> dict[str, Any]:
+        """Client-side counters: queued, sent and peak queue length."""
+        return {
+            "logged": self._seq,
+            "sent": self._sender.sent_seq,
+            "queued": len(self._sender.queue),
+            "peak_queue": self._sender.peak,
+            "max_queue": self._sender.max_queue,
+        }
+
+
+# ------------------------------------------------------------ process hooks
+
+_boards: "weakref.WeakSet[Board]" = weakref.WeakSet()
+_hooks_installed = False
+_uncaught = False
+
+
+def _register(board: Board) -> None:
+    global _hooks_installed
+    _boards.add(board)
+    if not _hooks_installed:
+        _hooks_installed = True
+        atexit.register(_finish_all)
+        previous = sys.excepthook
+
+        def excepthook(et: Any, exc: Any, tb: Any) -> None:
+            global _uncaught
+            _uncaught = True
+            previous(et, exc, tb)
+
+        sys.excepthook = excepthook
+
+
+def _unregister(board: Board) -> None:
+    _boards.discard(board)
+
+
+def _finish_all() -> None:
+    for board in list(_boards):
+        if os.getpid() != board._pid:
+            continue  # a forked child must not finish its parent's run
+        if _uncaught:
+            board._crashed = True
+        try:
+            board.finish()
+        except Exception as exc:  # at exit there is nobody left to raise to
+            print(f"kohakuboard: finishing {board.path} failed: {exc}", file=sys.stderr)

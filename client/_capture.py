@@ -1,0 +1,113 @@
+"""Tee Python-level stdout/stderr into the run's ``logs/output.log``.
+
+The terminal sees exactly what it would without us: every write goes to the
+original stream first.  Complete lines are forwarded to the daemon; a line
+rewritten with carriage returns (progress bars) is forwarded as its last state
+only.  The unfinished last line is forwarded when the board finishes, so the
+traceback of a crash (printed by ``sys.excepthook`` before ``atexit`` runs) ends
+up in the file.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any, Callable
+
+_CHUNK = 1 << 20
+_active: "Capture | None" = None
+_active_lock = threading.Lock()
+
+
+def collapse_carriage_returns(text: str) -> str:
+    """Keep, for every line, only what was drawn after its last carriage return."""
+    if "\r" not in text:
+        return text
+    out = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if "\r" in line:
+            parts = [p for p in line.split("\r") if p]
+            line = parts[-1] if parts else ""
+        out.append(line)
+    return "\n".join(out)
+
+
+class _Tee:
+    """Stands in for ``sys.stdout``/``sys.stderr``; everything else is delegated."""
+
+    def __init__(self, stream: Any, name: str, capture: "Capture") -> None:
+        self._stream = stream
+        self._name = name
+        self._capture = capture
+        self._partial = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        n = self._stream.write(text)
+        if self._capture.active and isinstance(text, str) and text:
+            with self._lock:
+                buf = self._partial + text
+                cut = buf.rfind("\n")
+                if cut < 0:
+                    # Keep only the last state of a carriage-return line, bounded.
+                    self._partial = buf[buf.rfind("\r") :] if len(buf) > _CHUNK else buf
+                    return n
+                done, self._partial = buf[: cut + 1], buf[cut + 1 :]
+            self._capture.emit(self._name, collapse_carriage_returns(done))
+        return n
+
+    def flush_partial(self) -> None:
+        with self._lock:
+            rest, self._partial = self._partial, ""
+        rest = collapse_carriage_returns(rest)
+        if rest:
+            self._capture.emit(self._name, rest + "\n")
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class Capture:
+    """The installed tees of one board."""
+
+    def __init__(self, emit: Callable[[str, str], None]) -> None:
+        self._emit = emit
+        self.active = True
+        self.stdout = _Tee(sys.stdout, "stdout", self)
+        self.stderr = _Tee(sys.stderr, "stderr", self)
+        sys.stdout = self.stdout  # type: ignore[assignment]
+        sys.stderr = self.stderr  # type: ignore[assignment]
+
+    def emit(self, stream: str, text: str) -> None:
+        for i in range(0, len(text), _CHUNK):
+            try:
+                self._emit(stream, text[i : i + _CHUNK])
+            except Exception:
+                self.active = False  # the board is gone; keep the terminal working
+                return
+
+    def stop(self) -> None:
+        global _active
+        self.stdout.flush_partial()
+        self.stderr.flush_partial()
+        self.active = False
+        if sys.stdout is self.stdout:
+            sys.stdout = self.stdout._stream
+        if sys.stderr is self.stderr:
+            sys.stderr = self.stderr._stream
+        with _active_lock:
+            if _active is self:
+                _active = None
+
+
+def start_capture(emit: Callable[[str, str], None]) -> Capture | None:
+    """Install the tees unless another board of this process already captures."""
+    global _active
+    with _active_lock:
+        if _active is not None:
+            return None
+        _active = Capture(emit)
+        return _active

@@ -1,0 +1,1 @@
+"""kobo-daemon: receives log messages over ZeroMQ and writes run folders."""

@@ -1,0 +1,321 @@
+"""Per-run state in the daemon: the batcher, its writer thread and its clients.
+
+Each run folder the daemon writes has one :class:`RunChannel`.  Messages for the
+run are appended to ``pending`` by the receive loop (on the event loop, no I/O);
+the channel's batcher task hands a whole batch to the run's own single writer
+thread when the batch is big enough, when the oldest message is
+``flush_interval`` old, or at once when a client waits on a flush barrier.  Only
+one batch per run is being written at a time; meanwhile the next one fills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..protocol.errors import StorageError
+from ..protocol.messages import LogMessage, OutputMessage
+from ..storage import format as fmt
+from ..storage.writer import RunWriter
+
+log = logging.getLogger("kohakuboard.daemon")
+
+
+@dataclass
+class ClientState:
+    """One client (one Board in one process) attached to a run."""
+
+    client: str
+    rank: int
+    pid: int
+    pid_start: int
+    host: str
+    received_seq: int = 0
+    durable_seq: int = 0
+    attached: bool = True
+    status: str = "attached"
+
+
+@dataclass
+class _Waiter:
+    client: str
+    seq: int
+    future: asyncio.Future[int]
+
+
+@dataclass
+class RunStats:
+    messages: int = 0
+    points: int = 0
+    batches: int = 0
+    peak_pending: int = 0
+    write_seconds: float = 0.0
+    errors: int = 0
+    last_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RunChannel:
+    """Batches and writes everything for one run folder."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        flush_interval: float,
+        batch_messages: int,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self.flush_interval = flush_interval
+        self.batch_messages = batch_messages
+        self._now = now
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="kobo-writer")
+        self.writer: RunWriter | None = None
+        self.pending: list[LogMessage] = []
+        self.pending_output: list[OutputMessage] = []
+        self._first_pending_at = 0.0
+        self.clients: dict[str, ClientState] = {}
+        self._waiters: list[_Waiter] = []
+        self._has_data = asyncio.Event()
+        self._kick = asyncio.Event()
+        self._stopping = False
+        self._retry = False
+        self.error: StorageError | None = None
+        self.stats = RunStats()
+        self.last_activity = now()
+        self.crashed_clients = 0
+
+    # ----------------------------------------------------------- thread work
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn`` on this run's writer thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def ensure_writer(self) -> RunWriter:
+        if self.writer is None:
+            self.writer = await self.call(RunWriter, self.path, on_event=log.info)
+        return self.writer
+
+    # -------------------------------------------------------------- clients
+
+    @property
+    def attached(self) -> list[ClientState]:
+        return [c for c in self.clients.values() if c.attached]
+
+    async def attach(self, state: ClientState, meta: dict[str, Any]) -> dict[str, Any]:
+        writer = await self.ensure_writer()
+        others = len([c for c in self.attached if c.client != state.client])
+        previous = self.clients.get(state.client)
+        if previous is not None:
+            state.received_seq = previous.received_seq
+            state.durable_seq = previous.durable_seq
+        info = await self.call(
+            writer.attach,
+            client=state.client,
+            rank=state.rank,
+            pid=state.pid,
+            host=state.host,
+            **meta,
+        )
+        self.clients[state.client] = state
+        info["attached"] = others
+        self.last_activity = self._now()
+        return info
+
+    async def detach(self, client: str, status: str) -> str:
+        """Detach a client; when it was the last one, mark the run finished or crashed."""
+        state = self.clients.get(client)
+        if state is None or not state.attached:
+            return self.writer.metadata.get("status", fmt.STATUS_RUNNING) if self.writer else fmt.STATUS_RUNNING
+        state.attached = False
+        state.status = status
+        if status == fmt.STATUS_CRASHED:
+            self.crashed_clients += 1
+        writer = await self.ensure_writer()
+        await self.call(writer.detach, client, status)
+        if not self.attached:
+            final = fmt.STATUS_CRASHED if self.crashed_clients else fmt.STATUS_FINISHED
+            await self.call(writer.set_status, final)
+            self.crashed_clients = 0
+            return final
+        return fmt.STATUS_RUNNING
+
+    # ------------------------------------------------------------- messages
+
+    def add(self, msg: LogMessage | OutputMessage) -> None:
+        """Queue a message for writing (event loop; no I/O)."""
+        state = self.clients.get(msg.env.client)
+        if state is not None and msg.env.seq > state.received_seq:
+            state.received_seq = msg.env.seq
+        if not self.pending and not self.pending_output:
+            self._first_pending_at = self._now()
+        if type(msg) is LogMessage:
+            self.pending.append(msg)
+            n = len(self.pending)
+            if n > self.stats.peak_pending:
+                self.stats.peak_pending = n
+            if n >= self.batch_messages:
+                self._kick.set()
+        else:
+            self.pending_output.append(msg)
+        self.stats.messages += 1
+        if self._waiters:
+            self._kick.set()
+        self._has_data.set()
+
+    def durable_seq(self, client: str) -> int:
+        state = self.clients.get(client)
+        return state.durable_seq if state else 0
+
+    async def barrier(self, client: str, seq: int, timeout: float) -> int:
+        """Wait until every message of ``client`` up to ``seq`` is durable.
+
+        Raises the run's :class:`StorageError` if writing fails meanwhile, and
+        ``TimeoutError`` if the messages do not arrive in time.
+        """
+        state = self.clients.get(client)
+        if state is not None and state.durable_seq >= seq:
+            if self.error is not None and self._retry:
+                raise self.error
+            return state.durable_seq
+        if self.error is not None:
+            raise self.error
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(client, seq, fut)
+        self._waiters.append(waiter)
+        self._kick.set()
+        self._has_data.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _resolve_waiters(self) -> None:
+        keep = []
+        for w in self._waiters:
+            if w.future.done():
+                continue
+            if self.error is not None:
+                w.future.set_exception(self.error)
+            elif self.durable_seq(w.client) >= w.seq:
+                w.future.set_result(self.durable_seq(w.client))
+            else:
+                keep.append(w)
+        self._waiters = keep
+
+    # -------------------------------------------------------------- batcher
+
+    async def batcher(self) -> None:
+        """Write batches until :meth:`stop`; then write what is left and close."""
+        try:
+            while True:
+                if not self.pending and not self.pending_output and not self._retry:
+                    if self._stopping:
+                        break
+                    self._has_data.clear()
+                    await self._has_data.wait()
+                    continue
+                wait = self._first_pending_at + self.flush_interval - self._now()
+                if self._retry and not (self.pending or self.pending_output):
+                    wait = 1.0  # storage failed: try again every second
+                if wait > 0 and not self._kick.is_set() and not self._stopping:
+                    try:
+                        await asyncio.wait_for(self._kick.wait(), wait)
+                    except asyncio.TimeoutError:
+                        pass
+                self._kick.clear()
+                await self.flush_now()
+                if self._stopping and self._retry and self.error is not None:
+                    break  # shutting down and the disk still fails: nothing more to do
+        finally:
+            await self._close_writer()
+
+    async def flush_now(self) -> None:
+        """Write the pending batch (and any batch a storage error left staged)."""
+        batch, self.pending = self.pending, []
+        output, self.pending_output = self.pending_output, []
+        if not batch and not output and not self._retry:
+            self._resolve_waiters()
+            return
+        started = time.perf_counter()
+        try:
+            writer = await self.ensure_writer()
+            seqs = await self.call(self._write, writer, batch, output)
+        except StorageError as exc:
+            self._retry = True
+            self.stats.errors += 1
+            if self.error is None or str(self.error) != str(exc):
+                log.error("%s", exc)
+            self.error = exc
+            self.stats.last_error = str(exc)
+        else:
+            if self.error is not None:
+                log.info("%s: writing again after: %s", self.path, self.error)
+                if self.writer is not None:
+                    await self.call(self.writer.event, "recovered", str(self.error))
+            self.error = None
+            self._retry = False
+            for client, seq in seqs.items():
+                state = self.clients.get(client)
+                if state is None:
+                    state = self.clients[client] = ClientState(client, 0, 0, 0, "", attached=False)
+                if seq > state.durable_seq:
+                    state.durable_seq = seq
+            self.stats.batches += 1
+        finally:
+            self.stats.write_seconds += time.perf_counter() - started
+            self.last_activity = self._now()
+        self._resolve_waiters()
+
+    def _write(self, writer: RunWriter, batch: list[LogMessage], output: list[OutputMessage]) -> dict[str, int]:
+        # Runs on the writer thread.  Output is written first: it is small, and a
+        # crash traceback matters most when everything else is failing.
+        if output:
+            writer.write_output(output)
+            for msg in output:
+                writer._staged_seqs[msg.env.client] = max(writer._staged_seqs.get(msg.env.client, 0), msg.env.seq)
+        before = writer.points_written
+        writer.stage(batch)
+        seqs = writer.commit()
+        self.stats.points += writer.points_written - before
+        return seqs
+
+    def stop(self) -> None:
+        """Ask the batcher to write what is pending, close the run and return."""
+        self._stopping = True
+        self._kick.set()
+        self._has_data.set()
+
+    async def _close_writer(self) -> None:
+        for w in self._waiters:
+            if not w.future.done():
+                w.future.set_exception(self.error or StorageError(f"daemon stopped before {self.path} was written"))
+        self._waiters.clear()
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            await self.call(writer.close)
+        self._executor.shutdown(wait=True)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "clients": [
+                {"client": c.client, "rank": c.rank, "pid": c.pid, "durable_seq": c.durable_seq, "received_seq": c.received_seq}
+                for c in self.attached
+            ],
+            "pending": len(self.pending),
+            "peak_pending": self.stats.peak_pending,
+            "messages": self.stats.messages,
+            "points": self.stats.points,
+            "batches": self.stats.batches,
+            "write_seconds": round(self.stats.write_seconds, 3),
+            "error": str(self.error) if self.error else None,
+        }

@@ -1,0 +1,475 @@
+"""The daemon: ``Daemon(config).run()`` = startup, serve, shutdown.
+
+One asyncio loop owns two sockets: a ``PULL`` socket for data and a ``ROUTER``
+socket for requests that need an answer.  Both are plain (synchronous) pyzmq
+sockets whose file descriptors are watched with ``loop.add_reader``; on
+readiness the loop drains them with non-blocking receives up to a budget.  This
+costs far less per message than awaiting one ``zmq.asyncio`` future per
+message, and the receive loop ends by flag and timeout, never by cancelling a
+receive in flight.
+
+Decoded data is routed to the run's :class:`~.runs.RunChannel`, whose batcher
+writes on the run's own thread.  Every long-lived task is a child of one
+``asyncio.TaskGroup``.
+
+Shutdown (SIGTERM, SIGINT or a ``shutdown`` request): stop taking requests,
+drain the data socket, let every run write what it holds (bounded by
+``graceful_timeout``), release the lock, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import zmq
+
+from ..protocol import codec
+from ..protocol import messages as m
+from ..protocol.endpoint import ensure_directory
+from ..protocol.errors import KoboError, ProtocolError, StorageError, code_for
+from ..protocol.peer import process_alive
+from ..storage import format as fmt
+from .config import DaemonConfig
+from .runs import ClientState, RunChannel
+
+log = logging.getLogger("kohakuboard.daemon")
+
+EXIT_OK = 0
+EXIT_STARTUP_FAILURE = 3  # systemd: RestartPreventExitStatus=3
+EXIT_ALREADY_RUNNING = 4
+
+_RECV_BUDGET = 4096
+_HOST = socket.gethostname()
+
+
+class AlreadyRunning(KoboError):
+    """Another daemon holds the endpoint's lock."""
+
+
+class Daemon:
+    """A ``kobo-daemon`` serving one endpoint."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.ep = config.endpoint
+        self.runs: dict[str, RunChannel] = {}
+        self.rejected: Counter[str] = Counter()
+        self.received = 0
+        self.started_at = time.time()
+        self._stop: asyncio.Event | None = None  # created inside the loop
+        self._lock_fd: int | None = None
+        self._ctx: zmq.Context[Any] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tg: asyncio.TaskGroup | None = None
+        self._last_reject_log = 0.0
+        self.ready = False
+
+    # --------------------------------------------------------------- startup
+
+    def acquire_lock(self) -> None:
+        """Take the endpoint lock or raise :class:`AlreadyRunning`."""
+        ensure_directory(self.ep)
+        fd = os.open(self.ep.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            pid = _read_pid(self.ep.pid_path)
+            raise AlreadyRunning(
+                f"a kobo-daemon{f' (pid {pid})' if pid else ''} is already running on {self.ep}"
+            ) from None
+        self._lock_fd = fd
+        with open(self.ep.pid_path, "w") as f:
+            f.write(f"{os.getpid()}\n")
+
+    def release_lock(self) -> None:
+        if self._lock_fd is None:
+            return
+        for path in (self.ep.pid_path,):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def _bind(self) -> None:
+        ctx = self._ctx = zmq.Context()
+        self.pull = ctx.socket(zmq.PULL)
+        self.router = ctx.socket(zmq.ROUTER)
+        for sock in (self.pull, self.router):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
+        self.pull.setsockopt(zmq.RCVHWM, 100_000)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        # A stale socket file from a crashed daemon would make bind fail; we hold
+        # the lock, so nobody else is using it.
+        for addr in (self.ep.data_addr, self.ep.control_addr):
+            path = addr[len("ipc://") :]
+            if os.path.exists(path):
+                os.unlink(path)
+        old_umask = os.umask(0o177)  # sockets 0600
+        try:
+            self.pull.bind(self.ep.data_addr)
+            self.router.bind(self.ep.control_addr)
+        finally:
+            os.umask(old_umask)
+
+    def run(self) -> int:
+        """Serve until stopped; return the process exit code."""
+        try:
+            self.acquire_lock()
+        except AlreadyRunning as exc:
+            log.error("%s", exc)
+            return EXIT_ALREADY_RUNNING
+        except OSError as exc:
+            log.error("cannot use daemon directory %s: %s", self.ep.directory, exc)
+            return EXIT_STARTUP_FAILURE
+        try:
+            try:
+                self._bind()
+            except zmq.ZMQError as exc:
+                log.error("cannot bind %s: %s", self.ep, exc)
+                return EXIT_STARTUP_FAILURE
+            asyncio.run(self.serve())
+            return EXIT_OK
+        finally:
+            self._close_sockets()
+            self.release_lock()
+
+    # ----------------------------------------------------------------- serve
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._force = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        log.info("kobo-daemon %d listening on %s", os.getpid(), self.ep)
+        self.ready = True
+        _sd_notify("READY=1")
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            data_task = tg.create_task(self._data_loop(), name="data")
+            tg.create_task(self._control_loop(), name="control")
+            tg.create_task(self._housekeeping(), name="housekeeping")
+            await self._stop.wait()
+            _sd_notify("STOPPING=1")
+            log.info("stopping: draining and flushing %d run(s)", len(self.runs))
+            await data_task  # ends after a final drain
+            for ch in self.runs.values():
+                ch.stop()
+            batchers = [t for t in self._tasks if t.get_name().startswith("batcher:")]
+            if batchers:
+                done, still = await asyncio.wait(batchers, timeout=self.config.graceful_timeout)
+                for t in still:
+                    log.error("gave up flushing %s after %.0fs", t.get_name()[8:], self.config.graceful_timeout)
+                    t.cancel()
+            for t in list(self._tasks):
+                if not t.done():
+                    t.cancel()
+        log.info("kobo-daemon stopped")
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        assert self._tg is not None
+        task = self._tg.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _on_stop_signal(self, sig: int) -> None:
+        if self._stop is not None and self._stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(sig).name)
+            os._exit(1)
+        log.info("received %s", signal.Signals(sig).name)
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: reopening log files")
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.close()  # reopened lazily on the next record
+        for ch in self.runs.values():
+            if ch.writer is not None:
+                w = ch.writer
+                ch._executor.submit(w.reopen_logs)
+
+    # ------------------------------------------------------------------ data
+
+    async def _wait_readable(self, sock: zmq.Socket[Any], event: asyncio.Event, timeout: float) -> None:
+        event.clear()
+        # ZMQ_FD is edge-triggered: check EVENTS after clearing, before sleeping.
+        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _data_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        fd = self.pull.getsockopt(zmq.FD)
+        loop.add_reader(fd, readable.set)
+        try:
+            while not self._stop.is_set():
+                if self.drain_data(_RECV_BUDGET) >= _RECV_BUDGET:
+                    await asyncio.sleep(0)
+                    continue
+                await self._wait_readable(self.pull, readable, 0.25)
+            # Final drain: everything clients sent before we stopped is written.
+            while self.drain_data(_RECV_BUDGET) >= _RECV_BUDGET:
+                pass
+        finally:
+            loop.remove_reader(fd)
+
+    def drain_data(self, budget: int) -> int:
+        """Receive and route up to ``budget`` data messages without blocking."""
+        n = 0
+        recv = self.pull.recv_multipart
+        while n < budget:
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            n += 1
+            try:
+                msg = codec.decode(frames)
+            except ProtocolError as exc:
+                self._reject(type(exc).__name__, exc)
+                continue
+            if msg.KIND not in m.DATA_KINDS:
+                self._reject("WrongSocket", f"{msg.KIND} request sent on the data socket")
+                continue
+            ch = self.runs.get(msg.env.run)
+            if ch is None:
+                ch = self._channel_for_unknown_run(msg.env.run)
+                if ch is None:
+                    continue
+            ch.add(msg)
+        self.received += n
+        return n
+
+    def _channel_for_unknown_run(self, run: str) -> RunChannel | None:
+        # Data for a run this daemon never opened: a client of a previous daemon
+        # instance.  Accept it only for an existing run folder.
+        if not os.path.isabs(run) or not os.path.isfile(os.path.join(run, fmt.METADATA_JSON)):
+            self._reject("UnknownRun", f"data for {run!r}, which was never opened")
+            return None
+        return self._channel(run)
+
+    def _channel(self, run: str) -> RunChannel:
+        ch = self.runs.get(run)
+        if ch is None:
+            ch = self.runs[run] = RunChannel(
+                run, flush_interval=self.config.flush_interval, batch_messages=self.config.batch_messages
+            )
+            self._spawn(self._run_batcher(ch), f"batcher:{run}")
+        return ch
+
+    async def _run_batcher(self, ch: RunChannel) -> None:
+        try:
+            await ch.batcher()
+        except Exception:
+            log.exception("batcher of %s failed", ch.path)
+        finally:
+            if self.runs.get(ch.path) is ch:
+                del self.runs[ch.path]
+
+    def _reject(self, reason: str, detail: object) -> None:
+        self.rejected[reason] += 1
+        now = time.monotonic()
+        if now - self._last_reject_log > 1.0:  # rate-limited: a flood must not flood the log
+            self._last_reject_log = now
+            log.warning("rejected message (%s): %s [%d rejected so far]", reason, detail, sum(self.rejected.values()))
+
+    # --------------------------------------------------------------- control
+
+    async def _control_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        fd = self.router.getsockopt(zmq.FD)
+        loop.add_reader(fd, readable.set)
+        try:
+            while not self._stop.is_set():
+                for _ in range(256):
+                    try:
+                        frames = self.router.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_request(frames)
+                else:
+                    await asyncio.sleep(0)
+                    continue
+                await self._wait_readable(self.router, readable, 0.25)
+        finally:
+            loop.remove_reader(fd)
+
+    def _on_request(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            self._reject("MalformedMessage", "request without an identity frame")
+            return
+        ident, body = frames[0], frames[1:]
+        try:
+            req = codec.decode(body)
+        except ProtocolError as exc:
+            self._reject(type(exc).__name__, exc)
+            self._reply(ident, m.ErrorReply(m.Envelope(), code_for(exc), str(exc)))
+            return
+        if req.KIND not in m.REQUEST_KINDS:
+            self._reject("WrongSocket", f"{req.KIND} sent on the control socket")
+            self._reply(ident, m.ErrorReply(req.env, code_for(ProtocolError()), f"{req.KIND} is not a request"))
+            return
+        self._spawn(self._handle(ident, req), f"request:{req.KIND}")
+
+    def _reply(self, ident: bytes, msg: Any) -> None:
+        try:
+            self.router.send_multipart([ident, *codec.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("could not reply to a client: %s", exc)
+
+    async def _handle(self, ident: bytes, req: Any) -> None:
+        env = m.Envelope(run=req.env.run, client=req.env.client, seq=req.env.seq)
+        try:
+            reply = await self._dispatch(req, env)
+        except (KoboError, OSError, asyncio.TimeoutError) as exc:
+            if isinstance(exc, asyncio.TimeoutError):
+                text = f"timed out waiting for data of {req.env.run}"
+            else:
+                text = str(exc)
+            reply = m.ErrorReply(env, code_for(exc), text)
+        except Exception as exc:  # never let one request take the daemon down
+            log.exception("request %s failed", req.KIND)
+            reply = m.ErrorReply(env, code_for(exc), f"internal error: {exc!r}")
+        self._reply(ident, reply)
+
+    async def _dispatch(self, req: Any, env: m.Envelope) -> Any:
+        if isinstance(req, m.OpenRun):
+            return await self._open(req, env)
+        if isinstance(req, m.FlushRequest):
+            ch = self._attached_channel(req)
+            durable = await ch.barrier(req.env.client, req.last_seq, self.config.graceful_timeout)
+            return m.Flushed(env, durable)
+        if isinstance(req, m.FinishRun):
+            # A storage error or a timeout leaves the client attached: its data is
+            # still staged, and the reaper marks the run crashed if it goes away.
+            ch = self._attached_channel(req)
+            durable = await ch.barrier(req.env.client, req.last_seq, self.config.graceful_timeout)
+            status = req.status if req.status in fmt.STATUSES else fmt.STATUS_FINISHED
+            final = await ch.detach(req.env.client, status)
+            return m.Finished(env, durable, final)
+        if isinstance(req, m.StatusRequest):
+            return m.StatusReply(env, self.status())
+        if isinstance(req, m.ShutdownRequest):
+            self.request_stop()
+            return m.Ack(env)
+        raise ProtocolError(f"unhandled request {req.KIND}")  # pragma: no cover
+
+    def _attached_channel(self, req: Any) -> RunChannel:
+        ch = self.runs.get(req.env.run)
+        if ch is None:
+            if not os.path.isfile(os.path.join(req.env.run, fmt.METADATA_JSON)):
+                raise StorageError(f"run {req.env.run} is not open in this daemon")
+            ch = self._channel(req.env.run)
+        return ch
+
+    async def _open(self, req: m.OpenRun, env: m.Envelope) -> m.RunOpened:
+        run = req.env.run
+        if not os.path.isabs(run):
+            raise StorageError(f"run path must be absolute, got {run!r}")
+        ch = self._channel(run)
+        state = ClientState(req.env.client, req.env.rank, req.pid, req.pid_start, req.host)
+        meta = {"name": req.name, "project": req.project, "run_id": req.run_id, "config": req.config}
+        info = await ch.attach(state, meta)
+        return m.RunOpened(env, info["created"], info["last_step"], info["last_global_step"], info["attached"])
+
+    # ---------------------------------------------------------- housekeeping
+
+    async def _housekeeping(self) -> None:
+        """Mark runs of dead client processes crashed; close idle runs."""
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.config.reap_interval)
+            except asyncio.TimeoutError:
+                pass
+            if self._stop.is_set():
+                break
+            dead = [
+                (ch, c)
+                for ch in list(self.runs.values())
+                for c in ch.attached
+                if c.host == _HOST and c.pid and not process_alive(c.pid, c.pid_start)
+            ]
+            if dead:
+                self.drain_data(1 << 30)  # whatever the dead process sent is already here
+            for ch, c in dead:
+                log.warning("client pid %d of %s died without finishing", c.pid, ch.path)
+                try:
+                    await ch.flush_now()
+                    await ch.detach(c.client, fmt.STATUS_CRASHED)
+                except KoboError as exc:
+                    log.error("could not mark %s crashed: %s", ch.path, exc)
+            now = time.monotonic()
+            for ch in list(self.runs.values()):
+                if (
+                    not ch.attached
+                    and not ch.pending
+                    and ch.error is None
+                    and now - ch.last_activity > self.config.idle_close
+                ):
+                    ch.stop()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "endpoint": str(self.ep),
+            "uptime": round(time.time() - self.started_at, 3),
+            "received": self.received,
+            "rejected": dict(self.rejected),
+            "runs": [ch.info() for ch in self.runs.values()],
+        }
+
+    def _close_sockets(self) -> None:
+        if self._ctx is not None:
+            for sock in (getattr(self, "pull", None), getattr(self, "router", None)):
+                if sock is not None:
+                    sock.close(linger=0)
+            self._ctx.term()
+            self._ctx = None
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _sd_notify(state: str) -> None:
+    """Tell systemd our state over ``$NOTIFY_SOCKET`` (no-op elsewhere)."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+    except OSError as exc:
+        print(f"kobo-daemon: sd_notify failed: {exc}", file=sys.stderr)

@@ -1,0 +1,218 @@
+"""Encode messages to ZeroMQ frames and decode them back: pure functions.
+
+``encode(msg) -> list[bytes]`` and ``decode(frames) -> Message`` are the only
+entry points used by client and daemon.  :func:`encode_log` is the client's hot
+path for :class:`~.messages.LogMessage`; it produces exactly the frames
+``encode`` would.
+
+Decoding never trusts its input: every limit is checked before anything large
+is allocated (msgpack's own ``max_*_len`` limits), every field's type is
+checked, and every failure is a :class:`~.errors.ProtocolError` subclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, Sequence
+
+import msgpack
+
+from . import messages as m
+from .errors import MalformedMessage, MessageTooLarge, VersionMismatch
+
+# Limits.  The header is small by design: large values travel as extra frames.
+MAX_HEADER_BYTES = 16 << 20
+MAX_FRAMES = 4096
+MAX_FRAME_BYTES = 512 << 20
+MAX_MESSAGE_BYTES = 1 << 30
+MAX_NAME_CHARS = 1024
+MAX_VALUES_PER_LOG = 1 << 20
+
+_HEADER_LEN = 11
+_BY_KIND: dict[str, type] = {cls.KIND: cls for cls in m.ALL_MESSAGES}
+
+# Field checkers: what a payload field must be after msgpack decoding.
+_INT = (int,)
+_NUM = (int, float)
+
+
+def _payload_types(cls: type) -> list[tuple[str, tuple[type, ...]]]:
+    out = []
+    for f in fields(cls):
+        if f.name == "env":
+            continue
+        ann = str(f.type)
+        if ann.startswith("dict"):
+            types: tuple[type, ...] = (dict,)
+        elif ann == "bool":
+            types = (bool,)
+        elif ann == "int":
+            types = _INT
+        elif ann == "float":
+            types = _NUM
+        elif ann == "str":
+            types = (str,)
+        else:  # pragma: no cover - guarded by test_every_message_round_trips
+            raise TypeError(f"unsupported field type {ann} in {cls.__name__}")
+        out.append((f.name, types))
+    return out
+
+
+_SCHEMA = {kind: _payload_types(cls) for kind, cls in _BY_KIND.items()}
+
+
+def _packer_default(obj: Any) -> Any:
+    raise TypeError(f"cannot encode {type(obj).__name__} in a KohakuBoard message")
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True, default=_packer_default)
+
+
+def encode(msg: Any) -> list[bytes]:
+    """Encode a message into frames.
+
+    Raises ``TypeError`` if a payload field holds something msgpack cannot
+    carry, and :class:`MessageTooLarge` if the header is over its limit.
+    """
+    env: m.Envelope = msg.env
+    payload = [getattr(msg, name) for name, _ in _SCHEMA[msg.KIND]]
+    header = _pack(
+        [
+            m.PROTOCOL_MAJOR,
+            m.PROTOCOL_MINOR,
+            msg.KIND,
+            env.run,
+            env.client,
+            env.seq,
+            env.rank,
+            env.step,
+            env.global_step,
+            env.wall,
+            payload,
+        ]
+    )
+    if len(header) > MAX_HEADER_BYTES:
+        raise MessageTooLarge(f"message header is {len(header)} bytes (limit {MAX_HEADER_BYTES})")
+    return [header]
+
+
+def encode_log(
+    run: str,
+    client: str,
+    seq: int,
+    rank: int,
+    step: int,
+    global_step: int,
+    wall: float,
+    scalars: dict[str, float],
+) -> list[bytes]:
+    """Fast path for the client: the frames of a :class:`LogMessage`."""
+    return [
+        msgpack.packb(
+            [
+                m.PROTOCOL_MAJOR,
+                m.PROTOCOL_MINOR,
+                "log",
+                run,
+                client,
+                seq,
+                rank,
+                step,
+                global_step,
+                wall,
+                [scalars],
+            ],
+            use_bin_type=True,
+        )
+    ]
+
+
+def _unpack_header(frame: bytes) -> list[Any]:
+    if len(frame) > MAX_HEADER_BYTES:
+        raise MessageTooLarge(f"header frame is {len(frame)} bytes (limit {MAX_HEADER_BYTES})")
+    try:
+        obj = msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=MAX_HEADER_BYTES,
+            max_bin_len=MAX_HEADER_BYTES,
+            max_array_len=MAX_VALUES_PER_LOG,
+            max_map_len=MAX_VALUES_PER_LOG,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData) as exc:
+        raise MalformedMessage(f"header is not valid msgpack: {exc}") from exc
+    except RecursionError as exc:
+        raise MalformedMessage("header nests too deeply") from exc
+    if not isinstance(obj, list) or len(obj) != _HEADER_LEN:
+        raise MalformedMessage("header is not an array of 11 fields")
+    return obj
+
+
+def _check_envelope(h: list[Any]) -> m.Envelope:
+    major, minor, kind, run, client, seq, rank, step, gstep, wall, _ = h
+    if not isinstance(major, int) or not isinstance(minor, int):
+        raise MalformedMessage("protocol version is not a pair of integers")
+    if major != m.PROTOCOL_MAJOR:
+        raise VersionMismatch(
+            f"protocol version {major}.{minor} is not supported "
+            f"(this side speaks {m.PROTOCOL_MAJOR}.x)"
+        )
+    if not isinstance(kind, str) or kind not in _BY_KIND:
+        raise MalformedMessage(f"unknown message kind {kind!r}")
+    if not isinstance(run, str) or not isinstance(client, str):
+        raise MalformedMessage("run and client must be strings")
+    if len(run) > 4096 or len(client) > 128:
+        raise MalformedMessage("run path or client id too long")
+    for name, value in (("seq", seq), ("rank", rank), ("step", step), ("global_step", gstep)):
+        if type(value) is not int:
+            raise MalformedMessage(f"envelope field {name} must be an integer")
+    if type(wall) not in _NUM:
+        raise MalformedMessage("envelope field wall must be a number")
+    return m.Envelope(run, client, seq, rank, step, gstep, float(wall))
+
+
+def _check_scalars(scalars: dict[Any, Any]) -> dict[str, float]:
+    for name, value in scalars.items():
+        if type(name) is not str or not name or len(name) > MAX_NAME_CHARS:
+            raise MalformedMessage("metric names must be non-empty strings")
+        if type(value) is not float:
+            if type(value) is int:
+                scalars[name] = float(value)
+            else:
+                raise MalformedMessage(f"value of {name!r} is not a number")
+    return scalars
+
+
+def decode(frames: Sequence[bytes | memoryview | Any]) -> Any:
+    """Decode frames into a message object.
+
+    Raises :class:`MalformedMessage`, :class:`MessageTooLarge` or
+    :class:`VersionMismatch`; never anything else for bad input.
+    """
+    if not frames:
+        raise MalformedMessage("empty message")
+    if len(frames) > MAX_FRAMES:
+        raise MessageTooLarge(f"{len(frames)} frames (limit {MAX_FRAMES})")
+    first = frames[0]
+    header = _unpack_header(first if isinstance(first, (bytes, memoryview)) else first.bytes)
+    env = _check_envelope(header)
+    kind = header[2]
+    payload = header[10]
+    schema = _SCHEMA[kind]
+    if not isinstance(payload, list) or len(payload) != len(schema):
+        raise MalformedMessage(f"{kind} payload must be an array of {len(schema)} fields")
+    for (name, types), value in zip(schema, payload):
+        if type(value) not in types:
+            raise MalformedMessage(f"{kind} field {name} has the wrong type")
+    if kind == "log":
+        _check_scalars(payload[0])
+    elif kind == "output" and payload[0] not in ("stdout", "stderr"):
+        raise MalformedMessage("output stream must be stdout or stderr")
+    try:
+        return _BY_KIND[kind](env, *payload)
+    except TypeError as exc:  # pragma: no cover - schema and class agree
+        raise MalformedMessage(str(exc)) from exc

@@ -1,0 +1,239 @@
+"""Every message that crosses the client/daemon boundary.
+
+Two socket pairs carry them:
+
+* **data**: client ``PUSH`` -> daemon ``PULL``.  Fire and forget: :class:`LogMessage`
+  and :class:`OutputMessage`.  Nothing is answered on this pair.
+* **control**: client ``DEALER`` <-> daemon ``ROUTER``.  Requests (:class:`OpenRun`,
+  :class:`FlushRequest`, :class:`FinishRun`, :class:`StatusRequest`,
+  :class:`ShutdownRequest`) each get exactly one reply (:class:`RunOpened`,
+  :class:`Flushed`, :class:`Finished`, :class:`StatusReply`, :class:`Ack` or
+  :class:`ErrorReply`).
+
+Every message starts with the same :class:`Envelope`; on the wire the first frame
+is one msgpack array::
+
+    [major, minor, kind, run, client, seq, rank, step, global_step, wall, payload]
+
+``payload`` is a msgpack array holding the message's own fields in declaration
+order.  Large binary values (arrays, media) travel as extra frames after the
+header and are referenced from the payload by index, never packed into msgpack.
+
+``seq`` is the client's sequence number for data messages (1, 2, 3, ... per
+client id) and a request id on the control pair, echoed back in the reply.
+A flush barrier names the last *data* ``seq`` the client sent, so it holds
+whatever order the two socket pairs deliver in.
+
+This module is plain dataclasses: importing it costs nothing (no msgpack).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+PROTOCOL_MAJOR = 1
+PROTOCOL_MINOR = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """Fields every message carries.
+
+    ``run`` is the absolute path of the run folder, so a daemon that has never
+    seen the client (after a restart) still knows where its data belongs.
+    """
+
+    run: str = ""
+    client: str = ""
+    seq: int = 0
+    rank: int = 0
+    step: int = 0
+    global_step: int = 0
+    wall: float = 0.0
+
+
+# --------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True, slots=True)
+class LogMessage:
+    """One ``board.log(...)`` call.
+
+    Wire payload: ``[{name: float, ...}]``.  All values share the envelope's
+    ``(step, global_step, wall, rank)``.
+    """
+
+    KIND: ClassVar[str] = "log"
+    env: Envelope
+    scalars: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputMessage:
+    """Captured stdout/stderr text for the run's ``logs/output.log``.
+
+    Wire payload: ``[stream, text]`` with stream ``"stdout"`` or ``"stderr"``.
+    """
+
+    KIND: ClassVar[str] = "output"
+    env: Envelope
+    stream: str = "stdout"
+    text: str = ""
+
+
+# ------------------------------------------------------------------ control
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRun:
+    """Attach a client to a run, creating the run folder if needed.
+
+    Wire payload: ``[name, project, run_id, config, pid, pid_start, host]``.
+    ``pid``/``pid_start`` (the process start time in clock ticks) let the daemon
+    tell when the client process died without finishing.
+    """
+
+    KIND: ClassVar[str] = "open"
+    env: Envelope
+    name: str = ""
+    project: str = "default"
+    run_id: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    pid: int = 0
+    pid_start: int = 0
+    host: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FlushRequest:
+    """Barrier: answer once every data message up to ``last_seq`` is durable.
+
+    Wire payload: ``[last_seq]``.
+    """
+
+    KIND: ClassVar[str] = "flush"
+    env: Envelope
+    last_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FinishRun:
+    """Flush like :class:`FlushRequest`, then detach the client from the run.
+
+    Wire payload: ``[last_seq, status]``; status is ``"finished"`` or ``"crashed"``.
+    """
+
+    KIND: ClassVar[str] = "finish"
+    env: Envelope
+    last_seq: int = 0
+    status: str = "finished"
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    """Ask for the daemon's counters.  Wire payload: ``[]``."""
+
+    KIND: ClassVar[str] = "status"
+    env: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownRequest:
+    """Ask the daemon to drain and exit, as SIGTERM does.  Wire payload: ``[]``."""
+
+    KIND: ClassVar[str] = "shutdown"
+    env: Envelope
+
+
+# ------------------------------------------------------------------ replies
+
+
+@dataclass(frozen=True, slots=True)
+class RunOpened:
+    """Reply to :class:`OpenRun`.
+
+    Wire payload: ``[created, last_step, last_global_step, attached]``.
+    ``last_step`` is -1 for a run without points; ``attached`` counts the other
+    clients currently attached.
+    """
+
+    KIND: ClassVar[str] = "opened"
+    env: Envelope
+    created: bool = True
+    last_step: int = -1
+    last_global_step: int = 0
+    attached: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Flushed:
+    """Reply to :class:`FlushRequest`.  Wire payload: ``[durable_seq]``."""
+
+    KIND: ClassVar[str] = "flushed"
+    env: Envelope
+    durable_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """Reply to :class:`FinishRun`.  Wire payload: ``[durable_seq, status]``."""
+
+    KIND: ClassVar[str] = "finished"
+    env: Envelope
+    durable_seq: int = 0
+    status: str = "finished"
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply:
+    """Reply to :class:`StatusRequest`.  Wire payload: ``[info]`` (a map)."""
+
+    KIND: ClassVar[str] = "status_reply"
+    env: Envelope
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Plain acknowledgement (shutdown).  Wire payload: ``[]``."""
+
+    KIND: ClassVar[str] = "ack"
+    env: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """A request failed.  Wire payload: ``[code, message]``; codes in ``errors``."""
+
+    KIND: ClassVar[str] = "error"
+    env: Envelope
+    code: int = 1
+    message: str = ""
+
+
+DataMessage = Union[LogMessage, OutputMessage]
+ControlRequest = Union[OpenRun, FlushRequest, FinishRun, StatusRequest, ShutdownRequest]
+DaemonReply = Union[RunOpened, Flushed, Finished, StatusReply, Ack, ErrorReply]
+ClientMessage = Union[DataMessage, ControlRequest]
+Message = Union[ClientMessage, DaemonReply]
+
+ALL_MESSAGES: tuple[type, ...] = (
+    LogMessage,
+    OutputMessage,
+    OpenRun,
+    FlushRequest,
+    FinishRun,
+    StatusRequest,
+    ShutdownRequest,
+    RunOpened,
+    Flushed,
+    Finished,
+    StatusReply,
+    Ack,
+    ErrorReply,
+)
+DATA_KINDS = frozenset(m.KIND for m in (LogMessage, OutputMessage))
+REQUEST_KINDS = frozenset(
+    m.KIND for m in (OpenRun, FlushRequest, FinishRun, StatusRequest, ShutdownRequest)
+)

@@ -1,0 +1,144 @@
+"""The on-disk format of a run folder, shared by the writer and the readers.
+
+::
+
+    {base_dir}/{project}/{run_id}/
+      metadata.json        name, config, project, run_id, created_at, finished_at,
+                           status (running/finished/crashed), format_version
+      data/metrics/scalars.db
+                           KohakuVault ColumnVault, one column per (rank, metric)
+      data/metadata.db     SQLite: steps, clients, events, format version
+      logs/output.log      captured stdout/stderr
+      logs/writer.log      daemon events for this run
+
+Scalars.  Each point is one 32-byte record ``SCALAR_RECORD`` (step, global_step,
+wall time, value), appended as a ``vec:u8:32`` row, so a point is written
+atomically: there is no moment where its step exists without its value.  A
+metric's column is named ``"{rank}/{name}"`` so the rank of every point is
+known without spending bytes on it.
+
+Why one ColumnVault file per run and not one per metric: measured with
+kohakuvault 1.1 (see ``bench/`` and the project's notes), every open vault costs
+5 file descriptors and up to ~8.7 MB of page cache; 1,000 metrics as 1,000 files
+means 5,000 descriptors and gigabytes of RSS in the daemon, as columns of one
+file 9 descriptors and ~45 MB.  Appends are per column anyway, so nothing is
+lost by sharing the file.  64 KiB blocks instead of the 1 MiB default keep a
+fresh run at ~300 KB instead of ~4 MB.
+
+Compatibility: ``FORMAT_VERSION`` is written to ``metadata.json`` and to the
+``meta`` table.  A reader refuses a folder whose major version is newer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+FORMAT_VERSION = 1
+
+METADATA_JSON = "metadata.json"
+DATA_DIR = "data"
+METRICS_DIR = os.path.join(DATA_DIR, "metrics")
+SCALARS_DB = os.path.join(METRICS_DIR, "scalars.db")
+METADATA_DB = os.path.join(DATA_DIR, "metadata.db")
+HISTOGRAMS_DIR = os.path.join(DATA_DIR, "histograms")
+TENSORS_DIR = os.path.join(DATA_DIR, "tensors")
+MEDIA_DIR = "media"
+LOGS_DIR = "logs"
+OUTPUT_LOG = os.path.join(LOGS_DIR, "output.log")
+WRITER_LOG = os.path.join(LOGS_DIR, "writer.log")
+WRITER_LOCK = os.path.join(DATA_DIR, ".writer.lock")
+
+VAULT_BLOCK_BYTES = 64 << 10
+
+STATUS_RUNNING = "running"
+STATUS_FINISHED = "finished"
+STATUS_CRASHED = "crashed"
+STATUSES = (STATUS_RUNNING, STATUS_FINISHED, STATUS_CRASHED)
+
+SCALAR_RECORD_FIELDS = [
+    ("step", "<i8"),
+    ("global_step", "<i8"),
+    ("wall", "<f8"),
+    ("value", "<f8"),
+]
+SCALAR_RECORD_SIZE = 32
+SCALAR_COLUMN_DTYPE = f"vec:u8:{SCALAR_RECORD_SIZE}"
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS steps (
+    rank INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    global_step INTEGER NOT NULL,
+    wall REAL NOT NULL,
+    PRIMARY KEY (rank, step)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS clients (
+    client TEXT PRIMARY KEY,
+    rank INTEGER NOT NULL,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    opened_at REAL NOT NULL,
+    closed_at REAL,
+    status TEXT NOT NULL,
+    durable_seq INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    wall REAL NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+"""
+
+
+def scalar_record_dtype() -> Any:
+    """The numpy structured dtype of one scalar point (imports numpy)."""
+    import numpy as np
+
+    return np.dtype(SCALAR_RECORD_FIELDS)
+
+
+def column_name(rank: int, metric: str) -> str:
+    """Column holding ``metric`` as logged by ``rank``."""
+    return f"{rank}/{metric}"
+
+
+def split_column_name(column: str) -> tuple[int, str]:
+    """Inverse of :func:`column_name`; raises ``ValueError`` for a foreign column."""
+    rank, _, metric = column.partition("/")
+    return int(rank), metric
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write JSON to ``path`` via a temp file and rename: readers never see half a file."""
+    d = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_json(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        obj = json.load(f)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return obj
+
+
+def run_dir(base_dir: str, project: str, run_id: str) -> str:
+    return os.path.join(os.path.abspath(base_dir), project, run_id)

@@ -1,0 +1,368 @@
+"""The one writer of a run folder (format: :mod:`.format`).
+
+A :class:`RunWriter` owns exactly one run: its ColumnVault file of scalars, its
+SQLite metadata database, ``metadata.json`` and ``logs/``.  It is not
+thread-safe; the daemon drives each writer from one dedicated thread.  A
+``fcntl.flock`` on ``data/.writer.lock`` makes sure no second writer (another
+daemon on this node or elsewhere on a shared filesystem) appends to the same
+files: kohakuvault itself does nothing to prevent two writers.
+
+Writing is two-phase so that a storage fault never loses or duplicates a point:
+:meth:`RunWriter.stage` turns a batch of log messages into per-column record
+arrays (pure, cannot fail on the disk), :meth:`RunWriter.commit` appends them
+column by column, removing each from the staging list only after its append has
+committed.  If the disk fills up half way, the staged rest stays, the error is
+raised, and the next ``commit`` carries on where it stopped.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+from kohakuvault import ColumnVault
+
+from ..protocol.errors import FormatVersionError, StorageError
+from ..protocol.messages import LogMessage, OutputMessage
+from . import format as fmt
+
+_REC = fmt.scalar_record_dtype()
+
+
+class RunWriter:
+    """Create or resume the run folder at ``path`` and hold it open for writing.
+
+    Raises :class:`StorageError` when the folder cannot be created or written
+    (read-only, permission, another writer holds it) and
+    :class:`FormatVersionError` for a folder written by a newer format.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        on_event: Callable[[str], None] | None = None,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = os.path.abspath(path)
+        self._now = now
+        self._on_event = on_event
+        self._staged: list[tuple[str, np.ndarray]] = []
+        self._staged_steps: list[tuple[int, int, int, float]] = []
+        self._staged_seqs: dict[str, int] = {}
+        self._columns: dict[str, Any] = {}
+        self._writer_log: Any = None
+        self._lock_fd: int | None = None
+        self.points_written = 0
+        try:
+            for sub in (fmt.METRICS_DIR, fmt.LOGS_DIR):
+                os.makedirs(os.path.join(self.path, sub), exist_ok=True)
+            self._lock_fd = os.open(os.path.join(self.path, fmt.WRITER_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StorageError(f"cannot create run folder {self.path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise StorageError(f"run folder {self.path} is already being written by another process") from exc
+        try:
+            self._meta_path = os.path.join(self.path, fmt.METADATA_JSON)
+            self.metadata: dict[str, Any] = {}
+            if os.path.exists(self._meta_path):
+                self.metadata = fmt.read_json(self._meta_path)
+                version = int(self.metadata.get("format_version", 1))
+                if version > fmt.FORMAT_VERSION:
+                    raise FormatVersionError(
+                        f"run folder {self.path} has format version {version}; this "
+                        f"KohakuBoard writes version {fmt.FORMAT_VERSION}. Upgrade kohakuboard."
+                    )
+            self._open_files()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------- setup
+
+    def _open_files(self) -> None:
+        try:
+            self._writer_log = open(os.path.join(self.path, fmt.WRITER_LOG), "a", buffering=1, encoding="utf-8")
+            self._db = sqlite3.connect(os.path.join(self.path, fmt.METADATA_DB), isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(fmt.SCHEMA_SQL)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('format_version', ?)",
+                (str(fmt.FORMAT_VERSION),),
+            )
+            self._vault = ColumnVault(os.path.join(self.path, fmt.SCALARS_DB), block_bytes=fmt.VAULT_BLOCK_BYTES)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open {fmt.METADATA_DB} in {self.path}: {exc}") from exc
+        except OSError as exc:
+            raise StorageError(f"cannot open files in {self.path}: {exc.strerror or exc}") from exc
+        except Exception as exc:  # kohakuvault raises its own error types
+            raise StorageError(f"cannot open {fmt.SCALARS_DB} in {self.path}: {exc}") from exc
+
+    def reopen_logs(self) -> None:
+        """Reopen ``logs/writer.log`` (SIGHUP, after log rotation)."""
+        old = self._writer_log
+        self._writer_log = open(os.path.join(self.path, fmt.WRITER_LOG), "a", buffering=1, encoding="utf-8")
+        if old is not None:
+            old.close()
+
+    # ------------------------------------------------------------ run level
+
+    def attach(
+        self,
+        *,
+        client: str,
+        rank: int,
+        pid: int,
+        host: str,
+        name: str,
+        project: str,
+        run_id: str,
+        config: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Register a client; create ``metadata.json`` or resume the run.
+
+        Returns ``created`` (bool), ``last_step`` (-1 if none) and
+        ``last_global_step`` for the client's rank.
+        """
+        now = self._now()
+        created = not self.metadata
+        if created:
+            self.metadata = {
+                "name": name or run_id,
+                "project": project,
+                "run_id": run_id,
+                "config": config,
+                "created_at": now,
+                "finished_at": None,
+                "status": fmt.STATUS_RUNNING,
+                "format_version": fmt.FORMAT_VERSION,
+                "host": host or socket.gethostname(),
+            }
+        else:
+            self.metadata["status"] = fmt.STATUS_RUNNING
+            self.metadata["finished_at"] = None
+            if config and rank == 0:
+                merged = dict(self.metadata.get("config") or {})
+                merged.update(config)
+                self.metadata["config"] = merged
+            if name and rank == 0 and self.metadata.get("name") in (None, "", run_id):
+                self.metadata["name"] = name
+        self._write_metadata()
+        with self._sql():
+            self._db.execute(
+                "INSERT INTO clients(client, rank, pid, host, opened_at, status) VALUES (?,?,?,?,?,?) "
+                "ON CONFLICT(client) DO UPDATE SET pid=excluded.pid, status=excluded.status, closed_at=NULL",
+                (client, rank, pid, host, now, "attached"),
+            )
+            row = self._db.execute(
+                "SELECT step, global_step FROM steps WHERE rank=? ORDER BY step DESC LIMIT 1", (rank,)
+            ).fetchone()
+        self.event("open" if created else "resume", f"client {client} rank {rank} pid {pid} on {host}")
+        return {
+            "created": created,
+            "last_step": int(row[0]) if row else -1,
+            "last_global_step": int(row[1]) if row else 0,
+        }
+
+    def detach(self, client: str, status: str) -> None:
+        """Record that a client finished (or crashed)."""
+        with self._sql():
+            self._db.execute(
+                "UPDATE clients SET status=?, closed_at=? WHERE client=?", (status, self._now(), client)
+            )
+        self.event("client_" + status, f"client {client}")
+
+    def set_status(self, status: str) -> None:
+        """Mark the whole run running/finished/crashed in ``metadata.json``."""
+        if status not in fmt.STATUSES:
+            raise ValueError(f"unknown run status {status!r}")
+        self.metadata["status"] = status
+        self.metadata["finished_at"] = None if status == fmt.STATUS_RUNNING else self._now()
+        self._write_metadata()
+        self.event("status", status)
+
+    def _write_metadata(self) -> None:
+        try:
+            fmt.write_json_atomic(self._meta_path, self.metadata)
+        except OSError as exc:
+            raise StorageError(f"cannot write {self._meta_path}: {exc.strerror or exc}") from exc
+
+    def event(self, kind: str, detail: str) -> None:
+        """Append a run event to the events table and ``logs/writer.log``."""
+        now = self._now()
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(now))} {kind}: {detail}"
+        try:
+            if self._writer_log is not None:
+                self._writer_log.write(line + "\n")
+            with self._sql():
+                self._db.execute("INSERT INTO events(wall, kind, detail) VALUES (?,?,?)", (now, kind, detail))
+        except (OSError, StorageError):
+            pass  # an event is never worth failing a write for; the daemon log has it too
+        if self._on_event is not None:
+            self._on_event(f"{self.path}: {line}")
+
+    # ------------------------------------------------------------- scalars
+
+    def stage(self, batch: Iterable[LogMessage]) -> None:
+        """Turn log messages into per-column record arrays, ready to commit.
+
+        Values of one metric keep the order of the batch.  Pure CPU work.
+        """
+        steps: list[int] = []
+        gsteps: list[int] = []
+        walls: list[float] = []
+        per_rank: dict[int, dict[str, tuple[list[int], list[float]]]] = {}
+        seqs = self._staged_seqs
+        step_rows = self._staged_steps
+        for i, msg in enumerate(batch):
+            env = msg.env
+            steps.append(env.step)
+            gsteps.append(env.global_step)
+            walls.append(env.wall)
+            step_rows.append((env.rank, env.step, env.global_step, env.wall))
+            if env.seq > seqs.get(env.client, 0):
+                seqs[env.client] = env.seq
+            acc = per_rank.get(env.rank)
+            if acc is None:
+                acc = per_rank[env.rank] = {}
+            for name, value in msg.scalars.items():
+                ent = acc.get(name)
+                if ent is None:
+                    acc[name] = ([i], [value])
+                else:
+                    ent[0].append(i)
+                    ent[1].append(value)
+        if not steps:
+            return
+        steps_a = np.array(steps, dtype=np.int64)
+        gsteps_a = np.array(gsteps, dtype=np.int64)
+        walls_a = np.array(walls, dtype=np.float64)
+        for rank, acc in per_rank.items():
+            for name, (idx, values) in acc.items():
+                ix = np.array(idx, dtype=np.intp)
+                rec = np.empty(len(idx), dtype=_REC)
+                rec["step"] = steps_a[ix]
+                rec["global_step"] = gsteps_a[ix]
+                rec["wall"] = walls_a[ix]
+                rec["value"] = np.array(values, dtype=np.float64)
+                self._staged.append((fmt.column_name(rank, name), rec))
+
+    @property
+    def staged_points(self) -> int:
+        return sum(len(a) for _, a in self._staged)
+
+    def commit(self) -> dict[str, int]:
+        """Append everything staged; return ``{client: highest durable seq}``.
+
+        On a storage error the part not yet written stays staged and
+        :class:`StorageError` is raised; calling ``commit`` again resumes.
+        """
+        while self._staged:
+            colname, rec = self._staged[0]
+            try:
+                col = self._columns.get(colname)
+                if col is None:
+                    col = self._columns[colname] = self._vault.ensure(colname, fmt.SCALAR_COLUMN_DTYPE)
+                col.append_array(rec.view(np.uint8).reshape(-1, fmt.SCALAR_RECORD_SIZE))
+            except Exception as exc:
+                raise _storage_error(self.path, f"append to metric column {colname!r}", exc) from exc
+            self._staged.pop(0)
+            self.points_written += len(rec)
+        seqs = self._staged_seqs
+        if self._staged_steps or seqs:
+            with self._sql():
+                self._db.execute("BEGIN")
+                try:
+                    self._db.executemany(
+                        "INSERT OR IGNORE INTO steps(rank, step, global_step, wall) VALUES (?,?,?,?)",
+                        self._staged_steps,
+                    )
+                    self._db.executemany(
+                        "UPDATE clients SET durable_seq=MAX(durable_seq, ?) WHERE client=?",
+                        [(seq, client) for client, seq in seqs.items()],
+                    )
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            self._staged_steps = []
+            self._staged_seqs = {}
+        return seqs
+
+    # -------------------------------------------------------------- output
+
+    def write_output(self, messages: Iterable[OutputMessage]) -> None:
+        """Append captured stdout/stderr text to ``logs/output.log``."""
+        text = "".join(msg.text for msg in messages)
+        if not text:
+            return
+        try:
+            with open(os.path.join(self.path, fmt.OUTPUT_LOG), "a", encoding="utf-8", errors="replace") as f:
+                f.write(text)
+        except OSError as exc:
+            raise _storage_error(self.path, "write logs/output.log", exc) from exc
+
+    # ---------------------------------------------------------------- close
+
+    def _sql(self) -> "_SqlGuard":
+        return _SqlGuard(self.path)
+
+    def checkpoint(self) -> None:
+        """Fold the WAL files back into the main files (cheap when idle)."""
+        try:
+            self._vault.checkpoint()
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        """Close every file and release the writer lock.  Idempotent."""
+        for attr in ("_vault", "_db", "_writer_log"):
+            obj = self.__dict__.pop(attr, None)
+            if obj is not None:
+                try:
+                    if attr == "_vault":
+                        obj.checkpoint()
+                    obj.close()
+                except Exception:
+                    pass
+        self._columns.clear()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+class _SqlGuard:
+    """Translate sqlite3 errors into :class:`StorageError` naming the run."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: Any, exc: Any, tb: Any) -> bool:
+        if exc is not None and isinstance(exc, sqlite3.Error):
+            raise _storage_error(self.path, "write data/metadata.db", exc) from exc
+        return False
+
+
+def _storage_error(path: str, what: str, exc: BaseException) -> StorageError:
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "full" in text.lower():
+        return StorageError(f"disk full: cannot {what} in {path}: {text}")
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM) or "readonly" in text.lower() or "read-only" in text.lower():
+        return StorageError(f"run folder not writable: cannot {what} in {path}: {text}")
+    return StorageError(f"cannot {what} in {path}: {text}")
