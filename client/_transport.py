@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import collections
 import sys
+from array import array
+from itertools import chain
 import threading
 import time
 from typing import Any
@@ -30,6 +32,7 @@ from ..protocol.endpoint import Endpoint, daemon_alive
 from ..protocol.errors import DaemonUnavailable, KoboTimeoutError, ProtocolError, error_from_code
 
 _STOP = object()
+_MAX_BATCH = 4096  # calls per LogBatch: keeps one message well under a megabyte at 32 scalars
 
 
 class Sender(threading.Thread):
@@ -102,8 +105,11 @@ class Sender(threading.Thread):
                     if item is _STOP:
                         return
                     if type(item) is tuple:
-                        seq, step, gstep, wall, scalars = item
-                        frames = encode(run, client, seq, rank, step, gstep, wall, scalars)
+                        if q and type(q[0]) is tuple:
+                            seq, frames = self._encode_batch(item)
+                        else:
+                            seq, step, gstep, wall, scalars = item
+                            frames = encode(run, client, seq, rank, step, gstep, wall, scalars)
                     else:  # a ready message object (captured output)
                         seq = item.env.seq
                         frames = codec.encode(item)
@@ -121,6 +127,35 @@ class Sender(threading.Thread):
         finally:
             sock.close(linger=0 if self._abort else 2000)
 
+    def _encode_batch(self, first: tuple[Any, ...]) -> tuple[int, list[bytes]]:
+        """Pack ``first`` and the queued calls right after it that log the same names.
+
+        Only used when calls are already waiting: at low rates every call is
+        sent on its own at once, at high rates this turns per-value Python work
+        in the daemon into array copies.
+        """
+        q = self.queue
+        names = tuple(first[4])
+        rows = [first]
+        while q and len(rows) < _MAX_BATCH:
+            nxt = q[0]
+            if type(nxt) is not tuple or tuple(nxt[4]) != names:
+                break
+            rows.append(q.popleft())
+        last = rows[-1]
+        env = m.Envelope(self._run, self._client, last[0], self._rank, last[1], last[2], last[3])
+        msg = m.LogBatch(
+            env,
+            list(names),
+            len(rows),
+            _le("q", [r[0] for r in rows]),
+            _le("q", [r[1] for r in rows]),
+            _le("q", [r[2] for r in rows]),
+            _le("d", [r[3] for r in rows]),
+            _le("d", chain.from_iterable(r[4].values() for r in rows)),
+        )
+        return last[0], codec.encode(msg)
+
     def _send(self, sock: zmq.Socket[Any], frames: list[bytes]) -> None:
         while True:
             try:
@@ -131,6 +166,17 @@ class Sender(threading.Thread):
                 if self._abort:
                     raise _Aborted from None
                 sock.poll(100, zmq.POLLOUT)
+
+
+def _le(code: str, values: Any) -> bytes:
+    """Little-endian bytes of an int64 ("q") or float64 ("d") sequence."""
+    arr = array(code, values)
+    if _BIG_ENDIAN:
+        arr.byteswap()
+    return arr.tobytes()
+
+
+_BIG_ENDIAN = sys.byteorder == "big"
 
 
 class _Aborted(Exception):

@@ -18,6 +18,8 @@ class DaemonConfig:
     write itself).  ``batch_messages``: a run's batch is written as soon as it
     holds this many messages, whatever the time.  ``graceful_timeout``: how long
     shutdown may spend flushing before it gives up (the systemd units allow more).
+    ``max_backlog_bytes``: received but unwritten data the daemon holds before it
+    stops reading from its socket (backpressure to the clients).
     ``idle_close``: seconds after which a run with no attached client closes its
     files.  ``reap_interval``: how often dead client processes are looked for.
     """
@@ -28,6 +30,7 @@ class DaemonConfig:
     graceful_timeout: float = 30.0
     idle_close: float = 30.0
     reap_interval: float = 0.5
+    max_backlog_bytes: int = 64 << 20
     log_level: str = "INFO"
 
     @classmethod

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..protocol.errors import StorageError
-from ..protocol.messages import LogMessage, OutputMessage
+from ..protocol.messages import LogBatch, LogMessage, OutputMessage
 from ..storage import format as fmt
 from ..storage.writer import RunWriter
 
@@ -77,7 +77,14 @@ class RunChannel:
         self._now = now
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kobo-writer")
         self.writer: RunWriter | None = None
-        self.pending: list[LogMessage] = []
+        self.pending: list[LogMessage | LogBatch] = []
+        self._pending_calls = 0
+        # Memory held for this run: pending (not yet handed to the writer) and
+        # unwritten (handed over, or staged after a storage error).  The daemon
+        # stops reading its socket while the total is over its limit, so a slow
+        # disk backs up into the clients' bounded queues instead of our RSS.
+        self.pending_bytes = 0
+        self.unwritten_bytes = 0
         self.pending_output: list[OutputMessage] = []
         self._first_pending_at = 0.0
         self.clients: dict[str, ClientState] = {}
@@ -90,6 +97,9 @@ class RunChannel:
         self.stats = RunStats()
         self.last_activity = now()
         self.crashed_clients = 0
+        # Clients that called finish() while the disk was failing: detached with
+        # their status once their data is written (client -> (last_seq, status)).
+        self.deferred_finish: dict[str, tuple[int, str]] = {}
 
     # ----------------------------------------------------------- thread work
 
@@ -149,22 +159,29 @@ class RunChannel:
 
     # ------------------------------------------------------------- messages
 
-    def add(self, msg: LogMessage | OutputMessage) -> None:
+    def add(self, msg: LogMessage | LogBatch | OutputMessage) -> None:
         """Queue a message for writing (event loop; no I/O)."""
         state = self.clients.get(msg.env.client)
         if state is not None and msg.env.seq > state.received_seq:
             state.received_seq = msg.env.seq
         if not self.pending and not self.pending_output:
             self._first_pending_at = self._now()
-        if type(msg) is LogMessage:
+        if type(msg) is not OutputMessage:
             self.pending.append(msg)
-            n = len(self.pending)
+            if type(msg) is LogBatch:
+                self._pending_calls += msg.count
+                self.pending_bytes += 200 + len(msg.values) + 32 * msg.count
+            else:
+                self._pending_calls += 1
+                self.pending_bytes += 200 + 80 * len(msg.scalars)  # a decoded dict costs ~80 B a value
+            n = self._pending_calls
             if n > self.stats.peak_pending:
                 self.stats.peak_pending = n
             if n >= self.batch_messages:
                 self._kick.set()
         else:
             self.pending_output.append(msg)
+            self.pending_bytes += 200 + len(msg.text)
         self.stats.messages += 1
         if self._waiters:
             self._kick.set()
@@ -182,8 +199,6 @@ class RunChannel:
         """
         state = self.clients.get(client)
         if state is not None and state.durable_seq >= seq:
-            if self.error is not None and self._retry:
-                raise self.error
             return state.durable_seq
         if self.error is not None:
             raise self.error
@@ -241,6 +256,9 @@ class RunChannel:
     async def flush_now(self) -> None:
         """Write the pending batch (and any batch a storage error left staged)."""
         batch, self.pending = self.pending, []
+        self._pending_calls = 0
+        in_flight, self.pending_bytes = self.pending_bytes, 0
+        self.unwritten_bytes += in_flight
         output, self.pending_output = self.pending_output, []
         if not batch and not output and not self._retry:
             self._resolve_waiters()
@@ -263,6 +281,7 @@ class RunChannel:
                     await self.call(self.writer.event, "recovered", str(self.error))
             self.error = None
             self._retry = False
+            self.unwritten_bytes = 0
             for client, seq in seqs.items():
                 state = self.clients.get(client)
                 if state is None:
@@ -270,12 +289,16 @@ class RunChannel:
                 if seq > state.durable_seq:
                     state.durable_seq = seq
             self.stats.batches += 1
+            for client, (seq, status) in list(self.deferred_finish.items()):
+                if self.durable_seq(client) >= seq:
+                    del self.deferred_finish[client]
+                    await self.detach(client, status)
         finally:
             self.stats.write_seconds += time.perf_counter() - started
             self.last_activity = self._now()
         self._resolve_waiters()
 
-    def _write(self, writer: RunWriter, batch: list[LogMessage], output: list[OutputMessage]) -> dict[str, int]:
+    def _write(self, writer: RunWriter, batch: list[LogMessage | LogBatch], output: list[OutputMessage]) -> dict[str, int]:
         # Runs on the writer thread.  Output is written first: it is small, and a
         # crash traceback matters most when everything else is failing.
         if output:
@@ -311,7 +334,8 @@ class RunChannel:
                 {"client": c.client, "rank": c.rank, "pid": c.pid, "durable_seq": c.durable_seq, "received_seq": c.received_seq}
                 for c in self.attached
             ],
-            "pending": len(self.pending),
+            "pending": self._pending_calls,
+            "pending_bytes": self.pending_bytes + self.unwritten_bytes,
             "peak_pending": self.stats.peak_pending,
             "messages": self.stats.messages,
             "points": self.stats.points,

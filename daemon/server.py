@@ -64,6 +64,7 @@ class Daemon:
         self.runs: dict[str, RunChannel] = {}
         self.rejected: Counter[str] = Counter()
         self.received = 0
+        self.throttled = 0
         self.started_at = time.time()
         self._stop: asyncio.Event | None = None  # created inside the loop
         self._lock_fd: int | None = None
@@ -227,6 +228,12 @@ class Daemon:
         loop.add_reader(fd, readable.set)
         try:
             while not self._stop.is_set():
+                if self.backlog() > self.config.max_backlog_bytes:
+                    # The writers are behind: leave messages in the socket (and
+                    # so in the clients' bounded queues) until they catch up.
+                    self.throttled += 1
+                    await asyncio.sleep(0.005)
+                    continue
                 if self.drain_data(_RECV_BUDGET) >= _RECV_BUDGET:
                     await asyncio.sleep(0)
                     continue
@@ -236,6 +243,10 @@ class Daemon:
                 pass
         finally:
             loop.remove_reader(fd)
+
+    def backlog(self) -> int:
+        """Bytes of received data not yet written, over all runs."""
+        return sum(ch.pending_bytes + ch.unwritten_bytes for ch in self.runs.values())
 
     def drain_data(self, budget: int) -> int:
         """Receive and route up to ``budget`` data messages without blocking."""
@@ -365,11 +376,16 @@ class Daemon:
             durable = await ch.barrier(req.env.client, req.last_seq, self.config.graceful_timeout)
             return m.Flushed(env, durable)
         if isinstance(req, m.FinishRun):
-            # A storage error or a timeout leaves the client attached: its data is
-            # still staged, and the reaper marks the run crashed if it goes away.
+            # On a storage error the data stays staged and the client is detached
+            # with its status once the data is written; on a timeout it stays
+            # attached, and the reaper marks the run crashed if the process dies.
             ch = self._attached_channel(req)
-            durable = await ch.barrier(req.env.client, req.last_seq, self.config.graceful_timeout)
             status = req.status if req.status in fmt.STATUSES else fmt.STATUS_FINISHED
+            try:
+                durable = await ch.barrier(req.env.client, req.last_seq, self.config.graceful_timeout)
+            except StorageError:
+                ch.deferred_finish[req.env.client] = (req.last_seq, status)
+                raise
             final = await ch.detach(req.env.client, status)
             return m.Finished(env, durable, final)
         if isinstance(req, m.StatusRequest):
@@ -412,7 +428,8 @@ class Daemon:
                 (ch, c)
                 for ch in list(self.runs.values())
                 for c in ch.attached
-                if c.host == _HOST and c.pid and not process_alive(c.pid, c.pid_start)
+                if c.client not in ch.deferred_finish
+                and c.host == _HOST and c.pid and not process_alive(c.pid, c.pid_start)
             ]
             if dead:
                 self.drain_data(1 << 30)  # whatever the dead process sent is already here
@@ -440,6 +457,8 @@ class Daemon:
             "uptime": round(time.time() - self.started_at, 3),
             "received": self.received,
             "rejected": dict(self.rejected),
+            "backlog_bytes": self.backlog(),
+            "throttled": self.throttled,
             "runs": [ch.info() for ch in self.runs.values()],
         }
 

@@ -33,6 +33,15 @@ _BY_KIND: dict[str, type] = {cls.KIND: cls for cls in m.ALL_MESSAGES}
 
 # Field checkers: what a payload field must be after msgpack decoding.
 _INT = (int,)
+
+
+class _Frame:
+    """Marker type: a ``bytes`` field travels as an extra frame, indexed from the payload."""
+
+
+class _Frames:
+    """Marker type: a ``list[bytes]`` field travels as extra frames ``[first, count]``."""
+
 _NUM = (int, float)
 
 
@@ -44,6 +53,12 @@ def _payload_types(cls: type) -> list[tuple[str, tuple[type, ...]]]:
         ann = str(f.type)
         if ann.startswith("dict"):
             types: tuple[type, ...] = (dict,)
+        elif ann == "list[bytes]":
+            types = (_Frames,)
+        elif ann.startswith("list"):
+            types = (list,)
+        elif ann == "bytes":
+            types = (_Frame,)
         elif ann == "bool":
             types = (bool,)
         elif ann == "int":
@@ -76,7 +91,18 @@ def encode(msg: Any) -> list[bytes]:
     carry, and :class:`MessageTooLarge` if the header is over its limit.
     """
     env: m.Envelope = msg.env
-    payload = [getattr(msg, name) for name, _ in _SCHEMA[msg.KIND]]
+    payload = []
+    extra: list[bytes] = []
+    for name, types in _SCHEMA[msg.KIND]:
+        value = getattr(msg, name)
+        if types[0] is _Frame:
+            payload.append(len(extra))
+            extra.append(value)
+        elif types[0] is _Frames:
+            payload.append([len(extra), len(value)])
+            extra.extend(value)
+        else:
+            payload.append(value)
     header = _pack(
         [
             m.PROTOCOL_MAJOR,
@@ -94,7 +120,7 @@ def encode(msg: Any) -> list[bytes]:
     )
     if len(header) > MAX_HEADER_BYTES:
         raise MessageTooLarge(f"message header is {len(header)} bytes (limit {MAX_HEADER_BYTES})")
-    return [header]
+    return [header, *extra]
 
 
 def encode_log(
@@ -121,7 +147,7 @@ def encode_log(
                 step,
                 global_step,
                 wall,
-                [scalars],
+                [scalars, [], [0, 0]],
             ],
             use_bin_type=True,
         )
@@ -176,15 +202,59 @@ def _check_envelope(h: list[Any]) -> m.Envelope:
 
 
 def _check_scalars(scalars: dict[Any, Any]) -> dict[str, float]:
-    for name, value in scalars.items():
-        if type(name) is not str or not name or len(name) > MAX_NAME_CHARS:
-            raise MalformedMessage("metric names must be non-empty strings")
-        if type(value) is not float:
+    # Checked with C-level map()/set() first: this runs for every value the
+    # daemon receives.  The per-value loop only runs when something is off.
+    if not scalars:
+        return scalars
+    if set(map(type, scalars)) != {str} or "" in scalars or max(map(len, scalars)) > MAX_NAME_CHARS:
+        raise MalformedMessage("metric names must be non-empty strings")
+    if set(map(type, scalars.values())) != {float}:
+        for name, value in scalars.items():
             if type(value) is int:
                 scalars[name] = float(value)
-            else:
+            elif type(value) is not float:
                 raise MalformedMessage(f"value of {name!r} is not a number")
     return scalars
+
+
+def _check_items(items: list[Any], n_blobs: int) -> None:
+    names = set()
+    for item in items:
+        if type(item) is not list or len(item) != 4:
+            raise MalformedMessage("a log item must be [name, kind, meta, refs]")
+        name, kind, meta, refs = item
+        if type(name) is not str or not name or len(name) > MAX_NAME_CHARS or name in names:
+            raise MalformedMessage("log item names must be distinct non-empty strings")
+        names.add(name)
+        if kind not in m.ITEM_KINDS:
+            raise MalformedMessage(f"unknown log item kind {kind!r}")
+        if type(meta) is not dict or type(refs) is not list:
+            raise MalformedMessage("log item meta must be a map and refs a list")
+        for ref in refs:
+            if type(ref) is not int or not 0 <= ref < n_blobs:
+                raise MalformedMessage(f"log item {name!r} refers to a missing blob")
+
+
+def _check_batch(payload: list[Any]) -> None:
+    names, count, seqs, steps, gsteps, walls, values = payload
+    if (
+        set(map(type, names)) - {str}
+        or "" in names
+        or (names and max(map(len, names)) > MAX_NAME_CHARS)
+        or len(set(names)) != len(names)
+    ):
+        raise MalformedMessage("log_batch names must be distinct non-empty strings")
+    if count < 0 or count > MAX_VALUES_PER_LOG:
+        raise MalformedMessage("log_batch count out of range")
+    for name, frame, size in (
+        ("seqs", seqs, 8 * count),
+        ("steps", steps, 8 * count),
+        ("global_steps", gsteps, 8 * count),
+        ("walls", walls, 8 * count),
+        ("values", values, 8 * count * len(names)),
+    ):
+        if len(frame) != size:
+            raise MalformedMessage(f"log_batch frame {name} has {len(frame)} bytes, expected {size}")
 
 
 def decode(frames: Sequence[bytes | memoryview | Any]) -> Any:
@@ -205,11 +275,32 @@ def decode(frames: Sequence[bytes | memoryview | Any]) -> Any:
     schema = _SCHEMA[kind]
     if not isinstance(payload, list) or len(payload) != len(schema):
         raise MalformedMessage(f"{kind} payload must be an array of {len(schema)} fields")
-    for (name, types), value in zip(schema, payload):
-        if type(value) not in types:
+    extra = frames[1:]
+    for k, ((name, types), value) in enumerate(zip(schema, payload)):
+        if types[0] is _Frame:
+            if type(value) is not int or not 0 <= value < len(extra):
+                raise MalformedMessage(f"{kind} field {name} does not name an extra frame")
+            frame = extra[value]
+            payload[k] = frame if isinstance(frame, (bytes, memoryview)) else frame.buffer
+        elif types[0] is _Frames:
+            if (
+                type(value) is not list
+                or len(value) != 2
+                or type(value[0]) is not int
+                or type(value[1]) is not int
+                or value[0] < 0
+                or value[1] < 0
+                or value[0] + value[1] > len(extra)
+            ):
+                raise MalformedMessage(f"{kind} field {name} does not name a range of extra frames")
+            payload[k] = [f if isinstance(f, (bytes, memoryview)) else f.buffer for f in extra[value[0] : value[0] + value[1]]]
+        elif type(value) not in types:
             raise MalformedMessage(f"{kind} field {name} has the wrong type")
     if kind == "log":
         _check_scalars(payload[0])
+        _check_items(payload[1], len(payload[2]))
+    elif kind == "log_batch":
+        _check_batch(payload)
     elif kind == "output" and payload[0] not in ("stdout", "stderr"):
         raise MalformedMessage("output stream must be stdout or stderr")
     try:

@@ -25,6 +25,9 @@ A flush barrier names the last *data* ``seq`` the client sent, so it holds
 whatever order the two socket pairs deliver in.
 
 This module is plain dataclasses: importing it costs nothing (no msgpack).
+They are not ``frozen``: a frozen dataclass's ``__init__`` goes through
+``object.__setattr__`` per field, which measured at several microseconds per
+decoded message on the daemon's hot path.  Treat them as immutable all the same.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Envelope:
     """Fields every message carries.
 
@@ -56,20 +59,63 @@ class Envelope:
 # --------------------------------------------------------------------- data
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LogMessage:
     """One ``board.log(...)`` call.
 
-    Wire payload: ``[{name: float, ...}]``.  All values share the envelope's
-    ``(step, global_step, wall, rank)``.
+    Wire payload: ``[{name: float, ...}, items, blobs]``.  All values share the
+    envelope's ``(step, global_step, wall, rank)``.
+
+    ``items`` holds the rich values (media, tables, histograms, tensors, KDEs),
+    each ``[name, kind, meta, refs]``: ``kind`` is one of :data:`ITEM_KINDS`,
+    ``meta`` a map of the item's small fields, ``refs`` indices into ``blobs``.
+    ``blobs`` travel as extra frames (raw array buffers or file bytes, never
+    inside msgpack); on the wire the payload holds ``[first_frame, count]``.
     """
 
     KIND: ClassVar[str] = "log"
     env: Envelope
     scalars: dict[str, float] = field(default_factory=dict)
+    items: list[Any] = field(default_factory=list)
+    blobs: list[bytes] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
+ITEM_KINDS = frozenset({"media", "table", "histogram", "tensor", "kde"})
+
+
+@dataclass(slots=True)
+class LogBatch:
+    """Consecutive ``board.log(...)`` calls of one client with the same names.
+
+    Wire payload: ``[names, count, 0, 1, 2, 3, 4]``: the integers are the
+    indices of the extra frames that follow the header:
+
+    * frame 1 ``seqs``: ``count`` little-endian int64, the calls' sequence numbers
+    * frame 2 ``steps``: ``count`` int64
+    * frame 3 ``global_steps``: ``count`` int64
+    * frame 4 ``walls``: ``count`` float64, seconds since the epoch
+    * frame 5 ``values``: ``count * len(names)`` float64, row-major (one row per call)
+
+    A call is never split across messages: each row is one whole ``log()`` call
+    with its own ``(seq, step, global_step, wall)``.  The sender uses this form
+    when calls queue up faster than it can send them one by one; it moves the
+    per-value work out of Python on both sides (measured: about 3x the
+    throughput of one message per call at 32 scalars per call).  The envelope
+    carries the last call's fields.
+    """
+
+    KIND: ClassVar[str] = "log_batch"
+    env: Envelope
+    names: list[str] = field(default_factory=list)
+    count: int = 0
+    seqs: bytes = b""
+    steps: bytes = b""
+    global_steps: bytes = b""
+    walls: bytes = b""
+    values: bytes = b""
+
+
+@dataclass(slots=True)
 class OutputMessage:
     """Captured stdout/stderr text for the run's ``logs/output.log``.
 
@@ -85,7 +131,7 @@ class OutputMessage:
 # ------------------------------------------------------------------ control
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OpenRun:
     """Attach a client to a run, creating the run folder if needed.
 
@@ -105,7 +151,7 @@ class OpenRun:
     host: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FlushRequest:
     """Barrier: answer once every data message up to ``last_seq`` is durable.
 
@@ -117,7 +163,7 @@ class FlushRequest:
     last_seq: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FinishRun:
     """Flush like :class:`FlushRequest`, then detach the client from the run.
 
@@ -130,7 +176,7 @@ class FinishRun:
     status: str = "finished"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StatusRequest:
     """Ask for the daemon's counters.  Wire payload: ``[]``."""
 
@@ -138,7 +184,7 @@ class StatusRequest:
     env: Envelope
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ShutdownRequest:
     """Ask the daemon to drain and exit, as SIGTERM does.  Wire payload: ``[]``."""
 
@@ -149,7 +195,7 @@ class ShutdownRequest:
 # ------------------------------------------------------------------ replies
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RunOpened:
     """Reply to :class:`OpenRun`.
 
@@ -166,7 +212,7 @@ class RunOpened:
     attached: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Flushed:
     """Reply to :class:`FlushRequest`.  Wire payload: ``[durable_seq]``."""
 
@@ -175,7 +221,7 @@ class Flushed:
     durable_seq: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Finished:
     """Reply to :class:`FinishRun`.  Wire payload: ``[durable_seq, status]``."""
 
@@ -185,7 +231,7 @@ class Finished:
     status: str = "finished"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StatusReply:
     """Reply to :class:`StatusRequest`.  Wire payload: ``[info]`` (a map)."""
 
@@ -194,7 +240,7 @@ class StatusReply:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ack:
     """Plain acknowledgement (shutdown).  Wire payload: ``[]``."""
 
@@ -202,7 +248,7 @@ class Ack:
     env: Envelope
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ErrorReply:
     """A request failed.  Wire payload: ``[code, message]``; codes in ``errors``."""
 
@@ -212,7 +258,7 @@ class ErrorReply:
     message: str = ""
 
 
-DataMessage = Union[LogMessage, OutputMessage]
+DataMessage = Union[LogMessage, LogBatch, OutputMessage]
 ControlRequest = Union[OpenRun, FlushRequest, FinishRun, StatusRequest, ShutdownRequest]
 DaemonReply = Union[RunOpened, Flushed, Finished, StatusReply, Ack, ErrorReply]
 ClientMessage = Union[DataMessage, ControlRequest]
@@ -220,6 +266,7 @@ Message = Union[ClientMessage, DaemonReply]
 
 ALL_MESSAGES: tuple[type, ...] = (
     LogMessage,
+    LogBatch,
     OutputMessage,
     OpenRun,
     FlushRequest,
@@ -233,7 +280,7 @@ ALL_MESSAGES: tuple[type, ...] = (
     Ack,
     ErrorReply,
 )
-DATA_KINDS = frozenset(m.KIND for m in (LogMessage, OutputMessage))
+DATA_KINDS = frozenset(m.KIND for m in (LogMessage, LogBatch, OutputMessage))
 REQUEST_KINDS = frozenset(
     m.KIND for m in (OpenRun, FlushRequest, FinishRun, StatusRequest, ShutdownRequest)
 )

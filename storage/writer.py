@@ -30,7 +30,7 @@ import numpy as np
 from kohakuvault import ColumnVault
 
 from ..protocol.errors import FormatVersionError, StorageError
-from ..protocol.messages import LogMessage, OutputMessage
+from ..protocol.messages import LogBatch, LogMessage, OutputMessage
 from . import format as fmt
 
 _REC = fmt.scalar_record_dtype()
@@ -215,49 +215,76 @@ class RunWriter:
 
     # ------------------------------------------------------------- scalars
 
-    def stage(self, batch: Iterable[LogMessage]) -> None:
+    def stage(self, batch: Iterable[LogMessage | LogBatch]) -> None:
         """Turn log messages into per-column record arrays, ready to commit.
 
         Values of one metric keep the order of the batch.  Pure CPU work.
         """
-        steps: list[int] = []
-        gsteps: list[int] = []
-        walls: list[float] = []
-        per_rank: dict[int, dict[str, tuple[list[int], list[float]]]] = {}
+        # Training loops log the same keys call after call, so single messages
+        # are grouped by (rank, key tuple) and each group becomes one 2-D array,
+        # and a LogBatch already is one: numpy conversions per group instead of
+        # Python work per value.
         seqs = self._staged_seqs
         step_rows = self._staged_steps
-        for i, msg in enumerate(batch):
+        # segment: (rank, names, order, steps, global_steps, walls, values[n, k])
+        segments: list[tuple[int, tuple[str, ...], Any, Any, Any, Any, Any]] = []
+        groups: dict[tuple[int, tuple[str, ...]], list[Any]] = {}
+        pos = 0
+        for msg in batch:
             env = msg.env
-            steps.append(env.step)
-            gsteps.append(env.global_step)
-            walls.append(env.wall)
-            step_rows.append((env.rank, env.step, env.global_step, env.wall))
             if env.seq > seqs.get(env.client, 0):
                 seqs[env.client] = env.seq
-            acc = per_rank.get(env.rank)
-            if acc is None:
-                acc = per_rank[env.rank] = {}
-            for name, value in msg.scalars.items():
-                ent = acc.get(name)
-                if ent is None:
-                    acc[name] = ([i], [value])
-                else:
-                    ent[0].append(i)
-                    ent[1].append(value)
-        if not steps:
-            return
-        steps_a = np.array(steps, dtype=np.int64)
-        gsteps_a = np.array(gsteps, dtype=np.int64)
-        walls_a = np.array(walls, dtype=np.float64)
-        for rank, acc in per_rank.items():
-            for name, (idx, values) in acc.items():
-                ix = np.array(idx, dtype=np.intp)
-                rec = np.empty(len(idx), dtype=_REC)
-                rec["step"] = steps_a[ix]
-                rec["global_step"] = gsteps_a[ix]
-                rec["wall"] = walls_a[ix]
-                rec["value"] = np.array(values, dtype=np.float64)
-                self._staged.append((fmt.column_name(rank, name), rec))
+            if type(msg) is LogBatch:
+                n = msg.count
+                steps = np.frombuffer(msg.steps, dtype="<i8")
+                gsteps = np.frombuffer(msg.global_steps, dtype="<i8")
+                walls = np.frombuffer(msg.walls, dtype="<f8")
+                values = np.frombuffer(msg.values, dtype="<f8").reshape(n, len(msg.names))
+                segments.append(
+                    (env.rank, tuple(msg.names), np.arange(pos, pos + n), steps, gsteps, walls, values)
+                )
+                step_rows.extend(zip([env.rank] * n, steps.tolist(), gsteps.tolist(), walls.tolist()))
+                pos += n
+                continue
+            step_rows.append((env.rank, env.step, env.global_step, env.wall))
+            sc = msg.scalars
+            key = (env.rank, tuple(sc))
+            g = groups.get(key)
+            if g is None:
+                groups[key] = g = [[], [], [], [], []]
+            g[0].append(pos)
+            g[1].append(env.step)
+            g[2].append(env.global_step)
+            g[3].append(env.wall)
+            g[4].append(tuple(sc.values()))
+            pos += 1
+        for (rank, names), (order, steps, gsteps, walls, rows) in groups.items():
+            segments.append(
+                (
+                    rank,
+                    names,
+                    np.array(order, dtype=np.intp),
+                    np.array(steps, dtype=np.int64),
+                    np.array(gsteps, dtype=np.int64),
+                    np.array(walls, dtype=np.float64),
+                    np.array(rows, dtype=np.float64).reshape(len(rows), len(names)),
+                )
+            )
+        parts: dict[tuple[int, str], list[tuple[Any, Any, Any, Any, Any]]] = {}
+        for rank, names, order, steps, gsteps, walls, values in segments:
+            for j, name in enumerate(names):
+                parts.setdefault((rank, name), []).append((order, steps, gsteps, walls, values[:, j]))
+        for (rank, name), chunks in parts.items():
+            if len(chunks) == 1:
+                _, steps, gsteps, walls, vals = chunks[0]
+                rec = np.empty(len(steps), dtype=_REC)
+                rec["step"], rec["global_step"], rec["wall"], rec["value"] = steps, gsteps, walls, vals
+            else:  # the metric came in several groups: restore call order
+                order = np.argsort(np.concatenate([c[0] for c in chunks]), kind="stable")
+                rec = np.empty(len(order), dtype=_REC)
+                for field, k in (("step", 1), ("global_step", 2), ("wall", 3), ("value", 4)):
+                    rec[field] = np.concatenate([c[k] for c in chunks])[order]
+            self._staged.append((fmt.column_name(rank, name), rec))
 
     @property
     def staged_points(self) -> int:
