@@ -54,6 +54,7 @@ class Sender(threading.Thread):
         self.peak = 0
         self._warned = False
         self.error: BaseException | None = None
+        self.encode_errors = 0
 
     def put(self, item: Any) -> None:
         """Queue one item (caller thread).  Blocks while the queue is full."""
@@ -104,15 +105,22 @@ class Sender(threading.Thread):
                     item = q.popleft()
                     if item is _STOP:
                         return
-                    if type(item) is tuple:
-                        if q and type(q[0]) is tuple:
-                            seq, frames = self._encode_batch(item)
-                        else:
-                            seq, step, gstep, wall, scalars = item
-                            frames = encode(run, client, seq, rank, step, gstep, wall, scalars)
-                    else:  # a ready message object (captured output)
-                        seq = item.env.seq
-                        frames = codec.encode(item)
+                    try:
+                        if type(item) is tuple:
+                            if q and type(q[0]) is tuple:
+                                seq, frames = self._encode_batch(item)
+                            else:
+                                seq, step, gstep, wall, scalars = item
+                                frames = encode(run, client, seq, rank, step, gstep, wall, scalars)
+                        else:  # a ready message object (captured output)
+                            seq = item.env.seq
+                            frames = codec.encode(item)
+                    except Exception as exc:
+                        # log() validates everything it can, so this is a bug; count
+                        # it, tell flush(), and keep the sender (and training) going.
+                        self.encode_errors += 1
+                        self.error = exc
+                        continue
                     self._send(sock, frames)
                     self.sent_seq = seq
                 self._idle = True

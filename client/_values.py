@@ -19,6 +19,10 @@ def check_name(name: str) -> None:
         raise ValueError(f"metric name {name[:40]!r}... is longer than {MAX_NAME_CHARS} characters")
     if any(ord(c) < 32 for c in name):
         raise ValueError(f"metric name {name!r} contains control characters")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"metric name {name!r} is not valid Unicode (lone surrogate)") from None
 
 
 def to_scalar(key: str, value: Any) -> float:
@@ -71,8 +75,14 @@ def to_config(obj: Any, path: str = "config") -> Any:
     Raises ``TypeError`` naming the key of the first value that is not
     JSON-serialisable (dict keys must be strings).
     """
-    if obj is None or isinstance(obj, (bool, str)):
+    if obj is None or isinstance(obj, bool):
         return obj
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TypeError(f"{path} is not valid Unicode (lone surrogate)") from None
+        return str(obj)
     if isinstance(obj, int):
         return int(obj)
     if isinstance(obj, float):
@@ -82,6 +92,7 @@ def to_config(obj: Any, path: str = "config") -> Any:
         for k, v in obj.items():
             if not isinstance(k, str):
                 raise TypeError(f"{path}: key {k!r} is not a string")
+            to_config(k, f"{path} key")
             out[k] = to_config(v, f"{path}[{k!r}]")
         return out
     if isinstance(obj, (list, tuple)):

@@ -77,6 +77,7 @@ class RunChannel:
         self._now = now
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kobo-writer")
         self.writer: RunWriter | None = None
+        self._writer_lock = asyncio.Lock()
         self.pending: list[LogMessage | LogBatch] = []
         self._pending_calls = 0
         # Memory held for this run: pending (not yet handed to the writer) and
@@ -109,8 +110,10 @@ class RunChannel:
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
     async def ensure_writer(self) -> RunWriter:
-        if self.writer is None:
-            self.writer = await self.call(RunWriter, self.path, on_event=log.info)
+        # Several clients may open one run at once: only one may create the writer.
+        async with self._writer_lock:
+            if self.writer is None:
+                self.writer = await self.call(RunWriter, self.path, on_event=log.info)
         return self.writer
 
     # -------------------------------------------------------------- clients

@@ -96,6 +96,8 @@ def test_bad_names_raise(daemon):
             b.log(**{"": 1.0})
         with pytest.raises(ValueError, match="control characters"):
             b.log(**{"a\nb": 1.0})
+        with pytest.raises(ValueError, match="not valid Unicode"):
+            b.log(**{"bad\udc80": 1.0})
         b.log(**{"odd name/with spaces ü 🙂 %": 1.0})
         b.flush()
         with RunReader(b.path) as r:

@@ -29,6 +29,7 @@ def test_sigkill_after_flush_keeps_data_and_marks_crashed(daemon, base_dir, tmp_
     assert proc.stdout.readline().strip() == "flushed"
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
+    proc.stdout.close()
     run = base_dir / "default" / "doomed"
     deadline = time.monotonic() + 10
     while json.loads((run / "metadata.json").read_text())["status"] != "crashed":

@@ -14,21 +14,23 @@ from kohakuboard.protocol import messages as m
 from kohakuboard.protocol.errors import MalformedMessage, MessageTooLarge, ProtocolError, VersionMismatch
 
 ints = st.integers(min_value=-(2**63), max_value=2**63 - 1)
-names = st.text(min_size=1, max_size=40)
+# Lone surrogates cannot be UTF-8 encoded; the client refuses them before encoding.
+st_text = lambda **kw: st.text(st.characters(blacklist_categories=("Cs",)), **kw)  # noqa: E731
+names = st_text(min_size=1, max_size=40)
 names_st = names
 floats = st.floats(allow_nan=False)  # NaN != NaN: checked separately below
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | floats | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | floats | st_text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st_text(max_size=8), inner, max_size=4),
     max_leaves=10,
 )
-envelopes = st.builds(m.Envelope, st.text(max_size=100), st.text(max_size=32), ints, ints, ints, ints, floats)
+envelopes = st.builds(m.Envelope, st_text(max_size=100), st_text(max_size=32), ints, ints, ints, ints, floats)
 
 FIELD_STRATEGIES = {
     "int": ints,
     "float": floats,
     "bool": st.booleans(),
-    "str": st.text(max_size=50),
+    "str": st_text(max_size=50),
 }
 
 
@@ -59,7 +61,7 @@ def _strategy_for(cls):
         elif f.name == "stream":
             kwargs[f.name] = st.sampled_from(["stdout", "stderr"])
         elif str(f.type).startswith("dict"):
-            kwargs[f.name] = st.dictionaries(st.text(max_size=8), json_values, max_size=5)
+            kwargs[f.name] = st.dictionaries(st_text(max_size=8), json_values, max_size=5)
         else:
             kwargs[f.name] = FIELD_STRATEGIES[str(f.type)]
     return st.builds(cls, **kwargs)

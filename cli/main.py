@@ -1,0 +1,174 @@
+"""``kobo``: list, show and export runs.  A thin layer over :mod:`kohakuboard.storage.reader`."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from typing import Any, Iterator, TextIO
+
+import click
+
+from ..protocol.errors import KoboError
+
+_DIR_OPTION = click.option(
+    "--dir",
+    "base_dir",
+    default="./kohakuboard",
+    show_default=True,
+    envvar="KOBO_BASE_DIR",
+    help="Base directory holding {project}/{run_id} folders. Env: KOBO_BASE_DIR.",
+)
+
+
+def _fail(exc: BaseException) -> click.ClickException:
+    return click.ClickException(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
+
+
+def _when(ts: Any) -> str:
+    if not isinstance(ts, (int, float)):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _open(run: str, base_dir: str) -> Any:
+    from ..storage.reader import RunReader, find_run
+
+    return RunReader(find_run(run, base_dir))
+
+
+@click.group(context_settings={"auto_envvar_prefix": "KOBO", "help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Look at KohakuBoard runs: list them, show one, export its data."""
+
+
+@main.command("list")
+@click.argument("directory", default="./kohakuboard", required=False)
+def list_cmd(directory: str) -> None:
+    """List every run under DIRECTORY (default ./kohakuboard), oldest first."""
+    from ..storage.reader import RunReader, list_runs
+
+    runs = list_runs(directory)
+    if not runs:
+        click.echo(f"no runs under {directory}")
+        return
+    rows = []
+    for info in runs:
+        try:
+            with RunReader(info.path) as r:
+                n_metrics = len(r.list_metrics(rank=None))
+        except KoboError:
+            n_metrics = -1
+        rows.append((f"{info.project}/{info.run_id}", info.name, info.status, _when(info.created_at), str(n_metrics)))
+    header = ("RUN", "NAME", "STATUS", "CREATED", "METRICS")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    for row in (header, *rows):
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+@main.command()
+@click.argument("run")
+@_DIR_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def show(run: str, base_dir: str, as_json: bool) -> None:
+    """Show RUN (a path, project/run_id or run id): metadata, config and every metric."""
+    try:
+        with _open(run, base_dir) as r:
+            summary = r.summary()
+            ranks = {name: r.ranks(name) for name in summary["metrics"]}
+    except (KoboError, OSError, KeyError) as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    click.echo(f"run:      {summary['project']}/{summary['run_id']}")
+    click.echo(f"name:     {summary['name']}")
+    click.echo(f"status:   {summary['status']}")
+    click.echo(f"created:  {_when(summary['created_at'])}")
+    click.echo(f"finished: {_when(summary['finished_at'])}")
+    click.echo(f"path:     {summary['path']}")
+    click.echo(f"ranks:    {len(summary['ranks'])} ({', '.join(map(str, summary['ranks'])) or '-'})")
+    click.echo("config:")
+    for key, value in summary["config"].items():
+        click.echo(f"  {key}: {json.dumps(value)}")
+    click.echo(f"metrics ({len(summary['metrics'])}):")
+    if summary["metrics"]:
+        width = max(len(n) for n in summary["metrics"])
+        for name, m in summary["metrics"].items():
+            if not m["points"]:
+                click.echo(f"  {name.ljust(width)}  0 points")
+                continue
+            extra = f"  ranks {','.join(map(str, ranks[name]))}" if len(ranks[name]) > 1 else ""
+            click.echo(
+                f"  {name.ljust(width)}  {m['points']} points  steps {m['first_step']}..{m['last_step']}"
+                f"  last {m['last_value']:.6g}{extra}"
+            )
+
+
+def _json_number(x: float) -> Any:
+    if math.isnan(x):
+        return None
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+def _rows(reader: Any, metrics: tuple[str, ...], rank: str) -> Iterator[tuple[str, int, Any]]:
+    names = list(metrics) or reader.list_metrics(rank=None if rank == "all" else int(rank))
+    for name in names:
+        ranks = reader.ranks(name) if rank == "all" else [int(rank)]
+        if not ranks:
+            raise KeyError(f"no metric {name!r} in run {reader.run_id}")
+        for r in ranks:
+            yield name, r, reader.series(name, r)
+
+
+@main.command()
+@click.argument("run")
+@_DIR_OPTION
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True,
+              help="csv: metric,rank,step,global_step,wall,value (nan/inf as nan, inf, -inf). "
+                   "jsonl: one object per point; NaN is null, infinities are the strings \"inf\"/\"-inf\".")
+@click.option("--metric", "metrics", multiple=True, help="Only this metric (repeatable). Default: all.")
+@click.option("--rank", default="0", show_default=True, help="Rank to export, or 'all'.")
+@click.option("-o", "--output", type=click.File("w", encoding="utf-8"), default="-", help="File to write (default stdout).")
+def export(run: str, base_dir: str, fmt: str, metrics: tuple[str, ...], rank: str, output: TextIO) -> None:
+    """Export the scalar series of RUN as CSV or JSON lines."""
+    if rank != "all" and not rank.lstrip("-").isdigit():
+        raise click.BadParameter("must be an integer or 'all'", param_hint="--rank")
+    try:
+        with _open(run, base_dir) as r:
+            if fmt == "csv":
+                output.write("metric,rank,step,global_step,wall,value\n")
+            for name, rk, s in _rows(r, metrics, rank):
+                steps, gsteps, walls, values = (s[f].tolist() for f in ("step", "global_step", "wall", "value"))
+                if fmt == "csv":
+                    quoted = _csv_field(name)
+                    output.writelines(
+                        f"{quoted},{rk},{st},{gs},{w!r},{_csv_value(v)}\n" for st, gs, w, v in zip(steps, gsteps, walls, values)
+                    )
+                else:
+                    for st, gs, w, v in zip(steps, gsteps, walls, values):
+                        output.write(json.dumps({"metric": name, "rank": rk, "step": st, "global_step": gs,
+                                                 "wall": w, "value": _json_number(v)}) + "\n")
+    except (KoboError, OSError, KeyError) as exc:
+        raise _fail(exc) from exc
+
+
+def _csv_field(name: str) -> str:
+    if any(c in name for c in ',"\n\r'):
+        return '"' + name.replace('"', '""') + '"'
+    return name
+
+
+def _csv_value(v: float) -> str:
+    if math.isnan(v):
+        return "nan"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return repr(v)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
