@@ -77,6 +77,11 @@ def show(run: str, base_dir: str, as_json: bool) -> None:
         with _open(run, base_dir) as r:
             summary = r.summary()
             ranks = {name: r.ranks(name) for name in summary["metrics"]}
+            readers = {"media": r.media, "table": r.tables, "histogram": r.histograms, "tensor": r.tensors, "kde": r.kde}
+            item_counts = {
+                kind: {name: len(readers[kind](name)) for name in names}
+                for kind, names in summary["items"].items()
+            }
     except (KoboError, OSError, KeyError) as exc:
         raise _fail(exc) from exc
     if as_json:
@@ -92,6 +97,11 @@ def show(run: str, base_dir: str, as_json: bool) -> None:
     click.echo("config:")
     for key, value in summary["config"].items():
         click.echo(f"  {key}: {json.dumps(value)}")
+    items = summary.get("items") or {}
+    for kind, label in (("media", "media"), ("table", "tables"), ("histogram", "histograms"),
+                        ("tensor", "tensors"), ("kde", "kernel densities")):
+        if items.get(kind):
+            click.echo(f"{label}: {', '.join(f'{n} ({c})' for n, c in item_counts[kind].items())}")
     click.echo(f"metrics ({len(summary['metrics'])}):")
     if summary["metrics"]:
         width = max(len(n) for n in summary["metrics"])
@@ -133,12 +143,19 @@ def _rows(reader: Any, metrics: tuple[str, ...], rank: str) -> Iterator[tuple[st
 @click.option("--metric", "metrics", multiple=True, help="Only this metric (repeatable). Default: all.")
 @click.option("--rank", default="0", show_default=True, help="Rank to export, or 'all'.")
 @click.option("-o", "--output", type=click.File("w", encoding="utf-8"), default="-", help="File to write (default stdout).")
-def export(run: str, base_dir: str, fmt: str, metrics: tuple[str, ...], rank: str, output: TextIO) -> None:
-    """Export the scalar series of RUN as CSV or JSON lines."""
+@click.option("--media-dir", type=click.Path(file_okay=False), default=None,
+              help="Also write every logged media item (and table cell) to this directory, "
+                   "as {name}_{step:08d}_{hash8}.{ext}.")
+def export(run: str, base_dir: str, fmt: str, metrics: tuple[str, ...], rank: str, output: TextIO,
+           media_dir: str | None) -> None:
+    """Export the scalar series of RUN as CSV or JSON lines (and media files with --media-dir)."""
     if rank != "all" and not rank.lstrip("-").isdigit():
         raise click.BadParameter("must be an integer or 'all'", param_hint="--rank")
     try:
         with _open(run, base_dir) as r:
+            if media_dir is not None:
+                n = _export_media(r, media_dir)
+                click.echo(f"wrote {n} media file(s) to {media_dir}", err=True)
             if fmt == "csv":
                 output.write("metric,rank,step,global_step,wall,value\n")
             for name, rk, s in _rows(r, metrics, rank):
@@ -154,6 +171,25 @@ def export(run: str, base_dir: str, fmt: str, metrics: tuple[str, ...], rank: st
                                                  "wall": w, "value": _json_number(v)}) + "\n")
     except (KoboError, OSError, KeyError) as exc:
         raise _fail(exc) from exc
+
+
+def _export_media(reader: Any, media_dir: str) -> int:
+    import os
+    import re
+    import shutil
+
+    os.makedirs(media_dir, exist_ok=True)
+    n = 0
+    rows = [row for name in reader.list_items()["media"] for row in reader.media(name, rank=None)]
+    for table in reader.list_items()["table"]:
+        for t in reader.tables(table, rank=None):
+            rows += [c for row in t["rows"] for c in row if isinstance(c, dict) and "hash" in c]
+    for row in rows:
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", row["name"]).strip("_") or "media"
+        target = os.path.join(media_dir, f"{safe}_{row['step']:08d}_{row['hash'][:8]}.{row['ext']}")
+        shutil.copyfile(row["path"], target)
+        n += 1
+    return n
 
 
 def _csv_field(name: str) -> str:

@@ -5,5 +5,6 @@ Those are imported when a Board first connects or converts a value.
 """
 
 from ._board import Board
+from ._rich import Histogram, KernelDensity, Media, Table, TensorLog
 
-__all__ = ["Board"]
+__all__ = ["Board", "Histogram", "KernelDensity", "Media", "Table", "TensorLog"]

@@ -18,6 +18,7 @@ from ..protocol import messages as m
 from ..protocol.errors import BoardClosedError, KoboError, TransportError
 from ..protocol.peer import process_start_ticks
 from ._config import ClientConfig
+from ._rich import RICH_KINDS
 from ._values import check_name, to_config, to_scalar
 
 _ALPHABET = string.ascii_lowercase + string.digits
@@ -33,6 +34,24 @@ def _check_path_part(what: str, value: str) -> str:
     if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\0" in value:
         raise ValueError(f"{what} must be a non-empty name without '/', got {value!r}")
     return value
+
+
+def _encode_rich(rich: list[tuple[str, Any]]) -> tuple[list[Any], list[Any]]:
+    """Convert rich values to wire items, copying their data now.
+
+    Raises the value's ``TypeError``/``ValueError``/``OSError`` with the key
+    in front of the message.
+    """
+    items: list[Any] = []
+    blobs: list[Any] = []
+    for key, value in rich:
+        start = len(blobs)
+        try:
+            meta = value._encode(blobs)
+        except (TypeError, ValueError, OSError) as exc:
+            raise type(exc)(f"cannot log {key!r}: {exc}") from exc
+        items.append([key, RICH_KINDS[type(value)], meta, list(range(start, len(blobs)))])
+    return items, blobs
 
 
 class Board:
@@ -169,14 +188,24 @@ class Board:
         if self._closed:
             raise BoardClosedError(f"board {self.run_id!r} is finished; create a new Board to log more")
         scalars: dict[str, float] = {}
+        rich: list[tuple[str, Any]] | None = None
         names = self._names
         for key, value in values.items():
             t = type(value)
-            scalars[key] = float(value) if (t is float or t is int) and abs(value) < 1e308 else to_scalar(key, value)
+            if (t is float or t is int) and -1e308 < value < 1e308:
+                scalars[key] = float(value)
+            elif t in RICH_KINDS:
+                if rich is None:
+                    rich = []
+                rich.append((key, value))
+            else:
+                scalars[key] = to_scalar(key, value)
             if key not in names:
                 check_name(key)
                 names.add(key)
-        if not scalars:
+        if rich is not None:
+            items, blobs = _encode_rich(rich)
+        elif not scalars:
             return
         with self._lock:
             if auto_step:
@@ -184,7 +213,11 @@ class Board:
             elif self._step < 0:
                 self._step = 0
             self._seq = seq = self._seq + 1
-            self._sender.put((seq, self._step, self._global_step, time.time(), scalars))
+            if rich is None:
+                self._sender.put((seq, self._step, self._global_step, time.time(), scalars))
+            else:
+                env = m.Envelope(self.path, self._client, seq, self.rank, self._step, self._global_step, time.time())
+                self._sender.put(m.LogMessage(env, scalars, items, blobs), sum(len(b) for b in blobs))
 
     def _send_output(self, stream: str, text: str) -> None:
         if self._closed and self._capture is None:

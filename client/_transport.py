@@ -55,16 +55,41 @@ class Sender(threading.Thread):
         self._warned = False
         self.error: BaseException | None = None
         self.encode_errors = 0
+        self.max_queue_bytes = 256 << 20
+        self.queued_bytes = 0
+        self._bytes_lock = threading.Lock()
 
-    def put(self, item: Any) -> None:
-        """Queue one item (caller thread).  Blocks while the queue is full."""
+    def put(self, item: Any, nbytes: int = 0) -> None:
+        """Queue one item (caller thread).  Blocks while the queue is full.
+
+        ``nbytes``: the size of the item's binary blobs (images, arrays), which
+        count against ``max_queue_bytes`` as well.
+        """
         q = self.queue
         n = len(q)
         if n >= self.max_queue * 0.8:
             self._backpressure(n)
+        if nbytes:
+            self._wait_for_bytes(nbytes)
         q.append(item)
         if self._idle:
             self._wake.set()
+
+    def _wait_for_bytes(self, nbytes: int) -> None:
+        # Blobs are the big thing a queue can hold: bound their bytes too.
+        with self._bytes_lock:
+            self.queued_bytes += nbytes
+        if self.queued_bytes > self.max_queue_bytes * 0.8 and not self._warned:
+            self._warned = True
+            print(
+                f"WARNING: Queue size is {self.queued_bytes >> 20} MiB "
+                f"({100 * self.queued_bytes // self.max_queue_bytes}% capacity): the kobo-daemon is not keeping up; "
+                "log() will block at 100%",
+                file=sys.__stderr__ or sys.stderr,
+            )
+        while self.queued_bytes > self.max_queue_bytes and len(self.queue) and self.is_alive() and not self._abort:
+            self._wake.set()
+            time.sleep(0.001)
 
     def _backpressure(self, n: int) -> None:
         if not self._warned:
@@ -112,9 +137,13 @@ class Sender(threading.Thread):
                             else:
                                 seq, step, gstep, wall, scalars = item
                                 frames = encode(run, client, seq, rank, step, gstep, wall, scalars)
-                        else:  # a ready message object (captured output)
+                        else:  # a ready message object (rich values, captured output)
                             seq = item.env.seq
                             frames = codec.encode(item)
+                            if type(item) is m.LogMessage and item.blobs:
+                                size = sum(len(b) for b in item.blobs)
+                                with self._bytes_lock:
+                                    self.queued_bytes -= size
                     except Exception as exc:
                         # log() validates everything it can, so this is a bug; count
                         # it, tell flush(), and keep the sender (and training) going.

@@ -177,6 +177,8 @@ class RunChannel:
             else:
                 self._pending_calls += 1
                 self.pending_bytes += 200 + 80 * len(msg.scalars)  # a decoded dict costs ~80 B a value
+                if msg.blobs:
+                    self.pending_bytes += sum(len(b) for b in msg.blobs)
             n = self._pending_calls
             if n > self.stats.peak_pending:
                 self.stats.peak_pending = n

@@ -7,7 +7,14 @@
                            status (running/finished/crashed), format_version
       data/metrics/scalars.db
                            KohakuVault ColumnVault, one column per (rank, metric)
-      data/metadata.db     SQLite: steps, clients, events, format version
+      data/metadata.db     SQLite: steps, clients, events, media, tables, tensors,
+                           kde rows, format version
+      data/histograms/exact_i32.db, compact_u8.db
+                           KohakuVault ColumnVault, one ``bytes`` column per
+                           (rank, histogram); a row is one packed histogram
+      data/tensors/tensors.db
+                           KohakuVault KVault: TensorLog arrays and KDE grids
+      media/<sha256>.<ext> content-addressed media files (identical bytes stored once)
       logs/output.log      captured stdout/stderr
       logs/writer.log      daemon events for this run
 
@@ -24,6 +31,16 @@ means 5,000 descriptors and gigabytes of RSS in the daemon, as columns of one
 file 9 descriptors and ~45 MB.  Appends are per column anyway, so nothing is
 lost by sharing the file.  64 KiB blocks instead of the 1 MiB default keep a
 fresh run at ~300 KB instead of ~4 MB.
+
+Rich values.  Every logged media item, table, tensor and KDE is one row in its
+SQLite table (``media``, ``tables``, ``tensors``, ``kde``) with rank, step,
+global step and wall time; large payloads live outside SQLite (media files,
+the tensors KVault), so the database stays small.  A table's media cells are
+stored as media rows and referenced from the table's JSON as
+``{"$media": <media row id>}``.  A histogram row is
+``HISTOGRAM_HEADER`` (step, global_step, wall, num_bins, nan, posinf, neginf,
+total, scale) followed by ``num_bins + 1`` float64 edges and ``num_bins``
+counts (int32 for exact, uint8 for compact: multiply by ``scale``).
 
 Compatibility: ``FORMAT_VERSION`` is written to ``metadata.json`` and to the
 ``meta`` table.  A reader refuses a folder whose major version is newer.
@@ -50,6 +67,11 @@ LOGS_DIR = "logs"
 OUTPUT_LOG = os.path.join(LOGS_DIR, "output.log")
 WRITER_LOG = os.path.join(LOGS_DIR, "writer.log")
 WRITER_LOCK = os.path.join(DATA_DIR, ".writer.lock")
+HISTOGRAM_FILES = {"exact": os.path.join(HISTOGRAMS_DIR, "exact_i32.db"), "compact": os.path.join(HISTOGRAMS_DIR, "compact_u8.db")}
+HISTOGRAM_COUNT_DTYPES = {"exact": "<i4", "compact": "u1"}
+HISTOGRAM_HEADER = "<qqdqqqqqd"  # struct format
+TENSORS_DB = os.path.join(TENSORS_DIR, "tensors.db")
+KVAULT_CACHE_KB = 8192
 
 VAULT_BLOCK_BYTES = 64 << 10
 
@@ -86,6 +108,62 @@ CREATE TABLE IF NOT EXISTS clients (
     status TEXT NOT NULL,
     durable_seq INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS media (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    global_step INTEGER NOT NULL,
+    wall REAL NOT NULL,
+    media_type TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    ext TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    width INTEGER,
+    height INTEGER,
+    caption TEXT NOT NULL DEFAULT '',
+    source TEXT
+);
+CREATE INDEX IF NOT EXISTS media_by_name ON media(name, rank, step);
+CREATE TABLE IF NOT EXISTS tables (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    global_step INTEGER NOT NULL,
+    wall REAL NOT NULL,
+    columns TEXT NOT NULL,
+    rows TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tables_by_name ON tables(name, rank, step);
+CREATE TABLE IF NOT EXISTS tensors (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    global_step INTEGER NOT NULL,
+    wall REAL NOT NULL,
+    key TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    namespace TEXT,
+    metadata TEXT NOT NULL,
+    source_dtype TEXT
+);
+CREATE INDEX IF NOT EXISTS tensors_by_name ON tensors(name, rank, step);
+CREATE TABLE IF NOT EXISTS kde (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    global_step INTEGER NOT NULL,
+    wall REAL NOT NULL,
+    key TEXT NOT NULL,
+    grid_size INTEGER NOT NULL,
+    bandwidth REAL,
+    count INTEGER
+);
+CREATE INDEX IF NOT EXISTS kde_by_name ON kde(name, rank, step);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     wall REAL NOT NULL,

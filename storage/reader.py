@@ -166,6 +166,165 @@ class RunReader:
         entry = self._column_table(refresh=True).get(fmt.column_name(rank, name))
         return entry[1] if entry else 0
 
+    # ----------------------------------------------------------- rich values
+
+    def _rows(self, table: str, name: str | None, rank: int | None, start: int | None, end: int | None) -> list[dict[str, Any]]:
+        db = self._sql()
+        if db is None:
+            return []
+        has = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone()
+        if not has:
+            return []
+        where, args = [], []
+        for cond, value in (("name = ?", name), ("rank = ?", rank), ("step >= ?", start), ("step <= ?", end)):
+            if value is not None:
+                where.append(cond)
+                args.append(value)
+        sql = f"SELECT * FROM {table}" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY step, id"
+        cur = db.execute(sql, args)
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+    def list_items(self) -> dict[str, list[str]]:
+        """Names of every non-scalar series, by kind: media, table, histogram, tensor, kde."""
+        out: dict[str, list[str]] = {}
+        db = self._sql()
+        for kind, table in (("media", "media"), ("table", "tables"), ("tensor", "tensors"), ("kde", "kde")):
+            names = sorted({r["name"] for r in self._rows(table, None, None, None, None)}) if db else []
+            if kind == "media":
+                names = [n for n in names if "#" not in n]  # table cells are listed with their table
+            out[kind] = names
+        hist = set()
+        for precision, rel in fmt.HISTOGRAM_FILES.items():
+            vault = self._hist_vault(precision)
+            if vault is not None:
+                for col, _, _ in vault.list_columns():
+                    hist.add(fmt.split_column_name(col)[1])
+        out["histogram"] = sorted(hist)
+        return out
+
+    def media(self, name: str, rank: int = 0, start: int | None = None, end: int | None = None) -> list[dict[str, Any]]:
+        """Media rows of ``name`` (steps ``start..end``), each with ``path`` to its file.
+
+        Keys: step, global_step, wall, media_type, caption, hash, ext, size,
+        width, height, path.  Read the content with :meth:`media_bytes`.
+        """
+        rows = self._rows("media", name, rank, start, end)
+        for r in rows:
+            r["path"] = os.path.join(self.path, fmt.MEDIA_DIR, f"{r['hash']}.{r['ext']}")
+        return rows
+
+    @staticmethod
+    def media_bytes(row: dict[str, Any]) -> bytes:
+        with open(row["path"], "rb") as f:
+            return f.read()
+
+    def _media_by_id(self, ids: list[int]) -> dict[int, dict[str, Any]]:
+        db = self._sql()
+        if db is None or not ids:
+            return {}
+        out = {}
+        for chunk in range(0, len(ids), 500):
+            part = ids[chunk : chunk + 500]
+            cur = db.execute(f"SELECT * FROM media WHERE id IN ({','.join('?' * len(part))})", part)
+            cols = [d[0] for d in cur.description]
+            for row in cur.fetchall():
+                r = dict(zip(cols, row))
+                r["path"] = os.path.join(self.path, fmt.MEDIA_DIR, f"{r['hash']}.{r['ext']}")
+                out[r["id"]] = r
+        return out
+
+    def tables(self, name: str, rank: int = 0, start: int | None = None, end: int | None = None) -> list[dict[str, Any]]:
+        """Logged tables of ``name``: step, global_step, wall, columns, rows.
+
+        Media cells are resolved to their media row (a dict with ``path``).
+        """
+        import json
+
+        out = []
+        for r in self._rows("tables", name, rank, start, end):
+            rows = json.loads(r["rows"])
+            ids = [c["$media"] for row in rows for c in row if isinstance(c, dict) and "$media" in c]
+            media = self._media_by_id(ids)
+            rows = [[media.get(c["$media"], c) if isinstance(c, dict) and "$media" in c else c for c in row] for row in rows]
+            out.append({"step": r["step"], "global_step": r["global_step"], "wall": r["wall"],
+                        "columns": json.loads(r["columns"]), "rows": rows})
+        return out
+
+    def _hist_vault(self, precision: str) -> Any:
+        cache = self.__dict__.setdefault("_hist_vaults", {})
+        if precision not in cache:
+            path = os.path.join(self.path, fmt.HISTOGRAM_FILES[precision])
+            if not os.path.exists(path):
+                return None
+            from kohakuvault import ColumnVault
+
+            cache[precision] = ColumnVault(path, read_only=True)
+        return cache[precision]
+
+    def histograms(self, name: str, rank: int = 0, start: int | None = None, end: int | None = None) -> list[dict[str, Any]]:
+        """Histograms of ``name``: step, global_step, wall, edges, counts, nan, posinf, neginf, total, precision.
+
+        Compact histograms' counts are restored to approximate float counts.
+        """
+        import struct
+
+        out = []
+        col = fmt.column_name(rank, name)
+        header = struct.calcsize(fmt.HISTOGRAM_HEADER)
+        for precision in fmt.HISTOGRAM_FILES:
+            vault = self._hist_vault(precision)
+            if vault is None or col not in {c for c, _, _ in vault.list_columns()}:
+                continue
+            cdtype = np.dtype(fmt.HISTOGRAM_COUNT_DTYPES[precision])
+            for rec in vault.ensure(col, "bytes").read(0, None):
+                step, gstep, wall, n, nan, posinf, neginf, total, scale = struct.unpack_from(fmt.HISTOGRAM_HEADER, rec)
+                if (start is not None and step < start) or (end is not None and step > end):
+                    continue
+                n_edges = n + 1 if n else 0
+                edges = np.frombuffer(rec, dtype="<f8", count=n_edges, offset=header)
+                counts = np.frombuffer(rec, dtype=cdtype, count=n, offset=header + 8 * n_edges)
+                out.append({
+                    "step": step, "global_step": gstep, "wall": wall, "edges": edges,
+                    "counts": counts.astype(np.int64) if precision == "exact" else counts * scale,
+                    "nan": nan, "posinf": posinf, "neginf": neginf, "total": total, "precision": precision,
+                })
+        out.sort(key=lambda h: h["step"])
+        return out
+
+    def _kv(self) -> Any:
+        if self.__dict__.get("_kvault") is None:
+            path = os.path.join(self.path, fmt.TENSORS_DB)
+            if not os.path.exists(path):
+                return None
+            from kohakuvault import KVault
+
+            self._kvault = KVault(path, read_only=True, cache_kb=fmt.KVAULT_CACHE_KB)
+        return self._kvault
+
+    def tensors(self, name: str, rank: int = 0, start: int | None = None, end: int | None = None) -> list[dict[str, Any]]:
+        """Logged tensors of ``name``: step, global_step, wall, array (exact dtype and shape), namespace, metadata."""
+        import json
+
+        out = []
+        for r in self._rows("tensors", name, rank, start, end):
+            raw = self._kv().get(r["key"])
+            arr = np.frombuffer(raw, dtype=np.dtype(r["dtype"])).reshape(json.loads(r["shape"]))
+            out.append({"step": r["step"], "global_step": r["global_step"], "wall": r["wall"], "array": arr,
+                        "namespace": r["namespace"], "metadata": json.loads(r["metadata"]),
+                        "source_dtype": r["source_dtype"]})
+        return out
+
+    def kde(self, name: str, rank: int = 0, start: int | None = None, end: int | None = None) -> list[dict[str, Any]]:
+        """Kernel density estimates of ``name``: step, global_step, wall, grid, density, bandwidth, count."""
+        out = []
+        for r in self._rows("kde", name, rank, start, end):
+            raw = np.frombuffer(self._kv().get(r["key"]), dtype="<f8")
+            n = r["grid_size"]
+            out.append({"step": r["step"], "global_step": r["global_step"], "wall": r["wall"],
+                        "grid": raw[:n], "density": raw[n : 2 * n], "bandwidth": r["bandwidth"], "count": r["count"]})
+        return out
+
     # ---------------------------------------------------------------- tables
 
     def steps(self, rank: int = 0) -> np.ndarray:
@@ -225,11 +384,18 @@ class RunReader:
             "config": self.config,
             "ranks": self.ranks(),
             "metrics": metrics,
+            "items": self.list_items(),
         }
 
     # ----------------------------------------------------------------- close
 
     def close(self) -> None:
+        for obj in [*self.__dict__.pop("_hist_vaults", {}).values(), self.__dict__.pop("_kvault", None)]:
+            if obj is not None:
+                try:
+                    obj.close()
+                except Exception:
+                    pass
         if self._vault is not None:
             try:
                 self._vault.close()

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import json
 import os
 import socket
 import sqlite3
+import struct
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -57,6 +60,13 @@ class RunWriter:
         self._staged: list[tuple[str, np.ndarray]] = []
         self._staged_steps: list[tuple[int, int, int, float]] = []
         self._staged_seqs: dict[str, int] = {}
+        # Rich values: (description, operation) pairs, each done exactly once and
+        # removed only after it succeeded (see the module docstring).
+        self._ops: list[tuple[str, Callable[[], None]]] = []
+        self._hist_vaults: dict[str, Any] = {}
+        self._hist_columns: dict[tuple[str, str], Any] = {}
+        self._kv: Any = None
+        self.items_written = 0
         self._columns: dict[str, Any] = {}
         self._writer_log: Any = None
         self._lock_fd: int | None = None
@@ -247,6 +257,8 @@ class RunWriter:
                 pos += n
                 continue
             step_rows.append((env.rank, env.step, env.global_step, env.wall))
+            if msg.items:
+                self._stage_items(msg)
             sc = msg.scalars
             key = (env.rank, tuple(sc))
             g = groups.get(key)
@@ -259,6 +271,8 @@ class RunWriter:
             g[4].append(tuple(sc.values()))
             pos += 1
         for (rank, names), (order, steps, gsteps, walls, rows) in groups.items():
+            if not names:
+                continue
             segments.append(
                 (
                     rank,
@@ -307,6 +321,15 @@ class RunWriter:
                 raise _storage_error(self.path, f"append to metric column {colname!r}", exc) from exc
             self._staged.pop(0)
             self.points_written += len(rec)
+        while self._ops:
+            what, op = self._ops[0]
+            try:
+                op()
+            except StorageError:
+                raise
+            except Exception as exc:
+                raise _storage_error(self.path, what, exc) from exc
+            self._ops.pop(0)
         seqs = self._staged_seqs
         if self._staged_steps or seqs:
             with self._sql():
@@ -327,6 +350,204 @@ class RunWriter:
             self._staged_steps = []
             self._staged_seqs = {}
         return seqs
+
+    # ---------------------------------------------------------- rich values
+
+    def _stage_items(self, msg: LogMessage) -> None:
+        """Do the CPU work of a message's rich values (PNG, binning, KDE) and
+        queue their writes.  A malformed item is logged and skipped: one bad
+        value must not block the run."""
+        env = msg.env
+        for item in msg.items:
+            name, kind, meta, refs = item
+            try:
+                ops = _ITEM_PREPARERS[kind](self, env, name, meta, _BlobView(msg.blobs, refs))
+            except Exception as exc:  # a hostile or buggy client's item, not a disk problem
+                self.event("rejected_item", f"{kind} {name!r} at step {env.step}: {exc!r}")
+                continue
+            self._ops.extend(ops)
+
+    def _media_ops(self, env: Any, name: str, meta: dict[str, Any], blobs: "_BlobView", table_cell: bool = False) -> tuple[dict[str, Any], list[tuple[str, Callable[[], None]]]]:
+        from ..daemon import compute
+
+        if meta.get("encoding") == "raw":
+            pixels = blobs.array(meta)
+            data = compute.encode_png(pixels)
+            ext, media_type = "png", "image"
+            height, width = int(pixels.shape[0]), int(pixels.shape[1])
+        else:
+            data = blobs.raw(meta["ref"])
+            ext = str(meta.get("ext") or "bin")
+            media_type = str(meta.get("media_type") or "image")
+            size = compute.image_size(data) if media_type == "image" else None
+            width, height = size if size else (None, None)
+        if not ext.isalnum() or len(ext) > 8:
+            raise ValueError(f"bad media extension {ext!r}")
+        digest = hashlib.sha256(data).hexdigest()
+        row = {
+            "name": name, "rank": env.rank, "step": env.step, "global_step": env.global_step, "wall": env.wall,
+            "media_type": media_type, "hash": digest, "ext": ext, "size": len(data), "width": width,
+            "height": height, "caption": str(meta.get("caption") or ""), "source": meta.get("source"),
+        }
+        return row, [(f"write media {name!r}", lambda: self._write_blob(digest, ext, data))]
+
+    def _write_blob(self, digest: str, ext: str, data: bytes) -> None:
+        path = os.path.join(self.path, fmt.MEDIA_DIR, f"{digest}.{ext}")
+        if os.path.exists(path):
+            return  # content-addressed: identical bytes are stored once
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _insert_media(self, row: dict[str, Any]) -> int:
+        cur = self._db.execute(
+            "INSERT INTO media(name, rank, step, global_step, wall, media_type, hash, ext, size, width, height, caption, source) "
+            "VALUES (:name, :rank, :step, :global_step, :wall, :media_type, :hash, :ext, :size, :width, :height, :caption, :source)",
+            row,
+        )
+        return int(cur.lastrowid)
+
+    def _sql_op(self, what: str, fn: Callable[[], None]) -> tuple[str, Callable[[], None]]:
+        def run() -> None:
+            with self._sql():
+                self._db.execute("BEGIN")
+                try:
+                    fn()
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            self.items_written += 1
+
+        return what, run
+
+    def _prepare_media(self, env: Any, name: str, meta: dict[str, Any], blobs: "_BlobView") -> list[tuple[str, Callable[[], None]]]:
+        row, ops = self._media_ops(env, name, meta, blobs)
+        return ops + [self._sql_op(f"record media {name!r}", lambda: self._insert_media(row) and None)]
+
+    def _prepare_table(self, env: Any, name: str, meta: dict[str, Any], blobs: "_BlobView") -> list[tuple[str, Callable[[], None]]]:
+        columns = [str(c) for c in meta["columns"]]
+        rows = meta["rows"]
+        media_meta = meta.get("media") or []
+        ops: list[tuple[str, Callable[[], None]]] = []
+        media_rows = []
+        for k, mm in enumerate(media_meta):
+            row, mops = self._media_ops(env, f"{name}#{k}", mm, blobs)
+            media_rows.append(row)
+            ops.extend(mops)
+        for r in rows:
+            if not isinstance(r, list) or len(r) != len(columns):
+                raise ValueError("table row does not match its columns")
+
+        def insert() -> None:
+            ids = [self._insert_media(row) for row in media_rows]
+            resolved = [
+                [{"$media": ids[c["$media"]]} if isinstance(c, dict) and "$media" in c else c for c in r] for r in rows
+            ]
+            self._db.execute(
+                "INSERT INTO tables(name, rank, step, global_step, wall, columns, rows) VALUES (?,?,?,?,?,?,?)",
+                (name, env.rank, env.step, env.global_step, env.wall, json.dumps(columns), json.dumps(resolved)),
+            )
+
+        return ops + [self._sql_op(f"record table {name!r}", insert)]
+
+    def _prepare_histogram(self, env: Any, name: str, meta: dict[str, Any], blobs: "_BlobView") -> list[tuple[str, Callable[[], None]]]:
+        from ..daemon import compute
+
+        precision = meta.get("precision", "exact")
+        if precision not in fmt.HISTOGRAM_FILES:
+            raise ValueError(f"unknown histogram precision {precision!r}")
+        if meta.get("binned"):
+            edges = blobs.array(meta["edges"]).astype(np.float64)
+            counts = np.rint(blobs.array(meta["counts"])).astype(np.int64)
+            nan, posinf, neginf = (int(meta.get(k, 0)) for k in ("nan", "posinf", "neginf"))
+            total = int(counts.sum())
+        else:
+            h = compute.bin_histogram(blobs.array(meta["values"]), int(meta.get("num_bins", 64)))
+            edges, counts = h["edges"], h["counts"]
+            nan, posinf, neginf, total = h["nan"], h["posinf"], h["neginf"], h["total"]
+        scale = 1.0
+        if precision == "compact":
+            packed, scale = compute.compact_counts(counts)
+        else:
+            if counts.size and counts.max() > np.iinfo(np.int32).max:
+                raise ValueError("histogram count over int32 range; use fewer values per histogram")
+            packed = counts.astype("<i4")
+        record = (
+            struct.pack(fmt.HISTOGRAM_HEADER, env.step, env.global_step, env.wall, len(counts), nan, posinf, neginf, total, scale)
+            + edges.astype("<f8").tobytes()
+            + packed.tobytes()
+        )
+        colname = fmt.column_name(env.rank, name)
+        return [(f"append histogram {name!r}", lambda: self._hist_column(precision, colname).append(record))]
+
+    def _hist_column(self, precision: str, colname: str) -> Any:
+        col = self._hist_columns.get((precision, colname))
+        if col is None:
+            vault = self._hist_vaults.get(precision)
+            if vault is None:
+                os.makedirs(os.path.join(self.path, fmt.HISTOGRAMS_DIR), exist_ok=True)
+                vault = self._hist_vaults[precision] = ColumnVault(
+                    os.path.join(self.path, fmt.HISTOGRAM_FILES[precision]), block_bytes=fmt.VAULT_BLOCK_BYTES
+                )
+            col = self._hist_columns[(precision, colname)] = vault.ensure(colname, "bytes")
+        return col
+
+    def _kvault(self) -> Any:
+        if self._kv is None:
+            from kohakuvault import KVault
+
+            os.makedirs(os.path.join(self.path, fmt.TENSORS_DIR), exist_ok=True)
+            self._kv = KVault(os.path.join(self.path, fmt.TENSORS_DB), cache_kb=fmt.KVAULT_CACHE_KB)
+        return self._kv
+
+    def _prepare_tensor(self, env: Any, name: str, meta: dict[str, Any], blobs: "_BlobView") -> list[tuple[str, Callable[[], None]]]:
+        arr_meta = meta["array"]
+        arr = blobs.array(arr_meta)  # validates dtype, shape and size
+        key = f"tensor/{env.client}/{env.seq}/{name}"
+        data = arr.tobytes()
+
+        def insert() -> None:
+            self._db.execute(
+                "INSERT INTO tensors(name, rank, step, global_step, wall, key, dtype, shape, namespace, metadata, source_dtype) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (name, env.rank, env.step, env.global_step, env.wall, key, arr.dtype.str, json.dumps(list(arr.shape)),
+                 meta.get("namespace"), json.dumps(meta.get("metadata") or {}), str(meta.get("source_dtype") or "")),
+            )
+
+        return [
+            (f"store tensor {name!r}", lambda: self._kvault().put(key, data)),
+            self._sql_op(f"record tensor {name!r}", insert),
+        ]
+
+    def _prepare_kde(self, env: Any, name: str, meta: dict[str, Any], blobs: "_BlobView") -> list[tuple[str, Callable[[], None]]]:
+        from ..daemon import compute
+
+        if meta.get("precomputed"):
+            grid = blobs.array(meta["grid"]).astype("<f8")
+            density = blobs.array(meta["density"]).astype("<f8")
+            if grid.shape != density.shape:
+                raise ValueError("KDE grid and density differ in length")
+            bandwidth, count = None, None
+        else:
+            bw = meta.get("bandwidth")
+            k = compute.kde(blobs.array(meta["values"]), int(meta.get("grid_size", 256)), float(bw) if bw else None)
+            grid, density = k["grid"].astype("<f8"), k["density"].astype("<f8")
+            bandwidth, count = float(k["bandwidth"]), int(k["count"])
+        key = f"kde/{env.client}/{env.seq}/{name}"
+        data = grid.tobytes() + density.tobytes()
+
+        def insert() -> None:
+            self._db.execute(
+                "INSERT INTO kde(name, rank, step, global_step, wall, key, grid_size, bandwidth, count) VALUES (?,?,?,?,?,?,?,?,?)",
+                (name, env.rank, env.step, env.global_step, env.wall, key, len(grid), bandwidth, count),
+            )
+
+        return [(f"store KDE {name!r}", lambda: self._kvault().put(key, data)), self._sql_op(f"record KDE {name!r}", insert)]
 
     # -------------------------------------------------------------- output
 
@@ -366,9 +587,55 @@ class RunWriter:
                 except Exception:
                     pass
         self._columns.clear()
+        for obj in [*self.__dict__.get("_hist_vaults", {}).values(), self.__dict__.get("_kv")]:
+            if obj is not None:
+                try:
+                    obj.close()
+                except Exception:
+                    pass
+        self.__dict__.get("_hist_vaults", {}).clear()
+        self.__dict__.get("_hist_columns", {}).clear()
+        self._kv = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+class _BlobView:
+    """The blobs one item may use, with checked conversion to arrays."""
+
+    def __init__(self, blobs: list[Any], refs: list[int]) -> None:
+        self._blobs = blobs
+        self._refs = set(refs)
+
+    def raw(self, ref: Any) -> bytes:
+        if type(ref) is not int or ref not in self._refs:
+            raise ValueError(f"blob reference {ref!r} is not one of the item's")
+        return bytes(self._blobs[ref])
+
+    def array(self, meta: dict[str, Any]) -> np.ndarray:
+        dtype = np.dtype(str(meta["dtype"]))
+        if dtype.kind not in "biufc" or dtype.hasobject:
+            raise ValueError(f"unsupported array dtype {dtype}")
+        shape = [int(x) for x in meta["shape"]]
+        if any(x < 0 for x in shape):
+            raise ValueError("negative array dimension")
+        n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        raw = self._blobs[meta["ref"]] if meta["ref"] in self._refs else None
+        if raw is None:
+            raise ValueError("array blob reference is not one of the item's")
+        if len(raw) != n * dtype.itemsize:
+            raise ValueError(f"array blob has {len(raw)} bytes, expected {n * dtype.itemsize}")
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+_ITEM_PREPARERS: dict[str, Callable[..., list[tuple[str, Callable[[], None]]]]] = {
+    "media": RunWriter._prepare_media,
+    "table": RunWriter._prepare_table,
+    "histogram": RunWriter._prepare_histogram,
+    "tensor": RunWriter._prepare_tensor,
+    "kde": RunWriter._prepare_kde,
+}
 
 
 class _SqlGuard:
