@@ -2,32 +2,41 @@
 
 from __future__ import annotations
 
-import atexit
 import os
-import secrets
-import socket
-import string
 import sys
 import threading
 import time
-import warnings
-import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..protocol import messages as m
 from ..protocol.errors import BoardClosedError, KoboError, TransportError
-from ..protocol.peer import process_start_ticks
-from ._config import ClientConfig
 from ._rich import RICH_KINDS
 from ._values import check_name, to_config, to_scalar
 
-_ALPHABET = string.ascii_lowercase + string.digits
+if TYPE_CHECKING:
+    from ..protocol import messages as m
+
+# Imported by the first Board, not by `import kohakuboard.client`: measured,
+# dataclasses, secrets and socket alone cost ~15 ms of the 30 ms import budget.
+_loaded = False
+
+
+def _load() -> None:
+    global _loaded, m
+    if not _loaded:
+        from ..protocol import messages
+
+        m = messages  # noqa: F811
+        _loaded = True
 
 
 def new_run_id(now: float | None = None) -> str:
     """``YYYYmmdd_HHMMSS_xxxxxx``: UTC time and 6 random ``[a-z0-9]``."""
+    import secrets
+    import string
+
+    alphabet = string.ascii_lowercase + string.digits
     stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime(time.time() if now is None else now))
-    return stamp + "_" + "".join(secrets.choice(_ALPHABET) for _ in range(6))
+    return stamp + "_" + "".join(secrets.choice(alphabet) for _ in range(6))
 
 
 def _check_path_part(what: str, value: str) -> str:
@@ -87,6 +96,12 @@ class Board:
         timeout: float | None = None,
     ) -> None:
         self._closed = True  # until fully open: finish() and __del__ are no-ops
+        _load()
+        import socket
+
+        from ..protocol.peer import process_start_ticks
+        from ._config import ClientConfig
+
         if run_id is not None and board_id is not None and run_id != board_id:
             raise ValueError(f"run_id={run_id!r} and board_id={board_id!r} disagree; pass one of them")
         if name is not None and not isinstance(name, str):
@@ -104,7 +119,7 @@ class Board:
         self.capture_output = capture_output
         self._cfg = cfg
         self._timeout = timeout
-        self._client = secrets.token_hex(8)
+        self._client = os.urandom(8).hex()
         self._lock = threading.Lock()
         self._seq = 0
         self._step = -1
@@ -280,6 +295,8 @@ class Board:
                 m.FinishRun, self._env(), max(0.1, deadline - time.monotonic()), last, status
             )
         except TransportError as exc:
+            import warnings
+
             unsent = last - self._sender.sent_seq
             warnings.warn(
                 f"kohakuboard: run {self.path} could not be finished ({exc}); "
@@ -325,16 +342,19 @@ class Board:
 
 # ------------------------------------------------------------ process hooks
 
-_boards: "weakref.WeakSet[Board]" = weakref.WeakSet()
+_boards: Any = None  # weakref.WeakSet of live boards, created by the first one
 _hooks_installed = False
 _uncaught = False
 
 
 def _register(board: Board) -> None:
-    global _hooks_installed
-    _boards.add(board)
+    global _hooks_installed, _boards
     if not _hooks_installed:
+        import atexit
+        import weakref
+
         _hooks_installed = True
+        _boards = weakref.WeakSet()
         atexit.register(_finish_all)
         previous = sys.excepthook
 
@@ -344,10 +364,12 @@ def _register(board: Board) -> None:
             previous(et, exc, tb)
 
         sys.excepthook = excepthook
+    _boards.add(board)
 
 
 def _unregister(board: Board) -> None:
-    _boards.discard(board)
+    if _boards is not None:
+        _boards.discard(board)
 
 
 def _finish_all() -> None:
