@@ -155,30 +155,58 @@ def _pil_to_array(im: Any) -> Any:
     w, h = im.size
     _check_pixels(h, w)
     mode = im.mode
-    if mode in ("L", "RGB", "RGBA"):
-        arr = np.asarray(im)
-    elif mode == "1":
-        arr = np.asarray(im.convert("L"))
-    elif mode.startswith("I;16"):
-        raw = np.asarray(im).astype(np.float32)
-        arr = np.rint(raw / 257.0).astype(np.uint8)
-    elif mode in ("I", "F") or mode.startswith("I;") or mode.startswith("F;"):
-        raw = np.asarray(im.convert("F") if mode not in ("I", "F") else im)
-        if raw.dtype.kind == "f":
-            raw = np.nan_to_num(raw.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
-            arr = np.rint(np.clip(raw, 0, 255)).astype(np.uint8)
+    try:
+        if mode in ("L", "RGB", "RGBA"):
+            arr = np.asarray(im)
+        elif mode == "1":
+            arr = np.asarray(im.convert("L"))
+        elif mode.startswith("I;16"):
+            raw = np.asarray(im).astype(np.float32)
+            arr = np.rint(raw / 257.0).astype(np.uint8)
+        elif mode in ("I", "F") or mode.startswith(("I;", "F;")):
+            raw = np.asarray(im if mode in ("I", "F") else im.convert("F"))
+            if raw.dtype.kind == "f":
+                raw = np.nan_to_num(raw.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+                arr = np.rint(np.clip(raw, 0, 255)).astype(np.uint8)
+            else:
+                arr = np.clip(raw, 0, 255).astype(np.uint8)
+        elif mode in ("LA", "La", "PA", "RGBa") or (mode == "P" and "transparency" in im.info):
+            arr = np.asarray((im.convert("LA") if mode == "La" else im).convert("RGBA"))
         else:
-            arr = np.clip(raw, 0, 255).astype(np.uint8)
-    elif mode in ("LA", "La", "PA", "RGBa") or (mode == "P" and "transparency" in im.info):
-        arr = np.asarray(im.convert("RGBA"))
-    else:
-        try:
             arr = np.asarray(im.convert("RGB"))
-        except (ValueError, OSError) as exc:
-            raise ValueError(f"cannot convert a PIL image of mode {mode!r} to RGB: {exc}") from None
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"cannot convert a PIL image of mode {mode!r} to L, RGB or RGBA: {exc}") from None
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return np.array(arr, dtype=np.uint8, copy=True, order="C")
+
+
+def _image_layout(shape: tuple[int, ...]) -> str:
+    """"hw", "hwc" or "chw" for an image shape; ValueError for anything else or too many pixels."""
+    ndim = len(shape)
+    if ndim < 2:
+        raise ValueError(f"a {ndim}-D array of shape {shape} is not an image (need HW, HWC or CHW)")
+    if ndim >= 4:
+        if ndim == 4:
+            hint = "a 4-D array (N, C, H, W) is a batch of images; log one image per Media, or a Table of Media"
+        else:
+            hint = f"a {ndim}-D array is not one image; log one image per Media, or a Table of Media"
+        if shape[0] == 1:
+            hint += " (for a batch of one, pass arr[0])"
+        raise ValueError(f"{hint}; got shape {shape}")
+    if ndim == 2:
+        layout, (h, w) = "hw", shape
+    elif shape[-1] in _CHANNELS:
+        layout, (h, w) = "hwc", shape[:2]
+    elif shape[0] in _CHANNELS:
+        layout, (h, w) = "chw", shape[1:]
+    else:
+        raise ValueError(
+            f"image of shape {shape} has no channel dimension of size 1, 3 or 4 "
+            "(expected HW, HWC or CHW with 1 = gray, 3 = RGB, 4 = RGBA)"
+        )
+    _check_pixels(int(h), int(w))
+    return layout
 
 
 def _is_pil_image(obj: Any) -> bool:
@@ -217,35 +245,19 @@ def image_to_hwc_uint8(obj: Any) -> Any:
             f"cannot make an image from a {type(obj).__module__}.{type(obj).__qualname__} "
             "(use a numpy array, torch tensor, PIL image, file path or encoded bytes)"
         )
+    shape = getattr(obj, "shape", None)
+    if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape):
+        _image_layout(shape)  # refuse a batch or a huge image before copying it off a GPU
     src, fresh = _as_array(obj)
     if src.dtype.kind == "O":
         raise TypeError("cannot make an image from an array of Python objects")
-    shape = tuple(src.shape)
-    if src.ndim < 2:
-        raise ValueError(
-            f"a {src.ndim}-D array of shape {shape} is not an image (need HW, HWC or CHW)"
-        )
-    if src.ndim >= 4:
-        if src.ndim == 4:
-            hint = "a 4-D array (N, C, H, W) is a batch of images; log one image per Media, or a Table of Media"
-        else:
-            hint = f"a {src.ndim}-D array is not one image; log one image per Media, or a Table of Media"
-        if shape[0] == 1:
-            hint += " (for a batch of one, pass arr[0])"
-        raise ValueError(f"{hint}; got shape {shape}")
-    if src.ndim == 2:
+    layout = _image_layout(tuple(src.shape))
+    if layout == "hw":
         arr = src[:, :, None]
-    elif shape[-1] in _CHANNELS:
-        arr = src
-    elif shape[0] in _CHANNELS:
+    elif layout == "chw":
         arr = src.transpose(1, 2, 0)
     else:
-        raise ValueError(
-            f"image of shape {shape} has no channel dimension of size 1, 3 or 4 "
-            "(expected HW, HWC or CHW with 1 = gray, 3 = RGB, 4 = RGBA)"
-        )
-    _check_pixels(int(arr.shape[0]), int(arr.shape[1]))
-
+        arr = src
     kind = arr.dtype.kind
     if arr.dtype == np.uint8:
         out = np.ascontiguousarray(arr)
@@ -397,10 +409,10 @@ def sniff_media(data: bytes, hint_ext: str | None = None) -> tuple[str, str]:
             return "image", "webp"
         if fourcc == b"WAVE":
             return "audio", "wav"
-    if head[:4] in (b"RF64", b"BW64") and head[8:12] == b"WAVE":
-        return "audio", "wav"
         if fourcc == b"AVI ":
             return "video", "avi"
+    if head[:4] in (b"RF64", b"BW64") and head[8:12] == b"WAVE":
+        return "audio", "wav"
     if _is_bmp(head):
         return "image", "bmp"
     if head[4:8] == b"ftyp" and len(head) >= 12:

@@ -30,7 +30,7 @@ class DaemonConfig:
     graceful_timeout: float = 30.0
     idle_close: float = 30.0
     reap_interval: float = 0.5
-    max_backlog_bytes: int = 64 << 20
+    max_backlog_bytes: int = 32 << 20
     log_level: str = "INFO"
 
     @classmethod

@@ -1,0 +1,138 @@
+"""3. ``flush()`` round trip on an idle daemon, 4. ``finish()`` of an idle board.
+
+flush: one Board, a few logs and a flush so the run is open and written, then
+``N_FLUSH`` timed ``flush()`` calls with nothing pending; median (and p99) per
+repeat.  Baseline: a raw pyzmq DEALER -> ROUTER echo over IPC with a server in
+another process (the daemon is another process too), same message count.
+
+finish: ``N_BOARDS`` boards per repeat, each opened (capture_output=True),
+one ``log()`` and a ``flush()`` so nothing is pending, then ``finish()`` timed.
+``Board()`` open time on the running daemon is reported too (no target).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import _common as c
+
+
+def echo_server(addr: str, ready) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(addr)
+    ready.set()
+    while True:
+        frames = sock.recv_multipart()
+        if frames[1] == b"stop":
+            sock.send_multipart(frames)
+            break
+        sock.send_multipart(frames)
+    sock.close()
+    ctx.term()
+
+
+def zmq_pingpong(dirpath: str, n: int, repeats: int) -> list[float]:
+    """Median round trip (ms) of a DEALER->ROUTER echo over IPC, per repeat."""
+    import zmq
+
+    ctx_mp = mp.get_context("spawn")
+    addr = f"ipc://{dirpath}/echo"
+    ready = ctx_mp.Event()
+    server = ctx_mp.Process(target=echo_server, args=(addr, ready))
+    server.start()
+    ready.wait(30)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(addr)
+    payload = b"\x00" * 120  # about the size of an encoded FlushRequest
+    for _ in range(50):  # warm-up (connection set-up)
+        sock.send_multipart([payload])
+        sock.recv_multipart()
+    meds = []
+    for _ in range(repeats):
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            sock.send_multipart([payload])
+            sock.recv_multipart()
+            ts.append(time.perf_counter() - t0)
+        meds.append(c.median(ts) * 1000)
+    sock.send_multipart([b"stop"])
+    sock.recv_multipart()
+    sock.close()
+    ctx.term()
+    server.join(10)
+    return meds
+
+
+def main() -> None:
+    args = c.parse_args(__doc__.splitlines()[0])
+    n_flush = 200
+    n_boards = 10 if args.quick else 20
+    from kohakuboard.client import Board
+
+    flush_meds, flush_p99, finish_meds, open_meds = [], [], [], []
+    with c.IsolatedDaemon(keep=args.keep) as env:
+        t0 = time.perf_counter()
+        first = Board("first", {}, project="ff", run_id="autostart", base_dir=env.base_dir, capture_output=True)
+        autostart_s = time.perf_counter() - t0  # includes starting the daemon
+        first.finish()
+        for r in range(args.repeats):
+            board = Board("flush", {}, project="ff", run_id=f"flush{r}", base_dir=env.base_dir, capture_output=True)
+            for i in range(10):
+                board.log(x=float(i))
+            board.flush()
+            for _ in range(20):
+                board.flush()  # warm-up
+            ts = []
+            for _ in range(n_flush):
+                t0 = time.perf_counter()
+                board.flush()
+                ts.append(time.perf_counter() - t0)
+            board.finish()
+            ts.sort()
+            flush_meds.append(c.median(ts) * 1000)
+            flush_p99.append(c.percentile(ts, 99) * 1000)
+
+            fin, opn = [], []
+            for b in range(n_boards):
+                t0 = time.perf_counter()
+                board = Board("finish", {"b": b}, project="ff", run_id=f"fin{r}-{b}", base_dir=env.base_dir,
+                              capture_output=True)
+                opn.append(time.perf_counter() - t0)
+                board.log(x=1.0)
+                board.flush()
+                t0 = time.perf_counter()
+                board.finish()
+                fin.append(time.perf_counter() - t0)
+            finish_meds.append(c.median(fin) * 1000)
+            open_meds.append(c.median(opn) * 1000)
+            c.log(f"flush/finish repeat {r + 1}/{args.repeats}: flush median {flush_meds[-1]:.3f} ms "
+                  f"(p99 {flush_p99[-1]:.3f}), finish median {finish_meds[-1]:.2f} ms, open {open_meds[-1]:.1f} ms")
+        zmq_meds = zmq_pingpong(env.dir, n_flush, args.repeats)
+    zmq_med = c.median(zmq_meds)
+    records = [
+        c.metric("flush_idle_ms", "flush() round trip, idle daemon (median)", unit="ms", target=2.0, op="<=",
+                 values=flush_meds, baseline=f"raw pyzmq DEALER/ROUTER ping-pong over IPC {zmq_med:.3f} ms",
+                 baseline_values={"zmq_pingpong_ms": zmq_med, "zmq_per_repeat": zmq_meds},
+                 extra={"flushes_per_repeat": n_flush, "p99_ms_per_repeat": flush_p99}),
+        c.metric("finish_idle_ms", "finish() of an idle board (median)", unit="ms", target=50.0, op="<=",
+                 values=finish_meds, baseline=f"idle flush() {c.median(flush_meds):.3f} ms",
+                 baseline_values={"flush_idle_ms": c.median(flush_meds)},
+                 extra={"boards_per_repeat": n_boards, "board_open_ms_per_repeat": open_meds,
+                        "first_board_with_daemon_autostart_s": autostart_s}),
+        c.metric("board_open_ms", "Board() open on a running daemon (median, no target)", unit="ms", target=None,
+                 op="<=", values=open_meds, baseline=f"first Board incl. daemon autostart {autostart_s * 1000:.0f} ms",
+                 baseline_values={"autostart_ms": autostart_s * 1000}),
+    ]
+    c.emit(args, records)
+
+
+if __name__ == "__main__":
+    main()
