@@ -27,9 +27,12 @@ def _fail(exc: BaseException) -> click.ClickException:
 
 
 def _when(ts: Any) -> str:
-    if not isinstance(ts, (int, float)):
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return "-"
 
 
 def _open(run: str, base_dir: str) -> Any:
@@ -44,11 +47,20 @@ def main() -> None:
 
 
 @main.command("list")
-@click.argument("directory", default="./kohakuboard", required=False)
+@click.argument("directory", default="./kohakuboard", required=False, envvar="KOBO_BASE_DIR")
 def list_cmd(directory: str) -> None:
-    """List every run under DIRECTORY (default ./kohakuboard), oldest first."""
+    """List every run under DIRECTORY (default $KOBO_BASE_DIR or ./kohakuboard), oldest first.
+
+    One line per {project}/{run_id} folder: name, status, creation time and how
+    many metrics it has (any rank; "?" if its data cannot be read).  Folders
+    without a readable metadata.json are skipped.
+    """
+    import os
+
     from ..storage.reader import RunReader, list_runs
 
+    if not os.path.isdir(directory):
+        raise click.ClickException(f"{directory} is not a directory (no KohakuBoard runs there)")
     runs = list_runs(directory)
     if not runs:
         click.echo(f"no runs under {directory}")
@@ -57,10 +69,10 @@ def list_cmd(directory: str) -> None:
     for info in runs:
         try:
             with RunReader(info.path) as r:
-                n_metrics = len(r.list_metrics(rank=None))
-        except KoboError:
-            n_metrics = -1
-        rows.append((f"{info.project}/{info.run_id}", info.name, info.status, _when(info.created_at), str(n_metrics)))
+                n_metrics = str(len(r.list_metrics(rank=None)))
+        except (KoboError, OSError):
+            n_metrics = "?"
+        rows.append((f"{info.project}/{info.run_id}", info.name, info.status, _when(info.created_at), n_metrics))
     header = ("RUN", "NAME", "STATUS", "CREATED", "METRICS")
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     for row in (header, *rows):
@@ -70,9 +82,14 @@ def list_cmd(directory: str) -> None:
 @main.command()
 @click.argument("run")
 @_DIR_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the summary as JSON (NaN as null, infinities as \"inf\"/\"-inf\").")
 def show(run: str, base_dir: str, as_json: bool) -> None:
-    """Show RUN (a path, project/run_id or run id): metadata, config and every metric."""
+    """Show RUN (a path, project/run_id or run id): metadata, config and every metric.
+
+    Each metric is listed with its point count, step range and last value (of
+    its lowest rank), plus the ranks that logged it when there are several.
+    """
     try:
         with _open(run, base_dir) as r:
             summary = r.summary()
@@ -85,7 +102,7 @@ def show(run: str, base_dir: str, as_json: bool) -> None:
     except (KoboError, OSError, KeyError) as exc:
         raise _fail(exc) from exc
     if as_json:
-        click.echo(json.dumps(summary, indent=2, default=str))
+        click.echo(json.dumps(_json_safe(summary), indent=2, default=str, allow_nan=False))
         return
     click.echo(f"run:      {summary['project']}/{summary['run_id']}")
     click.echo(f"name:     {summary['name']}")
@@ -124,31 +141,63 @@ def _json_number(x: float) -> Any:
     return x
 
 
-def _rows(reader: Any, metrics: tuple[str, ...], rank: str) -> Iterator[tuple[str, int, Any]]:
-    names = list(metrics) or reader.list_metrics(rank=None if rank == "all" else int(rank))
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float made valid JSON (see :func:`_json_number`)."""
+    if isinstance(obj, float):
+        return _json_number(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _selection(reader: Any, metrics: tuple[str, ...], rank: str) -> list[tuple[str, int]]:
+    """The (metric, rank) pairs to export; raises KeyError for a metric that is not there.
+
+    Resolved before anything is written, so a typo never leaves half a file.
+    """
+    names = list(dict.fromkeys(metrics)) or reader.list_metrics(rank=None if rank == "all" else int(rank))
+    out = []
     for name in names:
-        ranks = reader.ranks(name) if rank == "all" else [int(rank)]
-        if not ranks:
-            raise KeyError(f"no metric {name!r} in run {reader.run_id}")
-        for r in ranks:
-            yield name, r, reader.series(name, r)
+        if rank == "all":
+            ranks = reader.ranks(name)
+            if not ranks:
+                reader.series_by_rank(name)  # raises KeyError naming the metric and close names
+        else:
+            ranks = [int(rank)]
+            if int(rank) not in reader.ranks(name):
+                reader.series(name, int(rank))  # raises KeyError naming the metric, ranks, close names
+        out += [(name, r) for r in ranks]
+    return out
+
+
+def _rows(reader: Any, selection: list[tuple[str, int]]) -> Iterator[tuple[str, int, Any]]:
+    for name, r in selection:
+        yield name, r, reader.series(name, r)
 
 
 @main.command()
 @click.argument("run")
 @_DIR_OPTION
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True,
-              help="csv: metric,rank,step,global_step,wall,value (nan/inf as nan, inf, -inf). "
-                   "jsonl: one object per point; NaN is null, infinities are the strings \"inf\"/\"-inf\".")
-@click.option("--metric", "metrics", multiple=True, help="Only this metric (repeatable). Default: all.")
-@click.option("--rank", default="0", show_default=True, help="Rank to export, or 'all'.")
+              help="csv: header metric,rank,step,global_step,wall,value; NaN and infinities are written "
+                   "nan, inf, -inf. jsonl: one JSON object per point with the same keys; NaN is null and "
+                   "infinities are the strings \"inf\" and \"-inf\" (so every line is valid JSON).")
+@click.option("--metric", "metrics", multiple=True,
+              help="Only this metric (repeatable). Default: every metric of the chosen rank(s).")
+@click.option("--rank", default="0", show_default=True, help="Rank to export (an integer), or 'all'.")
 @click.option("-o", "--output", type=click.File("w", encoding="utf-8"), default="-", help="File to write (default stdout).")
 @click.option("--media-dir", type=click.Path(file_okay=False), default=None,
               help="Also write every logged media item (and table cell) to this directory, "
                    "as {name}_{step:08d}_{hash8}.{ext}.")
 def export(run: str, base_dir: str, fmt: str, metrics: tuple[str, ...], rank: str, output: TextIO,
            media_dir: str | None) -> None:
-    """Export the scalar series of RUN as CSV or JSON lines (and media files with --media-dir)."""
+    """Export the scalar series of RUN as CSV or JSON lines (and media files with --media-dir).
+
+    RUN is a run folder path, project/run_id or a run id.  Every point is
+    written, in logging order, metric by metric and rank by rank.
+    """
     if rank != "all" and not rank.lstrip("-").isdigit():
         raise click.BadParameter("must be an integer or 'all'", param_hint="--rank")
     try:
@@ -156,19 +205,23 @@ def export(run: str, base_dir: str, fmt: str, metrics: tuple[str, ...], rank: st
             if media_dir is not None:
                 n = _export_media(r, media_dir)
                 click.echo(f"wrote {n} media file(s) to {media_dir}", err=True)
+            selection = _selection(r, metrics, rank)
             if fmt == "csv":
                 output.write("metric,rank,step,global_step,wall,value\n")
-            for name, rk, s in _rows(r, metrics, rank):
+            for name, rk, s in _rows(r, selection):
                 steps, gsteps, walls, values = (s[f].tolist() for f in ("step", "global_step", "wall", "value"))
                 if fmt == "csv":
                     quoted = _csv_field(name)
                     output.writelines(
-                        f"{quoted},{rk},{st},{gs},{w!r},{_csv_value(v)}\n" for st, gs, w, v in zip(steps, gsteps, walls, values)
+                        f"{quoted},{rk},{st},{gs},{_csv_value(w)},{_csv_value(v)}\n"
+                        for st, gs, w, v in zip(steps, gsteps, walls, values)
                     )
                 else:
                     for st, gs, w, v in zip(steps, gsteps, walls, values):
                         output.write(json.dumps({"metric": name, "rank": rk, "step": st, "global_step": gs,
-                                                 "wall": w, "value": _json_number(v)}) + "\n")
+                                                 "wall": _json_number(w), "value": _json_number(v)}) + "\n")
+    except BrokenPipeError:
+        raise  # `kobo export ... | head`: click exits quietly on EPIPE
     except (KoboError, OSError, KeyError) as exc:
         raise _fail(exc) from exc
 

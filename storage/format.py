@@ -32,6 +32,11 @@ file 9 descriptors and ~45 MB.  Appends are per column anyway, so nothing is
 lost by sharing the file.  64 KiB blocks instead of the 1 MiB default keep a
 fresh run at ~300 KB instead of ~4 MB.
 
+Steps.  The ``steps`` table maps every ``log()`` call's step to its global
+step, as ranges: a row covers steps ``first_step..last_step`` whose global step
+goes from ``first_global_step`` to ``last_global_step`` by a constant 0 or 1 per
+step (so ``board.step(); board.log(...)`` loops are one row).
+
 Rich values.  Every logged media item, table, tensor and KDE is one row in its
 SQLite table (``media``, ``tables``, ``tensors``, ``kde``) with rank, step,
 global step and wall time; large payloads live outside SQLite (media files,
@@ -93,11 +98,14 @@ SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS steps (
     rank INTEGER NOT NULL,
-    step INTEGER NOT NULL,
-    global_step INTEGER NOT NULL,
-    wall REAL NOT NULL,
-    PRIMARY KEY (rank, step)
-) WITHOUT ROWID;
+    first_step INTEGER NOT NULL,
+    last_step INTEGER NOT NULL,
+    first_global_step INTEGER NOT NULL,
+    last_global_step INTEGER NOT NULL,
+    first_wall REAL NOT NULL,
+    last_wall REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS steps_by_rank ON steps(rank, first_step);
 CREATE TABLE IF NOT EXISTS clients (
     client TEXT PRIMARY KEY,
     rank INTEGER NOT NULL,

@@ -9,8 +9,10 @@ read-only folder.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import sqlite3
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,12 +54,7 @@ class RunReader:
             self.metadata: dict[str, Any] = fmt.read_json(meta_path)
         except (OSError, ValueError) as exc:
             raise StorageError(f"cannot read {meta_path}: {exc}") from exc
-        version = self.metadata.get("format_version", 1)
-        if not isinstance(version, int) or version > fmt.FORMAT_VERSION:
-            raise FormatVersionError(
-                f"run {self.path} has format version {version}; this KohakuBoard reads up to "
-                f"version {fmt.FORMAT_VERSION}. Upgrade kohakuboard to read it."
-            )
+        _check_version(self.metadata.get("format_version", 1), self.path)
         self._vault: Any = None
         self._columns: dict[str, tuple[str, int]] | None = None
         self._db: sqlite3.Connection | None = None
@@ -114,8 +111,47 @@ class RunReader:
             path = os.path.join(self.path, fmt.METADATA_DB)
             if not os.path.exists(path):
                 return None
-            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+            # Quote the path: '?', '#' or '%' in a folder name would otherwise end the URI.
+            uri = f"file:{urllib.parse.quote(path)}?mode=ro"
+            try:
+                db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot open {path} read-only: {exc}") from exc
+            try:
+                row = db.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
+            except sqlite3.OperationalError as exc:
+                if "no such table" not in str(exc):  # else: the daemon is creating it right now
+                    db.close()
+                    raise StorageError(f"cannot read {path}: {exc}") from exc
+                row = None
+            except sqlite3.DatabaseError as exc:
+                db.close()
+                raise StorageError(f"cannot read {path}: {exc}") from exc
+            if row is not None:  # the meta table carries the version too: refuse a newer one
+                try:
+                    version: Any = int(row[0])
+                except (TypeError, ValueError):
+                    version = row[0]
+                try:
+                    _check_version(version, self.path)
+                except FormatVersionError:
+                    db.close()
+                    raise
+            self._db = db
         return self._db
+
+    def _select(self, sql: str, args: tuple[Any, ...] | list[Any] = ()) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Run a query on metadata.db; no database or table yet (a run just starting) is no rows."""
+        db = self._sql()
+        if db is None:
+            return [], []
+        try:
+            cur = db.execute(sql, args)
+            return [d[0] for d in cur.description], cur.fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return [], []
+            raise StorageError(f"cannot read {os.path.join(self.path, fmt.METADATA_DB)}: {exc}") from exc
 
     # --------------------------------------------------------------- scalars
 
@@ -145,45 +181,48 @@ class RunReader:
         ``wall`` (seconds since the epoch) and ``value``.  Raises ``KeyError``
         naming the metric (and close names) if it was never logged.
         """
-        vault = self._open_vault()
         col = fmt.column_name(rank, name)
-        if vault is None or col not in self._column_table(refresh=col not in (self._columns or {})):
-            known = self.list_metrics(rank)
-            close = difflib.get_close_matches(name, known, n=3)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise KeyError(f"no metric {name!r} from rank {rank} in run {self.run_id}{hint}")
-        raw = vault.ensure(col, fmt.SCALAR_COLUMN_DTYPE).read_array()
-        return np.asarray(raw).view(_REC).reshape(-1)
+        entry = (self._columns or {}).get(col) or self._column_table(refresh=True).get(col)
+        if entry is None or entry[0] != fmt.SCALAR_COLUMN_DTYPE:
+            raise KeyError(self._missing(name, rank))
+        # One read_array call (a single numpy buffer), then a zero-copy reinterpretation.
+        raw = self._vault[col].read_array()
+        return raw.view(_REC).reshape(-1)
+
+    def _missing(self, name: str, rank: int | None) -> str:
+        where = "" if rank is None else f" from rank {rank}"
+        msg = f"no metric {name!r}{where} in run {self.project}/{self.run_id}"
+        other_ranks = self.ranks(name)
+        if rank is not None and other_ranks:
+            return f"{msg}; it was logged by rank(s) {', '.join(map(str, other_ranks))}"
+        close = difflib.get_close_matches(name, self.list_metrics(rank=None), n=3, cutoff=0.5)
+        if close:
+            return f"{msg}; did you mean {', '.join(map(repr, close))}?"
+        return msg
 
     def series_by_rank(self, name: str) -> dict[int, np.ndarray]:
         """``{rank: series}`` for every rank that logged ``name``."""
         ranks = self.ranks(name)
         if not ranks:
-            raise KeyError(f"no metric {name!r} in run {self.run_id}")
+            raise KeyError(self._missing(name, None))
         return {r: self.series(name, r) for r in ranks}
 
     def num_points(self, name: str, rank: int = 0) -> int:
+        """How many points ``rank`` has logged for ``name`` so far (0 if none), without reading them."""
         entry = self._column_table(refresh=True).get(fmt.column_name(rank, name))
-        return entry[1] if entry else 0
+        return entry[1] if entry and entry[0] == fmt.SCALAR_COLUMN_DTYPE else 0
 
     # ----------------------------------------------------------- rich values
 
     def _rows(self, table: str, name: str | None, rank: int | None, start: int | None, end: int | None) -> list[dict[str, Any]]:
-        db = self._sql()
-        if db is None:
-            return []
-        has = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone()
-        if not has:
-            return []
         where, args = [], []
         for cond, value in (("name = ?", name), ("rank = ?", rank), ("step >= ?", start), ("step <= ?", end)):
             if value is not None:
                 where.append(cond)
                 args.append(value)
         sql = f"SELECT * FROM {table}" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY step, id"
-        cur = db.execute(sql, args)
-        cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, row)) for row in cur.fetchall()]
+        cols, rows = self._select(sql, args)
+        return [dict(zip(cols, row)) for row in rows]
 
     def list_items(self) -> dict[str, list[str]]:
         """Names of every non-scalar series, by kind: media, table, histogram, tensor, kde."""
@@ -220,15 +259,13 @@ class RunReader:
             return f.read()
 
     def _media_by_id(self, ids: list[int]) -> dict[int, dict[str, Any]]:
-        db = self._sql()
-        if db is None or not ids:
+        if not ids:
             return {}
         out = {}
         for chunk in range(0, len(ids), 500):
             part = ids[chunk : chunk + 500]
-            cur = db.execute(f"SELECT * FROM media WHERE id IN ({','.join('?' * len(part))})", part)
-            cols = [d[0] for d in cur.description]
-            for row in cur.fetchall():
+            cols, rows = self._select(f"SELECT * FROM media WHERE id IN ({','.join('?' * len(part))})", part)
+            for row in rows:
                 r = dict(zip(cols, row))
                 r["path"] = os.path.join(self.path, fmt.MEDIA_DIR, f"{r['hash']}.{r['ext']}")
                 out[r["id"]] = r
@@ -328,52 +365,71 @@ class RunReader:
     # ---------------------------------------------------------------- tables
 
     def steps(self, rank: int = 0) -> np.ndarray:
-        """One row per ``log()`` call: step, global_step, wall."""
-        db = self._sql()
-        dtype = np.dtype([("step", "<i8"), ("global_step", "<i8"), ("wall", "<f8")])
-        if db is None:
+        """Every step ``rank`` logged at, with its global step: fields step, global_step.
+
+        Expanded from the range rows of the ``steps`` table (see the format);
+        a step logged twice (``auto_step=False``) appears once.
+        """
+        dtype = np.dtype([("step", "<i8"), ("global_step", "<i8")])
+        _, rows = self._select(
+            "SELECT first_step, last_step, first_global_step, last_global_step FROM steps "
+            "WHERE rank=? ORDER BY first_step, rowid",
+            (rank,),
+        )
+        parts = []
+        for s0, s1, g0, g1 in rows:
+            n = s1 - s0 + 1
+            out = np.empty(n, dtype=dtype)
+            out["step"] = np.arange(s0, s1 + 1)
+            out["global_step"] = g0 + (np.arange(n) if g1 != g0 else 0)
+            parts.append(out)
+        if not parts:
             return np.empty(0, dtype=dtype)
-        rows = db.execute(
-            "SELECT step, global_step, wall FROM steps WHERE rank=? ORDER BY step", (rank,)
-        ).fetchall()
-        return np.array(rows, dtype=dtype) if rows else np.empty(0, dtype=dtype)
+        allsteps = np.concatenate(parts)
+        _, first = np.unique(allsteps["step"], return_index=True)
+        return allsteps[first]
 
     def events(self) -> list[dict[str, Any]]:
-        """Run events (opened, resumed, client finished or crashed, errors)."""
-        db = self._sql()
-        if db is None:
-            return []
-        return [
-            {"wall": w, "kind": k, "detail": d}
-            for w, k, d in db.execute("SELECT wall, kind, detail FROM events ORDER BY id")
-        ]
+        """Run events (opened, resumed, client finished or crashed, errors), oldest first.
+
+        Each is ``{"id", "wall", "kind", "detail"}``; a run without metadata.db yet has none.
+        """
+        _, rows = self._select("SELECT id, wall, kind, detail FROM events ORDER BY id")
+        return [{"id": i, "wall": w, "kind": k, "detail": d} for i, w, k, d in rows]
 
     def clients(self) -> list[dict[str, Any]]:
         """Every client (process) that attached to the run."""
-        db = self._sql()
-        if db is None:
-            return []
         cols = ("client", "rank", "pid", "host", "opened_at", "closed_at", "status", "durable_seq")
-        return [dict(zip(cols, row)) for row in db.execute(f"SELECT {', '.join(cols)} FROM clients ORDER BY opened_at")]
+        _, rows = self._select(f"SELECT {', '.join(cols)} FROM clients ORDER BY opened_at")
+        return [dict(zip(cols, row)) for row in rows]
 
     def summary(self) -> dict[str, Any]:
-        """Metadata plus, per metric (rank 0), its point count, step range and last value."""
-        metrics = {}
+        """Metadata plus, per metric, its point count, step range and last value.
+
+        A metric's numbers are those of its lowest rank (rank 0 where rank 0
+        logged it); ``ranks`` lists every rank that logged it.  ``first_step``
+        / ``last_step`` are the smallest and largest step; a metric with no
+        points yet has ``points == 0`` and no step or value keys.
+        """
+        metrics: dict[str, dict[str, Any]] = {}
+        by_name: dict[str, list[int]] = {}
         for r, name in sorted(self._metric_columns(), key=lambda x: (x[1], x[0])):
-            if r != 0 and name in metrics:
-                continue
+            by_name.setdefault(name, []).append(r)
+        for name, ranks in by_name.items():
+            r = ranks[0]
             s = self.series(name, r)
-            if len(s) == 0:
-                metrics[name] = {"points": 0, "rank": r}
-                continue
-            metrics[name] = {
-                "rank": r,
-                "points": int(len(s)),
-                "first_step": int(s["step"].min()),
-                "last_step": int(s["step"].max()),
-                "last_value": float(s["value"][-1]),
-            }
+            entry: dict[str, Any] = {"rank": r, "ranks": ranks, "points": int(len(s))}
+            if len(s):
+                entry.update(
+                    first_step=int(s["step"].min()),
+                    last_step=int(s["step"].max()),
+                    last_value=float(s["value"][-1]),
+                )
+            metrics[name] = entry
+        all_ranks = self.ranks()
         return {
+            "metadata": dict(self.metadata),
+            "num_ranks": len(all_ranks),
             "path": self.path,
             "project": self.project,
             "run_id": self.run_id,
@@ -382,7 +438,7 @@ class RunReader:
             "created_at": self.metadata.get("created_at"),
             "finished_at": self.metadata.get("finished_at"),
             "config": self.config,
-            "ranks": self.ranks(),
+            "ranks": all_ranks,
             "metrics": metrics,
             "items": self.list_items(),
         }
@@ -416,54 +472,90 @@ class RunReader:
         return f"<RunReader {self.project}/{self.run_id} {self.status}>"
 
 
-def list_runs(base_dir: str | os.PathLike[str] = "./kohakuboard") -> list[RunInfo]:
-    """Every run folder ``{base_dir}/{project}/{run_id}``, oldest first; unreadable ones skipped."""
-    base = os.path.abspath(os.fspath(base_dir))
-    runs = []
+def _check_version(version: Any, where: str) -> None:
+    """Raise :class:`FormatVersionError` unless ``version`` is one this reader understands."""
+    if isinstance(version, bool) or not isinstance(version, int) or version > fmt.FORMAT_VERSION:
+        raise FormatVersionError(
+            f"run {where} has format version {version!r}; this KohakuBoard reads format versions "
+            f"up to {fmt.FORMAT_VERSION}. Upgrade kohakuboard to read it."
+        )
+
+
+def _timestamp(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _read_info(path: str, project: str, run_id: str) -> RunInfo | None:
     try:
-        projects = sorted(os.listdir(base))
+        meta = fmt.read_json(os.path.join(path, fmt.METADATA_JSON))
+    except (OSError, ValueError):  # missing, unreadable, half-copied or not an object
+        return None
+    return RunInfo(
+        path=path,
+        project=project,
+        run_id=run_id,
+        name=str(meta.get("name") or run_id),
+        status=str(meta.get("status") or "?"),
+        created_at=_timestamp(meta.get("created_at")),
+        finished_at=_timestamp(meta.get("finished_at")),
+    )
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
     except OSError:
         return []
-    for project in projects:
+
+
+def list_runs(base_dir: str | os.PathLike[str] = "./kohakuboard") -> list[RunInfo]:
+    """Every run folder ``{base_dir}/{project}/{run_id}``, oldest first.
+
+    Folders without a readable ``metadata.json`` are skipped, never fatal; a
+    missing ``base_dir`` has no runs.
+    """
+    base = os.path.abspath(os.fspath(base_dir))
+    runs = []
+    for project in _listdir(base):
         pdir = os.path.join(base, project)
         if not os.path.isdir(pdir):
             continue
-        for run_id in sorted(os.listdir(pdir)):
-            path = os.path.join(pdir, run_id)
-            try:
-                meta = fmt.read_json(os.path.join(path, fmt.METADATA_JSON))
-            except (OSError, ValueError):
-                continue
-            runs.append(
-                RunInfo(
-                    path=path,
-                    project=project,
-                    run_id=run_id,
-                    name=str(meta.get("name") or run_id),
-                    status=str(meta.get("status", "?")),
-                    created_at=meta.get("created_at"),
-                    finished_at=meta.get("finished_at"),
-                )
-            )
-    runs.sort(key=lambda r: (r.created_at or 0.0, r.project, r.run_id))
+        for run_id in _listdir(pdir):
+            info = _read_info(os.path.join(pdir, run_id), project, run_id)
+            if info is not None:
+                runs.append(info)
+    runs.sort(key=lambda r: (r.created_at is not None, r.created_at or 0.0, r.project, r.run_id))
     return runs
 
 
 def find_run(spec: str | os.PathLike[str], base_dir: str | os.PathLike[str] = "./kohakuboard") -> str:
-    """Resolve a run folder path, ``project/run_id`` or a bare run id to a path.
+    """Resolve ``spec`` to the absolute path of a run folder.
 
-    Raises :class:`RunNotFound` when nothing (or more than one run) matches.
+    ``spec`` is tried as: a run folder path; ``project/run_id`` under
+    ``base_dir``; a bare run id (unique across projects); a run name (unique).
+    Raises :class:`RunNotFound` when nothing matches or a bare id or name is
+    ambiguous (the message lists the candidates as ``project/run_id``).
     """
     spec = os.fspath(spec)
+    if not spec:
+        raise RunNotFound("empty run name: give a path, project/run_id or run id")
     if os.path.isfile(os.path.join(spec, fmt.METADATA_JSON)):
         return os.path.abspath(spec)
     base = os.path.abspath(os.fspath(base_dir))
     candidate = os.path.join(base, spec)
     if os.path.isfile(os.path.join(candidate, fmt.METADATA_JSON)):
-        return candidate
-    matches = [r.path for r in list_runs(base) if r.run_id == spec or r.name == spec]
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        raise RunNotFound(f"no run {spec!r} under {base} (give a path, project/run_id or run id)")
-    raise RunNotFound(f"{spec!r} matches {len(matches)} runs under {base}: " + ", ".join(matches))
+        return os.path.abspath(candidate)
+    runs = list_runs(base)
+    for key in ("run_id", "name"):
+        matches = [r for r in runs if getattr(r, key) == spec]
+        if len(matches) == 1:
+            return matches[0].path
+        if len(matches) > 1:
+            listed = ", ".join(f"{r.project}/{r.run_id}" for r in matches)
+            raise RunNotFound(
+                f"{spec!r} is ambiguous: it matches {len(matches)} runs under {base} ({listed}); "
+                "give project/run_id"
+            )
+    raise RunNotFound(f"no run {spec!r} under {base} (give a path, project/run_id or run id)")

@@ -58,7 +58,8 @@ class RunWriter:
         self._now = now
         self._on_event = on_event
         self._staged: list[tuple[str, np.ndarray]] = []
-        self._staged_steps: list[tuple[int, int, int, float]] = []
+        self._staged_calls: dict[int, list[tuple[Any, Any, Any]]] = {}
+        self._last_range: dict[int, tuple[int, int, int, int, int, float, float]] = {}
         self._staged_seqs: dict[str, int] = {}
         # Rich values: (description, operation) pairs, each done exactly once and
         # removed only after it succeeded (see the module docstring).
@@ -177,7 +178,7 @@ class RunWriter:
                 (client, rank, pid, host, now, "attached"),
             )
             row = self._db.execute(
-                "SELECT step, global_step FROM steps WHERE rank=? ORDER BY step DESC LIMIT 1", (rank,)
+                "SELECT last_step, last_global_step FROM steps WHERE rank=? ORDER BY last_step DESC LIMIT 1", (rank,)
             ).fetchone()
         self.event("open" if created else "resume", f"client {client} rank {rank} pid {pid} on {host}")
         return {
@@ -235,7 +236,7 @@ class RunWriter:
         # and a LogBatch already is one: numpy conversions per group instead of
         # Python work per value.
         seqs = self._staged_seqs
-        step_rows = self._staged_steps
+        calls = self._staged_calls  # rank -> [(steps, global_steps, walls)] in call order
         # segment: (rank, names, order, steps, global_steps, walls, values[n, k])
         segments: list[tuple[int, tuple[str, ...], Any, Any, Any, Any, Any]] = []
         groups: dict[tuple[int, tuple[str, ...]], list[Any]] = {}
@@ -253,10 +254,10 @@ class RunWriter:
                 segments.append(
                     (env.rank, tuple(msg.names), np.arange(pos, pos + n), steps, gsteps, walls, values)
                 )
-                step_rows.extend(zip([env.rank] * n, steps.tolist(), gsteps.tolist(), walls.tolist()))
+                calls.setdefault(env.rank, []).append((steps, gsteps, walls))
                 pos += n
                 continue
-            step_rows.append((env.rank, env.step, env.global_step, env.wall))
+            calls.setdefault(env.rank, []).append((env.step, env.global_step, env.wall))
             if msg.items:
                 self._stage_items(msg)
             sc = msg.scalars
@@ -293,11 +294,18 @@ class RunWriter:
                 _, steps, gsteps, walls, vals = chunks[0]
                 rec = np.empty(len(steps), dtype=_REC)
                 rec["step"], rec["global_step"], rec["wall"], rec["value"] = steps, gsteps, walls, vals
-            else:  # the metric came in several groups: restore call order
-                order = np.argsort(np.concatenate([c[0] for c in chunks]), kind="stable")
-                rec = np.empty(len(order), dtype=_REC)
-                for field, k in (("step", 1), ("global_step", 2), ("wall", 3), ("value", 4)):
-                    rec[field] = np.concatenate([c[k] for c in chunks])[order]
+            else:  # the metric came in several chunks (batches, groups): keep call order
+                total = sum(len(c[0]) for c in chunks)
+                rec = np.empty(total, dtype=_REC)
+                at = 0
+                for order, steps, gsteps, walls, vals in chunks:
+                    n = len(order)
+                    view = rec[at : at + n]
+                    view["step"], view["global_step"], view["wall"], view["value"] = steps, gsteps, walls, vals
+                    at += n
+                ix = np.concatenate([c[0] for c in chunks])
+                if np.any(ix[1:] < ix[:-1]):  # single calls grouped apart from batches: re-sort
+                    rec = rec[np.argsort(ix, kind="stable")]
             self._staged.append((fmt.column_name(rank, name), rec))
 
     @property
@@ -331,14 +339,12 @@ class RunWriter:
                 raise _storage_error(self.path, what, exc) from exc
             self._ops.pop(0)
         seqs = self._staged_seqs
-        if self._staged_steps or seqs:
+        if self._staged_calls or seqs:
             with self._sql():
                 self._db.execute("BEGIN")
                 try:
-                    self._db.executemany(
-                        "INSERT OR IGNORE INTO steps(rank, step, global_step, wall) VALUES (?,?,?,?)",
-                        self._staged_steps,
-                    )
+                    for rank, parts in self._staged_calls.items():
+                        self._write_step_ranges(rank, parts)
                     self._db.executemany(
                         "UPDATE clients SET durable_seq=MAX(durable_seq, ?) WHERE client=?",
                         [(seq, client) for client, seq in seqs.items()],
@@ -347,9 +353,41 @@ class RunWriter:
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
-            self._staged_steps = []
+            self._staged_calls = {}
             self._staged_seqs = {}
         return seqs
+
+    def _write_step_ranges(self, rank: int, parts: list[tuple[Any, Any, Any]]) -> None:
+        """Record the batch's calls in the steps table as ranges (inside a transaction).
+
+        A row covers consecutive steps whose global step moves by a constant 0
+        or 1 per call, which is what training loops do: a whole
+        ``board.step(); board.log(...)`` run is one row.  Every scalar point
+        carries its own step, global step and wall time, so the table only needs
+        to map steps to global steps (also for calls that logged no scalar);
+        measured, one row per call cost 22 bytes and a fifth of the daemon's CPU.
+        """
+        steps = np.concatenate([np.atleast_1d(np.asarray(p[0], dtype=np.int64)) for p in parts])
+        gsteps = np.concatenate([np.atleast_1d(np.asarray(p[1], dtype=np.int64)) for p in parts])
+        walls = np.concatenate([np.atleast_1d(np.asarray(p[2], dtype=np.float64)) for p in parts])
+        last = self._last_range.get(rank)
+        for s0, s1, g0, g1, w0, w1 in _step_ranges(steps, gsteps, walls):
+            if last is not None and _extends(last, s0, s1, g0, g1):
+                rowid, ls0, _, lg0, _, lw0, _ = last
+                self._db.execute(
+                    "UPDATE steps SET last_step=?, last_global_step=?, last_wall=? WHERE rowid=?",
+                    (s1, g1, w1, rowid),
+                )
+                last = (rowid, ls0, s1, lg0, g1, lw0, w1)
+            else:
+                cur = self._db.execute(
+                    "INSERT INTO steps(rank, first_step, last_step, first_global_step, last_global_step, "
+                    "first_wall, last_wall) VALUES (?,?,?,?,?,?,?)",
+                    (rank, s0, s1, g0, g1, w0, w1),
+                )
+                last = (int(cur.lastrowid), s0, s1, g0, g1, w0, w1)
+        if last is not None:
+            self._last_range[rank] = last
 
     # ---------------------------------------------------------- rich values
 
@@ -599,6 +637,37 @@ class RunWriter:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def _step_ranges(steps: np.ndarray, gsteps: np.ndarray, walls: np.ndarray) -> list[tuple[int, int, int, int, float, float]]:
+    """Split calls into maximal runs of step +1 with a constant global-step delta of 0 or 1."""
+    n = len(steps)
+    if n == 0:
+        return []
+    ds, dg = np.diff(steps), np.diff(gsteps)
+    link = (ds == 1) & ((dg == 0) | (dg == 1))
+    if n > 2:
+        # within a range the global-step delta may not change
+        link[1:] &= ~(link[:-1] & (dg[1:] != dg[:-1]))
+    starts = np.flatnonzero(np.r_[True, ~link])
+    ends = np.r_[starts[1:] - 1, n - 1]
+    return list(
+        zip(
+            steps[starts].tolist(), steps[ends].tolist(), gsteps[starts].tolist(), gsteps[ends].tolist(),
+            walls[starts].tolist(), walls[ends].tolist(),
+        )
+    )
+
+
+def _extends(last: tuple[int, int, int, int, int, float, float], s0: int, s1: int, g0: int, g1: int) -> bool:
+    """Whether range (s0..s1, g0..g1) continues the previous row ``last`` with the same slope."""
+    _, ls0, ls1, lg0, lg1, _, _ = last
+    if s0 != ls1 + 1 or g0 - lg1 not in (0, 1):
+        return False
+    k = g0 - lg1
+    if ls1 > ls0 and (lg1 - lg0) != k * (ls1 - ls0):
+        return False
+    return s1 == s0 or (g1 - g0) == k * (s1 - s0)
 
 
 class _BlobView:

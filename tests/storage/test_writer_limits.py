@@ -41,3 +41,27 @@ def test_second_writer_on_same_run_is_refused(tmp_path):
             RunWriter(str(tmp_path / "run"))
     finally:
         w.close()
+
+
+def test_steps_table_is_compact_and_maps_every_step(tmp_path):
+    """A step()+log() loop is one steps row across batches, and every step maps to its global step."""
+    w = RunWriter(str(tmp_path / "run"))
+    w.attach(client="c", rank=0, pid=os.getpid(), host="h", name="n", project="p", run_id="run", config={})
+    seq = 0
+    for batch in range(5):
+        msgs = []
+        for i in range(batch * 100, batch * 100 + 100):
+            seq += 1
+            msgs.append(LogMessage(Envelope("/r", "c", seq, 0, i, i + 1, float(i)), {"x": float(i)}))
+        w.stage(msgs)
+        w.commit()
+    # then a stretch without step(): global step constant
+    w.stage([LogMessage(Envelope("/r", "c", 1000 + i, 0, 500 + i, 500, 0.0), {"x": 0.0}) for i in range(10)])
+    w.commit()
+    n_rows = w._db.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
+    w.close()
+    assert n_rows == 2
+    with RunReader(tmp_path / "run") as r:
+        st = r.steps()
+        assert st["step"].tolist() == list(range(510))
+        assert st["global_step"].tolist() == [i + 1 for i in range(500)] + [500] * 10
