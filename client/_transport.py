@@ -32,7 +32,7 @@ from ..protocol.endpoint import Endpoint, daemon_alive
 from ..protocol.errors import DaemonUnavailable, KoboTimeoutError, ProtocolError, error_from_code
 
 _STOP = object()
-_MAX_BATCH = 4096  # calls per LogBatch: keeps one message well under a megabyte at 32 scalars
+_MAX_BATCH = 1024  # calls per LogBatch: 256 KB at 32 scalars, so the daemon's receive queue stays small
 
 
 class Sender(threading.Thread):

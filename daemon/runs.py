@@ -25,6 +25,10 @@ from ..storage.writer import RunWriter
 
 log = logging.getLogger("kohakuboard.daemon")
 
+# A batch is written once it holds this many bytes, whatever its age: bounds the
+# memory one run's batch (and the staged copy being written) can take.
+_BATCH_BYTES = 1 << 20
+
 
 @dataclass
 class ClientState:
@@ -172,17 +176,19 @@ class RunChannel:
         if type(msg) is not OutputMessage:
             self.pending.append(msg)
             if type(msg) is LogBatch:
+                # received bytes plus the 32-byte records they become when staged
                 self._pending_calls += msg.count
-                self.pending_bytes += 200 + len(msg.values) + 32 * msg.count
+                self.pending_bytes += 200 + 5 * len(msg.values) + 64 * msg.count
             else:
                 self._pending_calls += 1
-                self.pending_bytes += 200 + 80 * len(msg.scalars)  # a decoded dict costs ~80 B a value
+                # a decoded dict costs ~80 B a value, its staged record 32 B
+                self.pending_bytes += 200 + 112 * len(msg.scalars)
                 if msg.blobs:
                     self.pending_bytes += sum(len(b) for b in msg.blobs)
             n = self._pending_calls
             if n > self.stats.peak_pending:
                 self.stats.peak_pending = n
-            if n >= self.batch_messages:
+            if n >= self.batch_messages or self.pending_bytes >= _BATCH_BYTES:
                 self._kick.set()
         else:
             self.pending_output.append(msg)

@@ -112,7 +112,7 @@ class Daemon:
             sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
         # A LogBatch can be ~1 MB: a short receive queue keeps RSS bounded, and
         # a full queue pushes back on the clients (their bounded send queues).
-        self.pull.setsockopt(zmq.RCVHWM, 1000)
+        self.pull.setsockopt(zmq.RCVHWM, 16)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         # A stale socket file from a crashed daemon would make bind fail; we hold
         # the lock, so nobody else is using it.

@@ -108,6 +108,9 @@ class RunWriter:
             self._db = sqlite3.connect(os.path.join(self.path, fmt.METADATA_DB), isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            # Small page cache: the daemon holds one connection per open run, and
+            # this database only gets appends and a few lookups.
+            self._db.execute("PRAGMA cache_size=-512")
             self._db.executescript(fmt.SCHEMA_SQL)
             self._db.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('format_version', ?)",
