@@ -88,12 +88,14 @@ def show(run: str, base_dir: str, as_json: bool) -> None:
     """Show RUN (a path, project/run_id or run id): metadata, config and every metric.
 
     Each metric is listed with its point count, step range and last value (of
-    its lowest rank), plus the ranks that logged it when there are several.
+    its lowest rank), plus, when several ranks logged it, those ranks and each
+    one's point count ("ranks 0,1,2,3 (points 10,10,10,10)").  The "ranks:"
+    line counts the ranks that logged scalars, and gives the world size a
+    distributed launch recorded.
     """
     try:
         with _open(run, base_dir) as r:
             summary = r.summary()
-            ranks = {name: r.ranks(name) for name in summary["metrics"]}
             readers = {"media": r.media, "table": r.tables, "histogram": r.histograms, "tensor": r.tensors, "kde": r.kde}
             item_counts = {
                 kind: {name: len(readers[kind](name)) for name in names}
@@ -110,7 +112,9 @@ def show(run: str, base_dir: str, as_json: bool) -> None:
     click.echo(f"created:  {_when(summary['created_at'])}")
     click.echo(f"finished: {_when(summary['finished_at'])}")
     click.echo(f"path:     {summary['path']}")
-    click.echo(f"ranks:    {len(summary['ranks'])} ({', '.join(map(str, summary['ranks'])) or '-'})")
+    world = summary["metadata"].get("world_size")
+    world_text = f", world size {world}" if isinstance(world, int) and not isinstance(world, bool) and world > 1 else ""
+    click.echo(f"ranks:    {len(summary['ranks'])} ({', '.join(map(str, summary['ranks'])) or '-'}){world_text}")
     click.echo("config:")
     for key, value in summary["config"].items():
         click.echo(f"  {key}: {json.dumps(value)}")
@@ -126,7 +130,10 @@ def show(run: str, base_dir: str, as_json: bool) -> None:
             if not m["points"]:
                 click.echo(f"  {name.ljust(width)}  0 points")
                 continue
-            extra = f"  ranks {','.join(map(str, ranks[name]))}" if len(ranks[name]) > 1 else ""
+            extra = ""
+            if len(m["ranks"]) > 1:
+                counts = ",".join(str(m["points_by_rank"][rk]) for rk in m["ranks"])
+                extra = f"  ranks {','.join(map(str, m['ranks']))} (points {counts})"
             click.echo(
                 f"  {name.ljust(width)}  {m['points']} points  steps {m['first_step']}..{m['last_step']}"
                 f"  last {m['last_value']:.6g}{extra}"

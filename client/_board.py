@@ -39,6 +39,27 @@ def new_run_id(now: float | None = None) -> str:
     return stamp + "_" + "".join(secrets.choice(alphabet) for _ in range(6))
 
 
+def distributed_run_id(launch_id: str, project: str, name: str | None) -> str:
+    """``ddp_`` + 12 hex digits of ``sha256(launch_id|project|name)``.
+
+    The same on every rank of one launch (``launch_id`` is torchrun's
+    ``TORCHELASTIC_RUN_ID``), different for another launch, project or board name.
+    """
+    import hashlib
+
+    digest = hashlib.sha256(f"{launch_id}|{project}|{name or ''}".encode("utf-8", "surrogatepass")).hexdigest()
+    return "ddp_" + digest[:12]
+
+
+def _check_count(what: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{what} must be an integer, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{what} must be at least {minimum}, got {value}")
+    return value
+
+
 def _check_path_part(what: str, value: str) -> str:
     if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\0" in value:
         raise ValueError(f"{what} must be a non-empty name without '/', got {value!r}")
@@ -79,6 +100,33 @@ class Board:
     ``max_queue``: how many ``log()`` calls may wait in this process for the
     sender thread.  At 80 % a warning is printed once; at 100 % ``log()``
     blocks until the daemon catches up (nothing is dropped).
+
+    Distributed training: ``rank``, ``local_rank`` and ``world_size`` default
+    to the ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` environment variables
+    (0, ``RANK``, 1).  Every point records its rank; readers return rank 0's
+    series unless asked for another rank.  Every rank of one launch lands in
+    the same run with no coordination code: without ``run_id``, under torchrun
+    (``TORCHELASTIC_RUN_ID`` set, the same on every rank of a launch) the run id
+    is ``ddp_`` + the first 12 hex digits of
+    ``sha256(f"{TORCHELASTIC_RUN_ID}|{project}|{name or ''}")``, so every rank
+    (and an elastic restart of the launch) computes the same one.  A second
+    Board with the same name and project in the same launch therefore resumes
+    that run.  With ``WORLD_SIZE`` > 1 but no usable ``TORCHELASTIC_RUN_ID``
+    (another launcher, or torchrun's static rendezvous without ``--rdzv-id``,
+    where it is the placeholder ``none``) a ``ValueError`` asks for ``run_id=``,
+    the same string on every rank.  Only rank 0 sets the run's name, config and
+    ``world_size`` in ``metadata.json``.  With world size > 1, captured output
+    lines are prefixed ``[rank N] `` in ``logs/output.log``.
+
+    Forked processes (``os.fork``, ``multiprocessing`` with the fork start
+    method, DataLoader workers) may keep using an inherited Board: on its
+    first use in the child it attaches to the same run as a client of its own
+    (new sockets, sender thread and client id; the parent's are left alone),
+    its steps continuing from the parent's at fork time.  A multiprocessing
+    child finishes its client when it exits; a child made with ``os.fork`` that
+    leaves with ``os._exit`` must call ``finish()`` first, or the daemon counts
+    it as crashed.  A child that never logs never attaches, and finishing the
+    Board in a child never finishes the parent's client.
     """
 
     def __init__(
@@ -92,14 +140,13 @@ class Board:
         base_dir: str | os.PathLike[str] | None = None,
         capture_output: bool = True,
         rank: int | None = None,
+        world_size: int | None = None,
+        local_rank: int | None = None,
         max_queue: int | None = None,
         timeout: float | None = None,
     ) -> None:
         self._closed = True  # until fully open: finish() and __del__ are no-ops
         _load()
-        import socket
-
-        from ..protocol.peer import process_start_ticks
         from ._config import ClientConfig
 
         if run_id is not None and board_id is not None and run_id != board_id:
@@ -111,11 +158,37 @@ class Board:
         if not isinstance(self.config, dict):
             raise TypeError("config must be a dict")
         self.project = _check_path_part("project", project)
-        self.run_id = _check_path_part("run_id", run_id or board_id or new_run_id())
+        self.rank = cfg.rank if rank is None else _check_count("rank", rank, 0)
+        self.world_size = cfg.world_size if world_size is None else _check_count("world_size", world_size, 1)
+        if local_rank is not None:
+            self.local_rank = _check_count("local_rank", local_rank, 0)
+        else:
+            self.local_rank = cfg.local_rank if cfg.local_rank is not None else self.rank
+        if self.world_size > 1 and self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} is not below world_size {self.world_size}")
+        explicit = run_id or board_id
+        launch = cfg.elastic_run_id
+        if explicit:
+            rid = explicit
+        elif launch and launch.lower() != "none":
+            rid = distributed_run_id(launch, self.project, name)
+        elif self.world_size > 1:
+            why = (
+                "TORCHELASTIC_RUN_ID is torchrun's placeholder 'none' (static rendezvous without --rdzv-id)"
+                if launch
+                else "TORCHELASTIC_RUN_ID is not set (not launched by torchrun)"
+            )
+            raise ValueError(
+                f"world size is {self.world_size} but no run_id was given and {why}, so the ranks cannot "
+                "agree on a run: pass run_id=... (the same string on every rank, e.g. your job id), "
+                "or launch with torchrun --rdzv-id=<job id>"
+            )
+        else:
+            rid = new_run_id()
+        self.run_id = _check_path_part("run_id", rid)
         self.name = name or self.run_id
         self.base_dir = os.path.abspath(os.fspath(base_dir if base_dir is not None else cfg.base_dir))
         self.path = os.path.join(self.base_dir, self.project, self.run_id)
-        self.rank = cfg.rank if rank is None else int(rank)
         self.capture_output = capture_output
         self._cfg = cfg
         self._timeout = timeout
@@ -127,17 +200,40 @@ class Board:
         self._names: set[str] = set()
         self._crashed = False
         self._pid = os.getpid()
+        self._max_queue = max_queue or cfg.max_queue
+        self._reopening = False
 
+        reply = self._connect()
+        self.resumed = not reply.created
+        if self.resumed and reply.attached == 0:
+            # Resuming a run nobody else is writing: continue its counters.
+            self._step = reply.last_step
+            self._global_step = reply.last_global_step
+        self._closed = False
+        _register(self)
+        self._capture = None
+        if capture_output:
+            from ._capture import start_capture
+
+            prefix = f"[rank {self.rank}] " if self.world_size > 1 else ""
+            self._capture = start_capture(self._send_output, prefix)
+
+    def _connect(self) -> Any:
+        """Open the sockets, attach this client to the run, start the sender; return the reply."""
+        import socket
+
+        from ..protocol.peer import process_start_ticks
         from ._spawn import ensure_daemon
         from ._transport import Connection, Sender
 
+        cfg = self._cfg
         ensure_daemon(cfg.endpoint, autostart=cfg.autostart)
-        self._conn = Connection(cfg.endpoint)
+        conn = Connection(cfg.endpoint)
         try:
-            reply = self._conn.request(
+            reply = conn.request(
                 m.OpenRun,
                 self._env(),
-                timeout if timeout is not None else cfg.open_timeout,
+                self._timeout if self._timeout is not None else cfg.open_timeout,
                 self.name,
                 self.project,
                 self.run_id,
@@ -145,26 +241,55 @@ class Board:
                 os.getpid(),
                 process_start_ticks(),
                 socket.gethostname(),
+                self.world_size,
             )
         except BaseException:
-            self._conn.close()
+            conn.close()
             raise
-        self.resumed = not reply.created
-        if self.resumed and reply.attached == 0:
-            # Resuming a run nobody else is writing: continue its counters.
-            self._step = reply.last_step
-            self._global_step = reply.last_global_step
-        self._sender = Sender(
-            self._conn.ctx, cfg.endpoint, self.path, self._client, self.rank, max_queue or cfg.max_queue
-        )
-        self._sender.start()
-        self._closed = False
-        _register(self)
-        self._capture = None
-        if capture_output:
-            from ._capture import start_capture
+        sender = Sender(conn.ctx, cfg.endpoint, self.path, self._client, self.rank, self._max_queue)
+        sender.start()
+        self._conn, self._sender = conn, sender
+        return reply
 
-            self._capture = start_capture(self._send_output)
+    # ---------------------------------------------------------------- fork
+
+    def _check_process(self) -> None:
+        """Slow path of the fork check: re-attach if this is a forked child."""
+        global _pid
+        pid = _pid = os.getpid()
+        if self._pid != pid:
+            self._reopen_in_child(pid)
+
+    def _reopen_in_child(self, pid: int) -> None:
+        """This Board was inherited by a forked child: attach the child as a client of its own.
+
+        The parent's sockets and sender thread belong to the parent (and zmq
+        objects must not be used across fork): they are kept referenced and
+        never touched, so nothing of the parent's is closed or sent from here.
+        Whatever the parent had queued but not sent is the parent's to send.
+        """
+        with _fork_lock:
+            if self._pid == pid or self._closed:
+                return  # another thread of this child did it already
+            _abandoned.append((self._conn, self._sender))
+            self._reopening = True
+            self._client = os.urandom(8).hex()
+            self._seq = 0
+            try:
+                self._connect()  # steps continue from the parent's at fork time
+                self._pid = pid  # only now: other threads of this child wait on the lock until here
+            except BaseException:
+                # No way to log from this child: close the board here (only here).
+                self._pid = pid
+                self._closed = True
+                _unregister(self)
+                capture, self._capture = self._capture, None
+                if capture is not None:
+                    capture.stop()
+                raise
+            finally:
+                self._reopening = False
+            _finish_with_multiprocessing_child()
 
     # -------------------------------------------------------------- logging
 
@@ -202,6 +327,8 @@ class Board:
         """
         if self._closed:
             raise BoardClosedError(f"board {self.run_id!r} is finished; create a new Board to log more")
+        if self._pid != _pid:
+            self._check_process()
         scalars: dict[str, float] = {}
         rich: list[tuple[str, Any]] | None = None
         names = self._names
@@ -237,6 +364,10 @@ class Board:
     def _send_output(self, stream: str, text: str) -> None:
         if self._closed and self._capture is None:
             return
+        if self._pid != _pid:
+            if self._reopening:
+                return  # printed while attaching a forked child: nowhere to send it yet
+            self._check_process()
         with self._lock:
             self._seq = seq = self._seq + 1
             env = m.Envelope(self.path, self._client, seq, self.rank, max(self._step, 0), self._global_step, time.time())
@@ -253,6 +384,8 @@ class Board:
         """
         if self._closed:
             raise BoardClosedError(f"board {self.run_id!r} is finished")
+        if self._pid != os.getpid():
+            return  # a forked child that has logged nothing yet: nothing of this process to wait for
         self._raise_sender_error()
         with self._lock:
             last = self._seq
@@ -276,6 +409,9 @@ class Board:
         writes it once it can).
         """
         if self._closed:
+            return
+        if self._pid != os.getpid():
+            self._close_unused_in_child()
             return
         if self._capture is not None:
             self._capture.stop()  # forwards the unfinished last line first
@@ -309,6 +445,18 @@ class Board:
                 self._conn.ctx.destroy(linger=0)
             else:
                 self._conn.close()
+
+    def _close_unused_in_child(self) -> None:
+        # Inherited from the parent and never used in this process: this process
+        # has no client to finish, and the parent's client is the parent's.
+        with _fork_lock:
+            if self._closed:
+                return
+            self._closed = True
+            _unregister(self)
+            capture, self._capture = self._capture, None
+        if capture is not None:
+            capture.stop()
 
     close = finish
 
@@ -345,10 +493,18 @@ class Board:
 _boards: Any = None  # weakref.WeakSet of live boards, created by the first one
 _hooks_installed = False
 _uncaught = False
+# This process's pid, kept current by an at-fork hook so that log() can notice
+# a forked child without a getpid() system call per call.
+_pid = os.getpid()
+_fork_lock = threading.RLock()
+# The parent's (connection, sender) pairs of boards re-attached in a forked
+# child: referenced so that they are never garbage-collected (closed) here.
+_abandoned: list[Any] = []
+_mp_finalizer_pid = 0
 
 
 def _register(board: Board) -> None:
-    global _hooks_installed, _boards
+    global _hooks_installed, _boards, _pid
     if not _hooks_installed:
         import atexit
         import weakref
@@ -364,7 +520,43 @@ def _register(board: Board) -> None:
             previous(et, exc, tb)
 
         sys.excepthook = excepthook
+        _pid = os.getpid()
+        os.register_at_fork(after_in_child=_after_fork_in_child)
     _boards.add(board)
+    _finish_with_multiprocessing_child()
+
+
+def _after_fork_in_child() -> None:
+    """Runs in every forked child, before it returns from fork: only cheap, local work.
+
+    Locks another thread of the parent may have held at fork time are replaced;
+    the boards re-attach lazily on first use (see ``Board._reopen_in_child``).
+    """
+    global _pid, _fork_lock
+    _pid = os.getpid()
+    _fork_lock = threading.RLock()
+    for board in list(_boards or ()):
+        board._lock = threading.Lock()
+    capture = sys.modules.get(__package__ + "._capture")
+    if capture is not None:
+        capture.reset_locks_after_fork()
+
+
+def _finish_with_multiprocessing_child() -> None:
+    """In a multiprocessing child, finish this process's boards when it exits.
+
+    A ``multiprocessing`` child leaves through ``os._exit`` (no ``atexit``), but
+    runs its finalizers first; without this its client would look crashed.
+    """
+    global _mp_finalizer_pid
+    if _mp_finalizer_pid == os.getpid():
+        return
+    process = sys.modules.get("multiprocessing.process")
+    util = sys.modules.get("multiprocessing.util")
+    if process is None or util is None or process.parent_process() is None:
+        return  # not a multiprocessing child: atexit finishes the boards
+    _mp_finalizer_pid = os.getpid()
+    util.Finalize(None, _finish_all, exitpriority=0)
 
 
 def _unregister(board: Board) -> None:

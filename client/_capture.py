@@ -6,6 +6,10 @@ rewritten with carriage returns (progress bars) is forwarded as its last state
 only.  The unfinished last line is forwarded when the board finishes, so the
 traceback of a crash (printed by ``sys.excepthook`` before ``atexit`` runs) ends
 up in the file.
+
+In a distributed launch (world size > 1) every forwarded line is prefixed
+with ``[rank N] `` so the ranks' output can be told apart in the one file;
+the terminal still sees the line unchanged.
 """
 
 from __future__ import annotations
@@ -70,11 +74,18 @@ class _Tee:
         return getattr(self._stream, name)
 
 
+def label_lines(text: str, prefix: str) -> str:
+    """``text`` with ``prefix`` in front of every line (the final newline stays last)."""
+    body = text[:-1] if text.endswith("\n") else text
+    return prefix + body.replace("\n", "\n" + prefix) + text[len(body) :]
+
+
 class Capture:
     """The installed tees of one board."""
 
-    def __init__(self, emit: Callable[[str, str], None]) -> None:
+    def __init__(self, emit: Callable[[str, str], None], prefix: str = "") -> None:
         self._emit = emit
+        self._prefix = prefix
         self.active = True
         self.stdout = _Tee(sys.stdout, "stdout", self)
         self.stderr = _Tee(sys.stderr, "stderr", self)
@@ -82,6 +93,8 @@ class Capture:
         sys.stderr = self.stderr  # type: ignore[assignment]
 
     def emit(self, stream: str, text: str) -> None:
+        if self._prefix:
+            text = label_lines(text, self._prefix)
         for i in range(0, len(text), _CHUNK):
             try:
                 self._emit(stream, text[i : i + _CHUNK])
@@ -103,11 +116,23 @@ class Capture:
                 _active = None
 
 
-def start_capture(emit: Callable[[str, str], None]) -> Capture | None:
-    """Install the tees unless another board of this process already captures."""
+def start_capture(emit: Callable[[str, str], None], prefix: str = "") -> Capture | None:
+    """Install the tees unless another board of this process already captures.
+
+    ``prefix`` (e.g. ``"[rank 3] "``) is put in front of every forwarded line.
+    """
     global _active
     with _active_lock:
         if _active is not None:
             return None
-        _active = Capture(emit)
+        _active = Capture(emit, prefix)
         return _active
+
+
+def reset_locks_after_fork() -> None:
+    """In a forked child: replace locks another parent thread may have held at fork time."""
+    global _active_lock
+    _active_lock = threading.Lock()
+    if _active is not None:
+        _active.stdout._lock = threading.Lock()
+        _active.stderr._lock = threading.Lock()

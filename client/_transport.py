@@ -55,7 +55,7 @@ class Sender(threading.Thread):
         self._warned = False
         self.error: BaseException | None = None
         self.encode_errors = 0
-        self.max_queue_bytes = 256 << 20
+        self.max_queue_bytes = 64 << 20
         self.queued_bytes = 0
         self._bytes_lock = threading.Lock()
 
@@ -119,7 +119,9 @@ class Sender(threading.Thread):
     def run(self) -> None:
         sock = self._ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 2000)
-        sock.setsockopt(zmq.SNDHWM, 10_000)
+        # Few messages in zmq's own queue: a LogBatch or an array can be large,
+        # and what waits beyond this waits in our deque, where it is counted.
+        sock.setsockopt(zmq.SNDHWM, 16)
         sock.connect(self._ep.data_addr)
         q = self.queue
         encode = codec.encode_log

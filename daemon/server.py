@@ -241,8 +241,9 @@ class Daemon:
                     continue
                 await self._wait_readable(self.pull, readable, 0.25)
             # Final drain: everything clients sent before we stopped is written.
-            while self.drain_data(_RECV_BUDGET) >= _RECV_BUDGET:
-                pass
+            while self.drain_data(_RECV_BUDGET):
+                while self.backlog() > self.config.max_backlog_bytes:
+                    await asyncio.sleep(0.005)  # the batchers are still writing
         finally:
             loop.remove_reader(fd)
 
@@ -274,6 +275,8 @@ class Daemon:
                 if ch is None:
                     continue
             ch.add(msg)
+            if ch.pending_bytes + ch.unwritten_bytes > self.config.max_backlog_bytes:
+                break  # large values: let the writers catch up before reading more
         self.received += n
         return n
 
@@ -411,7 +414,13 @@ class Daemon:
             raise StorageError(f"run path must be absolute, got {run!r}")
         ch = self._channel(run)
         state = ClientState(req.env.client, req.env.rank, req.pid, req.pid_start, req.host)
-        meta = {"name": req.name, "project": req.project, "run_id": req.run_id, "config": req.config}
+        meta = {
+            "name": req.name,
+            "project": req.project,
+            "run_id": req.run_id,
+            "config": req.config,
+            "world_size": req.world_size,
+        }
         info = await ch.attach(state, meta)
         return m.RunOpened(env, info["created"], info["last_step"], info["last_global_step"], info["attached"])
 

@@ -257,6 +257,33 @@ def _check_batch(payload: list[Any]) -> None:
             raise MalformedMessage(f"log_batch frame {name} has {len(frame)} bytes, expected {size}")
 
 
+def _since(kind: str) -> list[int]:
+    cls = _BY_KIND[kind]
+    since = getattr(cls, "SINCE", {})
+    return [since.get(name, 0) for name, _ in _SCHEMA[kind]]
+
+
+_SINCE = {kind: _since(kind) for kind in _BY_KIND}
+
+
+def _adapt_minor(kind: str, minor: int, payload: list[Any], n: int) -> list[Any]:
+    """The payload of another minor version, in this version's shape.
+
+    A newer sender's extra trailing fields are dropped; an older sender's
+    missing trailing fields (added after its minor version) take their defaults.
+    Anything else is malformed.
+    """
+    if minor > m.PROTOCOL_MINOR and len(payload) > n:
+        return payload[:n]
+    if minor < m.PROTOCOL_MINOR and len(payload) < n:
+        known = sum(1 for since in _SINCE[kind] if since <= minor)
+        if len(payload) == known:
+            cls = _BY_KIND[kind]
+            defaults = cls(m.Envelope())
+            return payload + [getattr(defaults, name) for name, _ in _SCHEMA[kind][known:]]
+    raise MalformedMessage(f"{kind} payload must be an array of {n} fields")
+
+
 def decode(frames: Sequence[bytes | memoryview | Any]) -> Any:
     """Decode frames into a message object.
 
@@ -273,8 +300,10 @@ def decode(frames: Sequence[bytes | memoryview | Any]) -> Any:
     kind = header[2]
     payload = header[10]
     schema = _SCHEMA[kind]
-    if not isinstance(payload, list) or len(payload) != len(schema):
+    if not isinstance(payload, list):
         raise MalformedMessage(f"{kind} payload must be an array of {len(schema)} fields")
+    if len(payload) != len(schema):
+        payload = _adapt_minor(kind, header[1], payload, len(schema))
     extra = frames[1:]
     for k, ((name, types), value) in enumerate(zip(schema, payload)):
         if types[0] is _Frame:

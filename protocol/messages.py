@@ -36,7 +36,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 0
+PROTOCOL_MINOR = 1
+# Minor versions only append payload fields (each with a default).  A message
+# names the minor version that added each field in its ``SINCE`` map; fields not
+# listed are in 1.0.  The decoder fills fields an older sender did not have with
+# their defaults and ignores trailing fields a newer sender added.
 
 
 @dataclass(slots=True)
@@ -135,12 +139,15 @@ class OutputMessage:
 class OpenRun:
     """Attach a client to a run, creating the run folder if needed.
 
-    Wire payload: ``[name, project, run_id, config, pid, pid_start, host]``.
+    Wire payload: ``[name, project, run_id, config, pid, pid_start, host, world_size]``.
     ``pid``/``pid_start`` (the process start time in clock ticks) let the daemon
-    tell when the client process died without finishing.
+    tell when the client process died without finishing.  ``world_size`` (since
+    1.1) is the number of ranks of the client's launch; rank 0's is recorded in
+    ``metadata.json``.
     """
 
     KIND: ClassVar[str] = "open"
+    SINCE: ClassVar[dict[str, int]] = {"world_size": 1}
     env: Envelope
     name: str = ""
     project: str = "default"
@@ -149,6 +156,7 @@ class OpenRun:
     pid: int = 0
     pid_start: int = 0
     host: str = ""
+    world_size: int = 1
 
 
 @dataclass(slots=True)

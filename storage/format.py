@@ -4,7 +4,8 @@
 
     {base_dir}/{project}/{run_id}/
       metadata.json        name, config, project, run_id, created_at, finished_at,
-                           status (running/finished/crashed), format_version
+                           status (running/finished/crashed), format_version,
+                           world_size (of a distributed launch, from rank 0)
       data/metrics/scalars.db
                            KohakuVault ColumnVault, one column per (rank, metric)
       data/metadata.db     SQLite: steps, clients, events, media, tables, tensors,

@@ -407,7 +407,8 @@ class RunReader:
         """Metadata plus, per metric, its point count, step range and last value.
 
         A metric's numbers are those of its lowest rank (rank 0 where rank 0
-        logged it); ``ranks`` lists every rank that logged it.  ``first_step``
+        logged it); ``ranks`` lists every rank that logged it and
+        ``points_by_rank`` how many points each of them has.  ``first_step``
         / ``last_step`` are the smallest and largest step; a metric with no
         points yet has ``points == 0`` and no step or value keys.
         """
@@ -415,10 +416,16 @@ class RunReader:
         by_name: dict[str, list[int]] = {}
         for r, name in sorted(self._metric_columns(), key=lambda x: (x[1], x[0])):
             by_name.setdefault(name, []).append(r)
+        lengths = {col: int(n) for col, (_, n) in self._column_table().items()}
         for name, ranks in by_name.items():
             r = ranks[0]
             s = self.series(name, r)
-            entry: dict[str, Any] = {"rank": r, "ranks": ranks, "points": int(len(s))}
+            entry: dict[str, Any] = {
+                "rank": r,
+                "ranks": ranks,
+                "points": int(len(s)),
+                "points_by_rank": {rk: int(len(s)) if rk == r else lengths.get(fmt.column_name(rk, name), 0) for rk in ranks},
+            }
             if len(s):
                 entry.update(
                     first_step=int(s["step"].min()),

@@ -144,9 +144,13 @@ class RunWriter:
         project: str,
         run_id: str,
         config: dict[str, Any],
+        world_size: int | None = None,
     ) -> dict[str, Any]:
         """Register a client; create ``metadata.json`` or resume the run.
 
+        Only rank 0 sets the run's ``name``, ``config`` and ``world_size``: a
+        rank that opens a distributed run first creates it with an empty config
+        and the run id as its name, and rank 0 fills them in when it attaches.
         Returns ``created`` (bool), ``last_step`` (-1 if none) and
         ``last_global_step`` for the client's rank.
         """
@@ -154,10 +158,10 @@ class RunWriter:
         created = not self.metadata
         if created:
             self.metadata = {
-                "name": name or run_id,
+                "name": (name or run_id) if rank == 0 else run_id,
                 "project": project,
                 "run_id": run_id,
-                "config": config,
+                "config": config if rank == 0 else {},
                 "created_at": now,
                 "finished_at": None,
                 "status": fmt.STATUS_RUNNING,
@@ -173,6 +177,8 @@ class RunWriter:
                 self.metadata["config"] = merged
             if name and rank == 0 and self.metadata.get("name") in (None, "", run_id):
                 self.metadata["name"] = name
+        if rank == 0 and world_size:
+            self.metadata["world_size"] = int(world_size)
         self._write_metadata()
         with self._sql():
             self._db.execute(

@@ -130,7 +130,7 @@ def test_nan_and_inf_survive():
 def test_unknown_major_version_is_refused():
     """A message from a future protocol major version raises VersionMismatch naming both versions."""
     header = msgpack.unpackb(codec.encode(m.StatusRequest(m.Envelope()))[0])
-    header[0] = 2
+    header[0], header[1] = 2, 0
     with pytest.raises(VersionMismatch, match=r"2\.0 is not supported"):
         codec.decode([msgpack.packb(header)])
 
@@ -140,6 +140,23 @@ def test_newer_minor_version_is_accepted():
     header = msgpack.unpackb(codec.encode(m.StatusRequest(m.Envelope()))[0])
     header[1] = 9
     assert isinstance(codec.decode([msgpack.packb(header)]), m.StatusRequest)
+
+
+def test_open_run_from_another_minor_version_decodes():
+    """A 1.0 client's OpenRun (no world_size) decodes with world_size 1; a newer minor's extra fields are ignored."""
+    msg = m.OpenRun(m.Envelope("/r", "c", 1), "n", "p", "id", {"lr": 0.1}, 12, 34, "h", 4)
+    header = msgpack.unpackb(codec.encode(msg)[0])
+    assert header[10][-1] == 4 and codec.decode(codec.encode(msg)) == msg
+    old = header[:1] + [0] + header[2:10] + [header[10][:-1]]
+    assert codec.decode([msgpack.packb(old)]).world_size == 1
+    newer = header[:1] + [m.PROTOCOL_MINOR + 1] + header[2:10] + [header[10] + ["future field"]]
+    assert codec.decode([msgpack.packb(newer)]).world_size == 4
+    same_minor_short = header[:10] + [header[10][:-1]]
+    with pytest.raises(MalformedMessage, match="8 fields"):
+        codec.decode([msgpack.packb(same_minor_short)])
+    older_too_short = header[:1] + [0] + header[2:10] + [header[10][:-2]]
+    with pytest.raises(MalformedMessage):
+        codec.decode([msgpack.packb(older_too_short)])
 
 
 def test_size_limits_are_enforced_before_decoding():
