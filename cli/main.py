@@ -135,7 +135,7 @@ def show(run: str, base_dir: str, as_json: bool) -> None:
                 counts = ",".join(str(m["points_by_rank"][rk]) for rk in m["ranks"])
                 extra = f"  ranks {','.join(map(str, m['ranks']))} (points {counts})"
             click.echo(
-                f"  {name.ljust(width)}  {m['points']} points  steps {m['first_step']}..{m['last_step']}"
+                f"  {name.ljust(width)}  {m['points']} point{'' if m['points'] == 1 else 's'}  steps {m['first_step']}..{m['last_step']}"
                 f"  last {m['last_value']:.6g}{extra}"
             )
 
