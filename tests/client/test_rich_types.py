@@ -173,3 +173,16 @@ def test_empty_and_all_nan_histograms_are_stored_empty(daemon):
             assert e["counts"].size == 0 and e["total"] == 0
             n = r.histograms("nans")[0]
             assert n["counts"].size == 0 and n["nan"] == 5
+
+
+def test_log_histogram_is_one_step_per_call_as_the_guide_warns(daemon):
+    """The guide's BAD example runs: log_histogram() takes a step per call, unified log() shares one."""
+    grads = [np.arange(10.0), np.arange(20.0)]
+    with Board(run_id="inflation", capture_output=False) as b:
+        b.log_histogram("grad1", grads[0])  # step 0
+        b.log_histogram("grad2", grads[1])  # step 1
+        b.log(grad1=Histogram(grads[0]), grad2=Histogram(grads[1]))  # both at step 2
+        b.flush()
+        with RunReader(b.path) as r:
+            assert [h["step"] for h in r.histograms("grad1")] == [0, 2]
+            assert [h["step"] for h in r.histograms("grad2")] == [1, 2]
