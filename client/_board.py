@@ -247,6 +247,7 @@ class Board:
             conn.close()
             raise
         sender = Sender(conn.ctx, cfg.endpoint, self.path, self._client, self.rank, self._max_queue)
+        sender.autostart = cfg.autostart
         sender.start()
         self._conn, self._sender = conn, sender
         return reply

@@ -11,6 +11,12 @@ from ..protocol.endpoint import Endpoint, daemon_alive, ensure_directory
 from ..protocol.errors import DaemonUnavailable
 
 
+# Daemons this process started.  Kept so that Popen does not warn about a child
+# still running when it is garbage-collected (the daemon outlives us on purpose),
+# and polled so that one that exits is reaped rather than left a zombie.
+_spawned: list[subprocess.Popen[bytes]] = []
+
+
 def spawn_daemon(ep: Endpoint) -> subprocess.Popen[bytes]:
     """Start ``kobo-daemon run`` detached from this process (own session, no tty).
 
@@ -20,9 +26,10 @@ def spawn_daemon(ep: Endpoint) -> subprocess.Popen[bytes]:
     ensure_directory(ep)
     env = dict(os.environ)
     env["KOBO_DAEMON_ENDPOINT"] = str(ep)
+    _spawned[:] = [p for p in _spawned if p.poll() is None]
     log = open(ep.log_path, "ab")
     try:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "kohakuboard.daemon", "run"],
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -32,6 +39,8 @@ def spawn_daemon(ep: Endpoint) -> subprocess.Popen[bytes]:
             start_new_session=True,
             close_fds=True,
         )
+        _spawned.append(proc)
+        return proc
     finally:
         log.close()
 

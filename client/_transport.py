@@ -56,6 +56,9 @@ class Sender(threading.Thread):
         self.error: BaseException | None = None
         self.encode_errors = 0
         self.max_queue_bytes = 64 << 20
+        self.autostart = True
+        self.daemon_restarts = 0
+        self._next_revive_check = 0.0
         self.queued_bytes = 0
         self._bytes_lock = threading.Lock()
 
@@ -204,7 +207,34 @@ class Sender(threading.Thread):
                 # The daemon is slow or gone; wait, but stay stoppable.
                 if self._abort:
                     raise _Aborted from None
-                sock.poll(100, zmq.POLLOUT)
+                if not sock.poll(100, zmq.POLLOUT):
+                    self._revive_daemon()
+
+    def _revive_daemon(self) -> None:
+        """Start a new daemon if ours died, so the training loop never blocks on a dead one.
+
+        Checked at most once a second while sends are refused.  The new daemon
+        accepts data for existing run folders, so logging carries on; what the
+        dead daemon had received but not written is lost (acknowledged replay
+        is not implemented yet).
+        """
+        now = time.monotonic()
+        if now < self._next_revive_check or not self.autostart:
+            return
+        self._next_revive_check = now + 1.0
+        if daemon_alive(self._ep):
+            return
+        from ._spawn import ensure_daemon
+
+        try:
+            if ensure_daemon(self._ep, autostart=True):
+                self.daemon_restarts += 1
+                print(
+                    f"kohakuboard: the kobo-daemon on {self._ep} had stopped; started a new one",
+                    file=sys.__stderr__ or sys.stderr,
+                )
+        except Exception as exc:  # keep trying every second; flush()/finish() report it
+            self.error = exc
 
 
 def _le(code: str, values: Any) -> bytes:

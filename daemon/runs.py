@@ -147,16 +147,24 @@ class RunChannel:
         return info
 
     async def detach(self, client: str, status: str) -> str:
-        """Detach a client; when it was the last one, mark the run finished or crashed."""
+        """Detach a client; when it was the last one, mark the run finished or crashed.
+
+        A client this daemon never saw attach (it attached to a previous daemon
+        instance that died) may finish too: the run gets its final status when
+        nobody else is attached.
+        """
         state = self.clients.get(client)
-        if state is None or not state.attached:
-            return self.writer.metadata.get("status", fmt.STATUS_RUNNING) if self.writer else fmt.STATUS_RUNNING
-        state.attached = False
-        state.status = status
+        writer = await self.ensure_writer()
+        if state is not None and state.attached:
+            state.attached = False
+            state.status = status
+            await self.call(writer.detach, client, status)
+        elif state is not None and state.status == status:
+            return writer.metadata.get("status", fmt.STATUS_RUNNING)  # a repeated finish
+        elif state is not None:
+            state.status = status
         if status == fmt.STATUS_CRASHED:
             self.crashed_clients += 1
-        writer = await self.ensure_writer()
-        await self.call(writer.detach, client, status)
         if not self.attached:
             final = fmt.STATUS_CRASHED if self.crashed_clients else fmt.STATUS_FINISHED
             await self.call(writer.set_status, final)

@@ -269,3 +269,29 @@ def test_fast_loop_with_changing_names_keeps_every_call_in_order(daemon):
             # auto_step=False rows reuse the previous call's step
             c_steps = r.series("c")["step"]
             assert c_steps[0] == 1 and c_steps[1] == 3
+
+
+def test_logging_survives_a_killed_daemon(daemon, endpoint, base_dir):
+    """kill -9 of the daemon mid-run: log() never raises or hangs, a new daemon is started, logging carries on."""
+    from kohakuboard.protocol.endpoint import daemon_alive
+
+    with Board(run_id="phoenix", capture_output=False) as b:
+        for i in range(100):
+            b.log(x=float(i))
+        b.flush()
+        daemon.kill()
+        assert not daemon_alive(endpoint)
+        t0 = time.monotonic()
+        for i in range(100, 3100):
+            b.log(x=float(i))
+            if i % 100 == 0:
+                time.sleep(0.01)  # a training loop does other work too
+        assert time.monotonic() - t0 < 30
+        b.flush(timeout=30)
+        assert daemon_alive(endpoint), "the client should have started a new daemon"
+        with RunReader(b.path) as r:
+            values = r.series("x")["value"].tolist()
+    assert values[:100] == [float(i) for i in range(100)]  # flushed before the kill: all there
+    assert values[-1] == 3099.0 and values == sorted(values)
+    with RunReader(base_dir / "default" / "phoenix") as r:
+        assert r.status == "finished"
