@@ -48,6 +48,22 @@ stored as media rows and referenced from the table's JSON as
 total, scale) followed by ``num_bins + 1`` float64 edges and ``num_bins``
 counts (int32 for exact, uint8 for compact: multiply by ``scale``).
 
+Commits.  A batch is written in two phases: first the appends to the
+ColumnVault files (scalars, histograms), media files, tensor payloads and
+``logs/output.log``; then ONE SQLite transaction in ``metadata.db`` that
+records the batch's rows (steps, media, tables, tensors, KDEs), the clients'
+sequence numbers and, in the ``committed`` table, the length of every column
+and of ``output.log`` after the batch.  That transaction is the commit point:
+rows beyond a column's committed length (``committed.file`` is the vault's path
+relative to the run folder, ``committed.name`` the column; ``logs/output.log``
+with name ``""`` is a byte length) belong to a batch whose writer died before
+committing.  Readers ignore them and the next writer removes them; the clients
+re-send that batch, so nothing is lost or doubled.  ``client_seqs`` holds, per
+client, the committed sequence numbers as closed ranges ``lo..hi`` (usually one
+row): the daemon drops a re-sent message whose numbers are already there.
+``clients.dropped_calls``/``dropped_values`` count what the client's drop policy
+discarded when the daemon could not keep up.
+
 Compatibility: ``FORMAT_VERSION`` is written to ``metadata.json`` and to the
 ``meta`` table.  A reader refuses a folder whose major version is newer.
 """
@@ -115,7 +131,9 @@ CREATE TABLE IF NOT EXISTS clients (
     opened_at REAL NOT NULL,
     closed_at REAL,
     status TEXT NOT NULL,
-    durable_seq INTEGER NOT NULL DEFAULT 0
+    durable_seq INTEGER NOT NULL DEFAULT 0,
+    dropped_calls INTEGER NOT NULL DEFAULT 0,
+    dropped_values INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS media (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -173,6 +191,18 @@ CREATE TABLE IF NOT EXISTS kde (
     count INTEGER
 );
 CREATE INDEX IF NOT EXISTS kde_by_name ON kde(name, rank, step);
+CREATE TABLE IF NOT EXISTS committed (
+    file TEXT NOT NULL,
+    name TEXT NOT NULL,
+    length INTEGER NOT NULL,
+    PRIMARY KEY (file, name)
+);
+CREATE TABLE IF NOT EXISTS client_seqs (
+    client TEXT NOT NULL,
+    lo INTEGER NOT NULL,
+    hi INTEGER NOT NULL,
+    PRIMARY KEY (client, lo)
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     wall REAL NOT NULL,
