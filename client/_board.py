@@ -8,7 +8,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..protocol.errors import BoardClosedError, KoboError, TransportError
+from ..protocol.errors import BoardClosedError, DaemonUnavailable, KoboError, StorageError, TransportError
 from ._rich import RICH_KINDS, Histogram
 from ._values import check_name, to_config, to_scalar
 
@@ -143,6 +143,8 @@ class Board:
         world_size: int | None = None,
         local_rank: int | None = None,
         max_queue: int | None = None,
+        max_inflight_bytes: int | None = None,
+        queue_policy: str | None = None,
         timeout: float | None = None,
     ) -> None:
         self._closed = True  # until fully open: finish() and __del__ are no-ops
@@ -201,6 +203,12 @@ class Board:
         self._crashed = False
         self._pid = os.getpid()
         self._max_queue = max_queue or cfg.max_queue
+        self._max_inflight = _check_count("max_inflight_bytes", max_inflight_bytes, 1) if max_inflight_bytes is not None else cfg.max_inflight_bytes
+        from ._config import QUEUE_POLICIES
+
+        self._policy = queue_policy if queue_policy is not None else cfg.queue_policy
+        if self._policy not in QUEUE_POLICIES:
+            raise ValueError(f"queue_policy must be one of {', '.join(QUEUE_POLICIES)}, got {self._policy!r}")
         self._reopening = False
 
         reply = self._connect()
@@ -229,6 +237,7 @@ class Board:
         cfg = self._cfg
         ensure_daemon(cfg.endpoint, autostart=cfg.autostart)
         conn = Connection(cfg.endpoint)
+        ident = (os.getpid(), process_start_ticks(), socket.gethostname())
         try:
             reply = conn.request(
                 m.OpenRun,
@@ -238,15 +247,16 @@ class Board:
                 self.project,
                 self.run_id,
                 self.config,
-                os.getpid(),
-                process_start_ticks(),
-                socket.gethostname(),
+                *ident,
                 self.world_size,
             )
         except BaseException:
             conn.close()
             raise
-        sender = Sender(conn.ctx, cfg.endpoint, self.path, self._client, self.rank, self._max_queue)
+        sender = Sender(
+            conn.ctx, cfg.endpoint, self.path, self._client, self.rank, self._max_queue,
+            max_inflight_bytes=self._max_inflight, policy=self._policy, daemon_id=reply.daemon, ident=ident,
+        )
         sender.autostart = cfg.autostart
         sender.start()
         self._conn, self._sender = conn, sender
@@ -360,7 +370,7 @@ class Board:
                 self._sender.put((seq, self._step, self._global_step, time.time(), scalars))
             else:
                 env = m.Envelope(self.path, self._client, seq, self.rank, self._step, self._global_step, time.time())
-                self._sender.put(m.LogMessage(env, scalars, items, blobs), sum(len(b) for b in blobs))
+                self._sender.put(m.LogMessage(env, scalars, items, blobs))
 
     def log_histogram(self, name: str, values: Any, **kwargs: Any) -> None:
         """Log one histogram as its own ``log()`` call (a step of its own).
@@ -399,9 +409,8 @@ class Board:
         self._raise_sender_error()
         with self._lock:
             last = self._seq
-        self._conn.request(
-            m.FlushRequest, self._env(), timeout if timeout is not None else self._cfg.flush_timeout, last
-        )
+            self._sender.flush_drops()
+        self._sender.sync(last, timeout if timeout is not None else self._cfg.flush_timeout)
 
     def _raise_sender_error(self) -> None:
         err = self._sender.error
@@ -435,26 +444,38 @@ class Board:
         timeout = self._cfg.finish_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         _unregister(self)
-        sent_all = self._sender.stop(max(0.1, deadline - time.monotonic()))
+        sender = self._sender
+        problem: KoboError | None = None
         try:
-            self._conn.request(
-                m.FinishRun, self._env(), max(0.1, deadline - time.monotonic()), last, status
-            )
-        except TransportError as exc:
+            with self._lock:
+                sender.flush_drops()
+            try:
+                sender.sync(last, max(0.1, deadline - time.monotonic()))
+            except KoboError as exc:  # storage error, timeout, daemon gone
+                problem = exc
+            if not isinstance(problem, DaemonUnavailable):
+                try:
+                    self._conn.request(m.FinishRun, self._env(), max(0.1, deadline - time.monotonic()), last, status)
+                except KoboError as exc:
+                    problem = problem or exc
+        finally:
+            stopped = sender.stop(0.5)
+            unwritten = sender.unwritten_calls()
+            if stopped:
+                self._conn.close()
+            else:
+                self._conn.ctx.destroy(linger=0)
+        if isinstance(problem, StorageError):
+            raise problem
+        if problem is not None:
             import warnings
 
-            unsent = last - self._sender.sent_seq
             warnings.warn(
-                f"kohakuboard: run {self.path} could not be finished ({exc}); "
-                f"{unsent if not sent_all else 'up to ' + str(last)} log() call(s) may not have been written",
+                f"kohakuboard: run {self.path} could not be finished ({problem}); "
+                f"{unwritten} log() call(s) were not written",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        finally:
-            if self._sender.is_alive():
-                self._conn.ctx.destroy(linger=0)
-            else:
-                self._conn.close()
 
     def _close_unused_in_child(self) -> None:
         # Inherited from the parent and never used in this process: this process
@@ -488,13 +509,22 @@ class Board:
         return f"<Board {self.project}/{self.run_id} {state} step={self._step} global_step={self._global_step}>"
 
     def stats(self) -> dict[str, Any]:
-        """Client-side counters: queued, sent and peak queue length."""
+        """Client-side counters: what was logged, sent, acknowledged, queued, dropped, re-sent."""
+        s = self._sender
         return {
             "logged": self._seq,
-            "sent": self._sender.sent_seq,
-            "queued": len(self._sender.queue),
-            "peak_queue": self._sender.peak,
-            "max_queue": self._sender.max_queue,
+            "sent": s.sent_seq,
+            "acknowledged": s.acked_seq,
+            "queued": len(s.queue),
+            "unacknowledged_calls": s.unacked_calls,
+            "inflight_bytes": s.put_bytes - s.taken_bytes + s.unacked_bytes,
+            "max_inflight_bytes": s.limit,
+            "peak_queue": s.peak,
+            "max_queue": s.max_queue,
+            "dropped_calls": s.dropped_calls,
+            "dropped_values": s.dropped_values,
+            "daemon_restarts_seen": s.replays,
+            "replayed_calls": s.replayed_calls,
         }
 
 

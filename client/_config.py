@@ -8,6 +8,10 @@ Environment variables (the only place the client reads them):
 ``RANK``                   this process's rank in a distributed launch (default 0)
 ``LOCAL_RANK``             its rank on this node (default: the rank)
 ``WORLD_SIZE``             how many ranks the launch has (default 1)
+``KOBO_MAX_INFLIGHT_MB``   bound on log data not yet acknowledged as durable, queued
+                           and sent (default 64)
+``KOBO_QUEUE_POLICY``      what ``log()`` does at that bound: ``block`` (default) or
+                           ``drop`` (discard the newest calls, counted in the run)
 ``TORCHELASTIC_RUN_ID``    set by torchrun, the same on every rank of one launch: the
                            run id of a distributed run is derived from it (see ``Board``).
 """
@@ -19,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..protocol.endpoint import Endpoint, resolve
+
+QUEUE_POLICIES = ("block", "drop")
 
 
 @dataclass(frozen=True)
@@ -36,12 +42,17 @@ class ClientConfig:
     flush_timeout: float = 60.0
     finish_timeout: float = 10.0
     max_queue: int = 200_000
+    max_inflight_bytes: int = 64 << 20
+    queue_policy: str = "block"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "ClientConfig":
         env = os.environ if environ is None else environ
         rank = _int_env(env, "RANK", 0, minimum=0)
         elastic = (env.get("TORCHELASTIC_RUN_ID") or "").strip()
+        policy = (env.get("KOBO_QUEUE_POLICY") or "block").strip().lower()
+        if policy not in QUEUE_POLICIES:
+            raise ValueError(f"KOBO_QUEUE_POLICY={policy!r} must be one of {', '.join(QUEUE_POLICIES)}")
         return cls(
             endpoint=resolve(env.get("KOBO_DAEMON_ENDPOINT"), env),
             autostart=env.get("KOBO_DAEMON_AUTOSTART", "1").strip().lower() not in ("0", "false", "no", "off"),
@@ -50,6 +61,8 @@ class ClientConfig:
             local_rank=_int_env(env, "LOCAL_RANK", None, minimum=0),
             world_size=_int_env(env, "WORLD_SIZE", 1, minimum=1),
             elastic_run_id=elastic or None,
+            max_inflight_bytes=_int_env(env, "KOBO_MAX_INFLIGHT_MB", 64, minimum=1) << 20,
+            queue_policy=policy,
         )
 
 

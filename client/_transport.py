@@ -1,14 +1,26 @@
-"""The client's two connections to the daemon.
+"""The client's connections to the daemon.
 
 * Data: a background sender thread owns a ``PUSH`` socket.  ``log()`` only puts
   a small tuple on a deque; the thread encodes and sends.  Measured on the
   project machine, encoding and sending in the caller costs more than the 5 us
-  ``log()`` budget; a deque append costs well under a microsecond.  The deque
-  is bounded (``max_queue`` messages): at 80 % a warning is printed once, at
-  100 % ``log()`` blocks until the sender catches up, so memory never grows
-  without bound and nothing is dropped silently.
-* Control: a ``DEALER`` socket for requests that need an answer (open, flush,
-  finish, status), used under a lock from whichever thread asks.
+  ``log()`` budget; a deque append costs well under a microsecond.
+* Acknowledged delivery: every message the thread sends stays in ``unacked``
+  until the daemon says it is durable.  The thread asks (:class:`AckRequest`
+  on a ``DEALER`` socket of its own) every 100 ms while it holds unacknowledged
+  messages.  When the answer comes from a different daemon instance (the
+  daemon was killed and restarted), it re-sends everything not acknowledged,
+  in order; the daemon drops what it already has, so each call is stored
+  exactly once.  When nobody answers and the daemon process is gone, the
+  thread starts a new daemon (unless autostart is off).
+* Bounded memory: queued plus unacknowledged data is at most
+  ``max_inflight_bytes`` (and the queue at most ``max_queue`` calls).  At 80 %
+  a warning is printed once ("Queue size is N (80% capacity)"); at 100 % the
+  policy applies: ``block`` (default) makes ``log()`` wait for the daemon,
+  ``drop`` discards the newest calls and reports them to the daemon, which
+  stores the count in the run (``kobo show`` prints it).  Nothing is dropped
+  silently.
+* Control: a ``DEALER`` socket for requests that need an answer (open, finish,
+  status), used under a lock from whichever thread asks.
 
 zmq and msgpack are imported here, and this module is imported only when the
 first Board connects.
@@ -29,87 +41,259 @@ import zmq
 from ..protocol import codec
 from ..protocol import messages as m
 from ..protocol.endpoint import Endpoint, daemon_alive
-from ..protocol.errors import DaemonUnavailable, KoboTimeoutError, ProtocolError, error_from_code
+from ..protocol.errors import (
+    DaemonUnavailable,
+    KoboTimeoutError,
+    ProtocolError,
+    TransportError,
+    error_from_code,
+)
 
 _STOP = object()
 _MAX_BATCH = 1024  # calls per LogBatch: 256 KB at 32 scalars, so the daemon's receive queue stays small
+_ACK_INTERVAL = 0.1  # seconds between acknowledgement requests while data is unacknowledged
+_ACK_RETRY = 2.0  # an acknowledgement request unanswered this long is asked again
+_ALIVE_CHECK = 1.0  # how often to check for a dead daemon while it does not answer
+_SYNC_WAIT_MS = 300  # how long the daemon may hold an acknowledgement request a flush waits on
+
+
+def item_bytes(item: Any) -> int:
+    """What a queued item is counted as against ``max_inflight_bytes``.
+
+    Roughly its memory while queued: a scalar call is a tuple and a dict of
+    floats (measured ~200 B + ~60 B a value); a rich call holds its blobs.
+    """
+    t = type(item)
+    if t is tuple:
+        return 200 + 60 * len(item[4])
+    if t is m.LogMessage:
+        return 1000 + sum(len(b) for b in item.blobs)
+    if t is m.OutputMessage:
+        return 200 + len(item.text)
+    return 0
+
+
+def _seq_and_values(item: Any) -> tuple[int, int]:
+    if type(item) is tuple:
+        return item[0], len(item[4])
+    if type(item) is m.LogMessage:
+        return item.env.seq, len(item.scalars) + len(item.items)
+    return item.env.seq, 0
+
+
+class _Entry:
+    """One sent message kept until acknowledged: seqs ``first..last``, its frames."""
+
+    __slots__ = ("first", "last", "frames", "nbytes", "calls")
+
+    def __init__(self, first: int, last: int, frames: list[Any], calls: int) -> None:
+        self.first = first
+        self.last = last
+        self.frames = frames
+        self.nbytes = sum(len(f) for f in frames)
+        self.calls = calls
+
+
+class _Drop:
+    """Calls ``first..last`` discarded by the drop policy; sent as one DropReport."""
+
+    __slots__ = ("first", "last", "calls", "values")
+
+    def __init__(self, first: int, values: int) -> None:
+        self.first = self.last = first
+        self.calls = 1
+        self.values = values
 
 
 class Sender(threading.Thread):
-    """Encodes queued log calls and PUSHes them, in order, on its own thread."""
+    """Encodes queued log calls, PUSHes them in order, and keeps them until acknowledged."""
 
-    def __init__(self, ctx: zmq.Context[Any], ep: Endpoint, run: str, client: str, rank: int, max_queue: int) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        ep: Endpoint,
+        run: str,
+        client: str,
+        rank: int,
+        max_queue: int,
+        *,
+        max_inflight_bytes: int = 64 << 20,
+        policy: str = "block",
+        daemon_id: str | None = None,
+        ident: tuple[int, int, str] = (0, 0, ""),
+    ) -> None:
         super().__init__(name="kohakuboard-sender", daemon=True)
         self._ctx = ctx
         self._ep = ep
         self._run = run
         self._client = client
         self._rank = rank
+        self._who = ident
         self.max_queue = max_queue
+        self.limit = max_inflight_bytes
+        self.policy = policy
+        self.autostart = True
         self.queue: collections.deque[Any] = collections.deque()
         self._wake = threading.Event()
         self._idle = False
         self._abort = False
+        # Bytes: put_bytes grows in the caller (under the Board's lock),
+        # taken_bytes in this thread; their difference is what is queued.
+        self.put_bytes = 0
+        self.taken_bytes = 0
+        self.unacked: collections.deque[_Entry] = collections.deque()
+        self.unacked_bytes = 0
+        self.unacked_calls = 0
         self.sent_seq = 0
+        self.acked_seq = 0
         self.peak = 0
         self._warned = False
+        self._warned_full = False
+        self.dropped_calls = 0
+        self.dropped_values = 0
+        self._drop: _Drop | None = None
         self.error: BaseException | None = None
         self.encode_errors = 0
-        self.max_queue_bytes = 64 << 20
-        self.autostart = True
+        self.storage_error: tuple[int, str] | None = None
+        self.daemon_down = False
         self.daemon_restarts = 0
-        self._next_revive_check = 0.0
-        self.queued_bytes = 0
-        self._bytes_lock = threading.Lock()
+        self.revive_error: BaseException | None = None
+        self.replays = 0
+        self.replayed_calls = 0
+        self._daemon_id = daemon_id or None
+        self._cond = threading.Condition()
+        self._want = 0
+        self._replies = 0
+        self._resend: collections.deque[_Entry] = collections.deque()
+        self._current: _Entry | None = None
+        self._query_id = 0
+        self._query_at: float | None = None
+        self._next_query = 0.0
+        self._next_alive_check = 0.0
 
-    def put(self, item: Any, nbytes: int = 0) -> None:
-        """Queue one item (caller thread).  Blocks while the queue is full.
+    # ------------------------------------------------------- caller thread
 
-        ``nbytes``: the size of the item's binary blobs (images, arrays), which
-        count against ``max_queue_bytes`` as well.
+    def put(self, item: Any) -> bool:
+        """Queue one call (caller thread, under the Board's lock).
+
+        Returns False when the drop policy discarded it.  Blocks at 100 % under
+        the block policy.
         """
         q = self.queue
-        n = len(q)
-        if n >= self.max_queue * 0.8:
-            self._backpressure(n)
-        if nbytes:
-            self._wait_for_bytes(nbytes)
+        nbytes = 200 + 60 * len(item[4]) if type(item) is tuple else item_bytes(item)
+        if (
+            self.put_bytes - self.taken_bytes + self.unacked_bytes + nbytes > self.limit * 0.8
+            or len(q) >= self.max_queue * 0.8
+        ) and not self._pressure(item, nbytes):
+            return False
+        if self._drop is not None:
+            q.append(self._drop)
+            self._drop = None
+        self.put_bytes += nbytes
         q.append(item)
         if self._idle:
             self._wake.set()
+        return True
 
-    def _wait_for_bytes(self, nbytes: int) -> None:
-        # Blobs are the big thing a queue can hold: bound their bytes too.
-        with self._bytes_lock:
-            self.queued_bytes += nbytes
-        if self.queued_bytes > self.max_queue_bytes * 0.8 and not self._warned:
-            self._warned = True
-            print(
-                f"WARNING: Queue size is {self.queued_bytes >> 20} MiB "
-                f"({100 * self.queued_bytes // self.max_queue_bytes}% capacity): the kobo-daemon is not keeping up; "
-                "log() will block at 100%",
-                file=sys.__stderr__ or sys.stderr,
-            )
-        while self.queued_bytes > self.max_queue_bytes and len(self.queue) and self.is_alive() and not self._abort:
+    def flush_drops(self) -> None:
+        """Queue the report of calls dropped since the last one (caller, under the Board's lock)."""
+        if self._drop is not None:
+            self.queue.append(self._drop)
+            self._drop = None
             self._wake.set()
-            time.sleep(0.001)
 
-    def _backpressure(self, n: int) -> None:
+    def _full(self, nbytes: int) -> bool:
+        load = self.put_bytes - self.taken_bytes + self.unacked_bytes
+        # One item bigger than the whole bound still goes through, alone.
+        return (load + nbytes > self.limit and load > 0) or len(self.queue) >= self.max_queue
+
+    def _pressure(self, item: Any, nbytes: int) -> bool:
+        pending = len(self.queue) + self.unacked_calls
+        if pending > self.peak:
+            self.peak = pending
+        load = self.put_bytes - self.taken_bytes + self.unacked_bytes + nbytes
         if not self._warned:
             self._warned = True
+            pct = int(100 * max(load / self.limit, len(self.queue) / self.max_queue))
             print(
-                f"WARNING: Queue size is {n} ({100 * n // self.max_queue}% capacity): the kobo-daemon is not "
-                "keeping up; log() will block at 100% (log less often, or precompute histograms)",
+                f"WARNING: Queue size is {pending} ({pct}% capacity): {load / 2**20:.1f} MiB of log() calls are not "
+                f"yet acknowledged by the kobo-daemon (limit {self.limit / 2**20:.0f} MiB); at 100% log() will "
+                f"{'drop the newest calls' if self.policy == 'drop' else 'block'} (log less often, or precompute histograms)",
                 file=sys.__stderr__ or sys.stderr,
             )
-        if n > self.peak:
-            self.peak = n
-        while len(self.queue) >= self.max_queue and self.is_alive() and not self._abort:
+        if not self._full(nbytes):
+            return True
+        if self.policy == "drop":
+            seq, values = _seq_and_values(item)
+            d = self._drop
+            if d is None:
+                self._drop = _Drop(seq, values)
+            else:
+                d.last = seq
+                d.calls += 1
+                d.values += values
+            self.dropped_calls += 1
+            self.dropped_values += values
+            if not self._warned_full:
+                self._warned_full = True
+                print(
+                    "WARNING: Queue size is at 100% capacity: dropping the newest log() calls until the kobo-daemon "
+                    "catches up; the count is stored in the run (kobo show)",
+                    file=sys.__stderr__ or sys.stderr,
+                )
+            return False
+        if not self._warned_full:
+            self._warned_full = True
+            print(
+                "WARNING: Queue size is at 100% capacity: log() blocks until the kobo-daemon catches up",
+                file=sys.__stderr__ or sys.stderr,
+            )
+        while self._full(nbytes) and self.is_alive() and not self._abort:
             self._wake.set()
             time.sleep(0.0005)
+        return True
+
+    def unwritten_calls(self) -> int:
+        """Calls queued or sent but not acknowledged as durable (approximate while running)."""
+        return len(self.queue) + self.unacked_calls
+
+    def sync(self, seq: int, timeout: float) -> None:
+        """Wait until the daemon acknowledges every message up to ``seq`` as durable.
+
+        Survives a daemon restart (the thread re-sends).  Raises the run's
+        :class:`StorageError` when the daemon reports one after this call
+        began, :class:`DaemonUnavailable` at the timeout if the daemon is gone,
+        :class:`KoboTimeoutError` otherwise.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            replies0 = self._replies
+            if seq > self._want:
+                self._want = seq
+            self._next_query = 0.0
+        self._wake.set()
+        with self._cond:
+            while self.acked_seq < seq:
+                if self.storage_error is not None and self._replies > replies0:
+                    raise error_from_code(*self.storage_error)
+                if not self.is_alive():
+                    raise TransportError(f"the kohakuboard sender thread stopped: {self.error!r}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    n = max(0, self.unwritten_calls())
+                    if self.daemon_down:
+                        why = f" ({self.revive_error})" if self.revive_error else ""
+                        raise DaemonUnavailable(
+                            f"kobo-daemon on {self._ep} is not running{why}; {n} log() call(s) are not written yet"
+                        )
+                    raise KoboTimeoutError(
+                        f"kobo-daemon on {self._ep} did not make the data durable within {timeout:g}s "
+                        f"({n} log() call(s) not acknowledged yet)"
+                    )
+                self._cond.wait(min(remaining, 0.1))
 
     def stop(self, timeout: float) -> bool:
-        """Send everything queued, then end the thread; False if it could not in time."""
+        """End the thread after sending what is queued; False if it could not in time."""
         self.queue.append(_STOP)
         self._wake.set()
         self.join(timeout)
@@ -119,57 +303,119 @@ class Sender(threading.Thread):
             return False
         return True
 
+    # ------------------------------------------------------- sender thread
+
     def run(self) -> None:
-        sock = self._ctx.socket(zmq.PUSH)
-        sock.setsockopt(zmq.LINGER, 2000)
+        push = self._ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
         # Few messages in zmq's own queue: a LogBatch or an array can be large,
         # and what waits beyond this waits in our deque, where it is counted.
-        sock.setsockopt(zmq.SNDHWM, 16)
-        sock.connect(self._ep.data_addr)
-        q = self.queue
-        encode = codec.encode_log
-        run, client, rank = self._run, self._client, self._rank
+        push.setsockopt(zmq.SNDHWM, 16)
+        push.connect(self._ep.data_addr)
+        ack = self._ctx.socket(zmq.DEALER)
+        ack.setsockopt(zmq.LINGER, 0)
+        ack.setsockopt(zmq.SNDHWM, 8)
+        ack.connect(self._ep.control_addr)
+        both = zmq.Poller()
+        both.register(push, zmq.POLLOUT)
+        both.register(ack, zmq.POLLIN)
         try:
-            while True:
-                while q:
-                    item = q.popleft()
-                    if item is _STOP:
-                        return
-                    try:
-                        if type(item) is tuple:
-                            if q and type(q[0]) is tuple:
-                                seq, frames = self._encode_batch(item)
-                            else:
-                                seq, step, gstep, wall, scalars = item
-                                frames = encode(run, client, seq, rank, step, gstep, wall, scalars)
-                        else:  # a ready message object (rich values, captured output)
-                            seq = item.env.seq
-                            frames = codec.encode(item)
-                            if type(item) is m.LogMessage and item.blobs:
-                                size = sum(len(b) for b in item.blobs)
-                                with self._bytes_lock:
-                                    self.queued_bytes -= size
-                    except Exception as exc:
-                        # log() validates everything it can, so this is a bug; count
-                        # it, tell flush(), and keep the sender (and training) going.
-                        self.encode_errors += 1
-                        self.error = exc
-                        continue
-                    self._send(sock, frames)
-                    self.sent_seq = seq
-                self._idle = True
-                if not q:
-                    self._wake.wait(0.5)
-                    self._wake.clear()
-                self._idle = False
+            self._loop(push, ack, both)
         except _Aborted:
-            return
+            pass
         except BaseException as exc:  # pragma: no cover - reported by flush()/finish()
             self.error = exc
         finally:
-            sock.close(linger=0 if self._abort else 2000)
+            push.close(linger=0)
+            ack.close(linger=0)
+            with self._cond:
+                self._cond.notify_all()
 
-    def _encode_batch(self, first: tuple[Any, ...]) -> tuple[int, list[bytes]]:
+    def _loop(self, push: zmq.Socket[Any], ack: zmq.Socket[Any], both: zmq.Poller) -> None:
+        q = self.queue
+        while True:
+            if self._abort:
+                return
+            self._read_acks(ack)
+            blocked = False
+            while self._resend:
+                if not self._try_send(push, self._resend[0].frames):
+                    blocked = True
+                    break
+                self.replayed_calls += self._resend.popleft().calls
+            stopping = False
+            if not blocked:
+                while True:
+                    if self._current is None:
+                        if not q or self.unacked_bytes >= self.limit:
+                            break
+                        item = q.popleft()
+                        if item is _STOP:
+                            stopping = True
+                            break
+                        self.taken_bytes += item_bytes(item)
+                        entry = self._encode(item)
+                        self.unacked.append(entry)
+                        self.unacked_bytes += entry.nbytes
+                        self.unacked_calls += entry.calls
+                        self._current = entry
+                    if not self._try_send(push, self._current.frames):
+                        blocked = True
+                        break
+                    self.sent_seq = self._current.last
+                    self._current = None
+            if stopping:
+                return
+            now = time.monotonic()
+            waiting = self.unacked or self._want > self.acked_seq
+            if waiting:
+                self._ask(ack, now)
+            if blocked:
+                both.poll(20)
+            elif q and self.unacked_bytes < self.limit:
+                continue
+            elif waiting:
+                ack.poll(20)
+            else:
+                self._idle = True
+                if not q:
+                    self._wake.wait(0.5)
+                self._wake.clear()
+                self._idle = False
+
+    def _try_send(self, push: zmq.Socket[Any], frames: list[Any]) -> bool:
+        try:
+            push.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            return False
+
+    def _encode(self, item: Any) -> _Entry:
+        try:
+            if type(item) is tuple:
+                q = self.queue
+                if q and type(q[0]) is tuple:
+                    first, last, frames, calls = self._encode_batch(item)
+                    return _Entry(first, last, frames, calls)
+                seq, step, gstep, wall, scalars = item
+                frames = codec.encode_log(self._run, self._client, seq, self._rank, step, gstep, wall, scalars)
+                return _Entry(seq, seq, frames, 1)
+            if type(item) is _Drop:
+                env = m.Envelope(self._run, self._client, item.last, self._rank, 0, 0, time.time())
+                return _Entry(item.first, item.last, codec.encode(m.DropReport(env, item.first, item.calls, item.values)), 0)
+            return _Entry(item.env.seq, item.env.seq, codec.encode(item), 1)
+        except Exception as exc:
+            # log() validates everything it can, so this is a bug: count it, tell
+            # flush(), and report the call as dropped so the sequence stays whole.
+            self.encode_errors += 1
+            self.error = exc
+            seq, values = _seq_and_values(item)
+            self.dropped_calls += 1
+            self.dropped_values += values
+            env = m.Envelope(self._run, self._client, seq, self._rank, 0, 0, time.time())
+            return _Entry(seq, seq, codec.encode(m.DropReport(env, seq, 1, values)), 0)
+
+    def _encode_batch(self, first: tuple[Any, ...]) -> tuple[int, int, list[Any], int]:
         """Pack ``first`` and the queued calls right after it that log the same names.
 
         Only used when calls are already waiting: at low rates every call is
@@ -184,6 +430,8 @@ class Sender(threading.Thread):
             if type(nxt) is not tuple or tuple(nxt[4]) != names:
                 break
             rows.append(q.popleft())
+        for r in rows[1:]:
+            self.taken_bytes += 200 + 60 * len(r[4])
         last = rows[-1]
         env = m.Envelope(self._run, self._client, last[0], self._rank, last[1], last[2], last[3])
         msg = m.LogBatch(
@@ -196,33 +444,90 @@ class Sender(threading.Thread):
             _le("d", [r[3] for r in rows]),
             _le("d", chain.from_iterable(r[4].values() for r in rows)),
         )
-        return last[0], codec.encode(msg)
+        return first[0], last[0], codec.encode(msg), len(rows)
 
-    def _send(self, sock: zmq.Socket[Any], frames: list[bytes]) -> None:
+    # ---------------------------------------------------- acknowledgements
+
+    def _ask(self, ack: zmq.Socket[Any], now: float) -> None:
+        """Send an acknowledgement request when one is due; watch for a dead daemon."""
+        if self._query_at is not None and now - self._query_at > _ALIVE_CHECK:
+            self._check_daemon(now)
+        if self._query_at is not None and now - self._query_at < _ACK_RETRY:
+            return
+        if now < self._next_query:
+            return
+        sync = self._want > self.acked_seq
+        last = self.unacked[-1].last if self.unacked else self.acked_seq
+        want = min(self._want, last) if sync else last
+        self._query_id += 1
+        env = m.Envelope(self._run, self._client, self._query_id, self._rank, 0, 0, time.time())
+        pid, start, host = self._who
+        req = m.AckRequest(env, want, _SYNC_WAIT_MS if sync else 0, pid, start, host)
+        try:
+            ack.send_multipart(codec.encode(req), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # no daemon connected: the alive check below notices
+        if self._query_at is None or now - self._query_at >= _ACK_RETRY:
+            self._query_at = now
+        self._next_query = now + _ACK_INTERVAL
+
+    def _read_acks(self, ack: zmq.Socket[Any]) -> None:
         while True:
             try:
-                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-                return
+                frames = ack.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                # The daemon is slow or gone; wait, but stay stoppable.
-                if self._abort:
-                    raise _Aborted from None
-                if not sock.poll(100, zmq.POLLOUT):
-                    self._revive_daemon()
+                return
+            try:
+                reply = codec.decode(frames)
+            except ProtocolError:
+                continue
+            if isinstance(reply, m.Acked):
+                self._on_acked(reply)
+            elif isinstance(reply, m.ErrorReply) and reply.env.seq == self._query_id:
+                self._query_at = None  # e.g. the run is not open: asked again later
 
-    def _revive_daemon(self) -> None:
-        """Start a new daemon if ours died, so the training loop never blocks on a dead one.
+    def _on_acked(self, reply: m.Acked) -> None:
+        if reply.env.seq == self._query_id:
+            self._query_at = None
+        self.daemon_down = False
+        if reply.daemon and reply.daemon != self._daemon_id:
+            old, self._daemon_id = self._daemon_id, reply.daemon
+            if old is not None:
+                self._replay(reply.durable_seq)
+        durable = reply.durable_seq
+        with self._cond:
+            if durable > self.acked_seq:
+                u = self.unacked
+                while u and u[0].last <= durable:
+                    e = u.popleft()
+                    self.unacked_bytes -= e.nbytes
+                    self.unacked_calls -= e.calls
+                self.acked_seq = durable
+            self.storage_error = (reply.error_code, reply.error) if reply.error_code else None
+            self._replies += 1
+            self._cond.notify_all()
 
-        Checked at most once a second while sends are refused.  The new daemon
-        accepts data for existing run folders, so logging carries on; what the
-        dead daemon had received but not written is lost (acknowledged replay
-        is not implemented yet).
-        """
-        now = time.monotonic()
-        if now < self._next_revive_check or not self.autostart:
+    def _replay(self, durable: int) -> None:
+        """A different daemon answers: re-send, in order, what the old one did not make durable."""
+        self._resend = collections.deque(e for e in self.unacked if e.last > durable)
+        self._current = None
+        self.replays += 1
+        n = sum(e.calls for e in self._resend)
+        if n:
+            print(
+                f"kohakuboard: the kobo-daemon on {self._ep} restarted; re-sending {n} unacknowledged log() call(s)",
+                file=sys.__stderr__ or sys.stderr,
+            )
+
+    def _check_daemon(self, now: float) -> None:
+        """The daemon does not answer: if its process is gone, start a new one."""
+        if now < self._next_alive_check:
             return
-        self._next_revive_check = now + 1.0
+        self._next_alive_check = now + _ALIVE_CHECK
         if daemon_alive(self._ep):
+            return  # alive, only slow (or stopped): keep waiting
+        self.daemon_down = True
+        if not self.autostart:
             return
         from ._spawn import ensure_daemon
 
@@ -233,8 +538,10 @@ class Sender(threading.Thread):
                     f"kohakuboard: the kobo-daemon on {self._ep} had stopped; started a new one",
                     file=sys.__stderr__ or sys.stderr,
                 )
-        except Exception as exc:  # keep trying every second; flush()/finish() report it
-            self.error = exc
+            self._query_at = None
+            self._next_query = 0.0
+        except Exception as exc:  # keep trying every second; flush()/finish() time out and say so
+            self.revive_error = exc
 
 
 def _le(code: str, values: Any) -> bytes:

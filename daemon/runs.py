@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..protocol.errors import StorageError
-from ..protocol.messages import LogBatch, LogMessage, OutputMessage
+from ..protocol.messages import DropReport, LogBatch, LogMessage, OutputMessage
 from ..storage import format as fmt
 from ..storage.writer import RunWriter
 
@@ -60,6 +60,7 @@ class RunStats:
     peak_pending: int = 0
     write_seconds: float = 0.0
     errors: int = 0
+    duplicates: int = 0
     last_error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -133,6 +134,8 @@ class RunChannel:
         if previous is not None:
             state.received_seq = previous.received_seq
             state.durable_seq = previous.durable_seq
+        else:
+            state.durable_seq = writer.durable_prefix(state.client)
         info = await self.call(
             writer.attach,
             client=state.client,
@@ -174,7 +177,7 @@ class RunChannel:
 
     # ------------------------------------------------------------- messages
 
-    def add(self, msg: LogMessage | LogBatch | OutputMessage) -> None:
+    def add(self, msg: LogMessage | LogBatch | OutputMessage | DropReport) -> None:
         """Queue a message for writing (event loop; no I/O)."""
         state = self.clients.get(msg.env.client)
         if state is not None and msg.env.seq > state.received_seq:
@@ -187,6 +190,9 @@ class RunChannel:
                 # received bytes plus the 32-byte records they become when staged
                 self._pending_calls += msg.count
                 self.pending_bytes += 200 + 5 * len(msg.values) + 64 * msg.count
+            elif type(msg) is DropReport:
+                self._pending_calls += 1
+                self.pending_bytes += 200
             else:
                 self._pending_calls += 1
                 # a decoded dict costs ~80 B a value, its staged record 32 B
@@ -208,7 +214,30 @@ class RunChannel:
 
     def durable_seq(self, client: str) -> int:
         state = self.clients.get(client)
-        return state.durable_seq if state else 0
+        if state is not None:
+            return state.durable_seq
+        return self.writer.durable_prefix(client) if self.writer is not None else 0
+
+    async def ensure_client(self, client: str, rank: int, pid: int, pid_start: int, host: str) -> ClientState:
+        """The state of a client that may have attached to a previous daemon instance.
+
+        A client re-attaches implicitly with its first acknowledgement request
+        after a daemon restart; from then on it is watched like any other (its
+        process dying marks the run crashed).
+        """
+        state = self.clients.get(client)
+        if state is not None:
+            return state
+        writer = await self.ensure_writer()
+        state = self.clients.get(client)
+        if state is None:
+            state = ClientState(client, rank, pid, pid_start, host)
+            state.durable_seq = writer.durable_prefix(client)
+            info = await self.call(writer.attach, client=client, rank=rank, pid=pid, host=host, name="", project="",
+                                   run_id=os.path.basename(self.path), config={})
+            del info
+            self.clients[client] = state
+        return state
 
     async def barrier(self, client: str, seq: int, timeout: float) -> int:
         """Wait until every message of ``client`` up to ``seq`` is durable.
@@ -216,9 +245,8 @@ class RunChannel:
         Raises the run's :class:`StorageError` if writing fails meanwhile, and
         ``TimeoutError`` if the messages do not arrive in time.
         """
-        state = self.clients.get(client)
-        if state is not None and state.durable_seq >= seq:
-            return state.durable_seq
+        if self.durable_seq(client) >= seq:
+            return self.durable_seq(client)
         if self.error is not None:
             raise self.error
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -251,15 +279,18 @@ class RunChannel:
         """Write batches until :meth:`stop`; then write what is left and close."""
         try:
             while True:
-                if not self.pending and not self.pending_output and not self._retry:
+                parked = self.writer is not None and self.writer.parked
+                if not self.pending and not self.pending_output and not self._retry and not parked:
                     if self._stopping:
                         break
                     self._has_data.clear()
                     await self._has_data.wait()
                     continue
                 wait = self._first_pending_at + self.flush_interval - self._now()
-                if self._retry and not (self.pending or self.pending_output):
-                    wait = 1.0  # storage failed: try again every second
+                if (self._retry or parked) and not (self.pending or self.pending_output):
+                    wait = 1.0  # storage failed, or messages wait for a re-send: look again every second
+                if self._stopping and self.writer is not None:
+                    self.writer.release_parked = True
                 if wait > 0 and not self._kick.is_set() and not self._stopping:
                     try:
                         await asyncio.wait_for(self._kick.wait(), wait)
@@ -279,7 +310,7 @@ class RunChannel:
         in_flight, self.pending_bytes = self.pending_bytes, 0
         self.unwritten_bytes += in_flight
         output, self.pending_output = self.pending_output, []
-        if not batch and not output and not self._retry:
+        if not batch and not output and not self._retry and not (self.writer is not None and self.writer.parked):
             self._resolve_waiters()
             return
         started = time.perf_counter()
@@ -320,14 +351,11 @@ class RunChannel:
     def _write(self, writer: RunWriter, batch: list[LogMessage | LogBatch], output: list[OutputMessage]) -> dict[str, int]:
         # Runs on the writer thread.  Output is written first: it is small, and a
         # crash traceback matters most when everything else is failing.
-        if output:
-            writer.write_output(output)
-            for msg in output:
-                writer._staged_seqs[msg.env.client] = max(writer._staged_seqs.get(msg.env.client, 0), msg.env.seq)
         before = writer.points_written
-        writer.stage(batch)
+        writer.stage(output + batch if output else batch)
         seqs = writer.commit()
         self.stats.points += writer.points_written - before
+        self.stats.duplicates = writer.duplicates
         return seqs
 
     def stop(self) -> None:
@@ -359,6 +387,7 @@ class RunChannel:
             "messages": self.stats.messages,
             "points": self.stats.points,
             "batches": self.stats.batches,
+            "duplicates": self.stats.duplicates,
             "write_seconds": round(self.stats.write_seconds, 3),
             "error": str(self.error) if self.error else None,
         }

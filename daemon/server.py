@@ -73,6 +73,9 @@ class Daemon:
         self._tg: asyncio.TaskGroup | None = None
         self._last_reject_log = 0.0
         self.ready = False
+        # Changes with every start: a client that sees a new id re-sends what the
+        # previous instance never acknowledged.
+        self.instance = f"{os.getpid()}-{os.urandom(6).hex()}"
 
     # --------------------------------------------------------------- startup
 
@@ -393,12 +396,27 @@ class Daemon:
                 raise
             final = await ch.detach(req.env.client, status)
             return m.Finished(env, durable, final)
+        if isinstance(req, m.AckRequest):
+            return await self._ack(req, env)
         if isinstance(req, m.StatusRequest):
             return m.StatusReply(env, self.status())
         if isinstance(req, m.ShutdownRequest):
             self.request_stop()
             return m.Ack(env)
         raise ProtocolError(f"unhandled request {req.KIND}")  # pragma: no cover
+
+    async def _ack(self, req: m.AckRequest, env: m.Envelope) -> m.Acked:
+        """Tell a client how far its data is durable (waiting a little if asked)."""
+        ch = self._attached_channel(req)
+        client = req.env.client
+        await ch.ensure_client(client, req.env.rank, req.pid, req.pid_start, req.host)
+        if req.want_seq > ch.durable_seq(client) and req.wait_ms > 0 and ch.error is None:
+            try:
+                await ch.barrier(client, req.want_seq, min(req.wait_ms, 5000) / 1000)
+            except (asyncio.TimeoutError, StorageError):
+                pass  # answered below with what is durable and the run's error
+        err = ch.error
+        return m.Acked(env, ch.durable_seq(client), self.instance, code_for(err) if err else 0, str(err) if err else "")
 
     def _attached_channel(self, req: Any) -> RunChannel:
         ch = self.runs.get(req.env.run)
@@ -422,7 +440,9 @@ class Daemon:
             "world_size": req.world_size,
         }
         info = await ch.attach(state, meta)
-        return m.RunOpened(env, info["created"], info["last_step"], info["last_global_step"], info["attached"])
+        return m.RunOpened(
+            env, info["created"], info["last_step"], info["last_global_step"], info["attached"], self.instance
+        )
 
     # ---------------------------------------------------------- housekeeping
 
@@ -464,6 +484,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
+            "instance": self.instance,
             "endpoint": str(self.ep),
             "uptime": round(time.time() - self.started_at, 3),
             "received": self.received,

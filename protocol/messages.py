@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 1
+PROTOCOL_MINOR = 2
 # Minor versions only append payload fields (each with a default).  A message
 # names the minor version that added each field in its ``SINCE`` map; fields not
 # listed are in 1.0.  The decoder fills fields an older sender did not have with
@@ -132,6 +132,22 @@ class OutputMessage:
     text: str = ""
 
 
+@dataclass(slots=True)
+class DropReport:
+    """Calls ``first_seq..env.seq`` that the client's drop policy discarded (since 1.2).
+
+    Sent in sequence order in place of the dropped calls, so the sequence stays
+    contiguous; the daemon adds the counts to the run's stored drop counters.
+    Wire payload: ``[first_seq, calls, values]``.
+    """
+
+    KIND: ClassVar[str] = "dropped"
+    env: Envelope
+    first_seq: int = 0
+    calls: int = 0
+    values: int = 0
+
+
 # ------------------------------------------------------------------ control
 
 
@@ -185,6 +201,26 @@ class FinishRun:
 
 
 @dataclass(slots=True)
+class AckRequest:
+    """Which of my data messages are durable?  (since 1.2)
+
+    Asked by the client's sender every ~100 ms while it holds unacknowledged
+    messages.  If ``want_seq`` is not durable yet, the daemon writes the run's
+    pending batch now and waits up to ``wait_ms`` for it before answering.
+    ``pid``/``pid_start``/``host`` let a restarted daemon re-attach a client it
+    has never seen.  Wire payload: ``[want_seq, wait_ms, pid, pid_start, host]``.
+    """
+
+    KIND: ClassVar[str] = "ack_req"
+    env: Envelope
+    want_seq: int = 0
+    wait_ms: int = 0
+    pid: int = 0
+    pid_start: int = 0
+    host: str = ""
+
+
+@dataclass(slots=True)
 class StatusRequest:
     """Ask for the daemon's counters.  Wire payload: ``[]``."""
 
@@ -207,17 +243,20 @@ class ShutdownRequest:
 class RunOpened:
     """Reply to :class:`OpenRun`.
 
-    Wire payload: ``[created, last_step, last_global_step, attached]``.
+    Wire payload: ``[created, last_step, last_global_step, attached, daemon]``.
     ``last_step`` is -1 for a run without points; ``attached`` counts the other
-    clients currently attached.
+    clients currently attached; ``daemon`` (since 1.2) identifies this daemon
+    instance (a new id after every restart).
     """
 
     KIND: ClassVar[str] = "opened"
+    SINCE: ClassVar[dict[str, int]] = {"daemon": 2}
     env: Envelope
     created: bool = True
     last_step: int = -1
     last_global_step: int = 0
     attached: int = 0
+    daemon: str = ""
 
 
 @dataclass(slots=True)
@@ -237,6 +276,24 @@ class Finished:
     env: Envelope
     durable_seq: int = 0
     status: str = "finished"
+
+
+@dataclass(slots=True)
+class Acked:
+    """Reply to :class:`AckRequest` (since 1.2).
+
+    Wire payload: ``[durable_seq, daemon, error_code, error]``: every data
+    message of the client with a sequence number up to ``durable_seq`` is
+    durable; ``daemon`` is the instance id; ``error_code``/``error`` are the
+    run's current storage error (0 and "" when writing works).
+    """
+
+    KIND: ClassVar[str] = "acked"
+    env: Envelope
+    durable_seq: int = 0
+    daemon: str = ""
+    error_code: int = 0
+    error: str = ""
 
 
 @dataclass(slots=True)
@@ -266,9 +323,9 @@ class ErrorReply:
     message: str = ""
 
 
-DataMessage = Union[LogMessage, LogBatch, OutputMessage]
-ControlRequest = Union[OpenRun, FlushRequest, FinishRun, StatusRequest, ShutdownRequest]
-DaemonReply = Union[RunOpened, Flushed, Finished, StatusReply, Ack, ErrorReply]
+DataMessage = Union[LogMessage, LogBatch, OutputMessage, DropReport]
+ControlRequest = Union[OpenRun, FlushRequest, FinishRun, AckRequest, StatusRequest, ShutdownRequest]
+DaemonReply = Union[RunOpened, Flushed, Finished, Acked, StatusReply, Ack, ErrorReply]
 ClientMessage = Union[DataMessage, ControlRequest]
 Message = Union[ClientMessage, DaemonReply]
 
@@ -276,19 +333,22 @@ ALL_MESSAGES: tuple[type, ...] = (
     LogMessage,
     LogBatch,
     OutputMessage,
+    DropReport,
     OpenRun,
     FlushRequest,
     FinishRun,
+    AckRequest,
     StatusRequest,
     ShutdownRequest,
     RunOpened,
     Flushed,
     Finished,
+    Acked,
     StatusReply,
     Ack,
     ErrorReply,
 )
-DATA_KINDS = frozenset(m.KIND for m in (LogMessage, LogBatch, OutputMessage))
+DATA_KINDS = frozenset(m.KIND for m in (LogMessage, LogBatch, OutputMessage, DropReport))
 REQUEST_KINDS = frozenset(
-    m.KIND for m in (OpenRun, FlushRequest, FinishRun, StatusRequest, ShutdownRequest)
+    m.KIND for m in (OpenRun, FlushRequest, FinishRun, AckRequest, StatusRequest, ShutdownRequest)
 )

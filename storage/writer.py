@@ -7,12 +7,23 @@ thread-safe; the daemon drives each writer from one dedicated thread.  A
 daemon on this node or elsewhere on a shared filesystem) appends to the same
 files: kohakuvault itself does nothing to prevent two writers.
 
-Writing is two-phase so that a storage fault never loses or duplicates a point:
-:meth:`RunWriter.stage` turns a batch of log messages into per-column record
-arrays (pure, cannot fail on the disk), :meth:`RunWriter.commit` appends them
-column by column, removing each from the staging list only after its append has
-committed.  If the disk fills up half way, the staged rest stays, the error is
-raised, and the next ``commit`` carries on where it stopped.
+Writing is staged so that neither a storage fault nor a crash loses or
+duplicates a point:
+
+* :meth:`RunWriter.stage` turns a batch of log messages into per-column record
+  arrays (pure, cannot fail on the disk), dropping messages whose sequence
+  numbers this run already has (a client re-sending what a dead daemon never
+  acknowledged).
+* :meth:`RunWriter.commit` phase A appends them column by column (and writes
+  media files, tensor payloads, captured output), removing each from the
+  staging list only after its append has committed; phase B is ONE SQLite
+  transaction with the batch's rows, the clients' sequence numbers and the
+  committed length of every column touched (format: "Commits").  If the disk
+  fills up half way, the staged rest stays, the error is raised, and the next
+  ``commit`` carries on where it stopped.
+* If the process dies between the phases, the next writer to open the run
+  removes the rows past the committed lengths (:meth:`RunWriter._recover`); the
+  client re-sends that batch because it was never acknowledged.
 """
 
 from __future__ import annotations
@@ -33,8 +44,9 @@ import numpy as np
 from kohakuvault import ColumnVault
 
 from ..protocol.errors import FormatVersionError, StorageError
-from ..protocol.messages import LogBatch, LogMessage, OutputMessage
+from ..protocol.messages import DropReport, LogBatch, LogMessage, OutputMessage
 from . import format as fmt
+from .seqranges import SeqRanges
 
 _REC = fmt.scalar_record_dtype()
 
@@ -60,10 +72,25 @@ class RunWriter:
         self._staged: list[tuple[str, np.ndarray]] = []
         self._staged_calls: dict[int, list[tuple[Any, Any, Any]]] = {}
         self._last_range: dict[int, tuple[int, int, int, int, int, float, float]] = {}
-        self._staged_seqs: dict[str, int] = {}
+        # Sequence numbers per client: committed (in metadata.db) and seen
+        # (committed plus staged); clients touched since the last commit.
+        self._committed: dict[str, SeqRanges] = {}
+        self._seen: dict[str, SeqRanges] = {}
+        self._touched: set[str] = set()
+        self._staged_drops: dict[str, list[int]] = {}
+        self.duplicates = 0
+        self._parked: dict[str, list[tuple[int, float, Any]]] = {}
+        self.parked_bytes = 0
+        self.release_parked = False
+        # Columns appended to since the last commit: (file, column) -> column.
+        self._dirty_columns: dict[tuple[str, str], Any] = {}
+        self._output_size: int | None = None
+        self._staged_output: list[str] = []
         # Rich values: (description, operation) pairs, each done exactly once and
-        # removed only after it succeeded (see the module docstring).
+        # removed only after it succeeded (see the module docstring).  File
+        # operations run in phase A, SQL ones inside phase B's transaction.
         self._ops: list[tuple[str, Callable[[], None]]] = []
+        self._sql_ops: list[tuple[str, Callable[[], None]]] = []
         self._hist_vaults: dict[str, Any] = {}
         self._hist_columns: dict[tuple[str, str], Any] = {}
         self._kv: Any = None
@@ -96,6 +123,7 @@ class RunWriter:
                         f"KohakuBoard writes version {fmt.FORMAT_VERSION}. Upgrade kohakuboard."
                     )
             self._open_files()
+            self._recover()
         except BaseException:
             self.close()
             raise
@@ -123,6 +151,61 @@ class RunWriter:
             raise StorageError(f"cannot open files in {self.path}: {exc.strerror or exc}") from exc
         except Exception as exc:  # kohakuvault raises its own error types
             raise StorageError(f"cannot open {fmt.SCALARS_DB} in {self.path}: {exc}") from exc
+
+    def _vault_files(self) -> list[tuple[str, Any]]:
+        """(path relative to the run, open vault) of every ColumnVault file that exists."""
+        out = [(fmt.SCALARS_DB, self._vault)]
+        for precision, rel in fmt.HISTOGRAM_FILES.items():
+            if os.path.exists(os.path.join(self.path, rel)):
+                out.append((rel, self._hist_vault(precision)))
+        return out
+
+    def _recover(self) -> None:
+        """Make the files agree with the last commit point; load the clients' sequence numbers.
+
+        Rows past a column's committed length (and bytes past output.log's) were
+        written by a daemon that died before committing their batch: the
+        clients never got that batch acknowledged and send it again, so the rows
+        are removed here rather than stored twice.
+        """
+        try:
+            flag = self._db.execute("SELECT value FROM meta WHERE key='commit_lengths'").fetchone()
+            committed = {(f, n): int(ln) for f, n, ln in self._db.execute("SELECT file, name, length FROM committed")}
+            out_path = os.path.join(self.path, fmt.OUTPUT_LOG)
+            out_size = os.path.getsize(out_path) if os.path.exists(out_path) else 0
+            if flag is None:
+                # A new run, or one written before commit points existed: what is
+                # there now is committed.
+                rows = [(rel, name, int(n)) for rel, vault in self._vault_files() for name, _, n in vault.list_columns()]
+                rows.append((fmt.OUTPUT_LOG, "", out_size))
+                self._db.execute("BEGIN")
+                self._db.executemany("INSERT OR REPLACE INTO committed(file, name, length) VALUES (?,?,?)", rows)
+                self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('commit_lengths', '1')")
+                self._db.execute("COMMIT")
+            else:
+                for rel, vault in self._vault_files():
+                    for name, _, n in vault.list_columns():
+                        keep = committed.get((rel, name), 0)
+                        if n > keep:
+                            col = vault.ensure(name, _)
+                            del col[keep:]
+                            self.event("recovered", f"removed {n - keep} uncommitted row(s) of {rel}:{name} (re-sent by the client)")
+                keep = committed.get((fmt.OUTPUT_LOG, ""), 0)
+                if out_size > keep:
+                    os.truncate(out_path, keep)
+                    self.event("recovered", f"removed {out_size - keep} uncommitted byte(s) of {fmt.OUTPUT_LOG}")
+            for client, lo, hi in self._db.execute("SELECT client, lo, hi FROM client_seqs ORDER BY client, lo"):
+                self._committed.setdefault(client, SeqRanges()).add(int(lo), int(hi))
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the commit point of {self.path}: {exc}") from exc
+        except OSError as exc:
+            raise StorageError(f"cannot recover {self.path}: {exc.strerror or exc}") from exc
+        self._seen = {c: r.copy() for c, r in self._committed.items()}
+
+    def durable_prefix(self, client: str) -> int:
+        """Highest n such that every message 1..n of ``client`` is committed."""
+        r = self._committed.get(client)
+        return r.prefix() if r is not None else 0
 
     def reopen_logs(self) -> None:
         """Reopen ``logs/writer.log`` (SIGHUP, after log rotation)."""
@@ -235,7 +318,7 @@ class RunWriter:
 
     # ------------------------------------------------------------- scalars
 
-    def stage(self, batch: Iterable[LogMessage | LogBatch]) -> None:
+    def stage(self, batch: Iterable[LogMessage | LogBatch | OutputMessage | DropReport]) -> None:
         """Turn log messages into per-column record arrays, ready to commit.
 
         Values of one metric keep the order of the batch.  Pure CPU work.
@@ -244,28 +327,68 @@ class RunWriter:
         # are grouped by (rank, key tuple) and each group becomes one 2-D array,
         # and a LogBatch already is one: numpy conversions per group instead of
         # Python work per value.
-        seqs = self._staged_seqs
+        seen = self._seen
+        touched = self._touched
         calls = self._staged_calls  # rank -> [(steps, global_steps, walls)] in call order
         # segment: (rank, names, order, steps, global_steps, walls, values[n, k])
         segments: list[tuple[int, tuple[str, ...], Any, Any, Any, Any, Any]] = []
         groups: dict[tuple[int, tuple[str, ...]], list[Any]] = {}
         pos = 0
-        for msg in batch:
+        for msg in self._in_sequence(batch):
             env = msg.env
-            if env.seq > seqs.get(env.client, 0):
-                seqs[env.client] = env.seq
+            r = seen.get(env.client)
+            if r is None:
+                r = seen[env.client] = SeqRanges()
             if type(msg) is LogBatch:
                 n = msg.count
+                if n == 0:
+                    continue
+                seqs = np.frombuffer(msg.seqs, dtype="<i8")
                 steps = np.frombuffer(msg.steps, dtype="<i8")
                 gsteps = np.frombuffer(msg.global_steps, dtype="<i8")
                 walls = np.frombuffer(msg.walls, dtype="<f8")
                 values = np.frombuffer(msg.values, dtype="<f8").reshape(n, len(msg.names))
+                lo, hi = int(seqs.min()), int(seqs.max())
+                if r.overlaps(lo, hi):  # a re-send: keep only calls this run does not have
+                    keep = np.fromiter((s not in r for s in seqs.tolist()), dtype=bool, count=n)
+                    self.duplicates += n - int(keep.sum())
+                    if not keep.any():
+                        continue
+                    seqs, steps, gsteps, walls, values = seqs[keep], steps[keep], gsteps[keep], walls[keep], values[keep]
+                    n = len(seqs)
+                _add_seqs(r, seqs)
+                touched.add(env.client)
                 segments.append(
                     (env.rank, tuple(msg.names), np.arange(pos, pos + n), steps, gsteps, walls, values)
                 )
                 calls.setdefault(env.rank, []).append((steps, gsteps, walls))
                 pos += n
                 continue
+            seq = env.seq
+            if type(msg) is OutputMessage:
+                if seq in r:
+                    self.duplicates += 1
+                    continue
+                r.add(seq, seq)
+                touched.add(env.client)
+                if msg.text:
+                    self._staged_output.append(msg.text)
+                continue
+            if type(msg) is DropReport:
+                if r.covers(msg.first_seq, seq):
+                    self.duplicates += 1
+                    continue
+                r.add(msg.first_seq, seq)
+                touched.add(env.client)
+                d = self._staged_drops.setdefault(env.client, [0, 0])
+                d[0] += msg.calls
+                d[1] += msg.values
+                continue
+            if seq in r:
+                self.duplicates += 1
+                continue
+            r.add(seq, seq)
+            touched.add(env.client)
             calls.setdefault(env.rank, []).append((env.step, env.global_step, env.wall))
             if msg.items:
                 self._stage_items(msg)
@@ -317,16 +440,75 @@ class RunWriter:
                     rec = rec[np.argsort(ix, kind="stable")]
             self._staged.append((fmt.column_name(rank, name), rec))
 
+    def _in_sequence(self, batch: Iterable[Any]) -> list[Any]:
+        """The batch in the order to store it, holding back messages that arrive after a gap.
+
+        After a daemon restart a client's newest messages can reach the new
+        daemon before the client notices the restart and re-sends the older
+        ones the dead daemon lost.  Such a message (its first sequence number
+        is beyond anything seen of its client) waits here until the re-sent
+        ones fill the gap, so a metric's points stay in call order; after
+        ``_PARK_SECONDS``, over ``_PARK_BYTES``, or when the run is closed, it
+        is stored anyway.
+        """
+        parked = self._parked
+        out: list[Any] = []
+        ends: dict[str, int] = {}
+        now = self._now()
+        for msg in batch:
+            c = msg.env.client
+            first, last = _seq_span(msg)
+            end = ends.get(c)
+            if end is None:
+                r = self._seen.get(c)
+                end = r.highest() if r is not None else 0
+            if first > end + 1:
+                parked.setdefault(c, []).append((first, now, msg))
+                self.parked_bytes += _msg_bytes(msg)
+                continue
+            out.append(msg)
+            end = max(end, last)
+            waiting = parked.get(c)
+            if waiting:
+                waiting.sort(key=lambda t: t[0])
+                while waiting and waiting[0][0] <= end + 1:
+                    _, _, held = waiting.pop(0)
+                    self.parked_bytes -= _msg_bytes(held)
+                    out.append(held)
+                    end = max(end, _seq_span(held)[1])
+                if not waiting:
+                    del parked[c]
+            ends[c] = end
+        if parked:
+            for c in list(parked):
+                waiting = sorted(parked[c], key=lambda t: t[0])
+                if self.release_parked or self.parked_bytes > _PARK_BYTES or now - min(t[1] for t in waiting) > _PARK_SECONDS:
+                    del parked[c]
+                    for _, _, held in waiting:
+                        self.parked_bytes -= _msg_bytes(held)
+                        out.append(held)
+                    self.event("gap", f"client {c}: stored messages from seq {waiting[0][0]} on without the ones before them")
+        return out
+
+    @property
+    def parked(self) -> int:
+        """Clients with messages held back for a re-send (see :meth:`_in_sequence`)."""
+        return len(self._parked)
+
     @property
     def staged_points(self) -> int:
         return sum(len(a) for _, a in self._staged)
 
     def commit(self) -> dict[str, int]:
-        """Append everything staged; return ``{client: highest durable seq}``.
+        """Write everything staged; return ``{client: durable prefix}`` for the clients touched.
 
+        Phase A: output text, column appends, file operations; phase B: one
+        SQLite transaction that makes the batch durable (module docstring).
         On a storage error the part not yet written stays staged and
         :class:`StorageError` is raised; calling ``commit`` again resumes.
         """
+        if self._staged_output:
+            self._write_output()
         while self._staged:
             colname, rec = self._staged[0]
             try:
@@ -336,6 +518,7 @@ class RunWriter:
                 col.append_array(rec.view(np.uint8).reshape(-1, fmt.SCALAR_RECORD_SIZE))
             except Exception as exc:
                 raise _storage_error(self.path, f"append to metric column {colname!r}", exc) from exc
+            self._dirty_columns[(fmt.SCALARS_DB, colname)] = col
             self._staged.pop(0)
             self.points_written += len(rec)
         while self._ops:
@@ -347,24 +530,79 @@ class RunWriter:
             except Exception as exc:
                 raise _storage_error(self.path, what, exc) from exc
             self._ops.pop(0)
-        seqs = self._staged_seqs
-        if self._staged_calls or seqs:
+        touched = self._touched
+        if not (touched or self._staged_calls or self._sql_ops or self._dirty_columns or self._output_size is not None):
+            return {}
+        last_range = dict(self._last_range)
+        try:
             with self._sql():
                 self._db.execute("BEGIN")
                 try:
+                    for what, op in self._sql_ops:
+                        try:
+                            op()
+                        except sqlite3.Error:
+                            raise
+                        except Exception as exc:
+                            raise _storage_error(self.path, what, exc) from exc
                     for rank, parts in self._staged_calls.items():
                         self._write_step_ranges(rank, parts)
+                    seq_rows = []
+                    for client in touched:
+                        r = self._seen[client]
+                        self._db.execute("DELETE FROM client_seqs WHERE client=?", (client,))
+                        seq_rows.extend((client, lo, hi) for lo, hi in r.ranges())
+                    self._db.executemany("INSERT INTO client_seqs(client, lo, hi) VALUES (?,?,?)", seq_rows)
                     self._db.executemany(
-                        "UPDATE clients SET durable_seq=MAX(durable_seq, ?) WHERE client=?",
-                        [(seq, client) for client, seq in seqs.items()],
+                        "UPDATE clients SET durable_seq=? WHERE client=?",
+                        [(self._seen[client].prefix(), client) for client in touched],
                     )
+                    if self._staged_drops:
+                        self._db.executemany(
+                            "UPDATE clients SET dropped_calls=dropped_calls+?, dropped_values=dropped_values+? WHERE client=?",
+                            [(c, v, client) for client, (c, v) in self._staged_drops.items()],
+                        )
+                    lengths = [(rel, name, len(col)) for (rel, name), col in self._dirty_columns.items()]
+                    if self._output_size is not None:
+                        lengths.append((fmt.OUTPUT_LOG, "", self._output_size))
+                    self._db.executemany("INSERT OR REPLACE INTO committed(file, name, length) VALUES (?,?,?)", lengths)
                     self._db.execute("COMMIT")
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
-            self._staged_calls = {}
-            self._staged_seqs = {}
-        return seqs
+        except BaseException:
+            self._last_range = last_range  # the rows it described were rolled back
+            raise
+        self.items_written += len(self._sql_ops)
+        self._sql_ops = []
+        self._staged_calls = {}
+        self._staged_drops = {}
+        self._dirty_columns = {}
+        self._output_size = None
+        out = {}
+        for client in touched:
+            r = self._seen[client]
+            self._committed[client] = r.copy()
+            out[client] = r.prefix()
+        self._touched = set()
+        return out
+
+    def _write_output(self) -> None:
+        path = os.path.join(self.path, fmt.OUTPUT_LOG)
+        data = "".join(self._staged_output).encode("utf-8", errors="replace")
+        try:
+            with open(path, "ab") as f:
+                start = f.tell()
+                try:
+                    f.write(data)
+                    f.flush()
+                except OSError:
+                    f.truncate(start)  # no half-written text that a retry would repeat
+                    raise
+                self._output_size = f.tell()
+        except OSError as exc:
+            raise _storage_error(self.path, "write logs/output.log", exc) from exc
+        self._staged_output = []
 
     def _write_step_ranges(self, rank: int, parts: list[tuple[Any, Any, Any]]) -> None:
         """Record the batch's calls in the steps table as ranges (inside a transaction).
@@ -412,7 +650,11 @@ class RunWriter:
             except Exception as exc:  # a hostile or buggy client's item, not a disk problem
                 self.event("rejected_item", f"{kind} {name!r} at step {env.step}: {exc!r}")
                 continue
-            self._ops.extend(ops)
+            for op in ops:
+                if len(op) == 3:
+                    self._sql_ops.append(op[:2])
+                else:
+                    self._ops.append(op)
 
     def _media_ops(self, env: Any, name: str, meta: dict[str, Any], blobs: "_BlobView", table_cell: bool = False) -> tuple[dict[str, Any], list[tuple[str, Callable[[], None]]]]:
         from ..daemon import compute
@@ -458,19 +700,10 @@ class RunWriter:
         )
         return int(cur.lastrowid)
 
-    def _sql_op(self, what: str, fn: Callable[[], None]) -> tuple[str, Callable[[], None]]:
-        def run() -> None:
-            with self._sql():
-                self._db.execute("BEGIN")
-                try:
-                    fn()
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-            self.items_written += 1
-
-        return what, run
+    @staticmethod
+    def _sql_op(what: str, fn: Callable[[], None]) -> tuple[str, Callable[[], None], bool]:
+        """An item's SQL rows: run inside the commit's transaction (phase B)."""
+        return what, fn, True
 
     def _prepare_media(self, env: Any, name: str, meta: dict[str, Any], blobs: "_BlobView") -> list[tuple[str, Callable[[], None]]]:
         row, ops = self._media_ops(env, name, meta, blobs)
@@ -530,18 +763,27 @@ class RunWriter:
             + packed.tobytes()
         )
         colname = fmt.column_name(env.rank, name)
-        return [(f"append histogram {name!r}", lambda: self._hist_column(precision, colname).append(record))]
+
+        def append() -> None:
+            col = self._hist_column(precision, colname)
+            col.append(record)
+            self._dirty_columns[(fmt.HISTOGRAM_FILES[precision], colname)] = col
+
+        return [(f"append histogram {name!r}", append)]
+
+    def _hist_vault(self, precision: str) -> Any:
+        vault = self._hist_vaults.get(precision)
+        if vault is None:
+            os.makedirs(os.path.join(self.path, fmt.HISTOGRAMS_DIR), exist_ok=True)
+            vault = self._hist_vaults[precision] = ColumnVault(
+                os.path.join(self.path, fmt.HISTOGRAM_FILES[precision]), block_bytes=fmt.VAULT_BLOCK_BYTES
+            )
+        return vault
 
     def _hist_column(self, precision: str, colname: str) -> Any:
         col = self._hist_columns.get((precision, colname))
         if col is None:
-            vault = self._hist_vaults.get(precision)
-            if vault is None:
-                os.makedirs(os.path.join(self.path, fmt.HISTOGRAMS_DIR), exist_ok=True)
-                vault = self._hist_vaults[precision] = ColumnVault(
-                    os.path.join(self.path, fmt.HISTOGRAM_FILES[precision]), block_bytes=fmt.VAULT_BLOCK_BYTES
-                )
-            col = self._hist_columns[(precision, colname)] = vault.ensure(colname, "bytes")
+            col = self._hist_columns[(precision, colname)] = self._hist_vault(precision).ensure(colname, "bytes")
         return col
 
     def _kvault(self) -> Any:
@@ -598,17 +840,6 @@ class RunWriter:
 
     # -------------------------------------------------------------- output
 
-    def write_output(self, messages: Iterable[OutputMessage]) -> None:
-        """Append captured stdout/stderr text to ``logs/output.log``."""
-        text = "".join(msg.text for msg in messages)
-        if not text:
-            return
-        try:
-            with open(os.path.join(self.path, fmt.OUTPUT_LOG), "a", encoding="utf-8", errors="replace") as f:
-                f.write(text)
-        except OSError as exc:
-            raise _storage_error(self.path, "write logs/output.log", exc) from exc
-
     # ---------------------------------------------------------------- close
 
     def _sql(self) -> "_SqlGuard":
@@ -646,6 +877,42 @@ class RunWriter:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+_PARK_SECONDS = 10.0
+_PARK_BYTES = 32 << 20
+
+
+def _seq_span(msg: Any) -> tuple[int, int]:
+    """First and last sequence number a data message carries."""
+    if type(msg) is LogBatch:
+        if msg.count == 0:
+            return msg.env.seq, msg.env.seq
+        seqs = np.frombuffer(msg.seqs, dtype="<i8")
+        return int(seqs[0]), int(seqs[-1])
+    if type(msg) is DropReport:
+        return msg.first_seq, msg.env.seq
+    return msg.env.seq, msg.env.seq
+
+
+def _msg_bytes(msg: Any) -> int:
+    if type(msg) is LogBatch:
+        return 200 + len(msg.values) + 32 * msg.count
+    if type(msg) is LogMessage:
+        return 200 + 100 * len(msg.scalars) + sum(len(b) for b in msg.blobs)
+    if type(msg) is OutputMessage:
+        return 200 + len(msg.text)
+    return 200
+
+
+def _add_seqs(r: SeqRanges, seqs: np.ndarray) -> None:
+    """Add a batch's sequence numbers (normally consecutive: one range)."""
+    first, last = int(seqs[0]), int(seqs[-1])
+    if last - first == len(seqs) - 1 and (len(seqs) < 3 or bool(np.all(np.diff(seqs) == 1))):
+        r.add(first, last)
+    else:
+        for s in seqs.tolist():
+            r.add(s, s)
 
 
 def _step_ranges(steps: np.ndarray, gsteps: np.ndarray, walls: np.ndarray) -> list[tuple[int, int, int, int, float, float]]:

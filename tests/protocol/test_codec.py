@@ -45,9 +45,19 @@ def log_batches(draw):
     return m.LogBatch(draw(envelopes), names, n, ints_n(), ints_n(), ints_n(), floats_k(n), floats_k(n * len(names)))
 
 
+@st.composite
+def drop_reports(draw):
+    env = draw(envelopes)
+    env.seq = draw(st.integers(1, 2**63 - 1))
+    first = draw(st.integers(1, env.seq))
+    return m.DropReport(env, first, draw(st.integers(0, 2**62)), draw(st.integers(0, 2**62)))
+
+
 def _strategy_for(cls):
     if cls is m.LogBatch:
         return log_batches()
+    if cls is m.DropReport:
+        return drop_reports()
     kwargs = {"env": envelopes}
     for f in dataclasses.fields(cls):
         if f.name == "env":
@@ -93,6 +103,16 @@ def test_rich_items_travel_with_blobs_as_extra_frames():
     bad = m.LogMessage(m.Envelope(), {}, [["img", "gif", {}, []]], [])
     with pytest.raises(MalformedMessage, match="unknown log item kind"):
         codec.decode(codec.encode(bad))
+
+
+def test_drop_report_must_cover_a_valid_range():
+    """A drop report naming seqs outside 1..seq or negative counts is malformed."""
+    with pytest.raises(MalformedMessage, match="dropped"):
+        codec.decode(codec.encode(m.DropReport(m.Envelope("/r", "c", 5), 6, 1, 1)))
+    with pytest.raises(MalformedMessage, match="dropped"):
+        codec.decode(codec.encode(m.DropReport(m.Envelope("/r", "c", 5), 1, -1, 0)))
+    ok = m.DropReport(m.Envelope("/r", "c", 5), 3, 3, 12)
+    assert codec.decode(codec.encode(ok)) == ok
 
 
 def test_log_batch_frames_must_match_count():
