@@ -140,3 +140,61 @@ def _pid(cfg: DaemonConfig) -> int | None:
             return int(f.read().strip())
     except (OSError, ValueError):
         return None
+
+
+@main.command("install-systemd")
+@click.option("--user", "user_unit", is_flag=True,
+              help="A user unit (systemctl --user) instead of the system template kobo-daemon@.service.")
+@click.option("--dest", type=click.Path(file_okay=False), default=None,
+              help="Write into DIR instead of where systemd looks (packaging, tests).")
+@click.option("--force", is_flag=True, help="Overwrite an existing unit file that differs.")
+@click.option("--print", "to_stdout", is_flag=True, help="Print the unit to stdout and write nothing.")
+def install_systemd(user_unit: bool, dest: str | None, force: bool, to_stdout: bool) -> None:
+    """Write a systemd unit that runs this installation's kobo-daemon.
+
+    Without --user: the system template /etc/systemd/system/kobo-daemon@.service
+    (needs root; `systemctl enable --now kobo-daemon@alice` runs alice's daemon).
+    With --user: ~/.config/systemd/user/kobo-daemon.service.
+    """
+    import getpass
+
+    from . import units
+
+    kind = units.USER if user_unit else units.SYSTEM
+    try:
+        text = units.render(kind, units.exec_start())
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if to_stdout:
+        click.echo(text, nl=False)
+        return
+    directory = dest if dest is not None else units.default_dir(kind)
+    path = os.path.join(directory, kind.name)
+    try:
+        changed = units.write_unit(path, text, force=force)
+    except FileExistsError:
+        raise click.ClickException(
+            f"{path} already exists and differs from the unit this installation would write; "
+            "rerun with --force to overwrite it (--print shows the new unit)"
+        ) from None
+    except PermissionError as exc:
+        hint = ("run it as root (sudo \"$(command -v kobo-daemon)\" install-systemd), "
+                "or use --user for a per-user unit")
+        raise click.ClickException(f"cannot write {path}: {exc.strerror}; {hint}") from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {path}: {exc}") from exc
+    click.echo(f"{'wrote' if changed else 'unchanged (already up to date):'} {path}")
+    if dest is not None and os.path.abspath(directory) != os.path.abspath(units.default_dir(kind)):
+        click.echo(f"(not where systemd looks: copy it to {units.default_dir(kind)}/ before enabling)")
+    click.echo("enable and start it with:")
+    if user_unit:
+        click.echo("  systemctl --user daemon-reload")
+        click.echo("  systemctl --user enable --now kobo-daemon")
+        return
+    who = os.environ.get("SUDO_USER") or getpass.getuser()
+    if who == "root":
+        who = "USER"  # the account whose runs it writes
+    click.echo("  systemctl daemon-reload")
+    click.echo(f"  systemctl enable --now kobo-daemon@{who}")
+    click.echo(f"and in {who}'s shell profile, so that training scripts use that daemon:")
+    click.echo(f"  export KOBO_DAEMON_ENDPOINT={units.system_endpoint(who if who != 'USER' else '$USER')}")

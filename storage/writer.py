@@ -140,6 +140,10 @@ class RunWriter:
             # this database only gets appends and a few lookups.
             self._db.execute("PRAGMA cache_size=-512")
             self._db.executescript(fmt.SCHEMA_SQL)
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(clients)")}
+            for column in ("dropped_calls", "dropped_values"):
+                if column not in have:  # a run written before drop counters existed
+                    self._db.execute(f"ALTER TABLE clients ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
             self._db.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('format_version', ?)",
                 (str(fmt.FORMAT_VERSION),),

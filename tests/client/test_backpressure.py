@@ -1,0 +1,115 @@
+"""A stalled daemon (SIGSTOP): the client's memory stays bounded, it warns, and after SIGCONT
+every value arrives (policy block) or the stored drop count equals what is missing (policy drop)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kohakuboard.cli.main import main as kobo
+from kohakuboard.storage.reader import RunReader
+
+N_CALLS = 300_000
+K = 8  # scalars per call: unbounded, 300k calls would hold ~200 MB of Python objects
+
+CLIENT = r"""
+import json, sys, time
+from kohakuboard.client import Board
+b = Board(run_id=sys.argv[1], capture_output=False)
+print("open", flush=True)
+sys.stdin.readline()
+t0 = time.monotonic()
+for i in range(int(sys.argv[2])):
+    b.log(**{f"m{j}": float(i) for j in range(8)})
+print("logged", time.monotonic() - t0, flush=True)
+b.flush(timeout=120)
+print(json.dumps(b.stats()), flush=True)
+b.finish()
+"""
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _stalled_run(daemon, tmp_path, policy: str):
+    env = dict(os.environ, KOBO_MAX_INFLIGHT_MB="4", KOBO_QUEUE_POLICY=policy)
+    err_path = tmp_path / "client.err"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CLIENT, f"stall-{policy}", str(N_CALLS)], env=env, cwd=tmp_path,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+        )
+    try:
+        assert proc.stdout.readline().strip() == "open"
+        rss0 = _rss_mb(proc.pid)
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            peak = rss0
+            deadline = time.monotonic() + (6 if policy == "block" else 60)
+            while time.monotonic() < deadline and proc.poll() is None:
+                peak = max(peak, _rss_mb(proc.pid))
+                if policy == "drop" and "Queue size is at 100%" in err_path.read_text():
+                    # keep sampling a little after the bound is hit
+                    for _ in range(20):
+                        time.sleep(0.05)
+                        peak = max(peak, _rss_mb(proc.pid))
+                    break
+                time.sleep(0.05)
+            if policy == "block":
+                assert proc.poll() is None, "log() should block while the daemon is stopped"
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err_text = err_path.read_text()
+    assert proc.returncode == 0, err_text[-2000:]
+    lines = out.strip().splitlines()
+    stats = json.loads(lines[-1])
+    return peak - rss0, err_text, stats
+
+
+def test_block_policy_bounds_memory_and_delivers_everything(daemon, tmp_path, base_dir):
+    growth, err, stats = _stalled_run(daemon, tmp_path, "block")
+    assert "WARNING: Queue size is" in err and "capacity" in err
+    assert "log() blocks" in err
+    assert growth < 48, f"client memory grew by {growth:.0f} MB with a 4 MB in-flight bound"
+    assert stats["dropped_calls"] == 0 and stats["acknowledged"] == N_CALLS
+    with RunReader(base_dir / "default" / "stall-block") as r:
+        for j in (0, 7):
+            v = r.series(f"m{j}")["value"]
+            assert len(v) == N_CALLS and v[0] == 0.0 and v[-1] == N_CALLS - 1
+            assert (v[1:] > v[:-1]).all()
+        assert r.dropped() == {"calls": 0, "values": 0}
+
+
+def test_drop_policy_counts_exactly_what_is_missing(daemon, tmp_path, base_dir):
+    growth, err, stats = _stalled_run(daemon, tmp_path, "drop")
+    assert "WARNING: Queue size is" in err and "dropping the newest" in err
+    assert growth < 48, f"client memory grew by {growth:.0f} MB with a 4 MB in-flight bound"
+    assert stats["dropped_calls"] > 0
+    run = base_dir / "default" / "stall-drop"
+    with RunReader(run) as r:
+        stored = len(r.series("m0"))
+        assert stored + stats["dropped_calls"] == N_CALLS
+        assert r.dropped() == {"calls": stats["dropped_calls"], "values": K * stats["dropped_calls"]}
+        values = r.series("m3")["value"]
+        assert len(values) == stored and (values[1:] > values[:-1]).all()  # what arrived is in order
+    res = CliRunner().invoke(kobo, ["show", str(run)])
+    assert res.exit_code == 0, res.output
+    assert f"dropped:  {stats['dropped_calls']} log() call(s) ({K * stats['dropped_calls']} value(s))" in res.output
