@@ -241,7 +241,7 @@ def test_read_only_base_dir_is_a_clear_error(daemon, tmp_path):
         target = str(ro)
     from kohakuboard.protocol.errors import StorageError
 
-    with pytest.raises(StorageError, match="cannot create run folder"):
+    with pytest.raises(StorageError, match="cannot create run folder|is not writable"):
         Board(run_id="ro", base_dir=target)
 
 

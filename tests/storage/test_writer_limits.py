@@ -56,7 +56,7 @@ def test_steps_table_is_compact_and_maps_every_step(tmp_path):
         w.stage(msgs)
         w.commit()
     # then a stretch without step(): global step constant
-    w.stage([LogMessage(Envelope("/r", "c", 1000 + i, 0, 500 + i, 500, 0.0), {"x": 0.0}) for i in range(10)])
+    w.stage([LogMessage(Envelope("/r", "c", seq + 1 + i, 0, 500 + i, 500, 0.0), {"x": 0.0}) for i in range(10)])
     w.commit()
     n_rows = w._db.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
     w.close()
