@@ -131,6 +131,8 @@ class Sender(threading.Thread):
         self._who = ident
         self.max_queue = max_queue
         self.limit = max_inflight_bytes
+        self._soft_bytes = int(max_inflight_bytes * 0.8)  # the 80 % warning threshold
+        self._soft_count = int(max_queue * 0.8)
         self.policy = policy
         self.autostart = True
         self.queue: collections.deque[Any] = collections.deque()
@@ -182,8 +184,8 @@ class Sender(threading.Thread):
         q = self.queue
         nbytes = 200 + 60 * len(item[4]) if type(item) is tuple else item_bytes(item)
         if (
-            self.put_bytes - self.taken_bytes + self.unacked_bytes + nbytes > self.limit * 0.8
-            or len(q) >= self.max_queue * 0.8
+            self.put_bytes - self.taken_bytes + self.unacked_bytes + nbytes > self._soft_bytes
+            or len(q) >= self._soft_count
         ) and not self._pressure(item, nbytes):
             return False
         if self._drop is not None:
