@@ -25,6 +25,7 @@ import json, sys, time
 from kohakuboard.client import Board
 n, rank = int(sys.argv[1]), int(sys.argv[2])
 with Board(run_id="killed", rank=rank, world_size=4, capture_output=False) as b:
+    print("open", flush=True)
     for i in range(n):
         b.log(x=float(i), y=float(-i))
         if i % 100 == 99:
@@ -50,7 +51,8 @@ def test_sigkill_ten_times_while_four_clients_log_exactly_once(endpoint, daemon_
     ]
     kills_while_logging = 0
     try:
-        time.sleep(0.5)
+        for c in clients:  # every Board is open (the clients do not start daemons themselves)
+            assert c.stdout.readline().strip() == "open", c.stderr.read()
         for _ in range(10):
             time.sleep(rng.uniform(0.2, 1.0))
             if any(c.poll() is None for c in clients):
