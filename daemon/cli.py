@@ -14,6 +14,7 @@ import click
 from ..protocol.endpoint import daemon_alive
 from ..protocol.errors import KoboError
 from .config import DaemonConfig
+from .keys import keys_command
 
 _endpoint_option = click.option(
     "--endpoint",
@@ -35,20 +36,50 @@ def main() -> None:
     """The per-node KohakuBoard daemon: receives log messages and writes run folders."""
 
 
+main.add_command(keys_command)  # kobo-daemon keys generate|show|authorize (keys.py)
+
+
 @main.command()
 @_endpoint_option
 @click.option("--flush-interval", type=float, default=None, help="Seconds a message may wait before it is written (<= 0.45).")
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
-def run(endpoint: str | None, flush_interval: float | None, log_level: str | None) -> None:
+@click.option("--listen", multiple=True, metavar="tcp://HOST:PORT",
+              help="Also accept forwarding nodes: data on PORT, requests on PORT+1, CURVE-authenticated "
+                   "(repeatable). Env: KOBO_DAEMON_LISTEN.")
+@click.option("--forward", default=None, metavar="tcp://HEAD:PORT",
+              help="Write nothing here: relay every local client to the head daemon listening there. "
+                   "Env: KOBO_DAEMON_FORWARD.")
+@click.option("--head-key", default=None, metavar="KEY|FILE",
+              help="With --forward: the head's public key (`kobo-daemon keys show` on the head). Env: KOBO_DAEMON_HEAD_KEY.")
+@click.option("--key-dir", default=None, type=click.Path(file_okay=False),
+              help="Where this daemon's keys are (default ~/.config/kohakuboard/keys). Env: KOBO_DAEMON_KEY_DIR.")
+@click.option("--authorized", default=None, type=click.Path(),
+              help="With --listen: directory or file of client keys allowed in (default KEY_DIR/authorized). "
+                   "Env: KOBO_DAEMON_AUTHORIZED.")
+@click.option("--insecure-plaintext", is_flag=True, default=None,
+              help="TCP without encryption or authentication (trusted networks only). Env: KOBO_DAEMON_INSECURE_PLAINTEXT=1.")
+def run(
+    endpoint: str | None, flush_interval: float | None, log_level: str | None, listen: tuple[str, ...],
+    forward: str | None, head_key: str | None, key_dir: str | None, authorized: str | None,
+    insecure_plaintext: bool | None,
+) -> None:
     """Run in the foreground (what systemd and autostart run). SIGTERM drains and exits 0."""
     from .server import Daemon
 
-    cfg = _config(endpoint, flush_interval=flush_interval, log_level=log_level.upper() if log_level else None)
+    cfg = _config(
+        endpoint, flush_interval=flush_interval, log_level=log_level.upper() if log_level else None,
+        listen=list(listen) or None, forward=forward, head_key=head_key, key_dir=key_dir,
+        authorized=authorized, insecure_plaintext=insecure_plaintext or None,
+    )
     logging.basicConfig(
         level=getattr(logging, cfg.log_level, logging.INFO),
         format="%(asctime)s %(levelname)s kobo-daemon: %(message)s",
         stream=sys.stderr,
     )
+    if cfg.forward:
+        from .forward import Forwarder
+
+        sys.exit(Forwarder(cfg).run())
     sys.exit(Daemon(cfg).run())
 
 
@@ -126,6 +157,15 @@ def status(endpoint: str | None, as_json: bool) -> None:
     click.echo(f"messages received: {info['received']}")
     rejected = info.get("rejected") or {}
     click.echo(f"messages rejected: {sum(rejected.values())} {rejected if rejected else ''}".rstrip())
+    if info.get("forward"):
+        fwd = info["forward"]
+        click.echo(f"forwarding to {fwd['head']} ({'CURVE' if fwd['secure'] else 'PLAINTEXT'}): {fwd['state']}, "
+                   f"{fwd['forwarded']} data messages, {fwd['requests']} requests, {fwd['clients']} client(s)")
+    if info.get("listen"):
+        tcp = info["listen"]
+        click.echo(f"listening on {', '.join(tcp['addresses'])} ({'CURVE' if tcp['secure'] else 'PLAINTEXT'}): "
+                   f"{tcp['forwarded']} data messages, {tcp['requests']} requests relayed"
+                   + (f", {tcp['refused']} connection(s) refused" if tcp.get("refused") else ""))
     for run in info["runs"]:
         click.echo(
             f"  {run['path']}: {len(run['clients'])} client(s), {run['points']} points in "

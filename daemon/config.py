@@ -22,6 +22,12 @@ class DaemonConfig:
     stops reading from its socket (backpressure to the clients).
     ``idle_close``: seconds after which a run with no attached client closes its
     files.  ``reap_interval``: how often dead client processes are looked for.
+    Several nodes (see :mod:`.listen`, :mod:`.forward`, :mod:`.keys`): ``listen``:
+    ``tcp://HOST:PORT`` addresses to accept forwarders on (data PORT, requests
+    PORT+1); ``forward``: the head's ``tcp://HOST:PORT`` to relay everything to
+    instead of writing; ``head_key``: the head's public key (or a file);
+    ``key_dir``/``authorized``: where the keys are; ``insecure_plaintext``: TCP
+    without CURVE.
     """
 
     endpoint: Endpoint = field(default_factory=lambda: resolve(None, os.environ))
@@ -32,6 +38,12 @@ class DaemonConfig:
     reap_interval: float = 0.5
     max_backlog_bytes: int = 32 << 20
     log_level: str = "INFO"
+    listen: list[str] = field(default_factory=list)
+    forward: str | None = None
+    head_key: str | None = None
+    key_dir: str | None = None
+    authorized: str | None = None
+    insecure_plaintext: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "DaemonConfig":
@@ -39,6 +51,9 @@ class DaemonConfig:
 
         ``KOBO_DAEMON_ENDPOINT``: the endpoint (see :mod:`kohakuboard.protocol.endpoint`).
         ``KOBO_DAEMON_FLUSH_INTERVAL``: seconds.  ``KOBO_DAEMON_LOG_LEVEL``: logging level.
+        ``KOBO_DAEMON_LISTEN`` (addresses separated by spaces or commas),
+        ``KOBO_DAEMON_FORWARD``, ``KOBO_DAEMON_HEAD_KEY``, ``KOBO_DAEMON_KEY_DIR``,
+        ``KOBO_DAEMON_AUTHORIZED``, ``KOBO_DAEMON_INSECURE_PLAINTEXT`` (``1``).
         """
         env = os.environ if environ is None else environ
         cfg = cls(endpoint=resolve(env.get("KOBO_DAEMON_ENDPOINT"), env))
@@ -46,6 +61,12 @@ class DaemonConfig:
             cfg.flush_interval = float(env["KOBO_DAEMON_FLUSH_INTERVAL"])
         if "KOBO_DAEMON_LOG_LEVEL" in env:
             cfg.log_level = env["KOBO_DAEMON_LOG_LEVEL"].upper()
+        cfg.listen = env.get("KOBO_DAEMON_LISTEN", "").replace(",", " ").split()
+        cfg.forward = env.get("KOBO_DAEMON_FORWARD") or None
+        cfg.head_key = env.get("KOBO_DAEMON_HEAD_KEY") or None
+        cfg.key_dir = env.get("KOBO_DAEMON_KEY_DIR") or None
+        cfg.authorized = env.get("KOBO_DAEMON_AUTHORIZED") or None
+        cfg.insecure_plaintext = env.get("KOBO_DAEMON_INSECURE_PLAINTEXT", "").strip().lower() in ("1", "true", "yes", "on")
         for key, value in overrides.items():
             if value is None:
                 continue
@@ -54,4 +75,6 @@ class DaemonConfig:
             setattr(cfg, key, value)
         if not 0 < cfg.flush_interval <= 0.45:
             raise ValueError("flush_interval must be in (0, 0.45] seconds to keep the 0.5 s durability promise")
+        if cfg.listen and cfg.forward:
+            raise ValueError("--listen and --forward cannot be combined: a forwarding node serves no other nodes")
         return cfg

@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -35,11 +36,12 @@ import zmq
 from ..protocol import codec
 from ..protocol import messages as m
 from ..protocol.endpoint import ensure_directory
-from ..protocol.errors import KoboError, ProtocolError, StorageError, code_for
+from ..protocol.errors import KoboError, MalformedMessage, ProtocolError, StorageError, code_for
 from ..protocol.peer import process_alive
 from ..storage import format as fmt
 from .config import DaemonConfig
 from .runs import ClientState, RunChannel
+from .security import PeerGuard, check_run_path, run_path_problem
 
 log = logging.getLogger("kohakuboard.daemon")
 
@@ -68,6 +70,8 @@ class Daemon:
         self.started_at = time.time()
         self._stop: asyncio.Event | None = None  # created inside the loop
         self._lock_fd: int | None = None
+        self.peer_guard: PeerGuard | None = None  # refuses other uids (security.py)
+        self._tcp: Any = None  # the --listen TCP listener (listen.py)
         self._ctx: zmq.Context[Any] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tg: asyncio.TaskGroup | None = None
@@ -108,11 +112,13 @@ class Daemon:
 
     def _bind(self) -> None:
         ctx = self._ctx = zmq.Context()
+        self.peer_guard = PeerGuard(ctx)  # before any bind, so no connection escapes the check
         self.pull = ctx.socket(zmq.PULL)
         self.router = ctx.socket(zmq.ROUTER)
         for sock in (self.pull, self.router):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
+            self.peer_guard.protect(sock)
         # A LogBatch can be ~1 MB: a short receive queue keeps RSS bounded, and
         # a full queue pushes back on the clients (their bounded send queues).
         self.pull.setsockopt(zmq.RCVHWM, 16)
@@ -132,6 +138,12 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until stopped; return the process exit code."""
+        # A SIGTERM before the event loop installs its handlers (while binding)
+        # must still mean "drain and exit 0", not death by signal.
+        self._early_signal: int | None = None
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._remember_signal)
         try:
             self.acquire_lock()
         except AlreadyRunning as exc:
@@ -142,13 +154,22 @@ class Daemon:
             return EXIT_STARTUP_FAILURE
         try:
             try:
+                if self.config.listen:  # TCP for other nodes (listen.py), up before the IPC sockets appear
+                    from .listen import start_tcp_listener
+
+                    self._tcp = start_tcp_listener(self.config)
                 self._bind()
             except zmq.ZMQError as exc:
                 log.error("cannot bind %s: %s", self.ep, exc)
                 return EXIT_STARTUP_FAILURE
+            except KoboError as exc:  # --listen/--forward without keys, bad address, port in use
+                log.error("%s", exc)
+                return EXIT_STARTUP_FAILURE
             asyncio.run(self.serve())
             return EXIT_OK
         finally:
+            if self._tcp is not None:
+                self._tcp.close()
             self._close_sockets()
             self.release_lock()
 
@@ -161,6 +182,8 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        if getattr(self, "_early_signal", None) is not None:
+            self._on_stop_signal(self._early_signal)
         log.info("kobo-daemon %d listening on %s", os.getpid(), self.ep)
         self.ready = True
         _sd_notify("READY=1")
@@ -192,6 +215,9 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def _remember_signal(self, sig: int, frame: Any) -> None:
+        self._early_signal = sig
 
     def _on_stop_signal(self, sig: int) -> None:
         if self._stop is not None and self._stop.is_set():
@@ -288,6 +314,10 @@ class Daemon:
         # instance.  Accept it only for an existing run folder.
         if not os.path.isabs(run) or not os.path.isfile(os.path.join(run, fmt.METADATA_JSON)):
             self._reject("UnknownRun", f"data for {run!r}, which was never opened")
+            return None
+        problem = run_path_problem(run)
+        if problem is not None:
+            self._reject("RunPath", f"data for {run!r}: {problem}")
             return None
         return self._channel(run)
 
@@ -423,6 +453,7 @@ class Daemon:
         if ch is None:
             if not os.path.isfile(os.path.join(req.env.run, fmt.METADATA_JSON)):
                 raise StorageError(f"run {req.env.run} is not open in this daemon")
+            check_run_path(req.env.run)
             ch = self._channel(req.env.run)
         return ch
 
@@ -430,6 +461,9 @@ class Daemon:
         run = req.env.run
         if not os.path.isabs(run):
             raise StorageError(f"run path must be absolute, got {run!r}")
+        check_run_path(run)  # no '..', and a place its user could write
+        if not _is_json(req.config):  # else metadata.json could never be written again
+            raise MalformedMessage("run config must be JSON data (string keys; no NaN, inf or bytes)")
         ch = self._channel(run)
         state = ClientState(req.env.client, req.env.rank, req.pid, req.pid_start, req.host)
         meta = {
@@ -488,10 +522,11 @@ class Daemon:
             "endpoint": str(self.ep),
             "uptime": round(time.time() - self.started_at, 3),
             "received": self.received,
-            "rejected": dict(self.rejected),
+            "rejected": {**self.rejected, **(self.peer_guard.counts() if self.peer_guard else {})},
             "backlog_bytes": self.backlog(),
             "throttled": self.throttled,
             "runs": [ch.info() for ch in self.runs.values()],
+            **({"listen": self._tcp.info()} if self._tcp is not None else {}),
         }
 
     def _close_sockets(self) -> None:
@@ -499,8 +534,30 @@ class Daemon:
             for sock in (getattr(self, "pull", None), getattr(self, "router", None)):
                 if sock is not None:
                     sock.close(linger=0)
+            if self.peer_guard is not None:
+                self.peer_guard.close()
             self._ctx.term()
             self._ctx = None
+
+
+def _is_json(value: Any) -> bool:
+    """Whether ``value`` is plain JSON data (what ``json.dump(allow_nan=False)`` writes)."""
+    stack = [value]
+    while stack:  # not recursive: a hostile config may nest deeply
+        v = stack.pop()
+        t = type(v)
+        if t is dict:
+            if any(type(k) is not str for k in v):
+                return False
+            stack.extend(v.values())
+        elif t is list:
+            stack.extend(v)
+        elif t is float:
+            if v - v != 0.0:  # NaN or infinite
+                return False
+        elif v is not None and t not in (str, int, bool):
+            return False
+    return True
 
 
 def _read_pid(path: str) -> int | None:

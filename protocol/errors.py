@@ -79,6 +79,9 @@ ERROR_CODES: dict[type[KoboError], int] = {
     MalformedMessage: 11,
     MessageTooLarge: 12,
     VersionMismatch: 13,
+    TransportError: 20,  # a forwarding daemon could not reach the head
+    DaemonUnavailable: 21,  # e.g. the head refused the forwarding node's key
+    KoboTimeoutError: 22,
     StorageError: 30,
     FormatVersionError: 31,
     RunNotFound: 32,

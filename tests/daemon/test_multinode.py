@@ -1,0 +1,456 @@
+"""Several nodes: a head daemon listens on TCP (CURVE), a node's daemon forwards to it.
+
+Everything is real: daemons are ``kobo-daemon run`` processes, the keys come
+from ``kobo-daemon keys``, the Boards run in training-script subprocesses that
+pick their daemon with ``KOBO_DAEMON_ENDPOINT``, and TCP goes over loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from kohakuboard.protocol import codec
+from kohakuboard.protocol import messages as m
+from kohakuboard.protocol.endpoint import resolve
+from kohakuboard.storage.reader import RunReader
+
+N_CALLS = 3000
+
+BOARD = r"""
+import sys, time
+from kohakuboard.client import Board
+rank, run_id, base, n = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+board = Board(name="multinode", run_id=run_id, project="nodes", base_dir=base, rank=rank, world_size=2, timeout=20)
+for i in range(n):
+    # exact binary fractions: any loss, rounding or mix-up of ranks shows
+    board.log(loss=rank * 1_000_000 + i + 0.25, **{f"rank{rank}/only": float(-i)})
+print(f"hello from node of rank {rank}", flush=True)
+board.flush(timeout=60)
+board.finish(timeout=30)
+print("DONE", flush=True)
+"""
+
+REFUSED = r"""
+import sys, time
+from kohakuboard.client import Board
+from kohakuboard.protocol.errors import KoboError
+t0 = time.monotonic()
+try:  # base_dir: KOBO_BASE_DIR, the same as the head's run
+    board = Board(name="intruder", run_id="shared", project="nodes", rank=1, world_size=2, timeout=8)
+    board.log(loss=666.0)
+    board.flush(timeout=8)
+except KoboError as exc:
+    print(f"ERROR {type(exc).__name__} after {time.monotonic() - t0:.1f}s: {exc}", flush=True)
+else:
+    print("NO ERROR", flush=True)
+"""
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def kobo_daemon(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kohakuboard.daemon", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+def make_keys(directory: Path) -> tuple[str, str]:
+    """``kobo-daemon keys generate`` there; return (server public key, client public key)."""
+    r = kobo_daemon("keys", "generate", "--dir", str(directory))
+    assert r.returncode == 0, r.stderr
+    # Secrets stay private: 0700 directory, 0600 secret key files.
+    assert directory.stat().st_mode & 0o777 == 0o700
+    for name in ("server", "client"):
+        assert (directory / f"{name}.key_secret").stat().st_mode & 0o777 == 0o600
+        assert (directory / f"{name}.key").is_file()
+    server = kobo_daemon("keys", "show", "--dir", str(directory)).stdout.strip()
+    client = kobo_daemon("keys", "show", "--client", "--dir", str(directory)).stdout.strip()
+    assert len(server) == len(client) == 40 and server != client
+    return server, client
+
+
+def authorize(head_dir: Path, key: str, name: str) -> None:
+    r = kobo_daemon("keys", "authorize", key, "--dir", str(head_dir), "--name", name)
+    assert r.returncode == 0, r.stderr
+
+
+def free_port_pair() -> int:
+    """A port P such that P and P+1 are free on loopback right now."""
+    for _ in range(200):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if port >= 65534:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise AssertionError("no free pair of ports")
+
+
+def listening_tcp_ports(pid: int) -> set[int]:
+    """TCP ports process ``pid`` has a listening socket on (from /proc)."""
+    time.sleep(0.2)  # libzmq's I/O thread may still be setting a listener up
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+@pytest.fixture
+def second_endpoint():
+    """A second daemon endpoint (another node's socket), removed afterwards."""
+    d = tempfile.mkdtemp(prefix="kobo-", dir="/tmp")
+    try:
+        yield resolve(f"ipc://{d}/node", os.environ)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def start_board(endpoint, rank: int, run_id: str, base: Path, n: int, tmp_path: Path) -> subprocess.Popen[str]:
+    script = tmp_path / "board.py"
+    script.write_text(BOARD)
+    env = {**os.environ, "KOBO_DAEMON_ENDPOINT": str(endpoint), "KOBO_DAEMON_AUTOSTART": "0"}
+    return subprocess.Popen(
+        [sys.executable, str(script), str(rank), run_id, str(base), str(n)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_ok(proc: subprocess.Popen[str], what: str, timeout: float = 120) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0 and "DONE" in out, f"{what} failed ({proc.returncode}):\n{out}\n{err}"
+    return out
+
+
+# -------------------------------------------------------------------- tests
+
+
+@pytest.mark.slow
+def test_two_nodes_log_into_one_run_on_the_head(endpoint, second_endpoint, daemon_factory, base_dir, tmp_path):
+    """Rank 0 logs to the head's daemon, rank 1 to its node's forwarder: the head's run has both, exactly."""
+    head_keys, node_keys = tmp_path / "head-keys", tmp_path / "node-keys"
+    make_keys(head_keys)
+    make_keys(node_keys)
+    # The README's steps: keys travel as files.
+    node_key_file, head_key_file = tmp_path / "node1.key", tmp_path / "head.key"
+    node_key_file.write_text(kobo_daemon("keys", "show", "--client", "--dir", str(node_keys)).stdout)
+    head_key_file.write_text(kobo_daemon("keys", "show", "--dir", str(head_keys)).stdout)
+    authorize(head_keys, str(node_key_file), "node1")
+    port = free_port_pair()
+
+    head = daemon_factory(endpoint, "--listen", f"tcp://127.0.0.1:{port}", "--key-dir", str(head_keys))
+    # The head listens on exactly PORT (data) and PORT+1 (requests).
+    assert listening_tcp_ports(head.pid) == {port, port + 1}
+    node = daemon_factory(
+        second_endpoint, "--endpoint", str(second_endpoint),
+        "--forward", f"tcp://127.0.0.1:{port}", "--head-key", str(head_key_file), "--key-dir", str(node_keys),
+    )
+    assert listening_tcp_ports(node.pid) == set()  # a forwarder listens on nothing
+
+    rank0 = start_board(endpoint, 0, "shared", base_dir, N_CALLS, tmp_path)
+    rank1 = start_board(second_endpoint, 1, "shared", base_dir, N_CALLS, tmp_path)
+    wait_ok(rank0, "rank 0 (on the head)")
+    wait_ok(rank1, "rank 1 (through the forwarder)")
+
+    run = base_dir / "nodes" / "shared"
+    with RunReader(run) as r:
+        assert r.ranks("loss") == [0, 1]
+        for rank in (0, 1):
+            s = r.series("loss", rank=rank)
+            np.testing.assert_array_equal(s["value"], rank * 1_000_000 + np.arange(N_CALLS) + 0.25)
+            np.testing.assert_array_equal(s["step"], np.arange(N_CALLS))
+            only = r.series(f"rank{rank}/only", rank=rank)
+            np.testing.assert_array_equal(only["value"], -np.arange(N_CALLS, dtype=float))
+    meta = json.loads((run / "metadata.json").read_text())
+    assert meta["status"] == "finished"
+    # Captured stdout of the forwarded rank is in the head's run too.
+    assert "hello from node of rank 1" in (run / "logs" / "output.log").read_text()
+
+    # `kobo-daemon status` on the node describes the forwarder (not the head) ...
+    st = kobo_daemon("status", "--json", "--endpoint", str(second_endpoint))
+    assert st.returncode == 0, st.stderr
+    info = json.loads(st.stdout)
+    assert info["pid"] == node.pid and info["forward"]["state"] == "connected"
+    assert info["forward"]["forwarded"] >= 2 and info["forward"]["secure"] is True
+    # ... and `kobo-daemon stop` on the node stops the forwarder, never the head.
+    stop = kobo_daemon("stop", "--endpoint", str(second_endpoint))
+    assert stop.returncode == 0, stop.stderr
+    assert node.proc.wait(20) == 0
+    node.terminate()  # (only closes its log now)
+    assert head.proc.poll() is None
+    st = json.loads(kobo_daemon("status", "--json", "--endpoint", str(endpoint)).stdout)
+    assert st["listen"]["secure"] is True and st["listen"]["refused"] == 0
+    assert head.terminate() == 0, head.output()
+
+
+@pytest.mark.slow
+def test_unauthorized_node_and_plain_zeromq_are_refused(endpoint, second_endpoint, daemon_factory, base_dir, tmp_path, script):
+    """A node whose key the head did not authorize gets a clear error fast; plain ZeroMQ writes nothing."""
+    head_keys, good_keys, bad_keys = tmp_path / "head-keys", tmp_path / "good-keys", tmp_path / "bad-keys"
+    head_pub, _ = make_keys(head_keys)
+    _, good_client = make_keys(good_keys)
+    _, bad_client = make_keys(bad_keys)
+    authorize(head_keys, good_client, "good")  # the head trusts a node, just not this one
+    port = free_port_pair()
+    head = daemon_factory(endpoint, "--listen", f"tcp://127.0.0.1:{port}", "--key-dir", str(head_keys))
+
+    # A legitimate run on the head, so there is something to tamper with.
+    r = script(
+        "from kohakuboard.client import Board\n"
+        f"b = Board(name='legit', run_id='shared', project='nodes', base_dir={str(base_dir)!r}, capture_output=False)\n"
+        "b.log(loss=1.5); b.log(loss=2.5); b.finish()\n",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    run = base_dir / "nodes" / "shared"
+
+    node = daemon_factory(
+        second_endpoint, "--endpoint", str(second_endpoint),
+        "--forward", f"tcp://127.0.0.1:{port}", "--head-key", head_pub, "--key-dir", str(bad_keys),
+    )
+    t0 = time.monotonic()
+    r = script(REFUSED, cwd=tmp_path, env={"KOBO_DAEMON_ENDPOINT": str(second_endpoint), "KOBO_DAEMON_AUTOSTART": "0"})
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ERROR DaemonUnavailable"), r.stdout + r.stderr
+    assert "refused this node's CURVE key" in r.stdout and bad_client in r.stdout
+    assert elapsed < 8 + 10  # answered, not left hanging past the client's own timeout
+    assert "refused this node's CURVE key" in node.output()
+    assert f"client key {bad_client} is not authorized" in head.output()
+
+    # Plain ZeroMQ to the head's TCP ports: data for the existing run, and a request.
+    ctx = zmq.Context()
+    try:
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(f"tcp://127.0.0.1:{port}")
+        for seq in range(1, 51):
+            push.send_multipart(codec.encode_log(str(run), "intruder", seq, 0, 100 + seq, 0, time.time(), {"loss": 666.0}))
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(f"tcp://127.0.0.1:{port + 1}")
+        other = base_dir / "nodes" / "planted"
+        dealer.send_multipart(codec.encode(m.OpenRun(m.Envelope(str(other), "intruder", 1), "x", "nodes", "planted")))
+        assert not dealer.poll(3000), "a plain ZeroMQ request was answered"
+    finally:
+        ctx.destroy(linger=0)
+    assert not other.exists()
+    with RunReader(run) as rr:
+        assert list(rr.series("loss")["value"]) == [1.5, 2.5]
+        assert rr.ranks("loss") == [0]
+    st = json.loads(kobo_daemon("status", "--json", "--endpoint", str(endpoint)).stdout)
+    assert st["listen"]["refused"] >= 1 and st["listen"]["forwarded"] == 0 and st["listen"]["requests"] == 0
+    assert head.terminate() == 0, head.output()
+    assert node.terminate() == 0, node.output()
+
+
+def test_tcp_only_on_request_and_never_without_keys_by_accident(endpoint, second_endpoint, daemon, tmp_path):
+    """No --listen: nothing on TCP.  --listen without keys: refuses to start and says what to do."""
+    assert listening_tcp_ports(daemon.pid) == set()
+
+    port = free_port_pair()
+    empty_keys = tmp_path / "no-keys"
+    env = {"KOBO_DAEMON_ENDPOINT": str(second_endpoint)}
+    r = kobo_daemon("run", "--listen", f"tcp://127.0.0.1:{port}", "--key-dir", str(empty_keys), env=env)
+    assert r.returncode == 3, r.stderr
+    assert "keys generate" in r.stderr and "--insecure-plaintext" in r.stderr
+    # Same through the environment (what a systemd unit would set).
+    r = kobo_daemon("run", env={**env, "KOBO_DAEMON_LISTEN": f"tcp://127.0.0.1:{port}", "KOBO_DAEMON_KEY_DIR": str(empty_keys)})
+    assert r.returncode == 3 and "keys generate" in r.stderr, r.stderr
+    # A forwarder without the head's key refuses too.
+    r = kobo_daemon("run", "--forward", f"tcp://127.0.0.1:{port}", "--key-dir", str(empty_keys), env=env)
+    assert r.returncode == 3 and "--head-key" in r.stderr, r.stderr
+    for p in (port, port + 1):  # nothing was left listening
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
+
+
+def test_insecure_plaintext_is_explicit_and_loud(endpoint, second_endpoint, daemon_factory, base_dir, tmp_path):
+    """--insecure-plaintext on both sides works end to end, with a warning on each."""
+    port = free_port_pair()
+    head = daemon_factory(endpoint, "--listen", f"tcp://127.0.0.1:{port}", "--insecure-plaintext")
+    assert listening_tcp_ports(head.pid) == {port, port + 1}
+    assert "WITHOUT encryption or authentication" in head.output()
+    node = daemon_factory(
+        second_endpoint, "--endpoint", str(second_endpoint), "--forward", f"tcp://127.0.0.1:{port}", "--insecure-plaintext",
+    )
+    assert "WITHOUT encryption or authentication" in node.output()
+    rank1 = start_board(second_endpoint, 1, "plain", base_dir, 200, tmp_path)
+    wait_ok(rank1, "rank 1 (plaintext forwarder)")
+    with RunReader(base_dir / "nodes" / "plain") as r:
+        np.testing.assert_array_equal(r.series("loss", rank=1)["value"], 1_000_000 + np.arange(200) + 0.25)
+    assert node.terminate() == 0, node.output()
+    assert head.terminate() == 0, head.output()
+
+
+STEADY = r"""
+import json, os, sys, time
+from kohakuboard.client import Board
+stop_file = sys.argv[1]
+b = Board(name="steady", run_id="steady", project="nodes", rank=1, world_size=2, capture_output=False, timeout=30)
+print("open", flush=True)
+n = 0
+while not os.path.exists(stop_file):
+    for _ in range(50):
+        b.log(x=n + 0.5)
+        n += 1
+    time.sleep(0.002)
+b.flush(timeout=90)
+b.finish(timeout=30)
+print(json.dumps({"n": n, **b.stats()}), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_forwarder_and_head_killed_while_logging_store_each_call_once(
+    endpoint, second_endpoint, daemon_factory, base_dir, tmp_path
+):
+    """SIGKILL the node's forwarder, then the head, while a client logs: every call is stored exactly once."""
+    head_keys, node_keys = tmp_path / "head-keys", tmp_path / "node-keys"
+    head_pub, _ = make_keys(head_keys)
+    _, node_client = make_keys(node_keys)
+    authorize(head_keys, node_client, "node1")
+    port = free_port_pair()
+    head_args = ("--listen", f"tcp://127.0.0.1:{port}", "--key-dir", str(head_keys))
+    node_args = (
+        "--endpoint", str(second_endpoint), "--forward", f"tcp://127.0.0.1:{port}",
+        "--head-key", head_pub, "--key-dir", str(node_keys),
+    )
+    head = daemon_factory(endpoint, *head_args)
+    node = daemon_factory(second_endpoint, *node_args)
+
+    stop_file = tmp_path / "stop"
+    script = tmp_path / "steady.py"
+    script.write_text(STEADY)
+    client = subprocess.Popen(
+        [sys.executable, str(script), str(stop_file)],
+        env={**os.environ, "KOBO_DAEMON_ENDPOINT": str(second_endpoint), "KOBO_DAEMON_AUTOSTART": "0"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert client.stdout.readline().strip() == "open"
+        time.sleep(1.0)
+        node.kill()  # data in the forwarder's queues is lost with it
+        node = daemon_factory(second_endpoint, *node_args)
+        time.sleep(1.5)
+        head.kill()
+        head = daemon_factory(endpoint, *head_args)
+        time.sleep(1.5)
+        stop_file.touch()
+        out, err = client.communicate(timeout=150)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    assert client.returncode == 0, err
+    stats = json.loads(out.strip().splitlines()[-1])
+    n = stats["n"]
+    assert n > 1000 and stats["acknowledged"] == n
+    assert stats["daemon_restarts_seen"] >= 2 and stats["replayed_calls"] > 0  # it did have to re-send
+    with RunReader(base_dir / "nodes" / "steady") as r:
+        s = r.series("x", rank=1)
+        np.testing.assert_array_equal(s["value"], np.arange(n) + 0.5)
+    assert json.loads((base_dir / "nodes" / "steady" / "metadata.json").read_text())["status"] == "finished"
+    assert node.terminate() == 0, node.output()
+    assert head.terminate() == 0, head.output()
+
+
+DIES = r"""
+import os, signal, time
+from kohakuboard.client import Board
+b = Board(name="dies", run_id="dies", project="nodes", capture_output=False, timeout=30)
+for i in range(100):
+    b.log(x=float(i))
+b.flush(timeout=30)
+print("flushed", flush=True)
+time.sleep(60)  # killed here
+"""
+
+# A head daemon that believes it runs on another machine: it cannot judge the
+# liveness of processes of "other" hosts, exactly like a real remote head.
+REMOTE_HEAD = (
+    "import kohakuboard.daemon.server as s; s._HOST = 'the-head-machine'; "
+    "from kohakuboard.daemon.cli import main; main()"
+)
+
+
+def test_node_reports_its_killed_client_as_crashed(endpoint, second_endpoint, daemon_factory, base_dir, tmp_path):
+    """A client of the node dies (SIGKILL): the forwarder tells the head, and the run ends up crashed."""
+    from kohakuboard.protocol.endpoint import daemon_alive
+
+    head_keys, node_keys = tmp_path / "head-keys", tmp_path / "node-keys"
+    head_pub, _ = make_keys(head_keys)
+    _, node_client = make_keys(node_keys)
+    authorize(head_keys, node_client, "node1")
+    port = free_port_pair()
+    head_log = tmp_path / "head.log"
+    with open(head_log, "wb") as log:
+        head = subprocess.Popen(
+            [sys.executable, "-c", REMOTE_HEAD, "run", "--listen", f"tcp://127.0.0.1:{port}", "--key-dir", str(head_keys)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while not (daemon_alive(endpoint) and os.path.exists(endpoint.control_addr[6:])):
+            assert head.poll() is None and time.monotonic() < deadline, head_log.read_text()
+            time.sleep(0.02)
+        node = daemon_factory(
+            second_endpoint, "--endpoint", str(second_endpoint), "--forward", f"tcp://127.0.0.1:{port}",
+            "--head-key", head_pub, "--key-dir", str(node_keys),
+        )
+        script = tmp_path / "dies.py"
+        script.write_text(DIES)
+        client = subprocess.Popen(
+            [sys.executable, str(script)],
+            env={**os.environ, "KOBO_DAEMON_ENDPOINT": str(second_endpoint), "KOBO_DAEMON_AUTOSTART": "0"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert client.stdout.readline().strip() == "flushed", client.stderr.read()
+        meta = base_dir / "nodes" / "dies" / "metadata.json"
+        assert json.loads(meta.read_text())["status"] == "running"
+        client.kill()
+        client.communicate(timeout=10)
+        deadline = time.monotonic() + 15
+        while json.loads(meta.read_text())["status"] != "crashed":
+            assert time.monotonic() < deadline, f"run not marked crashed:\n{node.output()}\n{head_log.read_text()}"
+            time.sleep(0.1)
+        assert "died without finishing" in node.output()
+        with RunReader(base_dir / "nodes" / "dies") as r:
+            np.testing.assert_array_equal(r.series("x")["value"], np.arange(100.0))
+        assert node.terminate() == 0, node.output()
+    finally:
+        if head.poll() is None:
+            head.terminate()
+        assert head.wait(30) == 0, head_log.read_text()
