@@ -33,6 +33,7 @@ _BY_KIND: dict[str, type] = {cls.KIND: cls for cls in m.ALL_MESSAGES}
 
 # Field checkers: what a payload field must be after msgpack decoding.
 _INT = (int,)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 class _Frame:
@@ -155,18 +156,22 @@ def encode_log(
 
 
 def _unpack_header(frame: bytes) -> list[Any]:
-    if len(frame) > MAX_HEADER_BYTES:
-        raise MessageTooLarge(f"header frame is {len(frame)} bytes (limit {MAX_HEADER_BYTES})")
+    n = len(frame)
+    if n > MAX_HEADER_BYTES:
+        raise MessageTooLarge(f"header frame is {n} bytes (limit {MAX_HEADER_BYTES})")
     try:
+        # msgpack allocates an array or map of the declared length before reading
+        # its elements: no declared length may exceed what the frame can hold
+        # (an element takes at least 1 byte, a map entry 2).
         obj = msgpack.unpackb(
             frame,
             raw=False,
             strict_map_key=True,
             use_list=True,
-            max_str_len=MAX_HEADER_BYTES,
-            max_bin_len=MAX_HEADER_BYTES,
-            max_array_len=MAX_VALUES_PER_LOG,
-            max_map_len=MAX_VALUES_PER_LOG,
+            max_str_len=n,
+            max_bin_len=n,
+            max_array_len=min(n, MAX_VALUES_PER_LOG),
+            max_map_len=min(n // 2, MAX_VALUES_PER_LOG),
             max_ext_len=0,
         )
     except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData) as exc:
@@ -194,10 +199,10 @@ def _check_envelope(h: list[Any]) -> m.Envelope:
     if len(run) > 4096 or len(client) > 128:
         raise MalformedMessage("run path or client id too long")
     for name, value in (("seq", seq), ("rank", rank), ("step", step), ("global_step", gstep)):
-        if type(value) is not int:
-            raise MalformedMessage(f"envelope field {name} must be an integer")
-    if type(wall) not in _NUM:
-        raise MalformedMessage("envelope field wall must be a number")
+        if type(value) is not int or not _INT64_MIN <= value <= _INT64_MAX:
+            raise MalformedMessage(f"envelope field {name} must be a 64-bit integer")
+    if type(wall) not in _NUM or wall != wall:
+        raise MalformedMessage("envelope field wall must be a number, not NaN")
     return m.Envelope(run, client, seq, rank, step, gstep, float(wall))
 
 
@@ -226,7 +231,7 @@ def _check_items(items: list[Any], n_blobs: int) -> None:
         if type(name) is not str or not name or len(name) > MAX_NAME_CHARS or name in names:
             raise MalformedMessage("log item names must be distinct non-empty strings")
         names.add(name)
-        if kind not in m.ITEM_KINDS:
+        if type(kind) is not str or kind not in m.ITEM_KINDS:
             raise MalformedMessage(f"unknown log item kind {kind!r}")
         if type(meta) is not dict or type(refs) is not list:
             raise MalformedMessage("log item meta must be a map and refs a list")
@@ -255,6 +260,13 @@ def _check_batch(payload: list[Any]) -> None:
     ):
         if len(frame) != size:
             raise MalformedMessage(f"log_batch frame {name} has {len(frame)} bytes, expected {size}")
+    if count:
+        # A NaN wall is stored as NULL and fails the run's every later commit.  The
+        # sum is NaN when any wall is (one C-level pass); little-endian host assumed.
+        w = memoryview(walls).cast("d")
+        total = sum(w)
+        if total != total and any(x != x for x in w):
+            raise MalformedMessage("log_batch walls must not be NaN")
 
 
 def _since(kind: str) -> list[int]:
@@ -325,6 +337,8 @@ def decode(frames: Sequence[bytes | memoryview | Any]) -> Any:
             payload[k] = [f if isinstance(f, (bytes, memoryview)) else f.buffer for f in extra[value[0] : value[0] + value[1]]]
         elif type(value) not in types:
             raise MalformedMessage(f"{kind} field {name} has the wrong type")
+        elif types is _INT and not _INT64_MIN <= value <= _INT64_MAX:
+            raise MalformedMessage(f"{kind} field {name} is not a 64-bit integer")
     if kind == "log":
         _check_scalars(payload[0])
         _check_items(payload[1], len(payload[2]))

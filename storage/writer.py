@@ -543,12 +543,19 @@ class RunWriter:
                 self._db.execute("BEGIN")
                 try:
                     for what, op in self._sql_ops:
+                        # A savepoint per item: a value the database cannot take (a
+                        # client bug or hostile input) is skipped with an event
+                        # instead of failing the batch again and again.  Disk and
+                        # lock problems (OperationalError) fail the commit: retried.
+                        self._db.execute("SAVEPOINT item")
                         try:
                             op()
-                        except sqlite3.Error:
+                        except sqlite3.OperationalError:
                             raise
                         except Exception as exc:
-                            raise _storage_error(self.path, what, exc) from exc
+                            self._db.execute("ROLLBACK TO item")
+                            self.event("rejected_item", f"{what}: {exc!r}")
+                        self._db.execute("RELEASE item")
                     for rank, parts in self._staged_calls.items():
                         self._write_step_ranges(rank, parts)
                     seq_rows = []
