@@ -1,6 +1,6 @@
 """Run every KohakuBoard benchmark and report against PRODUCT.md section 9.
 
-    python bench/run_all.py            # full run (~3-5 minutes on the 2-core machine)
+    python bench/run_all.py            # full run (~6-8 minutes on the 2-core machine)
     python bench/run_all.py --quick    # about a minute: smaller sizes, 3 repeats
     python bench/run_all.py --only log_latency,read --repeats 3
 
@@ -33,6 +33,8 @@ BENCHES = [
     ("flush_finish", "bench_flush_finish.py"),
     ("import", "bench_import.py"),
     ("read", "bench_read.py"),
+    ("ack", "bench_ack.py"),
+    ("load", "bench_load.py"),
 ]
 
 

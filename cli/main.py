@@ -1,4 +1,5 @@
-"""``kobo``: list, show and export runs.  A thin layer over :mod:`kohakuboard.storage.reader`."""
+"""``kobo``: list, show, export and verify runs.  A thin layer over :mod:`kohakuboard.storage.reader`
+and :mod:`kohakuboard.storage.verify`."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def _open(run: str, base_dir: str) -> Any:
 
 @click.group(context_settings={"auto_envvar_prefix": "KOBO", "help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Look at KohakuBoard runs: list them, show one, export its data."""
+    """Look at KohakuBoard runs: list them, show one, export its data, check it for damage."""
 
 
 @main.command("list")
@@ -115,6 +116,12 @@ def show(run: str, base_dir: str, as_json: bool) -> None:
     world = summary["metadata"].get("world_size")
     world_text = f", world size {world}" if isinstance(world, int) and not isinstance(world, bool) and world > 1 else ""
     click.echo(f"ranks:    {len(summary['ranks'])} ({', '.join(map(str, summary['ranks'])) or '-'}){world_text}")
+    dropped = summary.get("dropped") or {}
+    if dropped.get("calls"):
+        click.echo(
+            f"dropped:  {dropped['calls']} log() call(s) ({dropped['values']} value(s)) discarded by the "
+            "drop policy while the daemon could not keep up"
+        )
     click.echo("config:")
     for key, value in summary["config"].items():
         click.echo(f"  {key}: {json.dumps(value)}")
@@ -138,6 +145,52 @@ def show(run: str, base_dir: str, as_json: bool) -> None:
                 f"  {name.ljust(width)}  {m['points']} point{'' if m['points'] == 1 else 's'}  steps {m['first_step']}..{m['last_step']}"
                 f"  last {m['last_value']:.6g}{extra}"
             )
+
+
+@main.command()
+@click.argument("run")
+@_DIR_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.pass_context
+def verify(ctx: click.Context, run: str, base_dir: str, as_json: bool) -> None:
+    """Check RUN (a path, project/run_id or run id) for damage.
+
+    Checks metadata.json, every database file (SQLite's own check), each
+    column against its committed length, every scalar and histogram record,
+    media files (exist, size and sha256 of their name), tensor and KDE data
+    and logs/output.log.  Prints one line per problem (the file, then what is
+    wrong) and a summary line.  An uncommitted tail (rows of a batch whose
+    writer died before committing it) is a note, not damage: the next writer
+    removes it and the client re-sends that batch.
+
+    Exit code: 0 intact, 1 damaged, 2 not a run.
+    """
+    import os
+
+    from ..protocol.errors import RunNotFound
+    from ..storage.reader import find_run
+    from ..storage.verify import looks_like_run, verify_run
+
+    try:
+        path = find_run(run, base_dir)
+    except RunNotFound as exc:
+        # A run whose metadata.json is gone is still a (damaged) run.
+        candidates = [run, os.path.join(base_dir, run)] if not os.path.isabs(run) else [run]
+        path = next((p for p in candidates if looks_like_run(p)), None)
+        if path is None:
+            if as_json:
+                click.echo(json.dumps({"path": run, "run": False, "ok": False, "exit_code": 2, "error": str(exc)}))
+            else:
+                click.echo(f"Error: {exc}", err=True)
+            ctx.exit(2)
+    report = verify_run(path)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        for finding in report.findings:
+            click.echo(str(finding))
+        click.echo(report.summary())
+    ctx.exit(report.exit_code)
 
 
 def _json_number(x: float) -> Any:

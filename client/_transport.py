@@ -52,7 +52,7 @@ from ..protocol.errors import (
 _STOP = object()
 _MAX_BATCH = 1024  # calls per LogBatch: 256 KB at 32 scalars, so the daemon's receive queue stays small
 _ACK_INTERVAL = 0.1  # seconds between acknowledgement requests while data is unacknowledged
-_ACK_RETRY = 2.0  # an acknowledgement request unanswered this long is asked again
+_ACK_RETRY = 0.5  # an acknowledgement request unanswered this long is asked again (duplicates are harmless)
 _ALIVE_CHECK = 1.0  # how often to check for a dead daemon while it does not answer
 _SYNC_WAIT_MS = 300  # how long the daemon may hold an acknowledgement request a flush waits on
 
@@ -170,6 +170,7 @@ class Sender(threading.Thread):
         self._current: _Entry | None = None
         self._query_id = 0
         self._query_at: float | None = None
+        self._unanswered_since: float | None = None
         self._next_query = 0.0
         self._next_alive_check = 0.0
 
@@ -257,7 +258,11 @@ class Sender(threading.Thread):
 
     def unwritten_calls(self) -> int:
         """Calls queued or sent but not acknowledged as durable (approximate while running)."""
-        return len(self.queue) + self.unacked_calls
+        try:
+            queued = sum(1 for x in self.queue if x is not _STOP and type(x) is not _Drop)
+        except RuntimeError:  # the sender thread changed the deque meanwhile
+            queued = len(self.queue)
+        return queued + self.unacked_calls
 
     def sync(self, seq: int, timeout: float) -> None:
         """Wait until the daemon acknowledges every message up to ``seq`` as durable.
@@ -313,10 +318,15 @@ class Sender(threading.Thread):
         # Few messages in zmq's own queue: a LogBatch or an array can be large,
         # and what waits beyond this waits in our deque, where it is counted.
         push.setsockopt(zmq.SNDHWM, 16)
+        # Queue only on a live connection: what is sent while the daemon is down
+        # waits in our deque (counted, bounded) instead of in a pipe that a dead
+        # daemon's successor would receive and the replay would send again.
+        push.setsockopt(zmq.IMMEDIATE, 1)
         push.connect(self._ep.data_addr)
         ack = self._ctx.socket(zmq.DEALER)
         ack.setsockopt(zmq.LINGER, 0)
         ack.setsockopt(zmq.SNDHWM, 8)
+        ack.setsockopt(zmq.IMMEDIATE, 1)
         ack.connect(self._ep.control_addr)
         both = zmq.Poller()
         both.register(push, zmq.POLLOUT)
@@ -451,8 +461,14 @@ class Sender(threading.Thread):
     # ---------------------------------------------------- acknowledgements
 
     def _ask(self, ack: zmq.Socket[Any], now: float) -> None:
-        """Send an acknowledgement request when one is due; watch for a dead daemon."""
-        if self._query_at is not None and now - self._query_at > _ALIVE_CHECK:
+        """Send an acknowledgement request when one is due; watch for a dead daemon.
+
+        ``_query_at`` is when the last request went out (asked again after
+        ``_ACK_RETRY`` without an answer), ``_unanswered_since`` when the
+        daemon last answered anything (checked for a dead process after
+        ``_ALIVE_CHECK``).
+        """
+        if self._unanswered_since is not None and now - self._unanswered_since > _ALIVE_CHECK:
             self._check_daemon(now)
         if self._query_at is not None and now - self._query_at < _ACK_RETRY:
             return
@@ -468,9 +484,10 @@ class Sender(threading.Thread):
         try:
             ack.send_multipart(codec.encode(req), zmq.NOBLOCK)
         except zmq.Again:
-            pass  # no daemon connected: the alive check below notices
-        if self._query_at is None or now - self._query_at >= _ACK_RETRY:
-            self._query_at = now
+            pass  # no daemon connected: the alive check notices
+        self._query_at = now
+        if self._unanswered_since is None:
+            self._unanswered_since = now
         self._next_query = now + _ACK_INTERVAL
 
     def _read_acks(self, ack: zmq.Socket[Any]) -> None:
@@ -487,8 +504,10 @@ class Sender(threading.Thread):
                 self._on_acked(reply)
             elif isinstance(reply, m.ErrorReply) and reply.env.seq == self._query_id:
                 self._query_at = None  # e.g. the run is not open: asked again later
+                self._unanswered_since = None
 
     def _on_acked(self, reply: m.Acked) -> None:
+        self._unanswered_since = None
         if reply.env.seq == self._query_id:
             self._query_at = None
         self.daemon_down = False
@@ -522,12 +541,21 @@ class Sender(threading.Thread):
             )
 
     def _check_daemon(self, now: float) -> None:
-        """The daemon does not answer: if its process is gone, start a new one."""
+        """The daemon does not answer: if its process is gone, start a new one.
+
+        While it is down, look every 0.2 s, so that a daemon restarted by
+        someone else (systemd, by hand, another client) is asked at once.
+        """
         if now < self._next_alive_check:
             return
-        self._next_alive_check = now + _ALIVE_CHECK
+        self._next_alive_check = now + (0.2 if self.daemon_down else _ALIVE_CHECK)
         if daemon_alive(self._ep):
-            return  # alive, only slow (or stopped): keep waiting
+            if self.daemon_down:  # it is back: ask now rather than after the retry interval
+                self.daemon_down = False
+                self._query_at = None
+                self._unanswered_since = now
+                self._next_query = 0.0
+            return  # alive, maybe only slow (or stopped): keep waiting
         self.daemon_down = True
         if not self.autostart:
             return
@@ -540,9 +568,11 @@ class Sender(threading.Thread):
                     f"kohakuboard: the kobo-daemon on {self._ep} had stopped; started a new one",
                     file=sys.__stderr__ or sys.stderr,
                 )
+            self.daemon_down = False
             self._query_at = None
+            self._unanswered_since = time.monotonic()
             self._next_query = 0.0
-        except Exception as exc:  # keep trying every second; flush()/finish() time out and say so
+        except Exception as exc:  # keep trying; flush()/finish() time out and say so
             self.revive_error = exc
 
 

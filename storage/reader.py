@@ -4,6 +4,13 @@
 is opened ``read_only`` and SQLite with ``mode=ro``, so it is safe on a run the
 daemon is still appending to (it sees a consistent prefix) and on a copied or
 read-only folder.
+
+Commit points (format: "Commits"): when ``metadata.db`` records committed
+lengths (meta ``commit_lengths`` = ``'1'``), only the first ``committed.length``
+rows of a column are read and a column without a ``committed`` row is not
+there yet; rows past that belong to a batch that is not committed (being
+written right now, or left by a writer that died before committing it).  Runs
+written before commit points existed are read whole.
 """
 
 from __future__ import annotations
@@ -58,6 +65,11 @@ class RunReader:
         self._vault: Any = None
         self._columns: dict[str, tuple[str, int]] | None = None
         self._db: sqlite3.Connection | None = None
+        # Committed lengths: (file, column) -> rows, or None when the run has no
+        # commit points (older format, or no metadata.db): read everything.
+        self._committed: dict[tuple[str, str], int] | None = None
+        self._commit_loaded = False
+        self._committed_files: set[str] = set()
 
     # ------------------------------------------------------------- metadata
 
@@ -97,14 +109,77 @@ class RunReader:
         return self._vault
 
     def _column_table(self, refresh: bool = False) -> dict[str, tuple[str, int]]:
+        """Scalar file columns: name -> (dtype, committed row count); uncommitted columns left out."""
         if self._columns is None or refresh:
-            vault = self._open_vault()
+            # Commit points first, then the columns: a writer appends before it
+            # commits, so the vault is never behind what was committed before.
+            committed = self._commit_table(refresh=True)
+            vault = self._open_vault() if committed is None or fmt.SCALARS_DB in self._committed_files else None
             cols: dict[str, tuple[str, int]] = {}
             if vault is not None:
                 for name, dtype, length in vault.list_columns():
-                    cols[name] = (dtype, length)
+                    visible = self._visible(fmt.SCALARS_DB, name, length)
+                    if visible is not None:
+                        cols[name] = (dtype, visible)
             self._columns = cols
         return self._columns
+
+    def _commit_table(self, refresh: bool = False) -> dict[tuple[str, str], int] | None:
+        """The ``committed`` table (one query, cached until ``refresh``); None: no commit points."""
+        if not self._commit_loaded or refresh:
+            self._committed = self._load_commit_table()
+            self._commit_loaded = True
+        return self._committed
+
+    def _load_commit_table(self) -> dict[tuple[str, str], int] | None:
+        _, flag = self._select("SELECT value FROM meta WHERE key = 'commit_lengths'")
+        if not flag or flag[0][0] != "1":
+            return None
+        _, rows = self._select("SELECT file, name, length FROM committed")
+        self._committed_files = {f for f, _, _ in rows}
+        return {(f, n): int(ln) for f, n, ln in rows}
+
+    def _has_commits(self, file: str) -> bool:
+        """Whether anything of ``file`` is committed (always, for runs without commit points).
+
+        A vault file nothing was committed to is not opened: the writer may be
+        creating it right now (or died doing so), and then it cannot be read yet.
+        """
+        if self._commit_table() is None:
+            return True
+        if file not in self._committed_files:
+            self._commit_table(refresh=True)  # committed since the table was read?
+        return self._committed is None or file in self._committed_files
+
+    def _visible(self, file: str, column: str, length: int) -> int | None:
+        """Rows of ``column`` (``length`` in the file) a reader may see; None: not committed at all."""
+        committed = self._committed
+        if committed is None:
+            return length
+        n = committed.get((file, column))
+        return None if n is None else min(n, length)
+
+    def _committed_length(self, file: str, column: str) -> int | None:
+        """The current committed length of one column (a primary-key lookup): 0 if it has
+        none yet, None when the run has no commit points (read everything)."""
+        committed = self._commit_table()
+        if committed is None:
+            return None
+        _, rows = self._select("SELECT length FROM committed WHERE file = ? AND name = ?", (file, column))
+        if not rows:
+            committed.pop((file, column), None)
+            return 0
+        committed[(file, column)] = n = int(rows[0][0])
+        return n
+
+    def _read_column(self, vault: Any, file: str, column: str, as_array: bool) -> Any:
+        """Every committed row of ``column``: its committed length is read first, then the rows."""
+        committed = self._committed_length(file, column)
+        col = vault[column]
+        n = len(col) if committed is None else min(committed, len(col))
+        if as_array:
+            return col.read_array(0, n)
+        return col.read(0, n) if n else []
 
     def _sql(self) -> sqlite3.Connection | None:
         if self._db is None:
@@ -186,7 +261,7 @@ class RunReader:
         if entry is None or entry[0] != fmt.SCALAR_COLUMN_DTYPE:
             raise KeyError(self._missing(name, rank))
         # One read_array call (a single numpy buffer), then a zero-copy reinterpretation.
-        raw = self._vault[col].read_array()
+        raw = self._read_column(self._vault, fmt.SCALARS_DB, col, as_array=True)
         return raw.view(_REC).reshape(-1)
 
     def _missing(self, name: str, rank: int | None) -> str:
@@ -234,11 +309,13 @@ class RunReader:
                 names = [n for n in names if "#" not in n]  # table cells are listed with their table
             out[kind] = names
         hist = set()
+        self._commit_table(refresh=True)
         for precision, rel in fmt.HISTOGRAM_FILES.items():
             vault = self._hist_vault(precision)
             if vault is not None:
-                for col, _, _ in vault.list_columns():
-                    hist.add(fmt.split_column_name(col)[1])
+                for col, _, length in vault.list_columns():
+                    if self._visible(rel, col, length):
+                        hist.add(fmt.split_column_name(col)[1])
         out["histogram"] = sorted(hist)
         return out
 
@@ -291,12 +368,16 @@ class RunReader:
     def _hist_vault(self, precision: str) -> Any:
         cache = self.__dict__.setdefault("_hist_vaults", {})
         if precision not in cache:
-            path = os.path.join(self.path, fmt.HISTOGRAM_FILES[precision])
-            if not os.path.exists(path):
+            rel = fmt.HISTOGRAM_FILES[precision]
+            path = os.path.join(self.path, rel)
+            if not os.path.exists(path) or not self._has_commits(rel):
                 return None
             from kohakuvault import ColumnVault
 
-            cache[precision] = ColumnVault(path, read_only=True)
+            try:
+                cache[precision] = ColumnVault(path, read_only=True)
+            except Exception as exc:
+                raise StorageError(f"cannot open {path}: {exc}") from exc
         return cache[precision]
 
     def histograms(self, name: str, rank: int = 0, start: int | None = None, end: int | None = None) -> list[dict[str, Any]]:
@@ -314,7 +395,7 @@ class RunReader:
             if vault is None or col not in {c for c, _, _ in vault.list_columns()}:
                 continue
             cdtype = np.dtype(fmt.HISTOGRAM_COUNT_DTYPES[precision])
-            for rec in vault.ensure(col, "bytes").read(0, None):
+            for rec in self._read_column(vault, fmt.HISTOGRAM_FILES[precision], col, as_array=False):
                 step, gstep, wall, n, nan, posinf, neginf, total, scale = struct.unpack_from(fmt.HISTOGRAM_HEADER, rec)
                 if (start is not None and step < start) or (end is not None and step > end):
                     continue
@@ -400,8 +481,20 @@ class RunReader:
     def clients(self) -> list[dict[str, Any]]:
         """Every client (process) that attached to the run."""
         cols = ("client", "rank", "pid", "host", "opened_at", "closed_at", "status", "durable_seq")
-        _, rows = self._select(f"SELECT {', '.join(cols)} FROM clients ORDER BY opened_at")
+        try:
+            _, rows = self._select(f"SELECT {', '.join(cols)}, dropped_calls, dropped_values FROM clients ORDER BY opened_at")
+            cols = (*cols, "dropped_calls", "dropped_values")
+        except StorageError:  # a run written before drop counters existed
+            _, rows = self._select(f"SELECT {', '.join(cols)} FROM clients ORDER BY opened_at")
         return [dict(zip(cols, row)) for row in rows]
+
+    def dropped(self) -> dict[str, int]:
+        """log() calls (and their values) the clients' drop policy discarded, summed over clients."""
+        clients = self.clients()
+        return {
+            "calls": sum(int(c.get("dropped_calls") or 0) for c in clients),
+            "values": sum(int(c.get("dropped_values") or 0) for c in clients),
+        }
 
     def summary(self) -> dict[str, Any]:
         """Metadata plus, per metric, its point count, step range and last value.
@@ -448,6 +541,7 @@ class RunReader:
             "ranks": all_ranks,
             "metrics": metrics,
             "items": self.list_items(),
+            "dropped": self.dropped(),
         }
 
     # ----------------------------------------------------------------- close

@@ -579,7 +579,13 @@ class RunWriter:
                     self._db.executemany("INSERT OR REPLACE INTO committed(file, name, length) VALUES (?,?,?)", lengths)
                     self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    # A failed COMMIT (disk full) has rolled back already: a second
+                    # ROLLBACK would raise and hide the real error.
+                    if self._db.in_transaction:
+                        try:
+                            self._db.execute("ROLLBACK")
+                        except sqlite3.Error:
+                            pass
                     raise
         except BaseException:
             self._last_range = last_range  # the rows it described were rolled back

