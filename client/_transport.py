@@ -129,6 +129,7 @@ class Sender(threading.Thread):
         self._client = client
         self._rank = rank
         self._who = ident
+        self.peer = ident  # (pid, process start ticks, host) sent with acknowledgement requests
         self.max_queue = max_queue
         self.limit = max_inflight_bytes
         self._soft_bytes = int(max_inflight_bytes * 0.8)  # the 80 % warning threshold
@@ -170,6 +171,7 @@ class Sender(threading.Thread):
         self._current: _Entry | None = None
         self._query_id = 0
         self._query_at: float | None = None
+        self._query_sync = False
         self._unanswered_since: float | None = None
         self._next_query = 0.0
         self._next_alive_check = 0.0
@@ -260,9 +262,19 @@ class Sender(threading.Thread):
         """Calls queued or sent but not acknowledged as durable (approximate while running)."""
         try:
             queued = sum(1 for x in self.queue if x is not _STOP and type(x) is not _Drop)
-        except RuntimeError:  # the sender thread changed the deque meanwhile
-            queued = len(self.queue)
-        return queued + self.unacked_calls
+            acked = self.acked_seq
+            sent = sum(e.calls for e in self.unacked if e.last > acked)
+        except RuntimeError:  # the sender thread changed a deque meanwhile
+            queued, sent = len(self.queue), self.unacked_calls
+        return queued + sent
+
+    def note_durable(self, durable: int) -> None:
+        """The daemon told another thread (flush()'s fast path) that ``durable`` is durable."""
+        with self._cond:
+            if durable > self.acked_seq:
+                self.acked_seq = durable
+                self._cond.notify_all()
+        self._wake.set()  # the thread releases the acknowledged messages
 
     def sync(self, seq: int, timeout: float) -> None:
         """Wait until the daemon acknowledges every message up to ``seq`` as durable.
@@ -349,6 +361,8 @@ class Sender(threading.Thread):
             if self._abort:
                 return
             self._read_acks(ack)
+            if self.unacked and self.unacked[0].last <= self.acked_seq:
+                self._release_acked()
             blocked = False
             while self._resend:
                 if not self._try_send(push, self._resend[0].frames):
@@ -386,8 +400,15 @@ class Sender(threading.Thread):
                 both.poll(20)
             elif q and self.unacked_bytes < self.limit:
                 continue
+            elif self._want > self.acked_seq:
+                ack.poll(5)  # a flush()/finish() waits on the answer
             elif waiting:
-                ack.poll(20)
+                # Answers are picked up within 10 ms; a new log() call wakes us at once.
+                self._idle = True
+                if not q:
+                    self._wake.wait(0.01)
+                self._wake.clear()
+                self._idle = False
             else:
                 self._idle = True
                 if not q:
@@ -470,11 +491,14 @@ class Sender(threading.Thread):
         """
         if self._unanswered_since is not None and now - self._unanswered_since > _ALIVE_CHECK:
             self._check_daemon(now)
-        if self._query_at is not None and now - self._query_at < _ACK_RETRY:
-            return
-        if now < self._next_query:
-            return
         sync = self._want > self.acked_seq
+        # A flush() waiting does not wait for the answer to a plain request: its
+        # own request makes the daemon write the batch at once.
+        upgrade = sync and not self._query_sync
+        if not upgrade and self._query_at is not None and now - self._query_at < _ACK_RETRY:
+            return
+        if not upgrade and now < self._next_query:
+            return
         last = self.unacked[-1].last if self.unacked else self.acked_seq
         want = min(self._want, last) if sync else last
         self._query_id += 1
@@ -486,6 +510,7 @@ class Sender(threading.Thread):
         except zmq.Again:
             pass  # no daemon connected: the alive check notices
         self._query_at = now
+        self._query_sync = sync
         if self._unanswered_since is None:
             self._unanswered_since = now
         self._next_query = now + _ACK_INTERVAL
@@ -510,6 +535,7 @@ class Sender(threading.Thread):
         self._unanswered_since = None
         if reply.env.seq == self._query_id:
             self._query_at = None
+            self._query_sync = False
         self.daemon_down = False
         if reply.daemon and reply.daemon != self._daemon_id:
             old, self._daemon_id = self._daemon_id, reply.daemon
@@ -518,15 +544,20 @@ class Sender(threading.Thread):
         durable = reply.durable_seq
         with self._cond:
             if durable > self.acked_seq:
-                u = self.unacked
-                while u and u[0].last <= durable:
-                    e = u.popleft()
-                    self.unacked_bytes -= e.nbytes
-                    self.unacked_calls -= e.calls
                 self.acked_seq = durable
+            self._release_acked()
             self.storage_error = (reply.error_code, reply.error) if reply.error_code else None
             self._replies += 1
             self._cond.notify_all()
+
+    def _release_acked(self) -> None:
+        """Forget the messages the daemon made durable (sender thread only)."""
+        u = self.unacked
+        acked = self.acked_seq
+        while u and u[0].last <= acked:
+            e = u.popleft()
+            self.unacked_bytes -= e.nbytes
+            self.unacked_calls -= e.calls
 
     def _replay(self, durable: int) -> None:
         """A different daemon answers: re-send, in order, what the old one did not make durable."""
