@@ -235,6 +235,7 @@ def write_json_atomic(path: str, obj: Any) -> None:
     d = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; the run's other files are 0644
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=False, allow_nan=False)
             f.write("\n")

@@ -703,11 +703,18 @@ class RunWriter:
             return  # content-addressed: identical bytes are stored once
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)  # no half-written temporary left behind (disk full)
+            except OSError:
+                pass
+            raise
 
     def _insert_media(self, row: dict[str, Any]) -> int:
         cur = self._db.execute(
