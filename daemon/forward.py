@@ -284,7 +284,7 @@ class Relay:
             sock.setsockopt(zmq.SNDHWM, _DATA_HWM)
         else:
             sock.setsockopt(zmq.SNDHWM, _MAX_WAITING)
-            sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
+            sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)  # libzmq checks it per frame
         self.secure(sock)
         self.before_connect(sock, kind)
         sock.connect(addr)

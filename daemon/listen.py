@@ -99,7 +99,7 @@ class TcpListener:
                 self.auth.configure_curve_callback(ZAP_DOMAIN, self.authorized)
             for sock in (self.pull, self.router):
                 sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
+                sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)  # libzmq checks it per frame
                 sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
                 sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
                 sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 30000)

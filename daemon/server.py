@@ -117,7 +117,7 @@ class Daemon:
         self.router = ctx.socket(zmq.ROUTER)
         for sock in (self.pull, self.router):
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE_BYTES)
+            sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)  # libzmq checks it per frame
             self.peer_guard.protect(sock)
         # A LogBatch can be ~1 MB: a short receive queue keeps RSS bounded, and
         # a full queue pushes back on the clients (their bounded send queues).
