@@ -313,3 +313,14 @@ def emit(args: argparse.Namespace, records: list[dict[str, Any]]) -> None:
             f.write(text)
     else:
         print(text)
+
+
+def write_results(json_path: str, result: dict[str, Any], out_path: str | None, records: list[dict[str, Any]]) -> None:
+    """Write a benchmark's full result to ``json_path`` and, with ``--out``, its records for run_all."""
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {json_path} (total {result['total_s']:.0f} s)")
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(records, f, indent=2)

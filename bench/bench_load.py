@@ -303,13 +303,7 @@ def main() -> None:
         "results": res,
         "metrics": recs,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.json} (total {result['total_s']:.0f} s)")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(recs, f, indent=2)
+    c.write_results(args.json, result, args.out, recs)
 
 
 if __name__ == "__main__":
