@@ -128,7 +128,6 @@ class Sender(threading.Thread):
         self._run = run
         self._client = client
         self._rank = rank
-        self._who = ident
         self.peer = ident  # (pid, process start ticks, host) sent with acknowledgement requests
         self.max_queue = max_queue
         self.limit = max_inflight_bytes
@@ -434,8 +433,7 @@ class Sender(threading.Thread):
                 frames = codec.encode_log(self._run, self._client, seq, self._rank, step, gstep, wall, scalars)
                 return _Entry(seq, seq, frames, 1)
             if type(item) is _Drop:
-                env = m.Envelope(self._run, self._client, item.last, self._rank, 0, 0, time.time())
-                return _Entry(item.first, item.last, codec.encode(m.DropReport(env, item.first, item.calls, item.values)), 0)
+                return self._drop_entry(item.first, item.last, item.calls, item.values)
             return _Entry(item.env.seq, item.env.seq, codec.encode(item), 1)
         except Exception as exc:
             # log() validates everything it can, so this is a bug: count it, tell
@@ -445,8 +443,12 @@ class Sender(threading.Thread):
             seq, values = _seq_and_values(item)
             self.dropped_calls += 1
             self.dropped_values += values
-            env = m.Envelope(self._run, self._client, seq, self._rank, 0, 0, time.time())
-            return _Entry(seq, seq, codec.encode(m.DropReport(env, seq, 1, values)), 0)
+            return self._drop_entry(seq, seq, 1, values)
+
+    def _drop_entry(self, first: int, last: int, calls: int, values: int) -> _Entry:
+        """The DropReport standing for calls ``first..last`` (so the sequence stays whole)."""
+        env = m.Envelope(self._run, self._client, last, self._rank, 0, 0, time.time())
+        return _Entry(first, last, codec.encode(m.DropReport(env, first, calls, values)), 0)
 
     def _encode_batch(self, first: tuple[Any, ...]) -> tuple[int, int, list[Any], int]:
         """Pack ``first`` and the queued calls right after it that log the same names.
@@ -503,7 +505,7 @@ class Sender(threading.Thread):
         want = min(self._want, last) if sync else last
         self._query_id += 1
         env = m.Envelope(self._run, self._client, self._query_id, self._rank, 0, 0, time.time())
-        pid, start, host = self._who
+        pid, start, host = self.peer
         req = m.AckRequest(env, want, _SYNC_WAIT_MS if sync else 0, pid, start, host)
         try:
             ack.send_multipart(codec.encode(req), zmq.NOBLOCK)

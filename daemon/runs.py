@@ -212,6 +212,11 @@ class RunChannel:
             self._kick.set()
         self._has_data.set()
 
+    @property
+    def _parked(self) -> bool:
+        """Messages wait in the writer for a client's re-send (RunWriter._in_sequence)."""
+        return self.writer is not None and bool(self.writer.parked)
+
     def durable_seq(self, client: str) -> int:
         state = self.clients.get(client)
         if state is not None:
@@ -226,17 +231,10 @@ class RunChannel:
         process dying marks the run crashed).
         """
         state = self.clients.get(client)
-        if state is not None:
-            return state
-        writer = await self.ensure_writer()
-        state = self.clients.get(client)
         if state is None:
-            state = ClientState(client, rank, pid, pid_start, host)
-            state.durable_seq = writer.durable_prefix(client)
-            info = await self.call(writer.attach, client=client, rank=rank, pid=pid, host=host, name="", project="",
-                                   run_id=os.path.basename(self.path), config={})
-            del info
-            self.clients[client] = state
+            meta = {"name": "", "project": "", "run_id": os.path.basename(self.path), "config": {}}
+            await self.attach(ClientState(client, rank, pid, pid_start, host), meta)
+            state = self.clients[client]
         return state
 
     async def barrier(self, client: str, seq: int, timeout: float) -> int:
@@ -279,7 +277,7 @@ class RunChannel:
         """Write batches until :meth:`stop`; then write what is left and close."""
         try:
             while True:
-                parked = self.writer is not None and self.writer.parked
+                parked = self._parked
                 if not self.pending and not self.pending_output and not self._retry and not parked:
                     if self._stopping:
                         break
@@ -310,7 +308,7 @@ class RunChannel:
         in_flight, self.pending_bytes = self.pending_bytes, 0
         self.unwritten_bytes += in_flight
         output, self.pending_output = self.pending_output, []
-        if not batch and not output and not self._retry and not (self.writer is not None and self.writer.parked):
+        if not batch and not output and not self._retry and not self._parked:
             self._resolve_waiters()
             return
         started = time.perf_counter()

@@ -77,6 +77,7 @@ class Daemon:
         self._tg: asyncio.TaskGroup | None = None
         self._last_reject_log = 0.0
         self.ready = False
+        self._early_signal: int | None = None  # SIGTERM/SIGINT before the loop's handlers
         # Changes with every start: a client that sees a new id re-sends what the
         # previous instance never acknowledged.
         self.instance = f"{os.getpid()}-{os.urandom(6).hex()}"
@@ -140,7 +141,6 @@ class Daemon:
         """Serve until stopped; return the process exit code."""
         # A SIGTERM before the event loop installs its handlers (while binding)
         # must still mean "drain and exit 0", not death by signal.
-        self._early_signal: int | None = None
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._remember_signal)
@@ -182,7 +182,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
-        if getattr(self, "_early_signal", None) is not None:
+        if self._early_signal is not None:
             self._on_stop_signal(self._early_signal)
         log.info("kobo-daemon %d listening on %s", os.getpid(), self.ep)
         self.ready = True

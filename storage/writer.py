@@ -188,10 +188,10 @@ class RunWriter:
                 self._db.execute("COMMIT")
             else:
                 for rel, vault in self._vault_files():
-                    for name, _, n in vault.list_columns():
+                    for name, dtype, n in vault.list_columns():
                         keep = committed.get((rel, name), 0)
                         if n > keep:
-                            col = vault.ensure(name, _)
+                            col = vault.ensure(name, dtype)
                             del col[keep:]
                             self.event("recovered", f"removed {n - keep} uncommitted row(s) of {rel}:{name} (re-sent by the client)")
                 keep = committed.get((fmt.OUTPUT_LOG, ""), 0)
@@ -370,29 +370,20 @@ class RunWriter:
                 continue
             seq = env.seq
             if type(msg) is OutputMessage:
-                if seq in r:
-                    self.duplicates += 1
+                if not self._claim(env.client, r, seq, seq):
                     continue
-                r.add(seq, seq)
-                touched.add(env.client)
                 if msg.text:
                     self._staged_output.append(msg.text)
                 continue
             if type(msg) is DropReport:
-                if r.covers(msg.first_seq, seq):
-                    self.duplicates += 1
+                if not self._claim(env.client, r, msg.first_seq, seq):
                     continue
-                r.add(msg.first_seq, seq)
-                touched.add(env.client)
                 d = self._staged_drops.setdefault(env.client, [0, 0])
                 d[0] += msg.calls
                 d[1] += msg.values
                 continue
-            if seq in r:
-                self.duplicates += 1
+            if not self._claim(env.client, r, seq, seq):
                 continue
-            r.add(seq, seq)
-            touched.add(env.client)
             calls.setdefault(env.rank, []).append((env.step, env.global_step, env.wall))
             if msg.items:
                 self._stage_items(msg)
@@ -443,6 +434,15 @@ class RunWriter:
                 if np.any(ix[1:] < ix[:-1]):  # single calls grouped apart from batches: re-sort
                     rec = rec[np.argsort(ix, kind="stable")]
             self._staged.append((fmt.column_name(rank, name), rec))
+
+    def _claim(self, client: str, r: SeqRanges, first: int, last: int) -> bool:
+        """Record seqs ``first..last`` of ``client`` as staged; False (a duplicate) if the run has them."""
+        if r.covers(first, last):
+            self.duplicates += 1
+            return False
+        r.add(first, last)
+        self._touched.add(client)
+        return True
 
     def _in_sequence(self, batch: Iterable[Any]) -> list[Any]:
         """The batch in the order to store it, holding back messages that arrive after a gap.
