@@ -714,7 +714,7 @@ class ForwardRelay(Relay):
             key = self.setup.curve[1].decode() if self.setup.curve else "?"
             return (
                 f"{self.target} refused this node's CURVE key {key} ({self.detail}): authorize it on the head "
-                f"with `kobo-daemon keys authorize '{key}'` (the node retries every {_REFUSED_RETRY:g}s)"
+                f"with `kobo-daemon keys authorize -- '{key}'` (the node retries every {_REFUSED_RETRY:g}s)"
             )
         if self.state == "handshake-failed":
             return (

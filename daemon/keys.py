@@ -258,7 +258,7 @@ class AuthorizedKeys:
             self._last_log = now
             log.warning(
                 "refused a TCP connection: client key %s is not authorized in %s [%d refused so far]; "
-                "to let that node in: kobo-daemon keys authorize '%s'",
+                "to let that node in: kobo-daemon keys authorize -- '%s'",
                 key.decode(), self.path, self.refused, key.decode(),
             )
         return False
@@ -295,7 +295,7 @@ def generate_command(directory: str | None, force: bool) -> None:
     for name, (public, created) in made.items():
         click.echo(f"{name} key {'created' if created else 'exists'}: {os.path.join(d, name + '.key')}  {public}")
     click.echo(f"head daemon: give the nodes this key for --head-key:  kobo-daemon keys show --dir {d}")
-    click.echo(f"forwarding node: authorize it on the head with:  kobo-daemon keys authorize '{made[CLIENT][0]}'")
+    click.echo(f"forwarding node: authorize it on the head with:  kobo-daemon keys authorize -- '{made[CLIENT][0]}'")
 
 
 @keys_command.command("show")

@@ -84,7 +84,8 @@ def make_keys(directory: Path) -> tuple[str, str]:
 
 
 def authorize(head_dir: Path, key: str, name: str) -> None:
-    r = kobo_daemon("keys", "authorize", key, "--dir", str(head_dir), "--name", name)
+    # "--": a Z85 key may start with "-"
+    r = kobo_daemon("keys", "authorize", "--dir", str(head_dir), "--name", name, "--", key)
     assert r.returncode == 0, r.stderr
 
 
