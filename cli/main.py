@@ -258,6 +258,8 @@ def export(run: str, base_dir: str, fmt: str, metrics: tuple[str, ...], rank: st
     RUN is a run folder path, project/run_id or a run id.  Every point is
     written, in logging order, metric by metric and rank by rank.
     """
+    from ..storage.export import csv_header, csv_lines
+
     if rank != "all" and not rank.lstrip("-").isdigit():
         raise click.BadParameter("must be an integer or 'all'", param_hint="--rank")
     try:
@@ -267,16 +269,12 @@ def export(run: str, base_dir: str, fmt: str, metrics: tuple[str, ...], rank: st
                 click.echo(f"wrote {n} media file(s) to {media_dir}", err=True)
             selection = _selection(r, metrics, rank)
             if fmt == "csv":
-                output.write("metric,rank,step,global_step,wall,value\n")
+                output.write(csv_header())
             for name, rk, s in _rows(r, selection):
-                steps, gsteps, walls, values = (s[f].tolist() for f in ("step", "global_step", "wall", "value"))
                 if fmt == "csv":
-                    quoted = _csv_field(name)
-                    output.writelines(
-                        f"{quoted},{rk},{st},{gs},{_csv_value(w)},{_csv_value(v)}\n"
-                        for st, gs, w, v in zip(steps, gsteps, walls, values)
-                    )
+                    output.writelines(csv_lines(name, rk, s))
                 else:
+                    steps, gsteps, walls, values = (s[f].tolist() for f in ("step", "global_step", "wall", "value"))
                     for st, gs, w, v in zip(steps, gsteps, walls, values):
                         output.write(json.dumps({"metric": name, "rank": rk, "step": st, "global_step": gs,
                                                  "wall": _json_number(w), "value": _json_number(v)}) + "\n")
@@ -305,18 +303,35 @@ def _export_media(reader: Any, media_dir: str) -> int:
     return n
 
 
-def _csv_field(name: str) -> str:
-    if any(c in name for c in ',"\n\r'):
-        return '"' + name.replace('"', '""') + '"'
-    return name
+@main.command("open")
+@click.argument("directory", default="./kohakuboard", required=False, envvar="KOBO_BASE_DIR")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Loopback by default; other users of this machine still need the token.")
+@click.option("--port", default=48889, show_default=True, type=click.IntRange(0, 65535),
+              help="Port; if it is taken, a free one is used (and said).")
+@click.option("--browser", is_flag=True, help="Open the page in a web browser.")
+@click.option("--no-token", is_flag=True,
+              help="Do not ask for the token (loopback addresses only: anyone on this machine can then read the runs).")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="Another name the page may be reached by (Host header check against DNS rebinding); repeatable.")
+def open_cmd(directory: str, host: str, port: int, browser: bool, no_token: bool, allowed_hosts: tuple[str, ...]) -> None:
+    """Open a live web viewer over DIRECTORY (default $KOBO_BASE_DIR or ./kohakuboard).
 
+    Prints the URL to open; it carries a random token that the page exchanges
+    for a cookie.  The viewer only reads: it never writes into a run.  Runs
+    copied into DIRECTORY appear without a restart; running runs update live.
+    """
+    import os
 
-def _csv_value(v: float) -> str:
-    if math.isnan(v):
-        return "nan"
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    return repr(v)
+    from ..viewer.serve import ServeError, serve
+
+    if not os.path.isdir(directory):
+        raise click.ClickException(f"{directory} is not a directory (no KohakuBoard runs there)")
+    try:
+        serve(os.path.abspath(directory), host=host, port=port, token=None if no_token else "",
+              allowed_hosts=allowed_hosts, open_browser=browser, echo=click.echo)
+    except ServeError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 if __name__ == "__main__":  # pragma: no cover

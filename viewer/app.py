@@ -1,0 +1,592 @@
+"""The viewer's web app: a Starlette application over one folder of runs.
+
+Routes and their responses are documented in ``docs/viewer-api.md``.  Every
+read of a run (SQLite, KohakuVault, media files, numpy work) runs in a worker
+thread (``asyncio.to_thread``), so a slow request never stalls the others or
+the live stream.  The app never opens a run for writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import io
+import json
+import math
+import os
+import re
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from ..protocol.errors import KoboError
+from ..storage import format as fmt
+from ..storage.export import csv_header, csv_lines
+from ..storage.reader import RunReader
+from . import reduce as R
+from .auth import AuthMiddleware
+from .index import BadName, NotFound, RunIndex, filter_runs
+
+STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
+HASH_RE = re.compile(r"^([0-9a-f]{64})\.([a-z0-9]{1,10})$")
+X_KINDS = ("step", "global_step", "wall", "relative")
+MAX_WIDTH = 10_000
+POLL_S = 0.25
+PING_S = 15.0
+SERIES_CACHE_BYTES = 256 << 20
+MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "gif": "image/gif",
+               "webp": "image/webp", "bmp": "image/bmp", "svg": "image/svg+xml", "mp4": "video/mp4",
+               "webm": "video/webm", "ogv": "video/ogg", "mov": "video/quicktime", "avi": "video/x-msvideo",
+               "mkv": "video/x-matroska", "wav": "audio/wav", "mp3": "audio/mpeg", "ogg": "audio/ogg",
+               "flac": "audio/flac", "m4a": "audio/mp4", "aac": "audio/aac", "opus": "audio/opus"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(400, message)
+
+
+def _json(obj: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(_finite(obj), status_code=status, headers={"cache-control": "no-store"})
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` as strict JSON: NaN and infinities become null, numpy scalars and arrays plain values."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind == "f":
+            return [v if math.isfinite(v) else None for v in obj.tolist()]
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return _finite(obj.item())
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", errors="replace")
+    return obj
+
+
+def _int(request: Request, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _bad(f"parameter {name!r} must be an integer, got {raw!r}") from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise _bad(f"parameter {name!r} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _float(request: Request, name: str) -> float | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _bad(f"parameter {name!r} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise _bad(f"parameter {name!r} must be finite, got {raw!r}")
+    return value
+
+
+def _required(request: Request, name: str) -> str:
+    value = request.query_params.get(name)
+    if not value:
+        raise _bad(f"parameter {name!r} is required")
+    return value
+
+
+class SeriesCache:
+    """Decoded series by (run path, metric, rank, committed length): zooming costs only the reduction."""
+
+    def __init__(self, max_bytes: int = SERIES_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._items: collections.OrderedDict[tuple[Any, ...], np.ndarray] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...], load: Callable[[], np.ndarray]) -> np.ndarray:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit
+        value = load()
+        with self._lock:
+            if key not in self._items and value.nbytes <= self.max_bytes // 4:
+                # an older length of the same series is useless now
+                for old in [k for k in self._items if k[:3] == key[:3]]:
+                    self._bytes -= self._items.pop(old).nbytes
+                self._items[key] = value
+                self._bytes += value.nbytes
+                while self._bytes > self.max_bytes and self._items:
+                    _, dropped = self._items.popitem(last=False)
+                    self._bytes -= dropped.nbytes
+        return value
+
+
+class Viewer:
+    """State shared by the routes: the folder, its run index, the series cache."""
+
+    def __init__(self, base_dir: str) -> None:
+        self.index = RunIndex(base_dir)
+        self.cache = SeriesCache()
+
+    # ------------------------------------------------------------ helpers
+
+    def open(self, project: str, run_id: str) -> RunReader:
+        path = self.index.resolve(project, run_id)
+        try:
+            return RunReader(path)
+        except KoboError as exc:
+            raise ApiError(500, f"run {project}/{run_id} cannot be read: {exc}") from exc
+
+    def series(self, reader: RunReader, metric: str, rank: int) -> np.ndarray:
+        n = reader.num_points(metric, rank)
+        if n == 0 and metric not in reader.list_metrics(rank=None):
+            raise NotFound(_missing_metric(reader, metric, rank))
+        if n == 0 and rank not in reader.ranks(metric):
+            raise NotFound(_missing_metric(reader, metric, rank))
+        return self.cache.get((reader.path, metric, rank, n), lambda: np.array(reader.series(metric, rank)))
+
+    # ------------------------------------------------------------- views
+
+    def run_summary(self, project: str, run_id: str) -> dict[str, Any]:
+        with self.open(project, run_id) as r:
+            s = r.summary()
+            counts = r.item_counts()
+            state = r.commit_state()
+            clients = r.clients()
+        metrics = [{"name": name, **m, "points_by_rank": {str(k): v for k, v in m["points_by_rank"].items()}}
+                   for name, m in s["metrics"].items()]
+        return {
+            "project": project, "run_id": s["run_id"], "name": s["name"], "status": s["status"],
+            "created_at": s["created_at"], "finished_at": s["finished_at"], "config": s["config"],
+            "metadata": s["metadata"], "ranks": s["ranks"], "world_size": s["metadata"].get("world_size"),
+            "dropped": s["dropped"], "metrics": metrics,
+            "items": {kind: [{"name": n, "count": c} for n, c in names.items()] for kind, names in counts.items()},
+            "clients": clients, "version": _version(state, s["metadata"]),
+        }
+
+    def series_body(self, project: str, run_id: str, q: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+        t0 = time.perf_counter()
+        with self.open(project, run_id) as r:
+            if q["rank"] == "band":
+                ranks = r.ranks(q["metric"])
+                if not ranks:
+                    raise NotFound(_missing_metric(r, q["metric"], None))
+                per_rank = [self.series(r, q["metric"], rk) for rk in ranks]
+            else:
+                s = self.series(r, q["metric"], q["rank"])
+        t_read = time.perf_counter()
+        if q["rank"] == "band":
+            xs = [_x_of(s, q["x"]) for s in per_rank]
+            ys = [s["value"] for s in per_rank]
+            bx, lo, hi, used = R.band(xs, ys, q["width"], q["x0"], q["x1"])
+            total = sum(len(s) for s in per_rank)
+            header = {"n": len(bx), "total": total, "in_range": used, "committed": None, "reduced": True,
+                      "ranks": ranks, **_x_range(xs), "nonfinite": {}, "marks": []}
+            body = R.encode(header, {"x": bx, "lo": lo, "hi": hi})
+        else:
+            body = self._reduce_one(s, q)
+        t_done = time.perf_counter()
+        timing = f"read;dur={(t_read - t0) * 1e3:.1f}, reduce;dur={(t_done - t_read) * 1e3:.1f}"
+        return body, {"server-timing": timing}
+
+    def _reduce_one(self, s: np.ndarray, q: dict[str, Any]) -> bytes:
+        total = len(s)
+        x_all = _x_of(s, q["x"])
+        y_all = s["value"]
+        ys_all = R.ema_debiased(y_all, q["smooth"]) if q["smooth"] else None
+        base = {"total": total, "committed": total, **_x_range([x_all])}
+        if q["start"] is not None:  # live tail: raw points [start, committed)
+            st = min(q["start"], total)
+            x, y = x_all[st:], y_all[st:]
+            counts, marks = R.nonfinite_marks(x, y, max(1, len(x)))
+            arrays = {"x": x, "y": np.where(np.isfinite(y), y, np.nan)}
+            if ys_all is not None:
+                arrays["ys"] = ys_all[st:]
+            return R.encode({**base, "n": len(x), "in_range": len(x), "start": st, "reduced": False,
+                             "nonfinite": counts, "marks": marks}, arrays)
+        if ys_all is None:
+            x, y = R.sort_by_x(x_all, y_all)
+            ys = None
+        else:
+            x, y, ys = R.sort_by_x(x_all, y_all, ys_all)
+        i, j = R.window(x, q["x0"], q["x1"])
+        x, y = x[i:j], y[i:j]
+        if ys is not None:
+            ys = ys[i:j]
+        idx = R.reduce_m4(x, y, q["width"]) if len(x) else np.empty(0, dtype=np.int64)
+        counts, marks = R.nonfinite_marks(x, y, q["width"]) if len(x) else ({k: 0 for k in R.NONFINITE_KINDS}, [])
+        sent_y = y[idx]
+        arrays = {"x": x[idx], "y": np.where(np.isfinite(sent_y), sent_y, np.nan)}
+        if ys is not None:
+            arrays["ys"] = ys[idx]
+        header = {**base, "n": len(idx), "in_range": len(x), "reduced": len(idx) < len(x),
+                  "nonfinite": counts, "marks": marks}
+        return R.encode(header, arrays)
+
+    def csv_body(self, project: str, run_id: str, metric: str, rank: str) -> Iterator[str]:
+        with self.open(project, run_id) as r:
+            ranks = r.ranks(metric) if rank == "all" else [int(rank)]
+            if not ranks or (rank != "all" and int(rank) not in r.ranks(metric)):
+                raise NotFound(_missing_metric(r, metric, None if rank == "all" else int(rank)))
+            parts = [csv_header()]
+            for rk in ranks:
+                parts.append("".join(csv_lines(metric, rk, self.series(r, metric, rk))))
+        return iter(parts)
+
+    def media_rows(self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None) -> dict[str, Any]:
+        with self.open(project, run_id) as r:
+            rows = r.media(name, rank, start, end)
+            if not rows and name not in r.list_items()["media"]:
+                raise NotFound(f"no media {name!r} in run {project}/{run_id}")
+        return {"name": name, "rows": [_media_json(project, run_id, row) for row in rows]}
+
+    def table_rows(self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None) -> dict[str, Any]:
+        with self.open(project, run_id) as r:
+            tables = r.tables(name, rank, start, end)
+            if not tables and name not in r.list_items()["table"]:
+                raise NotFound(f"no table {name!r} in run {project}/{run_id}")
+        out = []
+        for t in tables:
+            rows = [[{"$media": _media_json(project, run_id, c)} if isinstance(c, dict) and "hash" in c else c
+                     for c in row] for row in t["rows"]]
+            out.append({**t, "rows": rows})
+        return {"name": name, "rows": out}
+
+    def histogram_rows(self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None) -> dict[str, Any]:
+        with self.open(project, run_id) as r:
+            hists = r.histograms(name, rank, start, end)
+            if not hists and name not in r.list_items()["histogram"]:
+                raise NotFound(f"no histogram {name!r} in run {project}/{run_id}")
+        return {"name": name, "rows": hists}
+
+    def kde_rows(self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None) -> dict[str, Any]:
+        with self.open(project, run_id) as r:
+            rows = r.kde(name, rank, start, end)
+            if not rows and name not in r.list_items()["kde"]:
+                raise NotFound(f"no kernel density {name!r} in run {project}/{run_id}")
+        return {"name": name, "rows": rows}
+
+    def tensor_rows(self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None) -> dict[str, Any]:
+        with self.open(project, run_id) as r:
+            rows = r.tensors(name, rank, start, end)
+            if not rows and name not in r.list_items()["tensor"]:
+                raise NotFound(f"no tensor {name!r} in run {project}/{run_id}")
+        out = []
+        for t in rows:
+            arr = t.pop("array")
+            out.append({**t, "shape": list(arr.shape), "dtype": str(arr.dtype), **_tensor_view(arr)})
+        return {"name": name, "rows": out}
+
+    def logs(self, project: str, run_id: str, offset: int | None, limit: int) -> dict[str, Any]:
+        with self.open(project, run_id) as r:
+            size = r.output_size()
+            start = max(0, size - limit) if offset is None else min(offset, size)
+            return {"size": size, "offset": start, "text": r.read_output(start, limit)}
+
+    def run_events(self, project: str, run_id: str) -> dict[str, Any]:
+        with self.open(project, run_id) as r:
+            return {"events": r.events()}
+
+    def media_path(self, project: str, run_id: str, filename: str) -> tuple[str, str, str]:
+        m = HASH_RE.match(filename)
+        if not m:
+            raise NotFound(f"no media file {filename!r}: media are named <sha256>.<ext>")
+        sha, ext = m.groups()
+        with self.open(project, run_id) as r:
+            row = r.media_file(sha, ext)
+            run_path = r.path
+        if row is None:
+            raise NotFound(f"run {project}/{run_id} holds no media {filename}")
+        path = row["path"]
+        real = os.path.realpath(path)
+        if not real.startswith(os.path.realpath(os.path.join(run_path, fmt.MEDIA_DIR)) + os.sep) \
+                or not real.startswith(self.index.real_base + os.sep):
+            raise NotFound(f"media {filename} of run {project}/{run_id} resolves outside the run folder")
+        if not os.path.isfile(real):
+            raise NotFound(f"media file {filename} of run {project}/{run_id} is missing")
+        return real, sha, MEDIA_TYPES.get(ext, "application/octet-stream")
+
+    def watch(self, targets: list[tuple[str, str]]) -> dict[str, Any]:
+        """Commit state and status of each watched run (for the live stream)."""
+        out = {}
+        for project, run_id in targets:
+            try:
+                with self.open(project, run_id) as r:
+                    state = r.commit_state()
+                    meta = r.metadata
+                out[f"{project}/{run_id}"] = {"run": f"{project}/{run_id}", "version": _version(state, meta),
+                                              "status": str(meta.get("status", "?")), "lengths": state["lengths"]}
+            except (ApiError, NotFound, BadName, KoboError, OSError) as exc:
+                out[f"{project}/{run_id}"] = {"run": f"{project}/{run_id}", "version": "error", "error": str(exc)}
+        return out
+
+
+def _missing_metric(reader: RunReader, metric: str, rank: int | None) -> str:
+    try:
+        reader.series(metric, 0 if rank is None else rank)
+    except KeyError as exc:
+        return str(exc.args[0])
+    return f"no metric {metric!r} in run {reader.project}/{reader.run_id}"
+
+
+def _version(state: dict[str, Any], meta: dict[str, Any]) -> str:
+    total = sum(state["lengths"].values()) + sum(state["files"].values())
+    items = ".".join(str(v) for v in state["items"].values())
+    return f"{meta.get('status', '?')}:{len(state['lengths'])}:{total}:{items}"
+
+
+def _x_of(s: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "relative":
+        wall = s["wall"]
+        return wall - wall[0] if len(wall) else wall.astype(np.float64)
+    return s[kind].astype(np.float64)
+
+
+def _x_range(xs: list[np.ndarray]) -> dict[str, Any]:
+    lo = min((float(np.min(x)) for x in xs if len(x)), default=None)
+    hi = max((float(np.max(x)) for x in xs if len(x)), default=None)
+    return {"x_min": lo, "x_max": hi}
+
+
+def _media_json(project: str, run_id: str, row: dict[str, Any]) -> dict[str, Any]:
+    keep = ("step", "global_step", "wall", "caption", "media_type", "hash", "ext", "width", "height", "size")
+    out = {k: row.get(k) for k in keep}
+    out["url"] = f"/media/{project}/{run_id}/{row['hash']}.{row['ext']}"
+    return out
+
+
+def _tensor_view(arr: np.ndarray) -> dict[str, Any]:
+    """Summary statistics of a tensor and, for small ones, a 2-D heatmap of its values."""
+    if arr.dtype.kind in "biuf" and arr.size:
+        a = arr.astype(np.float64, copy=False).reshape(-1)
+        finite = a[np.isfinite(a)]
+        stats = {"size": int(a.size), "nan": int(np.isnan(a).sum()), "posinf": int(np.isposinf(a).sum()),
+                 "neginf": int(np.isneginf(a).sum())}
+        if len(finite):
+            stats.update(min=float(finite.min()), max=float(finite.max()), mean=float(finite.mean()),
+                         std=float(finite.std()))
+    else:
+        stats = {"size": int(arr.size)}
+    heatmap = None
+    if arr.dtype.kind in "biuf" and 0 < arr.size <= 65_536:
+        if arr.ndim <= 1:
+            plane = arr.reshape(1, -1)
+        else:
+            plane = arr.reshape(-1, *arr.shape[-2:])[0]
+        heatmap = {"rows": int(plane.shape[0]), "cols": int(plane.shape[1]),
+                   "values": plane.astype(np.float64).reshape(-1), "sliced": arr.ndim > 2}
+    return {"stats": stats, "heatmap": heatmap}
+
+
+# ----------------------------------------------------------------- routes
+
+
+def create_app(base_dir: str, token: str | None = None, allowed_hosts: tuple[str, ...] = ()) -> Any:
+    """The viewer app over ``base_dir``; ``token=None`` turns the token check off (loopback only)."""
+    viewer = Viewer(base_dir)
+
+    async def run_blocking(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.to_thread(fn, *args)
+
+    def handler(fn: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        async def wrapped(request: Request) -> Response:
+            try:
+                return await fn(request)
+            except ApiError as exc:
+                return _json({"error": str(exc)}, exc.status)
+            except NotFound as exc:
+                return _json({"error": str(exc)}, 404)
+            except BadName as exc:
+                return _json({"error": str(exc)}, 404)
+            except KoboError as exc:
+                return _json({"error": f"cannot read run: {exc}"}, 500)
+            except KeyError as exc:
+                return _json({"error": str(exc.args[0]) if exc.args else "not found"}, 404)
+            except ValueError as exc:
+                return _json({"error": str(exc)}, 400)
+            except OSError as exc:
+                return _json({"error": f"cannot read: {exc}"}, 500)
+        return wrapped
+
+    def run_args(request: Request) -> tuple[str, str]:
+        return request.path_params["project"], request.path_params["run_id"]
+
+    def item_args(request: Request) -> tuple[Any, ...]:
+        return (*run_args(request), _required(request, "name"), _int(request, "rank", 0, 0),
+                _int(request, "start", None), _int(request, "end", None))
+
+    @handler
+    async def index_page(request: Request) -> Response:
+        return FileResponse(os.path.join(STATIC_DIR, "index.html"), headers={"cache-control": "no-store"})
+
+    @handler
+    async def api_runs(request: Request) -> Response:
+        q = request.query_params.get("q", "")
+        regex = request.query_params.get("regex", "0") in ("1", "true", "yes")
+        project = request.query_params.get("project")
+        if regex:
+            try:
+                re.compile(q)
+            except re.error as exc:
+                raise _bad(f"bad regular expression {q!r}: {exc}") from None
+        runs = await run_blocking(viewer.index.runs)
+        projects: dict[str, int] = {}
+        for r in runs:
+            projects[r["project"]] = projects.get(r["project"], 0) + 1
+        shown = filter_runs(runs, q, regex)
+        if project:
+            shown = [r for r in shown if r["project"] == project]
+        return _json({"dir": viewer.index.base_dir, "total": len(runs),
+                      "projects": [{"name": n, "runs": c} for n, c in sorted(projects.items())], "runs": shown})
+
+    @handler
+    async def api_run(request: Request) -> Response:
+        return _json(await run_blocking(viewer.run_summary, *run_args(request)))
+
+    def series_query(request: Request) -> dict[str, Any]:
+        rank_raw = request.query_params.get("rank", "0")
+        rank: Any = "band" if rank_raw == "band" else _int(request, "rank", 0, 0)
+        x = request.query_params.get("x", "step")
+        if x not in X_KINDS:
+            raise _bad(f"parameter 'x' must be one of {', '.join(X_KINDS)}, got {x!r}")
+        smooth = _float(request, "smooth") or 0.0
+        if not 0.0 <= smooth < 1.0:
+            raise _bad(f"parameter 'smooth' must be in [0, 1), got {smooth}")
+        q = {"metric": _required(request, "metric"), "rank": rank, "x": x, "smooth": smooth,
+             "width": _int(request, "width", 1000, 1, MAX_WIDTH), "x0": _float(request, "x0"),
+             "x1": _float(request, "x1"), "start": _int(request, "start", None, 0)}
+        if q["x0"] is not None and q["x1"] is not None and q["x1"] < q["x0"]:
+            raise _bad(f"x1 ({q['x1']}) is smaller than x0 ({q['x0']})")
+        return q
+
+    @handler
+    async def api_series(request: Request) -> Response:
+        q = series_query(request)
+        body, headers = await run_blocking(viewer.series_body, *run_args(request), q)
+        return Response(body, media_type="application/octet-stream", headers={"cache-control": "no-store", **headers})
+
+    @handler
+    async def api_series_csv(request: Request) -> Response:
+        metric = _required(request, "metric")
+        rank = request.query_params.get("rank", "0")
+        if rank != "all":
+            _int(request, "rank", 0, 0)
+        parts = await run_blocking(lambda: list(viewer.csv_body(*run_args(request), metric, rank)))
+        project, run_id = run_args(request)
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{run_id}_{metric}").strip("_")
+        return Response("".join(parts), media_type="text/csv; charset=utf-8", headers={
+            "cache-control": "no-store", "content-disposition": f'attachment; filename="{safe}.csv"'})
+
+    def item_route(method: Callable[..., dict[str, Any]]) -> Callable[[Request], Any]:
+        @handler
+        async def route(request: Request) -> Response:
+            return _json(await run_blocking(method, *item_args(request)))
+        return route
+
+    @handler
+    async def api_logs(request: Request) -> Response:
+        limit = _int(request, "limit", 65536, 1, 8 << 20)
+        return _json(await run_blocking(viewer.logs, *run_args(request), _int(request, "offset", None, 0), limit))
+
+    @handler
+    async def api_run_events(request: Request) -> Response:
+        return _json(await run_blocking(viewer.run_events, *run_args(request)))
+
+    @handler
+    async def media_file(request: Request) -> Response:
+        path, sha, ctype = await run_blocking(viewer.media_path, *run_args(request), request.path_params["filename"])
+        etag = f'"{sha}"'
+        headers = {"etag": etag, "cache-control": "private, max-age=31536000, immutable"}
+        if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+            return Response(status_code=304, headers=headers)
+        return FileResponse(path, media_type=ctype, headers=headers, content_disposition_type="inline")
+
+    @handler
+    async def api_events(request: Request) -> Response:
+        raw = request.query_params.get("runs", "")
+        targets = []
+        for item in filter(None, raw.split(",")):
+            project, sep, run_id = item.partition("/")
+            if not sep:
+                raise _bad(f"runs must be project/run_id, got {item!r}")
+            viewer.index.resolve(project, run_id)  # 404 for an unknown run
+            targets.append((project, run_id))
+        return StreamingResponse(_event_stream(viewer, targets, request), media_type="text/event-stream",
+                                 headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+
+    async def not_found(request: Request) -> Response:
+        return _json({"error": f"not found: {request.url.path}"}, 404)
+
+    base = "/api/runs/{project}/{run_id}"
+    routes = [
+        Route("/", index_page),
+        Route("/api/runs", api_runs),
+        Route(base, api_run),
+        Route(base + "/series", api_series),
+        Route(base + "/series.csv", api_series_csv),
+        Route(base + "/media", item_route(viewer.media_rows)),
+        Route(base + "/tables", item_route(viewer.table_rows)),
+        Route(base + "/histograms", item_route(viewer.histogram_rows)),
+        Route(base + "/kde", item_route(viewer.kde_rows)),
+        Route(base + "/tensors", item_route(viewer.tensor_rows)),
+        Route(base + "/logs", api_logs),
+        Route(base + "/run-events", api_run_events),
+        Route("/api/events", api_events),
+        Route("/media/{project}/{run_id}/{filename}", media_file),
+        Route("/api/{rest:path}", not_found),
+        Route("/media/{rest:path}", not_found),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    app = Starlette(routes=routes)
+    app.state.viewer = viewer
+    return AuthMiddleware(app, token, allowed_hosts)
+
+
+async def _event_stream(viewer: Viewer, targets: list[tuple[str, str]], request: Request) -> Any:
+    """Server-Sent Events: a run's commit state when it changes; the run list's signature when it does."""
+    known: dict[str, str] = {}
+    list_sig: Any = None
+    last_ping = time.monotonic()
+    yield "retry: 1000\n\n"
+    while True:
+        if await request.is_disconnected():
+            return
+        if targets:
+            states = await asyncio.to_thread(viewer.watch, targets)
+            for key, st in states.items():
+                if known.get(key) != st["version"]:
+                    known[key] = st["version"]
+                    yield f"event: run\ndata: {json.dumps(st, separators=(',', ':'))}\n\n"
+        else:
+            sig = await asyncio.to_thread(viewer.index.signature)
+            if sig != list_sig:
+                changed = list_sig is not None
+                list_sig = sig
+                yield f"event: runs\ndata: {json.dumps({'changed': changed, 'count': len(sig)})}\n\n"
+        now = time.monotonic()
+        if now - last_ping > PING_S:
+            last_ping = now
+            yield ": ping\n\n"
+        await asyncio.sleep(POLL_S if targets else 1.0)

@@ -1,0 +1,259 @@
+"""The viewer's index of run folders under one base directory.
+
+Names taken from URLs never reach the file system unchecked: a project or run
+id must look like a name (:func:`check_name`), is looked up here among the
+folders that exist, and the folder's real path must lie inside the base
+directory's real path (an rsynced folder may hold a symlink out of it).
+
+Listing is cheap when warm: a project folder is re-listed only when its mtime
+changes (a run copied in), and a run's summary line is recomputed only when
+``metadata.json`` or ``data/metadata.db`` (or its ``-wal``) changed, so 10,000
+runs cost 10,000 ``stat`` calls per listing, not 10,000 database opens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sqlite3
+import threading
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..storage import format as fmt
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.@+=-]+$")
+
+
+class NotFound(Exception):
+    """A project, run, metric or item that is not there (HTTP 404)."""
+
+
+class BadName(ValueError):
+    """A name from a URL that cannot be a project or run id (HTTP 400/404)."""
+
+
+def check_name(kind: str, name: str) -> str:
+    if not name or name in (".", "..") or len(name) > 255 or not NAME_RE.match(name):
+        raise BadName(f"invalid {kind} name {name!r}: use letters, digits and _ . @ + = -")
+    return name
+
+
+def _stat_key(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+@dataclass
+class RunEntry:
+    """One run of the index: what the run list shows."""
+
+    project: str
+    run_id: str
+    path: str
+    key: tuple[Any, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _db_facts(path: str) -> dict[str, Any]:
+    """Last step, ranks, drops and last commit time from ``data/metadata.db``, read-only."""
+    db_path = os.path.join(path, fmt.METADATA_DB)
+    facts: dict[str, Any] = {"last_step": None, "last_global_step": None, "num_ranks": 0,
+                             "dropped_calls": 0, "dropped_values": 0, "last_commit": None}
+    if not os.path.exists(db_path):
+        return facts
+    # immutable=1 when nobody writes the file (no -wal): nothing is created in the run.
+    live = os.path.exists(db_path + "-wal")
+    uri = f"file:{urllib.parse.quote(db_path)}?mode=ro" + ("" if live else "&immutable=1")
+    db = sqlite3.connect(uri, uri=True)
+    try:
+        try:
+            row = db.execute("SELECT max(last_step), max(last_global_step), max(last_wall), "
+                             "count(DISTINCT rank) FROM steps").fetchone()
+            facts.update(last_step=row[0], last_global_step=row[1], last_commit=row[2], num_ranks=row[3] or 0)
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+        try:
+            row = db.execute("SELECT sum(dropped_calls), sum(dropped_values), count(DISTINCT rank) FROM clients").fetchone()
+            facts.update(dropped_calls=int(row[0] or 0), dropped_values=int(row[1] or 0))
+            facts["num_ranks"] = max(facts["num_ranks"], int(row[2] or 0))
+        except sqlite3.OperationalError as exc:
+            if "no such" not in str(exc):
+                raise
+    finally:
+        db.close()
+    return facts
+
+
+def _run_info(entry: RunEntry) -> dict[str, Any]:
+    info: dict[str, Any] = {"project": entry.project, "run_id": entry.run_id, "name": entry.run_id,
+                            "annotation": None, "status": "?", "created_at": None, "finished_at": None,
+                            "duration": None, "last_step": None, "last_global_step": None, "num_ranks": 0,
+                            "world_size": None, "dropped_calls": 0, "dropped_values": 0, "last_commit": None,
+                            "config": {}, "error": None}
+    try:
+        meta = fmt.read_json(os.path.join(entry.path, fmt.METADATA_JSON))
+    except (OSError, ValueError) as exc:
+        info["error"] = f"cannot read metadata.json: {exc}"
+        return info
+    info.update(
+        name=str(meta.get("name") or entry.run_id),
+        annotation=meta.get("annotation") if isinstance(meta.get("annotation"), str) else None,
+        status=str(meta.get("status") or "?"),
+        created_at=_num(meta.get("created_at")),
+        finished_at=_num(meta.get("finished_at")),
+        world_size=meta.get("world_size") if isinstance(meta.get("world_size"), int) else None,
+        config=meta.get("config") if isinstance(meta.get("config"), dict) else {},
+    )
+    try:
+        info.update(_db_facts(entry.path))
+    except (sqlite3.Error, OSError) as exc:
+        info["error"] = f"cannot read {fmt.METADATA_DB}: {exc}"
+    created, end = info["created_at"], info["finished_at"] or _num(info["last_commit"])
+    if created is not None and end is not None:
+        info["duration"] = max(0.0, end - created)
+    return info
+
+
+def config_text(config: Any, prefix: str = "") -> list[str]:
+    """``key=value`` lines of a (nested) config, for the run filter."""
+    out = []
+    if isinstance(config, dict):
+        for k, v in config.items():
+            out += config_text(v, f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}")
+    elif isinstance(config, list):
+        out.append(f"{prefix.rstrip('.')}={config}")
+    else:
+        out.append(f"{prefix.rstrip('.')}={config}")
+    return out
+
+
+class RunIndex:
+    """Every ``{project}/{run_id}`` folder under ``base_dir``, with cached summary lines."""
+
+    def __init__(self, base_dir: str) -> None:
+        self.base_dir = os.path.abspath(base_dir)
+        self.real_base = os.path.realpath(self.base_dir)
+        self._lock = threading.Lock()
+        self._projects: dict[str, tuple[int, list[str]]] = {}  # project -> (dir mtime_ns, run ids)
+        self._runs: dict[tuple[str, str], RunEntry] = {}
+
+    def _inside(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        return real == self.real_base or real.startswith(self.real_base + os.sep)
+
+    def _project_runs(self, project: str) -> list[str]:
+        pdir = os.path.join(self.base_dir, project)
+        try:
+            mtime = os.stat(pdir).st_mtime_ns
+        except OSError:
+            return []
+        cached = self._projects.get(project)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        try:
+            names = sorted(n for n in os.listdir(pdir) if NAME_RE.match(n) and n not in (".", ".."))
+        except OSError:
+            names = []
+        runs = [n for n in names if os.path.isfile(os.path.join(pdir, n, fmt.METADATA_JSON))
+                or os.path.isdir(os.path.join(pdir, n, fmt.DATA_DIR))]
+        self._projects[project] = (mtime, runs)
+        return runs
+
+    def projects(self) -> list[str]:
+        try:
+            names = sorted(os.listdir(self.base_dir))
+        except OSError:
+            return []
+        return [n for n in names if NAME_RE.match(n) and n not in (".", "..")
+                and os.path.isdir(os.path.join(self.base_dir, n))]
+
+    def _entry(self, project: str, run_id: str) -> RunEntry:
+        path = os.path.join(self.base_dir, project, run_id)
+        key = (
+            _stat_key(os.path.join(path, fmt.METADATA_JSON)),
+            _stat_key(os.path.join(path, fmt.METADATA_DB)),
+            _stat_key(os.path.join(path, fmt.METADATA_DB) + "-wal"),
+        )
+        entry = self._runs.get((project, run_id))
+        if entry is None or entry.key != key:
+            entry = RunEntry(project, run_id, path, key)
+            if self._inside(path):
+                entry.info = _run_info(entry)
+            else:
+                entry.info = {**_run_info(RunEntry(project, run_id, "/nonexistent")),
+                              "error": "run folder resolves outside the viewer's directory"}
+            self._runs[(project, run_id)] = entry
+        return entry
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run's summary line, newest first."""
+        with self._lock:
+            seen = set()
+            out = []
+            for project in self.projects():
+                for run_id in self._project_runs(project):
+                    seen.add((project, run_id))
+                    out.append(self._entry(project, run_id).info)
+            for gone in set(self._runs) - seen:
+                del self._runs[gone]
+        out.sort(key=lambda r: (r["created_at"] or 0.0, r["project"], r["run_id"]), reverse=True)
+        return out
+
+    def resolve(self, project: str, run_id: str) -> str:
+        """The run folder of ``project/run_id``; :class:`NotFound` if there is none (or it escapes the base)."""
+        check_name("project", project)
+        check_name("run", run_id)
+        with self._lock:
+            if project not in self.projects():
+                raise NotFound(f"no project {project!r} under {self.base_dir}")
+            runs = self._project_runs(project)
+            if run_id not in runs:
+                # a run whose folder carries an annotation suffix is still found by its bare id
+                match = [r for r in runs if r.startswith(run_id + "_")]
+                if len(match) != 1:
+                    raise NotFound(f"no run {run_id!r} in project {project!r}")
+                run_id = match[0]
+        path = os.path.join(self.base_dir, project, run_id)
+        if not self._inside(path):
+            raise NotFound(f"run {project}/{run_id} resolves outside {self.base_dir}")
+        return path
+
+    def signature(self) -> tuple[Any, ...]:
+        """Changes when a run appears, disappears or changes status (for the live run list)."""
+        return tuple((r["project"], r["run_id"], r["status"], r["last_step"], r["error"]) for r in self.runs())
+
+
+def filter_runs(runs: list[dict[str, Any]], q: str, regex: bool) -> list[dict[str, Any]]:
+    """Runs whose name, run id, project, annotation or ``key=value`` config lines match ``q``.
+
+    Plain text matches case-insensitively as a substring; ``regex`` compiles
+    ``q`` (a bad pattern raises ``re.error``).
+    """
+    if not q:
+        return runs
+    if regex:
+        pat = re.compile(q)
+        match = lambda s: pat.search(s) is not None  # noqa: E731
+    else:
+        needle = q.lower()
+        match = lambda s: needle in s.lower()  # noqa: E731
+    out = []
+    for r in runs:
+        texts = [r["name"], r["run_id"], r["project"], f"{r['project']}/{r['run_id']}", r.get("annotation") or "",
+                 r["status"], *config_text(r.get("config") or {})]
+        if any(match(t) for t in texts):
+            out.append(r)
+    return out
