@@ -1,0 +1,318 @@
+"""The viewer's HTTP API over run folders written by a real daemon (the app in-process, no socket).
+
+What a user relies on: every run listed with its status, every spike of a
+1M-point series in what the page receives, zoom at full resolution, NaN and
+infinities counted and placed, smoothing as TensorBoard computes it, CSV equal
+to ``kobo export``, rich values readable, and no way out of the folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kohakuboard.cli.main import main as kobo
+from kohakuboard.storage.reader import RunReader
+from kohakuboard.viewer import reduce as R
+from kohakuboard.viewer.app import create_app
+
+from .conftest import SPIKES, snapshot
+
+TOKEN = "test-token-0123456789"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+class Api:
+    """A synchronous client over the ASGI app (each call its own event loop)."""
+
+    def __init__(self, base: Path, token: str | None = TOKEN) -> None:
+        self.app = create_app(str(base), token=token)
+
+    def get(self, url: str, headers: dict[str, str] | None = None, auth: bool = True) -> httpx.Response:
+        async def go() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:48889") as c:
+                return await c.get(url, headers={**(AUTH if auth else {}), **(headers or {})})
+        return asyncio.run(go())
+
+    def json(self, url: str, status: int = 200) -> Any:
+        r = self.get(url)
+        assert r.status_code == status, (url, r.status_code, r.text)
+        return r.json()
+
+    def series(self, url: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        r = self.get(url)
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/octet-stream"
+        return R.decode(r.content)
+
+
+@pytest.fixture(scope="module")
+def api(viewer_runs: Path) -> Api:
+    return Api(viewer_runs)
+
+
+def test_run_list_shows_every_run_with_status(api, viewer_runs):
+    """All four runs, newest first, with status, last step, ranks and config."""
+    d = api.json("/api/runs")
+    assert d["total"] == 4
+    by_id = {(r["project"], r["run_id"]): r for r in d["runs"]}
+    assert set(by_id) == {("default", "spikes"), ("default", "rich"), ("default", "ddp"), ("other", "crashed")}
+    assert by_id[("default", "spikes")]["status"] == "finished"
+    assert by_id[("other", "crashed")]["status"] == "crashed"
+    assert by_id[("default", "ddp")]["num_ranks"] == 2
+    assert by_id[("default", "spikes")]["last_step"] == 999_999
+    assert by_id[("default", "rich")]["config"]["optimizer"] == {"name": "adamw", "lr": 3e-4}
+    assert all(r["error"] is None for r in d["runs"])
+    created = [r["created_at"] for r in d["runs"]]
+    assert created == sorted(created, reverse=True)
+    assert {p["name"]: p["runs"] for p in d["projects"]} == {"default": 3, "other": 1}
+
+
+def test_run_filter_text_regex_and_config(api):
+    """Filter over name, id and config values; a bad regex is a 400 naming the pattern."""
+    assert [r["run_id"] for r in api.json("/api/runs?q=SPIK")["runs"]] == ["spikes"]
+    assert {r["run_id"] for r in api.json("/api/runs?q=optimizer.name=adamw")["runs"]} == {"rich"}
+    assert {r["run_id"] for r in api.json("/api/runs?q=^(ddp|rich)$&regex=1")["runs"]} == {"ddp", "rich"}
+    err = api.json("/api/runs?q=(unclosed&regex=1", status=400)
+    assert "(unclosed" in err["error"]
+
+
+def test_million_points_keep_every_spike(api, viewer_runs):
+    """The reduced 1M-point series is small, holds all 20 spikes, and min/max equal the full series'."""
+    header, a = api.series("/api/runs/default/spikes/series?metric=loss&width=1000")
+    assert header["total"] == 1_000_000 and header["reduced"]
+    assert header["n"] <= 4000
+    sent_steps = set(a["x"].astype(int).tolist())
+    assert set(SPIKES) <= sent_steps, sorted(set(SPIKES) - sent_steps)
+    with RunReader(viewer_runs / "default" / "spikes") as r:
+        full = r.series("loss")
+    assert a["y"].max() == full["value"].max() and a["y"].min() == full["value"].min()
+    assert (a["y"] > 4.0).sum() == 20
+
+
+def test_zoom_returns_full_resolution(api, viewer_runs):
+    """A zoomed window of <= 4 points per pixel comes back point for point."""
+    s0 = SPIKES[3]
+    header, a = api.series(f"/api/runs/default/spikes/series?metric=loss&width=1000&x0={s0 - 1000}&x1={s0 + 999}")
+    assert not header["reduced"] and header["n"] == header["in_range"] == 2000
+    with RunReader(viewer_runs / "default" / "spikes") as r:
+        full = r.series("loss")
+    np.testing.assert_array_equal(a["y"], full["value"][s0 - 1000 : s0 + 1000])
+    np.testing.assert_array_equal(a["x"], full["step"][s0 - 1000 : s0 + 1000])
+
+
+def test_nonfinite_values_are_counted_and_marked_never_sent(api, viewer_runs):
+    """NaN, +inf and -inf arrive as counts and marks at their steps; y holds no infinity."""
+    header, a = api.series("/api/runs/default/rich/series?metric=train/loss&width=200")
+    assert header["nonfinite"] == {"nan": 1, "posinf": 1, "neginf": 1}
+    with RunReader(viewer_runs / "default" / "rich") as r:
+        s = r.series("train/loss")
+    where = {kind: float(s["step"][test(s["value"])][0])
+             for kind, test in (("nan", np.isnan), ("posinf", np.isposinf), ("neginf", np.isneginf))}
+    marks = {(m["kind"], m["x"]) for m in header["marks"]}
+    assert marks == {(kind, x) for kind, x in where.items()}
+    assert not np.isinf(a["y"]).any()
+    assert np.isnan(a["y"]).sum() == 3  # gaps where the points are
+
+
+def test_smoothing_is_tensorboards_debiased_ema_over_every_point(api, viewer_runs):
+    header, a = api.series("/api/runs/default/rich/series?metric=train/loss&width=1000&smooth=0.9")
+    with RunReader(viewer_runs / "default" / "rich") as r:
+        v = r.series("train/loss")["value"]
+    last, k, ref = 0.0, 0, []
+    for y in v:
+        if not np.isfinite(y):
+            ref.append(np.nan)
+            continue
+        last = last * 0.9 + 0.1 * y
+        k += 1
+        ref.append(last / (1 - 0.9**k))
+    np.testing.assert_allclose(a["ys"], np.array(ref), rtol=1e-12)
+    assert api.get("/api/runs/default/rich/series?metric=train/loss&smooth=1").status_code == 400
+
+
+def test_live_tail_from_offset(api):
+    header, a = api.series("/api/runs/default/rich/series?metric=val/acc&start=290")
+    assert header["n"] == 10 and header["start"] == 290 and header["committed"] == 300
+    np.testing.assert_allclose(a["y"], np.arange(290, 300) / 300)
+
+
+def test_ranks_and_band(api):
+    """DDP: each rank's series, and a min-max band across ranks."""
+    _, r1 = api.series("/api/runs/default/ddp/series?metric=loss&rank=1")
+    np.testing.assert_allclose(r1["y"], 1.0 / (np.arange(400) + 1) + 0.5)
+    header, band = api.series("/api/runs/default/ddp/series?metric=loss&rank=band&width=100")
+    assert header["ranks"] == [0, 1] and header["arrays"] == ["x", "lo", "hi"]
+    assert np.all(band["hi"] - band["lo"] >= 0.5 - 1e-9)
+    summary = api.json("/api/runs/default/ddp")
+    assert summary["ranks"] == [0, 1]
+    assert summary["metrics"][0]["points_by_rank"] == {"0": 400, "1": 400}
+
+
+def test_csv_download_equals_kobo_export(api, viewer_runs):
+    r = api.get("/api/runs/default/rich/series.csv?metric=train/loss")
+    assert r.status_code == 200 and "attachment" in r.headers["content-disposition"]
+    out = CliRunner().invoke(kobo, ["export", str(viewer_runs / "default" / "rich"), "--metric", "train/loss"])
+    assert out.exit_code == 0, out.output
+    assert r.text == out.output
+    both = api.get("/api/runs/default/ddp/series.csv?metric=loss&rank=all").text.splitlines()
+    assert len(both) == 801 and both[1].startswith("loss,0,") and both[-1].startswith("loss,1,")
+
+
+def test_run_summary_and_rich_values(api):
+    """Summary lists metrics and items; media, tables, histograms, KDE, tensors, output and events read back."""
+    s = api.json("/api/runs/default/rich")
+    assert [m["name"] for m in s["metrics"]] == ["train/loss", "train/lr", "val/acc"]
+    assert s["items"]["media"] == [{"name": "sample", "count": 6}]
+    assert s["items"]["histogram"] == [{"name": "grads", "count": 6}]
+    media = api.json("/api/runs/default/rich/media?name=sample")["rows"]
+    assert [m["global_step"] for m in media] == [1, 51, 101, 151, 201, 251]
+    assert media[1]["caption"] == "step 50" and media[1]["width"] == 64 and media[1]["height"] == 48
+    img = api.get(media[1]["url"])
+    assert img.status_code == 200 and img.headers["content-type"] == "image/png" and img.content[:4] == b"\x89PNG"
+    assert img.headers["etag"] == f'"{media[1]["hash"]}"' and "immutable" in img.headers["cache-control"]
+    assert api.get(media[1]["url"], headers={"if-none-match": img.headers["etag"]}).status_code == 304
+    table = api.json("/api/runs/default/rich/tables?name=preds")["rows"][0]
+    assert table["columns"] == ["image", "label", "p"]
+    cell = table["rows"][0][0]["$media"]
+    assert api.get(cell["url"]).status_code == 200 and table["rows"][1][1] == "dog"
+    hist = api.json("/api/runs/default/rich/histograms?name=grads")["rows"]
+    assert len(hist) == 6 and sum(hist[0]["counts"]) == 5000 and len(hist[0]["edges"]) == len(hist[0]["counts"]) + 1
+    kde = api.json("/api/runs/default/rich/kde?name=logits")["rows"]
+    assert len(kde) == 6 and len(kde[0]["grid"]) == len(kde[0]["density"])
+    tensors = api.json("/api/runs/default/rich/tensors?name=attn")["rows"]
+    assert tensors[0]["shape"] == [6, 6] and tensors[0]["dtype"] == "float32"
+    assert tensors[0]["namespace"] == "layer1" and tensors[0]["metadata"] == {"head": 0}
+    assert tensors[0]["heatmap"]["rows"] == 6 and len(tensors[0]["heatmap"]["values"]) == 36
+    assert 0 <= tensors[0]["stats"]["min"] <= tensors[0]["stats"]["max"] <= 1
+    logs = api.json("/api/runs/default/rich/logs")
+    assert "epoch 0 starting" in logs["text"] and logs["size"] == len(logs["text"].encode())
+    kinds = [e["kind"] for e in api.json("/api/runs/default/rich/run-events")["events"]]
+    assert kinds[0] == "open" and "finished" in " ".join(kinds + [str(e) for e in kinds])
+
+
+@pytest.mark.parametrize("url, needle", [
+    ("/api/runs/nope/rich", "no project 'nope'"),
+    ("/api/runs/default/nope", "no run 'nope'"),
+    ("/api/runs/default/rich/series?metric=train/los", "did you mean 'train/loss'"),
+    ("/api/runs/default/ddp/series?metric=loss&rank=7", "rank(s) 0, 1"),
+    ("/api/runs/default/rich/media?name=nope", "no media 'nope'"),
+    ("/api/runs/default/rich/histograms?name=nope", "no histogram 'nope'"),
+    ("/media/default/rich/" + "0" * 64 + ".png", "holds no media"),
+])
+def test_unknown_names_are_404_with_a_message(api, url, needle):
+    r = api.get(url)
+    assert r.status_code == 404, r.text
+    assert needle in r.json()["error"]
+
+
+@pytest.mark.parametrize("url", [
+    "/api/runs/%2E%2E/default",
+    "/api/runs/default/%2E%2E",
+    "/api/runs/default/..%2F..%2Fetc",
+    "/api/runs/%2Fetc/passwd",
+    "/media/default/rich/..%2F..%2F..%2Fmetadata.json",
+    "/media/default/rich/%2E%2E",
+    "/media/%2E%2E/%2E%2E/passwd",
+    "/static/..%2F..%2Fapp.py",
+    "/static/%2E%2E/app.py",
+])
+def test_traversal_attempts_are_refused(api, url):
+    r = api.get(url)
+    assert r.status_code in (400, 404), (url, r.status_code)
+    assert b"root:" not in r.content and b"def create_app" not in r.content
+
+
+def test_bad_parameters_are_400(api):
+    for url, needle in [
+        ("/api/runs/default/rich/series", "'metric' is required"),
+        ("/api/runs/default/rich/series?metric=val/acc&width=0", "'width'"),
+        ("/api/runs/default/rich/series?metric=val/acc&x=epoch", "'x' must be one of"),
+        ("/api/runs/default/rich/series?metric=val/acc&x0=nan", "'x0' must be finite"),
+        ("/api/runs/default/rich/series?metric=val/acc&x0=5&x1=1", "smaller than x0"),
+        ("/api/runs/default/rich/series?metric=val/acc&start=-1", "'start'"),
+    ]:
+        r = api.get(url)
+        assert r.status_code == 400 and needle in r.json()["error"], (url, r.text)
+
+
+def test_symlinks_out_of_the_folder_are_not_served(tmp_path, viewer_runs):
+    """A project or run folder that is a symlink leading outside DIR is not readable through the viewer."""
+    base = tmp_path / "base"
+    outside = tmp_path / "outside"
+    shutil.copytree(viewer_runs / "default" / "ddp", outside / "proj" / "ddp")
+    (base / "default").mkdir(parents=True)
+    shutil.copytree(viewer_runs / "default" / "ddp", base / "default" / "ddp")
+    os.symlink(outside / "proj", base / "escaped")                       # a project symlink out
+    os.symlink(outside / "proj" / "ddp", base / "default" / "linked")     # a run symlink out
+    os.symlink(base / "default" / "ddp", base / "default" / "inside")     # a symlink within DIR is fine
+    api = Api(base)
+    runs = {(r["project"], r["run_id"]): r for r in api.json("/api/runs")["runs"]}
+    assert runs[("escaped", "ddp")]["error"] and runs[("default", "linked")]["error"]
+    assert api.get("/api/runs/escaped/ddp").status_code == 404
+    assert api.get("/api/runs/default/linked/series?metric=loss").status_code == 404
+    assert api.get("/api/runs/default/inside/series?metric=loss").status_code == 200
+
+
+def test_tokens_sessions_and_hosts(viewer_runs):
+    """No token 401, wrong 403, ?token= becomes an HttpOnly SameSite=Strict session cookie; foreign Host 403."""
+    api = Api(viewer_runs)
+    assert api.get("/api/runs", auth=False).status_code == 401
+    assert api.get("/api/runs", auth=False, headers={"authorization": "Bearer wrong"}).status_code == 403
+    assert api.get("/", auth=False).status_code == 401
+    assert api.get(f"/?token=wrong", auth=False).status_code == 403
+    r = api.get(f"/?token={TOKEN}", auth=False)
+    assert r.status_code == 303 and r.headers["location"] == "/"
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and TOKEN not in cookie
+    sid = cookie.split(";")[0]
+    page = api.get("/", auth=False, headers={"cookie": sid})
+    assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
+    assert api.get("/api/runs", auth=False, headers={"cookie": sid}).status_code == 200
+    assert api.get("/api/runs", auth=False, headers={"cookie": "kobo_session=forged"}).status_code == 403
+    rebound = api.get("/api/runs", headers={"host": "attacker.example:48889"})
+    assert rebound.status_code == 403 and "attacker.example" in rebound.json()["error"]
+    assert Api(viewer_runs, token=None).get("/api/runs", auth=False).status_code == 200
+    assert "access-control-allow-origin" not in {k.lower() for k in page.headers}
+
+
+def test_corrupted_run_is_an_error_for_that_run_only(tmp_path, viewer_runs):
+    base = tmp_path / "kohakuboard"
+    shutil.copytree(viewer_runs / "default" / "rich", base / "default" / "rich")
+    shutil.copytree(viewer_runs / "default" / "ddp", base / "default" / "broken")
+    db = base / "default" / "broken" / "data" / "metadata.db"
+    db.write_bytes(b"this is not a database" * 100)
+    (base / "default" / "halfcopied").mkdir()
+    (base / "default" / "halfcopied" / "metadata.json").write_text('{"name": "trunc')
+    api = Api(base)
+    runs = {r["run_id"]: r for r in api.json("/api/runs")["runs"]}
+    assert runs["rich"]["error"] is None and runs["rich"]["status"] == "finished"
+    assert "metadata.db" in runs["broken"]["error"]
+    assert "metadata.json" in runs["halfcopied"]["error"]
+    r = api.get("/api/runs/default/broken")
+    assert r.status_code == 500 and "metadata.db" in r.json()["error"]
+    assert api.get("/api/runs/default/rich/series?metric=val/acc").status_code == 200
+
+
+def test_viewer_changes_nothing_in_the_runs(viewer_runs):
+    """Listing, summaries, series, media and CSV leave every file of every run as it was."""
+    before = snapshot(viewer_runs)
+    api = Api(viewer_runs)
+    api.json("/api/runs")
+    for run in ("spikes", "rich", "ddp"):
+        s = api.json(f"/api/runs/default/{run}")
+        for m in s["metrics"]:
+            api.series(f"/api/runs/default/{run}/series?metric={m['name']}")
+    for item in ("media?name=sample", "tables?name=preds", "histograms?name=grads", "kde?name=logits",
+                 "tensors?name=attn", "logs", "run-events"):
+        assert api.get(f"/api/runs/default/rich/{item}").status_code == 200
+    assert snapshot(viewer_runs) == before

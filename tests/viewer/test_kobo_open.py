@@ -1,0 +1,155 @@
+"""``kobo open`` as a user starts it: a real server process on a loopback port, live updates over SSE."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kohakuboard.viewer import reduce as R
+
+
+def test_open_prints_a_token_url_and_serves_the_page(open_server, viewer_runs):
+    s = open_server(viewer_runs)
+    assert s.token and len(s.token) >= 32 and s.origin.startswith("http://127.0.0.1:")
+    with httpx.Client(base_url=s.origin, timeout=10) as c:
+        assert c.get("/api/runs").status_code == 401
+        r = c.get(f"/?token={s.token}", follow_redirects=False)
+        assert r.status_code == 303 and "kobo_session" in r.cookies
+        page = c.get("/")  # the cookie jar now holds the session
+        assert page.status_code == 200 and "<script" in page.text
+        assert c.get("/api/runs").json()["total"] == 4
+        assert c.get("/static/vendor/uplot/uPlot.iife.min.js").status_code == 200
+
+
+def test_port_in_use_falls_back_to_a_free_port(open_server, viewer_runs):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        s = open_server(viewer_runs, "--port", str(port))
+        assert f"port {port} is in use" in "".join(s.lines)
+        assert not s.origin.endswith(f":{port}")
+        assert httpx.get(s.origin + "/api/runs", headers=s.headers(), timeout=10).status_code == 200
+    finally:
+        busy.close()
+
+
+def test_unsafe_or_wrong_options_are_refused(tmp_path, viewer_runs):
+    def kobo_open(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "kohakuboard.cli.main", "open", *args],
+                              capture_output=True, text=True, timeout=30)
+
+    r = kobo_open(str(viewer_runs), "--host", "0.0.0.0", "--no-token", "--port", "0")
+    assert r.returncode != 0 and "--no-token is only allowed on a loopback address" in r.stderr
+    r = kobo_open(str(tmp_path / "nope"))
+    assert r.returncode != 0 and "is not a directory" in r.stderr
+
+
+def test_no_token_on_loopback(open_server, viewer_runs):
+    s = open_server(viewer_runs, "--no-token")
+    assert s.token is None
+    assert httpx.get(s.origin + "/api/runs", timeout=10).json()["total"] == 4
+
+
+LIVE = """
+import sys, time
+from kohakuboard.client import Board
+b = Board(name="live", run_id="live", capture_output=False)
+for i in range(5):
+    b.log(loss=float(i))
+b.flush()
+print("ready", flush=True)
+sys.stdin.readline()
+b.log(loss=42.0, lr=0.5)
+b.flush()
+print("flushed", time.time(), flush=True)
+sys.stdin.readline()
+b.finish()
+print("finished", flush=True)
+"""
+
+
+def _events(response: httpx.Response, out: list, stop: threading.Event) -> None:
+    event = None
+    try:
+        for line in response.iter_lines():
+            if stop.is_set():
+                return
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and event:
+                out.append((time.time(), event, json.loads(line.split(":", 1)[1])))
+    except httpx.HTTPError:
+        if not stop.is_set():  # the stream ended before the test was done with it
+            raise
+
+
+def test_live_run_pushes_new_points_new_metrics_and_status(open_server, daemon, base_dir, tmp_path):
+    """A running script's flushed point, its new metric and its finish reach an open event stream."""
+    proc = subprocess.Popen([sys.executable, "-c", LIVE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=tmp_path)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        s = open_server(base_dir)
+        with httpx.Client(base_url=s.origin, headers=s.headers(), timeout=30) as c:
+            listed = c.get("/api/runs").json()["runs"]
+            assert [(r["run_id"], r["status"]) for r in listed] == [("live", "running")]
+            got: list = []
+            stop = threading.Event()
+            with c.stream("GET", "/api/events?runs=default/live") as resp:
+                assert resp.headers["content-type"].startswith("text/event-stream")
+                t = threading.Thread(target=_events, args=(resp, got, stop), daemon=True)
+                t.start()
+                deadline = time.time() + 10
+                while not got and time.time() < deadline:
+                    time.sleep(0.05)
+                assert got and got[0][2]["lengths"] == {"0/loss": 5} and got[0][2]["status"] == "running"
+                proc.stdin.write("\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline().split()
+                assert line[0] == "flushed"
+                flushed_at = float(line[1])
+                deadline = time.time() + 10
+                while not any(e[2]["lengths"].get("0/lr") for e in got) and time.time() < deadline:
+                    time.sleep(0.02)
+                seen = next(e for e in got if e[2]["lengths"].get("0/lr"))
+                assert seen[2]["lengths"]["0/loss"] == 6
+                assert seen[0] - flushed_at < 1.0, "a flushed point must be pushed within a second"
+                tail = c.get("/api/runs/default/live/series?metric=loss&start=5")
+                header, arrays = R.decode(tail.content)
+                assert header["n"] == 1 and arrays["y"].tolist() == [42.0]
+                proc.stdin.write("\n")
+                proc.stdin.flush()
+                assert proc.stdout.readline().strip() == "finished"
+                deadline = time.time() + 10
+                while not any(e[2].get("status") == "finished" for e in got) and time.time() < deadline:
+                    time.sleep(0.05)
+                stop.set()
+            assert any(e[2].get("status") == "finished" for e in got)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        proc.stdin.close()
+        proc.stdout.close()
+
+
+def test_a_copied_run_appears_without_restart(open_server, viewer_runs, tmp_path):
+    import shutil
+
+    base = tmp_path / "kohakuboard"
+    shutil.copytree(viewer_runs / "default" / "ddp", base / "default" / "ddp")
+    s = open_server(base)
+    with httpx.Client(base_url=s.origin, headers=s.headers(), timeout=10) as c:
+        assert [r["run_id"] for r in c.get("/api/runs").json()["runs"]] == ["ddp"]
+        shutil.copytree(viewer_runs / "other" / "crashed", base / "other" / "crashed")  # "rsync" in
+        assert {r["run_id"] for r in c.get("/api/runs").json()["runs"]} == {"ddp", "crashed"}
