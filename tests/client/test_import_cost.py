@@ -9,10 +9,10 @@ import kohakuboard.client
 
 
 def test_import_pulls_no_heavy_modules():
-    """A fresh interpreter importing kohakuboard.client loads none of the heavy dependencies."""
+    """A fresh interpreter importing kohakuboard.client loads none of the heavy dependencies (nor the viewer)."""
     code = (
         "import sys, kohakuboard.client\n"
-        "heavy = [m for m in ('numpy', 'zmq', 'msgpack', 'PIL', 'torch', 'kohakuvault', 'click') if m in sys.modules]\n"
+        "heavy = [m for m in ('numpy', 'zmq', 'msgpack', 'PIL', 'torch', 'kohakuvault', 'click', 'starlette', 'uvicorn', 'kohakuboard.viewer') if m in sys.modules]\n"
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
