@@ -1,0 +1,173 @@
+// The HTTP API of docs/viewer-api.md: JSON helpers, the binary series format,
+// and a Server-Sent Events stream that reconnects with backoff.
+
+import { koboState } from "./state.js";
+
+export class ApiError extends Error {
+  constructor(status, message, url) {
+    super(message);
+    this.name = "ApiError";
+    this.status = status;
+    this.url = url;
+  }
+}
+
+const enc = encodeURIComponent;
+
+/** "/api/runs/<p>/<r>" for a "project/run_id" key. */
+export function runBase(key) {
+  const i = key.indexOf("/");
+  return `/api/runs/${enc(key.slice(0, i))}/${enc(key.slice(i + 1))}`;
+}
+
+export function query(params) {
+  const p = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) {
+    if (v === undefined || v === null || v === "") continue;
+    p.set(k, String(v));
+  }
+  const s = p.toString();
+  return s ? "?" + s : "";
+}
+
+async function errorFrom(resp, url) {
+  let msg = `${resp.status} ${resp.statusText}`;
+  try {
+    const text = await resp.text();
+    try {
+      const j = JSON.parse(text);
+      if (j && j.error) msg = j.error;
+    } catch (_) {
+      if (text && text.length < 300 && !/<html/i.test(text)) msg = text.trim() || msg;
+    }
+  } catch (_) { /* body unreadable */ }
+  if (resp.status === 401 || resp.status === 403) {
+    msg += " (open the URL that `kobo open` printed, with its ?token=, to sign in)";
+  }
+  return new ApiError(resp.status, msg, url);
+}
+
+async function doFetch(url, opts = {}) {
+  let resp;
+  try {
+    resp = await fetch(url, { credentials: "same-origin", cache: "no-store", ...opts });
+  } catch (e) {
+    if (e && e.name === "AbortError") throw e;
+    throw new ApiError(0, `cannot reach the viewer server (${e && e.message ? e.message : e})`, url);
+  }
+  if (!resp.ok) throw await errorFrom(resp, url);
+  return resp;
+}
+
+export async function getJSON(url, opts) {
+  const resp = await doFetch(url, opts);
+  return resp.json();
+}
+
+export const api = {
+  runs: (params, opts) => getJSON("/api/runs" + query(params || {}), opts),
+  summary: (key, opts) => getJSON(runBase(key), opts),
+  items: (key, kind, name, rank, extra, opts) =>
+    getJSON(`${runBase(key)}/${kind}` + query({ name, rank, ...(extra || {}) }), opts),
+  logs: (key, params, opts) => getJSON(`${runBase(key)}/logs` + query(params || {}), opts),
+  runEvents: (key, opts) => getJSON(`${runBase(key)}/run-events`, opts),
+  csvUrl: (key, metric, rank) => `${runBase(key)}/series.csv` + query({ metric, rank }),
+};
+
+/**
+ * GET .../series as binary. Returns {header, arrays: {x, y, ys|lo, hi}, bytes, timing}.
+ * Arrays are Float64Array views into the response buffer (no copy) when the
+ * header's padding keeps them 8-byte aligned, as the API promises.
+ */
+export async function fetchSeries(key, params, opts) {
+  const url = `${runBase(key)}/series` + query(params);
+  const t0 = performance.now();
+  const resp = await doFetch(url, opts);
+  const buf = await resp.arrayBuffer();
+  const t1 = performance.now();
+  const parsed = parseSeries(buf);
+  parsed.url = url;
+  parsed.timing = {
+    fetchMs: Math.round(t1 - t0),
+    server: resp.headers.get("Server-Timing") || null,
+  };
+  return parsed;
+}
+
+export function parseSeries(buf) {
+  if (buf.byteLength < 4) throw new Error("series response too short");
+  const dv = new DataView(buf);
+  const hlen = dv.getUint32(0, true);
+  if (4 + hlen > buf.byteLength) throw new Error("series header length exceeds the response");
+  const header = JSON.parse(new TextDecoder().decode(new Uint8Array(buf, 4, hlen)));
+  const n = header.n | 0;
+  let off = 4 + hlen;
+  const arrays = {};
+  const names = header.arrays || ["x", "y"];
+  if (off + names.length * n * 8 > buf.byteLength) throw new Error("series response shorter than its header says");
+  for (const name of names) {
+    arrays[name] = off % 8 === 0
+      ? new Float64Array(buf, off, n)                       // a view, no copy
+      : new Float64Array(buf.slice(off, off + n * 8));      // misaligned: copy (should not happen)
+    off += n * 8;
+  }
+  return { header, arrays, bytes: buf.byteLength };
+}
+
+/**
+ * An EventSource that reconnects with exponential backoff when the server
+ * closes it (EventSource only retries by itself on network errors).
+ * handlers: {run(data), runs(data), open(), reconnect()}
+ */
+export class LiveStream {
+  constructor(url, handlers) {
+    this.url = url;
+    this.handlers = handlers;
+    this.backoff = 1000;
+    this.closed = false;
+    this.hadError = false;
+    this.timer = null;
+    this.connect();
+  }
+
+  connect() {
+    if (this.closed) return;
+    koboState.sse = "connecting";
+    const es = (this.es = new EventSource(this.url, { withCredentials: true }));
+    es.addEventListener("open", () => {
+      koboState.sse = "open";
+      this.backoff = 1000;
+      this.handlers.status?.("open");
+      if (this.hadError) this.handlers.reconnect?.();
+      this.hadError = false;
+    });
+    for (const name of ["run", "runs"]) {
+      es.addEventListener(name, (ev) => {
+        let data;
+        try { data = JSON.parse(ev.data); } catch (_) { return; }
+        this.handlers[name]?.(data);
+      });
+    }
+    es.addEventListener("error", () => {
+      if (this.closed) return;
+      this.hadError = true;
+      if (es.readyState === EventSource.CLOSED) {
+        koboState.sse = "closed";
+        this.handlers.status?.("closed");
+        clearTimeout(this.timer);
+        this.timer = setTimeout(() => this.connect(), this.backoff);
+        this.backoff = Math.min(this.backoff * 2, 30000);
+      } else {
+        koboState.sse = "connecting";
+        this.handlers.status?.("connecting");
+      }
+    });
+  }
+
+  close() {
+    this.closed = true;
+    clearTimeout(this.timer);
+    if (this.es) this.es.close();
+    koboState.sse = "closed";
+  }
+}

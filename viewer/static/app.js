@@ -1,0 +1,119 @@
+// KohakuBoard viewer (`kobo open`): the single-page app.  No build step:
+// plain ES modules + vendored uPlot (window.uPlot, loaded by index.html).
+//
+// Modules: api.js (HTTP + binary series + SSE), state.js (test hooks, routes),
+// runs.js (runs list), run.js (run / compare view, output, events, config),
+// charts.js (scalar charts), items.js (media, tables, histograms, KDE, tensors),
+// util.js (DOM and formatting helpers).
+//
+// ---- Hooks for browser tests ------------------------------------------------------
+// window.koboState
+//   .ready        true once the current view's first data is drawn (runs table
+//                 rendered; run view: first chart drawn, or the open tab's
+//                 content / empty state drawn). Reset to false on navigation.
+//   .view         "runs" | "run";  .runs: ["project/run_id", ...];  .tab: open tab
+//   .charts       {<metric>: {points (points received, all shown series),
+//                  reduced (bool), zoomed (bool), drawn (bool),
+//                  nonfinite: {nan, posinf, neginf} (counts in range),
+//                  lastFetch: {...series header, url, bytes, timing, source},
+//                  sources: {"p/r@rank": {points, reduced, committed, total}}}}
+//   .errors       [{message, where, time}] every error shown in the page
+//   .sse          "connecting" | "open" | "closed";  .liveUpdates: live tail appends
+// window.koboPerf.firstChartDraw   performance.now() of the first chart draw (ms)
+// window.koboZoom(metric, x0, x1)  -> Promise<koboState.charts[metric]> once the
+//                                    zoomed, full-resolution data is drawn
+// window.koboResetZoom(metric)     -> Promise, back to the full range
+// window.koboSetStep(kind, name, step[, run]) -> bool: move the step slider of
+//                                    a media/tables/histograms/kde/tensors card
+// DOM:
+//   runs page: table#runs-table, tr.run-row[data-run="p/r"], input.run-check,
+//              a.run-link, input#run-filter, input#run-regex, #filter-error,
+//              button#compare-btn, .badge[data-status]
+//   run view:  nav#tabs button.tab[data-tab=scalars|media|tables|histograms|kde|
+//              tensors|output|events|config] (or set ?tab= in the hash),
+//              .chart-card[data-metric="train/loss"][data-drawn="1"] (a chart;
+//              .nf-badge holds "3 NaN"; a.csv-link the CSV links),
+//              select#x-axis, input#log-y, input#smoothing, select#rank-select,
+//              input#metric-filter, details.group[data-group],
+//              .item-card[data-kind][data-item="name"][data-run][data-drawn="1"]
+//              with input.step-slider (set .value and dispatch "input") and
+//              .step-label; pre#output-text, button#load-earlier,
+//              .dropped-banner (dropped-call warning), .error-box (errors)
+//   toasts:    #toasts .toast (every reported error)
+
+import { koboState, koboPerf, reportError, onError, parseHash } from "./state.js";
+import { RunsPage } from "./runs.js";
+import { RunView } from "./run.js";
+import { installZoomHook } from "./charts.js";
+import { installStepHook } from "./items.js";
+import { el } from "./util.js";
+
+const root = document.getElementById("app");
+const toasts = document.getElementById("toasts");
+const folderEl = document.getElementById("folder");
+let current = null;
+
+koboPerf.navigationStart = performance.timeOrigin;
+
+window.addEventListener("error", (ev) => reportError(ev.error || ev.message, "window"));
+window.addEventListener("unhandledrejection", (ev) => {
+  ev.preventDefault();   // reported in the page (and koboState.errors) instead of the console
+  reportError(ev.reason, "promise");
+});
+
+onError((e) => {
+  const t = el("div.toast", { role: "alert" },
+    el("span.toast-msg", e.where ? `${e.where}: ${e.message}` : e.message),
+    el("button.icon-btn", { type: "button", title: "dismiss" }, "×"));
+  t.querySelector("button").addEventListener("click", () => t.remove());
+  toasts.append(t);
+  while (toasts.children.length > 4) toasts.firstChild.remove();
+  setTimeout(() => t.remove(), 10000);
+});
+
+function setDir(dir) {
+  if (!dir) return;
+  folderEl.textContent = dir;
+  folderEl.title = `serving ${dir}`;
+}
+
+function route() {
+  const r = parseHash();
+  if (current && r.view === "run" && current instanceof RunView && current.sameRuns(r.runs)) {
+    current.applyRoute(r);
+    return;
+  }
+  if (current && r.view === "runs" && current instanceof RunsPage) {
+    current.applyRoute(r);
+    return;
+  }
+  if (current) current.destroy();
+  koboState.ready = false;
+  koboState.charts = {};
+  document.querySelectorAll(".topnav a").forEach((a) => a.classList.toggle("active", r.view === "runs"));
+  try {
+    current = r.view === "run" ? new RunView(root, r) : new RunsPage(root, r, setDir);
+  } catch (e) {
+    reportError(e, "page");
+    root.append(el("div.error-box", `The page failed to load: ${e.message}`));
+    koboState.ready = true;
+  }
+  window.scrollTo(0, 0);
+}
+
+installZoomHook(() => (current instanceof RunView ? current.panels.scalars : null));
+installStepHook(() => (current instanceof RunView ? current.panels : {}));
+
+window.addEventListener("hashchange", route);
+window.addEventListener("popstate", () => { if (location.hash) route(); });
+route();
+
+// the folder for the top bar when the first page is a run page (the runs page sets it itself)
+if (!(current instanceof RunsPage)) {
+  setTimeout(() => {
+    fetch("/api/runs", { credentials: "same-origin" })
+      .then((r) => (r.ok ? r.json() : null))
+      .then((d) => d && setDir(d.dir))
+      .catch(() => {});
+  }, 1500);
+}

@@ -1,0 +1,546 @@
+// The run view: one run, or several overlaid (#/compare?runs=...).
+// Header, tabs, and the live stream that feeds every panel.
+
+import { api, LiveStream, ApiError } from "./api.js";
+import { koboState, reportError, runHash, replaceHash } from "./state.js";
+import { ScalarsPanel } from "./charts.js";
+import { ItemsPanel, KINDS } from "./items.js";
+import { el, clear, fmtInt, fmtTime, fmtAgo, fmtDuration, fmtBytes, fmtConfigValue, flatten, runColor, throttle, debounce, cleanTerminal } from "./util.js";
+
+export const TABS = [
+  ["scalars", "Scalars"], ["media", "Media"], ["tables", "Tables"], ["histograms", "Histograms"],
+  ["kde", "Distributions"], ["tensors", "Tensors"], ["output", "Output"], ["events", "Events"], ["config", "Config"],
+];
+
+export function statusBadge(status) {
+  const s = status || "?";
+  const cls = ["running", "finished", "crashed"].includes(s) ? s : "unknown";
+  return el(`span.badge.status-${cls}`, { title: `status: ${s}`, dataset: { status: s } },
+    cls === "running" ? el("span.pulse") : null, s === "?" ? "unknown" : s);
+}
+
+function duration(s) {
+  if (!s) return null;
+  if (s.duration !== undefined && s.duration !== null && s.status !== "running") return s.duration;
+  if (s.finished_at && s.created_at) return s.finished_at - s.created_at;
+  if (s.status === "running" && s.created_at) return Math.max(s.duration || 0, Date.now() / 1000 - s.created_at);
+  return s.duration ?? null;
+}
+
+function lastStep(s) {
+  let m = null;
+  for (const x of (s && s.metrics) || []) if (x.last_step !== null && x.last_step !== undefined && (m === null || x.last_step > m)) m = x.last_step;
+  return m;
+}
+
+export class RunView {
+  constructor(root, route) {
+    this.root = root;
+    this.runs = route.runs.slice();
+    this.params = new URLSearchParams(route.params);
+    this.summaries = new Map();
+    this.failed = new Map();
+    this.panels = {};
+    this.opts = {
+      x: this.params.get("x") || "step",
+      log: this.params.get("log") === "1",
+      smooth: Math.min(0.99, Math.max(0, Number(this.params.get("smooth")) || 0)),
+      rank: this.params.get("rank") || "0",
+      filter: this.params.get("filter") || "",
+    };
+    if (!["step", "global_step", "relative", "wall"].includes(this.opts.x)) this.opts.x = "step";
+    this.tab = TABS.some(([t]) => t === this.params.get("tab")) ? this.params.get("tab") : "scalars";
+    this.isReady = false;
+    this.refreshSummary = throttle(() => this.reloadSummaries().catch((e) => reportError(e, "summary")), 1500);
+
+    this.headerEl = el("section.run-header", el("div.skeleton", "Loading run…"));
+    this.tabsEl = el("nav.tabs#tabs", { role: "tablist" });
+    this.panelsEl = el("div.panels");
+    this.el = el("div.run-view", this.headerEl, this.tabsEl, this.panelsEl);
+    root.append(this.el);
+    koboState.view = "run";
+    koboState.runs = this.runs.slice();
+    koboState.tab = this.tab;
+    this.init();
+  }
+
+  sameRuns(runs) {
+    return runs.length === this.runs.length && runs.every((r, i) => r === this.runs[i]);
+  }
+
+  /** A hash change that keeps the same runs: switch tab if it changed. */
+  applyRoute(route) {
+    const tab = route.params.get("tab") || "scalars";
+    this.params = new URLSearchParams(route.params);
+    if (tab !== this.tab && TABS.some(([t]) => t === tab)) this.switchTab(tab, false);
+  }
+
+  setParam(k, v) {
+    if (v === "" || v === null || v === undefined || (k === "x" && v === "step") || (k === "rank" && v === "0")) this.params.delete(k);
+    else this.params.set(k, String(v));
+    replaceHash(runHash(this.runs, this.params));
+  }
+
+  runLabel(key) {
+    const s = this.summaries.get(key);
+    const name = (s && s.name) || key.slice(key.indexOf("/") + 1);
+    const dup = this.runs.filter((k) => {
+      const o = this.summaries.get(k);
+      return ((o && o.name) || k.slice(k.indexOf("/") + 1)) === name;
+    }).length > 1;
+    return dup ? `${name} (${key.slice(key.indexOf("/") + 1)})` : name;
+  }
+
+  markReady() {
+    if (this.isReady || this.destroyed) return;
+    this.isReady = true;
+    koboState.ready = true;
+  }
+
+  async init() {
+    const results = await Promise.all(this.runs.map((k) => api.summary(k).then((s) => ({ k, s }), (e) => ({ k, e }))));
+    if (this.destroyed) return;
+    for (const { k, s, e } of results) {
+      if (e) { this.failed.set(k, e); reportError(e, `run ${k}`); } else this.summaries.set(k, s);
+    }
+    this.renderHeader();
+    if (!this.summaries.size) {
+      this.markReady();
+      return;
+    }
+    this.renderTabs();
+    this.switchTab(this.tab, false);
+    this.live = new LiveStream(`/api/events?runs=${this.runs.map((k) => encodeURIComponent(k)).join(",")}`, {
+      run: (d) => this.onRunEvent(d),
+      reconnect: () => { this.refreshSummary(); this.panels.scalars?.resync(); },
+      status: (s) => this.setLiveDot(s),
+    });
+    this.tick = setInterval(() => this.updateDurations(), 1000);
+  }
+
+  async reloadSummaries() {
+    const results = await Promise.all(this.runs.map((k) => api.summary(k).then((s) => ({ k, s }), (e) => ({ k, e }))));
+    if (this.destroyed) return;
+    let changed = false;
+    for (const { k, s, e } of results) {
+      if (e) continue;   // keep the last good summary; a transient read error is reported by the next one
+      const old = this.summaries.get(k);
+      this.summaries.set(k, s);
+      if (this.failed.has(k)) { this.failed.delete(k); changed = true; }
+      if (!old || old.version !== s.version || old.status !== s.status) changed = true;
+    }
+    if (!changed) return;
+    this.renderHeader();
+    this.renderTabs();
+    for (const p of Object.values(this.panels)) p.sync?.();
+    for (const p of Object.values(this.panels)) p.onVersion?.();
+  }
+
+  onRunEvent(d) {
+    const key = d.run;
+    const s = this.summaries.get(key);
+    if (!s) return;
+    if (d.status && d.status !== s.status) {
+      s.status = d.status;
+      this.updateBadges();
+      this.refreshSummary();
+    }
+    let unknown = false;
+    if (this.panels.scalars && d.lengths) unknown = this.panels.scalars.onLive(key, d.lengths);
+    else if (d.lengths) {
+      const known = new Set((s.metrics || []).map((m) => m.name));
+      unknown = Object.keys(d.lengths).some((k) => !known.has(k.slice(k.indexOf("/") + 1)));
+    }
+    if (unknown || (d.version && d.version !== s.version)) this.refreshSummary();
+  }
+
+  // ---- header --------------------------------------------------------------------
+
+  renderHeader() {
+    const h = clear(this.headerEl);
+    for (const [k, e] of this.failed) {
+      h.append(el("div.error-box", el("strong", `Cannot read run ${k}: `), e.message,
+        e instanceof ApiError && e.status === 404 ? el("div", el("a", { href: "#/" }, "back to the runs list")) : null));
+    }
+    if (this.runs.length === 1) {
+      const key = this.runs[0];
+      const s = this.summaries.get(key);
+      if (!s) return;
+      const cfg = flatten(s.config || {});
+      h.append(
+        el("div.title-row",
+          el("span.swatch.big", { style: { background: runColor(key) } }),
+          el("h1.run-name", s.name || s.run_id),
+          el("span.badge-slot", { dataset: { run: key } }, statusBadge(s.status)),
+          el("span.spacer"),
+          this.liveDot()),
+        el("div.meta-row",
+          meta("run id", el("code", s.run_id)),
+          meta("project", s.project),
+          meta("created", el("span", { title: fmtTime(s.created_at) }, `${fmtTime(s.created_at)} (${fmtAgo(s.created_at)})`)),
+          meta("duration", el("span.duration", { dataset: { run: key } }, fmtDuration(duration(s)))),
+          meta("last step", fmtInt(lastStep(s))),
+          meta("ranks", `${(s.ranks || []).length ? (s.ranks || []).join(", ") : "0"}${s.world_size ? ` (world size ${s.world_size})` : ""}`),
+          meta("dropped", el(`span.${(s.dropped && s.dropped.calls) > 0 ? "dropped-warn" : "muted"}`, fmtInt((s.dropped && s.dropped.calls) || 0)))),
+        dropWarning(s),
+        cfg.length ? el("details.config-peek", el("summary", `Config (${cfg.length} key${cfg.length === 1 ? "" : "s"})`), configTable([[key, s.config || {}]], () => key)) : null,
+      );
+      document.title = `${s.name || s.run_id} · KohakuBoard`;
+    } else {
+      const rows = this.runs.filter((k) => this.summaries.has(k)).map((k) => {
+        const s = this.summaries.get(k);
+        const rm = el("button.icon-btn", { type: "button", title: "remove from the comparison" }, "×");
+        rm.addEventListener("click", () => {
+          const rest = this.runs.filter((r) => r !== k);
+          location.hash = runHash(rest, this.params);
+        });
+        return el("tr", { dataset: { run: k } },
+          el("td", el("span.swatch", { style: { background: runColor(k) } })),
+          el("td", el("a", { href: runHash([k], { tab: this.tab }) }, this.runLabel(k))),
+          el("td.badge-slot", { dataset: { run: k } }, statusBadge(s.status)),
+          el("td", el("code", s.run_id)), el("td", s.project),
+          el("td", { title: fmtTime(s.created_at) }, fmtAgo(s.created_at)),
+          el("td.duration", { dataset: { run: k } }, fmtDuration(duration(s))),
+          el("td.num", fmtInt(lastStep(s))),
+          el("td", (s.ranks || [0]).length > 1 ? `${(s.ranks || []).length} ranks` : "1"),
+          el(`td.num${(s.dropped && s.dropped.calls) > 0 ? ".dropped-warn" : ""}`, fmtInt((s.dropped && s.dropped.calls) || 0)),
+          el("td", rm));
+      });
+      h.append(
+        el("div.title-row", el("h1.run-name", `Comparing ${this.summaries.size} runs`), el("span.spacer"), this.liveDot()),
+        el("table.compare-table.data-table.compact",
+          el("thead", el("tr", ["", "name", "status", "run id", "project", "created", "duration", "last step", "ranks", "dropped", ""].map((t) => el("th", t)))),
+          el("tbody", rows)),
+        ...this.runs.map((k) => this.summaries.get(k)).filter(Boolean).map((s) => dropWarning(s, true)));
+      document.title = `Compare ${this.runs.length} runs · KohakuBoard`;
+    }
+  }
+
+  liveDot() {
+    if (!this.dot) this.dot = el("span.live-dot", { title: "live updates" }, el("span.dot"), el("span.live-text", "live"));
+    this.setLiveDot(koboState.sse);
+    return this.dot;
+  }
+
+  setLiveDot(s) {
+    if (!this.dot) return;
+    this.dot.dataset.state = s;
+    this.dot.querySelector(".live-text").textContent = s === "open" ? "live" : s === "connecting" ? "reconnecting…" : "offline";
+  }
+
+  updateBadges() {
+    for (const slot of this.headerEl.querySelectorAll(".badge-slot")) {
+      const s = this.summaries.get(slot.dataset.run);
+      if (s) clear(slot).append(statusBadge(s.status));
+    }
+  }
+
+  updateDurations() {
+    for (const d of this.headerEl.querySelectorAll(".duration")) {
+      const s = this.summaries.get(d.dataset.run);
+      if (s && s.status === "running") d.textContent = fmtDuration(duration(s));
+    }
+  }
+
+  // ---- tabs ----------------------------------------------------------------------
+
+  tabCount(tab) {
+    let n = 0;
+    const names = new Set();
+    for (const k of this.runs) {
+      const s = this.summaries.get(k);
+      if (!s) continue;
+      if (tab === "scalars") for (const m of s.metrics || []) names.add(m.name);
+      else if (KINDS[tab]) for (const it of (s.items && s.items[KINDS[tab].key]) || []) names.add(it.name);
+    }
+    n = names.size;
+    return ["scalars", ...Object.keys(KINDS)].includes(tab) ? n : null;
+  }
+
+  renderTabs() {
+    clear(this.tabsEl);
+    for (const [t, label] of TABS) {
+      const n = this.tabCount(t);
+      const b = el("button.tab", {
+        type: "button", role: "tab", dataset: { tab: t }, "aria-selected": String(t === this.tab),
+        class: `tab${t === this.tab ? " active" : ""}${n === 0 ? " empty-tab" : ""}`,
+      }, label, n !== null ? el("span.tab-count", String(n)) : null);
+      b.addEventListener("click", () => this.switchTab(t, true));
+      this.tabsEl.append(b);
+    }
+  }
+
+  switchTab(tab, push) {
+    this.tab = tab;
+    koboState.tab = tab;
+    for (const b of this.tabsEl.querySelectorAll(".tab")) {
+      const on = b.dataset.tab === tab;
+      b.classList.toggle("active", on);
+      b.setAttribute("aria-selected", String(on));
+    }
+    if (tab === "scalars") this.params.delete("tab"); else this.params.set("tab", tab);
+    const hash = runHash(this.runs, this.params);
+    if (push && location.hash !== hash) history.pushState(null, "", hash);
+    else replaceHash(hash);
+    let p = this.panels[tab];
+    if (!p) {
+      try {
+        p = this.panels[tab] = this.makePanel(tab);
+        this.panelsEl.append(p.el);
+      } catch (e) {
+        reportError(e, `tab ${tab}`);
+        this.panelsEl.append(el("div.error-box", `Cannot show ${tab}: ${e.message}`));
+        this.markReady();
+        return;
+      }
+    }
+    for (const [t, q] of Object.entries(this.panels)) q.el.hidden = t !== tab;
+    p.shown?.();
+  }
+
+  makePanel(tab) {
+    if (tab === "scalars") return new ScalarsPanel(this);
+    if (KINDS[tab]) return new ItemsPanel(this, tab);
+    if (tab === "output") return new OutputPanel(this);
+    if (tab === "events") return new EventsPanel(this);
+    if (tab === "config") return new ConfigPanel(this);
+    throw new Error(`unknown tab ${tab}`);
+  }
+
+  destroy() {
+    this.destroyed = true;
+    clearInterval(this.tick);
+    this.refreshSummary.cancel?.();
+    if (this.live) this.live.close();
+    for (const p of Object.values(this.panels)) p.destroy?.();
+    this.el.remove();
+  }
+}
+
+function meta(k, v) {
+  return el("span.meta", el("span.meta-k", k), el("span.meta-v", v));
+}
+
+function dropWarning(s, named) {
+  const d = s.dropped || {};
+  if (!(d.calls > 0)) return null;
+  return el("div.warn-box.dropped-banner", { role: "alert" },
+    el("strong", "⚠ Data was dropped. "),
+    named ? el("span", `${s.name || s.run_id}: `) : null,
+    `${fmtInt(d.calls)} log() call${d.calls === 1 ? "" : "s"} (${fmtInt(d.values || 0)} values) never reached the run: the client's queue was full and its queue policy is "drop". Charts have gaps there.`);
+}
+
+function configTable(runs, label) {
+  // runs: [[key, config]]; one column per run; rows that differ are highlighted
+  const maps = runs.map(([, c]) => new Map(flatten(c)));
+  const keys = [...new Set(maps.flatMap((m) => [...m.keys()]))].sort();
+  const multi = runs.length > 1;
+  return el("table.data-table.config-table",
+    multi ? el("thead", el("tr", el("th", "key"), runs.map(([k]) => el("th", el("span.swatch", { style: { background: runColor(k) } }), " ", label(k))))) : null,
+    el("tbody", keys.map((k) => {
+      const vals = maps.map((m) => (m.has(k) ? fmtConfigValue(m.get(k)) : undefined));
+      const differs = multi && new Set(vals.map(String)).size > 1;
+      return el(`tr${differs ? ".differs" : ""}`, { dataset: { key: k } }, el("td.key", k),
+        vals.map((v) => el("td", v === undefined ? el("span.muted", "—") : v)));
+    })));
+}
+
+// ---- Output ----------------------------------------------------------------------
+
+class RunPicker {
+  constructor(view, onChange) {
+    this.view = view;
+    this.key = view.runs.find((k) => view.summaries.has(k));
+    this.el = el("span");
+    if (view.runs.length > 1) {
+      const sel = el("select.run-picker", view.runs.filter((k) => view.summaries.has(k)).map((k) => el("option", { value: k }, view.runLabel(k))));
+      sel.addEventListener("change", () => { this.key = sel.value; onChange(); });
+      this.el = el("label.ctl", "Run ", sel);
+    }
+  }
+}
+
+const utf8 = new TextEncoder();
+
+class OutputPanel {
+  constructor(view) {
+    this.view = view;
+    this.picker = new RunPicker(view, () => this.load());
+    this.pre = el("pre.output#output-text");
+    this.earlier = el("button.btn.small#load-earlier", { type: "button" }, "Load earlier output");
+    this.earlier.addEventListener("click", () => this.loadEarlier());
+    this.follow = el("input#follow-output", { type: "checkbox", checked: true });
+    this.info = el("span.muted.small");
+    this.el = el("div.output-panel",
+      el("div.controls", el("div.ctl-row", this.picker.el, this.earlier, el("label.ctl", this.follow, " Follow the tail"), el("span.spacer"), this.info)),
+      this.pre);
+    this.pre.addEventListener("scroll", () => {
+      const atEnd = this.pre.scrollTop + this.pre.clientHeight >= this.pre.scrollHeight - 4;
+      if (this.follow.checked !== atEnd && !this.programmatic) this.follow.checked = atEnd;
+    });
+    this.onVersion = throttle(() => this.loadNew(), 1000);
+    this.load();
+  }
+
+  async load() {
+    this.start = this.end = 0;
+    this.raw = "";
+    this.pre.textContent = "loading…";
+    try {
+      const d = await api.logs(this.picker.key);
+      this.start = d.offset || 0;
+      this.raw = d.text || "";
+      this.end = Math.min(d.size ?? Infinity, this.start + utf8.encode(this.raw).length);
+      this.draw(true);
+    } catch (e) {
+      this.pre.textContent = "";
+      this.pre.append(el("span.error-text", `Cannot read the output: ${e.message}`));
+      reportError(e, "output");
+    }
+    this.view.markReady();
+  }
+
+  async loadNew() {
+    if (this.loading || this.end === undefined) return;
+    this.loading = true;
+    try {
+      const d = await api.logs(this.picker.key, { offset: this.end });
+      if (d.text) {
+        this.raw += d.text;
+        this.end = Math.min(d.size ?? Infinity, (d.offset ?? this.end) + utf8.encode(d.text).length);
+        this.draw(this.follow.checked);
+      } else if (d.size !== undefined && d.size < this.end) {
+        this.load();     // the log shrank (replaced): start over
+      }
+    } catch (e) {
+      reportError(e, "output");
+    } finally {
+      this.loading = false;
+    }
+  }
+
+  async loadEarlier() {
+    if (!this.start) return;
+    const from = Math.max(0, this.start - 65536);
+    try {
+      const d = await api.logs(this.picker.key, { offset: from, limit: this.start - from });
+      const h0 = this.pre.scrollHeight;
+      this.raw = (d.text || "") + this.raw;
+      this.start = d.offset ?? from;
+      this.draw(false);
+      this.pre.scrollTop += this.pre.scrollHeight - h0;
+    } catch (e) {
+      reportError(e, "output");
+    }
+  }
+
+  draw(scroll) {
+    const text = cleanTerminal(this.raw);
+    this.pre.textContent = text || "";
+    if (!text) this.pre.append(el("span.muted", "No output captured yet."));
+    this.earlier.hidden = !this.start;
+    this.info.textContent = `${fmtBytes(this.end - this.start)} shown of ${fmtBytes(this.end)}`;
+    if (scroll) {
+      this.programmatic = true;
+      this.pre.scrollTop = this.pre.scrollHeight;
+      requestAnimationFrame(() => { this.programmatic = false; });
+    }
+  }
+
+  shown() {
+    if (this.follow.checked) this.pre.scrollTop = this.pre.scrollHeight;
+    this.view.markReady();
+  }
+
+  destroy() { this.onVersion.cancel?.(); }
+}
+
+// ---- Events ---------------------------------------------------------------------
+
+class EventsPanel {
+  constructor(view) {
+    this.view = view;
+    this.picker = new RunPicker(view, () => this.load());
+    this.body = el("div.events-body", el("div.item-loading", "loading…"));
+    this.el = el("div.events-panel", el("div.controls", el("div.ctl-row", this.picker.el)), this.body);
+    this.onVersion = throttle(() => this.load(), 3000);
+    this.load();
+  }
+
+  async load() {
+    const key = this.picker.key;
+    const s = this.view.summaries.get(key);
+    let events = null, err = null;
+    try {
+      events = (await api.runEvents(key)).events || [];
+    } catch (e) {
+      err = e;
+      reportError(e, "events");
+    }
+    const body = clear(this.body);
+    body.append(el("h3", "Daemon events"));
+    if (err) body.append(el("div.error-box", `Cannot read the events: ${err.message}`));
+    else if (!events.length) body.append(el("div.empty", "No events recorded for this run."));
+    else {
+      body.append(el("div.table-scroll.tall", el("table.data-table.events-table",
+        el("thead", el("tr", el("th", "#"), el("th", "time"), el("th", "kind"), el("th", "detail"))),
+        el("tbody", events.map((ev) => el("tr", { dataset: { kind: ev.kind } },
+          el("td.num", String(ev.id ?? "")), el("td.nowrap", fmtTime(ev.wall)), el("td", el(`span.kind.kind-${String(ev.kind).replace(/[^\w-]/g, "")}`, ev.kind)),
+          el("td.detail", typeof ev.detail === "string" ? ev.detail : JSON.stringify(ev.detail))))))));
+    }
+    const clients = (s && s.clients) || [];
+    body.append(el("h3", "Clients"));
+    if (!clients.length) body.append(el("div.empty", "No client information."));
+    else {
+      const cols = [...new Set(clients.flatMap((c) => Object.keys(c)))];
+      body.append(el("div.table-scroll", el("table.data-table.compact.clients-table",
+        el("thead", el("tr", cols.map((c) => el("th", c)))),
+        el("tbody", clients.map((c) => el("tr", cols.map((k) => {
+          const v = c[k];
+          if (k === "status") return el("td", statusBadge(v));
+          if (typeof v === "number" && /wall|time|_at$/.test(k)) return el("td.nowrap", fmtTime(v));
+          return el("td", v === null || v === undefined ? "" : typeof v === "object" ? JSON.stringify(v) : String(v));
+        })))))));
+    }
+    this.view.markReady();
+  }
+
+  destroy() { this.onVersion.cancel?.(); }
+}
+
+// ---- Config ---------------------------------------------------------------------
+
+class ConfigPanel {
+  constructor(view) {
+    this.view = view;
+    this.onlyDiff = el("input#config-diff", { type: "checkbox" });
+    this.filter = el("input.item-filter", { type: "search", placeholder: "Filter keys" });
+    this.body = el("div.config-body");
+    const ctl = [this.filter];
+    if (view.runs.length > 1) ctl.push(el("label.ctl", this.onlyDiff, " Only keys that differ"));
+    this.el = el("div.config-panel", el("div.controls", el("div.ctl-row", ...ctl)), this.body);
+    this.onlyDiff.addEventListener("change", () => this.apply());
+    this.filter.addEventListener("input", debounce(() => this.apply(), 120));
+    this.sync();
+  }
+
+  sync() {
+    const runs = this.view.runs.filter((k) => this.view.summaries.has(k));
+    const body = clear(this.body);
+    body.append(el("h3", "Config"));
+    const any = runs.some((k) => Object.keys(this.view.summaries.get(k).config || {}).length);
+    if (!any) body.append(el("div.empty", "No config was given to Board(config=...)."));
+    else body.append(configTable(runs.map((k) => [k, this.view.summaries.get(k).config || {}]), (k) => this.view.runLabel(k)));
+    body.append(el("h3", "Metadata"));
+    body.append(configTable(runs.map((k) => [k, this.view.summaries.get(k).metadata || {}]), (k) => this.view.runLabel(k)));
+    this.apply();
+    this.view.markReady();
+  }
+
+  apply() {
+    const f = this.filter.value.trim().toLowerCase();
+    for (const tr of this.body.querySelectorAll("tbody tr")) {
+      tr.hidden = (f && !tr.dataset.key.toLowerCase().includes(f)) || (this.onlyDiff.checked && !tr.classList.contains("differs"));
+    }
+  }
+}
