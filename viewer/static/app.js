@@ -73,7 +73,7 @@ onError((e) => {
 
 function setDir(dir) {
   if (!dir) return;
-  folderEl.textContent = dir;
+  folderEl.textContent = "\u200e" + dir + "\u200e";   // LRM: keep the leading "/" on the left under direction: rtl
   folderEl.title = `serving ${dir}`;
 }
 

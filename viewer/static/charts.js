@@ -32,6 +32,33 @@ function metricMatcher(filter) {
   return (m) => { const l = m.toLowerCase(); return terms.every((t) => l.includes(t)); };
 }
 
+/** Tick labels with as many decimals as the tick spacing needs. */
+export function fmtTicks(u, splits, axisIdx, space, incr) {
+  const log = u.scales[u.axes[axisIdx].scale || "y"].distr === 3;
+  let max = 0;
+  for (const v of splits) if (v !== null && Math.abs(v) > max) max = Math.abs(v);
+  if (log) {
+    return splits.map((v) => {
+      if (v === null) return "";
+      const a = Math.abs(v);
+      return a >= 1e-3 && a < 1e5 ? String(Number(v.toPrecision(3))) : fmtSci(v, null);
+    });
+  }
+  if (max >= 1e6 || (max > 0 && max < 1e-3)) {
+    return splits.map((v) => (v === null ? "" : v === 0 ? "0" : fmtSci(v, incr)));
+  }
+  let dec = incr > 0 ? Math.max(0, Math.min(10, -Math.floor(Math.log10(incr) + 1e-9))) : 0;
+  while (dec < 10 && incr > 0 && Math.abs(incr * 10 ** dec - Math.round(incr * 10 ** dec)) > 1e-6 * incr * 10 ** dec) dec++;
+  return splits.map((v) => (v === null ? "" : dec ? v.toFixed(dec) : fmtInt(Math.round(v))));
+}
+
+function fmtSci(v, incr) {
+  const e = Math.floor(Math.log10(Math.abs(v)));
+  let digits = 2;
+  if (incr) digits = Math.max(0, Math.min(6, e - Math.floor(Math.log10(incr))));
+  return (v / 10 ** e).toFixed(digits).replace(/\.?0+$/, "") + "e" + e;
+}
+
 /** Dynamic axis width from the longest tick label (uPlot axis.size callback). */
 function axisSize(u, values, axisIdx, cycleNum) {
   const axis = u.axes[axisIdx];
@@ -363,7 +390,8 @@ class ChartCard {
       this.plotEl);
     this.el._card = this;
     this.plotEl.addEventListener("dblclick", () => { if (this.zoom) this.resetZoom(); });
-    this.plotEl.addEventListener("mouseleave", () => { this.tip.hidden = true; });
+    this.plotEl.addEventListener("mouseenter", () => { this.hovering = true; });
+    this.plotEl.addEventListener("mouseleave", () => { this.hovering = false; this.tip.hidden = true; });
   }
 
   /** The series this chart shows under the current options. */
@@ -561,10 +589,11 @@ class ChartCard {
       stroke: "#5c6370", grid: { stroke: "#eef0f3", width: 1 }, ticks: { stroke: "#dfe2e6", width: 1, size: 4 },
       font: "11px system-ui, sans-serif", size: 30,
     };
-    if (o.x === "relative") xAxis.values = (u, splits) => splits.map(fmtRelAxis);
+    if (o.x === "relative") xAxis.values = (u, splits, ai, space, incr) => splits.map((v) => fmtRelAxis(v, incr));
+    else xAxis.values = fmtTicks;
     const yAxis = {
       stroke: "#5c6370", grid: { stroke: "#eef0f3", width: 1 }, ticks: { stroke: "#dfe2e6", width: 1, size: 4 },
-      font: "11px system-ui, sans-serif", size: axisSize,
+      font: "11px system-ui, sans-serif", size: axisSize, values: fmtTicks,
     };
     const opts = {
       width: this.plotEl.clientWidth || 600,
@@ -572,7 +601,7 @@ class ChartCard {
       series,
       bands,
       legend: { show: false },
-      padding: [10, 12, 0, 4],
+      padding: [10, 18, 0, 4],
       scales: {
         x: { time: xTime },
         y: o.log ? { distr: 3, log: 10 } : { auto: true },
@@ -641,7 +670,8 @@ class ChartCard {
 
   updateTip(u) {
     const i = u.cursor.idx;
-    if (i === null || i === undefined || u.cursor.left < 0 || !this.legendMap) { this.tip.hidden = true; return; }
+    // only the chart under the mouse shows values (the others follow with a synced cursor)
+    if (!this.hovering || i === null || i === undefined || u.cursor.left < 0 || !this.legendMap) { this.tip.hidden = true; return; }
     const xs = u.data[0];
     const o = this.panel.opts;
     const xv = xs[i];
@@ -674,11 +704,11 @@ class ChartCard {
         el("span.swatch", { style: { background: L.s.color } }),
         el("span.tip-label", L.s.label),
         el("span.tip-val", val),
-        raw !== null ? el("span.tip-raw", `raw ${raw}`) : null,
-        at !== xv ? el("span.tip-raw", `@${this.fmtX(at)}`) : null));
+        el("span.tip-raw", raw !== null ? `raw ${raw}` : ""),
+        el("span.tip-raw", at !== xv ? `@${this.fmtX(at)}` : "")));
     }
     if (!rows.length) { this.tip.hidden = true; return; }
-    clear(this.tip).append(el("div.tip-x", `${X_LABELS[o.x]} ${this.fmtX(xv)}`), ...rows);
+    clear(this.tip).append(el("div.tip-x", `${X_LABELS[o.x]} ${this.fmtX(xv)}`), el("div.tip-grid", rows));
     this.tip.hidden = false;
     const pw = this.plotEl.clientWidth;
     const left = u.cursor.left + u.bbox.left / (window.devicePixelRatio || 1);

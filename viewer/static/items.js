@@ -4,7 +4,7 @@
 
 import { api } from "./api.js";
 import { reportError } from "./state.js";
-import { el, clear, fmtInt, fmtValue, fmtTime, fmtBytes, runColor, alpha, debounce } from "./util.js";
+import { el, clear, fmtInt, fmtValue, fmtShort, fmtTime, fmtBytes, runColor, alpha, debounce } from "./util.js";
 import { groupOf, joinSources } from "./charts.js";
 
 const uPlot = window.uPlot;
@@ -280,7 +280,7 @@ function mediaNode(m, { thumb = false } = {}) {
 
 class MediaCard extends ItemCard {
   show(row) {
-    const frame = el("div.media-frame", mediaNode(row));
+    const frame = el(`div.media-frame.${row.media_type || "image"}`, mediaNode(row));
     const meta = el("div.media-meta",
       row.caption ? el("div.caption", row.caption) : null,
       el("div.muted", `step ${fmtInt(row.step)} · ${row.media_type || "image"}${row.width ? ` · ${row.width}×${row.height}` : ""}${row.size ? ` · ${fmtBytes(row.size)}` : ""}`));
@@ -405,7 +405,7 @@ class HistogramCard extends ItemCard {
     ctx.putImageData(img, 0, 0);
     const n = rows.length;
     const steps = this.rows.map((r) => r.step);
-    clear(this.heatAxisX).append(el("span", fmtValue(this.lo)), el("span", fmtValue((this.lo + this.hi) / 2)), el("span", fmtValue(this.hi)));
+    clear(this.heatAxisX).append(el("span", fmtShort(this.lo)), el("span", fmtShort((this.lo + this.hi) / 2)), el("span", fmtShort(this.hi)));
     clear(this.heatAxisY).append(el("span", `step ${fmtInt(steps[0])}`), n > 2 ? el("span", fmtInt(steps[Math.floor(n / 2)])) : null, n > 1 ? el("span", fmtInt(steps[n - 1])) : null);
     this.placeMarker();
   }
@@ -659,7 +659,7 @@ class TensorCard extends ItemCard {
     const cell = Math.max(0.25, Math.min(maxW / C, maxH / R, 48));
     this.canvas.style.width = `${Math.round(C * cell)}px`;
     this.canvas.style.height = `${Math.round(R * cell)}px`;
-    clear(this.legendEl).append(el("span", fmtValue(-m)), el("span.grad", { style: { background: gradientCss((t) => divColor(2 * t - 1)) } }), el("span", fmtValue(m)),
+    clear(this.legendEl).append(el("span", fmtShort(-m)), el("span.grad", { style: { background: gradientCss((t) => divColor(2 * t - 1)) } }), el("span", fmtShort(m)),
       el("span.muted", ` ${R}×${C}${(row.shape || []).length > 2 ? " (first 2-D slice)" : ""}`));
     this.drawn();
   }

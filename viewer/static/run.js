@@ -167,7 +167,7 @@ export class RunView {
       const s = this.summaries.get(key);
       if (!s) return;
       const cfg = flatten(s.config || {});
-      h.append(
+      h.append(...[
         el("div.title-row",
           el("span.swatch.big", { style: { background: runColor(key) } }),
           el("h1.run-name", s.name || s.run_id),
@@ -184,7 +184,7 @@ export class RunView {
           meta("dropped", el(`span.${(s.dropped && s.dropped.calls) > 0 ? "dropped-warn" : "muted"}`, fmtInt((s.dropped && s.dropped.calls) || 0)))),
         dropWarning(s),
         cfg.length ? el("details.config-peek", el("summary", `Config (${cfg.length} key${cfg.length === 1 ? "" : "s"})`), configTable([[key, s.config || {}]], () => key)) : null,
-      );
+      ].filter(Boolean));
       document.title = `${s.name || s.run_id} · KohakuBoard`;
     } else {
       const rows = this.runs.filter((k) => this.summaries.has(k)).map((k) => {
@@ -206,12 +206,13 @@ export class RunView {
           el(`td.num${(s.dropped && s.dropped.calls) > 0 ? ".dropped-warn" : ""}`, fmtInt((s.dropped && s.dropped.calls) || 0)),
           el("td", rm));
       });
-      h.append(
+      h.append(...[
         el("div.title-row", el("h1.run-name", `Comparing ${this.summaries.size} runs`), el("span.spacer"), this.liveDot()),
         el("table.compare-table.data-table.compact",
           el("thead", el("tr", ["", "name", "status", "run id", "project", "created", "duration", "last step", "ranks", "dropped", ""].map((t) => el("th", t)))),
           el("tbody", rows)),
-        ...this.runs.map((k) => this.summaries.get(k)).filter(Boolean).map((s) => dropWarning(s, true)));
+        ...this.runs.map((k) => this.summaries.get(k)).filter(Boolean).map((s) => dropWarning(s, true)),
+      ].filter(Boolean));
       document.title = `Compare ${this.runs.length} runs · KohakuBoard`;
     }
   }
@@ -532,7 +533,13 @@ class ConfigPanel {
     if (!any) body.append(el("div.empty", "No config was given to Board(config=...)."));
     else body.append(configTable(runs.map((k) => [k, this.view.summaries.get(k).config || {}]), (k) => this.view.runLabel(k)));
     body.append(el("h3", "Metadata"));
-    body.append(configTable(runs.map((k) => [k, this.view.summaries.get(k).metadata || {}]), (k) => this.view.runLabel(k)));
+    const meta = (k) => {
+      const m = Object.assign({}, this.view.summaries.get(k).metadata || {});
+      delete m.config;   // shown above
+      for (const f of Object.keys(m)) if (/_at$/.test(f) && typeof m[f] === "number") m[f] = fmtTime(m[f]);
+      return m;
+    };
+    body.append(configTable(runs.map((k) => [k, meta(k)]), (k) => this.view.runLabel(k)));
     this.apply();
     this.view.markReady();
   }

@@ -88,6 +88,15 @@ export function fmtValue(v) {
   return String(Number(v.toPrecision(6)));
 }
 
+/** A short value for axis ends and legends: 4 significant digits. */
+export function fmtShort(v) {
+  if (v === null || v === undefined || !Number.isFinite(v)) return fmtValue(v);
+  if (v === 0) return "0";
+  const a = Math.abs(v);
+  if (a >= 1e5 || a < 1e-3) return v.toExponential(2).replace(/\.?0+e/, "e");
+  return String(Number(v.toPrecision(4)));
+}
+
 export function fmtBytes(n) {
   if (n === null || n === undefined) return "–";
   const u = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -131,10 +140,13 @@ export function fmtDuration(sec) {
 }
 
 /** Short axis label for relative seconds. */
-export function fmtRelAxis(sec) {
+export function fmtRelAxis(sec, incr) {
   if (sec === null || sec === undefined) return "";
   const a = Math.abs(sec);
-  if (a < 120) return `${+sec.toFixed(1)}s`;
+  if (a < 120 || (incr && incr < 1)) {
+    const dec = incr > 0 ? Math.max(0, Math.min(6, Math.ceil(-Math.log10(incr) - 1e-9))) : 1;
+    return `${+sec.toFixed(dec)}s`;
+  }
   if (a < 7200) return `${+(sec / 60).toFixed(1)}m`;
   if (a < 172800) return `${+(sec / 3600).toFixed(1)}h`;
   return `${+(sec / 86400).toFixed(1)}d`;
