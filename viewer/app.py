@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import io
-import json
 import math
 import os
 import re
@@ -33,13 +31,12 @@ from ..storage.reader import RunReader
 from . import reduce as R
 from .auth import AuthMiddleware
 from .index import BadName, NotFound, RunIndex, filter_runs
+from .live import LiveHub
 
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
 HASH_RE = re.compile(r"^([0-9a-f]{64})\.([a-z0-9]{1,10})$")
 X_KINDS = ("step", "global_step", "wall", "relative")
 MAX_WIDTH = 10_000
-POLL_S = 0.25
-PING_S = 15.0
 SERIES_CACHE_BYTES = 256 << 20
 MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "gif": "image/gif",
                "webp": "image/webp", "bmp": "image/bmp", "svg": "image/svg+xml", "mp4": "video/mp4",
@@ -328,19 +325,14 @@ class Viewer:
             raise NotFound(f"media file {filename} of run {project}/{run_id} is missing")
         return real, sha, MEDIA_TYPES.get(ext, "application/octet-stream")
 
-    def watch(self, targets: list[tuple[str, str]]) -> dict[str, Any]:
-        """Commit state and status of each watched run (for the live stream)."""
-        out = {}
-        for project, run_id in targets:
-            try:
-                with self.open(project, run_id) as r:
-                    state = r.commit_state()
-                    meta = r.metadata
-                out[f"{project}/{run_id}"] = {"run": f"{project}/{run_id}", "version": _version(state, meta),
-                                              "status": str(meta.get("status", "?")), "lengths": state["lengths"]}
-            except (ApiError, NotFound, BadName, KoboError, OSError) as exc:
-                out[f"{project}/{run_id}"] = {"run": f"{project}/{run_id}", "version": "error", "error": str(exc)}
-        return out
+    def watch(self, key: tuple[str, str]) -> dict[str, Any]:
+        """Commit state and status of one watched run (for the live stream)."""
+        project, run_id = key
+        with self.open(project, run_id) as r:
+            state = r.commit_state()
+            meta = r.metadata
+        return {"run": f"{project}/{run_id}", "version": _version(state, meta),
+                "status": str(meta.get("status", "?")), "lengths": state["lengths"]}
 
 
 def _missing_metric(reader: RunReader, metric: str, rank: int | None) -> str:
@@ -406,6 +398,7 @@ def _tensor_view(arr: np.ndarray) -> dict[str, Any]:
 def create_app(base_dir: str, token: str | None = None, allowed_hosts: tuple[str, ...] = ()) -> Any:
     """The viewer app over ``base_dir``; ``token=None`` turns the token check off (loopback only)."""
     viewer = Viewer(base_dir)
+    hub = LiveHub(viewer.watch, viewer.index.signature)
 
     async def run_blocking(fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
@@ -533,8 +526,14 @@ def create_app(base_dir: str, token: str | None = None, allowed_hosts: tuple[str
                 raise _bad(f"runs must be project/run_id, got {item!r}")
             viewer.index.resolve(project, run_id)  # 404 for an unknown run
             targets.append((project, run_id))
-        return StreamingResponse(_event_stream(viewer, targets, request), media_type="text/event-stream",
+        return StreamingResponse(hub.stream(targets, request.is_disconnected), media_type="text/event-stream",
                                  headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+
+    async def healthz(request: Request) -> Response:
+        return _json({"ok": True})
+
+    async def api_stats(request: Request) -> Response:
+        return _json(hub.stats())
 
     async def not_found(request: Request) -> Response:
         return _json({"error": f"not found: {request.url.path}"}, 404)
@@ -554,6 +553,8 @@ def create_app(base_dir: str, token: str | None = None, allowed_hosts: tuple[str
         Route(base + "/logs", api_logs),
         Route(base + "/run-events", api_run_events),
         Route("/api/events", api_events),
+        Route("/api/stats", api_stats),
+        Route("/healthz", healthz),
         Route("/media/{project}/{run_id}/{filename}", media_file),
         Route("/api/{rest:path}", not_found),
         Route("/media/{rest:path}", not_found),
@@ -561,32 +562,5 @@ def create_app(base_dir: str, token: str | None = None, allowed_hosts: tuple[str
     ]
     app = Starlette(routes=routes)
     app.state.viewer = viewer
+    app.state.hub = hub
     return AuthMiddleware(app, token, allowed_hosts)
-
-
-async def _event_stream(viewer: Viewer, targets: list[tuple[str, str]], request: Request) -> Any:
-    """Server-Sent Events: a run's commit state when it changes; the run list's signature when it does."""
-    known: dict[str, str] = {}
-    list_sig: Any = None
-    last_ping = time.monotonic()
-    yield "retry: 1000\n\n"
-    while True:
-        if await request.is_disconnected():
-            return
-        if targets:
-            states = await asyncio.to_thread(viewer.watch, targets)
-            for key, st in states.items():
-                if known.get(key) != st["version"]:
-                    known[key] = st["version"]
-                    yield f"event: run\ndata: {json.dumps(st, separators=(',', ':'))}\n\n"
-        else:
-            sig = await asyncio.to_thread(viewer.index.signature)
-            if sig != list_sig:
-                changed = list_sig is not None
-                list_sig = sig
-                yield f"event: runs\ndata: {json.dumps({'changed': changed, 'count': len(sig)})}\n\n"
-        now = time.monotonic()
-        if now - last_ping > PING_S:
-            last_ping = now
-            yield ": ping\n\n"
-        await asyncio.sleep(POLL_S if targets else 1.0)

@@ -95,7 +95,7 @@ class AuthMiddleware:
             await send(message)
 
         path = scope.get("path", "")
-        if self.token is None or path.startswith("/static/") or path == "/favicon.ico":
+        if self.token is None or path.startswith("/static/") or path in ("/favicon.ico", "/healthz"):
             await self.app(scope, receive, send_secure)
             return
         query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))

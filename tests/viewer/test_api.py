@@ -269,7 +269,7 @@ def test_tokens_sessions_and_hosts(viewer_runs):
     assert api.get("/api/runs", auth=False).status_code == 401
     assert api.get("/api/runs", auth=False, headers={"authorization": "Bearer wrong"}).status_code == 403
     assert api.get("/", auth=False).status_code == 401
-    assert api.get(f"/?token=wrong", auth=False).status_code == 403
+    assert api.get("/?token=wrong", auth=False).status_code == 403
     r = api.get(f"/?token={TOKEN}", auth=False)
     assert r.status_code == 303 and r.headers["location"] == "/"
     cookie = r.headers["set-cookie"]

@@ -8,10 +8,8 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
-import pytest
 
 from kohakuboard.viewer import reduce as R
 
@@ -153,3 +151,28 @@ def test_a_copied_run_appears_without_restart(open_server, viewer_runs, tmp_path
         assert [r["run_id"] for r in c.get("/api/runs").json()["runs"]] == ["ddp"]
         shutil.copytree(viewer_runs / "other" / "crashed", base / "other" / "crashed")  # "rsync" in
         assert {r["run_id"] for r in c.get("/api/runs").json()["runs"]} == {"ddp", "crashed"}
+
+
+def test_many_pages_on_one_run_share_one_poller(open_server, viewer_runs):
+    """20 pages streaming one run cost one commit-state read per poll interval, not 20."""
+    s = open_server(viewer_runs)
+    with httpx.Client(base_url=s.origin, headers=s.headers(), timeout=20) as c:
+        streams = [c.stream("GET", "/api/events?runs=default/rich") for _ in range(20)]
+        responses = [st.__enter__() for st in streams]
+        try:
+            lines = [r.iter_lines() for r in responses]  # kept: a dropped iterator closes its stream
+            assert all(next(it).startswith("retry:") for it in lines)
+            time.sleep(0.5)
+            start = c.get("/api/stats").json()
+            assert start["watched"] == 1 and start["subscribers"] == 20
+            time.sleep(2.0)
+            polls = c.get("/api/stats").json()["polls"] - start["polls"]
+            assert 2 <= polls <= 12, polls  # ~8 at 0.25 s; 20 pages polling alone would be ~160
+        finally:
+            for st in streams:
+                st.__exit__(None, None, None)
+        deadline = time.time() + 10
+        while c.get("/api/stats").json()["subscribers"] and time.time() < deadline:
+            time.sleep(0.2)
+        assert c.get("/api/stats").json()["subscribers"] == 0
+    assert httpx.get(s.origin + "/healthz", timeout=5).json() == {"ok": True}
