@@ -62,6 +62,7 @@ window.addEventListener("unhandledrejection", (ev) => {
 });
 
 onError((e) => {
+  if (!e.toast) return;   // already shown where it happened
   const t = el("div.toast", { role: "alert" },
     el("span.toast-msg", e.where ? `${e.where}: ${e.message}` : e.message),
     el("button.icon-btn", { type: "button", title: "dismiss" }, "×"));

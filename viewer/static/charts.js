@@ -477,10 +477,11 @@ class ChartCard {
       this.updateCsv();
       this.render(true);
       this.showError(errors.length ? errors.join("; ") : null);
+      for (const m of errors) reportError(m, `chart ${this.metric}`, { toast: false });
     } catch (e) {
       if (gen !== this.gen) return;
       this.showError(e.message);
-      reportError(e, `chart ${this.metric}`);
+      reportError(e, `chart ${this.metric}`, { toast: false });
     } finally {
       if (gen === this.gen) this.el.classList.remove("loading");
     }
@@ -590,7 +591,7 @@ class ChartCard {
       font: "11px system-ui, sans-serif", size: 30,
     };
     if (o.x === "relative") xAxis.values = (u, splits, ai, space, incr) => splits.map((v) => fmtRelAxis(v, incr));
-    else xAxis.values = fmtTicks;
+    else if (!xTime) xAxis.values = fmtTicks;
     const yAxis = {
       stroke: "#5c6370", grid: { stroke: "#eef0f3", width: 1 }, ticks: { stroke: "#dfe2e6", width: 1, size: 4 },
       font: "11px system-ui, sans-serif", size: axisSize, values: fmtTicks,

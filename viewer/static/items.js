@@ -249,7 +249,7 @@ class ItemCard {
       if (gen !== this.gen) return;
       clear(this.body);
       this.el.append(el("div.item-error.chart-error", e.message));
-      reportError(e, `${this.panel.kind} ${this.name}`);
+      reportError(e, `${this.panel.kind} ${this.name}`, { toast: false });
       this.drawn();
     }
   }

@@ -1,7 +1,7 @@
 // The run view: one run, or several overlaid (#/compare?runs=...).
 // Header, tabs, and the live stream that feeds every panel.
 
-import { api, LiveStream, ApiError } from "./api.js";
+import { api, LiveStream } from "./api.js";
 import { koboState, reportError, runHash, replaceHash } from "./state.js";
 import { ScalarsPanel } from "./charts.js";
 import { ItemsPanel, KINDS } from "./items.js";
@@ -101,10 +101,12 @@ export class RunView {
     const results = await Promise.all(this.runs.map((k) => api.summary(k).then((s) => ({ k, s }), (e) => ({ k, e }))));
     if (this.destroyed) return;
     for (const { k, s, e } of results) {
-      if (e) { this.failed.set(k, e); reportError(e, `run ${k}`); } else this.summaries.set(k, s);
+      if (e) { this.failed.set(k, e); reportError(e, `run ${k}`, { toast: false }); } else this.summaries.set(k, s);
     }
     this.renderHeader();
     if (!this.summaries.size) {
+      this.tabsEl.hidden = true;
+      this.headerEl.append(el("div", el("a", { href: "#/" }, "← All runs")));
       this.markReady();
       return;
     }
@@ -143,6 +145,7 @@ export class RunView {
     if (d.status && d.status !== s.status) {
       s.status = d.status;
       this.updateBadges();
+      this.setLiveDot(koboState.sse);
       this.refreshSummary();
     }
     let unknown = false;
@@ -159,8 +162,7 @@ export class RunView {
   renderHeader() {
     const h = clear(this.headerEl);
     for (const [k, e] of this.failed) {
-      h.append(el("div.error-box", el("strong", `Cannot read run ${k}: `), e.message,
-        e instanceof ApiError && e.status === 404 ? el("div", el("a", { href: "#/" }, "back to the runs list")) : null));
+      h.append(el("div.error-box", el("strong", `Cannot read run ${k}: `), e.message));
     }
     if (this.runs.length === 1) {
       const key = this.runs[0];
@@ -225,6 +227,8 @@ export class RunView {
 
   setLiveDot(s) {
     if (!this.dot) return;
+    const running = [...this.summaries.values()].some((x) => x.status === "running");
+    this.dot.hidden = !running && s === "open";
     this.dot.dataset.state = s;
     this.dot.querySelector(".live-text").textContent = s === "open" ? "live" : s === "connecting" ? "reconnecting…" : "offline";
   }
@@ -396,7 +400,7 @@ class OutputPanel {
     } catch (e) {
       this.pre.textContent = "";
       this.pre.append(el("span.error-text", `Cannot read the output: ${e.message}`));
-      reportError(e, "output");
+      reportError(e, "output", { toast: false });
     }
     this.view.markReady();
   }
@@ -476,7 +480,7 @@ class EventsPanel {
       events = (await api.runEvents(key)).events || [];
     } catch (e) {
       err = e;
-      reportError(e, "events");
+      reportError(e, "events", { toast: false });
     }
     const body = clear(this.body);
     body.append(el("h3", "Daemon events"));

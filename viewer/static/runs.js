@@ -99,17 +99,19 @@ export class RunsPage {
       this.data = d;
       this.filterErr.hidden = true;
       this.q.classList.remove("invalid");
+      this.table.parentElement.classList.remove("stale");
       this.onDir?.(d.dir);
       this.renderProjects(d.projects || []);
       this.renderRows();
     } catch (e) {
       if (gen !== this.gen) return;
       if (e.status === 400) {
+        this.table.parentElement.classList.add("stale");
         this.filterErr.textContent = e.message;
         this.filterErr.hidden = false;
         this.q.classList.add("invalid");
       } else {
-        reportError(e, "runs");
+        reportError(e, "runs", { toast: false });
         this.filterErr.textContent = `Cannot list runs: ${e.message}`;
         this.filterErr.hidden = false;
         if (!this.data) clear(this.tbody);

@@ -19,9 +19,9 @@ window.koboPerf = koboPerf;
 const errorListeners = new Set();
 
 /** Record an error and show it in the page (toast). */
-export function reportError(err, where = "") {
+export function reportError(err, where = "", { toast = true } = {}) {
   const message = (err && (err.message || err.reason || String(err))) || "unknown error";
-  const entry = { message, where, time: Date.now() };
+  const entry = { message, where, time: Date.now(), toast };
   koboState.errors.push(entry);
   if (koboState.errors.length > 200) koboState.errors.splice(0, koboState.errors.length - 200);
   for (const fn of errorListeners) {
