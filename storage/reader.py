@@ -1,9 +1,10 @@
 """Read-only access to run folders (format: :mod:`.format`).
 
-:class:`RunReader` never imports the writer and never writes: the metrics file
-is opened ``read_only`` and SQLite with ``mode=ro``, so it is safe on a run the
-daemon is still appending to (it sees a consistent prefix) and on a copied or
-read-only folder.
+:class:`RunReader` never imports the writer, never creates a file in the run
+folder and needs no write access to it (see :class:`ReadOnlyFile`), so it is
+safe on a run the daemon is still appending to (it sees a consistent prefix),
+on a finished run (nothing in its folder is touched) and on a run it cannot
+write: another user's, a read-only mount, a copy.
 
 Commit points (format: "Commits"): when ``metadata.db`` records committed
 lengths (meta ``commit_lengths`` = ``'1'``), only the first ``committed.length``
@@ -17,18 +18,25 @@ from __future__ import annotations
 
 import difflib
 import math
+import operator
 import os
+import shutil
 import sqlite3
+import tempfile
+import threading
 import urllib.parse
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from ..protocol.errors import FormatVersionError, RunNotFound, StorageError
+from ..protocol.errors import FormatVersionError, KoboError, RunNotFound, StorageError
 from . import format as fmt
 
 _REC = fmt.scalar_record_dtype()
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,348 @@ class RunInfo:
     status: str
     created_at: float | None
     finished_at: float | None
+
+
+# ------------------------------------------------ opening a run's files without writing
+#
+# Every database of a run (metadata.db, the ColumnVault files, the tensors KVault)
+# is SQLite in WAL mode.  Opened the usual way, even read-only, SQLite creates a
+# ``-wal`` and a ``-shm`` beside such a file when they are missing, and fails with
+# "attempt to write a readonly database" when it cannot (another user's run, a
+# read-only mount).  A cleanly closed writer removes both, so every finished run
+# is in that state.  ReadOnlyFile opens each file the way that writes nothing.
+
+_WAL_HEADER_BYTES = 32  # a -wal no longer than its header holds no frames (no commits)
+_COPY_ATTEMPTS = 5
+
+
+def _stat_key(path: str) -> tuple[int, int, int, int] | None:
+    """Identity, size and modification time of ``path``; None if it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def wal_has_frames(path: str) -> bool:
+    """Whether the ``-wal`` beside the database ``path`` holds frames: commits the file itself lacks."""
+    try:
+        return os.path.getsize(path + "-wal") > _WAL_HEADER_BYTES
+    except OSError:
+        return False
+
+
+def _sqlite_uri(path: str, immutable: bool) -> str:
+    # Quoted: '?', '#' or '%' in a folder name would otherwise end the URI.
+    return f"file:{urllib.parse.quote(path)}?mode=ro" + ("&immutable=1" if immutable else "")
+
+
+class _NeedsCopy(Exception):
+    """This file cannot be opened in place without writing: read a private copy of it."""
+
+
+def _open_sql(path: str, immutable: bool) -> sqlite3.Connection:
+    db = sqlite3.connect(_sqlite_uri(path, immutable), uri=True, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # open the file now, so it fails here
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _open_columns(path: str, immutable: bool) -> Any:
+    if immutable:
+        return _ColumnFile(path)  # kohakuvault's ColumnVault takes no SQLite URI: it cannot open immutable
+    from kohakuvault import ColumnVault
+
+    return ColumnVault(path, read_only=True)
+
+
+def _open_kv(path: str, immutable: bool) -> Any:
+    from kohakuvault import KVault
+
+    # KVault passes a URI on to SQLite (measured with kohakuvault 1.1), so it opens immutable itself.
+    return KVault(_sqlite_uri(path, True) if immutable else path, read_only=True, cache_kb=fmt.KVAULT_CACHE_KB)
+
+
+class ReadOnlyFile:
+    """One SQLite file of a run, opened without creating a file in the run folder or needing to write it.
+
+    ``kind``: ``"sql"`` (``metadata.db``; :attr:`handle` is a ``sqlite3.Connection``),
+    ``"columns"`` (a ColumnVault file: ``list_columns()``, ``handle[name]`` with ``len``,
+    ``dtype``, ``read_array(start, count)``, ``read(start, count)``) or ``"kv"`` (the tensors
+    KVault: ``get(key)``).  Read through :meth:`read`, which sees every commit made before
+    the call.  How the file is open (:attr:`mode`) is decided when it is opened:
+
+    * ``"immutable"``: its ``-wal`` is missing or holds no frames, so the file alone holds
+      every commit.  SQLite opens it with ``immutable=1``: no ``-wal`` or ``-shm`` is
+      created and no lock taken.  A writer that has the file open always has a ``-wal``
+      (SQLite creates it as the writer opens the database and removes it only when the
+      last connection closes cleanly), but one may open it after this check, and an
+      immutable reader would neither see what it writes nor notice the file changing
+      under it.  So every :meth:`read` compares the file's and the ``-wal``'s identity,
+      size and modification time before and after reading; on any change the file is
+      reopened (through its ``-wal`` now, if that has frames) and read again.
+    * ``"shared"``: the ``-wal`` holds frames and the ``-shm`` exists (a daemon is writing
+      the run, or one was killed): opened read-only in place like any SQLite reader, which
+      sees new commits on every read.  SQLite uses the ``-shm`` for that: a reader that may
+      write it (the run's owner) updates it, one that may not (another user, a read-only
+      folder) reads it without writing.
+    * ``"copy"``: the ``-wal`` holds frames but there is no ``-shm`` (SQLite would create
+      one: a copy of a killed run that left it out), opening in place failed, or the file
+      is a ColumnVault in a format this reader does not read itself: the file and its
+      ``-wal`` are copied to a private temporary folder and the copy is read.  The copy is
+      taken again when the originals change, and removed by :meth:`close`.
+    """
+
+    def __init__(self, path: str, kind: str) -> None:
+        if kind not in _OPENERS:
+            raise ValueError(f"kind must be one of {', '.join(_OPENERS)}, got {kind!r}")
+        self.path = path
+        self.kind = kind
+        self.mode = ""
+        self.handle: Any = None
+        self._seen: tuple[Any, Any] = (None, None)  # stat keys of the file and its -wal when opened
+        self._tmp: str | None = None
+        self._remove_tmp: Any = None
+        self._lock = threading.RLock()
+        self._open()
+
+    def _keys(self) -> tuple[Any, Any]:
+        return _stat_key(self.path), _stat_key(self.path + "-wal")
+
+    def _open(self) -> None:
+        opener = _OPENERS[self.kind]
+        keys = self._keys()
+        failed: BaseException | None = None
+        if not wal_has_frames(self.path):
+            try:
+                self.handle, self.mode, self._seen = opener(self.path, True), "immutable", keys
+                return
+            except _NeedsCopy:
+                pass
+        elif os.path.exists(self.path + "-shm"):  # else SQLite would create it, or fail to
+            try:
+                self.handle, self.mode = opener(self.path, False), "shared"
+                return
+            except Exception as exc:  # kohakuvault raises its own types and RuntimeError
+                failed = exc
+        try:
+            self._open_copy(opener)
+        except Exception as exc:
+            if failed is not None:
+                raise failed from exc
+            raise
+
+    def _open_copy(self, opener: Callable[[str, bool], Any]) -> None:
+        tmp = tempfile.mkdtemp(prefix="kobo-read-")
+        remove = weakref.finalize(self, shutil.rmtree, tmp, True)
+        try:
+            target = os.path.join(tmp, os.path.basename(self.path))
+            for _ in range(_COPY_ATTEMPTS):
+                keys = self._keys()
+                if keys[0] is None:
+                    raise FileNotFoundError(f"{self.path} does not exist")
+                for suffix in ("-wal", "-shm", ""):
+                    if os.path.exists(target + suffix):
+                        os.unlink(target + suffix)
+                try:
+                    shutil.copyfile(self.path, target)
+                    if keys[1] is not None:
+                        shutil.copyfile(self.path + "-wal", target + "-wal")
+                except FileNotFoundError:
+                    continue  # the -wal went away: its writer closed
+                if self._keys() == keys:  # neither changed while copied: a consistent copy
+                    break
+            else:
+                raise StorageError(f"{self.path} kept changing while it was copied to be read")
+            handle = opener(target, False)
+        except BaseException:
+            remove()
+            raise
+        self.handle, self.mode, self._seen, self._tmp, self._remove_tmp = handle, "copy", keys, tmp, remove
+
+    def _drop_copy(self) -> None:
+        if self._remove_tmp is not None:
+            self._remove_tmp()
+        self._tmp = self._remove_tmp = None
+
+    def _changed(self) -> bool:
+        return self.mode != "shared" and self._keys() != self._seen
+
+    def _reopen(self) -> None:
+        self._close_handle()
+        self._drop_copy()
+        self._open()
+
+    def read(self, fn: Callable[[Any], _T]) -> _T:
+        """``fn(handle)``, reading what is committed now (see the class: reopened when needed)."""
+        with self._lock:
+            for _ in range(_COPY_ATTEMPTS):
+                if self.handle is None or self._changed():
+                    self._reopen()
+                try:
+                    out = fn(self.handle)
+                except Exception:
+                    if self.mode == "immutable" and self._changed():
+                        continue  # a writer changed the file under this read: read again
+                    raise
+                if self.mode == "immutable" and self._changed():
+                    continue
+                return out
+            raise StorageError(f"{self.path} kept changing while it was read")
+
+    def list_columns(self) -> list[tuple[str, str, int]]:
+        """A ColumnVault's ``(name, dtype, length)`` of every column."""
+        return self.read(lambda v: v.list_columns())
+
+    def get(self, key: str) -> Any:
+        """A KVault's value of ``key`` (None if it has none)."""
+        return self.read(lambda kv: kv.get(key))
+
+    def _close_handle(self) -> None:
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            try:
+                handle.close()
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        """Close the file (and remove a private copy).  Idempotent."""
+        with self._lock:
+            self._close_handle()
+            self._drop_copy()
+
+    def __repr__(self) -> str:
+        return f"<ReadOnlyFile {self.path} {self.kind} {self.mode or 'closed'}>"
+
+
+class _ColumnFile:
+    """A ColumnVault file read with Python's sqlite3, opened ``immutable=1``.
+
+    kohakuvault's ColumnVault refuses SQLite URIs, so it cannot open a file without
+    creating its ``-wal`` and ``-shm``.  This reads kohakuvault's column format 1
+    (``kvault_col_format.version`` 1): ``kvault_col_columns`` (name, dtype, element
+    size, length), ``kvault_col_blocks`` (a column's blocks: first row, row count) and
+    ``kvault_col_data`` (a block's ``payload``, its rows back to back, and for
+    variable-size columns ``offsets``, the u64 offset of each row in the payload and
+    of its end).  Any other format raises :class:`_NeedsCopy`.  Offers the part of
+    ColumnVault's API the readers use.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db = _open_sql(path, immutable=True)
+        try:
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            self._empty = not tables  # created a moment ago: no column yet
+            if not self._empty:
+                version = None
+                if "kvault_col_format" in tables:
+                    row = self._db.execute("SELECT version FROM kvault_col_format WHERE singleton = 1").fetchone()
+                    version = row[0] if row else None
+                if version != 1 or not {"kvault_col_columns", "kvault_col_blocks", "kvault_col_data"} <= tables:
+                    raise _NeedsCopy(f"{path}: ColumnVault format {version!r}, this reader reads format 1")
+        except BaseException:
+            self._db.close()
+            raise
+
+    def list_columns(self) -> list[tuple[str, str, int]]:
+        if self._empty:
+            return []
+        rows = self._db.execute("SELECT name, dtype, length FROM kvault_col_columns ORDER BY col_id")
+        return [(name, dtype, int(length)) for name, dtype, length in rows]
+
+    def __getitem__(self, name: str) -> "_ColumnFileColumn":
+        row = None
+        if not self._empty:
+            row = self._db.execute(
+                "SELECT col_id, dtype, elem_size, length FROM kvault_col_columns WHERE name = ?", (name,)
+            ).fetchone()
+        if row is None:
+            from kohakuvault import NotFound
+
+            raise NotFound(name)
+        return _ColumnFileColumn(self, name, *row)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class _ColumnFileColumn:
+    def __init__(self, vault: _ColumnFile, name: str, col_id: int, dtype: str, elem_size: int, length: int) -> None:
+        from kohakuvault.column_codec import ColumnCodec
+
+        self._vault, self.name, self._id, self.dtype = vault, name, col_id, dtype
+        self._size, self._length = int(elem_size), int(length)
+        self._codec = ColumnCodec(dtype)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _read(self, start: int, count: int | None) -> tuple[bytes, bytes | None]:
+        """Rows ``[start, start + count)``: their bytes and, for a variable-size column, their offsets."""
+        n = self._length - start if count is None else count
+        if start < 0 or n < 0 or start + n > self._length:
+            raise IndexError("column index out of range")
+        end = start + n
+        parts: list[bytes] = []
+        offsets = [np.zeros(1, dtype="<u8")]
+        pos, base = start, 0
+        if n:
+            blocks = self._vault._db.execute(
+                "SELECT b.first_row, b.row_count, d.payload, d.offsets FROM kvault_col_blocks b "
+                "JOIN kvault_col_data d ON d.block_id = b.block_id "
+                "WHERE b.col_id = ?1 AND b.row_count > 0 AND b.first_row < ?3 AND b.first_row >= "
+                "(SELECT COALESCE(MAX(first_row), 0) FROM kvault_col_blocks "
+                "WHERE col_id = ?1 AND row_count > 0 AND first_row <= ?2) ORDER BY b.first_row",
+                (self._id, start, end),
+            )
+            for first, rows, payload, offs in blocks:
+                if first > pos:
+                    break  # a gap: reported below
+                lo, hi = pos - first, min(end, first + rows) - first
+                if hi <= lo:
+                    continue
+                if self._size:
+                    piece = payload[lo * self._size : hi * self._size]
+                    if len(piece) != (hi - lo) * self._size:
+                        raise StorageError(f"{self._vault.path}: column {self.name!r}: block at row {first} is short")
+                else:
+                    if offs is None or len(offs) < 8 * (hi + 1):
+                        raise StorageError(f"{self._vault.path}: column {self.name!r}: block at row {first} has no offsets")
+                    o = np.frombuffer(offs, dtype="<u8", count=hi + 1)
+                    a, b = int(o[lo]), int(o[hi])
+                    if b > len(payload) or np.any(np.diff(o[lo:].astype(np.int64)) < 0):
+                        raise StorageError(f"{self._vault.path}: column {self.name!r}: block at row {first} "
+                                           "has offsets outside its data")
+                    piece = payload[a:b]
+                    offsets.append(o[lo + 1 : hi + 1] - a + base)
+                    base += b - a
+                parts.append(piece)
+                pos = first + hi
+                if pos >= end:
+                    break
+        if pos < end:
+            raise StorageError(f"{self._vault.path}: column {self.name!r}: rows {pos}..{end - 1} are in no block")
+        data = b"".join(parts)
+        return data, None if self._size else np.concatenate(offsets).astype("<u8").tobytes()
+
+    def read_array(self, start: int = 0, count: int | None = None) -> np.ndarray:
+        """Rows as a read-only numpy array (like ColumnVault's ``read_array``)."""
+        return self._codec.array(self._read(start, count)[0])
+
+    def read(self, start: int = 0, count: int | None = None) -> list[Any]:
+        data, offsets = self._read(start, count)
+        if offsets is None:
+            return self._codec.unpack_fixed(data)
+        return self._codec.unpack_variable(data, offsets)
+
+
+_OPENERS: dict[str, Callable[[str, bool], Any]] = {"sql": _open_sql, "columns": _open_columns, "kv": _open_kv}
 
 
 class RunReader:
@@ -62,9 +412,11 @@ class RunReader:
         except (OSError, ValueError) as exc:
             raise StorageError(f"cannot read {meta_path}: {exc}") from exc
         _check_version(self.metadata.get("format_version", 1), self.path)
-        self._vault: Any = None
+        # The run's databases, opened on first use without writing (see ReadOnlyFile).
+        self._files: dict[str, ReadOnlyFile] = {}
+        self._vault: ReadOnlyFile | None = None
         self._columns: dict[str, tuple[str, int]] | None = None
-        self._db: sqlite3.Connection | None = None
+        self._db: ReadOnlyFile | None = None
         # Committed lengths: (file, column) -> rows, or None when the run has no
         # commit points (older format, or no metadata.db): read everything.
         self._committed: dict[tuple[str, str], int] | None = None
@@ -95,17 +447,25 @@ class RunReader:
 
     # --------------------------------------------------------------- opening
 
-    def _open_vault(self) -> Any:
-        if self._vault is None:
-            path = os.path.join(self.path, fmt.SCALARS_DB)
+    def _file(self, rel: str, kind: str) -> ReadOnlyFile | None:
+        """The database ``rel`` opened without writing (kept open), or None while it does not exist."""
+        f = self._files.get(rel)
+        if f is None:
+            path = os.path.join(self.path, rel)
             if not os.path.exists(path):
                 return None
-            from kohakuvault import ColumnVault
-
             try:
-                self._vault = ColumnVault(path, read_only=True)
-            except Exception as exc:
-                raise StorageError(f"cannot open {path}: {exc}") from exc
+                f = ReadOnlyFile(path, kind)
+            except KoboError:
+                raise
+            except Exception as exc:  # sqlite3 and kohakuvault errors, OSError
+                raise StorageError(f"cannot open {path} read-only: {exc}") from exc
+            self._files[rel] = f
+        return f
+
+    def _open_vault(self) -> ReadOnlyFile | None:
+        if self._vault is None:
+            self._vault = self._file(fmt.SCALARS_DB, "columns")
         return self._vault
 
     def _column_table(self, refresh: bool = False) -> dict[str, tuple[str, int]]:
@@ -117,7 +477,7 @@ class RunReader:
             vault = self._open_vault() if committed is None or fmt.SCALARS_DB in self._committed_files else None
             cols: dict[str, tuple[str, int]] = {}
             if vault is not None:
-                for name, dtype, length in vault.list_columns():
+                for name, dtype, length in self._guarded(vault, vault.list_columns):
                     visible = self._visible(fmt.SCALARS_DB, name, length)
                     if visible is not None:
                         cols[name] = (dtype, visible)
@@ -164,7 +524,9 @@ class RunReader:
         none yet, None when the run has no commit points (read everything)."""
         committed = self._commit_table()
         if committed is None:
-            return None
+            committed = self._commit_table(refresh=True)  # a run that was just being created?
+            if committed is None:
+                return None
         _, rows = self._select("SELECT length FROM committed WHERE file = ? AND name = ?", (file, column))
         if not rows:
             committed.pop((file, column), None)
@@ -172,46 +534,51 @@ class RunReader:
         committed[(file, column)] = n = int(rows[0][0])
         return n
 
-    def _read_column(self, vault: Any, file: str, column: str, as_array: bool) -> Any:
-        """Every committed row of ``column``: its committed length is read first, then the rows."""
+    def _read_column(self, vault: ReadOnlyFile, file: str, column: str, as_array: bool,
+                     start: int = 0, end: int | None = None) -> Any:
+        """Committed rows ``[start, end)`` of ``column`` (clamped to its committed length): the
+        committed length is read first, then the rows."""
         committed = self._committed_length(file, column)
-        col = vault[column]
-        n = len(col) if committed is None else min(committed, len(col))
-        if as_array:
-            return col.read_array(0, n)
-        return col.read(0, n) if n else []
 
-    def _sql(self) -> sqlite3.Connection | None:
+        def read(v: Any) -> Any:
+            col = v[column]
+            n = len(col) if committed is None else min(committed, len(col))
+            lo = min(start, n)
+            hi = n if end is None else max(lo, min(end, n))
+            if as_array:
+                return col.read_array(lo, hi - lo)
+            return col.read(lo, hi - lo) if hi > lo else []
+
+        return self._guarded(vault, lambda: vault.read(read))
+
+    def _guarded(self, f: ReadOnlyFile, call: Callable[[], _T]) -> _T:
+        """``call()``, with what the database raises (kohakuvault and sqlite3 errors) as StorageError."""
+        try:
+            return call()
+        except KoboError:
+            raise
+        except Exception as exc:
+            raise StorageError(f"cannot read {f.path}: {exc}") from exc
+
+    def _sql(self) -> ReadOnlyFile | None:
         if self._db is None:
-            path = os.path.join(self.path, fmt.METADATA_DB)
-            if not os.path.exists(path):
+            db = self._file(fmt.METADATA_DB, "sql")
+            if db is None:
                 return None
-            # Quote the path: '?', '#' or '%' in a folder name would otherwise end the URI.
-            uri = f"file:{urllib.parse.quote(path)}?mode=ro"
             try:
-                db = sqlite3.connect(uri, uri=True, check_same_thread=False)
-            except sqlite3.Error as exc:
-                raise StorageError(f"cannot open {path} read-only: {exc}") from exc
-            try:
-                row = db.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
+                row = db.read(lambda c: c.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone())
             except sqlite3.OperationalError as exc:
                 if "no such table" not in str(exc):  # else: the daemon is creating it right now
-                    db.close()
-                    raise StorageError(f"cannot read {path}: {exc}") from exc
+                    raise StorageError(f"cannot read {db.path}: {exc}") from exc
                 row = None
             except sqlite3.DatabaseError as exc:
-                db.close()
-                raise StorageError(f"cannot read {path}: {exc}") from exc
+                raise StorageError(f"cannot read {db.path}: {exc}") from exc
             if row is not None:  # the meta table carries the version too: refuse a newer one
                 try:
                     version: Any = int(row[0])
                 except (TypeError, ValueError):
                     version = row[0]
-                try:
-                    _check_version(version, self.path)
-                except FormatVersionError:
-                    db.close()
-                    raise
+                _check_version(version, self.path)
             self._db = db
         return self._db
 
@@ -220,13 +587,19 @@ class RunReader:
         db = self._sql()
         if db is None:
             return [], []
-        try:
-            cur = db.execute(sql, args)
+
+        def query(c: sqlite3.Connection) -> tuple[list[str], list[tuple[Any, ...]]]:
+            cur = c.execute(sql, args)
             return [d[0] for d in cur.description], cur.fetchall()
+
+        try:
+            return db.read(query)
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):
                 return [], []
-            raise StorageError(f"cannot read {os.path.join(self.path, fmt.METADATA_DB)}: {exc}") from exc
+            raise StorageError(f"cannot read {db.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(f"cannot read {db.path}: {exc}") from exc
 
     # --------------------------------------------------------------- scalars
 
@@ -249,19 +622,30 @@ class RunReader:
         """Sorted ranks that wrote ``metric`` (or any metric)."""
         return sorted({r for r, name in self._metric_columns() if metric is None or name == metric})
 
-    def series(self, name: str, rank: int = 0) -> np.ndarray:
-        """Every point of metric ``name`` from ``rank``, in logging order.
+    def series(self, name: str, rank: int = 0, start: int = 0, end: int | None = None) -> np.ndarray:
+        """The points of metric ``name`` from ``rank``, in logging order: every committed
+        point, or with ``start``/``end`` only the points (rows) ``start`` to ``end - 1``.
 
-        Returns a structured array with fields ``step``, ``global_step``,
-        ``wall`` (seconds since the epoch) and ``value``.  Raises ``KeyError``
-        naming the metric (and close names) if it was never logged.
+        Returns a read-only structured array with fields ``step``, ``global_step``,
+        ``wall`` (seconds since the epoch) and ``value``.  ``start`` and ``end`` are
+        row positions (not steps) and are clamped to the committed points, so
+        ``series(name, start=n)`` reads only the points committed after the first
+        ``n`` (a live tail) and is empty when there are none yet.  Raises
+        ``ValueError`` naming the parameter when ``start`` or ``end`` is not an
+        integer, is negative, or ``end < start``; ``KeyError`` naming the metric
+        (and close names) if it was never logged.
         """
+        start = _row_position("start", start)
+        if end is not None:
+            end = _row_position("end", end)
+            if end < start:
+                raise ValueError(f"end must not be before start: start={start}, end={end}")
         col = fmt.column_name(rank, name)
         entry = (self._columns or {}).get(col) or self._column_table(refresh=True).get(col)
-        if entry is None or entry[0] != fmt.SCALAR_COLUMN_DTYPE:
+        if entry is None or entry[0] != fmt.SCALAR_COLUMN_DTYPE or self._vault is None:
             raise KeyError(self._missing(name, rank))
         # One read_array call (a single numpy buffer), then a zero-copy reinterpretation.
-        raw = self._read_column(self._vault, fmt.SCALARS_DB, col, as_array=True)
+        raw = self._read_column(self._vault, fmt.SCALARS_DB, col, True, start, end)
         return raw.view(_REC).reshape(-1)
 
     def _missing(self, name: str, rank: int | None) -> str:
@@ -283,9 +667,31 @@ class RunReader:
         return {r: self.series(name, r) for r in ranks}
 
     def num_points(self, name: str, rank: int = 0) -> int:
-        """How many points ``rank`` has logged for ``name`` so far (0 if none), without reading them."""
-        entry = self._column_table(refresh=True).get(fmt.column_name(rank, name))
-        return entry[1] if entry and entry[0] == fmt.SCALAR_COLUMN_DTYPE else 0
+        """How many points ``rank`` has committed for ``name`` so far (0 if none), without reading them.
+
+        Cheap enough to poll: the column's committed length and its row count, two
+        primary-key lookups (and a ``stat`` of the files).
+        """
+        col = fmt.column_name(rank, name)
+        committed = self._committed_length(fmt.SCALARS_DB, col)
+        if committed == 0:
+            return 0
+        vault = self._open_vault()
+        if vault is None:
+            return 0
+
+        def count(v: Any) -> int:
+            from kohakuvault import NotFound
+
+            try:
+                c = v[col]
+            except NotFound:
+                return 0
+            if c.dtype != fmt.SCALAR_COLUMN_DTYPE:
+                return 0
+            return len(c) if committed is None else min(committed, len(c))
+
+        return self._guarded(vault, lambda: vault.read(count))
 
     # ----------------------------------------------------------- rich values
 
@@ -365,20 +771,11 @@ class RunReader:
                         "columns": json.loads(r["columns"]), "rows": rows})
         return out
 
-    def _hist_vault(self, precision: str) -> Any:
-        cache = self.__dict__.setdefault("_hist_vaults", {})
-        if precision not in cache:
-            rel = fmt.HISTOGRAM_FILES[precision]
-            path = os.path.join(self.path, rel)
-            if not os.path.exists(path) or not self._has_commits(rel):
-                return None
-            from kohakuvault import ColumnVault
-
-            try:
-                cache[precision] = ColumnVault(path, read_only=True)
-            except Exception as exc:
-                raise StorageError(f"cannot open {path}: {exc}") from exc
-        return cache[precision]
+    def _hist_vault(self, precision: str) -> ReadOnlyFile | None:
+        rel = fmt.HISTOGRAM_FILES[precision]
+        if rel not in self._files and (not os.path.exists(os.path.join(self.path, rel)) or not self._has_commits(rel)):
+            return None
+        return self._file(rel, "columns")
 
     def histograms(self, name: str, rank: int = 0, start: int | None = None, end: int | None = None) -> list[dict[str, Any]]:
         """Histograms of ``name``: step, global_step, wall, edges, counts, nan, posinf, neginf, total, precision.
@@ -392,7 +789,7 @@ class RunReader:
         header = struct.calcsize(fmt.HISTOGRAM_HEADER)
         for precision in fmt.HISTOGRAM_FILES:
             vault = self._hist_vault(precision)
-            if vault is None or col not in {c for c, _, _ in vault.list_columns()}:
+            if vault is None or col not in {c for c, _, _ in self._guarded(vault, vault.list_columns)}:
                 continue
             cdtype = np.dtype(fmt.HISTOGRAM_COUNT_DTYPES[precision])
             for rec in self._read_column(vault, fmt.HISTOGRAM_FILES[precision], col, as_array=False):
@@ -410,23 +807,29 @@ class RunReader:
         out.sort(key=lambda h: h["step"])
         return out
 
-    def _kv(self) -> Any:
-        if self.__dict__.get("_kvault") is None:
-            path = os.path.join(self.path, fmt.TENSORS_DB)
-            if not os.path.exists(path):
-                return None
-            from kohakuvault import KVault
+    def _kv(self) -> ReadOnlyFile | None:
+        return self._file(fmt.TENSORS_DB, "kv")
 
-            self._kvault = KVault(path, read_only=True, cache_kb=fmt.KVAULT_CACHE_KB)
-        return self._kvault
+    def _payloads(self, rows: list[dict[str, Any]]) -> list[bytes]:
+        """The tensors KVault's value of each row's ``key`` (one read); StorageError if one is missing."""
+        if not rows:
+            return []
+        kv = self._kv()
+        if kv is None:
+            raise StorageError(f"cannot read {os.path.join(self.path, fmt.TENSORS_DB)}: the file is missing")
+        values = self._guarded(kv, lambda: kv.read(lambda v: [v.get(r["key"]) for r in rows]))
+        for r, value in zip(rows, values):
+            if value is None:
+                raise StorageError(f"cannot read {kv.path}: no data for {r['name']!r} step {r['step']} (key {r['key']!r})")
+        return values
 
     def tensors(self, name: str, rank: int = 0, start: int | None = None, end: int | None = None) -> list[dict[str, Any]]:
         """Logged tensors of ``name``: step, global_step, wall, array (exact dtype and shape), namespace, metadata."""
         import json
 
         out = []
-        for r in self._rows("tensors", name, rank, start, end):
-            raw = self._kv().get(r["key"])
+        rows = self._rows("tensors", name, rank, start, end)
+        for r, raw in zip(rows, self._payloads(rows)):
             arr = np.frombuffer(raw, dtype=np.dtype(r["dtype"])).reshape(json.loads(r["shape"]))
             out.append({"step": r["step"], "global_step": r["global_step"], "wall": r["wall"], "array": arr,
                         "namespace": r["namespace"], "metadata": json.loads(r["metadata"]),
@@ -436,8 +839,9 @@ class RunReader:
     def kde(self, name: str, rank: int = 0, start: int | None = None, end: int | None = None) -> list[dict[str, Any]]:
         """Kernel density estimates of ``name``: step, global_step, wall, grid, density, bandwidth, count."""
         out = []
-        for r in self._rows("kde", name, rank, start, end):
-            raw = np.frombuffer(self._kv().get(r["key"]), dtype="<f8")
+        rows = self._rows("kde", name, rank, start, end)
+        for r, payload in zip(rows, self._payloads(rows)):
+            raw = np.frombuffer(payload, dtype="<f8")
             n = r["grid_size"]
             out.append({"step": r["step"], "global_step": r["global_step"], "wall": r["wall"],
                         "grid": raw[:n], "density": raw[n : 2 * n], "bandwidth": r["bandwidth"], "count": r["count"]})
@@ -547,21 +951,12 @@ class RunReader:
     # ----------------------------------------------------------------- close
 
     def close(self) -> None:
-        for obj in [*self.__dict__.pop("_hist_vaults", {}).values(), self.__dict__.pop("_kvault", None)]:
-            if obj is not None:
-                try:
-                    obj.close()
-                except Exception:
-                    pass
-        if self._vault is not None:
-            try:
-                self._vault.close()
-            except Exception:
-                pass
-            self._vault = None
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        """Close every file (removing private copies, see :class:`ReadOnlyFile`).  Idempotent;
+        the reader opens them again if used afterwards."""
+        files, self._files = self._files, {}
+        self._vault = self._db = None
+        for f in files.values():
+            f.close()
 
     def __enter__(self) -> "RunReader":
         return self
@@ -571,6 +966,19 @@ class RunReader:
 
     def __repr__(self) -> str:
         return f"<RunReader {self.project}/{self.run_id} {self.status}>"
+
+
+def _row_position(param: str, value: Any) -> int:
+    """``value`` as a row position (an integer >= 0), or ValueError naming ``param``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{param} must be an integer row position >= 0, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{param} must be an integer row position >= 0, got {value!r}") from None
+    if value < 0:
+        raise ValueError(f"{param} must be an integer row position >= 0, got {value}")
+    return value
 
 
 def _check_version(version: Any, where: str) -> None:

@@ -19,6 +19,12 @@ wrong, without ever raising on a truncated, half-copied or corrupted file:
 
 Notes (uncommitted tails, checks that could not be made because another file
 is broken) are not damage: a run with only notes is clean.
+
+Every database is opened like :class:`~.reader.RunReader` opens it
+(:class:`~.reader.ReadOnlyFile`): no file is created in the run folder and no
+write access to it is needed, so a run the checker may not write (another
+user's, a read-only mount, a copy) is checked like any other and is not
+reported damaged for that.
 """
 
 from __future__ import annotations
@@ -31,16 +37,17 @@ import os
 import re
 import sqlite3
 import struct
-import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from . import format as fmt
+from .reader import ReadOnlyFile
 
 _REC = fmt.scalar_record_dtype()
+_R = TypeVar("_R")
 _HEADER = struct.Struct(fmt.HISTOGRAM_HEADER)
 _SCALAR_CHUNK = 1 << 20  # rows per read while checking (32 MiB)
 _HIST_CHUNK = 1024
@@ -204,6 +211,31 @@ class _Verifier:
     def full(self, rel: str) -> str:
         return os.path.join(self.path, rel)
 
+    @contextlib.contextmanager
+    def opened(self, rel: str, kind: str) -> Iterator[ReadOnlyFile]:
+        """``rel`` opened without writing to the run folder (see :class:`ReadOnlyFile`), closed after."""
+        f = ReadOnlyFile(self.full(rel), kind)
+        try:
+            yield f
+        finally:
+            f.close()
+
+    def checked(self, f: ReadOnlyFile, check: Callable[[Any], _R]) -> _R:
+        """``check(handle)`` through ``f.read``: if a writer changed the file while it was
+        checked, it is checked again, and only the last attempt's findings and counts stay."""
+        findings, counts = self.report.findings, self.report.counts
+
+        def attempt(handle: Any) -> tuple[_R, list[Finding], dict[str, int]]:
+            self.report.findings, self.report.counts = list(findings), dict(counts)
+            return check(handle), self.report.findings, self.report.counts
+
+        try:
+            out, self.report.findings, self.report.counts = f.read(attempt)
+        except BaseException:
+            self.report.findings, self.report.counts = findings, counts
+            raise
+        return out
+
     def tail_note(self, rel: str, text: str) -> None:
         """Note data past the commit point (``text`` ends in "will be removed")."""
         live = ""
@@ -302,11 +334,8 @@ class _Verifier:
         if ok:
             pragma = "integrity_check" if full_check else "quick_check"
             try:
-                db = _connect_ro(path)
-                try:
-                    rows = [r[0] for r in db.execute(f"PRAGMA {pragma}(20)").fetchall()]
-                finally:
-                    db.close()
+                with self.opened(rel, "sql") as f:
+                    rows = f.read(lambda db: [r[0] for r in db.execute(f"PRAGMA {pragma}(20)").fetchall()])
             except sqlite3.Error as exc:
                 ok = False
                 wrong.append(f"SQLite cannot read it: {exc}")
@@ -328,7 +357,11 @@ class _Verifier:
             return None
         if not self.sqlite_check(rel, full_check=True):
             return None
-        db = _connect_ro(self.full(rel))
+        with self.opened(rel, "sql") as f:
+            return self.checked(f, self.read_metadata_db)
+
+    def read_metadata_db(self, db: sqlite3.Connection) -> _Snapshot | None:
+        rel = fmt.METADATA_DB
         try:
             db.execute("BEGIN")  # one snapshot of everything below, even while the daemon writes
             names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -361,7 +394,8 @@ class _Verifier:
                 self.problem(rel, f"{_plural(bad, 'row')} of the steps table describe impossible step ranges")
             return snap
         finally:
-            db.close()
+            if db.in_transaction:
+                db.execute("ROLLBACK")
 
     # ------------------------------------------------------ ColumnVaults
 
@@ -375,18 +409,18 @@ class _Verifier:
             return
         if not self.sqlite_check(rel, full_check=False, committed=expected is None or bool(expected)):
             return
-        from kohakuvault import ColumnVault
 
-        vault = ColumnVault(self.full(rel), read_only=True)
-        try:
+        def check(vault: Any) -> None:
+            want = dict(expected) if expected is not None else None  # check_column pops from it
             for name, dtype, length in vault.list_columns():
                 with self.guard(rel, f"read column {name!r}"):
-                    self.check_column(rel, kind, vault, name, dtype, int(length), expected)
-            for name, n in (expected or {}).items():
+                    self.check_column(rel, kind, vault, name, dtype, int(length), want)
+            for name, n in (want or {}).items():
                 if n > 0:
                     self.problem(rel, f"column {name!r} is missing: {_plural(n, 'row')} {_were(n)} committed")
-        finally:
-            vault.close()
+
+        with self.opened(rel, "columns") as f:
+            self.checked(f, check)
 
     def check_column(self, rel: str, kind: str, vault: Any, name: str, dtype: str, length: int,
                      expected: dict[str, int] | None) -> None:
@@ -518,29 +552,27 @@ class _Verifier:
             return
         if not self.sqlite_check(rel, full_check=False):
             return
-        from kohakuvault import KVault
+        with self.opened(rel, "kv") as f:
+            self.checked(f, lambda kv: self.check_payloads(rel, kv, tensors, kdes))
 
-        kv = KVault(self.full(rel), read_only=True, cache_kb=fmt.KVAULT_CACHE_KB)
-        try:
-            for r in tensors:
-                where = f"tensor {r['name']!r} step {r['step']}"
-                with self.guard(rel, f"read {where}"):
-                    try:
-                        shape = [int(x) for x in json.loads(r["shape"])]
-                        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(r["dtype"]).itemsize
-                    except (TypeError, ValueError) as exc:
-                        self.problem(fmt.METADATA_DB, f"{where}: dtype {r['dtype']!r} / shape {r['shape']!r} "
-                                     f"do not parse: {exc}")
-                        continue
-                    self.check_payload(rel, where, kv, r["key"], size)
-                    self.count("tensors")
-            for r in kdes:
-                where = f"KDE {r['name']!r} step {r['step']}"
-                with self.guard(rel, f"read {where}"):
-                    self.check_payload(rel, where, kv, r["key"], 16 * int(r["grid_size"]))
-                    self.count("kde")
-        finally:
-            kv.close()
+    def check_payloads(self, rel: str, kv: Any, tensors: list[dict[str, Any]], kdes: list[dict[str, Any]]) -> None:
+        for r in tensors:
+            where = f"tensor {r['name']!r} step {r['step']}"
+            with self.guard(rel, f"read {where}"):
+                try:
+                    shape = [int(x) for x in json.loads(r["shape"])]
+                    size = int(np.prod(shape, dtype=np.int64)) * np.dtype(r["dtype"]).itemsize
+                except (TypeError, ValueError) as exc:
+                    self.problem(fmt.METADATA_DB, f"{where}: dtype {r['dtype']!r} / shape {r['shape']!r} "
+                                 f"do not parse: {exc}")
+                    continue
+                self.check_payload(rel, where, kv, r["key"], size)
+                self.count("tensors")
+        for r in kdes:
+            where = f"KDE {r['name']!r} step {r['step']}"
+            with self.guard(rel, f"read {where}"):
+                self.check_payload(rel, where, kv, r["key"], 16 * int(r["grid_size"]))
+                self.count("kde")
 
     def check_payload(self, rel: str, where: str, kv: Any, key: str, size: int) -> None:
         data = kv.get(key)
@@ -571,11 +603,6 @@ class _Verifier:
 
 
 # ----------------------------------------------------------------- helpers
-
-
-def _connect_ro(path: str) -> sqlite3.Connection:
-    # Quoted: '?', '#' or '%' in a folder name would otherwise end the URI.
-    return sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, isolation_level=None)
 
 
 def _sqlite_size_problem(path: str, size: int) -> str:
