@@ -332,7 +332,7 @@ function dropWarning(s, named) {
   return el("div.warn-box.dropped-banner", { role: "alert" },
     el("strong", "⚠ Data was dropped. "),
     named ? el("span", `${s.name || s.run_id}: `) : null,
-    `${fmtInt(d.calls)} log() call${d.calls === 1 ? "" : "s"} (${fmtInt(d.values || 0)} values) never reached the run: the client's queue was full and its queue policy is "drop". Charts have gaps there.`);
+    `${fmtInt(d.calls)} log() call${d.calls === 1 ? "" : "s"} (${fmtInt(d.values || 0)} values) never reached the run: the client's queue was full while its queue policy was "drop". The stored series do not hold them.`);
 }
 
 function configTable(runs, label) {
@@ -383,7 +383,7 @@ class OutputPanel {
       const atEnd = this.pre.scrollTop + this.pre.clientHeight >= this.pre.scrollHeight - 4;
       if (this.follow.checked !== atEnd && !this.programmatic) this.follow.checked = atEnd;
     });
-    this.onVersion = throttle(() => this.loadNew(), 1000);
+    this.onVersion = throttle(() => { if (this.el.hidden) this.stale = true; else this.loadNew(); }, 1000);
     this.load();
   }
 
@@ -453,6 +453,7 @@ class OutputPanel {
   }
 
   shown() {
+    if (this.stale) { this.stale = false; this.loadNew(); }
     if (this.follow.checked) this.pre.scrollTop = this.pre.scrollHeight;
     this.view.markReady();
   }
@@ -468,8 +469,12 @@ class EventsPanel {
     this.picker = new RunPicker(view, () => this.load());
     this.body = el("div.events-body", el("div.item-loading", "loading…"));
     this.el = el("div.events-panel", el("div.controls", el("div.ctl-row", this.picker.el)), this.body);
-    this.onVersion = throttle(() => this.load(), 3000);
+    this.onVersion = throttle(() => { if (this.el.hidden) this.stale = true; else this.load(); }, 3000);
     this.load();
+  }
+
+  shown() {
+    if (this.stale) { this.stale = false; this.load(); }
   }
 
   async load() {

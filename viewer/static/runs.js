@@ -72,6 +72,11 @@ export class RunsPage {
       runs: debounce(() => this.load(true), 400),
       reconnect: () => this.load(true),
     });
+    // the stream only says when the set of runs or a status changes: refresh
+    // last step / duration of running runs every few seconds
+    this.poll = setInterval(() => {
+      if (this.data && (this.data.runs || []).some((r) => r.status === "running") && !document.hidden) this.load(true);
+    }, 5000);
   }
 
   saveParams() {
@@ -219,6 +224,7 @@ export class RunsPage {
 
   destroy() {
     this.live.close();
+    clearInterval(this.poll);
     this.el.remove();
   }
 }
