@@ -948,6 +948,118 @@ class RunReader:
             "dropped": self.dropped(),
         }
 
+    # ------------------------------------------------------- for the viewer
+
+    def commit_state(self) -> dict[str, Any]:
+        """What changes whenever the run commits (cheap: a few primary-key queries).
+
+        ``lengths``: committed rows per scalar column (``"{rank}/{metric}"``);
+        ``files``: committed lengths of every other file/column as
+        ``"{file}:{column}"``; ``items``: the largest row id of each rich-value
+        table and of ``events``.  A run without commit points reports its
+        scalar columns' full lengths.
+        """
+        committed = self._commit_table(refresh=True)
+        lengths: dict[str, int] = {}
+        files: dict[str, int] = {}
+        if committed is None:
+            lengths = {col: n for col, (dtype, n) in self._column_table(refresh=True).items()
+                       if dtype == fmt.SCALAR_COLUMN_DTYPE}
+        else:
+            for (file, col), n in committed.items():
+                if file == fmt.SCALARS_DB:
+                    lengths[col] = n
+                else:
+                    files[f"{file}:{col}"] = n
+        items: dict[str, int] = {}
+        for table in ("media", "tables", "tensors", "kde", "events"):
+            _, rows = self._select(f"SELECT max(id) FROM {table}")
+            items[table] = int(rows[0][0] or 0) if rows else 0
+        return {"lengths": lengths, "files": files, "items": items}
+
+    def metric_overview(self) -> list[dict[str, Any]]:
+        """Every metric with its ranks, committed points per rank and its lowest rank's last point.
+
+        Reads one row per (rank, metric), not whole series: cheap for a run list
+        or a page header even with hundreds of long metrics.  Each entry:
+        ``name``, ``rank`` (lowest), ``ranks``, ``points`` (of the lowest rank),
+        ``points_by_rank`` and, when there are points, ``last_step``,
+        ``last_global_step``, ``last_value`` (NaN and infinities as logged).
+        """
+        lengths = {col: n for col, (dtype, n) in self._column_table(refresh=True).items()
+                   if dtype == fmt.SCALAR_COLUMN_DTYPE}
+        by_name: dict[str, dict[int, int]] = {}
+        for col, n in lengths.items():
+            try:
+                rank, name = fmt.split_column_name(col)
+            except ValueError:
+                continue
+            by_name.setdefault(name, {})[rank] = n
+        out = []
+        for name in sorted(by_name):
+            per_rank = dict(sorted(by_name[name].items()))
+            rank = next(iter(per_rank))
+            n = per_rank[rank]
+            entry: dict[str, Any] = {"name": name, "rank": rank, "ranks": list(per_rank), "points": n,
+                                     "points_by_rank": per_rank}
+            if n:
+                last = self.series(name, rank, n - 1, n)
+                if len(last):
+                    entry.update(last_step=int(last["step"][0]), last_global_step=int(last["global_step"][0]),
+                                 last_value=float(last["value"][0]))
+            out.append(entry)
+        return out
+
+    def item_counts(self) -> dict[str, dict[str, int]]:
+        """Rows per name of each rich kind (media, table, tensor, kde, histogram), all ranks."""
+        out: dict[str, dict[str, int]] = {}
+        for kind, table in (("media", "media"), ("table", "tables"), ("tensor", "tensors"), ("kde", "kde")):
+            _, rows = self._select(f"SELECT name, count(*) FROM {table} GROUP BY name ORDER BY name")
+            out[kind] = {n: int(c) for n, c in rows if not (kind == "media" and "#" in n)}
+        hist: dict[str, int] = {}
+        self._commit_table(refresh=True)
+        for precision, rel in fmt.HISTOGRAM_FILES.items():
+            vault = self._hist_vault(precision)
+            if vault is None:
+                continue
+            for col, _, length in vault.list_columns():
+                n = self._visible(rel, col, length)
+                if n:
+                    name = fmt.split_column_name(col)[1]
+                    hist[name] = hist.get(name, 0) + n
+        out["histogram"] = dict(sorted(hist.items()))
+        return out
+
+    def media_file(self, sha256: str, ext: str) -> dict[str, Any] | None:
+        """The media row (with ``path``) whose content is ``{sha256}.{ext}``, or None if the run holds none."""
+        cols, rows = self._select("SELECT * FROM media WHERE hash = ? AND ext = ? LIMIT 1", (sha256, ext))
+        if not rows:
+            return None
+        r = dict(zip(cols, rows[0]))
+        r["path"] = os.path.join(self.path, fmt.MEDIA_DIR, f"{r['hash']}.{r['ext']}")
+        return r
+
+    def output_size(self) -> int:
+        """Committed bytes of ``logs/output.log`` (the file's size for runs without commit points)."""
+        path = os.path.join(self.path, fmt.OUTPUT_LOG)
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            return 0
+        committed = self._commit_table(refresh=True)
+        if committed is None:
+            return size
+        return min(size, committed.get((fmt.OUTPUT_LOG, ""), 0))
+
+    def read_output(self, offset: int, limit: int) -> str:
+        """``limit`` bytes of the committed captured output from ``offset`` (decoded leniently)."""
+        end = min(self.output_size(), offset + limit)
+        if end <= offset:
+            return ""
+        with open(os.path.join(self.path, fmt.OUTPUT_LOG), "rb") as f:
+            f.seek(offset)
+            return f.read(end - offset).decode("utf-8", errors="replace")
+
     # ----------------------------------------------------------------- close
 
     def close(self) -> None:

@@ -162,25 +162,28 @@ class Viewer:
             raise NotFound(_missing_metric(reader, metric, rank))
         if n == 0 and rank not in reader.ranks(metric):
             raise NotFound(_missing_metric(reader, metric, rank))
-        return self.cache.get((reader.path, metric, rank, n), lambda: np.array(reader.series(metric, rank)))
+        return self.cache.get((reader.path, metric, rank, n), lambda: np.array(reader.series(metric, rank, 0, n)))
 
     # ------------------------------------------------------------- views
 
     def run_summary(self, project: str, run_id: str) -> dict[str, Any]:
         with self.open(project, run_id) as r:
-            s = r.summary()
+            meta = r.metadata
+            metrics = r.metric_overview()
             counts = r.item_counts()
             state = r.commit_state()
             clients = r.clients()
-        metrics = [{"name": name, **m, "points_by_rank": {str(k): v for k, v in m["points_by_rank"].items()}}
-                   for name, m in s["metrics"].items()]
+            dropped = r.dropped()
+        ranks = sorted({rk for m in metrics for rk in m["ranks"]})
+        for m in metrics:
+            m["points_by_rank"] = {str(k): v for k, v in m["points_by_rank"].items()}
         return {
-            "project": project, "run_id": s["run_id"], "name": s["name"], "status": s["status"],
-            "created_at": s["created_at"], "finished_at": s["finished_at"], "config": s["config"],
-            "metadata": s["metadata"], "ranks": s["ranks"], "world_size": s["metadata"].get("world_size"),
-            "dropped": s["dropped"], "metrics": metrics,
+            "project": project, "run_id": str(meta.get("run_id") or run_id), "name": str(meta.get("name") or run_id),
+            "status": str(meta.get("status", "?")), "created_at": meta.get("created_at"),
+            "finished_at": meta.get("finished_at"), "config": meta.get("config") or {}, "metadata": meta,
+            "ranks": ranks, "world_size": meta.get("world_size"), "dropped": dropped, "metrics": metrics,
             "items": {kind: [{"name": n, "count": c} for n, c in names.items()] for kind, names in counts.items()},
-            "clients": clients, "version": _version(state, s["metadata"]),
+            "clients": clients, "version": _version(state, meta),
         }
 
     def series_body(self, project: str, run_id: str, q: dict[str, Any]) -> tuple[bytes, dict[str, str]]:

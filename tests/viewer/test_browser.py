@@ -1,0 +1,328 @@
+"""The viewer in a real browser: Debian's chromium driven by Playwright over a real ``kobo open``.
+
+Each test checks what a user sees: the run list with the right statuses, a
+1M-point chart whose received data holds every spike, zoom that fetches full
+resolution, a flushed point appearing on an open page, media, tables and
+histograms drawn, and no JavaScript error.  Pixel checks on screenshots back
+up what the page reports.  Screenshots are written to the test's tmp dir, and
+to ``docs/`` when ``KOBO_UPDATE_SCREENSHOTS=1`` (the README's pictures).
+
+Chromium: ``KOBO_CHROMIUM`` or ``/usr/bin/chromium`` (``.ci/run`` installs it;
+never ``playwright install``).  Without it the tests skip, except under CI.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from kohakuboard.viewer import reduce as R
+
+from .conftest import SPIKES
+
+CHROMIUM = os.environ.get("KOBO_CHROMIUM", "/usr/bin/chromium")
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
+    pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)", allow_module_level=True)
+
+sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+Image = pytest.importorskip("PIL.Image")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class Page:
+    """A browser page on a ``kobo open`` server, recording JS errors and series responses."""
+
+    def __init__(self, browser: Any, server: Any, shots: Path, width: int = 1400, height: int = 900,
+                 bypass_csp: bool = True) -> None:
+        self.server = server
+        self.shots = shots
+        # Playwright evaluates the tests' JS snippets with eval, which the page's CSP forbids;
+        # test_page_runs_under_its_content_security_policy loads the page with the CSP enforced.
+        self.ctx = browser.new_context(viewport={"width": width, "height": height}, bypass_csp=bypass_csp)
+        self.page = self.ctx.new_page()
+        self.errors: list[str] = []
+        self.series: list[tuple[str, dict[str, Any], dict[str, np.ndarray]]] = []
+        self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+        self.page.on("console", lambda m: self.errors.append(f"console: {m.text}") if m.type == "error" else None)
+        self.page.on("response", self._on_response)
+
+    def _on_response(self, resp: Any) -> None:
+        if "/series?" in resp.url and resp.status == 200:
+            try:
+                header, arrays = R.decode(resp.body())
+            except Exception as exc:  # the page would fail too; make the test say so
+                self.errors.append(f"undecodable series response {resp.url}: {exc}")
+                return
+            self.series.append((resp.url, header, arrays))
+
+    def goto(self, hash_: str = "") -> None:
+        s = self.server
+        if s.token:
+            self.page.goto(f"{s.origin}/?token={s.token}")  # exchanged for the session cookie
+            assert self.page.url == f"{s.origin}/", self.page.url  # the token left the address bar
+        self.page.goto(f"{s.origin}/{hash_}")
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30_000) -> None:
+        self.page.wait_for_function("window.koboState && window.koboState.ready === true", timeout=timeout)
+
+    def state(self) -> dict[str, Any]:
+        return self.page.evaluate("JSON.parse(JSON.stringify(window.koboState))")
+
+    def shot(self, name: str, locator: Any = None, full_page: bool = False) -> Any:
+        path = self.shots / f"{name}.png"
+        if locator is not None:
+            locator.screenshot(path=str(path))
+        else:
+            self.page.screenshot(path=str(path), full_page=full_page)
+        if os.environ.get("KOBO_UPDATE_SCREENSHOTS") == "1":
+            DOCS.mkdir(exist_ok=True)
+            shutil.copy(path, DOCS / f"viewer-{name}.png")
+        return Image.open(path).convert("RGB")
+
+    def js_errors(self) -> list[str]:
+        return self.errors + [e["message"] for e in self.state()["errors"]]
+
+    def close(self) -> None:
+        self.ctx.close()
+
+
+def colours(img: Any) -> int:
+    """Distinct colours in an image (a blank canvas has one or two)."""
+    return len(set(np.asarray(img).reshape(-1, 3).view("u1,u1,u1").ravel().tolist()))
+
+
+def ink(img: Any, background: tuple[int, int, int] = (255, 255, 255)) -> float:
+    """Fraction of pixels that differ from the background."""
+    a = np.asarray(img).astype(int)
+    return float((np.abs(a - np.array(background)).sum(axis=2) > 30).mean())
+
+
+@pytest.fixture
+def page(browser, tmp_path) -> Iterator[Any]:
+    pages: list[Page] = []
+
+    def make(server: Any, **kw: Any) -> Page:
+        p = Page(browser, server, tmp_path, **kw)
+        pages.append(p)
+        return p
+
+    yield make
+    for p in pages:
+        p.close()
+
+
+def test_run_list_shows_every_run_and_its_status(page, open_server, viewer_runs):
+    p = page(open_server(viewer_runs))
+    p.goto()
+    rows = p.page.locator("tr.run-row")
+    assert rows.count() == 4
+    status = {r.get_attribute("data-run"): r.locator(".badge").get_attribute("data-status") for r in rows.all()}
+    assert status == {"default/spikes": "finished", "default/rich": "finished", "default/ddp": "finished",
+                      "other/crashed": "crashed"}
+    p.page.fill("#run-filter", "optimizer.name=adamw")
+    p.page.wait_for_function("document.querySelectorAll('tr.run-row').length === 1", timeout=10_000)
+    assert p.page.locator("tr.run-row").get_attribute("data-run") == "default/rich"
+    p.page.fill("#run-filter", "")
+    p.page.wait_for_function("document.querySelectorAll('tr.run-row').length === 4", timeout=10_000)
+    img = p.shot("runs")
+    assert colours(img) > 20
+    assert p.js_errors() == []
+
+
+def test_million_point_chart_has_every_spike_and_zoom_fetches_full_resolution(page, open_server, viewer_runs):
+    p = page(open_server(viewer_runs))
+    p.goto("#/run/default/spikes")
+    p.page.wait_for_selector('.chart-card[data-metric="loss"][data-drawn="1"]', timeout=30_000)
+    chart = p.state()["charts"]["loss"]
+    assert chart["reduced"] and 1000 <= chart["points"] <= 20_000
+    received = [h for url, h, a in p.series if "metric=loss" in url]
+    assert received and received[-1]["total"] == 1_000_000
+    xs = set(np.concatenate([a["x"] for url, h, a in p.series if "metric=loss" in url]).astype(int).tolist())
+    assert set(SPIKES) <= xs, f"spikes missing from what the page received: {sorted(set(SPIKES) - xs)}"
+    img = p.shot("spikes-chart", p.page.locator('.chart-card[data-metric="loss"]'))
+    assert colours(img) > 10 and ink(img) > 0.01
+
+    s0 = SPIKES[5]
+    with p.page.expect_response(lambda r: "/series?" in r.url and "x0=" in r.url) as zoom_response:
+        zoomed = p.page.evaluate(f"window.koboZoom('loss', {s0 - 400}, {s0 + 400})")
+    assert zoomed["zoomed"] and not zoomed["reduced"]
+    header, arrays = R.decode(zoom_response.value.body())
+    assert not header["reduced"] and header["n"] == header["in_range"] == 801
+    assert s0 in set(arrays["x"].astype(int).tolist()) and arrays["y"].max() > 5.0
+    p.shot("spikes-zoomed", p.page.locator('.chart-card[data-metric="loss"]'))
+    assert p.js_errors() == []
+
+
+def test_rich_run_renders_scalars_nonfinite_media_tables_histograms(page, open_server, viewer_runs):
+    p = page(open_server(viewer_runs))
+    p.goto("#/run/default/rich")
+    p.page.wait_for_selector('.chart-card[data-metric="train/loss"][data-drawn="1"]', timeout=30_000)
+    assert p.page.locator("details.group").count() >= 2  # train/ and val/
+    nf = p.state()["charts"]["train/loss"]["nonfinite"]
+    assert nf == {"nan": 1, "posinf": 1, "neginf": 1}
+    badges = p.page.locator('.chart-card[data-metric="train/loss"] .nf-badge').all_inner_texts()
+    assert sorted(badges) == ["1 +inf", "1 -inf", "1 NaN"]
+    img = p.shot("run-scalars")
+    assert colours(img) > 30
+
+    def open_tab(tab: str) -> None:
+        p.page.click(f'nav#tabs button.tab[data-tab="{tab}"]')
+        p.page.wait_for_selector(f'.item-card[data-kind="{tab}"][data-drawn="1"]', timeout=20_000)
+
+    open_tab("media")
+    card = p.page.locator('.item-card[data-item="sample"]')
+    card.locator("img").first.wait_for(timeout=10_000)
+    p.page.wait_for_function(
+        "[...document.querySelectorAll('.item-card[data-item=\"sample\"] img')].some(i => i.complete && i.naturalWidth === 64)",
+        timeout=10_000)
+    assert p.page.evaluate("window.koboSetStep('media', 'sample', 52)")
+    p.page.wait_for_function(
+        "document.querySelector('.item-card[data-item=\"sample\"] .step-label').textContent.includes('52')", timeout=10_000)
+    shot = p.shot("media", card)
+    assert ink(shot) > 0.02
+
+    open_tab("tables")
+    cell = p.page.locator('.item-card[data-item="preds"] table img')
+    cell.first.wait_for(timeout=10_000)
+    p.page.wait_for_function(
+        "[...document.querySelectorAll('.item-card[data-item=\"preds\"] table img')].every(i => i.complete && i.naturalWidth === 16)",
+        timeout=10_000)
+    assert "dog" in p.page.locator('.item-card[data-item="preds"] table').inner_text()
+    p.shot("table", p.page.locator('.item-card[data-item="preds"]'))
+
+    open_tab("histograms")
+    hist = p.page.locator('.item-card[data-item="grads"]')
+    canvas = hist.locator("canvas").first
+    canvas.wait_for(timeout=10_000)
+    img = p.shot("histogram", hist)
+    assert colours(img) > 10 and ink(img) > 0.05
+
+    for tab, item in (("kde", "logits"), ("tensors", "attn")):
+        p.page.click(f'nav#tabs button.tab[data-tab="{tab}"]')
+        p.page.wait_for_selector(f'.item-card[data-item="{item}"][data-drawn="1"]', timeout=20_000)
+        assert ink(p.shot(tab, p.page.locator(f'.item-card[data-item="{item}"]'))) > 0.02
+    p.page.click('nav#tabs button.tab[data-tab="output"]')
+    p.page.wait_for_function("document.querySelector('pre#output-text') && document.querySelector('pre#output-text').textContent.includes('epoch 0 starting')", timeout=10_000)
+    assert p.js_errors() == []
+
+
+def test_ddp_run_rank_band(page, open_server, viewer_runs):
+    p = page(open_server(viewer_runs))
+    p.goto("#/run/default/ddp?rank=band")
+    p.page.wait_for_selector('.chart-card[data-metric="loss"][data-drawn="1"]', timeout=30_000)
+    assert any("rank=band" in url for url, _, _ in p.series)
+    img = p.shot("ddp-band", p.page.locator('.chart-card[data-metric="loss"]'))
+    assert ink(img) > 0.01
+    assert p.js_errors() == []
+
+
+LIVE = """
+import sys, time
+from kohakuboard.client import Board
+b = Board(name="live-run", run_id="live", capture_output=False)
+for i in range(100):
+    b.step()
+    b.log(loss=1.0 / (i + 1))
+b.flush()
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.strip() == "end":
+        break
+    b.step()
+    b.log(loss=float(line))
+    b.flush()
+    print("flushed", time.time(), flush=True)
+b.finish()
+print("finished", flush=True)
+"""
+
+
+def test_flushed_point_appears_on_the_open_page(page, open_server, daemon, base_dir, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", LIVE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        p = page(open_server(base_dir))
+        p.goto("#/run/default/live")
+        p.page.wait_for_selector('.chart-card[data-metric="loss"][data-drawn="1"]', timeout=30_000)
+        assert p.state()["charts"]["loss"]["points"] == 100
+        p.page.wait_for_function("window.koboState.sse === 'open'", timeout=10_000)
+        delays = []
+        for k, value in enumerate((5.0, 7.0, 9.0)):
+            proc.stdin.write(f"{value}\n")
+            proc.stdin.flush()
+            word, flushed = proc.stdout.readline().split()
+            assert word == "flushed"
+            p.page.wait_for_function(f"window.koboState.charts.loss.points >= {101 + k}", timeout=10_000)
+            delays.append(time.time() - float(flushed))
+        assert max(delays) < 3.0 and sorted(delays)[1] < 1.0, delays  # the median within a second
+        assert p.state()["liveUpdates"] >= 3
+        shot = p.shot("live", p.page.locator('.chart-card[data-metric="loss"]'))
+        assert ink(shot) > 0.01
+        proc.stdin.write("end\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "finished"
+        p.page.wait_for_function(
+            "[...document.querySelectorAll('.badge[data-status]')].some(b => b.dataset.status === 'finished')",
+            timeout=10_000)
+        assert p.js_errors() == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        proc.stdin.close()
+        proc.stdout.close()
+
+
+def test_compare_view_overlays_runs(page, open_server, viewer_runs):
+    p = page(open_server(viewer_runs))
+    p.goto("#/compare?runs=default/ddp,other/crashed")
+    p.page.wait_for_selector('.chart-card[data-metric="loss"][data-drawn="1"]', timeout=30_000)
+    sources = p.state()["charts"]["loss"]["sources"]
+    assert {k.split("@")[0] for k in sources} == {"default/ddp", "other/crashed"}
+    p.shot("compare")
+    assert p.js_errors() == []
+
+
+def test_overview_screenshot(page, open_server, viewer_runs):
+    """The README's picture: the rich run's scalars with the namespace groups."""
+    p = page(open_server(viewer_runs), width=1400, height=1000)
+    p.goto("#/run/default/rich?smooth=0.6")
+    p.page.wait_for_selector('.chart-card[data-drawn="1"]', timeout=30_000)
+    p.page.wait_for_timeout(300)
+    img = p.shot("overview")
+    assert colours(img) > 50
+    assert p.js_errors() == []
+
+
+def test_page_runs_under_its_content_security_policy(page, open_server, viewer_runs):
+    """With the CSP enforced (no eval, no inline script), the run page draws its charts and reports nothing."""
+    p = page(open_server(viewer_runs), bypass_csp=False)
+    s = p.server
+    p.page.goto(f"{s.origin}/?token={s.token}")
+    p.page.goto(f"{s.origin}/#/run/default/rich")
+    p.page.wait_for_selector('.chart-card[data-metric="val/acc"][data-drawn="1"]', timeout=30_000)
+    p.page.click('nav#tabs button.tab[data-tab="media"]')
+    p.page.wait_for_selector('.item-card[data-item="sample"][data-drawn="1"]', timeout=20_000)
+    assert p.errors == []
