@@ -61,10 +61,14 @@ window.addEventListener("unhandledrejection", (ev) => {
   reportError(ev.reason, "promise");
 });
 
+const lastToast = new Map();
 onError((e) => {
   if (!e.toast) return;   // already shown where it happened
+  const text = e.where ? `${e.where}: ${e.message}` : e.message;
+  if (Date.now() - (lastToast.get(text) || 0) < 10000) return;   // the same error again: once per 10 s
+  lastToast.set(text, Date.now());
   const t = el("div.toast", { role: "alert" },
-    el("span.toast-msg", e.where ? `${e.where}: ${e.message}` : e.message),
+    el("span.toast-msg", text),
     el("button.icon-btn", { type: "button", title: "dismiss" }, "×"));
   t.querySelector("button").addEventListener("click", () => t.remove());
   toasts.append(t);

@@ -211,7 +211,7 @@ export class ScalarsPanel {
         el("label.ctl.smooth", "Smoothing ", smooth, smoothVal),
         this.rankWrap,
         el("span.spacer"),
-        expandAll, collapseAll),
+        el("span.btn-group", expandAll, collapseAll)),
       this.legend);
     return bar;
   }
@@ -319,6 +319,7 @@ export class ScalarsPanel {
       shown += n;
     }
     if (this.cards.size && !shown) {
+      this.view.markReady?.("scalars-filtered");
       this.empty.textContent = "No metric matches the filter.";
       if (!this.empty.isConnected) this.body.append(this.empty);
     } else if (this.cards.size) {
@@ -341,9 +342,12 @@ export class ScalarsPanel {
     return unknown;
   }
 
-  /** After a reconnect: every active chart re-reads its tail. */
+  /** After a reconnect: every active chart re-reads its data. */
   resync() {
-    for (const c of this.cards.values()) if (c.active && !c.zoom) c.load();
+    for (const c of this.cards.values()) {
+      c.offlineUntil = 0;
+      if (c.active && !c.zoom) c.load();
+    }
   }
 
   destroy() {
@@ -473,6 +477,13 @@ class ChartCard {
         this.applyFull(s, r);
       });
       this.sources = fresh.filter((s) => !s.error);
+      if (!this.sources.length && errors.length) {
+        this.showError(errors.join("; "));
+        for (const m of errors) reportError(m, `chart ${this.metric}`, { toast: false });
+        clear(this.plotEl).append(el("div.chart-empty", "could not load this chart"));
+        this.panel.view.markReady?.("chart-error");
+        return;
+      }
       this.fetchedWidth = width;
       this.updateCsv();
       this.render(true);
@@ -482,6 +493,7 @@ class ChartCard {
       if (gen !== this.gen) return;
       this.showError(e.message);
       reportError(e, `chart ${this.metric}`, { toast: false });
+      this.panel.view.markReady?.("chart-error");
     } finally {
       if (gen === this.gen) this.el.classList.remove("loading");
     }
@@ -814,6 +826,7 @@ class ChartCard {
 
   async tail(s, n) {
     if (s.pending) { s.again = Math.max(s.again, n); return; }
+    if (this.offlineUntil && Date.now() < this.offlineUntil) return;   // the server was unreachable just now
     s.pending = true;
     const gen = this.gen;
     try {
@@ -841,7 +854,11 @@ class ChartCard {
       if (s.x.length > 4 * this.widthPx()) { this.scheduleReload(); }
       this.render(true);
     } catch (e) {
-      reportError(e, `live ${this.metric}`);
+      if (e.status === 0) {          // server unreachable: wait; the stream's reconnect resyncs
+        this.offlineUntil = Date.now() + 3000;
+        s.again = 0;
+        reportError(e, `live ${this.metric}`, { toast: false });
+      } else reportError(e, `live ${this.metric}`);
     } finally {
       s.pending = false;
       if (s.again > s.committed) { const m = s.again; s.again = 0; this.tail(s, m); }

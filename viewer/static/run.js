@@ -440,7 +440,9 @@ class OutputPanel {
   }
 
   draw(scroll) {
-    const text = cleanTerminal(this.raw);
+    let raw = this.raw;
+    if (this.start > 0) raw = raw.slice(raw.indexOf("\n") + 1);   // hide the cut first line
+    const text = cleanTerminal(raw);
     this.pre.textContent = text || "";
     if (!text) this.pre.append(el("span.muted", "No output captured yet."));
     this.earlier.hidden = !this.start;
