@@ -440,7 +440,7 @@ class ChartCard {
   }
 
   optionsChanged() {
-    if (this.u) { this.u.destroy(); this.u = null; }
+    // the old chart stays until the new data is in (render() rebuilds it when its series change)
     this.zoom = null;
     this.resetBtn.hidden = true;
     if (this.active) this.load();

@@ -110,6 +110,12 @@ export class RunView {
       this.markReady();
       return;
     }
+    // a finished run without scalars opens on its first tab that has something
+    if (!this.params.get("tab") && this.tabCount("scalars") === 0
+        && ![...this.summaries.values()].some((x) => x.status === "running")) {
+      const t = ["media", "tables", "histograms", "kde", "tensors"].find((k) => this.tabCount(k) > 0);
+      if (t) this.tab = t;
+    }
     this.renderTabs();
     this.switchTab(this.tab, false);
     this.live = new LiveStream(`/api/events?runs=${this.runs.map((k) => encodeURIComponent(k)).join(",")}`, {

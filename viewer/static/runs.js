@@ -75,6 +75,7 @@ export class RunsPage {
     // the stream only says when the set of runs or a status changes: refresh
     // last step / duration of running runs every few seconds
     this.poll = setInterval(() => {
+      if (this.q.classList.contains("invalid")) return;   // a bad regex: asking again gives the same 400
       if (this.data && (this.data.runs || []).some((r) => r.status === "running") && !document.hidden) this.load(true);
     }, 5000);
   }
