@@ -8,38 +8,51 @@
 //
 // ---- Hooks for browser tests ------------------------------------------------------
 // window.koboState
-//   .ready        true once the current view's first data is drawn (runs table
-//                 rendered; run view: first chart drawn, or the open tab's
-//                 content / empty state drawn). Reset to false on navigation.
+//   .ready        true once the current view's first data is drawn: runs page =
+//                 table rendered (or its error shown); run view = first chart
+//                 drawn, or the open tab's first card / empty state / error drawn.
+//                 Reset to false on navigation to another view (not on a tab switch:
+//                 wait for the tab's own [data-drawn="1"] cards instead).
 //   .view         "runs" | "run";  .runs: ["project/run_id", ...];  .tab: open tab
-//   .charts       {<metric>: {points (points received, all shown series),
+//   .charts       {<metric>: {points (points received, summed over shown series),
 //                  reduced (bool), zoomed (bool), drawn (bool),
-//                  nonfinite: {nan, posinf, neginf} (counts in range),
+//                  nonfinite: {nan, posinf, neginf} (counts in the shown range),
 //                  lastFetch: {...series header, url, bytes, timing, source},
-//                  sources: {"p/r@rank": {points, reduced, committed, total}}}}
-//   .errors       [{message, where, time}] every error shown in the page
-//   .sse          "connecting" | "open" | "closed";  .liveUpdates: live tail appends
+//                  sources: {"p/r@rank" (or "p/r@band"): {points, reduced, committed, total}}}}
+//   .errors       [{message, where, time, toast}] every error the page reported
+//                 (also those shown in place; a failed fetch's console line is the browser's)
+//   .sse          "connecting" | "open" | "closed";  .liveUpdates: live tail appends done
 // window.koboPerf.firstChartDraw   performance.now() of the first chart draw (ms)
-// window.koboZoom(metric, x0, x1)  -> Promise<koboState.charts[metric]> once the
-//                                    zoomed, full-resolution data is drawn
-// window.koboResetZoom(metric)     -> Promise, back to the full range
-// window.koboSetStep(kind, name, step[, run]) -> bool: move the step slider of
-//                                    a media/tables/histograms/kde/tensors card
+// window.koboZoom(metric, x0, x1)  -> Promise<koboState.charts[metric]>, resolved once the
+//                                    full-resolution data of [x0, x1] is drawn
+// window.koboResetZoom(metric)     -> Promise, back to the whole range
+// window.koboSetStep(kind, name, step[, run]) -> bool: move the step slider of a
+//                                    media/tables/histograms/kde/tensors card to the last
+//                                    logged step <= step (the card must have loaded)
 // DOM:
-//   runs page: table#runs-table, tr.run-row[data-run="p/r"], input.run-check,
-//              a.run-link, input#run-filter, input#run-regex, #filter-error,
-//              button#compare-btn, .badge[data-status]
-//   run view:  nav#tabs button.tab[data-tab=scalars|media|tables|histograms|kde|
-//              tensors|output|events|config] (or set ?tab= in the hash),
-//              .chart-card[data-metric="train/loss"][data-drawn="1"] (a chart;
-//              .nf-badge holds "3 NaN"; a.csv-link the CSV links),
-//              select#x-axis, input#log-y, input#smoothing, select#rank-select,
-//              input#metric-filter, details.group[data-group],
-//              .item-card[data-kind][data-item="name"][data-run][data-drawn="1"]
-//              with input.step-slider (set .value and dispatch "input") and
-//              .step-label; pre#output-text, button#load-earlier,
-//              .dropped-banner (dropped-call warning), .error-box (errors)
-//   toasts:    #toasts .toast (every reported error)
+//   runs page: table#runs-table, tr.run-row[data-run="p/r"] (.selected when checked),
+//              input.run-check, a.run-link, .badge[data-status], td.dropped-warn,
+//              input#run-filter, input#run-regex, select#project-filter,
+//              #filter-error (the server's 400 message), button#compare-btn
+//   run view:  .run-header (.badge[data-status], .dropped-banner when calls were dropped,
+//              .error-box when a run cannot be read), .live-dot[data-state]
+//              nav#tabs button.tab[data-tab=scalars|media|tables|histograms|kde|tensors|
+//              output|events|config] (or ?tab= in the hash)
+//              scalars: select#x-axis, input#log-y, input#smoothing (range; set .value and
+//              dispatch "input"), select#rank-select (N | all | band), input#metric-filter,
+//              details.group[data-group], .chart-card[data-metric][data-drawn="1"] with
+//              .nf-badge ("3 NaN"), .chart-info ("1,742 of 1,000,000 pts"),
+//              a.csv-link[data-run], button.reset-zoom; drag on .u-over zooms,
+//              double-click resets
+//              items: .item-card[data-kind][data-item][data-run][data-drawn="1"] with
+//              input.step-slider (set .value + dispatch "input", or koboSetStep) and
+//              .step-label ("step 1,200  (7/11)"); histograms canvas.heatmap;
+//              tensors canvas.tensor-heat
+//              output: pre#output-text, button#load-earlier, input#follow-output
+//   toasts:    #toasts .toast (errors not already shown in place)
+// Playwright: wait_for_function("...") with a string compiles it with new Function,
+// which this page's CSP (no 'unsafe-eval') refuses: use bypass_csp=True for such
+// waits, or poll with page.evaluate / wait_for_selector.
 
 import { koboState, koboPerf, reportError, onError, parseHash } from "./state.js";
 import { RunsPage } from "./runs.js";

@@ -403,6 +403,8 @@ class HistogramCard extends ItemCard {
       }
     });
     ctx.putImageData(img, 0, 0);
+    // nearest-neighbour only while every step gets at least a pixel row; beyond that, let the browser average
+    cv.style.imageRendering = rows.length > 150 ? "auto" : "pixelated";
     const n = rows.length;
     const steps = this.rows.map((r) => r.step);
     clear(this.heatAxisX).append(el("span", fmtShort(this.lo)), el("span", fmtShort((this.lo + this.hi) / 2)), el("span", fmtShort(this.hi)));
@@ -657,6 +659,7 @@ class TensorCard extends ItemCard {
     // display size: cells square, fit in 100% x 360px
     const maxW = Math.max(120, this.heatBox.parentElement.clientWidth || 400), maxH = 360;
     const cell = Math.max(0.25, Math.min(maxW / C, maxH / R, 48));
+    this.canvas.style.imageRendering = cell < 1 ? "auto" : "pixelated";
     this.canvas.style.width = `${Math.round(C * cell)}px`;
     this.canvas.style.height = `${Math.round(R * cell)}px`;
     clear(this.legendEl).append(el("span", fmtShort(-m)), el("span.grad", { style: { background: gradientCss((t) => divColor(2 * t - 1)) } }), el("span", fmtShort(m)),

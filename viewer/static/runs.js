@@ -75,7 +75,6 @@ export class RunsPage {
     // the stream only says when the set of runs or a status changes: refresh
     // last step / duration of running runs every few seconds
     this.poll = setInterval(() => {
-      if (this.q.classList.contains("invalid")) return;   // a bad regex: asking again gives the same 400
       if (this.data && (this.data.runs || []).some((r) => r.status === "running") && !document.hidden) this.load(true);
     }, 5000);
   }
@@ -97,6 +96,7 @@ export class RunsPage {
   }
 
   async load(quiet) {
+    if (quiet && this.q.classList.contains("invalid")) return;   // a live refresh with a bad regex: same 400
     const gen = ++this.gen;
     if (!quiet && !this.data) clear(this.tbody).append(el("tr", el("td.loading-cell", { colSpan: COLUMNS.length + 1 }, "Loading runs…")));
     try {
