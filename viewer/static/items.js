@@ -598,7 +598,7 @@ class TensorCard extends ItemCard {
       this.info = el("div.tensor-info");
       this.heatBox = el("div.tensor-heat-box", this.canvas, this.tip);
       this.list = el("div.tensor-list");
-      clear(this.body).append(el("div.tensor-layout", el("div.tensor-left", this.heatBox, this.legendEl), this.info), el("details.tensor-entries", el("summary", "all entries"), this.list));
+      clear(this.body).append(el("div.tensor-layout", el("div.tensor-left", this.heatBox, this.legendEl), this.info), el("details.tensor-entries", { open: true }, el("summary", "all entries (click one to show it)"), this.list));
       this.canvas.addEventListener("mousemove", (ev) => this.hover(ev));
       this.canvas.addEventListener("mouseleave", () => { this.tip.hidden = true; });
     }
@@ -618,7 +618,14 @@ class TensorCard extends ItemCard {
   show(row) {
     if (!this.canvas || !row) return;
     for (const tr of this.list.querySelectorAll("tr.sel")) tr.classList.remove("sel");
-    this.list.querySelector(`tr[data-index="${this.slider.index}"]`)?.classList.add("sel");
+    const tr = this.list.querySelector(`tr[data-index="${this.slider.index}"]`);
+    if (tr) {
+      tr.classList.add("sel");
+      const sc = this.list.querySelector(".table-scroll");
+      if (sc && (tr.offsetTop < sc.scrollTop + 30 || tr.offsetTop > sc.scrollTop + sc.clientHeight - 30)) {
+        sc.scrollTop = tr.offsetTop - sc.clientHeight / 2;   // keep the shown entry in view (not the page)
+      }
+    }
     const s = row.stats || {};
     const kv = (k, v) => [el("dt", k), el("dd", v)];
     clear(this.info).append(el("dl.kv",
