@@ -163,7 +163,8 @@ export class RunsPage {
     const d = this.data || { total: 0, runs: [] };
     this.countEl.textContent = d.total !== undefined && d.total !== runs.length ? `${fmtInt(runs.length)} of ${fmtInt(d.total)}` : fmtInt(runs.length);
     const body = clear(this.tbody);
-    for (const r of runs) {
+    const limit = this.showAll ? runs.length : 500;
+    for (const r of runs.slice(0, limit)) {
       const key = `${r.project}/${r.run_id}`;
       const checked = this.selected.has(key);
       const dropped = r.dropped_calls || 0;
@@ -181,6 +182,12 @@ export class RunsPage {
         el("td.num", { title: r.world_size ? `world size ${r.world_size}` : "" }, fmtInt(r.num_ranks ?? 1)),
         el(`td.num${dropped > 0 ? ".dropped-warn" : ""}`, { title: dropped ? `${dropped} log() calls (${r.dropped_values || 0} values) dropped` : "" }, fmtInt(dropped)),
         el("td.error-cell", r.error ? el("span.error-text", { title: r.error }, r.error) : "")));
+    }
+    if (runs.length > limit) {
+      const more = el("button.btn.small", { type: "button" }, `Show all ${fmtInt(runs.length)} runs`);
+      more.addEventListener("click", () => { this.showAll = true; this.renderRows(); });
+      body.append(el("tr.more-row", el("td", { colSpan: COLUMNS.length + 1 },
+        el("span.muted", `${fmtInt(runs.length - limit)} more (narrow them with the filter) `), more)));
     }
     if (!runs.length) {
       this.emptyEl.hidden = false;
