@@ -1010,13 +1010,21 @@ class RunReader:
             out.append(entry)
         return out
 
-    def item_counts(self) -> dict[str, dict[str, int]]:
-        """Rows per name of each rich kind (media, table, tensor, kde, histogram), all ranks."""
-        out: dict[str, dict[str, int]] = {}
+    def item_counts(self) -> dict[str, dict[str, dict[int, int]]]:
+        """Rows per name and rank of each rich kind: ``{kind: {name: {rank: rows}}}``.
+
+        Kinds: media, table, tensor, kde, histogram.  Table cells (media rows
+        named ``table#...``) are counted with their table, not as media.
+        """
+        out: dict[str, dict[str, dict[int, int]]] = {}
         for kind, table in (("media", "media"), ("table", "tables"), ("tensor", "tensors"), ("kde", "kde")):
-            _, rows = self._select(f"SELECT name, count(*) FROM {table} GROUP BY name ORDER BY name")
-            out[kind] = {n: int(c) for n, c in rows if not (kind == "media" and "#" in n)}
-        hist: dict[str, int] = {}
+            _, rows = self._select(f"SELECT name, rank, count(*) FROM {table} GROUP BY name, rank ORDER BY name, rank")
+            names: dict[str, dict[int, int]] = {}
+            for name, rank, count in rows:
+                if not (kind == "media" and "#" in name):
+                    names.setdefault(name, {})[int(rank)] = int(count)
+            out[kind] = names
+        hist: dict[str, dict[int, int]] = {}
         self._commit_table(refresh=True)
         for precision, rel in fmt.HISTOGRAM_FILES.items():
             vault = self._hist_vault(precision)
@@ -1025,9 +1033,10 @@ class RunReader:
             for col, _, length in vault.list_columns():
                 n = self._visible(rel, col, length)
                 if n:
-                    name = fmt.split_column_name(col)[1]
-                    hist[name] = hist.get(name, 0) + n
-        out["histogram"] = dict(sorted(hist.items()))
+                    rank, name = fmt.split_column_name(col)
+                    per = hist.setdefault(name, {})
+                    per[rank] = per.get(rank, 0) + n
+        out["histogram"] = {n: dict(sorted(hist[n].items())) for n in sorted(hist)}
         return out
 
     def media_file(self, sha256: str, ext: str) -> dict[str, Any] | None:
@@ -1051,14 +1060,18 @@ class RunReader:
             return size
         return min(size, committed.get((fmt.OUTPUT_LOG, ""), 0))
 
-    def read_output(self, offset: int, limit: int) -> str:
-        """``limit`` bytes of the committed captured output from ``offset`` (decoded leniently)."""
+    def read_output_bytes(self, offset: int, limit: int) -> bytes:
+        """At most ``limit`` bytes of the committed captured output from byte ``offset``."""
         end = min(self.output_size(), offset + limit)
         if end <= offset:
-            return ""
+            return b""
         with open(os.path.join(self.path, fmt.OUTPUT_LOG), "rb") as f:
             f.seek(offset)
-            return f.read(end - offset).decode("utf-8", errors="replace")
+            return f.read(end - offset)
+
+    def read_output(self, offset: int, limit: int) -> str:
+        """Like :meth:`read_output_bytes`, decoded (invalid UTF-8 replaced)."""
+        return self.read_output_bytes(offset, limit).decode("utf-8", errors="replace")
 
     # ----------------------------------------------------------------- close
 

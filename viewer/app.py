@@ -167,6 +167,7 @@ class Viewer:
     # ------------------------------------------------------------- views
 
     def run_summary(self, project: str, run_id: str) -> dict[str, Any]:
+        facts = self.index.info(project, run_id)
         with self.open(project, run_id) as r:
             meta = r.metadata
             metrics = r.metric_overview()
@@ -182,8 +183,12 @@ class Viewer:
             "status": str(meta.get("status", "?")), "created_at": meta.get("created_at"),
             "finished_at": meta.get("finished_at"), "config": meta.get("config") or {}, "metadata": meta,
             "ranks": ranks, "world_size": meta.get("world_size"), "dropped": dropped, "metrics": metrics,
-            "items": {kind: [{"name": n, "count": c} for n, c in names.items()] for kind, names in counts.items()},
+            "items": {kind: [{"name": n, "count": sum(per.values()), "ranks": list(per),
+                              "counts_by_rank": {str(k): v for k, v in per.items()}} for n, per in names.items()]
+                      for kind, names in counts.items()},
             "clients": clients, "version": _version(state, meta),
+            "last_commit": facts.get("last_commit"), "duration": facts.get("duration"),
+            "last_step": facts.get("last_step"), "num_ranks": facts.get("num_ranks"),
         }
 
     def series_body(self, project: str, run_id: str, q: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
@@ -274,12 +279,17 @@ class Viewer:
             out.append({**t, "rows": rows})
         return {"name": name, "rows": out}
 
-    def histogram_rows(self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None) -> dict[str, Any]:
+    def histogram_rows(self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None,
+                       max_rows: int = 500) -> dict[str, Any]:
         with self.open(project, run_id) as r:
             hists = r.histograms(name, rank, start, end)
             if not hists and name not in r.list_items()["histogram"]:
                 raise NotFound(f"no histogram {name!r} in run {project}/{run_id}")
-        return {"name": name, "rows": hists}
+        total = len(hists)
+        if total > max_rows:  # evenly spaced steps, always the first and the last
+            keep = np.unique(np.linspace(0, total - 1, max_rows).round().astype(int))
+            hists = [hists[i] for i in keep]
+        return {"name": name, "total": total, "rows": hists}
 
     def kde_rows(self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None) -> dict[str, Any]:
         with self.open(project, run_id) as r:
@@ -303,7 +313,9 @@ class Viewer:
         with self.open(project, run_id) as r:
             size = r.output_size()
             start = max(0, size - limit) if offset is None else min(offset, size)
-            return {"size": size, "offset": start, "text": r.read_output(start, limit)}
+            data = r.read_output_bytes(start, limit)
+            return {"size": size, "offset": start, "end": start + len(data),
+                    "text": data.decode("utf-8", errors="replace")}
 
     def run_events(self, project: str, run_id: str) -> dict[str, Any]:
         with self.open(project, run_id) as r:
@@ -335,7 +347,8 @@ class Viewer:
             state = r.commit_state()
             meta = r.metadata
         return {"run": f"{project}/{run_id}", "version": _version(state, meta),
-                "status": str(meta.get("status", "?")), "lengths": state["lengths"]}
+                "status": str(meta.get("status", "?")), "lengths": state["lengths"], "items": state["items"],
+                "output": state["files"].get(f"{fmt.OUTPUT_LOG}:", 0)}
 
 
 def _missing_metric(reader: RunReader, metric: str, rank: int | None) -> str:
@@ -502,6 +515,11 @@ def create_app(base_dir: str, token: str | None = None, allowed_hosts: tuple[str
         return route
 
     @handler
+    async def api_histograms(request: Request) -> Response:
+        max_rows = _int(request, "max_rows", 500, 2, 100_000)
+        return _json(await run_blocking(viewer.histogram_rows, *item_args(request), max_rows))
+
+    @handler
     async def api_logs(request: Request) -> Response:
         limit = _int(request, "limit", 65536, 1, 8 << 20)
         return _json(await run_blocking(viewer.logs, *run_args(request), _int(request, "offset", None, 0), limit))
@@ -550,7 +568,7 @@ def create_app(base_dir: str, token: str | None = None, allowed_hosts: tuple[str
         Route(base + "/series.csv", api_series_csv),
         Route(base + "/media", item_route(viewer.media_rows)),
         Route(base + "/tables", item_route(viewer.table_rows)),
-        Route(base + "/histograms", item_route(viewer.histogram_rows)),
+        Route(base + "/histograms", api_histograms),
         Route(base + "/kde", item_route(viewer.kde_rows)),
         Route(base + "/tensors", item_route(viewer.tensor_rows)),
         Route(base + "/logs", api_logs),

@@ -231,6 +231,12 @@ class RunIndex:
             raise NotFound(f"run {project}/{run_id} resolves outside {self.base_dir}")
         return path
 
+    def info(self, project: str, run_id: str) -> dict[str, Any]:
+        """One run's summary line (cached like the listing's)."""
+        self.resolve(project, run_id)
+        with self._lock:
+            return self._entry(project, run_id).info
+
     def signature(self) -> tuple[Any, ...]:
         """Changes when a run appears, disappears or changes status (for the live run list)."""
         return tuple((r["project"], r["run_id"], r["status"], r["last_step"], r["error"]) for r in self.runs())

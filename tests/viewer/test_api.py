@@ -172,8 +172,9 @@ def test_run_summary_and_rich_values(api):
     """Summary lists metrics and items; media, tables, histograms, KDE, tensors, output and events read back."""
     s = api.json("/api/runs/default/rich")
     assert [m["name"] for m in s["metrics"]] == ["train/loss", "train/lr", "val/acc"]
-    assert s["items"]["media"] == [{"name": "sample", "count": 6}]
-    assert s["items"]["histogram"] == [{"name": "grads", "count": 6}]
+    assert s["items"]["media"] == [{"name": "sample", "count": 6, "ranks": [0], "counts_by_rank": {"0": 6}}]
+    assert s["items"]["histogram"] == [{"name": "grads", "count": 6, "ranks": [0], "counts_by_rank": {"0": 6}}]
+    assert s["status"] == "finished" and s["duration"] > 0 and s["last_commit"] >= s["created_at"]
     media = api.json("/api/runs/default/rich/media?name=sample")["rows"]
     assert [m["global_step"] for m in media] == [1, 51, 101, 151, 201, 251]
     assert media[1]["caption"] == "step 50" and media[1]["width"] == 64 and media[1]["height"] == 48
@@ -195,7 +196,13 @@ def test_run_summary_and_rich_values(api):
     assert tensors[0]["heatmap"]["rows"] == 6 and len(tensors[0]["heatmap"]["values"]) == 36
     assert 0 <= tensors[0]["stats"]["min"] <= tensors[0]["stats"]["max"] <= 1
     logs = api.json("/api/runs/default/rich/logs")
-    assert "epoch 0 starting" in logs["text"] and logs["size"] == len(logs["text"].encode())
+    assert "epoch 0 starting" in logs["text"] and logs["size"] == logs["end"] == len(logs["text"].encode())
+    part = api.json("/api/runs/default/rich/logs?offset=3&limit=5")
+    assert (part["offset"], part["end"], part["text"]) == (3, 8, logs["text"][3:8])
+    few = api.json("/api/runs/default/rich/histograms?name=grads&max_rows=3")
+    steps = [h["step"] for h in few["rows"]]
+    assert few["total"] == 6 and len(steps) == 3 and steps == sorted(steps)
+    assert steps[0] == hist[0]["step"] and steps[-1] == hist[-1]["step"] and steps[1] in {h["step"] for h in hist}
     kinds = [e["kind"] for e in api.json("/api/runs/default/rich/run-events")["events"]]
     assert kinds[0] == "open" and "finished" in " ".join(kinds + [str(e) for e in kinds])
 
