@@ -50,14 +50,15 @@ with Board(name="rich", run_id="rich", config={"kind": "rich", "optimizer": {"na
     print("epoch 0 starting", flush=True)
     for i in range(300):
         b.step()
-        loss = math.exp(-i / 80) + 0.01 * i % 3
+        loss = 2.0 * math.exp(-i / 80) + 0.3 + 0.08 * rng.random()
         if i == 100:
             loss = float("nan")
         if i == 150:
             loss = float("inf")
         if i == 200:
             loss = float("-inf")
-        b.log(**{"train/loss": loss, "train/lr": 3e-4 * (1 - i / 300), "val/acc": i / 300})
+        b.log(**{"train/loss": loss, "train/lr": 3e-4 * (1 - i / 300), "val/acc": i / 300,
+                 "train/grad_norm": 1.0 + 0.5 * math.sin(i / 9) + 0.2 * rng.random()})
         if i % 50 == 0:
             img = np.zeros((48, 64, 3), np.uint8)
             img[:, : (i // 5) % 64] = (255, 120, 0)

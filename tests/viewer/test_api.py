@@ -171,7 +171,7 @@ def test_csv_download_equals_kobo_export(api, viewer_runs):
 def test_run_summary_and_rich_values(api):
     """Summary lists metrics and items; media, tables, histograms, KDE, tensors, output and events read back."""
     s = api.json("/api/runs/default/rich")
-    assert [m["name"] for m in s["metrics"]] == ["train/loss", "train/lr", "val/acc"]
+    assert [m["name"] for m in s["metrics"]] == ["train/grad_norm", "train/loss", "train/lr", "val/acc"]
     assert s["items"]["media"] == [{"name": "sample", "count": 6, "ranks": [0], "counts_by_rank": {"0": 6}}]
     assert s["items"]["histogram"] == [{"name": "grads", "count": 6, "ranks": [0], "counts_by_rank": {"0": 6}}]
     assert s["status"] == "finished" and s["duration"] > 0 and s["last_commit"] >= s["created_at"]

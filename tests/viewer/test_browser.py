@@ -5,7 +5,7 @@ Each test checks what a user sees: the run list with the right statuses, a
 resolution, a flushed point appearing on an open page, media, tables and
 histograms drawn, and no JavaScript error.  Pixel checks on screenshots back
 up what the page reports.  Screenshots are written to the test's tmp dir, and
-to ``docs/`` when ``KOBO_UPDATE_SCREENSHOTS=1`` (the README's pictures).
+to ``docs/`` when ``UPDATE_DOCS_SCREENSHOTS=1`` (the README's pictures).
 
 Chromium: ``KOBO_CHROMIUM`` or ``/usr/bin/chromium`` (``.ci/run`` installs it;
 never ``playwright install``).  Without it the tests skip, except under CI.
@@ -95,7 +95,7 @@ class Page:
             locator.screenshot(path=str(path))
         else:
             self.page.screenshot(path=str(path), full_page=full_page)
-        if os.environ.get("KOBO_UPDATE_SCREENSHOTS") == "1":
+        if os.environ.get("UPDATE_DOCS_SCREENSHOTS") == "1":
             DOCS.mkdir(exist_ok=True)
             shutil.copy(path, DOCS / f"viewer-{name}.png")
         return Image.open(path).convert("RGB")

@@ -90,7 +90,7 @@ def test_viewer_as_another_user_reads_root_owned_runs_and_changes_nothing(viewer
                 runs = c.get("/api/runs").json()["runs"]
                 assert {(r["run_id"], r["status"], r["error"]) for r in runs} == {("rich", "finished", None), ("ddp", "finished", None)}
                 s = c.get("/api/runs/default/rich").json()
-                assert [m["name"] for m in s["metrics"]] == ["train/loss", "train/lr", "val/acc"]
+                assert [m["name"] for m in s["metrics"]] == ["train/grad_norm", "train/loss", "train/lr", "val/acc"]
                 header, a = R.decode(c.get("/api/runs/default/rich/series?metric=val/acc").content)
                 assert header["total"] == 300 and a["y"][-1] == pytest.approx(299 / 300)
                 header, _ = R.decode(c.get("/api/runs/default/ddp/series?metric=loss&rank=band").content)
