@@ -412,7 +412,20 @@ def _tensor_view(arr: np.ndarray) -> dict[str, Any]:
 
 
 def create_app(base_dir: str, token: str | None = None, allowed_hosts: tuple[str, ...] = ()) -> Any:
-    """The viewer app over ``base_dir``; ``token=None`` turns the token check off (loopback only)."""
+    """``kobo open``'s app over ``base_dir``; ``token=None`` turns the token check off (loopback only)."""
+    return AuthMiddleware(build_app(base_dir), token, allowed_hosts)
+
+
+def create_team_app(base_dir: str, accounts: Any, allowed_hosts: tuple[str, ...] = (), base_url: str = "",
+                    https: bool = False) -> Any:
+    """``kobo-serve``'s app: the same viewer behind accounts, sessions and CSRF (:mod:`.team`)."""
+    from .team import TeamAuth
+
+    return TeamAuth(build_app(base_dir), accounts, allowed_hosts, base_url=base_url, https=https)
+
+
+def build_app(base_dir: str) -> Starlette:
+    """The viewer's routes over ``base_dir``, without any authentication (wrap it: see above)."""
     viewer = Viewer(base_dir)
     hub = LiveHub(viewer.watch, viewer.index.signature)
 
@@ -439,8 +452,16 @@ def create_app(base_dir: str, token: str | None = None, allowed_hosts: tuple[str
                 return _json({"error": f"cannot read: {exc}"}, 500)
         return wrapped
 
+    def visible(request: Request, project: str) -> None:
+        """A project the user may not see is answered exactly like one that does not exist."""
+        user = request.scope.get("kobo_user")
+        if user is not None and not user.may_see(project):
+            raise NotFound(f"no project {project!r} under {viewer.index.base_dir}")
+
     def run_args(request: Request) -> tuple[str, str]:
-        return request.path_params["project"], request.path_params["run_id"]
+        project, run_id = request.path_params["project"], request.path_params["run_id"]
+        visible(request, project)
+        return project, run_id
 
     def item_args(request: Request) -> tuple[Any, ...]:
         return (*run_args(request), _required(request, "name"), _int(request, "rank", 0, 0),
@@ -449,6 +470,10 @@ def create_app(base_dir: str, token: str | None = None, allowed_hosts: tuple[str
     @handler
     async def index_page(request: Request) -> Response:
         return FileResponse(os.path.join(STATIC_DIR, "index.html"), headers={"cache-control": "no-store"})
+
+    @handler
+    async def login_page(request: Request) -> Response:
+        return FileResponse(os.path.join(STATIC_DIR, "login.html"), headers={"cache-control": "no-store"})
 
     @handler
     async def api_runs(request: Request) -> Response:
@@ -461,6 +486,9 @@ def create_app(base_dir: str, token: str | None = None, allowed_hosts: tuple[str
             except re.error as exc:
                 raise _bad(f"bad regular expression {q!r}: {exc}") from None
         runs = await run_blocking(viewer.index.runs)
+        user = request.scope.get("kobo_user")
+        if user is not None:
+            runs = [r for r in runs if user.may_see(r["project"])]
         projects: dict[str, int] = {}
         for r in runs:
             projects[r["project"]] = projects.get(r["project"], 0) + 1
@@ -545,6 +573,7 @@ def create_app(base_dir: str, token: str | None = None, allowed_hosts: tuple[str
             project, sep, run_id = item.partition("/")
             if not sep:
                 raise _bad(f"runs must be project/run_id, got {item!r}")
+            visible(request, project)
             viewer.index.resolve(project, run_id)  # 404 for an unknown run
             targets.append((project, run_id))
         return StreamingResponse(hub.stream(targets, request.is_disconnected), media_type="text/event-stream",
@@ -562,6 +591,7 @@ def create_app(base_dir: str, token: str | None = None, allowed_hosts: tuple[str
     base = "/api/runs/{project}/{run_id}"
     routes = [
         Route("/", index_page),
+        Route("/login", login_page),
         Route("/api/runs", api_runs),
         Route(base, api_run),
         Route(base + "/series", api_series),
@@ -584,4 +614,4 @@ def create_app(base_dir: str, token: str | None = None, allowed_hosts: tuple[str
     app = Starlette(routes=routes)
     app.state.viewer = viewer
     app.state.hub = hub
-    return AuthMiddleware(app, token, allowed_hosts)
+    return app

@@ -86,7 +86,7 @@ class AuthMiddleware:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
         host = host_name(headers.get("host", ""))
         if host not in self.allowed:
-            await _deny(send, 403, f"host {host!r} is not allowed (start the viewer with --allowed-host {host})")
+            await deny(send, 403, f"host {host!r} is not allowed (start the viewer with --allowed-host {host})")
             return
 
         async def send_secure(message: dict[str, Any]) -> None:
@@ -101,7 +101,7 @@ class AuthMiddleware:
         query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
         if path == "/" and "token" in query:
             if not hmac.compare_digest(query["token"][0].encode(), self.token.encode()):
-                await _deny(send_secure, 403, "wrong token: open the URL `kobo open` printed", html=True)
+                await deny(send_secure, 403, "wrong token: open the URL `kobo open` printed", html=True)
                 return
             rest = urllib.parse.urlencode([(k, v) for k, vs in query.items() if k != "token" for v in vs], doseq=True)
             cookie = f"{COOKIE}={self.sessions.new()}; HttpOnly; SameSite=Strict; Path=/"
@@ -118,7 +118,7 @@ class AuthMiddleware:
         verdict = self._check(headers)
         if verdict is not None:
             status, msg = verdict
-            await _deny(send_secure, status, msg, html=path == "/")
+            await deny(send_secure, status, msg, html=path == "/")
             return
         await self.app(scope, receive, send_secure)
 
@@ -141,7 +141,7 @@ class AuthMiddleware:
         return 401, "authentication required: open the URL `kobo open` printed (with ?token=) or send Authorization: Bearer <token>"
 
 
-async def _deny(send: Send, status: int, message: str, html: bool = False) -> None:
+async def deny(send: Send, status: int, message: str, html: bool = False) -> None:
     if html:
         body = (f"<!doctype html><meta charset=utf-8><title>KohakuBoard</title>"
                 f"<p style='font:16px system-ui;margin:3em'>{_escape(message)}</p>").encode()

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import secrets
 import socket
 import sys
 import webbrowser
-from typing import Callable
+from typing import Any, Callable
 
 DEFAULT_PORT = 48889
+DEFAULT_TEAM_PORT = 48890
 
 
 class ServeError(Exception):
@@ -66,8 +68,6 @@ def serve(base_dir: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, toke
     ``token=""`` makes a random token; ``None`` turns the check off (refused
     unless ``host`` is a loopback address).
     """
-    import uvicorn
-
     from .app import create_app
 
     if token is None and not is_loopback(host):
@@ -78,24 +78,33 @@ def serve(base_dir: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, toke
     extra_hosts = tuple(allowed_hosts)
     if not is_loopback(host) and host not in ("0.0.0.0", "::"):
         extra_hosts += (host.strip("[]"),)
-    sock, note = bind(host, port)
-    actual = sock.getsockname()[1]
     app = create_app(base_dir, token=token, allowed_hosts=extra_hosts)
+    _run(app, base_dir, host, port, token, "", open_browser, echo, log_level, None, None)
+
+
+def _run(app: Any, base_dir: str, host: str, port: int, token: str | None, base_url: str, open_browser: bool,
+         echo: Callable[[str], None], log_level: str, certfile: str | None, keyfile: str | None,
+         access_log: bool = False, fallback: bool = True) -> None:
+    import uvicorn
+
+    sock, note = bind(host, port, fallback=fallback)
+    actual = sock.getsockname()[1]
     shown_host = host if is_loopback(host) or host not in ("0.0.0.0", "::") else socket.gethostname()
     if ":" in shown_host and not shown_host.startswith("["):
         shown_host = f"[{shown_host}]"
-    url = f"http://{shown_host}:{actual}/" + (f"?token={token}" if token else "")
+    scheme = "https" if certfile else "http"
+    url = f"{scheme}://{shown_host}:{actual}{base_url}/" + (f"?token={token}" if token else "")
     if note:
         echo(note)
     echo(f"KohakuBoard viewer for {base_dir}")
     echo(f"    {url}")
-    if not is_loopback(host):
-        echo("warning: listening beyond this machine without TLS: the token travels in clear text. "
-             "For a team, use kobo-serve behind HTTPS.")
+    if not is_loopback(host) and not certfile:
+        echo("warning: listening beyond this machine without TLS: passwords, tokens and session cookies "
+             "travel in clear text. Use --certfile/--keyfile, or a reverse proxy that terminates HTTPS.")
     echo("Press Ctrl-C to stop.")
     sys.stdout.flush()
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=2,
-                            lifespan="off")
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=2,
+                            lifespan="off", ssl_certfile=certfile, ssl_keyfile=keyfile, server_header=False)
     server = uvicorn.Server(config)
     if open_browser:
         try:
@@ -103,3 +112,39 @@ def serve(base_dir: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, toke
         except Exception as exc:  # no browser: the URL is printed anyway
             echo(f"could not open a browser: {exc}")
     server.run(sockets=[sock])
+
+
+def serve_team(data_dir: str, *, accounts: Any, host: str = "127.0.0.1", port: int = DEFAULT_TEAM_PORT,
+               certfile: str | None = None, keyfile: str | None = None, base_url: str = "",
+               allowed_hosts: tuple[str, ...] = (), open_browser: bool = False,
+               echo: Callable[[str], None] = print, log_level: str = "info") -> None:
+    """``kobo-serve``: the viewer over ``data_dir`` for a team, behind accounts (see :mod:`.team`).
+
+    Refuses a non-loopback address unless at least one user exists (there is
+    no default account and no way to turn authentication off there).  On
+    loopback with no user yet, it falls back to ``kobo open``'s one-time token.
+    """
+    from .app import create_app, create_team_app
+
+    if not os.path.isdir(data_dir):
+        raise ServeError(f"--data-dir {data_dir} is not a directory")
+    if bool(certfile) != bool(keyfile):
+        raise ServeError("give both --certfile and --keyfile, or neither")
+    base_url = base_url.rstrip("/")
+    extra_hosts = tuple(allowed_hosts)
+    if not is_loopback(host) and host not in ("0.0.0.0", "::"):
+        extra_hosts += (host.strip("[]"),)
+    if accounts.has_users():
+        app = create_team_app(data_dir, accounts, extra_hosts, base_url=base_url, https=bool(certfile))
+        token = None
+    elif is_loopback(host):
+        token = secrets.token_urlsafe(32)
+        echo("no users yet (kobo-serve user add NAME): using a one-time token as kobo open does")
+        app = create_app(data_dir, token=token, allowed_hosts=extra_hosts)
+        if base_url:
+            raise ServeError("--base-url needs accounts: run `kobo-serve user add NAME` first")
+    else:
+        raise ServeError(f"refusing to listen on {host} without authentication: no users are configured in "
+                         f"{accounts.path}. Run `kobo-serve user add NAME` first.")
+    _run(app, data_dir, host, port, token, base_url, open_browser, echo, log_level, certfile, keyfile,
+         access_log=True, fallback=False)
