@@ -35,6 +35,7 @@ BENCHES = [
     ("read", "bench_read.py"),
     ("ack", "bench_ack.py"),
     ("load", "bench_load.py"),
+    ("viewer", "bench_viewer.py"),
 ]
 
 
@@ -52,7 +53,9 @@ def fmt_value(v: float | None, unit: str) -> str:
     if unit == "MB":
         return f"{v:.0f} MB"
     if unit == "B":
-        return f"{v:.1f} B"
+        return f"{v:,.0f} B" if v >= 10_000 else f"{v:.1f} B"
+    if unit == "x":
+        return f"{v:.1f}x"
     return f"{v:g} {unit}"
 
 
