@@ -334,5 +334,15 @@ def open_cmd(directory: str, host: str, port: int, browser: bool, no_token: bool
         raise click.ClickException(str(exc)) from exc
 
 
+@main.command("serve", add_help_option=False,
+              context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def serve_cmd(args: tuple[str, ...]) -> None:
+    """The team viewer with accounts: the same as kobo-serve ARGS (`kobo serve --help`)."""
+    from ..viewer.serve_cli import main as serve_main
+
+    serve_main.main(args=list(args), prog_name="kobo serve")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
