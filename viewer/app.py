@@ -417,11 +417,12 @@ def create_app(base_dir: str, token: str | None = None, allowed_hosts: tuple[str
 
 
 def create_team_app(base_dir: str, accounts: Any, allowed_hosts: tuple[str, ...] = (), base_url: str = "",
-                    https: bool = False) -> Any:
+                    https: bool = False, session_idle: float = 12 * 3600, session_max: float = 7 * 24 * 3600) -> Any:
     """``kobo-serve``'s app: the same viewer behind accounts, sessions and CSRF (:mod:`.team`)."""
-    from .team import TeamAuth
+    from .team import Sessions, TeamAuth
 
-    return TeamAuth(build_app(base_dir), accounts, allowed_hosts, base_url=base_url, https=https)
+    return TeamAuth(build_app(base_dir), accounts, allowed_hosts, base_url=base_url, https=https,
+                    sessions=Sessions(session_idle, session_max))
 
 
 def build_app(base_dir: str) -> Starlette:

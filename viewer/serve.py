@@ -117,7 +117,8 @@ def _run(app: Any, base_dir: str, host: str, port: int, token: str | None, base_
 def serve_team(data_dir: str, *, accounts: Any, host: str = "127.0.0.1", port: int = DEFAULT_TEAM_PORT,
                certfile: str | None = None, keyfile: str | None = None, base_url: str = "",
                allowed_hosts: tuple[str, ...] = (), open_browser: bool = False,
-               echo: Callable[[str], None] = print, log_level: str = "info") -> None:
+               echo: Callable[[str], None] = print, log_level: str = "info",
+               session_idle: float = 12 * 3600, session_max: float = 7 * 24 * 3600) -> None:
     """``kobo-serve``: the viewer over ``data_dir`` for a team, behind accounts (see :mod:`.team`).
 
     Refuses a non-loopback address unless at least one user exists (there is
@@ -135,7 +136,8 @@ def serve_team(data_dir: str, *, accounts: Any, host: str = "127.0.0.1", port: i
     if not is_loopback(host) and host not in ("0.0.0.0", "::"):
         extra_hosts += (host.strip("[]"),)
     if accounts.has_users():
-        app = create_team_app(data_dir, accounts, extra_hosts, base_url=base_url, https=bool(certfile))
+        app = create_team_app(data_dir, accounts, extra_hosts, base_url=base_url, https=bool(certfile),
+                              session_idle=session_idle, session_max=session_max)
         token = None
     elif is_loopback(host):
         token = secrets.token_urlsafe(32)

@@ -145,16 +145,15 @@ class TeamAuth:
     """ASGI middleware in front of the viewer app for ``kobo-serve`` (see the module docstring)."""
 
     def __init__(self, app: Any, accounts: Any, allowed_hosts: tuple[str, ...] = (), base_url: str = "",
-                 https: bool = False, login_page: str | None = None) -> None:
+                 https: bool = False, sessions: Sessions | None = None) -> None:
         self.app = app
         self.accounts = accounts
         self.allowed = {h.lower() for h in (*LOOPBACK_HOSTS, *allowed_hosts)}
         self.base = base_url.rstrip("/")
         self.https = https
         self.cookie = "__Host-kobo_session" if https else "kobo_session"
-        self.sessions = Sessions()
+        self.sessions = sessions or Sessions()
         self.throttle = LoginThrottle()
-        self.login_page = login_page
 
     # ------------------------------------------------------------- helpers
 
