@@ -167,8 +167,11 @@ class RunIndex:
             names = sorted(n for n in os.listdir(pdir) if NAME_RE.match(n) and n not in (".", ".."))
         except OSError:
             names = []
-        runs = [n for n in names if os.path.isfile(os.path.join(pdir, n, fmt.METADATA_JSON))
-                or os.path.isdir(os.path.join(pdir, n, fmt.DATA_DIR))]
+        # A folder whose real path leaves the base (an rsynced symlink) is not a run of this viewer:
+        # not listed, not resolved, not read.
+        runs = [n for n in names if self._inside(os.path.join(pdir, n))
+                and (os.path.isfile(os.path.join(pdir, n, fmt.METADATA_JSON))
+                     or os.path.isdir(os.path.join(pdir, n, fmt.DATA_DIR)))]
         self._projects[project] = (mtime, runs)
         return runs
 
@@ -178,7 +181,7 @@ class RunIndex:
         except OSError:
             return []
         return [n for n in names if NAME_RE.match(n) and n not in (".", "..")
-                and os.path.isdir(os.path.join(self.base_dir, n))]
+                and os.path.isdir(os.path.join(self.base_dir, n)) and self._inside(os.path.join(self.base_dir, n))]
 
     def _entry(self, project: str, run_id: str) -> RunEntry:
         path = os.path.join(self.base_dir, project, run_id)
@@ -190,11 +193,7 @@ class RunIndex:
         entry = self._runs.get((project, run_id))
         if entry is None or entry.key != key:
             entry = RunEntry(project, run_id, path, key)
-            if self._inside(path):
-                entry.info = _run_info(entry)
-            else:
-                entry.info = {**_run_info(RunEntry(project, run_id, "/nonexistent")),
-                              "error": "run folder resolves outside the viewer's directory"}
+            entry.info = _run_info(entry)
             self._runs[(project, run_id)] = entry
         return entry
 

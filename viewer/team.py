@@ -152,7 +152,7 @@ class TeamAuth:
         self.base = base_url.rstrip("/")
         self.https = https
         self.cookie = "__Host-kobo_session" if https else "kobo_session"
-        self.sessions = sessions or Sessions()
+        self.sessions = sessions if sessions is not None else Sessions()
         self.throttle = LoginThrottle()
 
     # ------------------------------------------------------------- helpers

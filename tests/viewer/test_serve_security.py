@@ -1,0 +1,279 @@
+"""``kobo-serve`` attacked from outside: a real server process, real accounts, plain HTTP requests.
+
+Every refusal is checked for its status and for what the body does *not*
+contain (no run data, no file contents, no account details).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+PASSWORD = "correct horse battery"
+
+
+def cli(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kohakuboard.viewer.serve_cli", "--config-dir", str(config), *args],
+                          input=stdin, capture_output=True, text=True, timeout=60)
+
+
+class Server:
+    def __init__(self, data: Path, config: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kohakuboard.viewer.serve_cli", "--data-dir", str(data), "--config-dir", str(config),
+             "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        deadline = time.monotonic() + 30
+        self.origin = ""
+        while time.monotonic() < deadline and not self.origin:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            m = re.search(r"(https?://[^/\s]+)", line)
+            if m:
+                self.origin = m.group(1)
+        assert self.origin, "".join(self.lines)
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.origin, timeout=20, follow_redirects=False, **kw)
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        try:
+            out, _ = self.proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        return "".join(self.lines) + out
+
+
+@pytest.fixture(scope="module")
+def team(viewer_runs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A data dir with two projects (and a symlink out), two users, a token, and a running kobo-serve."""
+    root = tmp_path_factory.mktemp("team")
+    data = root / "data"
+    for project, run in (("default", "rich"), ("default", "ddp"), ("other", "crashed")):
+        shutil.copytree(viewer_runs / project / run, data / project / run)
+    secret = root / "outside" / "secret"
+    secret.mkdir(parents=True)
+    (secret / "metadata.json").write_text('{"name": "TOPSECRET", "run_id": "secret"}')
+    os.symlink(secret, data / "default" / "escape")
+    config = root / "config"
+    assert cli(config, "user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n").returncode == 0
+    r = cli(config, "user", "add", "bob", "--projects", "other", "--password-stdin", stdin=PASSWORD + "\n")
+    assert r.returncode == 0, r.stderr
+    token = cli(config, "token", "create", "alice", "--label", "ci").stdout.strip()
+    assert token.startswith("kobo_")
+    server = Server(data, config, "--session-idle", "3")
+    try:
+        yield {"server": server, "config": config, "data": data, "token": token}
+    finally:
+        server.stop()
+
+
+def login(c: httpx.Client, user: str, password: str = PASSWORD, origin: str | None = None) -> httpx.Response:
+    csrf = c.get("/api/session").json()["csrf"]
+    return c.post("/api/login", json={"user": user, "password": password},
+                  headers={"x-kobo-csrf": csrf, "origin": origin or str(c.base_url).rstrip("/")})
+
+
+def no_leak(r: httpx.Response) -> None:
+    for secret in ("TOPSECRET", "epoch 0 starting", "optimizer", "root:x:", "scrypt", PASSWORD):
+        assert secret not in r.text, (r.request.url, secret)
+
+
+def test_no_credentials(team):
+    with team["server"].client() as c:
+        page = c.get("/")
+        assert page.status_code == 303 and page.headers["location"] == "/login"
+        for url in ("/api/runs", "/api/runs/default/rich", "/api/runs/default/rich/series?metric=val/acc",
+                    "/api/events", "/api/stats"):
+            r = c.get(url)
+            assert r.status_code == 401, url
+            no_leak(r)
+        login_page = c.get("/login")
+        assert login_page.status_code == 200 and 'id="login-form"' in login_page.text
+        assert "default-src 'self'" in login_page.headers["content-security-policy"]
+        assert c.get("/healthz").json() == {"ok": True}
+
+
+def test_login_session_and_logout(team):
+    with team["server"].client() as c:
+        r = login(c, "alice")
+        assert r.status_code == 200 and r.json()["user"] == "alice"
+        cookie = r.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        csrf = r.json()["csrf"]
+        assert c.get("/api/runs").json()["total"] == 3
+        assert c.get("/").status_code == 200
+        # logout needs the CSRF token and a same-origin Origin
+        assert c.post("/api/logout", headers={"origin": team["server"].origin}).status_code == 403
+        assert c.post("/api/logout", headers={"x-kobo-csrf": "forged", "origin": team["server"].origin}).status_code == 403
+        assert c.post("/api/logout", headers={"x-kobo-csrf": csrf, "origin": "http://evil.example"}).status_code == 403
+        assert c.get("/api/runs").status_code == 200  # none of those logged out
+        r = c.post("/api/logout", headers={"x-kobo-csrf": csrf, "origin": team["server"].origin})
+        assert r.status_code == 200
+        assert c.get("/api/runs").status_code == 401
+
+
+def test_logged_out_session_id_stays_dead(team):
+    with team["server"].client() as c:
+        r = login(c, "alice")
+        sid = c.cookies.get("kobo_session")
+        c.post("/api/logout", headers={"x-kobo-csrf": r.json()["csrf"], "origin": team["server"].origin})
+    with team["server"].client() as c2:
+        r = c2.get("/api/runs", headers={"cookie": f"kobo_session={sid}"})
+        assert r.status_code == 401
+        no_leak(r)
+
+
+def test_idle_session_expires(team):
+    with team["server"].client() as c:
+        assert login(c, "alice").status_code == 200
+        assert c.get("/api/runs").status_code == 200
+        time.sleep(3.5)  # the server runs with --session-idle 3
+        assert c.get("/api/runs").status_code == 401
+
+
+def test_wrong_password_backs_off_and_is_logged(team):
+    with team["server"].client() as c:
+        codes = [login(c, "alice", "wrong password!").status_code for _ in range(4)]
+        assert codes[:3] == [401, 401, 401] and codes[3] in (401, 429)
+        r = login(c, "alice", "wrong password!")
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        r = login(c, "alice")  # the right password too must wait: no guessing around the back-off
+        assert r.status_code == 429
+        no_leak(r)
+        unknown = login(c, "mallory", "whatever123")
+        assert unknown.status_code == 429
+
+
+def test_cross_origin_and_csrf_on_login(tmp_path, viewer_runs):
+    """A login form posted from another site, or without the token, is refused before the password is checked."""
+    data = tmp_path / "data"
+    shutil.copytree(viewer_runs / "default" / "ddp", data / "default" / "ddp")
+    config = tmp_path / "config"
+    cli(config, "user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n")
+    s = Server(data, config)
+    try:
+        with s.client() as c:
+            csrf = c.get("/api/session").json()["csrf"]
+            body = {"user": "alice", "password": PASSWORD}
+            assert c.post("/api/login", json=body, headers={"x-kobo-csrf": csrf, "origin": "http://evil.example"}).status_code == 403
+            assert c.post("/api/login", json=body, headers={"x-kobo-csrf": csrf}).status_code == 403  # no Origin
+            assert c.post("/api/login", json=body, headers={"origin": s.origin}).status_code == 403  # no token
+            assert c.post("/api/login", json=body, headers={"x-kobo-csrf": "forged", "origin": s.origin}).status_code == 403
+        with s.client() as fresh:  # no pre-login session cookie at all
+            assert fresh.post("/api/login", json=body, headers={"x-kobo-csrf": csrf, "origin": s.origin}).status_code == 403
+        with s.client() as c:
+            assert login(c, "alice").status_code == 200
+            for method in ("PUT", "DELETE", "PATCH"):
+                assert c.request(method, "/api/runs").status_code == 405
+            assert c.post("/api/runs").status_code == 405
+    finally:
+        out = s.stop()
+    assert "PASSWORD" not in out and PASSWORD not in out
+
+
+def test_tokens_and_revocation(team):
+    token = team["token"]
+    with team["server"].client() as c:
+        assert c.get("/api/runs", headers={"authorization": f"Bearer {token}"}).json()["total"] == 3
+        assert c.get("/api/runs", headers={"authorization": "Bearer kobo_000000000000_forged"}).status_code == 401
+        token_id = token.split("_")[1]
+        assert cli(team["config"], "token", "revoke", token_id).returncode == 0
+        r = c.get("/api/runs", headers={"authorization": f"Bearer {token}"})
+        assert r.status_code == 401
+        no_leak(r)
+
+
+def test_wrong_host_is_refused(team):
+    with team["server"].client() as c:
+        r = c.get("/api/runs", headers={"host": "rebind.attacker.example", "authorization": f"Bearer {team['token']}"})
+        assert r.status_code == 403
+        no_leak(r)
+
+
+def test_no_cors_headers(team):
+    with team["server"].client() as c:
+        login(c, "alice")
+        r = c.get("/api/runs", headers={"origin": "http://evil.example"})
+        assert not [h for h in r.headers if h.lower().startswith("access-control-")]
+        pre = c.options("/api/runs", headers={"origin": "http://evil.example", "access-control-request-method": "GET"})
+        assert pre.status_code == 405 and not [h for h in pre.headers if h.lower().startswith("access-control-")]
+
+
+@pytest.mark.parametrize("url", [
+    "/api/runs/../../etc/passwd",
+    "/api/runs/%2E%2E/%2E%2E",
+    "/api/runs/default/%2E%2E",
+    "/api/runs/%252E%252E/default",
+    "/api/runs/default/..%2F..%2Fetc",
+    "/api/runs/%2Fetc/passwd",
+    "/api/runs/default/escape",
+    "/api/runs/default/escape/series?metric=loss",
+    "/api/runs/default/rich/media?name=..%2F..%2Fmetadata.json",
+    "/media/default/rich/..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+    "/media/default/rich/%2E%2E%2Fmetadata.json",
+    "/media/default/escape/" + "0" * 64 + ".png",
+    "/media/%2Fetc/passwd/x.png",
+    "/static/..%2F..%2F..%2Fetc%2Fpasswd",
+    "/static/%2E%2E/app.py",
+    "/static/%252E%252E/app.py",
+])
+def test_traversal_in_every_path_parameter(team, url):
+    with team["server"].client() as c:
+        login(c, "alice")
+        r = c.get(url)
+        assert r.status_code in (400, 404), (url, r.status_code)
+        no_leak(r)
+        assert "def create_app" not in r.text
+
+
+def test_a_project_the_user_may_not_see_is_like_one_that_does_not_exist(team):
+    with team["server"].client() as c:
+        assert login(c, "bob").status_code == 200
+        runs = c.get("/api/runs").json()
+        assert [(r["project"], r["run_id"]) for r in runs["runs"]] == [("other", "crashed")]
+        assert [p["name"] for p in runs["projects"]] == ["other"]
+        hidden = c.get("/api/runs/default/rich")
+        missing = c.get("/api/runs/nope/rich")
+        assert hidden.status_code == missing.status_code == 404
+        assert hidden.json()["error"].replace("'default'", "'X'") == missing.json()["error"].replace("'nope'", "'X'")
+        for url in ("/api/runs/default/rich/series?metric=val/acc", "/api/runs/default/rich/media?name=sample",
+                    "/api/runs/default/rich/logs", "/api/events?runs=default/rich",
+                    "/api/runs/default/rich/series.csv?metric=val/acc"):
+            r = c.get(url)
+            assert r.status_code == 404, url
+            no_leak(r)
+        with team["server"].client() as alice:
+            login(alice, "alice")
+            media_url = alice.get("/api/runs/default/rich/media?name=sample").json()["rows"][0]["url"]
+        assert c.get(media_url).status_code == 404
+        assert c.get("/api/runs/other/crashed").status_code == 200
+
+
+def test_a_removed_user_is_logged_out(tmp_path, viewer_runs):
+    data = tmp_path / "data"
+    shutil.copytree(viewer_runs / "default" / "ddp", data / "default" / "ddp")
+    config = tmp_path / "config"
+    cli(config, "user", "add", "carol", "--password-stdin", stdin=PASSWORD + "\n")
+    s = Server(data, config)
+    try:
+        with s.client() as c:
+            assert login(c, "carol").status_code == 200
+            assert c.get("/api/runs").status_code == 200
+            assert cli(config, "user", "remove", "carol").returncode == 0
+            assert c.get("/api/runs").status_code == 401
+    finally:
+        s.stop()
