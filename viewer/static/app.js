@@ -46,8 +46,13 @@
 //              double-click resets
 //              items: .item-card[data-kind][data-item][data-run][data-drawn="1"] with
 //              input.step-slider (set .value + dispatch "input", or koboSetStep) and
-//              .step-label ("step 1,200  (7/11)"); histograms canvas.heatmap;
-//              tensors canvas.tensor-heat
+//              .step-label ("step 1,200  (7/11)"); data-rank = the rank whose rows are
+//              shown (set once they loaded; 0, or the lowest rank that logged the item);
+//              select.item-rank (only when several ranks logged it; set .value and
+//              dispatch "change"), span.rank-tag ("rank 1") when the only rank is not 0;
+//              .chart-info ("6 steps", or "500 of 800 steps" when the server thinned
+//              histogram rows; the card then has class .thinned); histograms
+//              canvas.heatmap; tensors canvas.tensor-heat
 //              output: pre#output-text, button#load-earlier, input#follow-output
 //   toasts:    #toasts .toast (errors not already shown in place)
 // Playwright: wait_for_function("...") with a string compiles it with new Function,

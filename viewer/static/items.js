@@ -1,6 +1,8 @@
 // Rich values: media, tables, histograms, KDE curves and tensors.
 // One card per (run, name); cards load lazily when scrolled into view and
-// re-read their rows when the run summary's count for that name changes.
+// re-read their rows when the run summary's count for that name (at the rank
+// the card shows) changes.  A name logged by several ranks gets a rank select
+// on its card; one logged only by other ranks than 0 shows its lowest rank.
 
 import { api } from "./api.js";
 import { reportError } from "./state.js";
@@ -38,11 +40,17 @@ class StepSlider {
     this.el = el("div.step-ctl", this.prev, this.input, this.next, this.label, this.latest);
   }
 
+  /** New rows: keep following the latest, else stay on the shown step (or the last one before it). */
   setRows(rows) {
+    const old = this.index >= 0 ? this.rows[this.index] : null;
     this.rows = rows;
     this.input.max = String(Math.max(0, rows.length - 1));
     this.el.classList.toggle("single", rows.length <= 1);
-    const i = this.follow || this.index < 0 ? rows.length - 1 : Math.min(this.index, rows.length - 1);
+    let i = rows.length - 1;
+    if (!this.follow && old) {
+      i = 0;
+      for (let j = 0; j < rows.length; j++) if (rows[j].step <= old.step) i = j;
+    }
     this.set(i, false, true);
   }
 
@@ -149,12 +157,16 @@ export class ItemsPanel {
         const g = this.group(groupOf(e.name));
         g.grid.append(card.el);
         this.io.observe(card.el);
-      } else if (card.count !== e.count) {
-        card.count = e.count;
-        if (card.active) card.reloadSoon();
+      } else {
+        card.setInfo(e.info);
       }
     }
     this.applyFilter();
+  }
+
+  /** The tab is shown again: cards whose rows changed while it was hidden re-read them. */
+  shown() {
+    for (const c of this.cards.values()) if (c.stale) { c.stale = false; c.reloadSoon(); }
   }
 
   group(name) {
@@ -193,27 +205,103 @@ export class ItemsPanel {
 
 // =============================================================================
 
+/** The ranks that logged an item (summary `ranks`, sorted), [0] for a summary without them. */
+function itemRanks(info) {
+  const r = info && Array.isArray(info.ranks) && info.ranks.length ? info.ranks : [0];
+  return r.map(Number).sort((a, b) => a - b);
+}
+
 class ItemCard {
   constructor(panel, entry) {
     this.panel = panel;
     this.key = entry.key;
     this.name = entry.name;
+    this.info = entry.info || {};
     this.count = entry.count;
-    this.rank = 0;
+    this.ranks = itemRanks(this.info);
+    // rank 0 when it logged this item, else the lowest rank that did
+    this.rank = this.ranks.includes(0) ? 0 : this.ranks[0];
+    this.loaded = null;              // rows the server held for (rank) at the last load (before thinning)
     this.rows = [];
     this.active = false;
     this.slider = new StepSlider((row, i) => this.show(row, i));
     const multi = panel.view.runs.length > 1;
     this.body = el("div.item-body", el("div.item-loading", "loading…"));
     this.countEl = el("span.chart-info");
+    this.rankSel = el("select.item-rank", { title: "rank", "aria-label": `rank of ${entry.name}` });
+    this.rankSel.addEventListener("change", () => this.setRank(Number(this.rankSel.value)));
+    this.rankTag = el("span.rank-tag");
     this.el = el(`div.item-card.${panel.kind}-card`, { dataset: { item: entry.name, kind: panel.kind, run: entry.key } },
       el("div.chart-head",
         multi ? el("span.swatch", { style: { background: runColor(entry.key) }, title: panel.view.runLabel(entry.key) }) : null,
         el("span.chart-title", { title: entry.name }, entry.name),
         multi ? el("span.run-tag", panel.view.runLabel(entry.key)) : null,
-        el("span.spacer"), this.countEl),
+        el("span.spacer"), this.rankTag, this.rankSel, this.countEl),
       this.slider.el, this.body);
     this.el._card = this;
+    this.updateRankSelect();
+  }
+
+  /** Rows the summary says the shown rank holds (the item's total for a summary without counts_by_rank). */
+  expected() {
+    const by = this.info.counts_by_rank;
+    if (by && typeof by === "object") return by[String(this.rank)] ?? 0;
+    return this.count ?? 0;
+  }
+
+  /** The summary's entry for this item changed (live): new ranks, new counts. */
+  setInfo(info) {
+    this.info = info || {};
+    this.count = this.info.count ?? this.count;
+    const ranks = itemRanks(this.info);
+    let moved = false;
+    if (ranks.join(",") !== this.ranks.join(",")) {
+      this.ranks = ranks;
+      if (!ranks.includes(this.rank)) {   // the shown rank holds no rows (an entry without ranks before)
+        this.rank = ranks.includes(0) ? 0 : ranks[0];
+        moved = true;
+      }
+      this.updateRankSelect();
+    } else this.updateRankCounts();
+    if (this.active && (moved || (this.loaded !== null && this.expected() !== this.loaded))) this.reloadSoon();
+  }
+
+  updateRankSelect() {
+    const many = this.ranks.length > 1;
+    clear(this.rankSel);
+    if (many) {
+      for (const r of this.ranks) this.rankSel.append(el("option", { value: String(r) }, `rank ${r}`));
+      this.rankSel.value = String(this.rank);
+    }
+    this.rankSel.hidden = !many;
+    // a single rank other than 0: say which one is shown
+    this.rankTag.hidden = many || this.rank === 0;
+    this.rankTag.textContent = `rank ${this.rank}`;
+    this.updateRankCounts();
+  }
+
+  /** Rows per rank in the select's tooltip ("rank 0: 6 steps · rank 1: 6 steps"). */
+  updateRankCounts() {
+    const by = this.info.counts_by_rank || {};
+    this.rankSel.title = this.ranks.map((r) => (by[String(r)] === undefined ? `rank ${r}` : `rank ${r}: ${fmtInt(by[String(r)])} steps`)).join(" · ");
+  }
+
+  /** Show another rank's rows (the rank select). */
+  setRank(r) {
+    if (r === this.rank || !this.ranks.includes(r)) return;
+    this.rank = r;
+    this.rankSel.value = String(r);
+    this.rankTag.textContent = `rank ${r}`;
+    if (this.active) this.load(); else this.activate();
+  }
+
+  /** Count label: rows shown (and rows held, when the server thinned them). */
+  setCountLabel(data) {
+    const n = this.rows.length;
+    const total = typeof data.total === "number" ? data.total : n;
+    this.countEl.textContent = total > n ? `${fmtInt(n)} of ${fmtInt(total)} steps` : `${fmtInt(n)} step${n === 1 ? "" : "s"}`;
+    this.countEl.title = total > n ? `${fmtInt(total)} steps logged; ${fmtInt(n)} evenly spaced ones shown (first and last kept)` : "";
+    this.el.classList.toggle("thinned", total > n);
   }
 
   activate() {
@@ -223,22 +311,27 @@ class ItemCard {
     this.load();
   }
 
+  /** Re-read the rows soon (now if the tab is shown; when it is shown again otherwise). */
   reloadSoon() {
+    if (!this.active) return;
+    if (this.panel.el.hidden) { this.stale = true; return; }
     if (this.timer) return;
     this.timer = setTimeout(() => { this.timer = null; this.load(); }, 400);
   }
 
   async load() {
     const gen = (this.gen = (this.gen || 0) + 1);
+    const rank = this.rank;
     try {
-      const data = await api.items(this.key, this.panel.spec.endpoint, this.name, this.rank);
+      const data = await api.items(this.key, this.panel.spec.endpoint, this.name, rank);
       if (gen !== this.gen) return;
       this.rows = data.rows || [];
-      this.count = Math.max(this.count, this.rows.length);
-      this.countEl.textContent = `${fmtInt(this.rows.length)} step${this.rows.length === 1 ? "" : "s"}`;
+      this.loaded = typeof data.total === "number" ? data.total : this.rows.length;
+      this.el.dataset.rank = String(rank);
+      this.setCountLabel(data);
       this.el.querySelector(".item-error")?.remove();
       if (!this.rows.length) {
-        clear(this.body).append(el("div.chart-empty", "no rows yet"));
+        this.resetBody().append(el("div.chart-empty", "no rows yet"));
         this.slider.setRows([]);
         this.drawn();
         return;
@@ -247,7 +340,8 @@ class ItemCard {
       this.slider.setRows(this.rows);
     } catch (e) {
       if (gen !== this.gen) return;
-      clear(this.body);
+      this.loaded = null;
+      this.resetBody();
       this.el.append(el("div.item-error.chart-error", e.message));
       reportError(e, `${this.panel.kind} ${this.name}`, { toast: false });
       this.drawn();
@@ -255,6 +349,14 @@ class ItemCard {
   }
 
   rowsLoaded() {}
+
+  /** Empty the body (a message goes there); cards that build a layout once drop it so the next rows rebuild it. */
+  resetBody() {
+    this.dropLayout();
+    return clear(this.body);
+  }
+
+  dropLayout() {}
 
   drawn() {
     if (this.el.dataset.drawn !== "1") {
@@ -494,6 +596,12 @@ class HistogramCard extends ItemCard {
     this.barTipEl.style.top = "4px";
   }
 
+  dropLayout() {
+    if (this.u) this.u.destroy();
+    this.u = null;
+    this.heat = null;
+  }
+
   destroy() { super.destroy(); if (this.u) this.u.destroy(); }
 }
 
@@ -579,6 +687,15 @@ class KdeCard extends ItemCard {
     this.tip.style.top = "4px";
   }
 
+  dropLayout() {
+    if (this.u) this.u.destroy();
+    this.u = null;
+    this.overlay = null;
+    this.plot = null;
+    if (this.ro) this.ro.disconnect();
+    this.ro = null;
+  }
+
   destroy() { super.destroy(); if (this.u) this.u.destroy(); if (this.ro) this.ro.disconnect(); }
 }
 
@@ -589,6 +706,8 @@ class TensorCard extends ItemCard {
     super(panel, entry);
     this.el.classList.add("wide");
   }
+
+  dropLayout() { this.canvas = null; this.hm = null; }
 
   rowsLoaded() {
     if (!this.canvas) {
