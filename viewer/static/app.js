@@ -35,7 +35,8 @@
 //              input#run-filter, input#run-regex, select#project-filter,
 //              #filter-error (the server's 400 message), button#compare-btn
 //   run view:  .run-header (.badge[data-status], .dropped-banner when calls were dropped,
-//              .error-box when a run cannot be read), .live-dot[data-state]
+//              .error-box when a run cannot be read, .duration and .last-commit from the
+//              summary's duration / last_commit, as in the runs list), .live-dot[data-state]
 //              nav#tabs button.tab[data-tab=scalars|media|tables|histograms|kde|tensors|
 //              output|events|config] (or ?tab= in the hash)
 //              scalars: select#x-axis, input#log-y, input#smoothing (range; set .value and

@@ -328,7 +328,7 @@ export class ScalarsPanel {
     }
   }
 
-  /** event: run -> {run, lengths: {"rank/metric": n}} */
+  /** event: run -> {run, lengths: {"rank/metric": n}}.  Returns true when `lengths` names a metric, or a rank of one, that the summary did not list. */
   onLive(runKey, lengths) {
     let unknown = false;
     for (const [k, n] of Object.entries(lengths || {})) {
@@ -336,7 +336,10 @@ export class ScalarsPanel {
       const rank = Number(k.slice(0, i));
       const metric = k.slice(i + 1);
       const card = this.cards.get(metric);
-      if (!card || !card.runs.some((r) => r.key === runKey)) { unknown = true; continue; }
+      const run = card && card.runs.find((r) => r.key === runKey);
+      if (!run) { unknown = true; continue; }
+      const ranks = run.info && run.info.ranks && run.info.ranks.length ? run.info.ranks : [0];
+      if (!ranks.includes(rank)) unknown = true;
       card.onLength(runKey, rank, n);
     }
     return unknown;

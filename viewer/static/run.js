@@ -19,18 +19,59 @@ export function statusBadge(status) {
     cls === "running" ? el("span.pulse") : null, s === "?" ? "unknown" : s);
 }
 
+// Duration and last step come from the summary's `duration` / `last_step`, the
+// runs list's own numbers (finished - created, or last commit - created while
+// running), so both pages agree; older summaries without them fall back.
 function duration(s) {
   if (!s) return null;
-  if (s.duration !== undefined && s.duration !== null && s.status !== "running") return s.duration;
+  if (s.duration !== undefined && s.duration !== null) return s.duration;
   if (s.finished_at && s.created_at) return s.finished_at - s.created_at;
-  if (s.status === "running" && s.created_at) return Math.max(s.duration || 0, Date.now() / 1000 - s.created_at);
-  return s.duration ?? null;
+  if (s.last_commit && s.created_at) return Math.max(0, s.last_commit - s.created_at);
+  return null;
 }
 
 function lastStep(s) {
+  if (s && s.last_step !== undefined && s.last_step !== null) return s.last_step;
   let m = null;
   for (const x of (s && s.metrics) || []) if (x.last_step !== null && x.last_step !== undefined && (m === null || x.last_step > m)) m = x.last_step;
   return m;
+}
+
+/** "just now" / "3 min ago" for the last commit (updated every second). */
+function lastCommitText(s) {
+  return s && s.last_commit ? fmtAgo(s.last_commit) : "–";
+}
+
+/** Ranks that logged anything: the metrics' and every item's (the runs list counts the same). */
+function runRanks(s) {
+  const r = new Set((s && s.ranks) || []);
+  for (const list of Object.values((s && s.items) || {})) for (const it of list || []) for (const k of it.ranks || []) r.add(Number(k));
+  return [...r].sort((a, b) => a - b);
+}
+
+/** "0, 1 (world size 2)": the ranks that logged, or their count when the summary knows of more. */
+function ranksText(s) {
+  const ranks = runRanks(s);
+  const n = Math.max(ranks.length, s.num_ranks || 0);
+  const list = ranks.length === n ? (ranks.length ? ranks.join(", ") : "0") : `${n}`;
+  return `${list}${s.world_size ? ` (world size ${s.world_size})` : ""}`;
+}
+
+// The live event's `items` (largest row id per table) of the kinds that have names:
+// media, tables, tensors, KDE (histograms live in files: see otherBytes).
+const ITEM_TABLES = ["media", "tables", "tensors", "kde"];
+
+/**
+ * Bytes of committed files the event does not itemise (the histogram vaults):
+ * the version string's committed total minus the scalar lengths and output.log.
+ * null when the version does not have the expected shape.
+ */
+function otherBytes(d) {
+  const m = /:(\d+):(\d+):([\d.]*)$/.exec(d.version || "");
+  if (!m || typeof d.output !== "number") return null;
+  let n = Number(m[2]) - d.output;
+  for (const v of Object.values(d.lengths || {})) n -= v;
+  return n;
 }
 
 export class RunView {
@@ -51,7 +92,12 @@ export class RunView {
     if (!["step", "global_step", "relative", "wall"].includes(this.opts.x)) this.opts.x = "step";
     this.tab = TABS.some(([t]) => t === this.params.get("tab")) ? this.params.get("tab") : "scalars";
     this.isReady = false;
+    this.live = null;
+    this.liveLast = new Map();   // run -> {version, status, items, output, other} of its last event
     this.refreshSummary = throttle(() => this.reloadSummaries().catch((e) => reportError(e, "summary")), 1500);
+    // header numbers (last step, duration, dropped) of a running run that committed: at most every 5 s,
+    // as often as the runs list refreshes them
+    this.refreshHeader = throttle(() => this.reloadSummaries().catch((e) => reportError(e, "summary")), 5000);
 
     this.headerEl = el("section.run-header", el("div.skeleton", "Loading run…"));
     this.tabsEl = el("nav.tabs#tabs", { role: "tablist" });
@@ -120,7 +166,7 @@ export class RunView {
     this.switchTab(this.tab, false);
     this.live = new LiveStream(`/api/events?runs=${this.runs.map((k) => encodeURIComponent(k)).join(",")}`, {
       run: (d) => this.onRunEvent(d),
-      reconnect: () => { this.refreshSummary(); this.panels.scalars?.resync(); },
+      reconnect: () => { this.liveLast.clear(); this.refreshSummary(); this.panels.scalars?.resync(); },
       status: (s) => this.setLiveDot(s),
     });
     this.tick = setInterval(() => this.updateDurations(), 1000);
@@ -141,31 +187,69 @@ export class RunView {
     this.renderHeader();
     this.renderTabs();
     for (const p of Object.values(this.panels)) p.sync?.();
-    for (const p of Object.values(this.panels)) p.onVersion?.();
   }
 
+  /**
+   * event: run -> what changed since the run's previous event decides what is re-read:
+   * `lengths` -> the scalar tails (the summary only for a metric or rank not in it);
+   * `items`   -> the summary for media / tables / tensors / KDE (it holds their names and
+   *              per-rank counts; cards whose count changed re-read their rows), the
+   *              events tab for `events`;
+   * `output`  -> the output tail;
+   * histogram vaults (not itemised: the rest of the version's committed total) -> the summary;
+   * status   -> the summary.  A running run that committed also refreshes its header
+   * numbers at most every 5 s.  An event without `items` (an older server): the summary
+   * on every version change.
+   */
   onRunEvent(d) {
     const key = d.run;
     const s = this.summaries.get(key);
     if (!s) return;
+    const prev = this.liveLast.get(key);
+    const hasItems = d.items && typeof d.items === "object" && typeof d.output === "number";
+    const cur = { version: d.version, status: d.status, items: hasItems ? d.items : null, output: hasItems ? d.output : null, other: hasItems ? otherBytes(d) : null };
+    this.liveLast.set(key, cur);
+    let summary = false;
     if (d.status && d.status !== s.status) {
       s.status = d.status;
       this.updateBadges();
       this.setLiveDot(koboState.sse);
-      this.refreshSummary();
+      summary = true;
     }
-    let unknown = false;
-    if (this.panels.scalars && d.lengths) unknown = this.panels.scalars.onLive(key, d.lengths);
-    else if (d.lengths) {
-      const known = new Set((s.metrics || []).map((m) => m.name));
-      unknown = Object.keys(d.lengths).some((k) => !known.has(k.slice(k.indexOf("/") + 1)));
+    if (d.lengths) {
+      if (this.panels.scalars) summary = this.panels.scalars.onLive(key, d.lengths) || summary;
+      else {
+        const known = new Set();
+        for (const m of s.metrics || []) for (const r of m.ranks && m.ranks.length ? m.ranks : [0]) known.add(`${r}/${m.name}`);
+        if (Object.keys(d.lengths).some((k) => !known.has(k))) summary = true;
+      }
     }
-    if (unknown || (d.version && d.version !== s.version)) this.refreshSummary();
+    const versionChanged = !!d.version && d.version !== (prev ? prev.version : s.version);
+    if (!hasItems) {
+      if (versionChanged) {
+        summary = true;
+        this.panels.output?.onVersion?.(key);
+        this.panels.events?.onVersion?.(key);
+      }
+    } else if (!prev || !prev.items) {
+      // the first event after (re)connecting: compare with what the page read
+      if (d.version !== s.version) summary = true;
+      this.panels.output?.onOutput?.(key, d.output);
+      if (d.version !== s.version) this.panels.events?.onVersion?.(key);
+    } else {
+      for (const t of ITEM_TABLES) if ((d.items[t] ?? 0) !== (prev.items[t] ?? 0)) summary = true;
+      if ((d.items.events ?? 0) !== (prev.items.events ?? 0)) this.panels.events?.onVersion?.(key);
+      if (d.output !== prev.output) this.panels.output?.onOutput?.(key, d.output);
+      if (cur.other === null || prev.other === null ? versionChanged : cur.other !== prev.other) summary = true;
+    }
+    if (summary) this.refreshSummary();
+    else if (versionChanged && (d.status || s.status) === "running") this.refreshHeader();
   }
 
   // ---- header --------------------------------------------------------------------
 
   renderHeader() {
+    const peekOpen = !!this.headerEl.querySelector("details.config-peek[open]");   // a live refresh keeps it open
     const h = clear(this.headerEl);
     for (const [k, e] of this.failed) {
       h.append(el("div.error-box", el("strong", `Cannot read run ${k}: `), e.message));
@@ -188,10 +272,11 @@ export class RunView {
           meta("created", el("span", { title: fmtTime(s.created_at) }, `${fmtTime(s.created_at)} (${fmtAgo(s.created_at)})`)),
           meta("duration", el("span.duration", { dataset: { run: key } }, fmtDuration(duration(s)))),
           meta("last step", fmtInt(lastStep(s))),
-          meta("ranks", `${(s.ranks || []).length ? (s.ranks || []).join(", ") : "0"}${s.world_size ? ` (world size ${s.world_size})` : ""}`),
+          s.last_commit ? meta("last commit", el("span.last-commit", { title: fmtTime(s.last_commit), dataset: { run: key } }, lastCommitText(s))) : null,
+          meta("ranks", ranksText(s)),
           meta("dropped", el(`span.${(s.dropped && s.dropped.calls) > 0 ? "dropped-warn" : "muted"}`, fmtInt((s.dropped && s.dropped.calls) || 0)))),
         dropWarning(s),
-        cfg.length ? el("details.config-peek", el("summary", `Config (${cfg.length} key${cfg.length === 1 ? "" : "s"})`), configTable([[key, s.config || {}]], () => key)) : null,
+        cfg.length ? el("details.config-peek", { open: peekOpen }, el("summary", `Config (${cfg.length} key${cfg.length === 1 ? "" : "s"})`), configTable([[key, s.config || {}]], () => key)) : null,
       ].filter(Boolean));
       document.title = `${s.name || s.run_id} · KohakuBoard`;
     } else {
@@ -210,7 +295,7 @@ export class RunView {
           el("td", { title: fmtTime(s.created_at) }, fmtAgo(s.created_at)),
           el("td.duration", { dataset: { run: k } }, fmtDuration(duration(s))),
           el("td.num", fmtInt(lastStep(s))),
-          el("td", (s.ranks || [0]).length > 1 ? `${(s.ranks || []).length} ranks` : "1"),
+          el("td", Math.max(runRanks(s).length, s.num_ranks || 0) > 1 ? `${Math.max(runRanks(s).length, s.num_ranks || 0)} ranks` : "1"),
           el(`td.num${(s.dropped && s.dropped.calls) > 0 ? ".dropped-warn" : ""}`, fmtInt((s.dropped && s.dropped.calls) || 0)),
           el("td", rm));
       });
@@ -246,10 +331,11 @@ export class RunView {
     }
   }
 
+  /** Every second: "last commit 12 s ago" (the duration itself is the summary's, refreshed with it). */
   updateDurations() {
-    for (const d of this.headerEl.querySelectorAll(".duration")) {
+    for (const d of this.headerEl.querySelectorAll(".last-commit")) {
       const s = this.summaries.get(d.dataset.run);
-      if (s && s.status === "running") d.textContent = fmtDuration(duration(s));
+      if (s) d.textContent = lastCommitText(s);
     }
   }
 
@@ -371,7 +457,11 @@ class RunPicker {
   }
 }
 
-const utf8 = new TextEncoder();
+// The output tab reads logs/output.log in byte ranges: each response says where it
+// starts (`offset`) and ends (`end`), so the page never counts bytes of decoded
+// text (a chunk cut inside a UTF-8 character decodes with a replacement char).
+const OUTPUT_KEEP = 4 << 20;         // bytes kept in the page while following; older chunks are dropped
+const OUTPUT_JUMP = 1 << 20;         // more new output than this: read the tail afresh
 
 class OutputPanel {
   constructor(view) {
@@ -389,21 +479,42 @@ class OutputPanel {
       const atEnd = this.pre.scrollTop + this.pre.clientHeight >= this.pre.scrollHeight - 4;
       if (this.follow.checked !== atEnd && !this.programmatic) this.follow.checked = atEnd;
     });
-    this.onVersion = throttle(() => { if (this.el.hidden) this.stale = true; else this.loadNew(); }, 1000);
+    this.tail = throttle(() => { if (this.el.hidden) this.stale = true; else this.loadNew(); }, 1000);
+    this.chunks = [];                // [{offset, end, text}] in file order, contiguous
+    this.size = 0;                   // committed bytes of output.log (last response or live event)
     this.load();
   }
 
+  get start() { return this.chunks.length ? this.chunks[0].offset : this.end; }
+
+  /** The live event's committed byte count of the shown run's output.log. */
+  onOutput(key, size) {
+    if (key !== this.picker.key || typeof size !== "number") return;
+    if (size === this.end && size === this.size) return;
+    this.size = size;
+    this.tail();
+  }
+
+  /** The run changed (older servers, whose events carry no `output`). */
+  onVersion(key) {
+    if (!key || key === this.picker.key) this.tail();
+  }
+
   async load() {
-    this.start = this.end = 0;
-    this.raw = "";
+    const gen = (this.gen = (this.gen || 0) + 1);
+    this.loading = false;            // a tail read still in flight belongs to the old generation
+    this.chunks = [];
+    this.end = undefined;
     this.pre.textContent = "loading…";
     try {
       const d = await api.logs(this.picker.key);
-      this.start = d.offset || 0;
-      this.raw = d.text || "";
-      this.end = Math.min(d.size ?? Infinity, this.start + utf8.encode(this.raw).length);
+      if (gen !== this.gen) return;
+      this.size = d.size ?? 0;
+      this.end = this.chunkEnd(d, d.offset || 0);
+      if (this.end > (d.offset || 0)) this.chunks.push({ offset: d.offset || 0, end: this.end, text: d.text || "" });
       this.draw(true);
     } catch (e) {
+      if (gen !== this.gen) return;
       this.pre.textContent = "";
       this.pre.append(el("span.error-text", `Cannot read the output: ${e.message}`));
       reportError(e, "output", { toast: false });
@@ -411,33 +522,70 @@ class OutputPanel {
     this.view.markReady();
   }
 
+  /** A response's end byte (the server's `end`: bytes [offset, end) were read). */
+  chunkEnd(d, from) {
+    if (typeof d.end !== "number") throw new Error("the logs response has no `end`");
+    return Math.max(d.offset ?? from, d.end);
+  }
+
   async loadNew() {
     if (this.loading || this.end === undefined) return;
+    const gen = this.gen;
     this.loading = true;
+    let more = false;
     try {
+      if (this.follow.checked && this.size - this.end > OUTPUT_JUMP) { this.loading = false; return this.load(); }
       const d = await api.logs(this.picker.key, { offset: this.end });
-      if (d.text) {
-        this.raw += d.text;
-        this.end = Math.min(d.size ?? Infinity, (d.offset ?? this.end) + utf8.encode(d.text).length);
-        this.draw(this.follow.checked);
-      } else if (d.size !== undefined && d.size < this.end) {
-        this.load();     // the log shrank (replaced): start over
+      if (gen !== this.gen) return;
+      this.size = d.size ?? this.size;
+      const from = d.offset ?? this.end;
+      const end = this.chunkEnd(d, from);
+      if (d.size !== undefined && d.size < this.end) {
+        this.loading = false;
+        return this.load();        // the log shrank (replaced): start over
       }
+      if (end > from && from === this.end) {
+        this.chunks.push({ offset: from, end, text: d.text || "" });
+        this.end = end;
+        this.trim();
+        this.draw(this.follow.checked);
+      }
+      more = this.end < this.size;  // the response was cut at its limit: read on
     } catch (e) {
       reportError(e, "output");
     } finally {
-      this.loading = false;
+      if (gen === this.gen) this.loading = false;
     }
+    if (more) { if (this.el.hidden) this.stale = true; else this.loadNew(); }
+  }
+
+  /** Keep at most OUTPUT_KEEP bytes while following (whole chunks; "Load earlier" reads them again). */
+  trim() {
+    if (!this.follow.checked) return;
+    while (this.chunks.length > 1 && this.end - this.chunks[1].offset >= OUTPUT_KEEP) this.chunks.shift();
   }
 
   async loadEarlier() {
-    if (!this.start) return;
-    const from = Math.max(0, this.start - 65536);
+    const start = this.start;
+    if (!start) return;
+    const from = Math.max(0, start - 65536);
     try {
-      const d = await api.logs(this.picker.key, { offset: from, limit: this.start - from });
+      let d = await api.logs(this.picker.key, { offset: from, limit: start - from });
+      if (start !== this.start) return;
+      let off = d.offset ?? from;
+      let end = this.chunkEnd(d, off);
+      if (end !== start || off >= start) return;   // not the bytes just before the shown ones
+      const first = this.chunks[0];
+      if (first && /\ufffd$/.test(d.text || "") && /^\ufffd/.test(first.text) && first.end - off <= OUTPUT_JUMP) {
+        // the old cut fell inside a UTF-8 character: read both pieces as one range so it decodes whole
+        d = await api.logs(this.picker.key, { offset: off, limit: first.end - off });
+        if (start !== this.start || this.chunks[0] !== first) return;
+        if ((d.offset ?? off) !== off || this.chunkEnd(d, off) !== first.end) return;
+        end = first.end;
+        this.chunks.shift();
+      }
       const h0 = this.pre.scrollHeight;
-      this.raw = (d.text || "") + this.raw;
-      this.start = d.offset ?? from;
+      this.chunks.unshift({ offset: off, end, text: d.text || "" });
       this.draw(false);
       this.pre.scrollTop += this.pre.scrollHeight - h0;
     } catch (e) {
@@ -446,13 +594,13 @@ class OutputPanel {
   }
 
   draw(scroll) {
-    let raw = this.raw;
+    let raw = this.chunks.map((c) => c.text).join("");
     if (this.start > 0) raw = raw.slice(raw.indexOf("\n") + 1);   // hide the cut first line
     const text = cleanTerminal(raw);
     this.pre.textContent = text || "";
     if (!text) this.pre.append(el("span.muted", "No output captured yet."));
     this.earlier.hidden = !this.start;
-    this.info.textContent = `${fmtBytes(this.end - this.start)} shown of ${fmtBytes(this.end)}`;
+    this.info.textContent = `${fmtBytes(this.end - this.start)} shown of ${fmtBytes(Math.max(this.end, this.size))}`;
     if (scroll) {
       this.programmatic = true;
       this.pre.scrollTop = this.pre.scrollHeight;
@@ -463,10 +611,9 @@ class OutputPanel {
   shown() {
     if (this.stale) { this.stale = false; this.loadNew(); }
     if (this.follow.checked) this.pre.scrollTop = this.pre.scrollHeight;
-    this.view.markReady();
   }
 
-  destroy() { this.onVersion.cancel?.(); }
+  destroy() { this.tail.cancel?.(); this.gen = (this.gen || 0) + 1; }
 }
 
 // ---- Events ---------------------------------------------------------------------
@@ -477,8 +624,13 @@ class EventsPanel {
     this.picker = new RunPicker(view, () => this.load());
     this.body = el("div.events-body", el("div.item-loading", "loading…"));
     this.el = el("div.events-panel", el("div.controls", el("div.ctl-row", this.picker.el)), this.body);
-    this.onVersion = throttle(() => { if (this.el.hidden) this.stale = true; else this.load(); }, 3000);
+    this.reload = throttle(() => { if (this.el.hidden) this.stale = true; else this.load(); }, 3000);
     this.load();
+  }
+
+  /** The run committed new daemon events (live `items.events`), or changed (older servers). */
+  onVersion(key) {
+    if (!key || key === this.picker.key) this.reload();
   }
 
   shown() {
@@ -523,7 +675,7 @@ class EventsPanel {
     this.view.markReady();
   }
 
-  destroy() { this.onVersion.cancel?.(); }
+  destroy() { this.reload.cancel?.(); }
 }
 
 // ---- Config ---------------------------------------------------------------------
