@@ -34,6 +34,7 @@ from .index import BadName, NotFound, RunIndex, filter_runs
 from .live import LiveHub
 
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
+HISTOGRAM_FILES = set(fmt.HISTOGRAM_FILES.values())
 HASH_RE = re.compile(r"^([0-9a-f]{64})\.([a-z0-9]{1,10})$")
 X_KINDS = ("step", "global_step", "wall", "relative")
 MAX_WIDTH = 10_000
@@ -348,7 +349,9 @@ class Viewer:
             meta = r.metadata
         return {"run": f"{project}/{run_id}", "version": _version(state, meta),
                 "status": str(meta.get("status", "?")), "lengths": state["lengths"], "items": state["items"],
-                "output": state["files"].get(f"{fmt.OUTPUT_LOG}:", 0)}
+                "output": state["files"].get(f"{fmt.OUTPUT_LOG}:", 0),
+                "histograms": {k.split(":", 1)[1]: n for k, n in state["files"].items()
+                               if k.split(":", 1)[0] in HISTOGRAM_FILES}}
 
 
 def _missing_metric(reader: RunReader, metric: str, rank: int | None) -> str:
