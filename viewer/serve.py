@@ -40,8 +40,12 @@ def bind(host: str, port: int, fallback: bool = True) -> tuple[socket.socket, st
     family, _, _, _, addr = infos[0]
 
     def listen(p: int) -> socket.socket:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP and TCP_NODELAY (inherited by accepted connections): asyncio sets
+        # TCP_NODELAY only on sockets it knows are TCP, and without it every response on a
+        # kept-alive connection (headers, then body) waits ~40 ms for a delayed ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.bind((addr[0], p, *addr[2:]))
             sock.listen(128)

@@ -176,3 +176,16 @@ def test_many_pages_on_one_run_share_one_poller(open_server, viewer_runs):
             time.sleep(0.2)
         assert c.get("/api/stats").json()["subscribers"] == 0
     assert httpx.get(s.origin + "/healthz", timeout=5).json() == {"ok": True}
+
+
+def test_kept_alive_connections_answer_without_delayed_ack_stalls(open_server, viewer_runs):
+    """Requests on one kept-alive connection take milliseconds, not the ~40 ms a missing TCP_NODELAY costs."""
+    s = open_server(viewer_runs)
+    with httpx.Client(base_url=s.origin, headers=s.headers(), timeout=10) as c:
+        c.get("/api/runs/default/ddp")
+        times = []
+        for _ in range(9):
+            t0 = time.perf_counter()
+            assert c.get("/api/runs/default/ddp").status_code == 200
+            times.append(time.perf_counter() - t0)
+    assert sorted(times)[4] < 0.035, times
