@@ -11,11 +11,18 @@ another process (the daemon is another process too), same message count.
 finish: ``N_BOARDS`` boards per repeat, each opened (capture_output=True),
 one ``log()`` and a ``flush()`` so nothing is pending, then ``finish()`` timed.
 ``Board()`` open time on the running daemon is reported too (no target).
+
+finish after log: ``N_BOARDS`` boards per repeat opened with
+capture_output=False, one ``log()`` and at once a timed ``finish()`` (the
+daemon must write the call, then mark the run finished), alternating with as
+many fresh boards where one ``log()`` is followed by a timed ``flush()`` (the
+baseline; then an untimed ``finish()``).  Target: within 2x of that flush.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 
 import _common as c
@@ -81,6 +88,7 @@ def main() -> None:
     from kohakuboard.client import Board
 
     flush_meds, flush_p99, finish_meds, open_meds = [], [], [], []
+    fal_meds, fresh_flush_meds = [], []
     nothing_new_us: list[float] = []
     with c.IsolatedDaemon(keep=args.keep) as env:
         t0 = time.perf_counter()
@@ -122,8 +130,30 @@ def main() -> None:
                 fin.append(time.perf_counter() - t0)
             finish_meds.append(c.median(fin) * 1000)
             open_meds.append(c.median(opn) * 1000)
+
+            fal, ffl = [], []
+            for b in range(n_boards):
+                for timed in ("finish", "flush"):
+                    board = Board("fal", {"b": b}, project="ff", run_id=f"fal{r}-{b}-{timed}", base_dir=env.base_dir,
+                                  capture_output=False)
+                    board.log(x=1.0)
+                    t0 = time.perf_counter()
+                    if timed == "finish":
+                        board.finish()
+                        fal.append(time.perf_counter() - t0)
+                    else:
+                        board.flush()
+                        ffl.append(time.perf_counter() - t0)
+                        board.finish()
+            for b in range(n_boards):  # every call is in the run
+                for timed in ("finish", "flush"):
+                    pts = c.read_series(os.path.join(env.base_dir, "ff", f"fal{r}-{b}-{timed}"), "x")
+                    assert len(pts) == 1, (timed, len(pts))
+            fal_meds.append(c.median(fal) * 1000)
+            fresh_flush_meds.append(c.median(ffl) * 1000)
             c.log(f"flush/finish repeat {r + 1}/{args.repeats}: flush median {flush_meds[-1]:.3f} ms "
-                  f"(p99 {flush_p99[-1]:.3f}), finish median {finish_meds[-1]:.2f} ms, open {open_meds[-1]:.1f} ms")
+                  f"(p99 {flush_p99[-1]:.3f}), finish median {finish_meds[-1]:.2f} ms, open {open_meds[-1]:.1f} ms, "
+                  f"finish after log {fal_meds[-1]:.2f} ms vs flush after log {fresh_flush_meds[-1]:.2f} ms")
         zmq_meds = zmq_pingpong(env.dir, n_flush, args.repeats)
     zmq_med = c.median(zmq_meds)
     records = [
@@ -138,6 +168,14 @@ def main() -> None:
                  baseline_values={"flush_idle_ms": c.median(flush_meds)},
                  extra={"boards_per_repeat": n_boards, "board_open_ms_per_repeat": open_meds,
                         "first_board_with_daemon_autostart_s": autostart_s}),
+        c.metric("finish_after_log_ms", "finish() right after one log(), capture_output=False (median)", unit="ms",
+                 target=2 * c.median(fresh_flush_meds), op="<=", values=fal_meds,
+                 baseline=f"flush() right after one log() on a fresh board {c.median(fresh_flush_meds):.3f} ms "
+                 "(target: 2x that)",
+                 baseline_values={"fresh_flush_after_log_ms": c.median(fresh_flush_meds),
+                                  "fresh_flush_per_repeat": fresh_flush_meds},
+                 extra={"boards_per_repeat": n_boards,
+                        "ratio_per_repeat": [a / b for a, b in zip(fal_meds, fresh_flush_meds)]}),
         c.metric("board_open_ms", "Board() open on a running daemon (median, no target)", unit="ms", target=None,
                  op="<=", values=open_meds, baseline=f"first Board incl. daemon autostart {autostart_s * 1000:.0f} ms",
                  baseline_values={"autostart_ms": autostart_s * 1000}),

@@ -8,7 +8,14 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..protocol.errors import BoardClosedError, DaemonUnavailable, KoboError, StorageError, TransportError
+from ..protocol.errors import (
+    BoardClosedError,
+    DaemonUnavailable,
+    KoboError,
+    KoboTimeoutError,
+    StorageError,
+    TransportError,
+)
 from ._rich import RICH_KINDS, Histogram
 from ._values import check_name, to_config, to_scalar
 
@@ -415,21 +422,31 @@ class Board:
         if sender.acked_seq >= last:
             return
         deadline = time.monotonic() + timeout
-        # Fast path: ask the daemon directly (one thread hop less than going
-        # through the sender) to write the batch now and answer when ``last``
-        # is durable.  Anything unusual (a storage error, a daemon restart, no
-        # answer in time) is left to the sender's acknowledged delivery below.
-        wait = min(timeout, 2.0)
+        if self._ask_durable(last, min(timeout, 2.0)):
+            return
+        sender.sync(last, max(0.0, deadline - time.monotonic()))
+
+    def _ask_durable(self, last: int, wait: float, limit: float | None = None) -> bool:
+        """Fast path of flush() and finish(): True when the daemon says ``last`` is durable.
+
+        Asks the daemon directly on the Board's control socket (connected since
+        the run was opened; one thread hop less than going through the sender)
+        to write the batch now and answer when ``last`` is durable.  Anything
+        unusual (a storage error, a daemon restart, no answer in time) returns
+        False and is left to the sender's acknowledged delivery.
+        """
+        sender = self._sender
+        budget = wait + 0.5 if limit is None else max(0.05, min(wait + 0.5, limit))
         try:
             reply = self._conn.request(
-                m.AckRequest, self._env(), wait + 0.5, last, int(wait * 1000), *sender.peer
+                m.AckRequest, self._env(), budget, last, int(wait * 1000), *sender.peer
             )
-            if isinstance(reply, m.Acked) and reply.durable_seq >= last and not reply.error_code:
-                sender.note_durable(reply.durable_seq)
-                return
         except KoboError:
-            pass
-        sender.sync(last, max(0.0, deadline - time.monotonic()))
+            return False
+        if isinstance(reply, m.Acked) and reply.durable_seq >= last and not reply.error_code:
+            sender.note_durable(reply.durable_seq)
+            return True
+        return False
 
     def _raise_sender_error(self) -> None:
         err = self._sender.error
@@ -468,15 +485,32 @@ class Board:
         try:
             with self._lock:
                 sender.flush_drops()
-            try:
-                sender.sync(last, max(0.1, deadline - time.monotonic()))
-            except KoboError as exc:  # storage error, timeout, daemon gone
-                problem = exc
-            if not isinstance(problem, DaemonUnavailable):
+            # One round trip in the usual case: the daemon's FinishRun waits until
+            # everything up to ``last`` is durable (the sender keeps sending
+            # meanwhile), then marks the client finished.  Only when that fails
+            # (the daemon died or restarted, no answer in time) does finish()
+            # wait on the sender's acknowledged delivery (which restarts the
+            # daemon and re-sends) and ask again.
+            done = False
+            if not sender.daemon_down:
                 try:
-                    self._conn.request(m.FinishRun, self._env(), max(0.1, deadline - time.monotonic()), last, status)
-                except KoboError as exc:
-                    problem = problem or exc
+                    reply = self._conn.request(m.FinishRun, self._env(), max(0.1, deadline - time.monotonic()), last, status)
+                    sender.note_durable(reply.durable_seq)
+                    done = True
+                except (StorageError, KoboTimeoutError) as exc:
+                    problem, done = exc, True
+                except KoboError:
+                    pass  # daemon gone: acknowledged delivery below
+            if not done:
+                try:
+                    sender.sync(last, max(0.1, deadline - time.monotonic()))
+                except KoboError as exc:  # storage error, timeout, daemon gone
+                    problem = exc
+                if not isinstance(problem, DaemonUnavailable):
+                    try:
+                        self._conn.request(m.FinishRun, self._env(), max(0.1, deadline - time.monotonic()), last, status)
+                    except KoboError as exc:
+                        problem = problem or exc
         finally:
             stopped = sender.stop(0.5)
             unwritten = sender.unwritten_calls()

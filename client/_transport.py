@@ -510,7 +510,12 @@ class Sender(threading.Thread):
         try:
             ack.send_multipart(codec.encode(req), zmq.NOBLOCK)
         except zmq.Again:
-            pass  # no daemon connected: the alive check notices
+            # Not connected (yet: right after the Board opened, or the daemon is
+            # down and the alive check will notice): ask again on the next turn
+            # of the loop rather than after _ACK_RETRY.
+            if self._unanswered_since is None:
+                self._unanswered_since = now
+            return
         self._query_at = now
         self._query_sync = sync
         if self._unanswered_since is None:

@@ -158,22 +158,27 @@ class RunChannel:
         """
         state = self.clients.get(client)
         writer = await self.ensure_writer()
+        record = False
         if state is not None and state.attached:
             state.attached = False
             state.status = status
-            await self.call(writer.detach, client, status)
+            record = True
         elif state is not None and state.status == status:
             return writer.metadata.get("status", fmt.STATUS_RUNNING)  # a repeated finish
         elif state is not None:
             state.status = status
         if status == fmt.STATUS_CRASHED:
             self.crashed_clients += 1
+        final = None
         if not self.attached:
             final = fmt.STATUS_CRASHED if self.crashed_clients else fmt.STATUS_FINISHED
-            await self.call(writer.set_status, final)
-            self.crashed_clients = 0
-            return final
-        return fmt.STATUS_RUNNING
+        if record or final is not None:
+            # One trip to the writer thread for both (finish() waits on it).
+            await self.call(_detach_and_mark, writer, client if record else None, status, final)
+        if final is None:
+            return fmt.STATUS_RUNNING
+        self.crashed_clients = 0
+        return final
 
     # ------------------------------------------------------------- messages
 
@@ -389,3 +394,11 @@ class RunChannel:
             "write_seconds": round(self.stats.write_seconds, 3),
             "error": str(self.error) if self.error else None,
         }
+
+
+def _detach_and_mark(writer: RunWriter, client: str | None, status: str, final: str | None) -> None:
+    """Writer thread: record ``client``'s end (if given), then the run's ``final`` status (if given)."""
+    if client is not None:
+        writer.detach(client, status)
+    if final is not None:
+        writer.set_status(final)

@@ -22,6 +22,8 @@ matching exception on the client side.
 
 from __future__ import annotations
 
+import sys
+
 
 class KoboError(Exception):
     """Root of every error KohakuBoard raises on purpose."""
@@ -90,10 +92,19 @@ _CLASSES = {code: cls for cls, code in ERROR_CODES.items()}
 
 
 def code_for(exc: BaseException) -> int:
-    """Return the wire code of the most specific known class of ``exc``."""
+    """Return the wire code of the most specific known class of ``exc``.
+
+    A timeout is :class:`KoboTimeoutError`, whatever raised it: on Python >= 3.11
+    ``asyncio.TimeoutError`` is the builtin ``TimeoutError``, an ``OSError``,
+    which must not travel as a :class:`StorageError` (``finish()`` raises those
+    but only warns about timeouts).  Other OSErrors are storage errors.
+    """
     for cls in type(exc).__mro__:
         if cls in ERROR_CODES:
             return ERROR_CODES[cls]  # type: ignore[index]
+    aio = sys.modules.get("asyncio")  # never imported here: the client imports this module
+    if isinstance(exc, TimeoutError) or (aio is not None and isinstance(exc, aio.TimeoutError)):
+        return ERROR_CODES[KoboTimeoutError]
     if isinstance(exc, OSError):
         return ERROR_CODES[StorageError]
     return ERROR_CODES[KoboError]
