@@ -344,5 +344,46 @@ def serve_cmd(args: tuple[str, ...]) -> None:
     serve_main.main(args=list(args), prog_name="kobo serve")
 
 
+@main.group("import")
+def import_group() -> None:
+    """Bring runs written by other tools into KohakuBoard run folders."""
+
+
+@import_group.command("tensorboard")
+@click.argument("logdir", type=click.Path(exists=True, file_okay=False))
+@click.option("--project", default="default", show_default=True, help="Project to put the runs in.")
+@_DIR_OPTION
+@click.option("--replace", is_flag=True,
+              help="Import again a directory whose event files changed since it was imported (its run is rewritten).")
+def import_tensorboard(logdir: str, project: str, base_dir: str, replace: bool) -> None:
+    """Convert the TensorBoard event files under LOGDIR: one run per directory of event files.
+
+    Scalars, images, histograms, text, audio and hparams keep their step (as
+    global_step) and wall time.  Runs already imported are skipped, so running
+    it twice creates no duplicates.  Needs tensorboardX or tensorboard
+    (pip install 'kohakuboard[tensorboard]').  Exit code 1 if a directory failed.
+    """
+    from ..integrations import tbimport
+
+    try:
+        tbimport._tfevents.protos()
+    except ImportError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not tbimport.find_event_dirs(logdir):
+        raise click.ClickException(f"no TensorBoard event files (*tfevents*) under {logdir}")
+    total = tbimport.total_bytes(logdir)
+    with click.progressbar(length=total, label="importing", file=sys.stderr, show_eta=True,
+                           show_pos=False) as bar:
+        results = tbimport.import_logdir(logdir, project=project, base_dir=base_dir, replace=replace,
+                                         progress=bar.update)
+        bar.update(max(0, total - bar.pos))
+    for line in tbimport.iter_summary(results):
+        click.echo(line)
+    n = {a: sum(r.action == a for r in results) for a in ("imported", "replaced", "skipped", "failed")}
+    click.echo(f"{n['imported']} imported, {n['replaced']} replaced, {n['skipped']} skipped, {n['failed']} failed")
+    if n["failed"]:
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
