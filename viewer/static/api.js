@@ -1,7 +1,9 @@
 // The HTTP API of docs/viewer-api.md: JSON helpers, the binary series format,
-// and a Server-Sent Events stream that reconnects with backoff.
+// and a Server-Sent Events stream that reconnects with backoff.  Every URL is
+// relative to the page (`api/...`), so the server may live under a --base-url.
 
 import { koboState } from "./state.js";
+import { authFailed, session } from "./session.js";
 
 export class ApiError extends Error {
   constructor(status, message, url) {
@@ -14,10 +16,10 @@ export class ApiError extends Error {
 
 const enc = encodeURIComponent;
 
-/** "/api/runs/<p>/<r>" for a "project/run_id" key. */
+/** "api/runs/<p>/<r>" (relative to the page) for a "project/run_id" key. */
 export function runBase(key) {
   const i = key.indexOf("/");
-  return `/api/runs/${enc(key.slice(0, i))}/${enc(key.slice(i + 1))}`;
+  return `api/runs/${enc(key.slice(0, i))}/${enc(key.slice(i + 1))}`;
 }
 
 export function query(params) {
@@ -41,19 +43,25 @@ async function errorFrom(resp, url) {
       if (text && text.length < 300 && !/<html/i.test(text)) msg = text.trim() || msg;
     }
   } catch (_) { /* body unreadable */ }
-  if (resp.status === 401 || resp.status === 403) {
+  if ((resp.status === 401 || resp.status === 403) && session.mode !== "serve" && !msg.includes("kobo open")) {
     msg += " (open the URL that `kobo open` printed, with its ?token=, to sign in)";
   }
   return new ApiError(resp.status, msg, url);
 }
 
 async function doFetch(url, opts = {}) {
+  if (session.leaving) return new Promise(() => {});   // going to the login page: nothing more to ask
   let resp;
   try {
     resp = await fetch(url, { credentials: "same-origin", cache: "no-store", ...opts });
   } catch (e) {
     if (e && e.name === "AbortError") throw e;
     throw new ApiError(0, `cannot reach the viewer server (${e && e.message ? e.message : e})`, url);
+  }
+  if (resp.status === 401 || resp.status === 403) {
+    // kobo-serve: the session ended (expired, logged out, user removed) -> the login page;
+    // `kobo open`: a banner says to open the printed URL again (and the error is reported)
+    if (await authFailed(resp.status) === "login") return new Promise(() => {});   // the page is leaving
   }
   if (!resp.ok) throw await errorFrom(resp, url);
   return resp;
@@ -65,7 +73,7 @@ export async function getJSON(url, opts) {
 }
 
 export const api = {
-  runs: (params, opts) => getJSON("/api/runs" + query(params || {}), opts),
+  runs: (params, opts) => getJSON("api/runs" + query(params || {}), opts),
   summary: (key, opts) => getJSON(runBase(key), opts),
   items: (key, kind, name, rank, extra, opts) =>
     getJSON(`${runBase(key)}/${kind}` + query({ name, rank, ...(extra || {}) }), opts),
@@ -131,7 +139,7 @@ export class LiveStream {
   }
 
   connect() {
-    if (this.closed) return;
+    if (this.closed || session.leaving) return;
     koboState.sse = "connecting";
     const es = (this.es = new EventSource(this.url, { withCredentials: true }));
     es.addEventListener("open", () => {
@@ -154,6 +162,7 @@ export class LiveStream {
       if (es.readyState === EventSource.CLOSED) {
         koboState.sse = "closed";
         this.handlers.status?.("closed");
+        this.checkAuth();
         clearTimeout(this.timer);
         this.timer = setTimeout(() => this.connect(), this.backoff);
         this.backoff = Math.min(this.backoff * 2, 30000);
@@ -162,6 +171,18 @@ export class LiveStream {
         this.handlers.status?.("connecting");
       }
     });
+  }
+
+  /**
+   * The server refused the stream (EventSource does not say why): a cheap authenticated
+   * request tells whether the session ended (-> authFailed: the login page or the banner).
+   * Any other failure is left to the reconnects (and the live dot).
+   */
+  checkAuth() {
+    if (session.leaving) return;
+    fetch("api/stats", { credentials: "same-origin", cache: "no-store" })
+      .then((r) => { if ((r.status === 401 || r.status === 403) && !this.closed) authFailed(r.status); })
+      .catch(() => {});
   }
 
   close() {

@@ -1,7 +1,9 @@
-// KohakuBoard viewer (`kobo open`): the single-page app.  No build step:
-// plain ES modules + vendored uPlot (window.uPlot, loaded by index.html).
+// KohakuBoard viewer (`kobo open`, `kobo-serve`): the single-page app.  No build step:
+// plain ES modules + vendored uPlot (window.uPlot, loaded by index.html).  Every URL is
+// relative to the page, so kobo-serve may serve it under a --base-url (/kobo/).
 //
 // Modules: api.js (HTTP + binary series + SSE), state.js (test hooks, routes),
+// session.js (the page's base path, who is logged in, 401 -> login page),
 // runs.js (runs list), run.js (run / compare view, output, events, config),
 // charts.js (scalar charts), items.js (media, tables, histograms, KDE, tensors),
 // util.js (DOM and formatting helpers).
@@ -22,6 +24,8 @@
 //   .errors       [{message, where, time, toast}] every error the page reported
 //                 (also those shown in place; a failed fetch's console line is the browser's)
 //   .sse          "connecting" | "open" | "closed";  .liveUpdates: live tail appends done
+//   .user         kobo-serve: the logged-in user's name once api/session answered; null
+//                 otherwise (`kobo open`, or not asked)
 // window.koboPerf.firstChartDraw   performance.now() of the first chart draw (ms)
 // window.koboZoom(metric, x0, x1)  -> Promise<koboState.charts[metric]>, resolved once the
 //                                    full-resolution data of [x0, x1] is drawn
@@ -56,6 +60,10 @@
 //              canvas.heatmap; tensors canvas.tensor-heat
 //              output: pre#output-text, button#load-earlier, input#follow-output
 //   toasts:    #toasts .toast (errors not already shown in place)
+//   top bar:   #folder (the served DIR); kobo-serve: #user-box (shown once logged in) with
+//              #user-name and button#logout-btn (POST api/logout, then the login page)
+//   #auth-error: `kobo open` only, shown when an API answer is 401/403 (reopen the printed URL);
+//              under kobo-serve a 401 sends the page to `login` instead
 // Playwright: wait_for_function("...") with a string compiles it with new Function,
 // which this page's CSP (no 'unsafe-eval') refuses: use bypass_csp=True for such
 // waits, or poll with page.evaluate / wait_for_selector.
@@ -66,6 +74,7 @@ import { RunView } from "./run.js";
 import { installZoomHook } from "./charts.js";
 import { installStepHook } from "./items.js";
 import { el } from "./util.js";
+import { loadSession, logout, onAuthFailed, session } from "./session.js";
 
 const root = document.getElementById("app");
 const toasts = document.getElementById("toasts");
@@ -101,6 +110,32 @@ function setDir(dir) {
   folderEl.title = `serving ${dir}`;
 }
 
+// ---- who is logged in (kobo-serve) ----------------------------------------------
+
+const userBox = document.getElementById("user-box");
+const logoutBtn = document.getElementById("logout-btn");
+const authError = document.getElementById("auth-error");
+
+function showUser() {
+  koboState.user = session.user;
+  document.getElementById("user-name").textContent = session.user || "";
+  userBox.hidden = !session.user;
+}
+
+logoutBtn.addEventListener("click", () => {
+  logoutBtn.disabled = true;
+  logout().catch((e) => { logoutBtn.disabled = false; reportError(e, "log out"); });
+});
+
+onAuthFailed((status) => {
+  authError.textContent = status === 401
+    ? "Not signed in: open the URL that `kobo open` printed (with its ?token=) again."
+    : "Your session has expired or the viewer was restarted: open the URL that `kobo open` printed (with its ?token=) again.";
+  authError.hidden = false;
+});
+
+loadSession().then(showUser, (e) => reportError(e, "session", { toast: false }));
+
 function route() {
   const r = parseHash();
   if (current && r.view === "run" && current instanceof RunView && current.sameRuns(r.runs)) {
@@ -135,7 +170,7 @@ route();
 // the folder for the top bar when the first page is a run page (the runs page sets it itself)
 if (!(current instanceof RunsPage)) {
   setTimeout(() => {
-    fetch("/api/runs", { credentials: "same-origin" })
+    fetch("api/runs", { credentials: "same-origin" })
       .then((r) => (r.ok ? r.json() : null))
       .then((d) => d && setDir(d.dir))
       .catch(() => {});

@@ -6,6 +6,7 @@
 
 import { api } from "./api.js";
 import { reportError } from "./state.js";
+import { pageUrl } from "./session.js";
 import { el, clear, fmtInt, fmtValue, fmtShort, fmtTime, fmtBytes, runColor, alpha, debounce } from "./util.js";
 import { groupOf, joinSources } from "./charts.js";
 
@@ -372,12 +373,13 @@ class ItemCard {
 
 function mediaNode(m, { thumb = false } = {}) {
   const type = m.media_type || "image";
-  if (type === "video") return el("video", { controls: true, preload: "metadata", src: m.url, class: thumb ? "thumb" : "" });
-  if (type === "audio") return el("audio", { controls: true, preload: "metadata", src: m.url, class: thumb ? "thumb" : "" });
-  const img = el("img", { src: m.url, alt: m.caption || "", loading: "lazy", decoding: "async", class: thumb ? "thumb" : "" });
+  const url = pageUrl(m.url);   // the server's "/media/..." under the page's base path
+  if (type === "video") return el("video", { controls: true, preload: "metadata", src: url, class: thumb ? "thumb" : "" });
+  if (type === "audio") return el("audio", { controls: true, preload: "metadata", src: url, class: thumb ? "thumb" : "" });
+  const img = el("img", { src: url, alt: m.caption || "", loading: "lazy", decoding: "async", class: thumb ? "thumb" : "" });
   if (m.width && m.height) { img.width = m.width; img.height = m.height; }
   if (m.width && m.width < 160) img.classList.add("pixelated");
-  return el("a.media-link", { href: m.url, target: "_blank", rel: "noopener", title: "open full size" }, img);
+  return el("a.media-link", { href: url, target: "_blank", rel: "noopener", title: "open full size" }, img);
 }
 
 class MediaCard extends ItemCard {

@@ -1,6 +1,8 @@
 // The kobo-serve login page: fetch a CSRF token (and a pre-login session cookie) from
 // api/session, then POST the credentials to api/login with it.  Paths are relative to
 // the page, so the server may live under a --base-url.
+import { markServe } from "./session.js";
+
 const form = document.getElementById("login-form");
 const errorBox = document.getElementById("login-error");
 const submit = document.getElementById("login-submit");
@@ -14,6 +16,7 @@ function showError(message) {
 async function session() {
   const r = await fetch("api/session", { credentials: "same-origin", cache: "no-store" });
   const d = await r.json();
+  if (r.ok && d && "csrf" in d) markServe();   // the viewer page at ./ then asks api/session who is logged in
   if (d.user) {
     location.replace("./");   // already logged in
     return;
@@ -49,4 +52,5 @@ form.addEventListener("submit", async (ev) => {
   }
 });
 
+submit.disabled = false;   // disabled in the HTML: without this script the form cannot be sent
 session().catch((err) => showError(`cannot reach the server: ${err.message || err}`));

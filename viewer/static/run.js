@@ -58,20 +58,14 @@ function ranksText(s) {
 }
 
 // The live event's `items` (largest row id per table) of the kinds that have names:
-// media, tables, tensors, KDE (histograms live in files: see otherBytes).
+// media, tables, tensors, KDE (histograms: the event's `histograms`, rows per "rank/name").
 const ITEM_TABLES = ["media", "tables", "tensors", "kde"];
 
-/**
- * Bytes of committed files the event does not itemise (the histogram vaults):
- * the version string's committed total minus the scalar lengths and output.log.
- * null when the version does not have the expected shape.
- */
-function otherBytes(d) {
-  const m = /:(\d+):(\d+):([\d.]*)$/.exec(d.version || "");
-  if (!m || typeof d.output !== "number") return null;
-  let n = Number(m[2]) - d.output;
-  for (const v of Object.values(d.lengths || {})) n -= v;
-  return n;
+/** Whether two `histograms` maps ({"<rank>/<name>": committed rows}) differ. */
+function histogramsChanged(a, b) {
+  const ka = Object.keys(a), kb = Object.keys(b);
+  if (ka.length !== kb.length) return true;
+  return ka.some((k) => a[k] !== b[k]);
 }
 
 export class RunView {
@@ -93,7 +87,7 @@ export class RunView {
     this.tab = TABS.some(([t]) => t === this.params.get("tab")) ? this.params.get("tab") : "scalars";
     this.isReady = false;
     this.live = null;
-    this.liveLast = new Map();   // run -> {version, status, items, output, other} of its last event
+    this.liveLast = new Map();   // run -> {version, status, items, output, histograms} of its last event
     this.refreshSummary = throttle(() => this.reloadSummaries().catch((e) => reportError(e, "summary")), 1500);
     // header numbers (last step, duration, dropped) of a running run that committed: at most every 5 s,
     // as often as the runs list refreshes them
@@ -164,7 +158,7 @@ export class RunView {
     }
     this.renderTabs();
     this.switchTab(this.tab, false);
-    this.live = new LiveStream(`/api/events?runs=${this.runs.map((k) => encodeURIComponent(k)).join(",")}`, {
+    this.live = new LiveStream(`api/events?runs=${this.runs.map((k) => encodeURIComponent(k)).join(",")}`, {
       run: (d) => this.onRunEvent(d),
       reconnect: () => { this.liveLast.clear(); this.refreshSummary(); this.panels.scalars?.resync(); },
       status: (s) => this.setLiveDot(s),
@@ -191,23 +185,25 @@ export class RunView {
 
   /**
    * event: run -> what changed since the run's previous event decides what is re-read:
-   * `lengths` -> the scalar tails (the summary only for a metric or rank not in it);
-   * `items`   -> the summary for media / tables / tensors / KDE (it holds their names and
-   *              per-rank counts; cards whose count changed re-read their rows), the
-   *              events tab for `events`;
-   * `output`  -> the output tail;
-   * histogram vaults (not itemised: the rest of the version's committed total) -> the summary;
-   * status   -> the summary.  A running run that committed also refreshes its header
-   * numbers at most every 5 s.  An event without `items` (an older server): the summary
-   * on every version change.
+   * `lengths`    -> the scalar tails (the summary only for a metric or rank not in it);
+   * `items`      -> the summary for media / tables / tensors / KDE (it holds their names and
+   *                 per-rank counts; cards whose count changed re-read their rows), the
+   *                 events tab for `events`;
+   * `histograms` -> the summary when a rank/name's committed rows changed (or one appeared);
+   * `output`     -> the output tail;
+   * status       -> the summary.  A running run that committed also refreshes its header
+   * numbers at most every 5 s.  An event without `items`/`histograms` (an older server):
+   * the summary on every version change.
    */
   onRunEvent(d) {
     const key = d.run;
     const s = this.summaries.get(key);
     if (!s) return;
     const prev = this.liveLast.get(key);
-    const hasItems = d.items && typeof d.items === "object" && typeof d.output === "number";
-    const cur = { version: d.version, status: d.status, items: hasItems ? d.items : null, output: hasItems ? d.output : null, other: hasItems ? otherBytes(d) : null };
+    const hasItems = !!d.items && typeof d.items === "object" && typeof d.output === "number"
+      && !!d.histograms && typeof d.histograms === "object";
+    const cur = { version: d.version, status: d.status, items: hasItems ? d.items : null, output: hasItems ? d.output : null,
+                  histograms: hasItems ? d.histograms : null };
     this.liveLast.set(key, cur);
     let summary = false;
     if (d.status && d.status !== s.status) {
@@ -238,9 +234,9 @@ export class RunView {
       if (d.version !== s.version) this.panels.events?.onVersion?.(key);
     } else {
       for (const t of ITEM_TABLES) if ((d.items[t] ?? 0) !== (prev.items[t] ?? 0)) summary = true;
+      if (histogramsChanged(cur.histograms, prev.histograms)) summary = true;
       if ((d.items.events ?? 0) !== (prev.items.events ?? 0)) this.panels.events?.onVersion?.(key);
       if (d.output !== prev.output) this.panels.output?.onOutput?.(key, d.output);
-      if (cur.other === null || prev.other === null ? versionChanged : cur.other !== prev.other) summary = true;
     }
     if (summary) this.refreshSummary();
     else if (versionChanged && (d.status || s.status) === "running") this.refreshHeader();

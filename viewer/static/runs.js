@@ -1,5 +1,5 @@
 // The runs list: every project/run with status, filter (server-side q/regex),
-// selection for the compare view, live refresh from /api/events (event: runs).
+// selection for the compare view, live refresh from api/events (event: runs).
 
 import { api, LiveStream } from "./api.js";
 import { koboState, reportError, runHash, replaceHash } from "./state.js";
@@ -68,7 +68,7 @@ export class RunsPage {
     this.tbody.addEventListener("click", (ev) => this.rowClick(ev));
     this.renderHead();
     this.load();
-    this.live = new LiveStream("/api/events", {
+    this.live = new LiveStream("api/events", {
       runs: debounce(() => this.load(true), 400),
       reconnect: () => this.load(true),
     });

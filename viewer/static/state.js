@@ -10,6 +10,7 @@ export const koboState = {
   errors: [],          // [{message, where, time}]
   sse: "closed",       // "connecting" | "open" | "closed" (the current EventSource)
   liveUpdates: 0,      // number of live tail appends done
+  user: null,          // kobo-serve: the logged-in user (null under kobo open)
 };
 export const koboPerf = { firstChartDraw: null, navigationStart: 0 };
 
