@@ -674,6 +674,12 @@ class Connection:
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + 0.2
                     if not daemon_alive(self.ep):
+                        # The request may still wait in the socket's queue: a new
+                        # socket, so that it never reaches a daemon started later.
+                        self._dealer.close(linger=0)
+                        self._dealer = self.ctx.socket(zmq.DEALER)
+                        self._dealer.setsockopt(zmq.LINGER, 0)
+                        self._dealer.connect(self.ep.control_addr)
                         raise DaemonUnavailable(f"kobo-daemon on {self.ep} is not running")
 
     def close(self) -> None:

@@ -83,6 +83,10 @@ class RunChannel:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kobo-writer")
         self.writer: RunWriter | None = None
         self._writer_lock = asyncio.Lock()
+        # One detach at a time: a repeated FinishRun (a client's request that
+        # reached a restarted daemon late, next to its retry) answers with the
+        # status the first one wrote, not the one before it.
+        self._detach_lock = asyncio.Lock()
         self.pending: list[LogMessage | LogBatch] = []
         self._pending_calls = 0
         # Memory held for this run: pending (not yet handed to the writer) and
@@ -156,6 +160,10 @@ class RunChannel:
         instance that died) may finish too: the run gets its final status when
         nobody else is attached.
         """
+        async with self._detach_lock:
+            return await self._detach(client, status)
+
+    async def _detach(self, client: str, status: str) -> str:
         state = self.clients.get(client)
         writer = await self.ensure_writer()
         record = False
