@@ -217,6 +217,13 @@ def _selection(reader: Any, metrics: tuple[str, ...], rank: str) -> list[tuple[s
 
     Resolved before anything is written, so a typo never leaves half a file.
     """
+    if rank != "all" and not metrics:
+        have = reader.ranks()
+        if int(rank) not in have and (have or int(rank) != 0):
+            raise KeyError(
+                f"run {reader.path} has no scalars from rank {rank} "
+                f"(ranks with scalars: {', '.join(map(str, have)) or 'none'}); use --rank N or --rank all"
+            )
     names = list(dict.fromkeys(metrics)) or reader.list_metrics(rank=None if rank == "all" else int(rank))
     out = []
     for name in names:

@@ -68,8 +68,32 @@ def _check_count(what: str, value: Any, minimum: int) -> int:
 
 
 def _check_path_part(what: str, value: str) -> str:
-    if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\0" in value:
-        raise ValueError(f"{what} must be a non-empty name without '/', got {value!r}")
+    """``value`` as given, or ``TypeError``/``ValueError`` saying why it cannot name a folder.
+
+    Never rewritten: the folder is named exactly what was passed.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a string, got {type(value).__name__}")
+    why = None
+    if not value:
+        why = "it is empty"
+    elif value in (".", ".."):
+        why = f"{value!r} is not a folder name but {'this' if value == '.' else 'the parent'} directory"
+    elif "/" in value:
+        why = "it contains '/' (one folder name, not a path)"
+    elif "\0" in value:
+        why = "it contains a NUL character"
+    elif any(ord(c) < 32 for c in value):
+        why = "it contains control characters"
+    elif len(value.encode("utf-8", "surrogatepass")) > 200:
+        why = "it is longer than 200 bytes"
+    else:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            why = "it is not valid Unicode (lone surrogate)"
+    if why is not None:
+        raise ValueError(f"{what}={value!r} cannot name the run's folder: {why}")
     return value
 
 
@@ -89,6 +113,26 @@ def _encode_rich(rich: list[tuple[str, Any]]) -> tuple[list[Any], list[Any]]:
             raise type(exc)(f"cannot log {key!r}: {exc}") from exc
         items.append([key, RICH_KINDS[type(value)], meta, list(range(start, len(blobs)))])
     return items, blobs
+
+
+_KIND_TEXT = {
+    "scalar": "a scalar",
+    "media": "media (an image, video or audio)",
+    "table": "a Table",
+    "histogram": "a Histogram",
+    "tensor": "a TensorLog",
+    "kde": "a KernelDensity",
+}
+
+
+def _check_auto_step(value: Any) -> bool:
+    """``auto_step`` as a bool; anything but a boolean is refused (not silently taken as one)."""
+    if type(value).__name__ == "bool_" and (type(value).__module__ or "").startswith("numpy"):
+        return bool(value)
+    raise TypeError(
+        f"auto_step must be True or False, got {type(value).__name__} {value!r:.40}: auto_step is log()'s own "
+        "argument, so a metric cannot be named 'auto_step' (rename it)"
+    )
 
 
 class Board:
@@ -163,9 +207,13 @@ class Board:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a string, got {type(name).__name__}")
         cfg = ClientConfig.from_env()
-        self.config: dict[str, Any] = to_config(config or {}, "config")
-        if not isinstance(self.config, dict):
-            raise TypeError("config must be a dict")
+        if config is not None and not isinstance(config, dict):
+            from collections.abc import Mapping
+
+            if not isinstance(config, Mapping):
+                raise TypeError(f"config must be a dict, got {type(config).__name__}")
+            config = dict(config)
+        self.config: dict[str, Any] = to_config(config or {}, "config", nonfinite_as_text=True)
         self.project = _check_path_part("project", project)
         self.rank = cfg.rank if rank is None else _check_count("rank", rank, 0)
         self.world_size = cfg.world_size if world_size is None else _check_count("world_size", world_size, 1)
@@ -206,7 +254,9 @@ class Board:
         self._seq = 0
         self._step = -1
         self._global_step = 0
-        self._names: set[str] = set()
+        # name -> kind ("scalar", "media", "table", ...) of every name this run
+        # holds or this client logged: one name, one kind.
+        self._kinds: dict[str, str] = {}
         self._crashed = False
         self._pid = os.getpid()
         self._max_queue = max_queue or cfg.max_queue
@@ -219,6 +269,9 @@ class Board:
         self._reopening = False
 
         reply = self._connect()
+        self._kinds.update(
+            (k, v) for k, v in (reply.kinds or {}).items() if isinstance(k, str) and v in _KIND_TEXT
+        )
         self.resumed = not reply.created
         if self.resumed and reply.attached == 0:
             # Resuming a run nobody else is writing: continue its counters.
@@ -340,33 +393,43 @@ class Board:
         Every value of one call shares one ``(step, global_step)``.
         ``auto_step=False`` reuses the previous call's step.  A value that
         cannot be logged raises ``TypeError``/``ValueError`` naming its key, and
-        nothing of the call is sent.  Raises :class:`BoardClosedError` after
+        nothing of the call is sent; so does a name already used in this run
+        for another kind of value (a scalar, then an image, under one name),
+        and ``auto_step`` given anything but True or False (a metric cannot be
+        named ``auto_step``).  Raises :class:`BoardClosedError` after
         :meth:`finish`.
         """
         if self._closed:
             raise BoardClosedError(f"board {self.run_id!r} is finished; create a new Board to log more")
+        if auto_step is not True and auto_step is not False:
+            auto_step = _check_auto_step(auto_step)
         if self._pid != _pid:
             self._check_process()
         scalars: dict[str, float] = {}
         rich: list[tuple[str, Any]] | None = None
-        names = self._names
+        kinds = self._kinds
+        new: list[tuple[str, str]] | None = None
         for key, value in values.items():
             t = type(value)
             if (t is float or t is int) and -1e308 < value < 1e308:
                 scalars[key] = float(value)
+                kind = "scalar"
             elif t in RICH_KINDS:
                 if rich is None:
                     rich = []
                 rich.append((key, value))
+                kind = RICH_KINDS[t]
             else:
                 scalars[key] = to_scalar(key, value)
-            if key not in names:
-                check_name(key)
-                names.add(key)
+                kind = "scalar"
+            if kinds.get(key) != kind:
+                new = self._new_name(key, kind, new)
         if rich is not None:
             items, blobs = _encode_rich(rich)
         elif not scalars:
             return
+        if new is not None:
+            kinds.update(new)
         with self._lock:
             if auto_step:
                 self._step += 1
@@ -378,6 +441,20 @@ class Board:
             else:
                 env = m.Envelope(self.path, self._client, seq, self.rank, self._step, self._global_step, time.time())
                 self._sender.put(m.LogMessage(env, scalars, items, blobs))
+
+    def _new_name(self, key: str, kind: str, new: list[tuple[str, str]] | None) -> list[tuple[str, str]]:
+        """A name not yet seen as ``kind``: check it; refuse a second kind for one name."""
+        before = self._kinds.get(key)
+        if before is not None:
+            raise TypeError(
+                f"cannot log {key!r} as {_KIND_TEXT[kind]}: this run already has {key!r} as {_KIND_TEXT[before]} "
+                "(one name holds one kind of value; use another name)"
+            )
+        check_name(key)
+        if new is None:
+            new = []
+        new.append((key, kind))
+        return new
 
     def log_histogram(self, name: str, values: Any, **kwargs: Any) -> None:
         """Log one histogram as its own ``log()`` call (a step of its own).

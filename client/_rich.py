@@ -20,6 +20,18 @@ _PRECISIONS = ("exact", "compact")
 MAX_BLOB_BYTES = 256 << 20
 
 
+def _refuse_unknown(cls_name: str, unknown: dict[str, Any], known: tuple[str, ...], extra: str = "") -> None:
+    """Raise ``TypeError`` naming the first unknown keyword argument (and the closest known one)."""
+    if not unknown:
+        return
+    import difflib
+
+    key = next(iter(unknown))
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(known)}"
+    raise TypeError(f"{cls_name}() got an unknown keyword argument {key!r} ({hint}){extra}")
+
+
 def _array_blob(arr: Any, blobs: list[Any]) -> dict[str, Any]:
     """Append a C-contiguous array's buffer to ``blobs``; return its dtype/shape meta."""
     if arr.nbytes > MAX_BLOB_BYTES:
@@ -40,7 +52,10 @@ class Media:
 
     __slots__ = ("data", "caption", "media_type")
 
-    def __init__(self, data: Any, caption: str = "", media_type: str = "auto", **_: Any) -> None:
+    def __init__(self, data: Any, caption: str | None = "", media_type: str = "auto", **unknown: Any) -> None:
+        _refuse_unknown("Media", unknown, ("data", "caption", "media_type"))
+        if caption is None:
+            caption = ""
         if media_type not in _MEDIA_TYPES:
             raise ValueError(f"media_type must be one of {', '.join(_MEDIA_TYPES)}, got {media_type!r}")
         if not isinstance(caption, str):
@@ -66,6 +81,8 @@ class Media:
                 raw = f.read(MAX_BLOB_BYTES + 1)
             if len(raw) > MAX_BLOB_BYTES:
                 raise ValueError(f"media file {path!r} is over the {MAX_BLOB_BYTES >> 20} MiB limit")
+            if not raw:
+                raise ValueError(f"media file {path!r} is empty (0 bytes): nothing to log")
             meta.update(encoding="file", ext=ext, source=os.path.basename(path))
         elif isinstance(data, (bytes, bytearray, memoryview)):
             raw = bytes(data)
@@ -100,7 +117,8 @@ class Table:
 
     __slots__ = ("columns", "rows")
 
-    def __init__(self, data: Any = None, *, columns: Any = None, rows: Any = None) -> None:
+    def __init__(self, data: Any = None, *, columns: Any = None, rows: Any = None, **unknown: Any) -> None:
+        _refuse_unknown("Table", unknown, ("data", "columns", "rows"))
         if data is not None and (columns is not None or rows is not None):
             raise TypeError("pass either a list of dicts or columns= and rows=, not both")
         if data is not None:
@@ -165,7 +183,9 @@ class Histogram:
         *,
         bins: Any = None,
         counts: Any = None,
+        **unknown: Any,
     ) -> None:
+        _refuse_unknown("Histogram", unknown, ("values", "num_bins", "precision", "bins", "counts"))
         if precision not in _PRECISIONS:
             raise ValueError(f"precision must be 'exact' or 'compact', got {precision!r}")
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or not 1 <= num_bins <= 100_000:
@@ -181,8 +201,13 @@ class Histogram:
         self.counts = counts
         self._stats: dict[str, int] = {}
 
+    def _no_values(self) -> None:
+        if self.values is None and self.bins is None:
+            raise TypeError("Histogram(None) has no values (a gradient before backward()?)")
+
     def compute_bins(self) -> "Histogram":
         """Bin the raw values now, in this process; return ``self``."""
+        self._no_values()
         if self.bins is None:
             import numpy as np
 
@@ -217,6 +242,7 @@ class Histogram:
 
         from ._convert import to_numpy
 
+        self._no_values()
         meta: dict[str, Any] = {"precision": self.precision, "num_bins": self.num_bins}
         if self.bins is not None:
             edges = to_numpy(self.bins).astype(np.float64).reshape(-1)
@@ -254,7 +280,8 @@ class TensorLog:
     __slots__ = ("tensor", "namespace", "metadata", "precision")
 
     def __init__(self, tensor: Any, namespace: str | None = None, metadata: dict[str, Any] | None = None,
-                 precision: str | None = None) -> None:
+                 precision: str | None = None, **unknown: Any) -> None:
+        _refuse_unknown("TensorLog", unknown, ("tensor", "namespace", "metadata", "precision"))
         if namespace is not None and not isinstance(namespace, str):
             raise TypeError("namespace must be a string")
         if metadata is not None and not isinstance(metadata, dict):
@@ -273,6 +300,8 @@ class TensorLog:
         from ._convert import to_numpy
         from ._values import to_config
 
+        if self.tensor is None:
+            raise TypeError("TensorLog(None) has no tensor")
         source_dtype = str(getattr(self.tensor, "dtype", ""))
         arr = to_numpy(self.tensor)
         if arr.dtype.kind not in "biufc":
@@ -295,9 +324,13 @@ class KernelDensity:
     """A kernel density estimate.
 
     ``KernelDensity(values=..., grid_size=256, bandwidth=None)`` (the daemon
-    estimates it; ``raw_values=`` and ``num_points=`` are aliases of
-    ``values=`` and ``grid_size=``), or precomputed
-    ``KernelDensity(grid=..., density=...)``.
+    estimates it with a Gaussian kernel over the full finite range of the
+    values; ``raw_values=`` and ``num_points=`` are aliases of ``values=`` and
+    ``grid_size=``; ``bandwidth`` None, ``"auto"`` or ``"scott"`` is Scott's
+    rule; ``kernel`` may only be ``"gaussian"``), or precomputed
+    ``KernelDensity(grid=..., density=...)``.  Other keyword arguments of
+    KohakuBoard's ``KernelDensity`` (``range_min``, ``percentile_min``, ...)
+    raise ``TypeError``.
     """
 
     __slots__ = ("values", "grid_size", "bandwidth", "grid", "density")
@@ -312,7 +345,18 @@ class KernelDensity:
         density: Any = None,
         raw_values: Any = None,
         num_points: int | None = None,
+        kernel: str = "gaussian",
+        **unknown: Any,
     ) -> None:
+        _refuse_unknown(
+            "KernelDensity", unknown,
+            ("values", "grid_size", "bandwidth", "grid", "density", "raw_values", "num_points", "kernel"),
+            "; the daemon estimates the density over the full finite range of the values",
+        )
+        if kernel != "gaussian":
+            raise ValueError(f"kernel must be 'gaussian' (the only kernel the daemon computes), got {kernel!r}")
+        if isinstance(bandwidth, str) and bandwidth.lower() in ("auto", "scott"):
+            bandwidth = None
         if values is not None and raw_values is not None:
             raise TypeError("pass values= or raw_values=, not both")
         if grid_size is not None and num_points is not None and grid_size != num_points:

@@ -40,6 +40,8 @@ def to_scalar(key: str, value: Any) -> float:
         module = t.__module__ or ""
         if module == "numpy" or module.startswith("numpy."):
             size = getattr(value, "size", 1)
+            if size == 0:
+                raise TypeError(f"cannot log {key!r}: the numpy array is empty (shape {value.shape}), it holds no value")
             if size != 1:
                 raise TypeError(
                     f"cannot log {key!r}: a numpy array of shape {getattr(value, 'shape', '?')} is not a scalar "
@@ -51,6 +53,8 @@ def to_scalar(key: str, value: Any) -> float:
             return float(value.reshape(-1)[0] if hasattr(value, "reshape") and getattr(value, "ndim", 0) else value)
         if module.startswith("torch"):
             numel = value.numel() if hasattr(value, "numel") else 1
+            if numel == 0:
+                raise TypeError(f"cannot log {key!r}: the tensor is empty (shape {tuple(value.shape)}), it holds no value")
             if numel != 1:
                 raise TypeError(
                     f"cannot log {key!r}: a tensor of shape {tuple(value.shape)} is not a scalar "
@@ -69,11 +73,19 @@ def to_scalar(key: str, value: Any) -> float:
     raise TypeError(f"cannot log {key!r}: {t.__name__} is not a number")
 
 
-def to_config(obj: Any, path: str = "config") -> Any:
-    """Return a JSON-ready copy of ``config``; numpy scalars become Python numbers.
+_NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
-    Raises ``TypeError`` naming the key of the first value that is not
-    JSON-serialisable (dict keys must be strings).
+
+def to_config(obj: Any, path: str = "config", *, nonfinite_as_text: bool = False) -> Any:
+    """Return a JSON- and msgpack-ready copy of ``config``, or raise naming the key path.
+
+    numpy and torch scalars become Python numbers, their arrays lists,
+    tuples lists and ``os.PathLike`` values (``pathlib.Path``) strings.  With
+    ``nonfinite_as_text`` (the run's ``config``: ``metadata.json`` is strict
+    JSON) NaN and +-inf are kept as the strings ``"NaN"``, ``"Infinity"`` and
+    ``"-Infinity"``; otherwise they stay floats.  Anything else (bytes, sets,
+    objects, integers beyond 64 bits, non-string dict keys) raises
+    ``TypeError`` naming its place, e.g. ``config['optim']['betas']``.
     """
     if obj is None or isinstance(obj, bool):
         return obj
@@ -84,8 +96,12 @@ def to_config(obj: Any, path: str = "config") -> Any:
             raise TypeError(f"{path} is not valid Unicode (lone surrogate)") from None
         return str(obj)
     if isinstance(obj, int):
+        if not -(2**63) <= obj < 2**64:
+            raise TypeError(f"{path} is an integer too large to store ({obj!r:.40}): beyond 64 bits")
         return int(obj)
     if isinstance(obj, float):
+        if nonfinite_as_text and obj - obj != 0.0:
+            return _NONFINITE[repr(float(obj))]
         return float(obj)
     if isinstance(obj, dict):
         out = {}
@@ -93,18 +109,24 @@ def to_config(obj: Any, path: str = "config") -> Any:
             if not isinstance(k, str):
                 raise TypeError(f"{path}: key {k!r} is not a string")
             to_config(k, f"{path} key")
-            out[k] = to_config(v, f"{path}[{k!r}]")
+            out[k] = to_config(v, f"{path}[{k!r}]", nonfinite_as_text=nonfinite_as_text)
         return out
     if isinstance(obj, (list, tuple)):
-        return [to_config(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+        return [to_config(v, f"{path}[{i}]", nonfinite_as_text=nonfinite_as_text) for i, v in enumerate(obj)]
     module = type(obj).__module__ or ""
     if module == "numpy" or module.startswith("numpy."):
         if hasattr(obj, "tolist") and getattr(obj, "ndim", 0) > 0:
-            return to_config(obj.tolist(), path)
+            return to_config(obj.tolist(), path, nonfinite_as_text=nonfinite_as_text)
         if hasattr(obj, "item"):
-            return to_config(obj.item(), path)
+            item = obj.item()
+            if type(item) is not type(obj):
+                return to_config(item, path, nonfinite_as_text=nonfinite_as_text)
     if module.startswith("torch") and hasattr(obj, "tolist"):
-        return to_config(obj.detach().cpu().tolist(), path)
-    raise TypeError(f"{path} is not JSON-serialisable: {type(obj).__name__} {obj!r:.80}")
+        return to_config(obj.detach().cpu().tolist(), path, nonfinite_as_text=nonfinite_as_text)
+    if hasattr(obj, "__fspath__"):
+        import os
 
-
+        value = os.fspath(obj)
+        if isinstance(value, str):
+            return to_config(value, path)
+    raise TypeError(f"{path} cannot be stored in the run's config: {type(obj).__name__} {obj!r:.80}")

@@ -42,7 +42,8 @@ main.add_command(keys_command)  # kobo-daemon keys generate|show|authorize (keys
 @main.command()
 @_endpoint_option
 @click.option("--flush-interval", type=float, default=None, help="Seconds a message may wait before it is written (<= 0.45).")
-@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
+@click.option("--log-level", default=None, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="DEBUG, INFO, WARNING or ERROR. Env: KOBO_DAEMON_LOG_LEVEL.")
 @click.option("--listen", multiple=True, metavar="tcp://HOST:PORT",
               help="Also accept forwarding nodes: data on PORT, requests on PORT+1, CURVE-authenticated "
                    "(repeatable). Env: KOBO_DAEMON_LISTEN.")

@@ -8,6 +8,8 @@ from typing import Mapping
 
 from ..protocol.endpoint import Endpoint, resolve
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
 
 @dataclass
 class DaemonConfig:
@@ -73,6 +75,8 @@ class DaemonConfig:
             if key == "endpoint" and isinstance(value, str):
                 value = resolve(value, env)
             setattr(cfg, key, value)
+        if cfg.log_level not in LOG_LEVELS:
+            raise ValueError(f"log level {cfg.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if not 0 < cfg.flush_interval <= 0.45:
             raise ValueError("flush_interval must be in (0, 0.45] seconds to keep the 0.5 s durability promise")
         if cfg.listen and cfg.forward:

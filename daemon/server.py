@@ -475,7 +475,8 @@ class Daemon:
         }
         info = await ch.attach(state, meta)
         return m.RunOpened(
-            env, info["created"], info["last_step"], info["last_global_step"], info["attached"], self.instance
+            env, info["created"], info["last_step"], info["last_global_step"], info["attached"], self.instance,
+            info.get("kinds") or {},
         )
 
     # ---------------------------------------------------------- housekeeping

@@ -3,7 +3,7 @@
 An endpoint is named by one string, the value of ``KOBO_DAEMON_ENDPOINT`` or its
 default:
 
-* ``ipc:///some/dir/kobo`` (or just ``/some/dir/kobo``): the daemon binds
+* ``ipc:///some/dir/kobo`` (an absolute path; ``~`` is expanded): the daemon binds
   ``ipc:///some/dir/kobo.data`` (PUSH/PULL) and ``ipc:///some/dir/kobo.ctl``
   (DEALER/ROUTER), and keeps ``kobo.lock``, ``kobo.pid`` and ``kobo.log`` beside them.
 * the default is ``$XDG_RUNTIME_DIR/kohakuboard/kobo`` when that directory exists
@@ -71,20 +71,29 @@ def default_base(environ: Mapping[str, str]) -> str:
 def resolve(value: str | None, environ: Mapping[str, str]) -> Endpoint:
     """Turn an endpoint string (or None for the default) into an :class:`Endpoint`.
 
-    Raises ``ValueError`` for a scheme other than ``ipc://`` or a path too long
-    for a Unix socket.
+    Raises ``ValueError`` for a value without the ``ipc://`` scheme, another
+    scheme, a relative path (it would mean another daemon in every working
+    directory) or a path too long for a Unix socket.
     """
     if not value:
         base = default_base(environ)
     elif value.startswith("ipc://"):
-        base = value[len("ipc://") :]
+        base = os.path.expanduser(value[len("ipc://") :])
+        if not os.path.isabs(base):
+            raise ValueError(
+                f"KOBO_DAEMON_ENDPOINT={value!r} is a relative path: it would name a different daemon in every "
+                f"working directory; give an absolute one, e.g. ipc://{os.path.abspath(base)}"
+            )
     elif "://" in value:
         raise ValueError(
             f"KOBO_DAEMON_ENDPOINT={value!r}: only ipc:// endpoints are supported here"
         )
     else:
-        base = value
-    base = os.path.abspath(os.path.expanduser(base))
+        hint = os.path.abspath(os.path.expanduser(value))
+        raise ValueError(
+            f"KOBO_DAEMON_ENDPOINT={value!r} has no scheme: write it as ipc://{hint}"
+        )
+    base = os.path.abspath(base)
     if len(base) + len(".data") > _MAX_IPC_PATH:
         raise ValueError(
             f"daemon endpoint path {base!r} is too long for a Unix socket "

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 2
+PROTOCOL_MINOR = 3
 # Minor versions only append payload fields (each with a default).  A message
 # names the minor version that added each field in its ``SINCE`` map; fields not
 # listed are in 1.0.  The decoder fills fields an older sender did not have with
@@ -243,20 +243,24 @@ class ShutdownRequest:
 class RunOpened:
     """Reply to :class:`OpenRun`.
 
-    Wire payload: ``[created, last_step, last_global_step, attached, daemon]``.
+    Wire payload: ``[created, last_step, last_global_step, attached, daemon, kinds]``.
     ``last_step`` is -1 for a run without points; ``attached`` counts the other
     clients currently attached; ``daemon`` (since 1.2) identifies this daemon
-    instance (a new id after every restart).
+    instance (a new id after every restart); ``kinds`` (since 1.3) maps every
+    name a resumed run holds to its kind ("scalar", "media", "table",
+    "histogram", "tensor", "kde"), so a client refuses a second kind under one
+    name.
     """
 
     KIND: ClassVar[str] = "opened"
-    SINCE: ClassVar[dict[str, int]] = {"daemon": 2}
+    SINCE: ClassVar[dict[str, int]] = {"daemon": 2, "kinds": 3}
     env: Envelope
     created: bool = True
     last_step: int = -1
     last_global_step: int = 0
     attached: int = 0
     daemon: str = ""
+    kinds: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -281,7 +281,34 @@ class RunWriter:
             "created": created,
             "last_step": int(row[0]) if row else -1,
             "last_global_step": int(row[1]) if row else 0,
+            "kinds": {} if created else self.kinds(),
         }
+
+    def kinds(self) -> dict[str, str]:
+        """Every name this run holds, with its kind: scalar, media, table, histogram, tensor or kde.
+
+        What is written so far (any rank); clients use it to refuse a second
+        kind under one name.  Table cells (``name#k`` media rows) are left out.
+        """
+        out: dict[str, str] = {}
+        try:
+            for rel, vault in self._vault_files():
+                kind = "scalar" if rel == fmt.SCALARS_DB else "histogram"
+                for col, _, n in vault.list_columns():
+                    if n:
+                        try:
+                            out.setdefault(fmt.split_column_name(col)[1], kind)
+                        except ValueError:
+                            pass
+            for kind, table in (("media", "media"), ("table", "tables"), ("tensor", "tensors"), ("kde", "kde")):
+                for (name,) in self._db.execute(f"SELECT DISTINCT name FROM {table}"):
+                    if kind != "media" or "#" not in name:
+                        out.setdefault(name, kind)
+        except (sqlite3.Error, OSError):
+            pass  # a hint for clients, never worth failing an open for
+        except Exception:  # kohakuvault's own errors
+            pass
+        return out
 
     def detach(self, client: str, status: str) -> None:
         """Record that a client finished (or crashed)."""
