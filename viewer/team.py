@@ -244,7 +244,9 @@ class TeamAuth:
                 await deny(send, 404, f"not found: {path} (this server lives under {self.base}/)")
                 return
             path = path[len(self.base):]
-            scope = dict(scope, path=path, root_path=scope.get("root_path", "") + self.base)
+            # ASGI: scope["path"] keeps the prefix, root_path names it (Starlette routes and
+            # StaticFiles match on path minus root_path)
+            scope = dict(scope, root_path=scope.get("root_path", "") + self.base)
         method = scope.get("method", "GET").upper()
         client = (scope.get("client") or ("?", 0))[0]
 
@@ -260,7 +262,7 @@ class TeamAuth:
             await self.app(scope, receive, send_secure)
             return
         if path == "/login" and method in ("GET", "HEAD"):
-            await self.app(dict(scope, path="/login"), receive, send_secure)
+            await self.app(scope, receive, send_secure)
             return
         if path == "/api/session" and method == "GET":
             await self._session_info(send, headers)

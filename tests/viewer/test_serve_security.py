@@ -145,17 +145,27 @@ def test_idle_session_expires(team):
         assert c.get("/api/runs").status_code == 401
 
 
-def test_wrong_password_backs_off_and_is_logged(team):
-    with team["server"].client() as c:
-        codes = [login(c, "alice", "wrong password!").status_code for _ in range(4)]
-        assert codes[:3] == [401, 401, 401] and codes[3] in (401, 429)
-        r = login(c, "alice", "wrong password!")
-        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
-        r = login(c, "alice")  # the right password too must wait: no guessing around the back-off
-        assert r.status_code == 429
-        no_leak(r)
-        unknown = login(c, "mallory", "whatever123")
-        assert unknown.status_code == 429
+def test_wrong_password_backs_off_and_is_logged(tmp_path, viewer_runs):
+    """Its own server: the back-off it provokes must not lock the other tests' logins out."""
+    data = tmp_path / "data"
+    shutil.copytree(viewer_runs / "default" / "ddp", data / "default" / "ddp")
+    config = tmp_path / "config"
+    cli(config, "user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n")
+    s = Server(data, config)
+    try:
+        with s.client() as c:
+            codes = [login(c, "alice", "wrong password!").status_code for _ in range(4)]
+            assert codes[:3] == [401, 401, 401] and codes[3] in (401, 429)
+            r = login(c, "alice", "wrong password!")
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+            r = login(c, "alice")  # the right password too must wait: no guessing around the back-off
+            assert r.status_code == 429
+            no_leak(r)
+            assert login(c, "mallory", "whatever123").status_code == 429
+    finally:
+        out = s.stop()
+    assert "failed login for 'alice' from 127.0.0.1" in out
+    assert PASSWORD not in out and "wrong password!" not in out
 
 
 def test_cross_origin_and_csrf_on_login(tmp_path, viewer_runs):
