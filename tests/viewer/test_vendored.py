@@ -32,3 +32,18 @@ def test_page_loads_nothing_from_outside():
     assert refs and all(r.startswith(("static/", "#", "data:")) for r in refs), refs
     for js in static.glob("*.js"):
         assert not re.search(r"https?://", js.read_text().replace("http://www.w3.org/2000/svg", "")), js.name
+
+
+def test_page_preloads_every_module():
+    """index.html names every module app.js imports (directly or not), so they load in one wave."""
+    static = UPLOT.parents[1]
+    html = (static / "index.html").read_text()
+    preloaded = set(re.findall(r'rel="modulepreload" href="static/([^"]+)"', html))
+    seen, todo = set(), ["app.js"]
+    while todo:
+        name = todo.pop()
+        for dep in re.findall(r'^import .* from "\./([^"]+)";', (static / name).read_text(), re.M):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    assert seen and seen <= preloaded, sorted(seen - preloaded)
