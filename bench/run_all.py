@@ -36,6 +36,7 @@ BENCHES = [
     ("ack", "bench_ack.py"),
     ("load", "bench_load.py"),
     ("viewer", "bench_viewer.py"),
+    ("serve", "bench_serve.py"),
 ]
 
 

@@ -1,0 +1,873 @@
+"""``kobo-serve`` under load (issue 13): 50 readers on a run that a training script writes at full speed.
+
+Everything runs on this machine, over loopback, and stops by itself:
+
+* data (written through the real client and daemon, :class:`IsolatedDaemon`):
+  ``default/big1m`` (``loss``, 1,000,000 points, finished), a few small finished
+  runs in ``default`` and ``other``;
+* a real ``kobo-serve`` process (``python -m kohakuboard.viewer.serve_cli``) on
+  127.0.0.1, port 0, over that folder, with one user (``user add --password-stdin``)
+  and an API token (``token create``) sent as ``Authorization: Bearer``; its
+  default log level (info: access log on, as the systemd unit runs it);
+* a training script (its own process): ``Board`` on a new run, then ``log()`` of
+  32 scalars per call in a loop for ``--duration`` seconds (8 s), then ``flush()``.
+  Durable values/s = values read back through ``RunReader`` (every point of the
+  32 metrics; ``m0`` checked value by value) / (first ``log()`` .. ``flush()``
+  returned).
+
+Phases, per repeat (the order alternates between repeats):
+
+1. **alone**: the training script with the server up and nobody reading;
+2. **loaded**: the same with ``--readers`` (50) concurrent readers in this process
+   (asyncio + one ``httpx.AsyncClient`` each, as one browser page each).  Each
+   reader holds ``/api/events?runs=default/<live run>`` (SSE) open and, in a loop
+   with a random 0.2-0.5 s pause, requests the run list ``/api/runs``, the live
+   run's summary, the live ``m0`` chart once (``width=1000``) and then its tail
+   (``series?metric=m0&start=N``, N = the previous answer's ``committed``), and
+   every 5th loop the 1M-point chart ``/api/runs/default/big1m/series?metric=loss&width=1000``.
+   The readers are connected (stream open, first loop done) before the training
+   script starts logging; latencies count for requests started between its first
+   ``log()`` and its ``flush()`` returning;
+3. with ``--pinned``, also **alone, pinned** and **loaded, pinned**: the same two
+   with the training script and the daemon on CPU 0 and the server and the
+   readers on CPU 1 (``sched_setaffinity`` of every thread).  No CPU is shared
+   then, so what is left of a slowdown comes through the files (locks, I/O) --
+   or from other processes on the machine, which the scheduler moves to the
+   less busy CPU 0 (on a shared machine that makes it worse, not cleaner).
+
+Whether the readers slow training through CPU time or otherwise also shows in
+every run: the training script's values per CPU-second of its own (with and
+without readers) and its client queue peak (``log()`` blocks when the daemon
+falls behind).
+
+Then the baseline without load: **one reader** (no training script) makes the
+same requests in a tight loop (``--single`` loops, 10-30 ms pauses), every loop
+with the 1M-point chart.
+
+Recorded: p50/p99 per request kind (client side, i.e. including the wait in
+this process's event loop), the ``Server-Timing`` of the series requests
+(read/reduce inside the server's worker thread), SSE ``run`` events per reader,
+errors (any exception or non-200), the writer's durable values/s with and
+without readers (and their ratio per repeat), CPU seconds of the server, the
+daemon, the training script and this process (the readers) per phase, and of
+everything else on the machine (``/proc/stat`` busy time minus those: other
+processes, the noise), the server's VmRSS (sampled every 50 ms), and
+``/api/stats`` polls of the shared live poller against what one poller per
+stream would have made.
+
+Prints a markdown table and writes ``results/serve.json`` (``--json``), and the
+metric records to ``--out`` for ``run_all.py``.  The machine has 2 cores: the
+training script, its daemon, the server and the readers share them, so the
+readers' CPU (client side, here; remote browsers in real use) counts against
+training too.  About 2-2.5 minutes (``--quick``: under 1; ``--pinned``: about 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import random
+import secrets
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import _common as c
+from bench_viewer import ServerProcess, spike_series, timing_of
+
+N_POINTS = 1_000_000
+BIG_RUN = "big1m"
+N_METRICS = 32
+BIG_EVERY = 5  # loaded readers ask for the 1M-point chart every 5th loop
+THINK_S = (0.2, 0.5)  # pause between a reader's loops
+SINGLE_THINK_S = (0.01, 0.03)
+KINDS = ("runs", "summary", "chart", "tail", "big")
+KIND_NAMES = {"runs": "run list", "summary": "live run summary", "chart": "live m0 chart (width 1000)",
+              "tail": "live m0 tail (start=N)", "big": "1M-point chart (width 1000)"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def serve_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kohakuboard.viewer.serve_cli", *args]
+
+
+def cpu_s(pid: int | None) -> float | None:
+    """utime + stime of ``pid`` in seconds (None if it is gone)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        return (int(parts[11]) + int(parts[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def machine_ticks() -> list[int]:
+    """The machine's CPU time by kind (``/proc/stat``, first line), in ticks."""
+    with open("/proc/stat") as f:
+        return [int(v) for v in f.readline().split()[1:1 + len(STAT_FIELDS)]]
+
+
+def machine_share(t0: list[int], t1: list[int]) -> dict[str, float]:
+    """% of the machine's capacity (all cores) per kind between two :func:`machine_ticks`."""
+    d = [b - a for a, b in zip(t0, t1)]
+    total = sum(d) or 1
+    out = {k: 100 * v / total for k, v in zip(STAT_FIELDS, d)}
+    return {"busy": out["user"] + out["nice"] + out["system"] + out["irq"] + out["softirq"], **out}
+
+
+ALL_CPUS = sorted(os.sched_getaffinity(0))
+
+
+def pin(pid: int | None, cpus: set[int] | list[int]) -> None:
+    """Set the CPU affinity of every thread of ``pid`` (threads made later inherit their creator's)."""
+    if pid is None:
+        return
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            os.sched_setaffinity(int(tid), set(cpus))
+        except OSError:
+            pass
+
+
+# ------------------------------------------------------------------ data
+
+
+def write_runs(base_dir: str) -> dict[str, Any]:
+    """The finished 1M-point run and a few small finished runs."""
+    from kohakuboard.client import Board
+
+    y, _ = spike_series(N_POINTS)
+    values = y.tolist()
+    b = Board("big-1m", {"kind": "big"}, run_id=BIG_RUN, base_dir=base_dir, capture_output=False)
+    log = b.log
+    t0 = time.perf_counter()
+    for v in values:
+        log(loss=v)
+    b.flush()
+    t1 = time.perf_counter()
+    b.finish()
+    c.log(f"wrote {BIG_RUN}: 1M points in {t1 - t0:.2f} s")
+    for k in range(6):
+        project = "default" if k < 4 else "other"
+        with Board(f"small-{k}", {"lr": 0.1 * (k + 1), "batch": 32}, project=project, run_id=f"small{k}",
+                   base_dir=base_dir, capture_output=False) as sb:
+            for i in range(200):
+                sb.log(loss=1.0 / (i + 1), acc=i / 200)
+    return {"write_1m_s": t1 - t0, "big_path": b.path}
+
+
+# ------------------------------------------------------------ the writer
+
+
+WRITER_SCRIPT = r"""
+import json, os, sys, time
+from kohakuboard.client import Board
+run_id, base_dir, duration = sys.argv[1], sys.argv[2], float(sys.argv[3])
+names = [f"m{i}" for i in range(32)]
+b = Board(name=run_id, config={"bench": "serve"}, run_id=run_id, base_dir=base_dir, capture_output=False)
+b.log(**{n: -1.0 for n in names})  # the run and its 32 metrics exist before the readers come
+b.flush()
+print("ready", b.path, flush=True)
+if sys.stdin.readline().strip() != "go":
+    b.finish()
+    sys.exit(0)
+log = b.log
+calls = 0
+cpu0 = os.times()
+t0 = time.time()
+p0 = time.perf_counter()
+end = p0 + duration
+while True:
+    for _ in range(200):
+        v = float(calls)
+        log(**{n: v for n in names})
+        calls += 1
+    if time.perf_counter() >= end:
+        break
+p1 = time.perf_counter()
+b.flush()
+p2 = time.perf_counter()
+cpu1 = os.times()
+stats = b.stats()
+print(json.dumps({"calls": calls, "t0": t0, "t_logged": t0 + (p1 - p0), "t_flushed": t0 + (p2 - p0),
+                  "log_s": p1 - p0, "elapsed_s": p2 - p0, "flush_s": p2 - p1,
+                  "cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
+                  "dropped_values": stats["dropped_values"], "peak_queue": stats["peak_queue"]}), flush=True)
+b.finish()
+"""
+
+
+class Writer:
+    """The training script: started, waits for ``go``, logs for ``duration`` s, flushes, reports, finishes."""
+
+    def __init__(self, run_id: str, base_dir: str, duration: float) -> None:
+        self.run_id = run_id
+        self.proc = subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, run_id, base_dir, str(duration)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        line = self.readline(60)
+        if not line.startswith("ready "):
+            raise RuntimeError(f"the training script did not start: {line!r} (exit {self.proc.poll()})")
+        self.path = line.split(" ", 1)[1].strip()
+
+    def readline(self, timeout: float) -> str:
+        out: list[str] = []
+        t = threading.Thread(target=lambda: out.append(self.proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+        t.start()
+        t.join(timeout)
+        if not out or not out[0]:
+            raise RuntimeError(f"the training script said nothing within {timeout:.0f} s (exit {self.proc.poll()})")
+        return out[0]
+
+    def go(self) -> None:
+        self.proc.stdin.write("go\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        return json.loads(self.readline(timeout))
+
+    def wait(self, timeout: float = 60) -> None:
+        try:
+            self.proc.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def read_back(path: str, calls: int) -> dict[str, Any]:
+    """Every point of the 32 metrics through ``RunReader``; ``m0`` must be -1, 0, 1, ..., calls - 1."""
+    import numpy as np
+
+    from kohakuboard.storage.reader import RunReader
+
+    t0 = time.perf_counter()
+    points = {}
+    with RunReader(path) as r:
+        for i in range(N_METRICS):
+            s = r.series(f"m{i}")
+            points[f"m{i}"] = len(s)
+            if i == 0:
+                want = np.arange(-1, len(s) - 1, dtype=np.float64)
+                assert np.array_equal(np.asarray(s["value"]), want), "m0 is not the logged sequence"
+    total = sum(points.values())
+    return {"points": points, "values": total - N_METRICS, "complete": all(n == calls + 1 for n in points.values()),
+            "read_s": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------- readers
+
+
+def series_header(body: bytes) -> dict[str, Any]:
+    (h,) = struct.unpack_from("<I", body, 0)
+    return json.loads(body[4:4 + h])
+
+
+class Recorder:
+    """What the readers saw: (wall start, ms, kind) per request, server timings, SSE events, errors."""
+
+    def __init__(self, n: int) -> None:
+        self.requests: list[tuple[float, float, str]] = []
+        self.timing: list[tuple[float, str, dict[str, float]]] = []
+        self.events: list[list[float]] = [[] for _ in range(n)]
+        self.errors: list[tuple[float, str, str]] = []
+        self.ready = 0
+        self.bytes: dict[str, int] = {}
+
+    def error(self, kind: str, msg: str) -> None:
+        self.errors.append((time.time(), kind, msg[:300]))
+
+
+async def timed(cl: Any, rec: Recorder, kind: str, url: str) -> Any:
+    w = time.time()
+    t0 = time.perf_counter()
+    try:
+        r = await cl.get(url)
+    except Exception as exc:
+        rec.error(kind, f"{type(exc).__name__}: {exc}")
+        return None
+    ms = (time.perf_counter() - t0) * 1e3
+    if r.status_code != 200:
+        rec.error(kind, f"HTTP {r.status_code}: {r.text[:200]}")
+        return None
+    rec.requests.append((w, ms, kind))
+    rec.bytes[kind] = len(r.content)
+    if "server-timing" in r.headers:
+        rec.timing.append((w, kind, timing_of(r.headers["server-timing"])))
+    return r
+
+
+async def sse(cl: Any, rec: Recorder, idx: int, live: str, opened: asyncio.Event, stop: asyncio.Event) -> None:
+    try:
+        async with cl.stream("GET", f"/api/events?runs=default/{live}") as r:
+            if r.status_code != 200:
+                await r.aread()
+                rec.error("sse", f"HTTP {r.status_code}: {r.text[:200]}")
+                return
+            opened.set()
+            async for line in r.aiter_lines():
+                if line.startswith("event: run"):
+                    rec.events[idx].append(time.time())
+        if not stop.is_set():
+            rec.error("sse", "the event stream ended")
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        if not stop.is_set():
+            rec.error("sse", f"{type(exc).__name__}: {exc}")
+
+
+async def reader(idx: int, origin: str, token: str, live: str, rec: Recorder, stop: asyncio.Event,
+                 think: tuple[float, float], big_every: int, max_loops: int | None = None) -> None:
+    """One page: the live stream open, and the run list / summary / tail / 1M chart polled in a loop."""
+    import httpx
+
+    rng = random.Random(idx)
+    base = f"/api/runs/default/{live}"
+    big = f"/api/runs/default/{BIG_RUN}/series?metric=loss&width=1000"
+    async with httpx.AsyncClient(base_url=origin, headers={"authorization": f"Bearer {token}"},
+                                 timeout=httpx.Timeout(120.0)) as cl:
+        opened = asyncio.Event()
+        stream = asyncio.create_task(sse(cl, rec, idx, live, opened, stop))
+        try:
+            await asyncio.sleep(rng.uniform(0, think[1]))
+            n: int | None = None
+            first_big = rng.randrange(big_every)
+            loops = 0
+            while not stop.is_set() and (max_loops is None or loops < max_loops):
+                await timed(cl, rec, "runs", "/api/runs")
+                await timed(cl, rec, "summary", base)
+                if n is None:
+                    r = await timed(cl, rec, "chart", base + "/series?metric=m0&width=1000")
+                else:
+                    r = await timed(cl, rec, "tail", base + f"/series?metric=m0&start={n}")
+                if r is not None:
+                    n = series_header(r.content)["committed"]
+                if loops % big_every == first_big % big_every:
+                    await timed(cl, rec, "big", big)
+                if loops == 0:
+                    try:
+                        await asyncio.wait_for(opened.wait(), 30)
+                    except asyncio.TimeoutError:
+                        rec.error("sse", "the event stream did not open within 30 s")
+                    rec.ready += 1
+                loops += 1
+                try:
+                    await asyncio.wait_for(stop.wait(), rng.uniform(*think))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            stream.cancel()
+            try:
+                await stream
+            except (asyncio.CancelledError, Exception):
+                pass
+
+
+async def api_stats(origin: str, token: str) -> dict[str, Any]:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=origin, headers={"authorization": f"Bearer {token}"}, timeout=60) as cl:
+        r = await cl.get("/api/stats")
+        r.raise_for_status()
+        return r.json()
+
+
+# ---------------------------------------------------------------- phases
+
+
+class Pinned:
+    """``pinned``: the training script and the daemon on CPU 0, the server and the readers on CPU 1.
+
+    Nothing then competes with training for CPU time; what is left of a slowdown
+    is interference through the files (locks, page cache, I/O).  Undone on exit.
+    """
+
+    def __init__(self, enabled: bool, writer_pid: int, daemon_pid: int | None, server_pid: int) -> None:
+        self.enabled = enabled
+        self.train = [writer_pid, daemon_pid]
+        self.serve = [server_pid, os.getpid()]
+
+    def __enter__(self) -> "Pinned":
+        if self.enabled:
+            for pid in self.train:
+                pin(pid, {ALL_CPUS[0]})
+            for pid in self.serve:
+                pin(pid, {ALL_CPUS[1]})
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            for pid in self.train + self.serve:
+                pin(pid, ALL_CPUS)
+
+
+class Phase:
+    """Per-phase CPU of the server, daemon and this process, and the server's RSS samples in it."""
+
+    def __init__(self, server_pid: int, daemon_pid: int | None, rss: c.RssSampler) -> None:
+        self.pids = {"server": server_pid, "daemon": daemon_pid}
+        self.rss = rss
+
+    def __enter__(self) -> "Phase":
+        self.t0 = time.perf_counter()
+        self.cpu0 = {k: cpu_s(p) for k, p in self.pids.items()}
+        self.own0 = own_cpu_s()
+        self.rss_i0 = len(self.rss.samples)
+        self.m0 = machine_ticks()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.t1 = time.perf_counter()
+        self.cpu1 = {k: cpu_s(p) for k, p in self.pids.items()}
+        self.own1 = own_cpu_s()
+        self.m1 = machine_ticks()
+
+    def result(self) -> dict[str, Any]:
+        wall = self.t1 - self.t0
+        out: dict[str, Any] = {"wall_s": wall}
+        for k in self.pids:
+            a, b = self.cpu0[k], self.cpu1[k]
+            out[f"{k}_cpu_s"] = None if a is None or b is None else b - a
+        out["readers_cpu_s"] = self.own1 - self.own0
+        samples = self.rss.samples[self.rss_i0:]
+        out["server_rss_peak_mb"] = max(samples, default=0) / 1024
+        out["machine_pct"] = machine_share(self.m0, self.m1)
+        d = [b - a for a, b in zip(self.m0, self.m1)]
+        idle = d[STAT_FIELDS.index("idle")] + d[STAT_FIELDS.index("iowait")] + d[STAT_FIELDS.index("steal")]
+        out["machine_busy_cpu_s"] = (sum(d) - idle) / CLK_TCK
+        return out
+
+
+def alone_phase(env: c.IsolatedDaemon, server: ServerProcess, rss: c.RssSampler, run_id: str,
+                duration: float, pinned: bool = False) -> dict[str, Any]:
+    w = Writer(run_id, env.base_dir, duration)
+    try:
+        with Pinned(pinned, w.proc.pid, env.pid(), server.proc.pid), Phase(server.proc.pid, env.pid(), rss) as ph:
+            w.go()
+            res = w.result(duration + 120)
+        w.wait()
+    finally:
+        w.kill()
+    back = read_back(w.path, res["calls"])
+    out = {"writer": res, "read_back": back, "values_s": back["values"] / res["elapsed_s"], **ph.result()}
+    out["writer_cpu_s"] = res["cpu_s"]
+    out["values_per_writer_cpu_s"] = back["values"] / res["cpu_s"] if res["cpu_s"] else None
+    out["others_cpu_s"] = others_cpu(out)
+    return out
+
+
+def others_cpu(ph: dict[str, Any]) -> float:
+    """CPU seconds the machine spent on anything but the server, daemon, training script and this process."""
+    ours = sum(ph.get(k) or 0.0 for k in ("server_cpu_s", "daemon_cpu_s", "readers_cpu_s", "writer_cpu_s"))
+    return ph["machine_busy_cpu_s"] - ours
+
+
+def loaded_phase(env: c.IsolatedDaemon, server: ServerProcess, rss: c.RssSampler, token: str, run_id: str,
+                 duration: float, n_readers: int, pinned: bool = False) -> dict[str, Any]:
+    w = Writer(run_id, env.base_dir, duration)
+    rec = Recorder(n_readers)
+    info: dict[str, Any] = {}
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(reader(i, server.origin, token, run_id, rec, stop, THINK_S, BIG_EVERY))
+                 for i in range(n_readers)]
+        try:
+            t_ramp = time.perf_counter()
+            deadline = t_ramp + 120
+            while rec.ready < n_readers and time.perf_counter() < deadline and not all(t.done() for t in tasks):
+                await asyncio.sleep(0.05)
+            info["ramp_s"] = time.perf_counter() - t_ramp
+            if rec.ready < n_readers:
+                raise RuntimeError(f"only {rec.ready}/{n_readers} readers connected within 120 s: {rec.errors[:3]}")
+            await asyncio.sleep(0.5)  # every reader into its loop
+            info["stats0"] = await api_stats(server.origin, token)
+            info["stats0_t"] = time.perf_counter()
+            with Phase(server.proc.pid, env.pid(), rss) as ph:
+                w.go()
+                info["writer"] = await asyncio.to_thread(w.result, duration + 120)
+            info["phase"] = ph.result()
+            info["stats1"] = await api_stats(server.origin, token)
+            info["stats1_t"] = time.perf_counter()
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        with Pinned(pinned, w.proc.pid, env.pid(), server.proc.pid):
+            asyncio.run(run())
+        w.wait()
+    finally:
+        w.kill()
+    res = info["writer"]
+    back = read_back(w.path, res["calls"])
+    t0, t1 = res["t0"], res["t_flushed"]
+    window = [(ms, kind) for (ws, ms, kind) in rec.requests if t0 <= ws <= t1]
+    lat = {k: sorted(ms for ms, kind in window if kind == k) for k in KINDS}
+    timing = {k: [tm for ws, kind, tm in rec.timing if kind == k and t0 <= ws <= t1] for k in ("chart", "tail", "big")}
+    events = [len([e for e in ev if t0 <= e <= t1]) for ev in rec.events]
+    s0, s1 = info["stats0"], info["stats1"]
+    stats_s = info["stats1_t"] - info["stats0_t"]
+    polls = s1["polls"] - s0["polls"]
+    out = {
+        "writer": res, "read_back": back, "values_s": back["values"] / res["elapsed_s"], **info["phase"],
+        "writer_cpu_s": res["cpu_s"], "window_s": t1 - t0, "ramp_s": info["ramp_s"],
+        "values_per_writer_cpu_s": back["values"] / res["cpu_s"] if res["cpu_s"] else None,
+        "lat_ms": {k: v for k, v in lat.items()},
+        "p50_ms": {k: c.percentile(v, 50) for k, v in lat.items()},
+        "p99_ms": {k: c.percentile(v, 99) for k, v in lat.items()},
+        "requests": {k: len(v) for k, v in lat.items()},
+        "requests_per_s": {k: len(v) / (t1 - t0) for k, v in lat.items()},
+        "server_timing_median_ms": {k: {f: c.median(t.get(f, float("nan")) for t in v) for f in ("read", "reduce")}
+                                    for k, v in timing.items() if v},
+        "bytes": rec.bytes,
+        "sse_events": events, "sse_events_total": sum(len(ev) for ev in rec.events),
+        "errors": len(rec.errors), "error_samples": rec.errors[:10],
+        "stats0": s0, "stats1": s1, "polls": polls, "polls_s": stats_s,
+        "polls_50_independent": polls * n_readers,
+    }
+    out["others_cpu_s"] = others_cpu(out)
+    served = sum(len(v) for v in lat.values())
+    out["server_cpu_ms_per_request"] = 1e3 * out["server_cpu_s"] / served if served else None
+    return out
+
+
+def single_reader(server: ServerProcess, token: str, live: str, loops: int) -> dict[str, Any]:
+    """The baseline: one reader alone (no training script), every loop with the 1M-point chart."""
+    rec = Recorder(1)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        await reader(0, server.origin, token, live, rec, stop, SINGLE_THINK_S, 1, max_loops=loops)
+
+    cpu0 = cpu_s(server.proc.pid)
+    t0 = time.perf_counter()
+    asyncio.run(run())
+    wall = time.perf_counter() - t0
+    cpu1 = cpu_s(server.proc.pid)
+    lat = {k: sorted(ms for _, ms, kind in rec.requests if kind == k) for k in KINDS}
+    big_timing = [tm for _, kind, tm in rec.timing if kind == "big"]
+    return {
+        "lat_ms": lat, "p50_ms": {k: c.percentile(v, 50) for k, v in lat.items()},
+        "p99_ms": {k: c.percentile(v, 99) for k, v in lat.items()},
+        "requests": {k: len(v) for k, v in lat.items()}, "errors": len(rec.errors), "error_samples": rec.errors[:10],
+        "server_timing_big_median_ms": {f: c.median(t.get(f, float("nan")) for t in big_timing) for f in ("read", "reduce")},
+        "server_cpu_s": None if cpu0 is None or cpu1 is None else cpu1 - cpu0, "wall_s": wall,
+        "server_cpu_ms_per_request": None if cpu0 is None or cpu1 is None else
+        1e3 * (cpu1 - cpu0) / max(1, sum(len(v) for v in lat.values())),
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def fmt_machine(pct: dict[str, float]) -> str:
+    return (f"busy {pct['busy']:.0f} % (user {pct['user'] + pct['nice']:.0f}, system {pct['system']:.0f}, "
+            f"softirq {pct['softirq']:.0f}), idle {pct['idle']:.0f} %, iowait {pct['iowait']:.0f} %, "
+            f"steal {pct['steal']:.0f} %")
+
+
+def build_records(res: dict[str, Any], n_readers: int) -> list[dict[str, Any]]:
+    m = c.metric
+    med = c.median
+    loaded, alone, single = res["loaded"], res["alone"], res["single"]
+    recs = []
+    for kind, label in (("runs", "GET /api/runs"), ("big", "1M-point chart /series?width=1000")):
+        for q in (50, 99):
+            key = f"p{q}_ms"
+            sv = single[key][kind]
+            recs.append(m(f"serve_{kind}_p{q}_ms", f"{label} p{q}, {n_readers} readers + training script", unit="ms",
+                          target=None, op="<=", values=[p[key][kind] for p in loaded],
+                          baseline=f"1 reader, no training script: {sv:.1f} ms",
+                          baseline_values={"single_reader_ms": sv, "single_requests": single["requests"][kind]},
+                          extra={"requests_in_window": [p["requests"][kind] for p in loaded],
+                                 "requests_per_s": [p["requests_per_s"][kind] for p in loaded]}))
+    for kind in ("summary", "tail"):
+        sv50, sv99 = single["p50_ms"][kind], single["p99_ms"][kind]
+        recs.append(m(f"serve_{kind}_p50_ms", f"{KIND_NAMES[kind]} p50 (p99 in extra), {n_readers} readers",
+                      unit="ms", target=None, op="<=", values=[p["p50_ms"][kind] for p in loaded],
+                      baseline=f"1 reader: p50 {sv50:.1f} ms, p99 {sv99:.1f} ms; under load p99 "
+                               f"{med(p['p99_ms'][kind] for p in loaded):.0f} ms",
+                      baseline_values={"single_p50_ms": sv50, "single_p99_ms": sv99},
+                      extra={"p99_ms": [p["p99_ms"][kind] for p in loaded],
+                             "requests_per_s": [p["requests_per_s"][kind] for p in loaded]}))
+    big_t = [p["server_timing_median_ms"].get("big", {}) for p in loaded]
+    recs.append(m("serve_big_server_ms", "1M-point chart: read + reduce inside the server (Server-Timing), loaded",
+                  unit="ms", target=None, op="<=",
+                  values=[t.get("read", float("nan")) + t.get("reduce", float("nan")) for t in big_t],
+                  baseline="1 reader: {:.1f} ms".format(sum(single["server_timing_big_median_ms"].values())),
+                  extra={"per_repeat": big_t, "single": single["server_timing_big_median_ms"]},
+                  note="client p50 minus this = waiting (server event loop, worker threads, this process's loop)"))
+    ev = [med(p["sse_events"]) for p in loaded]
+    recs.append(m("serve_sse_events", "SSE run events per reader during the write (median reader)", unit="events",
+                  target=None, op=">=", values=ev,
+                  baseline="; ".join(f"min {min(p['sse_events'])} max {max(p['sse_events'])} in {p['window_s']:.1f} s"
+                                     for p in loaded),
+                  extra={"per_reader": [p["sse_events"] for p in loaded],
+                         "window_s": [p["window_s"] for p in loaded]}))
+    recs.append(m("serve_errors", f"errors (exceptions, non-200) across {n_readers} readers", unit="errors",
+                  target=0.0, op="<=", values=[float(p["errors"]) for p in loaded],
+                  baseline=f"1 reader: {single['errors']}",
+                  extra={"samples": [p["error_samples"] for p in loaded]}))
+    recs.append(m("serve_writer_loaded_values_s", f"training script durable values/s, {n_readers} readers", unit="values/s",
+                  target=None, op=">=", values=[p["values_s"] for p in loaded],
+                  baseline=f"no readers {med(a['values_s'] for a in alone) / 1e6:.2f} M values/s "
+                           f"[{min(a['values_s'] for a in alone) / 1e6:.2f} .. {max(a['values_s'] for a in alone) / 1e6:.2f}]",
+                  baseline_values={"alone_values_s": [a["values_s"] for a in alone]},
+                  extra={"writer_cpu_s": [p["writer_cpu_s"] for p in loaded],
+                         "alone_writer_cpu_s": [a["writer_cpu_s"] for a in alone],
+                         "complete": [p["read_back"]["complete"] for p in loaded + alone]}))
+    ratios = [round(100 * p["values_s"] / a["values_s"], 1) for p, a in zip(loaded, alone)]
+    recs.append(m("serve_writer_ratio_pct", "training script: values/s with readers / without (per repeat)", unit="%",
+                  target=None, op=">=", values=ratios,
+                  baseline=f"ratio of medians {100 * med(p['values_s'] for p in loaded) / med(a['values_s'] for a in alone):.0f} %",
+                  note="100 % = the readers did not slow training"))
+    eff_l = [p["values_per_writer_cpu_s"] for p in loaded if p["values_per_writer_cpu_s"]]
+    eff_a = [a["values_per_writer_cpu_s"] for a in alone if a["values_per_writer_cpu_s"]]
+    recs.append(m("serve_writer_per_cpu", f"training script values per CPU-second of its own, {n_readers} readers",
+                  unit="values/s", target=None, op=">=", values=eff_l,
+                  baseline=f"no readers {med(eff_a) / 1e6:.2f} M [{min(eff_a) / 1e6:.2f} .. {max(eff_a) / 1e6:.2f}]; "
+                           f"its CPU {med(100 * p['writer_cpu_s'] / p['wall_s'] for p in loaded):.0f} % of a core with "
+                           f"readers, {med(100 * a['writer_cpu_s'] / a['wall_s'] for a in alone):.0f} % without; client "
+                           f"queue peak {med(p['writer']['peak_queue'] for p in loaded):,.0f} with, "
+                           f"{med(a['writer']['peak_queue'] for a in alone):,.0f} without",
+                  baseline_values={"alone": eff_a},
+                  extra={"peak_queue": [p["writer"]["peak_queue"] for p in loaded],
+                         "alone_peak_queue": [a["writer"]["peak_queue"] for a in alone]},
+                  note="same values per CPU-second and an empty queue with readers: training lost CPU time, "
+                       "it was not blocked by the daemon or by locks"))
+    lp, ap = res.get("loaded_pinned") or [], res.get("alone_pinned") or []
+    if lp and ap:
+        recs.append(m("serve_writer_pinned_values_s", f"same, pinned (training + daemon: CPU 0; server + readers: CPU 1), "
+                      f"{n_readers} readers", unit="values/s", target=None, op=">=", values=[p["values_s"] for p in lp],
+                      baseline=f"pinned, no readers {med(a['values_s'] for a in ap) / 1e6:.2f} M values/s "
+                               f"[{min(a['values_s'] for a in ap) / 1e6:.2f} .. {max(a['values_s'] for a in ap) / 1e6:.2f}]",
+                      baseline_values={"alone_values_s": [a["values_s"] for a in ap]},
+                      extra={"p50_ms": [p["p50_ms"] for p in lp], "p99_ms": [p["p99_ms"] for p in lp],
+                             "errors": [p["errors"] for p in lp], "sse_events_median": [med(p["sse_events"]) for p in lp],
+                             "server_cpu_pct": [100 * p["server_cpu_s"] / p["wall_s"] for p in lp],
+                             "machine_pct": [p["machine_pct"] for p in lp],
+                             "alone_machine_pct": [a["machine_pct"] for a in ap]}))
+        pr = [round(100 * p["values_s"] / a["values_s"], 1) for p, a in zip(lp, ap)]
+        recs.append(m("serve_writer_pinned_ratio_pct", "pinned: values/s with readers / without (per repeat)", unit="%",
+                      target=None, op=">=", values=pr,
+                      baseline=f"ratio of medians {100 * med(p['values_s'] for p in lp) / med(a['values_s'] for a in ap):.0f} %",
+                      note="with no CPU shared, what is left is interference through files/locks/I/O"))
+    recs.append(m("serve_rss_peak_mb", "kobo-serve peak VmRSS (whole benchmark)", unit="MB", target=None, op="<=",
+                  values=[res["rss_peak_mb"]],
+                  baseline=f"after start {res['rss_start_mb']:.0f} MB; after the single reader "
+                           f"{res['rss_after_single_mb']:.0f} MB",
+                  baseline_values={"start_mb": res["rss_start_mb"]},
+                  extra={"loaded_phase_peaks_mb": [p["server_rss_peak_mb"] for p in loaded],
+                         "at_peak_kb": res.get("rss_at_peak")}))
+    cpu = [100 * p["server_cpu_s"] / p["wall_s"] for p in loaded]
+    recs.append(m("serve_cpu_pct", f"kobo-serve CPU (% of one core), {n_readers} readers", unit="%", target=None,
+                  op="<=", values=[round(v, 1) for v in cpu],
+                  baseline=f"no readers {med(100 * a['server_cpu_s'] / a['wall_s'] for a in alone):.1f} %; "
+                           f"1 reader {100 * (single['server_cpu_s'] or 0) / single['wall_s']:.0f} %",
+                  extra={"daemon_cpu_pct": [100 * p["daemon_cpu_s"] / p["wall_s"] for p in loaded if p["daemon_cpu_s"] is not None],
+                         "alone_daemon_cpu_pct": [100 * a["daemon_cpu_s"] / a["wall_s"] for a in alone if a["daemon_cpu_s"] is not None],
+                         "readers_cpu_pct": [100 * p["readers_cpu_s"] / p["wall_s"] for p in loaded],
+                         "writer_cpu_pct": [100 * p["writer_cpu_s"] / p["wall_s"] for p in loaded],
+                         "alone_writer_cpu_pct": [100 * a["writer_cpu_s"] / a["wall_s"] for a in alone],
+                         "machine_pct": [p["machine_pct"] for p in loaded],
+                         "alone_machine_pct": [a["machine_pct"] for a in alone],
+                         "others_cpu_pct": [100 * p["others_cpu_s"] / p["wall_s"] for p in loaded],
+                         "alone_others_cpu_pct": [100 * a["others_cpu_s"] / a["wall_s"] for a in alone],
+                         "server_cpu_ms_per_request": [p["server_cpu_ms_per_request"] for p in loaded],
+                         "single_server_cpu_ms_per_request": single["server_cpu_ms_per_request"]}))
+    recs.append(m("serve_others_cpu_pct", "CPU used by other processes on the machine (% of one core), loaded phases",
+                  unit="%", target=None, op="<=", values=[round(100 * p["others_cpu_s"] / p["wall_s"], 1) for p in loaded],
+                  baseline=f"no-reader phases {med(100 * a['others_cpu_s'] / a['wall_s'] for a in alone):.0f} %",
+                  note="anything but kobo-serve, the daemon, the training script and the readers: noise"))
+    recs.append(m("serve_polls", f"live poller reads (/api/stats polls) while {n_readers} streams were open", unit="polls",
+                  target=None, op="<=", values=[float(p["polls"]) for p in loaded],
+                  baseline="one poller per stream: " + "; ".join(
+                      f"{p['polls_50_independent']:,} ({n_readers} x), {n_readers * p['polls_s'] / 0.25:,.0f} at 0.25 s"
+                      for p in loaded),
+                  extra={"seconds": [p["polls_s"] for p in loaded],
+                         "poll_interval_s": [p["polls_s"] / p["polls"] if p["polls"] else None for p in loaded],
+                         "stats_at_start": [p["stats0"] for p in loaded]}))
+    return recs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="2 repeats of 4 s, 40 single-reader loops")
+    p.add_argument("--repeats", type=int, default=None, help="repeats of the alone/loaded pair (default 5, --quick 2)")
+    p.add_argument("--duration", type=float, default=None, help="seconds the training script logs (default 8, --quick 4)")
+    p.add_argument("--readers", type=int, default=50, help="concurrent readers (default 50)")
+    p.add_argument("--single", type=int, default=None, help="loops of the single reader (default 150, --quick 40)")
+    p.add_argument("--out", default=None, help="also write the metric records (JSON list) here")
+    p.add_argument("--json", default=os.path.join(c.RESULTS_DIR, "serve.json"), help="where to write the results")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (runs, daemon log, accounts) for inspection")
+    p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                   help="first wait up to SECONDS for the 1-min load average to fall below 0.7")
+    p.add_argument("--pinned", action="store_true",
+                   help="also the pinned pair (training script + daemon on CPU 0, server + readers on CPU 1); "
+                        "about doubles the time")
+    args = p.parse_args()
+    if len(ALL_CPUS) < 2:
+        args.pinned = False
+    repeats = args.repeats or (2 if args.quick else 5)
+    duration = args.duration or (4.0 if args.quick else 8.0)
+    single_loops = args.single or (40 if args.quick else 150)
+    from run_all import machine_info, table, wait_idle
+
+    if args.wait_idle:
+        wait_idle(args.wait_idle)
+    started = time.time()
+    loads: dict[str, float] = {"start": os.getloadavg()[0]}
+    if loads["start"] > 1.0:
+        c.log(f"!! load average {loads['start']:.2f}: other processes compete for the 2 cores")
+    res: dict[str, Any] = {"alone": [], "loaded": []}
+    server: ServerProcess | None = None
+    rss: c.RssSampler | None = None
+    with c.IsolatedDaemon(keep=args.keep) as env:
+        try:
+            env.start()
+            res["writes"] = write_runs(env.base_dir)
+            cfg = os.path.join(env.dir, "serve-config")
+            password = secrets.token_urlsafe(18)
+            t0 = time.perf_counter()
+            subprocess.run(serve_cmd("--config-dir", cfg, "user", "add", "bench", "--password-stdin"),
+                           input=password + "\n", text=True, capture_output=True, check=True, timeout=60)
+            out = subprocess.run(serve_cmd("--config-dir", cfg, "token", "create", "bench", "--label", "bench_serve"),
+                                 text=True, capture_output=True, check=True, timeout=60)
+            token = out.stdout.strip().splitlines()[0]
+            t1 = time.perf_counter()
+            server = ServerProcess(serve_cmd("--data-dir", env.base_dir, "--config-dir", cfg, "--port", "0"),
+                                   "kobo-serve")
+            res["server_start_s"] = time.perf_counter() - t1
+            c.log(f"kobo-serve at {server.origin} (pid {server.proc.pid}, started in {res['server_start_s']:.2f} s; "
+                  f"user + token {t1 - t0:.2f} s)")
+            rss = c.RssSampler(server.proc.pid, 0.05)
+            rss.__enter__()
+            time.sleep(0.2)
+            res["rss_start_mb"] = rss.peak_mb
+            import httpx
+
+            with httpx.Client(base_url=server.origin, timeout=120) as cl:
+                r = cl.get("/api/runs")
+                assert r.status_code == 401, f"no credentials: {r.status_code}"
+                hdr = {"authorization": f"Bearer {token}"}
+                r = cl.get("/api/runs", headers=hdr)
+                assert r.status_code == 200 and r.json()["total"] == 7, r.text[:300]
+                t = time.perf_counter()
+                r = cl.get(f"/api/runs/default/{BIG_RUN}/series?metric=loss&width=1000", headers=hdr)
+                res["big_cold_ms"] = (time.perf_counter() - t) * 1e3
+                assert r.status_code == 200 and series_header(r.content)["total"] == N_POINTS
+                res["big_cold_timing"] = timing_of(r.headers.get("server-timing"))
+            c.log(f"1M-point chart, first request (reads the series): {res['big_cold_ms']:.0f} ms "
+                  f"{res['big_cold_timing']}")
+
+            last_live = ""
+            kinds = ["alone", "loaded"] + (["alone_pinned", "loaded_pinned"] if args.pinned else [])
+            for i in range(repeats):
+                order = kinds if i % 2 == 0 else [kinds[k ^ 1] for k in range(len(kinds))]
+                for which in order:
+                    run_id = f"live{i}-{which.replace('_', '-')}"
+                    pinned = which.endswith("_pinned")
+                    tag = f"repeat {i + 1}/{repeats}{', pinned' if pinned else ''}"
+                    loads[run_id] = os.getloadavg()[0]
+                    if which.startswith("alone"):
+                        ph = alone_phase(env, server, rss, run_id, duration, pinned)
+                        c.log(f"{tag}, no readers: {ph['values_s'] / 1e6:.2f} M values/s "
+                              f"({ph['read_back']['values']:,} values in {ph['writer']['elapsed_s']:.2f} s, flush "
+                              f"{ph['writer']['flush_s']:.2f} s, client queue peak {ph['writer']['peak_queue']:,}, "
+                              f"{ph['values_per_writer_cpu_s'] / 1e6:.2f} M values per writer CPU-s); CPU s: writer {ph['writer_cpu_s']:.1f}, daemon "
+                              f"{ph['daemon_cpu_s']:.1f}, server {ph['server_cpu_s']:.2f}, other processes {ph['others_cpu_s']:.1f}; machine "
+                              f"{fmt_machine(ph['machine_pct'])}")
+                    else:
+                        ph = loaded_phase(env, server, rss, token, run_id, duration, args.readers, pinned)
+                        last_live = run_id
+                        c.log(f"{tag}, {args.readers} readers: {ph['values_s'] / 1e6:.2f} M values/s "
+                              f"({ph['read_back']['values']:,} values in {ph['writer']['elapsed_s']:.2f} s, flush "
+                              f"{ph['writer']['flush_s']:.2f} s, client queue peak {ph['writer']['peak_queue']:,}, "
+                              f"{ph['values_per_writer_cpu_s'] / 1e6:.2f} M values per writer CPU-s); readers connected in {ph['ramp_s']:.1f} s")
+                        c.log("    p50/p99 ms: " + ", ".join(
+                            f"{k} {ph['p50_ms'][k]:.0f}/{ph['p99_ms'][k]:.0f} ({ph['requests_per_s'][k]:.1f}/s)"
+                            for k in KINDS if ph["requests"][k]) + f"; Server-Timing medians: "
+                            f"{ph['server_timing_median_ms']}")
+                        c.log(f"    SSE events/reader {c.median(ph['sse_events']):.0f} [{min(ph['sse_events'])} .. "
+                              f"{max(ph['sse_events'])}], errors {ph['errors']}, polls {ph['polls']} in "
+                              f"{ph['polls_s']:.1f} s (stats {ph['stats0']}), server RSS peak "
+                              f"{ph['server_rss_peak_mb']:.0f} MB; CPU s: server {ph['server_cpu_s']:.1f}, writer "
+                              f"{ph['writer_cpu_s']:.1f}, daemon {ph['daemon_cpu_s']:.1f}, readers "
+                              f"{ph['readers_cpu_s']:.1f}, other processes {ph['others_cpu_s']:.1f} in {ph['wall_s']:.1f} s "
+                              f"(server {ph['server_cpu_ms_per_request']:.1f} ms CPU per request); machine "
+                              f"{fmt_machine(ph['machine_pct'])}")
+                        if ph["errors"]:
+                            c.log(f"    !! errors: {ph['error_samples'][:3]}")
+                    ph.pop("lat_ms", None)  # the percentiles are kept; the raw lists would bloat the JSON
+                    res.setdefault(which, []).append(ph)
+            loads["single"] = os.getloadavg()[0]
+            res["single"] = single_reader(server, token, last_live, single_loops)
+            s = res["single"]
+            res["rss_after_single_mb"] = rss.samples[-1] / 1024 if rss.samples else float("nan")
+            s.pop("lat_ms")
+            c.log("1 reader, no training script, p50/p99 ms: " + ", ".join(
+                f"{k} {s['p50_ms'][k]:.1f}/{s['p99_ms'][k]:.1f} (n={s['requests'][k]})" for k in KINDS if s["requests"][k])
+                + f"; 1M chart in the server {s['server_timing_big_median_ms']}; errors {s['errors']}")
+        finally:
+            if rss is not None:
+                rss.__exit__(None, None, None)
+                res["rss_peak_mb"] = rss.peak_mb
+                res["rss_at_peak"] = rss.at_peak
+            if server is not None:
+                server.stop()
+                res["server_log_lines"] = len(server.lines)
+                res["server_log_tail"] = [ln.rstrip() for ln in server.lines[-5:]]
+                res["server_exit"] = server.proc.returncode
+                errs = [ln.rstrip() for ln in server.lines if "Traceback" in ln or " 500 " in ln or "ERROR" in ln]
+                res["server_log_errors"] = errs[:20]
+                if errs:
+                    c.log(f"!! the server logged {len(errs)} error lines, e.g. {errs[:3]}")
+
+    recs = build_records(res, args.readers)
+    text = table(recs)
+    print()
+    print(text)
+    print()
+    missed = [r for r in recs if r["pass"] is False]
+    print(f"{len(missed)} target(s) missed" + (": " + "; ".join(r["metric"] for r in missed) if missed else ""))
+    result = {
+        "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]),
+        "repeats": repeats, "duration_s": duration, "readers": args.readers, "quick": args.quick,
+        "machine": machine_info(),
+        "loadavg_1min_before": loads,
+        "loadavg_at_end": os.getloadavg(),
+        "total_s": round(time.time() - started, 1),
+        "table_markdown": text,
+        "detail": res,
+        "metrics": recs,
+    }
+    c.write_results(args.json, result, args.out, recs)
+
+
+if __name__ == "__main__":
+    main()
