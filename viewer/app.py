@@ -21,8 +21,7 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
+from starlette.routing import Route
 
 from ..protocol.errors import KoboError
 from ..storage import format as fmt
@@ -112,6 +111,71 @@ def _required(request: Request, name: str) -> str:
     return value
 
 
+class StaticCache:
+    """The front end's files, read into memory once: served from a dict, never from a path in a URL.
+
+    A name is either a key of the dict (a file that was under ``static/`` at
+    start-up) or a 404, so no URL can reach outside the folder.  Each answer
+    carries an ETag (sha256 of the bytes) and ``no-cache`` (revalidate: an
+    upgraded package is picked up at once; unchanged files cost a 304).
+    """
+
+    TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
+             ".html": "text/html; charset=utf-8", ".txt": "text/plain; charset=utf-8", ".png": "image/png",
+             ".svg": "image/svg+xml"}
+
+    def __init__(self, root: str) -> None:
+        import hashlib
+
+        self.files: dict[str, tuple[bytes, str, str]] = {}
+        for dirpath, _, names in os.walk(root):
+            for name in names:
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, root).replace(os.sep, "/")
+                ext = os.path.splitext(name)[1].lower()
+                if ext not in self.TYPES:  # LICENSE, VERSION, refresh_uplot.py stay in the package only
+                    continue
+                with open(full, "rb") as f:
+                    data = f.read()
+                self.files[rel] = (data, self.TYPES[ext], '"' + hashlib.sha256(data).hexdigest()[:32] + '"')
+
+    def response(self, name: str, if_none_match: str) -> Response:
+        hit = self.files.get(name)
+        if hit is None:
+            return _json({"error": f"no static file {name!r}"}, 404)
+        data, ctype, etag = hit
+        headers = {"etag": etag, "cache-control": "no-cache"}
+        if etag in [t.strip() for t in if_none_match.split(",")]:
+            return Response(status_code=304, headers=headers)
+        return Response(data, media_type=ctype, headers=headers)
+
+
+class ResponseCache:
+    """Small LRU of encoded chart answers (a reduced series is ~100 KB whatever its length)."""
+
+    def __init__(self, max_items: int = 512, max_body: int = 1 << 20) -> None:
+        self.max_items = max_items
+        self.max_body = max_body
+        self._items: collections.OrderedDict[Any, bytes] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> bytes | None:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+            return hit
+
+    def put(self, key: Any, body: bytes) -> None:
+        if len(body) > self.max_body:
+            return
+        with self._lock:
+            self._items[key] = body
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+
 class SeriesCache:
     """Decoded series by (run path, metric, rank, committed length): zooming costs only the reduction."""
 
@@ -147,6 +211,7 @@ class Viewer:
     def __init__(self, base_dir: str) -> None:
         self.index = RunIndex(base_dir)
         self.cache = SeriesCache()
+        self.responses = ResponseCache()
 
     # ------------------------------------------------------------ helpers
 
@@ -157,12 +222,17 @@ class Viewer:
         except KoboError as exc:
             raise ApiError(500, f"run {project}/{run_id} cannot be read: {exc}") from exc
 
-    def series(self, reader: RunReader, metric: str, rank: int) -> np.ndarray:
+    def length(self, reader: RunReader, metric: str, rank: int) -> int:
+        """Committed points of ``metric`` from ``rank``; :class:`NotFound` (naming close names) if none."""
         n = reader.num_points(metric, rank)
-        if n == 0 and metric not in reader.list_metrics(rank=None):
-            raise NotFound(_missing_metric(reader, metric, rank))
         if n == 0 and rank not in reader.ranks(metric):
             raise NotFound(_missing_metric(reader, metric, rank))
+        return n
+
+    def series(self, reader: RunReader, metric: str, rank: int, n: int | None = None) -> np.ndarray:
+        """Every committed point (the first ``n``), decoded once per committed length."""
+        if n is None:
+            n = self.length(reader, metric, rank)
         return self.cache.get((reader.path, metric, rank, n), lambda: np.array(reader.series(metric, rank, 0, n)))
 
     # ------------------------------------------------------------- views
@@ -193,17 +263,38 @@ class Viewer:
         }
 
     def series_body(self, project: str, run_id: str, q: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+        """The binary body of one ``series`` request (see ``docs/viewer-api.md``) and its timing header.
+
+        A reduced answer is kept by the run, the query and the committed
+        lengths it was computed from, so every page asking for the same chart of
+        an unchanged series gets the same bytes without a read or a reduction.
+        A live tail (``start=``) reads only the new rows (and the first, for
+        relative time), unless smoothing needs the points before it.
+        """
         t0 = time.perf_counter()
+        metric, rank = q["metric"], q["rank"]
         with self.open(project, run_id) as r:
-            if q["rank"] == "band":
-                ranks = r.ranks(q["metric"])
+            if rank == "band":
+                ranks = r.ranks(metric)
                 if not ranks:
-                    raise NotFound(_missing_metric(r, q["metric"], None))
-                per_rank = [self.series(r, q["metric"], rk) for rk in ranks]
+                    raise NotFound(_missing_metric(r, metric, None))
+                lengths = tuple(self.length(r, metric, rk) for rk in ranks)
             else:
-                s = self.series(r, q["metric"], q["rank"])
+                lengths = (self.length(r, metric, rank),)
+            key = (r.path, tuple(sorted(q.items())), lengths)
+            hit = self.responses.get(key) if q["start"] is None else None
+            if hit is not None:
+                return hit, {"server-timing": f"cache;dur={(time.perf_counter() - t0) * 1e3:.1f}"}
+            if rank == "band":
+                per_rank = [self.series(r, metric, rk, n) for rk, n in zip(ranks, lengths)]
+            elif q["start"] is not None and not q["smooth"]:
+                n = lengths[0]
+                tail = np.array(r.series(metric, rank, min(q["start"], n), n))
+                first = np.array(r.series(metric, rank, 0, 1)) if n else tail
+            else:
+                s = self.series(r, metric, rank, lengths[0])
         t_read = time.perf_counter()
-        if q["rank"] == "band":
+        if rank == "band":
             xs = [_x_of(s, q["x"]) for s in per_rank]
             ys = [s["value"] for s in per_rank]
             bx, lo, hi, used = R.band(xs, ys, q["width"], q["x0"], q["x1"])
@@ -211,11 +302,28 @@ class Viewer:
             header = {"n": len(bx), "total": total, "in_range": used, "committed": None, "reduced": True,
                       "ranks": ranks, **_x_range(xs), "nonfinite": {}, "marks": []}
             body = R.encode(header, {"x": bx, "lo": lo, "hi": hi})
+        elif q["start"] is not None and not q["smooth"]:
+            body = self._tail(tail, first, q, lengths[0])
         else:
             body = self._reduce_one(s, q)
+        if q["start"] is None:
+            self.responses.put(key, body)
         t_done = time.perf_counter()
         timing = f"read;dur={(t_read - t0) * 1e3:.1f}, reduce;dur={(t_done - t_read) * 1e3:.1f}"
         return body, {"server-timing": timing}
+
+    @staticmethod
+    def _tail(tail: np.ndarray, first: np.ndarray, q: dict[str, Any], n: int) -> bytes:
+        """Raw points ``[start, n)`` of a series (no reduction), x as the page asked for."""
+        wall0 = float(first["wall"][0]) if len(first) else 0.0
+        x = tail["wall"] - wall0 if q["x"] == "relative" else tail[q["x"]].astype(np.float64)
+        y = tail["value"]
+        x_first = 0.0 if q["x"] == "relative" else (float(first[q["x"]][0]) if len(first) else None)
+        counts, marks = R.nonfinite_marks(x, y, max(1, len(x)))
+        header = {"total": n, "committed": n, "x_min": x_first, "x_max": float(x.max()) if len(x) else x_first,
+                  "n": len(x), "in_range": len(x), "start": n - len(x), "reduced": False,
+                  "nonfinite": counts, "marks": marks}
+        return R.encode(header, {"x": x, "y": np.where(np.isfinite(y), y, np.nan)})
 
     def _reduce_one(self, s: np.ndarray, q: dict[str, Any]) -> bytes:
         total = len(s)
@@ -583,6 +691,11 @@ def build_app(base_dir: str) -> Starlette:
         return StreamingResponse(hub.stream(targets, request.is_disconnected), media_type="text/event-stream",
                                  headers={"cache-control": "no-store", "x-accel-buffering": "no"})
 
+    static = StaticCache(STATIC_DIR)
+
+    async def static_file(request: Request) -> Response:
+        return static.response(request.path_params["path"], request.headers.get("if-none-match", ""))
+
     async def healthz(request: Request) -> Response:
         return _json({"ok": True})
 
@@ -613,7 +726,7 @@ def build_app(base_dir: str) -> Starlette:
         Route("/media/{project}/{run_id}/{filename}", media_file),
         Route("/api/{rest:path}", not_found),
         Route("/media/{rest:path}", not_found),
-        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+        Route("/static/{path:path}", static_file),
     ]
     app = Starlette(routes=routes)
     app.state.viewer = viewer

@@ -86,11 +86,30 @@ def serve(base_dir: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, toke
     _run(app, base_dir, host, port, token, "", open_browser, echo, log_level, None, None)
 
 
+def _return_memory_to_the_os() -> None:
+    """glibc only: large temporaries of a chart request go back to the OS when freed.
+
+    A 1M-point chart allocates ~45 MB of numpy temporaries; with glibc's
+    dynamic mmap threshold they end up in arenas the server then keeps (its RSS
+    grew from 45 MB to 400 MB under load).  A fixed 1 MiB threshold and two
+    arenas keep it near what it holds.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def _run(app: Any, base_dir: str, host: str, port: int, token: str | None, base_url: str, open_browser: bool,
          echo: Callable[[str], None], log_level: str, certfile: str | None, keyfile: str | None,
          access_log: bool = False, fallback: bool = True) -> None:
     import uvicorn
 
+    _return_memory_to_the_os()
     sock, note = bind(host, port, fallback=fallback)
     actual = sock.getsockname()[1]
     shown_host = host if is_loopback(host) or host not in ("0.0.0.0", "::") else socket.gethostname()

@@ -323,3 +323,23 @@ def test_viewer_changes_nothing_in_the_runs(viewer_runs):
                  "tensors?name=attn", "logs", "run-events"):
         assert api.get(f"/api/runs/default/rich/{item}").status_code == 200
     assert snapshot(viewer_runs) == before
+
+
+def test_repeated_chart_requests_are_served_from_the_cache(api):
+    """The same chart of an unchanged series is computed once: the second answer is the same bytes, from cache."""
+    url = "/api/runs/default/spikes/series?metric=loss&width=700"
+    first, second = api.get(url), api.get(url)
+    assert first.content == second.content
+    assert "reduce;dur=" in first.headers["server-timing"] and second.headers["server-timing"].startswith("cache;")
+
+
+def test_live_tail_with_relative_time_and_smoothing(api, viewer_runs):
+    """A tail in relative time starts from the run's first point; a smoothed tail carries the EMA of every point."""
+    with RunReader(viewer_runs / "default" / "rich") as r:
+        s = r.series("val/acc")
+    header, a = api.series("/api/runs/default/rich/series?metric=val/acc&start=295&x=relative")
+    np.testing.assert_allclose(a["x"], s["wall"][295:] - s["wall"][0])
+    assert header["x_min"] == 0.0 and header["start"] == 295
+    _, full = api.series("/api/runs/default/rich/series?metric=val/acc&smooth=0.5&width=1000")
+    _, tail = api.series("/api/runs/default/rich/series?metric=val/acc&smooth=0.5&start=295")
+    np.testing.assert_allclose(tail["ys"], full["ys"][295:])
