@@ -43,6 +43,7 @@ def _open(run: str, base_dir: str) -> Any:
 
 
 @click.group(context_settings={"auto_envvar_prefix": "KOBO", "help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kohakuboard", prog_name="kobo", message="%(prog)s %(version)s")
 def main() -> None:
     """Look at KohakuBoard runs: list them, show one, export its data, check it for damage."""
 
@@ -73,8 +74,11 @@ def list_cmd(directory: str) -> None:
                 n_metrics = str(len(r.list_metrics(rank=None)))
         except (KoboError, OSError):
             n_metrics = "?"
-        rows.append((f"{info.project}/{info.run_id}", info.name, info.status, _when(info.created_at), n_metrics))
-    header = ("RUN", "NAME", "STATUS", "CREATED", "METRICS")
+        rows.append((f"{info.project}/{info.run_id}", info.name, info.status, _when(info.created_at), n_metrics,
+                     info.annotation or "-"))
+    header: tuple[str, ...] = ("RUN", "NAME", "STATUS", "CREATED", "METRICS", "ANNOTATION")
+    if not any(info.annotation for info in runs):  # the column only when some run has one
+        header, rows = header[:-1], [row[:-1] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     for row in (header, *rows):
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -109,6 +113,9 @@ def show(run: str, base_dir: str, as_json: bool) -> None:
         return
     click.echo(f"run:      {summary['project']}/{summary['run_id']}")
     click.echo(f"name:     {summary['name']}")
+    note = summary["metadata"].get("annotation")
+    if isinstance(note, str) and note:
+        click.echo(f"annotation: {note}")
     click.echo(f"status:   {summary['status']}")
     click.echo(f"created:  {_when(summary['created_at'])}")
     click.echo(f"finished: {_when(summary['finished_at'])}")

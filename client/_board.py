@@ -135,6 +135,51 @@ def _check_auto_step(value: Any) -> bool:
     )
 
 
+_UNUSED_DEFAULTS = {
+    "remote_url": None, "remote_token": None, "remote_project": None,
+    "sync_enabled": False, "sync_interval": 10, "memory_mode": False,
+}
+
+
+def _warn_unused_settings(**given: Any) -> None:
+    """One warning for KohakuBoard settings this design does not use (set to anything but their default)."""
+    used = [k for k, v in given.items() if v != _UNUSED_DEFAULTS[k] and not (k == "sync_interval" and v is None)]
+    if not used:
+        return
+    import warnings
+
+    shown = ", ".join(f"{k}=***" if k == "remote_token" else f"{k}={given[k]!r}" for k in used)
+    warnings.warn(
+        f"kohakuboard: Board({shown}) is ignored: log() only queues the call and the per-node kobo-daemon writes "
+        "every run to disk, so there is no memory mode and nothing to sync. To gather runs of several machines "
+        "in one place, run `kobo-daemon run --forward tcp://HEAD:PORT` on each node (README: Several nodes); "
+        "to share runs, copy the run folder or serve it with `kobo-serve`.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _existing_folder(project_dir: str, run_id: str) -> str | None:
+    """The folder of an existing run ``run_id`` in ``project_dir``: ``run_id`` or one ``{run_id}_{annotation}``."""
+    if os.path.isfile(os.path.join(project_dir, run_id, "metadata.json")):
+        return run_id
+    try:
+        names = [n for n in os.listdir(project_dir) if n.startswith(run_id + "_")]
+    except OSError:
+        return None
+    found = []
+    for n in names:
+        try:
+            import json
+
+            with open(os.path.join(project_dir, n, "metadata.json"), encoding="utf-8") as f:
+                if json.load(f).get("run_id") == run_id:
+                    found.append(n)
+        except (OSError, ValueError, AttributeError):
+            continue
+    return found[0] if len(found) == 1 else None
+
+
 class Board:
     """One run: logs go to ``{base_dir}/{project}/{run_id}/`` through the kobo-daemon.
 
@@ -197,8 +242,19 @@ class Board:
         max_inflight_bytes: int | None = None,
         queue_policy: str | None = None,
         timeout: float | None = None,
+        annotation: str | None = None,
+        remote_url: str | None = None,
+        remote_token: str | None = None,
+        remote_project: str | None = None,
+        sync_enabled: bool = False,
+        sync_interval: float = 10,
+        memory_mode: bool = False,
     ) -> None:
         self._closed = True  # until fully open: finish() and __del__ are no-ops
+        _warn_unused_settings(
+            remote_url=remote_url, remote_token=remote_token, remote_project=remote_project,
+            sync_enabled=sync_enabled, sync_interval=sync_interval, memory_mode=memory_mode,
+        )
         _load()
         from ._config import ClientConfig
 
@@ -243,9 +299,24 @@ class Board:
         else:
             rid = new_run_id()
         self.run_id = _check_path_part("run_id", rid)
-        self.name = name or self.run_id
+        if name is None:
+            from ._words import friendly_name
+
+            name = friendly_name()
+        self.name = name
         self.base_dir = os.path.abspath(os.fspath(base_dir if base_dir is not None else cfg.base_dir))
-        self.path = os.path.join(self.base_dir, self.project, self.run_id)
+        if annotation is not None:
+            if annotation == "":
+                annotation = None
+            else:
+                _check_path_part("annotation", annotation)
+        folder = self.run_id if annotation is None else f"{self.run_id}_{annotation}"
+        if len(folder.encode("utf-8")) > 255:
+            raise ValueError(f"run_id and annotation make a folder name of more than 255 bytes: {folder[:60]!r}...")
+        if annotation is None and explicit:
+            folder = _existing_folder(os.path.join(self.base_dir, self.project), self.run_id) or folder
+        self.annotation = annotation
+        self.path = os.path.join(self.base_dir, self.project, folder)
         self.capture_output = capture_output
         self._cfg = cfg
         self._timeout = timeout
@@ -272,6 +343,8 @@ class Board:
         self._kinds.update(
             (k, v) for k, v in (reply.kinds or {}).items() if isinstance(k, str) and v in _KIND_TEXT
         )
+        if reply.name and self.rank == 0:
+            self.name = reply.name  # a resumed run keeps its name
         self.resumed = not reply.created
         if self.resumed and reply.attached == 0:
             # Resuming a run nobody else is writing: continue its counters.
@@ -309,6 +382,7 @@ class Board:
                 self.config,
                 *ident,
                 self.world_size,
+                self.annotation or "",
             )
         except BaseException:
             conn.close()
@@ -366,6 +440,11 @@ class Board:
 
     def _env(self) -> m.Envelope:
         return m.Envelope(self.path, self._client, 0, self.rank, max(self._step, 0), self._global_step, time.time())
+
+    @property
+    def board_id(self) -> str:
+        """The run's folder name: ``run_id``, or ``{run_id}_{annotation}`` (as KohakuBoard's ``board_id``)."""
+        return os.path.basename(self.path)
 
     @property
     def global_step(self) -> int:
@@ -456,14 +535,116 @@ class Board:
         new.append((key, kind))
         return new
 
-    def log_histogram(self, name: str, values: Any, **kwargs: Any) -> None:
+    # ---------------------------------------------- KohakuBoard's log_* calls
+    #
+    # Each is one log() call (a step of its own, the current global_step), kept
+    # so that scripts written for KohakuBoard run unchanged.  Several values of
+    # one step belong in one log() call instead: log(a=..., b=Histogram(...)).
+
+    def log_histogram(self, name: str, values: Any, num_bins: int = 64, precision: str = "exact", **kwargs: Any) -> None:
         """Log one histogram as its own ``log()`` call (a step of its own).
 
         Kept because the guide shows it; it is exactly the step inflation the
         guide warns about.  Prefer ``log(**{name: Histogram(values)})`` with
         every histogram of a step in one call.
         """
-        self.log(**{name: Histogram(values, **kwargs)})
+        self.log(**{name: Histogram(values, num_bins, precision, **kwargs)})
+
+    def log_images(self, name: str, images: Any, caption: str | None = None, *,
+                   captions: Any = None) -> None:
+        """Log one image or several under ``name`` at one step (one ``log()`` call).
+
+        ``images``: one image (numpy, torch, PIL, path, bytes), a list or tuple
+        of them, or a 4-D array/tensor (a batch, split on its first axis).
+        ``caption`` applies to every image; ``captions`` gives one per image.
+        The reader returns several rows of ``name`` at that step, in order.
+        """
+        from ._rich import Media
+
+        if caption is not None and captions is not None:
+            raise TypeError("pass caption= (one for all) or captions= (one per image), not both")
+        if isinstance(images, (list, tuple)):
+            seq = list(images)
+        elif getattr(images, "ndim", 0) == 4 and not isinstance(images, (str, bytes)):
+            seq = [images[i] for i in range(images.shape[0])]
+        else:
+            seq = [images]
+        if not seq:
+            raise ValueError(f"cannot log {name!r}: log_images() got no images")
+        if captions is None:
+            texts = [caption or ""] * len(seq)
+        else:
+            texts = list(captions)
+            if len(texts) != len(seq):
+                raise ValueError(f"cannot log {name!r}: {len(texts)} captions for {len(seq)} images")
+        self._log_many(name, [Media(img, caption=c, media_type="image") for img, c in zip(seq, texts)])
+
+    def log_video(self, name: str, video: Any, caption: str | None = None) -> None:
+        """Log a video (a file path or encoded bytes: mp4, webm, mkv, mov, avi, ogv) as one ``log()`` call."""
+        from ._rich import Media
+
+        self.log(**{name: Media(video, caption=caption or "", media_type="video")})
+
+    def log_audio(self, name: str, audio: Any, caption: str | None = None) -> None:
+        """Log an audio clip (a file path or encoded bytes: wav, mp3, ogg, flac, m4a, aac) as one ``log()`` call."""
+        from ._rich import Media
+
+        self.log(**{name: Media(audio, caption=caption or "", media_type="audio")})
+
+    def log_table(self, name: str, table: Any) -> None:
+        """Log a :class:`Table` (or a list of dicts, made into one) as one ``log()`` call."""
+        from ._rich import Table
+
+        self.log(**{name: table if isinstance(table, Table) else Table(table)})
+
+    def log_tensor(self, name: str, values: Any = None, precision: str | None = None,
+                   metadata: dict[str, Any] | None = None, *, namespace: str | None = None,
+                   tensor: Any = None) -> None:
+        """Log a whole tensor (a :class:`TensorLog`) as one ``log()`` call.
+
+        ``values`` (or ``tensor=``): the array; ``precision`` casts before
+        storing; ``metadata`` and ``namespace`` are stored with it.
+        """
+        from ._rich import TensorLog
+
+        if values is not None and tensor is not None:
+            raise TypeError("pass the tensor once: values or tensor=, not both")
+        data = values if values is not None else tensor
+        self.log(**{name: TensorLog(data, namespace=namespace, metadata=metadata, precision=precision)})
+
+    def log_kernel_density(self, name: str, grid: Any = None, density: Any = None, *, values: Any = None,
+                           num_points: int = 256, kernel: str = "gaussian", bandwidth: Any = None,
+                           **kwargs: Any) -> None:
+        """Log a :class:`KernelDensity` as one ``log()`` call.
+
+        Raw ``values`` (the daemon estimates the density on ``num_points``
+        points, Gaussian kernel, ``bandwidth`` a number or None/"auto" for
+        Scott's rule), or a precomputed ``grid`` and ``density``.
+        """
+        from ._rich import KernelDensity
+
+        self.log(**{name: KernelDensity(values=values, num_points=num_points, bandwidth=bandwidth, grid=grid,
+                                        density=density, kernel=kernel, **kwargs)})
+
+    def _log_many(self, name: str, media: list[Any]) -> None:
+        """Several media values under one name at one step: one message each, queued together.
+
+        Checked and copied first, all of them: if one cannot be logged, none is.
+        """
+        if self._closed:
+            raise BoardClosedError(f"board {self.run_id!r} is finished; create a new Board to log more")
+        if self._pid != _pid:
+            self._check_process()
+        new = self._new_name(name, "media", None) if self._kinds.get(name) != "media" else None
+        encoded = [_encode_rich([(name, value)]) for value in media]
+        if new is not None:
+            self._kinds.update(new)
+        with self._lock:
+            self._step += 1
+            for items, blobs in encoded:
+                self._seq = seq = self._seq + 1
+                env = m.Envelope(self.path, self._client, seq, self.rank, self._step, self._global_step, time.time())
+                self._sender.put(m.LogMessage(env, {}, items, blobs))
 
     def _send_output(self, stream: str, text: str) -> None:
         if self._closed and self._capture is None:

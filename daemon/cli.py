@@ -32,6 +32,7 @@ def _config(endpoint: str | None, **overrides: object) -> DaemonConfig:
 
 
 @click.group(context_settings={"auto_envvar_prefix": "KOBO_DAEMON", "help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kohakuboard", prog_name="kobo-daemon", message="%(prog)s %(version)s")
 def main() -> None:
     """The per-node KohakuBoard daemon: receives log messages and writes run folders."""
 

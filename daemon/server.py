@@ -472,11 +472,12 @@ class Daemon:
             "run_id": req.run_id,
             "config": req.config,
             "world_size": req.world_size,
+            "annotation": req.annotation,
         }
         info = await ch.attach(state, meta)
         return m.RunOpened(
             env, info["created"], info["last_step"], info["last_global_step"], info["attached"], self.instance,
-            info.get("kinds") or {},
+            info.get("kinds") or {}, str(info.get("name") or ""),
         )
 
     # ---------------------------------------------------------- housekeeping

@@ -155,15 +155,17 @@ class DropReport:
 class OpenRun:
     """Attach a client to a run, creating the run folder if needed.
 
-    Wire payload: ``[name, project, run_id, config, pid, pid_start, host, world_size]``.
+    Wire payload: ``[name, project, run_id, config, pid, pid_start, host, world_size, annotation]``.
     ``pid``/``pid_start`` (the process start time in clock ticks) let the daemon
     tell when the client process died without finishing.  ``world_size`` (since
     1.1) is the number of ranks of the client's launch; rank 0's is recorded in
-    ``metadata.json``.
+    ``metadata.json``.  ``annotation`` (since 1.3): the note the run folder's
+    name carries after the run id (``{run_id}_{annotation}``), kept in
+    ``metadata.json``; empty for none.
     """
 
     KIND: ClassVar[str] = "open"
-    SINCE: ClassVar[dict[str, int]] = {"world_size": 1}
+    SINCE: ClassVar[dict[str, int]] = {"world_size": 1, "annotation": 3}
     env: Envelope
     name: str = ""
     project: str = "default"
@@ -173,6 +175,7 @@ class OpenRun:
     pid_start: int = 0
     host: str = ""
     world_size: int = 1
+    annotation: str = ""
 
 
 @dataclass(slots=True)
@@ -249,11 +252,12 @@ class RunOpened:
     instance (a new id after every restart); ``kinds`` (since 1.3) maps every
     name a resumed run holds to its kind ("scalar", "media", "table",
     "histogram", "tensor", "kde"), so a client refuses a second kind under one
-    name.
+    name; ``name`` (since 1.3) is the run's name after this open (a resumed
+    run keeps its own).
     """
 
     KIND: ClassVar[str] = "opened"
-    SINCE: ClassVar[dict[str, int]] = {"daemon": 2, "kinds": 3}
+    SINCE: ClassVar[dict[str, int]] = {"daemon": 2, "kinds": 3, "name": 3}
     env: Envelope
     created: bool = True
     last_step: int = -1
@@ -261,6 +265,7 @@ class RunOpened:
     attached: int = 0
     daemon: str = ""
     kinds: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
 
 
 @dataclass(slots=True)

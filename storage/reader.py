@@ -41,7 +41,12 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True)
 class RunInfo:
-    """One line of ``kobo list``."""
+    """One line of ``kobo list``.
+
+    ``run_id`` is the folder name; ``id`` is the run id recorded in
+    ``metadata.json`` (the folder name without the ``_{annotation}`` a run
+    created with ``annotation=`` carries), ``annotation`` that note or None.
+    """
 
     path: str
     project: str
@@ -50,6 +55,12 @@ class RunInfo:
     status: str
     created_at: float | None
     finished_at: float | None
+    id: str = ""  # default: run_id
+    annotation: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", self.run_id)
 
 
 # ------------------------------------------------ opening a run's files without writing
@@ -1126,6 +1137,8 @@ def _read_info(path: str, project: str, run_id: str) -> RunInfo | None:
         meta = fmt.read_json(os.path.join(path, fmt.METADATA_JSON))
     except (OSError, ValueError):  # missing, unreadable, half-copied or not an object
         return None
+    rid = meta.get("run_id")
+    note = meta.get("annotation")
     return RunInfo(
         path=path,
         project=project,
@@ -1134,6 +1147,8 @@ def _read_info(path: str, project: str, run_id: str) -> RunInfo | None:
         status=str(meta.get("status") or "?"),
         created_at=_timestamp(meta.get("created_at")),
         finished_at=_timestamp(meta.get("finished_at")),
+        id=rid if isinstance(rid, str) and rid else run_id,
+        annotation=note if isinstance(note, str) and note else None,
     )
 
 
@@ -1169,8 +1184,11 @@ def find_run(spec: str | os.PathLike[str], base_dir: str | os.PathLike[str] = ".
 
     ``spec`` is tried as: a run folder path; ``project/run_id`` under
     ``base_dir``; a bare run id (unique across projects); a run name (unique).
-    Raises :class:`RunNotFound` when nothing matches or a bare id or name is
-    ambiguous (the message lists the candidates as ``project/run_id``).
+    A run created with ``annotation=`` lives in ``{run_id}_{annotation}`` and is
+    found by its folder name and by its bare run id alike (also as
+    ``project/run_id``).  Raises :class:`RunNotFound` when nothing matches or a
+    bare id or name is ambiguous (the message lists the candidates as
+    ``project/run_id``).
     """
     spec = os.fspath(spec)
     if not spec:
@@ -1182,7 +1200,12 @@ def find_run(spec: str | os.PathLike[str], base_dir: str | os.PathLike[str] = ".
     if os.path.isfile(os.path.join(candidate, fmt.METADATA_JSON)):
         return os.path.abspath(candidate)
     runs = list_runs(base)
-    for key in ("run_id", "name"):
+    project, sep, rid = spec.partition("/")
+    if sep and rid and "/" not in rid:
+        matches = [r for r in runs if r.project == project and r.id == rid]
+        if len(matches) == 1:
+            return matches[0].path
+    for key in ("run_id", "id", "name"):
         matches = [r for r in runs if getattr(r, key) == spec]
         if len(matches) == 1:
             return matches[0].path

@@ -232,6 +232,7 @@ class RunWriter:
         run_id: str,
         config: dict[str, Any],
         world_size: int | None = None,
+        annotation: str = "",
     ) -> dict[str, Any]:
         """Register a client; create ``metadata.json`` or resume the run.
 
@@ -239,7 +240,9 @@ class RunWriter:
         rank that opens a distributed run first creates it with an empty config
         and the run id as its name, and rank 0 fills them in when it attaches.
         Returns ``created`` (bool), ``last_step`` (-1 if none) and
-        ``last_global_step`` for the client's rank.
+        ``last_global_step`` for the client's rank, and for a resumed run
+        ``kinds`` (see :meth:`kinds`).  A non-empty ``annotation`` (the part of
+        the folder name after ``{run_id}_``) is recorded when the run has none.
         """
         now = self._now()
         created = not self.metadata
@@ -266,6 +269,8 @@ class RunWriter:
                 self.metadata["name"] = name
         if rank == 0 and world_size:
             self.metadata["world_size"] = int(world_size)
+        if annotation and not self.metadata.get("annotation"):
+            self.metadata["annotation"] = annotation
         self._write_metadata()
         with self._sql():
             self._db.execute(
@@ -282,6 +287,7 @@ class RunWriter:
             "last_step": int(row[0]) if row else -1,
             "last_global_step": int(row[1]) if row else 0,
             "kinds": {} if created else self.kinds(),
+            "name": str(self.metadata.get("name") or ""),
         }
 
     def kinds(self) -> dict[str, str]:

@@ -163,20 +163,33 @@ def test_newer_minor_version_is_accepted():
 
 
 def test_open_run_from_another_minor_version_decodes():
-    """A 1.0 client's OpenRun (no world_size) decodes with world_size 1; a newer minor's extra fields are ignored."""
-    msg = m.OpenRun(m.Envelope("/r", "c", 1), "n", "p", "id", {"lr": 0.1}, 12, 34, "h", 4)
+    """A 1.0 client's OpenRun (no world_size) decodes with world_size 1, a 1.2 one's without annotation with
+    annotation ""; a newer minor's extra fields are ignored."""
+    msg = m.OpenRun(m.Envelope("/r", "c", 1), "n", "p", "id", {"lr": 0.1}, 12, 34, "h", 4, "note")
     header = msgpack.unpackb(codec.encode(msg)[0])
-    assert header[10][-1] == 4 and codec.decode(codec.encode(msg)) == msg
-    old = header[:1] + [0] + header[2:10] + [header[10][:-1]]
-    assert codec.decode([msgpack.packb(old)]).world_size == 1
+    assert header[10][-2:] == [4, "note"] and codec.decode(codec.encode(msg)) == msg
+    old = header[:1] + [0] + header[2:10] + [header[10][:-2]]
+    assert (codec.decode([msgpack.packb(old)]).world_size, codec.decode([msgpack.packb(old)]).annotation) == (1, "")
+    v12 = header[:1] + [2] + header[2:10] + [header[10][:-1]]
+    assert (codec.decode([msgpack.packb(v12)]).world_size, codec.decode([msgpack.packb(v12)]).annotation) == (4, "")
     newer = header[:1] + [m.PROTOCOL_MINOR + 1] + header[2:10] + [header[10] + ["future field"]]
-    assert codec.decode([msgpack.packb(newer)]).world_size == 4
+    assert codec.decode([msgpack.packb(newer)]) == msg
     same_minor_short = header[:10] + [header[10][:-1]]
-    with pytest.raises(MalformedMessage, match="8 fields"):
+    with pytest.raises(MalformedMessage, match="9 fields"):
         codec.decode([msgpack.packb(same_minor_short)])
-    older_too_short = header[:1] + [0] + header[2:10] + [header[10][:-2]]
+    older_too_short = header[:1] + [0] + header[2:10] + [header[10][:-3]]
     with pytest.raises(MalformedMessage):
         codec.decode([msgpack.packb(older_too_short)])
+
+
+def test_run_opened_from_a_1_2_daemon_decodes_without_kinds_and_name():
+    """A 1.2 daemon's RunOpened (no kinds, no name) decodes with empty ones: the client then knows no kinds."""
+    msg = m.RunOpened(m.Envelope("/r", "c", 1), False, 5, 7, 0, "d1", {"loss": "scalar"}, "Brave Falcon")
+    header = msgpack.unpackb(codec.encode(msg)[0])
+    assert codec.decode(codec.encode(msg)) == msg
+    v12 = header[:1] + [2] + header[2:10] + [header[10][:-2]]
+    got = codec.decode([msgpack.packb(v12)])
+    assert (got.daemon, got.kinds, got.name) == ("d1", {}, "")
 
 
 def test_size_limits_are_enforced_before_decoding():
