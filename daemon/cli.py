@@ -60,10 +60,13 @@ main.add_command(keys_command)  # kobo-daemon keys generate|show|authorize (keys
                    "Env: KOBO_DAEMON_AUTHORIZED.")
 @click.option("--insecure-plaintext", is_flag=True, default=None,
               help="TCP without encryption or authentication (trusted networks only). Env: KOBO_DAEMON_INSECURE_PLAINTEXT=1.")
+@click.option("--system-metrics", type=float, default=None, metavar="SECONDS",
+              help="Sample this node (CPU, memory, disk/network I/O, NVIDIA GPUs) every SECONDS into the runs with a "
+                   "live client here, under sys/HOST/; 0 turns it off (default 10). Env: KOBO_DAEMON_SYSTEM_METRICS.")
 def run(
     endpoint: str | None, flush_interval: float | None, log_level: str | None, listen: tuple[str, ...],
     forward: str | None, head_key: str | None, key_dir: str | None, authorized: str | None,
-    insecure_plaintext: bool | None,
+    insecure_plaintext: bool | None, system_metrics: float | None,
 ) -> None:
     """Run in the foreground (what systemd and autostart run). SIGTERM drains and exits 0."""
     from .server import Daemon
@@ -71,7 +74,7 @@ def run(
     cfg = _config(
         endpoint, flush_interval=flush_interval, log_level=log_level.upper() if log_level else None,
         listen=list(listen) or None, forward=forward, head_key=head_key, key_dir=key_dir,
-        authorized=authorized, insecure_plaintext=insecure_plaintext or None,
+        authorized=authorized, insecure_plaintext=insecure_plaintext or None, system_metrics=system_metrics,
     )
     logging.basicConfig(
         level=getattr(logging, cfg.log_level, logging.INFO),

@@ -29,7 +29,9 @@ class DaemonConfig:
     PORT+1); ``forward``: the head's ``tcp://HOST:PORT`` to relay everything to
     instead of writing; ``head_key``: the head's public key (or a file);
     ``key_dir``/``authorized``: where the keys are; ``insecure_plaintext``: TCP
-    without CURVE.
+    without CURVE.  ``system_metrics``: seconds between samples of this node
+    (CPU, memory, disk and network I/O, NVIDIA GPUs) stored under ``sys/{host}/``
+    in every run with a live client on this node; 0 turns it off.
     """
 
     endpoint: Endpoint = field(default_factory=lambda: resolve(None, os.environ))
@@ -46,6 +48,7 @@ class DaemonConfig:
     key_dir: str | None = None
     authorized: str | None = None
     insecure_plaintext: bool = False
+    system_metrics: float = 10.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "DaemonConfig":
@@ -56,6 +59,7 @@ class DaemonConfig:
         ``KOBO_DAEMON_LISTEN`` (addresses separated by spaces or commas),
         ``KOBO_DAEMON_FORWARD``, ``KOBO_DAEMON_HEAD_KEY``, ``KOBO_DAEMON_KEY_DIR``,
         ``KOBO_DAEMON_AUTHORIZED``, ``KOBO_DAEMON_INSECURE_PLAINTEXT`` (``1``).
+        ``KOBO_DAEMON_SYSTEM_METRICS``: seconds between node samples, ``0`` or ``off`` for none.
         """
         env = os.environ if environ is None else environ
         cfg = cls(endpoint=resolve(env.get("KOBO_DAEMON_ENDPOINT"), env))
@@ -69,6 +73,12 @@ class DaemonConfig:
         cfg.key_dir = env.get("KOBO_DAEMON_KEY_DIR") or None
         cfg.authorized = env.get("KOBO_DAEMON_AUTHORIZED") or None
         cfg.insecure_plaintext = env.get("KOBO_DAEMON_INSECURE_PLAINTEXT", "").strip().lower() in ("1", "true", "yes", "on")
+        sysm = env.get("KOBO_DAEMON_SYSTEM_METRICS", "").strip().lower()
+        if sysm:
+            try:
+                cfg.system_metrics = 0.0 if sysm in ("off", "no", "false") else float(sysm)
+            except ValueError:
+                raise ValueError(f"KOBO_DAEMON_SYSTEM_METRICS={sysm!r} is not a number of seconds (or 'off')") from None
         for key, value in overrides.items():
             if value is None:
                 continue
@@ -79,6 +89,8 @@ class DaemonConfig:
             raise ValueError(f"log level {cfg.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if not 0 < cfg.flush_interval <= 0.45:
             raise ValueError("flush_interval must be in (0, 0.45] seconds to keep the 0.5 s durability promise")
+        if not (cfg.system_metrics == 0 or 0.05 <= cfg.system_metrics <= 86400):
+            raise ValueError(f"system metrics interval must be 0 (off) or 0.05..86400 seconds, got {cfg.system_metrics}")
         if cfg.listen and cfg.forward:
             raise ValueError("--listen and --forward cannot be combined: a forwarding node serves no other nodes")
         return cfg

@@ -192,6 +192,8 @@ class Daemon:
             data_task = tg.create_task(self._data_loop(), name="data")
             tg.create_task(self._control_loop(), name="control")
             tg.create_task(self._housekeeping(), name="housekeeping")
+            if self.config.system_metrics > 0:
+                tg.create_task(self._system_metrics(self.config.system_metrics), name="system-metrics")
             await self._stop.wait()
             _sd_notify("STOPPING=1")
             log.info("stopping: draining and flushing %d run(s)", len(self.runs))
@@ -516,6 +518,48 @@ class Daemon:
                     and now - ch.last_activity > self.config.idle_close
                 ):
                     ch.stop()
+
+    async def _system_metrics(self, interval: float) -> None:
+        """Sample this node every ``interval`` seconds into each run with a live client here.
+
+        Written as data of a client of the daemon's own (``sys-<instance>``,
+        rank 0, sequence numbers per run), at the run's latest rank-0 step and
+        global step, so the samples line up with training on every x axis and
+        resuming a run does not continue from them.  The sampling (``/proc``,
+        NVML) runs in a worker thread; training processes do nothing for it.
+        """
+        from .sysmetrics import NodeSampler
+
+        loop = asyncio.get_running_loop()
+        try:
+            sampler = await loop.run_in_executor(None, NodeSampler, _HOST)
+        except Exception as exc:  # never take the daemon down for this
+            log.error("system metrics disabled: %r", exc)
+            return
+        client = "sys-" + self.instance
+        seqs: dict[str, int] = {}  # kept while the daemon lives: a reopened run continues its numbers
+        try:
+            while not self._stop.is_set():
+                try:
+                    await asyncio.wait_for(self._stop.wait(), interval)
+                except asyncio.TimeoutError:
+                    pass
+                values = await loop.run_in_executor(None, sampler.sample)  # every interval: rates cover it
+                if self._stop.is_set() or not values:
+                    continue
+                wall = time.time()
+                for ch in list(self.runs.values()):
+                    if ch.error is not None or not any(c.host == _HOST for c in ch.attached):
+                        continue
+                    try:
+                        writer = await ch.ensure_writer()
+                        step, global_step = await ch.call(writer.last_step, 0)
+                    except KoboError:
+                        continue
+                    seq = seqs[ch.path] = seqs.get(ch.path, 0) + 1
+                    ch.add(m.LogMessage(m.Envelope(ch.path, client, seq, 0, step, global_step, wall), dict(values)))
+        finally:
+            await loop.run_in_executor(None, sampler.close)
 
     def status(self) -> dict[str, Any]:
         return {

@@ -316,6 +316,16 @@ class RunWriter:
             pass
         return out
 
+    def last_step(self, rank: int = 0) -> tuple[int, int]:
+        """``(step, global_step)`` of the latest committed call of ``rank`` (``(0, 0)`` without one)."""
+        try:
+            row = self._db.execute(
+                "SELECT last_step, last_global_step FROM steps WHERE rank=? ORDER BY last_step DESC LIMIT 1", (rank,)
+            ).fetchone()
+        except sqlite3.Error:
+            row = None
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
     def detach(self, client: str, status: str) -> None:
         """Record that a client finished (or crashed)."""
         with self._sql():

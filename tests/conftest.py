@@ -59,6 +59,9 @@ def kobo_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Endpoi
     value = f"ipc://{sock_dir}/kobo"
     monkeypatch.setenv("KOBO_DAEMON_ENDPOINT", value)
     monkeypatch.setenv("KOBO_BASE_DIR", str(tmp_path / "kohakuboard"))
+    # Node samples (sys/HOST/...) every 10 s would add metrics to long tests' runs;
+    # tests/daemon/test_system_metrics.py turns them on where it checks them.
+    monkeypatch.setenv("KOBO_DAEMON_SYSTEM_METRICS", "0")
     ep = resolve(value, os.environ)
     try:
         yield ep
