@@ -89,15 +89,29 @@ def list_cmd(directory: str) -> None:
 @_DIR_OPTION
 @click.option("--json", "as_json", is_flag=True,
               help="Print the summary as JSON (NaN as null, infinities as \"inf\"/\"-inf\").")
-def show(run: str, base_dir: str, as_json: bool) -> None:
+@click.option("--output", "show_output", is_flag=True,
+              help="Print the run's captured output (logs/output.log; stderr lines start with [stderr]) instead.")
+@click.option("--strip-ansi", is_flag=True, help="With --output: remove ANSI colour and cursor codes.")
+def show(run: str, base_dir: str, as_json: bool, show_output: bool, strip_ansi: bool) -> None:
     """Show RUN (a path, project/run_id or run id): metadata, config and every metric.
 
     Each metric is listed with its point count, step range and last value (of
     its lowest rank), plus, when several ranks logged it, those ranks and each
     one's point count ("ranks 0,1,2,3 (points 10,10,10,10)").  The "ranks:"
     line counts the ranks that logged scalars, and gives the world size a
-    distributed launch recorded.
+    distributed launch recorded.  Status "running?" means metadata.json says
+    running but no daemon holds the run open: its clients and daemon are gone.
     """
+    if strip_ansi and not show_output:
+        raise click.UsageError("--strip-ansi goes with --output")
+    if show_output:
+        try:
+            with _open(run, base_dir) as r:
+                text = r.read_output(strip_ansi=strip_ansi)
+        except (KoboError, OSError) as exc:
+            raise _fail(exc) from exc
+        click.echo(text, nl=False, color=True)  # as logged (click would strip codes into a pipe)
+        return
     try:
         with _open(run, base_dir) as r:
             summary = r.summary()
@@ -116,7 +130,8 @@ def show(run: str, base_dir: str, as_json: bool) -> None:
     note = summary["metadata"].get("annotation")
     if isinstance(note, str) and note:
         click.echo(f"annotation: {note}")
-    click.echo(f"status:   {summary['status']}")
+    stale = " (no daemon holds this run open: its clients and daemon are gone without marking it)"
+    click.echo(f"status:   {summary['status']}{stale if summary['status'] == 'running?' else ''}")
     click.echo(f"created:  {_when(summary['created_at'])}")
     click.echo(f"finished: {_when(summary['finished_at'])}")
     click.echo(f"path:     {summary['path']}")

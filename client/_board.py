@@ -329,6 +329,7 @@ class Board:
         # holds or this client logged: one name, one kind.
         self._kinds: dict[str, str] = {}
         self._crashed = False
+        self._end_status: str | None = None  # "crashed" or "interrupted", set by an exception
         self._pid = os.getpid()
         self._max_queue = max_queue or cfg.max_queue
         self._max_inflight = _check_count("max_inflight_bytes", max_inflight_bytes, 1) if max_inflight_bytes is not None else cfg.max_inflight_bytes
@@ -734,7 +735,7 @@ class Board:
                 return
             self._closed = True
             last = self._seq
-        status = status or ("crashed" if self._crashed else "finished")
+        status = status or self._end_status or ("crashed" if self._crashed else "finished")
         timeout = self._cfg.finish_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         _unregister(self)
@@ -807,13 +808,39 @@ class Board:
 
     def __exit__(self, et: Any, exc: Any, tb: Any) -> None:
         if et is not None:
-            self._crashed = True
+            self._ended_by(et, exc, tb)
             try:
                 self.finish()
             except KoboError:
                 pass  # never mask the user's exception
         else:
             self.finish()
+
+    def _ended_by(self, et: Any, exc: Any, tb: Any) -> None:
+        """An exception ends this board: ``interrupted`` for KeyboardInterrupt, else ``crashed``.
+
+        Its traceback goes to ``logs/output.log`` (marked stderr): Python prints
+        it only after the board has finished, when nothing captures any more.
+        """
+        if self._closed or self._end_status is not None:
+            return
+        self._end_status = "interrupted" if issubclass(et, KeyboardInterrupt) else "crashed"
+        self._crashed = self._end_status == "crashed"
+        if self._pid != os.getpid():
+            return
+        import traceback
+
+        from ._capture import label_output
+
+        text = "".join(traceback.format_exception(et, exc, tb))
+        prefix = f"[rank {self.rank}] " if self.world_size > 1 else ""
+        try:
+            if self._capture is not None:
+                self._capture.stdout.flush_partial()
+                self._capture.stderr.flush_partial()
+            self._send_output("stderr", label_output("stderr", text, prefix))
+        except Exception:
+            pass  # never mask the user's exception
 
     def __repr__(self) -> str:
         state = "finished" if self._closed else "open"
@@ -868,6 +895,15 @@ def _register(board: Board) -> None:
         def excepthook(et: Any, exc: Any, tb: Any) -> None:
             global _uncaught
             _uncaught = True
+            # Boards that do not capture this process's stderr get the traceback
+            # themselves; a capturing one gets it through its tee, below.
+            for board in list(_boards or ()):
+                if board._capture is None and board._pid == os.getpid():
+                    board._ended_by(et, exc, tb)
+                elif board._pid == os.getpid():
+                    board._end_status = board._end_status or (
+                        "interrupted" if issubclass(et, KeyboardInterrupt) else "crashed"
+                    )
             previous(et, exc, tb)
 
         sys.excepthook = excepthook
@@ -919,7 +955,7 @@ def _finish_all() -> None:
     for board in list(_boards):
         if os.getpid() != board._pid:
             continue  # a forked child must not finish its parent's run
-        if _uncaught:
+        if _uncaught and board._end_status is None:
             board._crashed = True
         try:
             board.finish()

@@ -9,7 +9,8 @@ up in the file.
 
 In a distributed launch (world size > 1) every forwarded line is prefixed
 with ``[rank N] `` so the ranks' output can be told apart in the one file;
-the terminal still sees the line unchanged.
+every stderr line is marked ``[stderr] `` (after the rank); the terminal still
+sees the line unchanged.
 """
 
 from __future__ import annotations
@@ -74,6 +75,16 @@ class _Tee:
         return getattr(self._stream, name)
 
 
+STDERR_MARK = "[stderr] "  # as storage.format.STDERR_MARK (not imported: the client stays light)
+
+
+def label_output(stream: str, text: str, prefix: str = "") -> str:
+    """``text`` as it goes into ``logs/output.log``: rank ``prefix``, then the stderr mark, on every line."""
+    if stream == "stderr":
+        prefix += STDERR_MARK
+    return label_lines(text, prefix) if prefix else text
+
+
 def label_lines(text: str, prefix: str) -> str:
     """``text`` with ``prefix`` in front of every line (the final newline stays last)."""
     body = text[:-1] if text.endswith("\n") else text
@@ -93,8 +104,7 @@ class Capture:
         sys.stderr = self.stderr  # type: ignore[assignment]
 
     def emit(self, stream: str, text: str) -> None:
-        if self._prefix:
-            text = label_lines(text, self._prefix)
+        text = label_output(stream, text, self._prefix)
         for i in range(0, len(text), _CHUNK):
             try:
                 self._emit(stream, text[i : i + _CHUNK])

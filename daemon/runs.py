@@ -107,6 +107,7 @@ class RunChannel:
         self.stats = RunStats()
         self.last_activity = now()
         self.crashed_clients = 0
+        self.interrupted_clients = 0
         # Clients that called finish() while the disk was failing: detached with
         # their status once their data is written (client -> (last_seq, status)).
         self.deferred_finish: dict[str, tuple[int, str]] = {}
@@ -177,15 +178,22 @@ class RunChannel:
             state.status = status
         if status == fmt.STATUS_CRASHED:
             self.crashed_clients += 1
+        elif status == fmt.STATUS_INTERRUPTED:
+            self.interrupted_clients += 1
         final = None
         if not self.attached:
-            final = fmt.STATUS_CRASHED if self.crashed_clients else fmt.STATUS_FINISHED
+            # crashed beats interrupted beats finished
+            final = (
+                fmt.STATUS_CRASHED if self.crashed_clients
+                else fmt.STATUS_INTERRUPTED if self.interrupted_clients
+                else fmt.STATUS_FINISHED
+            )
         if record or final is not None:
             # One trip to the writer thread for both (finish() waits on it).
             await self.call(_detach_and_mark, writer, client if record else None, status, final)
         if final is None:
             return fmt.STATUS_RUNNING
-        self.crashed_clients = 0
+        self.crashed_clients = self.interrupted_clients = 0
         return final
 
     # ------------------------------------------------------------- messages

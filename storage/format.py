@@ -99,8 +99,14 @@ VAULT_BLOCK_BYTES = 64 << 10
 
 STATUS_RUNNING = "running"
 STATUS_FINISHED = "finished"
-STATUS_CRASHED = "crashed"
-STATUSES = (STATUS_RUNNING, STATUS_FINISHED, STATUS_CRASHED)
+STATUS_CRASHED = "crashed"  # a client ended by an uncaught exception, or died (SIGKILL, OOM)
+STATUS_INTERRUPTED = "interrupted"  # a client ended by KeyboardInterrupt (Ctrl-C), none crashed
+STATUSES = (STATUS_RUNNING, STATUS_FINISHED, STATUS_CRASHED, STATUS_INTERRUPTED)
+# Never stored: what readers report for a run whose metadata.json says "running"
+# while nothing holds its writer lock (WRITER_LOCK), i.e. no daemon writes it:
+# its clients and daemon are gone (or it was copied while running).
+STATUS_STALE = "running?"
+STDERR_MARK = "[stderr] "  # in front of every captured stderr line of logs/output.log
 
 SCALAR_RECORD_FIELDS = [
     ("step", "<i8"),

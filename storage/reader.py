@@ -450,7 +450,9 @@ class RunReader:
 
     @property
     def status(self) -> str:
-        return str(self.metadata.get("status", fmt.STATUS_RUNNING))
+        """``metadata.json``'s status, or ``"running?"`` (:data:`~kohakuboard.storage.format.STATUS_STALE`)
+        when it says running but no daemon holds the run open (see :func:`writer_alive`)."""
+        return reported_status(self.path, self.metadata.get("status", fmt.STATUS_RUNNING))
 
     @property
     def config(self) -> dict[str, Any]:
@@ -1080,9 +1082,17 @@ class RunReader:
             f.seek(offset)
             return f.read(end - offset)
 
-    def read_output(self, offset: int, limit: int) -> str:
-        """Like :meth:`read_output_bytes`, decoded (invalid UTF-8 replaced)."""
-        return self.read_output_bytes(offset, limit).decode("utf-8", errors="replace")
+    def read_output(self, offset: int = 0, limit: int | None = None, *, strip_ansi: bool = False) -> str:
+        """Like :meth:`read_output_bytes` (default: all of it), decoded (invalid UTF-8 replaced).
+
+        Lines the run wrote to stderr start with ``[stderr] `` (after a ``[rank N] ``
+        prefix in distributed runs).  ``strip_ansi`` removes ANSI escape
+        sequences (colours, cursor movement) as :func:`strip_ansi` does.
+        """
+        text = self.read_output_bytes(offset, self.output_size() if limit is None else limit).decode(
+            "utf-8", errors="replace"
+        )
+        return _strip_ansi(text) if strip_ansi else text
 
     # ----------------------------------------------------------------- close
 
@@ -1132,6 +1142,63 @@ def _timestamp(value: Any) -> float | None:
     return float(value)
 
 
+_ANSI = None
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without ANSI escape sequences: SGR colours, cursor and erase (CSI), OSC titles/links."""
+    return _strip_ansi(text)
+
+
+def _strip_ansi(text: str) -> str:
+    global _ANSI
+    if _ANSI is None:
+        import re
+
+        _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+    return _ANSI.sub("", text)
+
+
+def writer_alive(path: str | os.PathLike[str]) -> bool:
+    """True when a daemon on this machine holds the run folder at ``path`` open for writing.
+
+    A daemon's writer keeps an exclusive ``flock`` on ``data/.writer.lock`` as
+    long as the run is open (it stays open while a client is attached); the
+    kernel drops it when the daemon exits or dies.  Only opens the file
+    read-only, never creates it.  A writer on another machine (a run read over
+    a network file system) is not seen.
+    """
+    import fcntl
+
+    try:
+        fd = os.open(os.path.join(os.fspath(path), fmt.WRITER_LOCK), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def reported_status(path: str | os.PathLike[str], stored: Any) -> str:
+    """The status to show for a run whose ``metadata.json`` holds ``stored``.
+
+    ``"running"`` is only reported while a daemon holds the run open; otherwise
+    it is ``"running?"`` (:data:`~kohakuboard.storage.format.STATUS_STALE`): its
+    clients and daemon are gone without marking it (the daemon was killed
+    too, the machine went down) or it is a copy of a run taken while it ran.
+    """
+    status = str(stored) if stored else "?"
+    if status == fmt.STATUS_RUNNING and not writer_alive(path):
+        return fmt.STATUS_STALE
+    return status
+
+
 def _read_info(path: str, project: str, run_id: str) -> RunInfo | None:
     try:
         meta = fmt.read_json(os.path.join(path, fmt.METADATA_JSON))
@@ -1144,7 +1211,7 @@ def _read_info(path: str, project: str, run_id: str) -> RunInfo | None:
         project=project,
         run_id=run_id,
         name=str(meta.get("name") or run_id),
-        status=str(meta.get("status") or "?"),
+        status=reported_status(path, meta.get("status")),
         created_at=_timestamp(meta.get("created_at")),
         finished_at=_timestamp(meta.get("finished_at")),
         id=rid if isinstance(rid, str) and rid else run_id,

@@ -86,11 +86,12 @@ def test_captured_output_is_labelled_by_rank(daemon, base_dir, tmp_path, script)
     for rank in (0, 1):
         mine = [line for line in lines if line.startswith(f"[rank {rank}] ")]
         assert sorted(mine) == sorted(
-            f"[rank {rank}] {text}\n" for text in ("line a", "line b", "to stderr", "tail without newline")
+            f"[rank {rank}] {text}\n"
+            for text in ("line a", "line b", "[stderr] to stderr", "tail without newline")
         )
     assert len(lines) == 8
 
     res = script(RANK_SCRIPT.replace('"labels"', '"single"'), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     single = (base_dir / "default" / "single" / "logs" / "output.log").read_text()
-    assert sorted(single.splitlines()) == ["line a", "line b", "tail without newline", "to stderr"]
+    assert sorted(single.splitlines()) == ["[stderr] to stderr", "line a", "line b", "tail without newline"]
