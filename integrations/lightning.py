@@ -16,7 +16,8 @@ step share one KohakuBoard step), ``log_hyperparams`` goes to the run's config,
 ``experiment`` is the :class:`kohakuboard.client.Board` (``experiment.log(...)``
 takes anything a Board takes), and :meth:`log_image` / :meth:`log_histogram`
 log images and histograms at a step.  ``finalize("success")`` finishes the run,
-``finalize("failed")`` (an exception or Ctrl-C in ``fit``) marks it crashed;
+``finalize("failed")`` marks it ``crashed`` (an exception in ``fit``) or
+``interrupted`` (Ctrl-C);
 logging after that (``trainer.test`` after ``fit``) reopens the same run.
 ``name`` is the run's project, ``version`` its run id, ``log_dir`` the run
 folder; ``save_dir`` is None, so checkpoints stay under the Trainer's
@@ -203,7 +204,13 @@ def make_logger_class(framework: ModuleType) -> type:
         def finalize(self, status: str) -> None:
             if self._board is not None and self._open:
                 self._open = False
-                self._board.finish(status="crashed" if status == "failed" else "finished")
+                if status == "failed":
+                    # Lightning calls this inside its except block, for Ctrl-C and errors alike
+                    exc = sys.exc_info()[1]
+                    ours = "interrupted" if isinstance(exc, KeyboardInterrupt) else "crashed"
+                else:
+                    ours = "finished"
+                self._board.finish(status=ours)
 
     KohakuBoardLogger.__module__ = __name__
     KohakuBoardLogger.__qualname__ = "KohakuBoardLogger"

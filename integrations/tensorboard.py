@@ -262,7 +262,7 @@ class SummaryWriter:
     def __exit__(self, et: Any, exc: Any, tb: Any) -> None:
         if et is not None:
             try:
-                self.board.finish(status="crashed")
+                self.board.finish(status="interrupted" if issubclass(et, KeyboardInterrupt) else "crashed")
             except Exception:
                 pass  # never mask the exception that left the block
         else:

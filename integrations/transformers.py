@@ -16,10 +16,10 @@ What it records:
   everything else ``train/*``; non-numbers skipped), with ``global_step`` =
   the Trainer's ``state.global_step``; calls at the same global step (the
   training loss and the evaluation of that step) share one KohakuBoard step;
-* status: ``finished`` when training ends (``on_train_end``); ``crashed`` when
-  training began and never ended: an uncaught exception, ``KeyboardInterrupt``
-  (KohakuBoard has no separate "interrupted" status), or an exception the
-  script caught before it exited.  Logs after training (``trainer.evaluate()``)
+* status: ``finished`` when training ends (``on_train_end``); when training
+  began and never ended, ``interrupted`` if Ctrl-C (``KeyboardInterrupt``)
+  ended the script, else ``crashed`` (an uncaught exception, or one the script
+  caught before it exited).  Logs after training (``trainer.evaluate()``)
   reopen the same run and finish it again at exit.
 
 Only the main process (``state.is_world_process_zero``) logs by default;
@@ -30,6 +30,7 @@ under ``torchrun`` all ranks share the launch-derived run id).
 from __future__ import annotations
 
 import atexit
+import sys
 import threading
 import weakref
 from typing import Any
@@ -64,11 +65,14 @@ def rewrite_logs(logs: dict[str, Any]) -> dict[str, float]:
 
 
 def _finish_unended() -> None:
-    """At exit (before the client's own at-exit hook): training that never ended crashed."""
+    """At exit (before the client's own at-exit hook): training that never ended crashed,
+    or was interrupted when the exception that ends the script is a ``KeyboardInterrupt``."""
+    last = getattr(sys, "last_type", None)  # set for the exception that ended the script, if any
+    status = "interrupted" if isinstance(last, type) and issubclass(last, KeyboardInterrupt) else "crashed"
     for cb in list(_live):
         if cb._training:
             try:
-                cb.finish(status="crashed")
+                cb.finish(status=status)
             except Exception:  # at exit there is nobody left to raise to
                 pass
 
@@ -192,7 +196,7 @@ class KohakuBoardCallback(TrainerCallback):
         self.finish()
 
     def finish(self, status: str | None = None) -> None:
-        """Finish the run now (``status`` "finished" or "crashed"); later logs reopen it."""
+        """Finish the run now (``status`` "finished", "crashed" or "interrupted"); later logs reopen it."""
         board = self._board
         self._training = False
         if board is not None and self._board_open:

@@ -133,6 +133,33 @@ def test_lightning_exception_in_fit_marks_the_run_crashed(daemon, base_dir: Path
         assert [int(g) for g in run.series("train_loss")["global_step"]] == [0, 1]
 
 
+def test_lightning_ctrl_c_in_fit_marks_the_run_interrupted(daemon, base_dir: Path, tmp_path: Path):
+    """Lightning turns Ctrl-C into finalize("failed") and sys.exit(1): the run ends interrupted."""
+    import signal
+
+    import lightning.pytorch as pl
+
+    from kohakuboard.integrations.lightning import KohakuBoardLogger
+
+    class CtrlC(_module_class(pl)):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 1:
+                raise KeyboardInterrupt
+            return super().training_step(batch, batch_idx)
+
+    logger = KohakuBoardLogger(name="ctrl-c", project="pl", base_dir=str(base_dir))
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT while it shuts down
+    try:
+        with pytest.raises(SystemExit):
+            _fit(pl, logger, tmp_path, CtrlC())
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    (info,) = list_runs(base_dir)
+    with RunReader(info.path) as run:
+        assert run.status == "interrupted"
+        assert [int(g) for g in run.series("train_loss")["global_step"]] == [0]
+
+
 def test_pytorch_lightning_fallback(daemon, base_dir: Path, tmp_path: Path):
     """The same logger built for the older ``pytorch_lightning`` package works with its Trainer."""
     pl = pytest.importorskip("pytorch_lightning", reason="pytorch_lightning is not installed")

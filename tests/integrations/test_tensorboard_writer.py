@@ -168,6 +168,18 @@ def test_context_manager_exception_marks_crashed_and_unsupported_methods_warn(da
         assert run.series("x")["value"].tolist() == [1.0]
 
 
+def test_context_manager_ctrl_c_marks_interrupted(daemon, base_dir: Path):
+    from kohakuboard.integrations.tensorboard import SummaryWriter
+
+    with pytest.raises(KeyboardInterrupt):
+        with SummaryWriter("ctrl-c", base_dir=str(base_dir)) as w:
+            w.add_scalar("x", 1.0, 0)
+            raise KeyboardInterrupt
+    (info,) = list_runs(base_dir)
+    with RunReader(info.path) as run:
+        assert run.status == "interrupted"
+
+
 def test_values_without_global_step_take_new_steps(daemon, base_dir: Path):
     from kohakuboard.integrations.tensorboard import SummaryWriter
 

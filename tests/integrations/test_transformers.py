@@ -143,16 +143,16 @@ CRASH = textwrap.dedent(
 
 
 @pytest.mark.parametrize(
-    "exc,body,code",
+    "exc,body,code,status",
     [
-        ("RuntimeError", "trainer.train()", 1),  # uncaught
-        ("KeyboardInterrupt", "trainer.train()", -2),  # Ctrl-C: Python ends itself with SIGINT
-        ("RuntimeError", "try:\n    trainer.train()\nexcept RuntimeError:\n    print('caught')", 0),
+        ("RuntimeError", "trainer.train()", 1, "crashed"),  # uncaught
+        ("KeyboardInterrupt", "trainer.train()", -2, "interrupted"),  # Ctrl-C: Python ends itself with SIGINT
+        ("RuntimeError", "try:\n    trainer.train()\nexcept RuntimeError:\n    print('caught')", 0, "crashed"),
     ],
     ids=["uncaught", "keyboard-interrupt", "caught-then-exit"],
 )
-def test_training_that_never_ends_is_crashed(daemon, base_dir: Path, tmp_path: Path, exc, body, code):
-    """An exception in training (uncaught, Ctrl-C, or caught by the script) leaves the run crashed."""
+def test_training_that_never_ends(daemon, base_dir: Path, tmp_path: Path, exc, body, code, status):
+    """Training that raised (uncaught, or caught by the script) leaves the run crashed; Ctrl-C interrupted."""
     script = CRASH.format(exc=exc, tiny=TINY, out=str(tmp_path / "out"), base=str(base_dir), body=body)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env)
@@ -160,7 +160,7 @@ def test_training_that_never_ends_is_crashed(daemon, base_dir: Path, tmp_path: P
     runs = list_runs(base_dir)
     assert len(runs) == 1, proc.stderr[-3000:]
     with RunReader(runs[0].path) as run:
-        assert run.status == "crashed"
+        assert run.status == status
         assert list(run.series("train/loss")["global_step"]) == [1, 2][: len(run.series("train/loss"))]
         assert len(run.series("train/loss")) >= 1
     meta = json.loads((Path(runs[0].path) / "metadata.json").read_text())
