@@ -159,6 +159,25 @@ def _warn_unused_settings(**given: Any) -> None:
     )
 
 
+def _warn_same_rank(path: str, rank: int, others: Any) -> None:
+    """Warn that other live processes write this run with the same rank (their steps will interleave)."""
+    try:
+        who = [f"pid {int(pid)} on {host}" for pid, host in others or ()]
+    except (TypeError, ValueError):
+        return
+    if not who:
+        return
+    import warnings
+
+    warnings.warn(
+        f"kohakuboard: run {path} is being written by another live process with rank {rank} "
+        f"({', '.join(who)}); the steps of both will interleave under rank {rank}. Were two scripts given the "
+        "same run_id? Give each its own run_id, or each process its own rank (rank=, or RANK).",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def _existing_folder(project_dir: str, run_id: str) -> str | None:
     """The folder of an existing run ``run_id`` in ``project_dir``: ``run_id`` or one ``{run_id}_{annotation}``."""
     if os.path.isfile(os.path.join(project_dir, run_id, "metadata.json")):
@@ -185,7 +204,12 @@ class Board:
 
     ``Board(name=None, config=None, *, project="default", run_id=None,
     base_dir="./kohakuboard", capture_output=True, ...)``.  ``board_id`` is an
-    alias of ``run_id``; an existing ``run_id`` resumes that run.  ``config``
+    alias of ``run_id``; an existing ``run_id`` resumes that run: it keeps its
+    name (``self.name`` becomes it), rank 0's ``config`` is merged into the
+    stored one (keys given replace theirs, new keys are added, the others
+    stay), and steps continue after its last.  Opening a run that another
+    live process writes with the same rank warns, naming that process (pid
+    and host): the steps of both would interleave.  ``config``
     must be JSON-serialisable (numpy scalars are converted); otherwise
     ``TypeError`` naming the key is raised before anything is created.
 
@@ -347,6 +371,7 @@ class Board:
         if reply.name and self.rank == 0:
             self.name = reply.name  # a resumed run keeps its name
         self.resumed = not reply.created
+        _warn_same_rank(self.path, self.rank, reply.same_rank)
         if self.resumed and reply.attached == 0:
             # Resuming a run nobody else is writing: continue its counters.
             self._step = reply.last_step

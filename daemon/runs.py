@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..protocol.errors import StorageError
+from ..protocol.peer import process_alive
 from ..protocol.messages import DropReport, LogBatch, LogMessage, OutputMessage
 from ..storage import format as fmt
 from ..storage.writer import RunWriter
@@ -135,6 +137,14 @@ class RunChannel:
     async def attach(self, state: ClientState, meta: dict[str, Any]) -> dict[str, Any]:
         writer = await self.ensure_writer()
         others = len([c for c in self.attached if c.client != state.client])
+        # Other processes attached with the same rank (two scripts given one
+        # run_id by mistake): their steps will interleave with this client's.
+        # Boards of the same process, and processes known to be dead, are left out.
+        same_rank = [
+            [c.pid, c.host] for c in self.attached
+            if c.client != state.client and c.rank == state.rank and (c.pid, c.host) != (state.pid, state.host)
+            and not (c.host == socket.gethostname() and c.pid and not process_alive(c.pid, c.pid_start))
+        ]
         previous = self.clients.get(state.client)
         if previous is not None:
             state.received_seq = previous.received_seq
@@ -151,6 +161,7 @@ class RunChannel:
         )
         self.clients[state.client] = state
         info["attached"] = others
+        info["same_rank"] = same_rank
         self.last_activity = self._now()
         return info
 

@@ -479,7 +479,7 @@ class Daemon:
         info = await ch.attach(state, meta)
         return m.RunOpened(
             env, info["created"], info["last_step"], info["last_global_step"], info["attached"], self.instance,
-            info.get("kinds") or {}, str(info.get("name") or ""),
+            info.get("kinds") or {}, str(info.get("name") or ""), info.get("same_rank") or [],
         )
 
     # ---------------------------------------------------------- housekeeping

@@ -253,11 +253,13 @@ class RunOpened:
     name a resumed run holds to its kind ("scalar", "media", "table",
     "histogram", "tensor", "kde"), so a client refuses a second kind under one
     name; ``name`` (since 1.3) is the run's name after this open (a resumed
-    run keeps its own).
+    run keeps its own); ``same_rank`` (since 1.3) lists ``[pid, host]`` of the
+    other live processes attached with this client's rank (their steps will
+    interleave: two scripts given one run id).
     """
 
     KIND: ClassVar[str] = "opened"
-    SINCE: ClassVar[dict[str, int]] = {"daemon": 2, "kinds": 3, "name": 3}
+    SINCE: ClassVar[dict[str, int]] = {"daemon": 2, "kinds": 3, "name": 3, "same_rank": 3}
     env: Envelope
     created: bool = True
     last_step: int = -1
@@ -266,6 +268,7 @@ class RunOpened:
     daemon: str = ""
     kinds: dict[str, Any] = field(default_factory=dict)
     name: str = ""
+    same_rank: list[Any] = field(default_factory=list)
 
 
 @dataclass(slots=True)

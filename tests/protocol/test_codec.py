@@ -70,6 +70,8 @@ def _strategy_for(cls):
             kwargs[f.name] = st.just([])
         elif f.name == "stream":
             kwargs[f.name] = st.sampled_from(["stdout", "stderr"])
+        elif f.name == "same_rank":
+            kwargs[f.name] = st.lists(st.tuples(st.integers(0, 2**31), st_text(max_size=8)).map(list), max_size=3)
         elif str(f.type).startswith("dict"):
             kwargs[f.name] = st.dictionaries(st_text(max_size=8), json_values, max_size=5)
         else:
@@ -182,14 +184,15 @@ def test_open_run_from_another_minor_version_decodes():
         codec.decode([msgpack.packb(older_too_short)])
 
 
-def test_run_opened_from_a_1_2_daemon_decodes_without_kinds_and_name():
-    """A 1.2 daemon's RunOpened (no kinds, no name) decodes with empty ones: the client then knows no kinds."""
-    msg = m.RunOpened(m.Envelope("/r", "c", 1), False, 5, 7, 0, "d1", {"loss": "scalar"}, "Brave Falcon")
+def test_run_opened_from_a_1_2_daemon_decodes_without_kinds_name_and_same_rank():
+    """A 1.2 daemon's RunOpened (no kinds, name, same_rank) decodes with empty ones: the client then knows none."""
+    msg = m.RunOpened(m.Envelope("/r", "c", 1), False, 5, 7, 0, "d1", {"loss": "scalar"}, "Brave Falcon",
+                      [[123, "node1"]])
     header = msgpack.unpackb(codec.encode(msg)[0])
     assert codec.decode(codec.encode(msg)) == msg
-    v12 = header[:1] + [2] + header[2:10] + [header[10][:-2]]
+    v12 = header[:1] + [2] + header[2:10] + [header[10][:-3]]
     got = codec.decode([msgpack.packb(v12)])
-    assert (got.daemon, got.kinds, got.name) == ("d1", {}, "")
+    assert (got.daemon, got.kinds, got.name, got.same_rank) == ("d1", {}, "", [])
 
 
 def test_size_limits_are_enforced_before_decoding():
