@@ -11,38 +11,55 @@ from ..protocol.endpoint import Endpoint, daemon_alive, ensure_directory
 from ..protocol.errors import DaemonUnavailable
 
 
-# Daemons this process started.  Kept so that Popen does not warn about a child
-# still running when it is garbage-collected (the daemon outlives us on purpose),
-# and polled so that one that exits is reaped rather than left a zombie.
-_spawned: list[subprocess.Popen[bytes]] = []
+# The shell line that starts a daemon: in the background, its output appended to
+# the endpoint's log, then the shell prints the daemon's pid and exits at once.
+# The daemon is then nobody's child here (its parent, the shell, is gone): no
+# Popen object of ours outlives the call, nothing to reap, no zombie, and no
+# "subprocess is still running" warning when this process exits first (which
+# it does: the daemon outlives the training script on purpose).
+_LAUNCH = '"$0" -m kohakuboard.daemon run </dev/null >>"$1" 2>&1 & echo $!'
 
 
-def spawn_daemon(ep: Endpoint) -> subprocess.Popen[bytes]:
-    """Start ``kobo-daemon run`` detached from this process (own session, no tty).
+def spawn_daemon(ep: Endpoint) -> int:
+    """Start ``kobo-daemon run`` detached from this process (own session, no tty); return its pid.
 
-    Its output goes to ``<endpoint>.log``.  The child is never waited for by
-    us: it outlives the training script on purpose.
+    Its output goes to ``<endpoint>.log``.
     """
     ensure_directory(ep)
     env = dict(os.environ)
     env["KOBO_DAEMON_ENDPOINT"] = str(ep)
-    _spawned[:] = [p for p in _spawned if p.poll() is None]
-    log = open(ep.log_path, "ab")
+    out = subprocess.run(
+        ["/bin/sh", "-c", _LAUNCH, sys.executable, ep.log_path],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        cwd="/",
+        start_new_session=True,
+        close_fds=True,
+        check=False,
+        timeout=30,
+    )
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kohakuboard.daemon", "run"],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            env=env,
-            cwd="/",
-            start_new_session=True,
-            close_fds=True,
-        )
-        _spawned.append(proc)
-        return proc
-    finally:
-        log.close()
+        return int(out.stdout.strip())
+    except ValueError:
+        raise DaemonUnavailable(f"could not start kobo-daemon on {ep}: the launcher printed {out.stdout[:80]!r}") from None
+
+
+def _gone(pid: int) -> bool:
+    """True when process ``pid`` has exited (or is a zombie nobody reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
 
 
 def ensure_daemon(ep: Endpoint, *, autostart: bool, timeout: float = 15.0) -> bool:
@@ -58,16 +75,17 @@ def ensure_daemon(ep: Endpoint, *, autostart: bool, timeout: float = 15.0) -> bo
         raise DaemonUnavailable(
             f"no kobo-daemon is running on {ep} and KOBO_DAEMON_AUTOSTART=0; start one with `kobo-daemon start`"
         )
-    proc = spawn_daemon(ep)
+    pid = spawn_daemon(ep)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if daemon_alive(ep) and os.path.exists(ep.control_addr[len("ipc://") :]):
             return True
-        code = proc.poll()
-        if code is not None and not daemon_alive(ep):
-            if code == 4:  # another client's daemon won the race: fine
-                continue
-            break
+        if _gone(pid) and not daemon_alive(ep):
+            # It exited: failed, or another client's daemon won the race (exit 4)
+            # and holds the lock by now; give that one a moment to appear.
+            time.sleep(0.05)
+            if not daemon_alive(ep):
+                break
         time.sleep(0.01)
     raise DaemonUnavailable(f"could not start kobo-daemon on {ep}: {_tail(ep.log_path)}")
 

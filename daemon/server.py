@@ -101,9 +101,16 @@ class Daemon:
             f.write(f"{os.getpid()}\n")
 
     def release_lock(self) -> None:
+        """Remove the pid file and the socket files this daemon bound, then drop the lock.
+
+        Removed while the lock is still held, so never a successor's files.
+        """
         if self._lock_fd is None:
             return
-        for path in (self.ep.pid_path,):
+        paths = [self.ep.pid_path]
+        if getattr(self, "_bound", False):
+            paths += [addr[len("ipc://") :] for addr in (self.ep.data_addr, self.ep.control_addr)]
+        for path in paths:
             try:
                 os.unlink(path)
             except OSError:
@@ -132,6 +139,7 @@ class Daemon:
                 os.unlink(path)
         old_umask = os.umask(0o177)  # sockets 0600
         try:
+            self._bound = True  # from here on the socket files are ours to remove
             self.pull.bind(self.ep.data_addr)
             self.router.bind(self.ep.control_addr)
         finally:
