@@ -29,7 +29,7 @@ from ..storage.export import csv_header, csv_lines
 from ..storage.reader import RunReader
 from . import reduce as R
 from .auth import AuthMiddleware
-from .index import BadName, NotFound, RunIndex, filter_runs
+from .index import BadName, NotFound, RunIndex, filter_runs, shown_status
 from .live import LiveHub
 
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
@@ -251,7 +251,8 @@ class Viewer:
             m["points_by_rank"] = {str(k): v for k, v in m["points_by_rank"].items()}
         return {
             "project": project, "run_id": str(meta.get("run_id") or run_id), "name": str(meta.get("name") or run_id),
-            "status": str(meta.get("status", "?")), "created_at": meta.get("created_at"),
+            "status": shown_status(r.path, str(meta.get("status", "?")), facts.get("last_commit")),
+            "created_at": meta.get("created_at"),
             "finished_at": meta.get("finished_at"), "config": meta.get("config") or {}, "metadata": meta,
             "ranks": ranks, "world_size": meta.get("world_size"), "dropped": dropped, "metrics": metrics,
             "items": {kind: [{"name": n, "count": sum(per.values()), "ranks": list(per),
@@ -452,11 +453,13 @@ class Viewer:
     def watch(self, key: tuple[str, str]) -> dict[str, Any]:
         """Commit state and status of one watched run (for the live stream)."""
         project, run_id = key
+        facts = self.index.info(project, run_id)
         with self.open(project, run_id) as r:
             state = r.commit_state()
             meta = r.metadata
+            status = shown_status(r.path, str(meta.get("status", "?")), facts.get("last_commit"))
         return {"run": f"{project}/{run_id}", "version": _version(state, meta),
-                "status": str(meta.get("status", "?")), "lengths": state["lengths"], "items": state["items"],
+                "status": status, "lengths": state["lengths"], "items": state["items"],
                 "output": state["files"].get(f"{fmt.OUTPUT_LOG}:", 0),
                 "histograms": {k.split(":", 1)[1]: n for k, n in state["files"].items()
                                if k.split(":", 1)[0] in HISTOGRAM_FILES}}

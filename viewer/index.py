@@ -18,11 +18,13 @@ import os
 import re
 import sqlite3
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..storage import format as fmt
+from ..storage.reader import reported_status
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.@+=-]+$")
 
@@ -112,6 +114,7 @@ def _run_info(entry: RunEntry) -> dict[str, Any]:
         name=str(meta.get("name") or entry.run_id),
         annotation=meta.get("annotation") if isinstance(meta.get("annotation"), str) else None,
         status=str(meta.get("status") or "?"),
+        stored_status=str(meta.get("status") or "?"),
         created_at=_num(meta.get("created_at")),
         finished_at=_num(meta.get("finished_at")),
         world_size=meta.get("world_size") if isinstance(meta.get("world_size"), int) else None,
@@ -125,6 +128,24 @@ def _run_info(entry: RunEntry) -> dict[str, Any]:
     if created is not None and end is not None:
         info["duration"] = max(0.0, end - created)
     return info
+
+
+LIVE_COMMIT_S = 120.0
+
+
+def shown_status(path: str, stored: str, last_commit: float | None) -> str:
+    """The status the viewer shows: a stored ``running`` becomes ``running?`` when nobody writes the run.
+
+    Somebody writes it when a daemon on this machine holds its writer lock
+    (:func:`~kohakuboard.storage.reader.writer_alive`) or, for a run on a
+    shared file system written from another node, when it committed within
+    the last :data:`LIVE_COMMIT_S` seconds.
+    """
+    if stored != fmt.STATUS_RUNNING:
+        return stored
+    if last_commit is not None and time.time() - last_commit < LIVE_COMMIT_S:
+        return stored
+    return reported_status(path, stored)
 
 
 def config_text(config: Any, prefix: str = "") -> list[str]:
@@ -205,7 +226,11 @@ class RunIndex:
             for project in self.projects():
                 for run_id in self._project_runs(project):
                     seen.add((project, run_id))
-                    out.append(self._entry(project, run_id).info)
+                    info = self._entry(project, run_id).info
+                    if info.get("stored_status") == fmt.STATUS_RUNNING:  # may go stale with no file changing
+                        info = dict(info, status=shown_status(os.path.join(self.base_dir, project, run_id),
+                                                              fmt.STATUS_RUNNING, info.get("last_commit")))
+                    out.append(info)
             for gone in set(self._runs) - seen:
                 del self._runs[gone]
         out.sort(key=lambda r: (r["created_at"] or 0.0, r["project"], r["run_id"]), reverse=True)

@@ -343,3 +343,24 @@ def test_live_tail_with_relative_time_and_smoothing(api, viewer_runs):
     _, full = api.series("/api/runs/default/rich/series?metric=val/acc&smooth=0.5&width=1000")
     _, tail = api.series("/api/runs/default/rich/series?metric=val/acc&smooth=0.5&start=295")
     np.testing.assert_allclose(tail["ys"], full["ys"][295:])
+
+
+def test_interrupted_and_stale_runs_say_so(tmp_path, viewer_runs, monkeypatch):
+    """A run stored as running whose daemon is gone (a copy, a killed node) is listed as running?; interrupted as is."""
+    import json as _json
+
+    from kohakuboard.viewer import index
+
+    monkeypatch.setattr(index, "LIVE_COMMIT_S", 0.0)  # its last commit (minutes ago at most) counts as old
+
+    base = tmp_path / "kohakuboard"
+    for run, status in (("ddp", "running"), ("rich", "interrupted")):
+        dst = base / "default" / run
+        shutil.copytree(viewer_runs / "default" / run, dst)
+        meta = _json.loads((dst / "metadata.json").read_text())
+        meta["status"] = status
+        (dst / "metadata.json").write_text(_json.dumps(meta))
+    api = Api(base)
+    status = {r["run_id"]: r["status"] for r in api.json("/api/runs")["runs"]}
+    assert status == {"ddp": "running?", "rich": "interrupted"}
+    assert api.json("/api/runs/default/ddp")["status"] == "running?"

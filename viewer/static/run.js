@@ -14,8 +14,11 @@ export const TABS = [
 
 export function statusBadge(status) {
   const s = status || "?";
-  const cls = ["running", "finished", "crashed"].includes(s) ? s : "unknown";
-  return el(`span.badge.status-${cls}`, { title: `status: ${s}`, dataset: { status: s } },
+  // "running?": stored as running, but no daemon holds the run and it has not committed lately
+  const cls = s === "running?" ? "stale" : ["running", "finished", "crashed", "interrupted"].includes(s) ? s : "unknown";
+  const title = s === "running?" ? "status: running? (no live writer: its clients and daemon are gone, or this is a copy)"
+    : `status: ${s}`;
+  return el(`span.badge.status-${cls}`, { title, dataset: { status: s } },
     cls === "running" ? el("span.pulse") : null, s === "?" ? "unknown" : s);
 }
 
