@@ -141,7 +141,7 @@ def serve_team(data_dir: str, *, accounts: Any, host: str = "127.0.0.1", port: i
                certfile: str | None = None, keyfile: str | None = None, base_url: str = "",
                allowed_hosts: tuple[str, ...] = (), open_browser: bool = False,
                echo: Callable[[str], None] = print, log_level: str = "info",
-               session_idle: float = 12 * 3600, session_max: float = 7 * 24 * 3600) -> None:
+               session_idle: float = 12 * 3600, session_max: float = 7 * 24 * 3600, niceness: int = 10) -> None:
     """``kobo-serve``: the viewer over ``data_dir`` for a team, behind accounts (see :mod:`.team`).
 
     Refuses a non-loopback address unless at least one user exists (there is
@@ -171,5 +171,9 @@ def serve_team(data_dir: str, *, accounts: Any, host: str = "127.0.0.1", port: i
     else:
         raise ServeError(f"refusing to listen on {host} without authentication: no users are configured in "
                          f"{accounts.path}. Run `kobo-serve user add NAME` first.")
+    if niceness > 0:
+        # Readers must not slow training that shares the machine: when CPU is short, the
+        # scheduler serves the training processes (nice 0) first.
+        os.nice(niceness)
     _run(app, data_dir, host, port, token, base_url, open_browser, echo, log_level, certfile, keyfile,
          access_log=True, fallback=False)

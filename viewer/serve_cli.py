@@ -221,13 +221,16 @@ def _version() -> str:
               help="Logging level (access log and logins at info).")
 @click.option("--session-idle", default=12 * 3600, show_default=True, type=click.IntRange(1, None), metavar="SECONDS",
               help="A session unused this long ends (the user logs in again).")
+@click.option("--nice", "niceness", default=10, show_default=True, type=click.IntRange(0, 19),
+              help="Lower the server's CPU priority by this much, so training on the same machine comes first "
+                   "(0: keep it).")
 @click.option("--session-max", default=7 * 24 * 3600, show_default=True, type=click.IntRange(1, None),
               metavar="SECONDS", help="A session ends this long after its login, used or not.")
 @click.version_option(_version(), "--version", prog_name="kobo-serve", message="%(prog)s %(version)s")
 @click.pass_context
 def main(ctx: click.Context, data_dir: str | None, host: str, port: int, certfile: str | None, keyfile: str | None,
          base_url: str, allowed_hosts: tuple[str, ...], config_dir: str | None, browser: bool, log_level: str,
-         session_idle: int, session_max: int) -> None:
+         session_idle: int, session_max: int, niceness: int) -> None:
     """Serve the KohakuBoard viewer over DATA_DIR to a team, behind accounts.
 
     \b
@@ -253,7 +256,7 @@ def main(ctx: click.Context, data_dir: str | None, host: str, port: int, certfil
         serve_team(path, host=host, port=port, certfile=cert, keyfile=key, base_url=base,
                    allowed_hosts=tuple(allowed_hosts), accounts=accounts, open_browser=browser,
                    echo=click.echo, log_level=log_level.lower(), session_idle=session_idle,
-                   session_max=session_max)
+                   session_max=session_max, niceness=niceness)
     except ServeError as exc:
         raise Refused(str(exc)) from exc
 
