@@ -46,6 +46,28 @@ def host_name(host_header: str) -> str:
     return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
 
 
+def request_headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
+async def refuse_foreign_host(headers: dict[str, str], allowed: set[str], send: Send, program: str) -> bool:
+    """Answer 403 (and return True) when the Host header names no allowed host: DNS rebinding."""
+    host = host_name(headers.get("host", ""))
+    if host in allowed:
+        return False
+    await deny(send, 403, f"host {host!r} is not allowed (start {program} with --allowed-host {host})")
+    return True
+
+
+def with_security_headers(send: Send) -> Send:
+    """``send`` adding :data:`SECURITY_HEADERS` to the response start."""
+    async def send_secure(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = dict(message, headers=[*message.get("headers", []), *SECURITY_HEADERS])
+        await send(message)
+    return send_secure
+
+
 class Sessions:
     """Session ids handed out in exchange for the token; idle ones expire."""
 
@@ -83,17 +105,10 @@ class AuthMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        host = host_name(headers.get("host", ""))
-        if host not in self.allowed:
-            await deny(send, 403, f"host {host!r} is not allowed (start the viewer with --allowed-host {host})")
+        headers = request_headers(scope)
+        if await refuse_foreign_host(headers, self.allowed, send, "kobo open"):
             return
-
-        async def send_secure(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                message = dict(message, headers=[*message.get("headers", []), *SECURITY_HEADERS])
-            await send(message)
-
+        send_secure = with_security_headers(send)
         path = scope.get("path", "")
         if self.token is None or path.startswith("/static/") or path in ("/favicon.ico", "/healthz"):
             await self.app(scope, receive, send_secure)

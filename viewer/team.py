@@ -38,7 +38,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from .auth import LOOPBACK_HOSTS, SECURITY_HEADERS, Receive, Scope, Send, deny, host_name
+from .auth import (LOOPBACK_HOSTS, SECURITY_HEADERS, Receive, Scope, Send, deny, refuse_foreign_host,
+                   request_headers, with_security_headers)
 
 log = logging.getLogger("kohakuboard.serve")
 
@@ -230,10 +231,8 @@ class TeamAuth:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        host = host_name(headers.get("host", ""))
-        if host not in self.allowed:
-            await deny(send, 403, f"host {host!r} is not allowed (start kobo-serve with --allowed-host {host})")
+        headers = request_headers(scope)
+        if await refuse_foreign_host(headers, self.allowed, send, "kobo-serve"):
             return
         path = scope.get("path", "")
         if self.base:
@@ -249,11 +248,7 @@ class TeamAuth:
             scope = dict(scope, root_path=scope.get("root_path", "") + self.base)
         method = scope.get("method", "GET").upper()
         client = (scope.get("client") or ("?", 0))[0]
-
-        async def send_secure(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                message = dict(message, headers=[*message.get("headers", []), *SECURITY_HEADERS])
-            await send(message)
+        send_secure = with_security_headers(send)
 
         if path.startswith("/static/") or path in ("/healthz", "/favicon.ico"):
             if method not in ("GET", "HEAD"):

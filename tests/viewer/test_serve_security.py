@@ -81,6 +81,15 @@ def team(viewer_runs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         server.stop()
 
 
+def own_server(tmp_path: Path, viewer_runs: Path, user: str) -> tuple[Server, Path]:
+    """A server of the test's own (one run, one user): for tests whose side effects must not reach others."""
+    data = tmp_path / "data"
+    shutil.copytree(viewer_runs / "default" / "ddp", data / "default" / "ddp")
+    config = tmp_path / "config"
+    assert cli(config, "user", "add", user, "--password-stdin", stdin=PASSWORD + "\n").returncode == 0
+    return Server(data, config), config
+
+
 def login(c: httpx.Client, user: str, password: str = PASSWORD, origin: str | None = None) -> httpx.Response:
     csrf = c.get("/api/session").json()["csrf"]
     return c.post("/api/login", json={"user": user, "password": password},
@@ -147,11 +156,7 @@ def test_idle_session_expires(team):
 
 def test_wrong_password_backs_off_and_is_logged(tmp_path, viewer_runs):
     """Its own server: the back-off it provokes must not lock the other tests' logins out."""
-    data = tmp_path / "data"
-    shutil.copytree(viewer_runs / "default" / "ddp", data / "default" / "ddp")
-    config = tmp_path / "config"
-    cli(config, "user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n")
-    s = Server(data, config)
+    s, config = own_server(tmp_path, viewer_runs, "alice")
     try:
         with s.client() as c:
             codes = [login(c, "alice", "wrong password!").status_code for _ in range(4)]
@@ -170,11 +175,7 @@ def test_wrong_password_backs_off_and_is_logged(tmp_path, viewer_runs):
 
 def test_cross_origin_and_csrf_on_login(tmp_path, viewer_runs):
     """A login form posted from another site, or without the token, is refused before the password is checked."""
-    data = tmp_path / "data"
-    shutil.copytree(viewer_runs / "default" / "ddp", data / "default" / "ddp")
-    config = tmp_path / "config"
-    cli(config, "user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n")
-    s = Server(data, config)
+    s, config = own_server(tmp_path, viewer_runs, "alice")
     try:
         with s.client() as c:
             csrf = c.get("/api/session").json()["csrf"]
@@ -274,11 +275,7 @@ def test_a_project_the_user_may_not_see_is_like_one_that_does_not_exist(team):
 
 
 def test_a_removed_user_is_logged_out(tmp_path, viewer_runs):
-    data = tmp_path / "data"
-    shutil.copytree(viewer_runs / "default" / "ddp", data / "default" / "ddp")
-    config = tmp_path / "config"
-    cli(config, "user", "add", "carol", "--password-stdin", stdin=PASSWORD + "\n")
-    s = Server(data, config)
+    s, config = own_server(tmp_path, viewer_runs, "carol")
     try:
         with s.client() as c:
             assert login(c, "carol").status_code == 200
