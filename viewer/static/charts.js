@@ -264,6 +264,20 @@ export class ScalarsPanel {
     }
     for (const g of this.groups.values()) g.count.textContent = String(g.grid.children.length);
     this.applyFilter();
+    this.activateVisible();
+  }
+
+  shown() { this.activateVisible(); }
+
+  /** Cards already on screen start loading now, not a frame later when the observer reports them. */
+  activateVisible() {
+    if (!this.body.isConnected) return;
+    const bottom = window.innerHeight + 300;
+    for (const card of this.cards.values()) {
+      if (card.active) continue;
+      const r = card.el.getBoundingClientRect();
+      if (r.width > 0 && r.bottom > -300 && r.top < bottom) card.activate();
+    }
   }
 
   group(name) {
