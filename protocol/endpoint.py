@@ -123,10 +123,18 @@ def daemon_alive(ep: Endpoint) -> bool:
     whole life; the kernel drops it when the process dies, even on SIGKILL, so
     this never reports a dead daemon as alive (unlike a pid file).
     """
+    return lock_held(ep.lock_path)
+
+
+def lock_held(path: str) -> bool:
+    """True when some process holds an exclusive ``flock`` on ``path``; only opens it read-only.
+
+    A missing or unreadable file is not held.
+    """
     import fcntl
 
     try:
-        fd = os.open(ep.lock_path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return False
     try:

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from ..protocol.endpoint import lock_held
 from ..protocol.errors import FormatVersionError, KoboError, RunNotFound, StorageError
 from . import format as fmt
 
@@ -1168,21 +1169,7 @@ def writer_alive(path: str | os.PathLike[str]) -> bool:
     read-only, never creates it.  A writer on another machine (a run read over
     a network file system) is not seen.
     """
-    import fcntl
-
-    try:
-        fd = os.open(os.path.join(os.fspath(path), fmt.WRITER_LOCK), os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
+    return lock_held(os.path.join(os.fspath(path), fmt.WRITER_LOCK))
 
 
 def reported_status(path: str | os.PathLike[str], stored: Any) -> str:
