@@ -214,23 +214,12 @@ def install_systemd(user_unit: bool, dest: str | None, force: bool, to_stdout: b
         click.echo(text, nl=False)
         return
     directory = dest if dest is not None else units.default_dir(kind)
-    path = os.path.join(directory, kind.name)
     try:
-        changed = units.write_unit(path, text, force=force)
-    except FileExistsError:
-        raise click.ClickException(
-            f"{path} already exists and differs from the unit this installation would write; "
-            "rerun with --force to overwrite it (--print shows the new unit)"
-        ) from None
-    except PermissionError as exc:
-        hint = ("run it as root (sudo \"$(command -v kobo-daemon)\" install-systemd), "
-                "or use --user for a per-user unit")
-        raise click.ClickException(f"cannot write {path}: {exc.strerror}; {hint}") from exc
-    except OSError as exc:
-        raise click.ClickException(f"cannot write {path}: {exc}") from exc
-    click.echo(f"{'wrote' if changed else 'unchanged (already up to date):'} {path}")
-    if dest is not None and os.path.abspath(directory) != os.path.abspath(units.default_dir(kind)):
-        click.echo(f"(not where systemd looks: copy it to {units.default_dir(kind)}/ before enabling)")
+        for line in units.install_unit(directory, kind.name, text, force=force, program="kobo-daemon",
+                                       systemd_dir=units.default_dir(kind)):
+            click.echo(line)
+    except units.UnitInstallError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo("enable and start it with:")
     if user_unit:
         click.echo("  systemctl --user daemon-reload")

@@ -180,6 +180,37 @@ def default_dir(kind: UnitKind, environ: Mapping[str, str] | None = None) -> str
     return os.path.join(config, "systemd", "user")
 
 
+class UnitInstallError(Exception):
+    """A unit file could not be written; the message says why and what to do."""
+
+
+def install_unit(directory: str, name: str, text: str, *, force: bool, program: str,
+                 systemd_dir: str) -> list[str]:
+    """Write unit ``name`` into ``directory`` for ``program``'s ``install-systemd``; return what to tell the user.
+
+    Raises :class:`UnitInstallError` (a different unit is there without
+    ``force``, no permission, any other write error).
+    """
+    path = os.path.join(directory, name)
+    try:
+        changed = write_unit(path, text, force=force)
+    except FileExistsError:
+        raise UnitInstallError(
+            f"{path} already exists and differs from the unit this installation would write; "
+            "rerun with --force to overwrite it (--print shows the new unit)"
+        ) from None
+    except PermissionError as exc:
+        hint = (f'run it as root (sudo "$(command -v {program})" install-systemd ...), '
+                "or use --user for a per-user unit")
+        raise UnitInstallError(f"cannot write {path}: {exc.strerror}; {hint}") from exc
+    except OSError as exc:
+        raise UnitInstallError(f"cannot write {path}: {exc}") from exc
+    lines = [f"{'wrote' if changed else 'unchanged (already up to date):'} {path}"]
+    if os.path.abspath(directory) != os.path.abspath(systemd_dir):
+        lines.append(f"(not where systemd looks: copy it to {systemd_dir}/ before enabling)")
+    return lines
+
+
 def write_unit(path: str, text: str, *, force: bool) -> bool:
     """Write ``text`` to ``path`` atomically; return False if it already held exactly that.
 

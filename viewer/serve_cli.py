@@ -457,7 +457,7 @@ def install_systemd(user_unit: bool, dest: str | None, force: bool, to_stdout: b
     """
     import getpass
 
-    from ..daemon.units import write_unit
+    from ..daemon.units import UnitInstallError, install_unit
     from . import units
 
     path_data = check_data_dir(data_dir)
@@ -505,23 +505,12 @@ def install_systemd(user_unit: bool, dest: str | None, force: bool, to_stdout: b
         return
 
     directory = dest if dest is not None else units.default_dir(user_unit)
-    path = os.path.join(directory, units.UNIT)
     try:
-        changed = write_unit(path, text, force=force)
-    except FileExistsError:
-        raise click.ClickException(
-            f"{path} already exists and differs from the unit this installation would write; "
-            "rerun with --force to overwrite it (--print shows the new unit)"
-        ) from None
-    except PermissionError as exc:
-        hint = ('run it as root (sudo "$(command -v kobo-serve)" install-systemd ...), '
-                "or use --user for a per-user unit")
-        raise click.ClickException(f"cannot write {path}: {exc.strerror}; {hint}") from exc
-    except OSError as exc:
-        raise click.ClickException(f"cannot write {path}: {exc}") from exc
-    click.echo(f"{'wrote' if changed else 'unchanged (already up to date):'} {path}")
-    if dest is not None and os.path.abspath(directory) != os.path.abspath(units.default_dir(user_unit)):
-        click.echo(f"(not where systemd looks: copy it to {units.default_dir(user_unit)}/ before enabling)")
+        for line in install_unit(directory, units.UNIT, text, force=force, program="kobo-serve",
+                                 systemd_dir=units.default_dir(user_unit)):
+            click.echo(line)
+    except UnitInstallError as exc:
+        raise click.ClickException(str(exc)) from exc
 
     # what will stop the service from working, said now rather than in the journal later
     if not user_unit:
