@@ -133,37 +133,35 @@ def snapshot(path: Path) -> dict[str, Any]:
     return out
 
 
-class OpenServer:
-    """A real ``kobo open`` process; ``url`` is the address it printed (with its token)."""
+class ServerProcess:
+    """A real server process (``kobo open``, ``kobo-serve``) started from ``argv``.
 
-    def __init__(self, base: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    Waits up to 30 s for the URL it prints: ``url`` (as printed, token and
+    all) and ``origin`` (scheme, host and port).  ``stop()`` ends it and
+    returns everything it printed.
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
         import re
         import time
 
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kohakuboard.cli.main", "open", str(base), "--port", "0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
-        )
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})})
         self.lines: list[str] = []
-        deadline = time.monotonic() + 30
         self.url = ""
+        deadline = time.monotonic() + 30
         assert self.proc.stdout is not None
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
-                raise AssertionError(f"kobo open exited: {''.join(self.lines)}")
+                break
             self.lines.append(line)
-            m = re.search(r"(http://\S+)", line)
+            m = re.search(r"(https?://\S+)", line)
             if m:
                 self.url = m.group(1)
                 break
-        assert self.url, "".join(self.lines)
-        m = re.match(r"(http://[^/]+)/(?:\?token=(\S+))?", self.url)
-        assert m
-        self.origin, self.token = m.group(1), m.group(2)
-
-    def headers(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.token}"} if self.token else {}
+        assert self.url, f"no URL printed by {argv[2:4]}: {''.join(self.lines)}"
+        self.origin = re.match(r"https?://[^/]+", self.url).group(0)
 
     def stop(self) -> str:
         self.proc.terminate()
@@ -173,6 +171,21 @@ class OpenServer:
             self.proc.kill()
             out, _ = self.proc.communicate(timeout=5)
         return "".join(self.lines) + (out or "")
+
+
+class OpenServer(ServerProcess):
+    """A real ``kobo open`` process; ``token`` is the one in the URL it printed (None with --no-token)."""
+
+    def __init__(self, base: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        import re
+
+        super().__init__([sys.executable, "-m", "kohakuboard.cli.main", "open", str(base), "--port", "0", *args],
+                         env=env)
+        m = re.search(r"\?token=(\S+)", self.url)
+        self.token = m.group(1) if m else None
+
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"} if self.token else {}
 
 
 @pytest.fixture
@@ -189,3 +202,39 @@ def open_server() -> Iterator[Any]:
     for s in started:
         if s.proc.poll() is None:
             s.stop()
+
+
+# ------------------------------------------------------------------ browser
+
+CHROMIUM = os.environ.get("KOBO_CHROMIUM", "/usr/bin/chromium")
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def playwright_or_skip() -> Any:
+    """``playwright.sync_api``, or skip the calling test module when there is no chromium (except under CI).
+
+    Chromium is Debian's (``.ci/run`` installs it); ``playwright install`` is never run.
+    """
+    if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)", allow_module_level=True)
+    return pytest.importorskip("playwright.sync_api")
+
+
+def save_for_docs(path: Path, name: str) -> None:
+    """With ``UPDATE_DOCS_SCREENSHOTS=1``, copy a screenshot the tests took to ``docs/name`` (the README's)."""
+    if os.environ.get("UPDATE_DOCS_SCREENSHOTS") == "1":
+        DOCS.mkdir(exist_ok=True)
+        shutil.copy(path, DOCS / name)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Debian chromium through Playwright, one per test module."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()

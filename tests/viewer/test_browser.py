@@ -13,9 +13,6 @@ never ``playwright install``).  Without it the tests skip, except under CI.
 
 from __future__ import annotations
 
-import io
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -27,26 +24,10 @@ import pytest
 
 from kohakuboard.viewer import reduce as R
 
-from .conftest import SPIKES
+from .conftest import SPIKES, playwright_or_skip, save_for_docs
 
-CHROMIUM = os.environ.get("KOBO_CHROMIUM", "/usr/bin/chromium")
-DOCS = Path(__file__).resolve().parents[2] / "docs"
-
-if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
-    pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)", allow_module_level=True)
-
-sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+playwright_or_skip()
 Image = pytest.importorskip("PIL.Image")
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 class Page:
@@ -95,9 +76,7 @@ class Page:
             locator.screenshot(path=str(path))
         else:
             self.page.screenshot(path=str(path), full_page=full_page)
-        if os.environ.get("UPDATE_DOCS_SCREENSHOTS") == "1":
-            DOCS.mkdir(exist_ok=True)
-            shutil.copy(path, DOCS / f"viewer-{name}.png")
+        save_for_docs(path, f"viewer-{name}.png")
         return Image.open(path).convert("RGB")
 
     def js_errors(self) -> list[str]:

@@ -25,7 +25,6 @@ Chromium: ``KOBO_CHROMIUM`` or ``/usr/bin/chromium``; without it the tests skip,
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 import urllib.parse
@@ -34,29 +33,13 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from .conftest import playwright_or_skip, save_for_docs
 from .test_serve_security import PASSWORD, Server, cli
 
-CHROMIUM = os.environ.get("KOBO_CHROMIUM", "/usr/bin/chromium")
-DOCS = Path(__file__).resolve().parents[2] / "docs"
-
-if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
-    pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)", allow_module_level=True)
-
-playwright_api = pytest.importorskip("playwright.sync_api")
-sync_playwright, PlaywrightError = playwright_api.sync_playwright, playwright_api.Error
+PlaywrightError = playwright_or_skip().Error
 
 ALL_RUNS = {"default/rich", "default/ddp", "other/crashed"}
 UNAUTHORIZED = "Failed to load resource: the server responded with a status of 401 (Unauthorized)"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +102,8 @@ class Page:
     def shot(self, name: str, docs_name: str | None = None) -> Path:
         path = self.shots / f"{name}.png"
         self.page.screenshot(path=str(path))
-        if docs_name and os.environ.get("UPDATE_DOCS_SCREENSHOTS") == "1":
-            DOCS.mkdir(exist_ok=True)
-            shutil.copy(path, DOCS / docs_name)
+        if docs_name:
+            save_for_docs(path, docs_name)
         return path
 
     def close(self) -> None:

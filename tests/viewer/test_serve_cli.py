@@ -16,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Iterator
 import pytest
 
 from kohakuboard.viewer import units
+
+from .conftest import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 PW = "correct horse battery"
@@ -216,25 +217,7 @@ def test_base_url_normalization():
 # ---------------------------------------------------------------- running
 
 
-class Server:
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=dict(os.environ, **(env or {})))
-        self.lines: list[str] = []
-        deadline = time.monotonic() + 30
-        self.url = ""
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            m = re.search(r"(https?://\S+)", line)
-            if m:
-                self.url = m.group(1)
-                break
-        assert self.url, "".join(self.lines)
-
+class Server(ServerProcess):
     def get(self, path: str, token: str | None = None) -> tuple[int, bytes]:
         req = urllib.request.Request(self.url.rstrip("/") + path)
         if token:
@@ -244,15 +227,6 @@ class Server:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        try:
-            out, _ = self.proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, _ = self.proc.communicate()
-        return "".join(self.lines) + (out or "")
 
 
 @pytest.fixture

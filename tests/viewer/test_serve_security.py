@@ -7,7 +7,6 @@ contain (no run data, no file contents, no account details).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
+from .conftest import ServerProcess
+
 PASSWORD = "correct horse battery"
 
 
@@ -26,35 +27,15 @@ def cli(config: Path, *args: str, stdin: str | None = None) -> subprocess.Comple
                           input=stdin, capture_output=True, text=True, timeout=60)
 
 
-class Server:
+class Server(ServerProcess):
+    """A real ``kobo-serve`` over ``data`` with the accounts in ``config``."""
+
     def __init__(self, data: Path, config: Path, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kohakuboard.viewer.serve_cli", "--data-dir", str(data), "--config-dir", str(config),
-             "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        deadline = time.monotonic() + 30
-        self.origin = ""
-        while time.monotonic() < deadline and not self.origin:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            m = re.search(r"(https?://[^/\s]+)", line)
-            if m:
-                self.origin = m.group(1)
-        assert self.origin, "".join(self.lines)
+        super().__init__([sys.executable, "-m", "kohakuboard.viewer.serve_cli", "--data-dir", str(data),
+                          "--config-dir", str(config), "--port", "0", *args])
 
     def client(self, **kw: Any) -> httpx.Client:
         return httpx.Client(base_url=self.origin, timeout=20, follow_redirects=False, **kw)
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        try:
-            out, _ = self.proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, _ = self.proc.communicate()
-        return "".join(self.lines) + out
 
 
 @pytest.fixture(scope="module")
