@@ -735,7 +735,7 @@ def main() -> None:
     repeats = args.repeats or (2 if args.quick else 5)
     duration = args.duration or (4.0 if args.quick else 8.0)
     single_loops = args.single or (40 if args.quick else 150)
-    from run_all import machine_info, table, wait_idle
+    from run_all import machine_info, print_report, wait_idle
 
     if args.wait_idle:
         wait_idle(args.wait_idle)
@@ -848,12 +848,7 @@ def main() -> None:
                     c.log(f"!! the server logged {len(errs)} error lines, e.g. {errs[:3]}")
 
     recs = build_records(res, args.readers)
-    text = table(recs)
-    print()
-    print(text)
-    print()
-    missed = [r for r in recs if r["pass"] is False]
-    print(f"{len(missed)} target(s) missed" + (": " + "; ".join(r["metric"] for r in missed) if missed else ""))
+    text = print_report(recs)
     result = {
         "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", *sys.argv]),

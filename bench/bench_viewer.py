@@ -1047,7 +1047,7 @@ def main() -> None:
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
     N_MANY = args.many or (2_000 if args.quick else N_MANY)
-    from run_all import machine_info, table, wait_idle
+    from run_all import machine_info, print_report, wait_idle
 
     if args.wait_idle:
         wait_idle(args.wait_idle)
@@ -1139,12 +1139,7 @@ def main() -> None:
                 server.stop()
 
     recs = build_records(srv, parts, rl, skipped, writes)
-    text = table(recs)
-    print()
-    print(text)
-    print()
-    missed = [r for r in recs if r["pass"] is False]
-    print(f"{len(missed)} target(s) missed" + (": " + "; ".join(r["metric"] for r in missed) if missed else ""))
+    text = print_report(recs)
     result = {
         "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", *sys.argv]),

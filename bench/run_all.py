@@ -66,6 +66,22 @@ def fmt_target(rec: dict) -> str:
     return f"{rec['op']} {fmt_value(rec['target'], rec['unit'])}"
 
 
+def missed_line(records: list[dict]) -> str:
+    """``N target(s) missed: name; name`` for the records whose target was not met."""
+    missed = [r for r in records if r["pass"] is False]
+    return f"{len(missed)} target(s) missed" + (": " + "; ".join(r["metric"] for r in missed) if missed else "")
+
+
+def print_report(records: list[dict]) -> str:
+    """Print a benchmark's table and its missed-targets line; return the table."""
+    text = table(records)
+    print()
+    print(text)
+    print()
+    print(missed_line(records))
+    return text
+
+
 def table(records: list[dict]) -> str:
     lines = [
         "| metric | target | measured (median of N repeats) | baseline in the same run | status |",
@@ -175,13 +191,12 @@ def main() -> None:
             c.log(f"== {key} done in {durations[key]:.0f} s")
 
     text = table(records)
-    missed = [r for r in records if r["pass"] is False]
     print()
     print(text)
     print()
     if failures:
         print("FAILED benchmarks: " + ", ".join(f"{k} ({v})" for k, v in failures.items()))
-    print(f"{len(missed)} target(s) missed" + (": " + "; ".join(r["metric"] for r in missed) if missed else ""))
+    print(missed_line(records))
     print(f"total {time.time() - started:.0f} s")
 
     result = {
@@ -194,7 +209,7 @@ def main() -> None:
         "loadavg_at_end": os.getloadavg(),
         "total_s": round(time.time() - started, 1),
         "failures": failures,
-        "missed": [r["key"] for r in missed],
+        "missed": [r["key"] for r in records if r["pass"] is False],
         "table_markdown": text,
         "metrics": records,
     }
