@@ -720,24 +720,8 @@ class RunReader:
         return [dict(zip(cols, row)) for row in rows]
 
     def list_items(self) -> dict[str, list[str]]:
-        """Names of every non-scalar series, by kind: media, table, histogram, tensor, kde."""
-        out: dict[str, list[str]] = {}
-        db = self._sql()
-        for kind, table in (("media", "media"), ("table", "tables"), ("tensor", "tensors"), ("kde", "kde")):
-            names = sorted({r["name"] for r in self._rows(table, None, None, None, None)}) if db else []
-            if kind == "media":
-                names = [n for n in names if "#" not in n]  # table cells are listed with their table
-            out[kind] = names
-        hist = set()
-        self._commit_table(refresh=True)
-        for precision, rel in fmt.HISTOGRAM_FILES.items():
-            vault = self._hist_vault(precision)
-            if vault is not None:
-                for col, _, length in vault.list_columns():
-                    if self._visible(rel, col, length):
-                        hist.add(fmt.split_column_name(col)[1])
-        out["histogram"] = sorted(hist)
-        return out
+        """Names of every non-scalar series, by kind: media, table, tensor, kde, histogram (see :meth:`item_counts`)."""
+        return {kind: sorted(names) for kind, names in self.item_counts().items()}
 
     def media(self, name: str, rank: int = 0, start: int | None = None, end: int | None = None) -> list[dict[str, Any]]:
         """Media rows of ``name`` (steps ``start..end``), each with ``path`` to its file.
