@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import math
 import os
 import re
@@ -49,6 +50,17 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+def chart_group(metric: str) -> str:
+    """The group a metric's chart is shown in: the prefix before the first ``/``, or ``general``."""
+    i = metric.find("/")
+    return metric[:i] if i > 0 else "general"
+
+
+def frame(part: bytes) -> bytes:
+    """One part of a framed answer (``first-charts``): its length (u32, little-endian), then its bytes."""
+    return len(part).to_bytes(4, "little") + part
 
 
 def _bad(message: str) -> ApiError:
@@ -138,6 +150,11 @@ class StaticCache:
                 with open(full, "rb") as f:
                     data = f.read()
                 self.files[rel] = (data, self.TYPES[ext], '"' + hashlib.sha256(data).hexdigest()[:32] + '"')
+
+    def page(self, name: str) -> Response:
+        """An HTML page (index.html, login.html) from memory, never cached (it names the other files)."""
+        data, ctype, _ = self.files[name]
+        return Response(data, media_type=ctype, headers={"cache-control": "no-store"})
 
     def response(self, name: str, if_none_match: str) -> Response:
         hit = self.files.get(name)
@@ -262,6 +279,19 @@ class Viewer:
             "last_commit": facts.get("last_commit"), "duration": facts.get("duration"),
             "last_step": facts.get("last_step"), "num_ranks": facts.get("num_ranks"),
         }
+
+    def first_charts(self, project: str, run_id: str, rank: int, count: int) -> list[tuple[str, int]]:
+        """(metric, rank) of the first ``count`` charts of the run page, in its order.
+
+        The order is the page's (static/charts.js): the ``general`` group first, then the
+        groups by name, metrics by name inside a group; the rank is ``rank`` where the
+        metric has it, else its lowest rank (as the page's rank selector does).
+        """
+        with self.open(project, run_id) as r:
+            metrics = r.metric_overview()
+        names = sorted((m["name"], sorted(m["ranks"]) or [0]) for m in metrics)
+        names.sort(key=lambda nm: (0 if chart_group(nm[0]) == "general" else 1, chart_group(nm[0]), nm[0]))
+        return [(name, rank if rank in ranks else ranks[0]) for name, ranks in names[:count]]
 
     def series_body(self, project: str, run_id: str, q: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
         """The binary body of one ``series`` request (see ``docs/viewer-api.md``) and its timing header.
@@ -584,11 +614,11 @@ def build_app(base_dir: str) -> Starlette:
 
     @handler
     async def index_page(request: Request) -> Response:
-        return FileResponse(os.path.join(STATIC_DIR, "index.html"), headers={"cache-control": "no-store"})
+        return static.page("index.html")
 
     @handler
     async def login_page(request: Request) -> Response:
-        return FileResponse(os.path.join(STATIC_DIR, "login.html"), headers={"cache-control": "no-store"})
+        return static.page("login.html")
 
     @handler
     async def api_runs(request: Request) -> Response:
@@ -617,7 +647,7 @@ def build_app(base_dir: str) -> Starlette:
     async def api_run(request: Request) -> Response:
         return _json(await run_blocking(viewer.run_summary, *run_args(request)))
 
-    def series_query(request: Request) -> dict[str, Any]:
+    def series_query(request: Request, metric: bool = True) -> dict[str, Any]:
         rank_raw = request.query_params.get("rank", "0")
         rank: Any = "band" if rank_raw == "band" else _int(request, "rank", 0, 0)
         x = request.query_params.get("x", "step")
@@ -626,7 +656,7 @@ def build_app(base_dir: str) -> Starlette:
         smooth = _float(request, "smooth") or 0.0
         if not 0.0 <= smooth < 1.0:
             raise _bad(f"parameter 'smooth' must be in [0, 1), got {smooth}")
-        q = {"metric": _required(request, "metric"), "rank": rank, "x": x, "smooth": smooth,
+        q = {"metric": _required(request, "metric") if metric else None, "rank": rank, "x": x, "smooth": smooth,
              "width": _int(request, "width", 1000, 1, MAX_WIDTH), "x0": _float(request, "x0"),
              "x1": _float(request, "x1"), "start": _int(request, "start", None, 0)}
         if q["x0"] is not None and q["x1"] is not None and q["x1"] < q["x0"]:
@@ -638,6 +668,33 @@ def build_app(base_dir: str) -> Starlette:
         q = series_query(request)
         body, headers = await run_blocking(viewer.series_body, *run_args(request), q)
         return Response(body, media_type="application/octet-stream", headers={"cache-control": "no-store", **headers})
+
+    @handler
+    async def api_first_charts(request: Request) -> Response:
+        """The first ``count`` charts of a run page in one streamed answer (docs/viewer-api.md).
+
+        Framed parts: a JSON list of the charts ({metric, rank}), then each chart's
+        ``series`` body as it is ready (an empty part for one that cannot be read: the
+        page then asks for it alone and shows its error).  index.html's boot script asks
+        for it with the run summary, before the page's modules have loaded.
+        """
+        q = series_query(request, metric=False)
+        if q["rank"] == "band" or any(q[k] is not None for k in ("x0", "x1", "start")):
+            raise _bad("first-charts takes rank=<n>, x, smooth and width only")
+        count = _int(request, "count", 4, 1, 16)
+        project, run_id = run_args(request)
+        charts = await run_blocking(viewer.first_charts, project, run_id, q["rank"], count)
+
+        async def parts() -> Any:
+            yield frame(json.dumps([{"metric": m, "rank": rk} for m, rk in charts]).encode())
+            for metric, rank in charts:
+                try:
+                    body, _ = await run_blocking(viewer.series_body, project, run_id, {**q, "metric": metric, "rank": rank})
+                except (NotFound, KoboError, KeyError, ValueError, OSError):
+                    body = b""
+                yield frame(body)
+
+        return StreamingResponse(parts(), media_type="application/octet-stream", headers={"cache-control": "no-store"})
 
     @handler
     async def api_series_csv(request: Request) -> Response:
@@ -716,6 +773,7 @@ def build_app(base_dir: str) -> Starlette:
         Route(base, api_run),
         Route(base + "/series", api_series),
         Route(base + "/series.csv", api_series_csv),
+        Route(base + "/first-charts", api_first_charts),
         Route(base + "/media", item_route(viewer.media_rows)),
         Route(base + "/tables", item_route(viewer.table_rows)),
         Route(base + "/histograms", api_histograms),

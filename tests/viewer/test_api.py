@@ -9,6 +9,7 @@ to ``kobo export``, rich values readable, and no way out of the folder.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 from pathlib import Path
@@ -364,3 +365,66 @@ def test_interrupted_and_stale_runs_say_so(tmp_path, viewer_runs, monkeypatch):
     status = {r["run_id"]: r["status"] for r in api.json("/api/runs")["runs"]}
     assert status == {"ddp": "running?", "rich": "interrupted"}
     assert api.json("/api/runs/default/ddp")["status"] == "running?"
+
+
+def _parts(body: bytes) -> list[bytes]:
+    """The framed parts of a first-charts answer (u32 little-endian length, then the bytes)."""
+    out, off = [], 0
+    while off < len(body):
+        n = int.from_bytes(body[off:off + 4], "little")
+        out.append(body[off + 4:off + 4 + n])
+        off += 4 + n
+    assert off == len(body), "the answer ends inside a part"
+    return out
+
+
+def test_first_charts_are_the_pages_first_charts_with_the_same_bytes(api):
+    """One request gives the charts the run page shows first, each byte for byte its /series answer."""
+    r = api.get("/api/runs/default/rich/first-charts?rank=0&x=step&width=614&count=3")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    parts = _parts(r.content)
+    charts = json.loads(parts[0])
+    # the page's order: "general" first, then groups by name, names sorted within a group
+    assert charts == [{"metric": "train/grad_norm", "rank": 0}, {"metric": "train/loss", "rank": 0},
+                      {"metric": "train/lr", "rank": 0}]
+    assert len(parts) == 1 + len(charts)
+    for c, body in zip(charts, parts[1:]):
+        alone = api.get(f"/api/runs/default/rich/series?metric={c['metric']}&rank=0&x=step&width=614")
+        assert body == alone.content
+    header, arrays = R.decode(parts[2])   # train/loss: its NaN and infinities are counted there too
+    assert header["nonfinite"] == {"nan": 1, "posinf": 1, "neginf": 1}
+    # smoothing and another x axis pass through; a rank the metric lacks falls back to its lowest
+    r = api.get("/api/runs/default/ddp/first-charts?rank=1&x=relative&smooth=0.6&width=300&count=4")
+    parts = _parts(r.content)
+    assert json.loads(parts[0]) == [{"metric": "loss", "rank": 1}]
+    alone = api.get("/api/runs/default/ddp/series?metric=loss&rank=1&x=relative&smooth=0.6&width=300")
+    assert parts[1] == alone.content
+    r = api.get("/api/runs/default/spikes/first-charts?rank=3&width=1000")
+    parts = _parts(r.content)
+    assert json.loads(parts[0]) == [{"metric": "loss", "rank": 0}]
+    header, arrays = R.decode(parts[1])
+    assert header["total"] == 1_000_000 and header["reduced"]
+
+
+def test_first_charts_bad_input(api):
+    assert api.get("/api/runs/default/nope/first-charts").status_code == 404
+    for q, needle in [("rank=band", "first-charts takes"), ("x0=1&x1=2", "first-charts takes"),
+                      ("count=0", "count"), ("count=99", "count"), ("x=epoch", "'x'"), ("width=0", "width")]:
+        r = api.get(f"/api/runs/default/rich/first-charts?{q}")
+        assert r.status_code == 400 and needle in r.json()["error"], (q, r.text)
+
+
+def test_the_csp_allows_the_boot_script_by_its_hash_and_nothing_else_inline(api):
+    import base64
+    import hashlib
+    import re
+
+    page = api.get("/")
+    csp = page.headers["content-security-policy"]
+    scripts = re.findall(r"<script>(.*?)</script>", page.text, re.S)
+    assert len(scripts) == 1 and "koboBoot" in scripts[0]
+    digest = base64.b64encode(hashlib.sha256(scripts[0].encode()).digest()).decode()
+    script_src = next(d for d in csp.split(";") if d.strip().startswith("script-src")).split()
+    assert script_src == ["script-src", "'self'", f"'sha256-{digest}'"]
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+    assert page.headers["cache-control"] == "no-store"

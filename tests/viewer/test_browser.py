@@ -13,6 +13,7 @@ never ``playwright install``).  Without it the tests skip, except under CI.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -305,3 +306,54 @@ def test_page_runs_under_its_content_security_policy(page, open_server, viewer_r
     p.page.click('nav#tabs button.tab[data-tab="media"]')
     p.page.wait_for_selector('.item-card[data-item="sample"][data-drawn="1"]', timeout=20_000)
     assert p.errors == []
+
+
+def test_a_run_page_opened_directly_has_its_first_charts_with_the_page(page, open_server, viewer_runs):
+    """The page's boot script asks for the summary and the first charts before the modules load.
+
+    Under the enforced CSP (the inline boot script is allowed by its hash, nothing else inline):
+    the 1M-point chart is drawn from that early answer, with every spike in it, and the page
+    does not ask for the same series again; a page on another tab asks for no chart early.
+    """
+    p = page(open_server(viewer_runs), bypass_csp=False)
+    s = p.server
+    p.page.goto(f"{s.origin}/?token={s.token}")
+    early: list[str] = []
+    p.page.on("request", lambda r: early.append(r.url) if "/first-charts?" in r.url else None)
+    p.page.goto("about:blank")
+    p.page.goto(f"{s.origin}/#/run/default/spikes")   # a new document: the boot script runs
+    p.page.wait_for_selector('.chart-card[data-metric="loss"][data-drawn="1"]', timeout=30_000)
+    st = p.page.evaluate("JSON.parse(JSON.stringify(window.koboState.charts.loss))")
+    width = p.page.evaluate("Math.round(document.querySelector('.chart-card[data-metric=\"loss\"] .chart-plot')"
+                            ".clientWidth * devicePixelRatio)")
+    assert len(early) == 1 and "rank=0" in early[0] and "x=step" in early[0]
+    assert st["lastFetch"]["early"] is True and st["lastFetch"]["total"] == 1_000_000, (st["lastFetch"], width)
+    used = int(st["lastFetch"]["url"].rsplit("width=", 1)[1])
+    assert width <= used <= 2 * width, (width, used)   # reduced for at least the chart's own width
+    # the answer the page read (streamed to a reader, so the browser keeps no copy): asked again, same bytes
+    body = p.page.request.get(early[0]).body()
+    parts, off = [], 0
+    while off < len(body):
+        n = int.from_bytes(body[off:off + 4], "little")
+        parts.append(body[off + 4:off + 4 + n])
+        off += 4 + n
+    assert json.loads(parts[0]) == [{"metric": "loss", "rank": 0}]
+    header, arrays = R.decode(parts[1])
+    assert header["n"] == st["points"] and set(SPIKES) <= set(arrays["x"].astype(int).tolist())
+    assert not [url for url, _, _ in p.series if "/series?" in url and "metric=loss" in url and "x0=" not in url]
+    assert p.errors == [] and p.page.evaluate("window.koboState.errors.length") == 0
+
+    # another tab: the summary early, no chart; the media tab still loads
+    early.clear()
+    p.page.goto("about:blank")
+    p.page.goto(f"{s.origin}/#/run/default/rich?tab=media")
+    p.page.wait_for_selector('.item-card[data-item="sample"][data-drawn="1"]', timeout=20_000)
+    assert early == []
+    # smoothing and a rank in the hash are passed on; a rank the run lacks falls back to rank 0
+    p.page.goto("about:blank")
+    p.page.goto(f"{s.origin}/#/run/default/rich?smooth=0.6&rank=3")
+    p.page.wait_for_selector('.chart-card[data-metric="train/loss"][data-drawn="1"]', timeout=30_000)
+    st = p.page.evaluate("JSON.parse(JSON.stringify(window.koboState.charts['train/loss']))")
+    assert st["lastFetch"]["early"] is True and "smooth=0.6" in st["lastFetch"]["url"]
+    assert len(early) == 1 and "smooth=0.6" in early[0]
+    assert p.errors == [] and p.page.evaluate("window.koboState.errors.length") == 0

@@ -49,11 +49,23 @@ async function errorFrom(resp, url) {
   return new ApiError(resp.status, msg, url);
 }
 
-async function doFetch(url, opts = {}) {
+/**
+ * The answer index.html's boot script asked for early (before the modules loaded), taken once:
+ * a Promise of a Response, or for a series {width, response}; undefined when there is none.
+ */
+function takeEarly(url) {
+  const boot = window.koboBoot;
+  return boot ? boot.take(url) : undefined;
+}
+
+async function doFetch(url, opts = {}, early = undefined) {
   if (session.leaving) return new Promise(() => {});   // going to the login page: nothing more to ask
-  let resp;
+  let resp = null;
+  if (early) {
+    try { resp = await early; } catch (_) { resp = null; }   // it failed: ask again, and report that
+  }
   try {
-    resp = await fetch(url, { credentials: "same-origin", cache: "no-store", ...opts });
+    if (!resp) resp = await fetch(url, { credentials: "same-origin", cache: "no-store", ...opts });
   } catch (e) {
     if (e && e.name === "AbortError") throw e;
     throw new ApiError(0, `cannot reach the viewer server (${e && e.message ? e.message : e})`, url);
@@ -68,7 +80,7 @@ async function doFetch(url, opts = {}) {
 }
 
 export async function getJSON(url, opts) {
-  const resp = await doFetch(url, opts);
+  const resp = await doFetch(url, opts, opts ? undefined : takeEarly(url));
   return resp.json();
 }
 
@@ -83,18 +95,35 @@ export const api = {
 };
 
 /**
- * GET .../series as binary. Returns {header, arrays: {x, y, ys|lo, hi}, bytes, timing}.
+ * GET .../series as binary. Returns {header, arrays: {x, y, ys|lo, hi}, bytes, timing, width, early}.
  * Arrays are Float64Array views into the response buffer (no copy) when the
  * header's padding keeps them 8-byte aligned, as the API promises.
+ * A whole-range request may be answered by the boot script's early request for the same
+ * series when that was reduced for a width in [width, 2 * width]: `width` is then its width.
  */
 export async function fetchSeries(key, params, opts) {
-  const url = `${runBase(key)}/series` + query(params);
+  let url = `${runBase(key)}/series` + query(params);
+  let width = params.width;
+  let early;
+  const whole = !("x0" in params || "x1" in params || "start" in params || "end" in params);
+  if (!opts && width && whole && window.koboBoot) {
+    const { width: _, ...rest } = params;
+    await window.koboBoot.ready;   // the boot script has made its series requests (or none)
+    const e = takeEarly(`${runBase(key)}/series` + query(rest));
+    if (e && e.width >= width && e.width <= 2 * width) {
+      early = e.response;
+      width = e.width;
+      url = `${runBase(key)}/series` + query({ ...rest, width });
+    }
+  }
   const t0 = performance.now();
-  const resp = await doFetch(url, opts);
+  const resp = await doFetch(url, opts, early);
   const buf = await resp.arrayBuffer();
   const t1 = performance.now();
   const parsed = parseSeries(buf);
   parsed.url = url;
+  parsed.width = width;
+  parsed.early = !!early;
   parsed.timing = {
     fetchMs: Math.round(t1 - t0),
     server: resp.headers.get("Server-Timing") || null,

@@ -19,7 +19,8 @@
 //   .charts       {<metric>: {points (points received, summed over shown series),
 //                  reduced (bool), zoomed (bool), drawn (bool),
 //                  nonfinite: {nan, posinf, neginf} (counts in the shown range),
-//                  lastFetch: {...series header, url, bytes, timing, source},
+//                  lastFetch: {...series header, url, bytes, timing, source, early (answered by
+//                  index.html's boot request)},
 //                  sources: {"p/r@rank" (or "p/r@band"): {points, reduced, committed, total}}}}
 //   .errors       [{message, where, time, toast}] every error the page reported
 //                 (also those shown in place; a failed fetch's console line is the browser's)

@@ -501,7 +501,8 @@ class ChartCard {
         this.panel.view.markReady?.("chart-error");
         return;
       }
-      this.fetchedWidth = width;
+      // the width the data was reduced for (an early answer may be up to 2x this chart's)
+      this.fetchedWidth = Math.max(width, ...results.map(({ r }) => (r && r.width) || 0));
       this.updateCsv();
       this.render(true);
       this.showError(errors.length ? errors.join("; ") : null);
@@ -535,7 +536,7 @@ class ChartCard {
 
   recordFetch(s, h, r) {
     const st = this.state;
-    st.lastFetch = Object.assign({}, h, { url: r.url, bytes: r.bytes, timing: r.timing, source: s.id });
+    st.lastFetch = Object.assign({}, h, { url: r.url, bytes: r.bytes, timing: r.timing, source: s.id, early: !!r.early });
     st.sources[s.id] = { points: s.x.length, reduced: s.reduced, committed: s.committed, total: s.total };
     const srcs = this.sources.includes(s) ? this.sources : [...this.sources.filter((o) => o.id !== s.id), s];
     st.points = srcs.reduce((a, o) => a + o.x.length, 0);
@@ -868,7 +869,7 @@ class ChartCard {
       for (const k of ["nan", "posinf", "neginf"]) s.nonfinite[k] += nf[k] || 0;
       this.recordFetch(s, h, r);
       koboState.liveUpdates++;
-      if (s.x.length > 4 * this.widthPx()) { this.scheduleReload(); }
+      if (s.x.length > 4 * Math.max(this.widthPx(), this.fetchedWidth)) { this.scheduleReload(); }
       this.render(true);
     } catch (e) {
       if (e.status === 0) {          // server unreachable: wait; the stream's reconnect resyncs
