@@ -51,7 +51,8 @@ async function errorFrom(resp, url) {
 
 /**
  * The answer index.html's boot script asked for early (before the modules loaded), taken once:
- * a Promise of a Response, or for a series {width, response}; undefined when there is none.
+ * a Promise of a Response, or for a series {width, buffer: Promise of its bytes}; undefined
+ * when there is none.
  */
 function takeEarly(url) {
   const boot = window.koboBoot;
@@ -102,28 +103,32 @@ export const api = {
  * series when that was reduced for a width in [width, 2 * width]: `width` is then its width.
  */
 export async function fetchSeries(key, params, opts) {
-  let url = `${runBase(key)}/series` + query(params);
-  let width = params.width;
-  let early;
+  const t0 = performance.now();
   const whole = !("x0" in params || "x1" in params || "start" in params || "end" in params);
-  if (!opts && width && whole && window.koboBoot) {
+  if (!opts && params.width && whole && window.koboBoot) {
     const { width: _, ...rest } = params;
     await window.koboBoot.ready;   // the boot script has made its series requests (or none)
     const e = takeEarly(`${runBase(key)}/series` + query(rest));
-    if (e && e.width >= width && e.width <= 2 * width) {
-      early = e.response;
-      width = e.width;
-      url = `${runBase(key)}/series` + query({ ...rest, width });
+    if (e && e.width >= params.width && e.width <= 2 * params.width) {
+      let buf = null;
+      try { buf = await e.buffer; } catch (_) { /* not in that answer: ask for it below */ }
+      if (buf) {
+        const parsed = parseSeries(buf);
+        return Object.assign(parsed, {
+          url: `${runBase(key)}/series` + query({ ...rest, width: e.width }), width: e.width, early: true,
+          timing: { fetchMs: Math.round(performance.now() - t0), server: null },
+        });
+      }
     }
   }
-  const t0 = performance.now();
-  const resp = await doFetch(url, opts, early);
+  const url = `${runBase(key)}/series` + query(params);
+  const resp = await doFetch(url, opts);
   const buf = await resp.arrayBuffer();
   const t1 = performance.now();
   const parsed = parseSeries(buf);
   parsed.url = url;
-  parsed.width = width;
-  parsed.early = !!early;
+  parsed.width = params.width;
+  parsed.early = false;
   parsed.timing = {
     fetchMs: Math.round(t1 - t0),
     server: resp.headers.get("Server-Timing") || null,
