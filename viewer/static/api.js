@@ -51,8 +51,8 @@ async function errorFrom(resp, url) {
 
 /**
  * The answer index.html's boot script asked for early (before the modules loaded), taken once:
- * a Promise of a Response, or for a series {width, buffer: Promise of its bytes}; undefined
- * when there is none.
+ * a Promise of {response, json} (json: the parsed body of a 2xx answer), or for a series
+ * {width, buffer: Promise of its bytes}; undefined when there is none.
  */
 function takeEarly(url) {
   const boot = window.koboBoot;
@@ -81,7 +81,14 @@ async function doFetch(url, opts = {}, early = undefined) {
 }
 
 export async function getJSON(url, opts) {
-  const resp = await doFetch(url, opts, opts ? undefined : takeEarly(url));
+  const early = opts ? undefined : takeEarly(url);
+  if (early) {
+    let got = null;
+    try { got = await early; } catch (_) { /* it failed: ask again below, and report that */ }
+    if (got && got.json !== undefined) return got.json;   // already read and parsed: no task to wait for
+    if (got) return (await doFetch(url, opts, Promise.resolve(got.response))).json();   // an error answer
+  }
+  const resp = await doFetch(url, opts);
   return resp.json();
 }
 
