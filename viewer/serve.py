@@ -106,7 +106,7 @@ def _return_memory_to_the_os() -> None:
 
 def _run(app: Any, base_dir: str, host: str, port: int, token: str | None, base_url: str, open_browser: bool,
          echo: Callable[[str], None], log_level: str, certfile: str | None, keyfile: str | None,
-         access_log: bool = False, fallback: bool = True) -> None:
+         access_log: bool = False, fallback: bool = True, limits: dict[str, Any] | None = None) -> None:
     import uvicorn
 
     _return_memory_to_the_os()
@@ -126,8 +126,14 @@ def _run(app: Any, base_dir: str, host: str, port: int, token: str | None, base_
              "travel in clear text. Use --certfile/--keyfile, or a reverse proxy that terminates HTTPS.")
     echo("Press Ctrl-C to stop.")
     sys.stdout.flush()
+    extra: dict[str, Any] = {}
+    if limits is not None:  # kobo-serve: bounded connections (see .guard)
+        from .guard import MAX_CONNECTIONS, fit_to_fd_limit, guarded_protocol
+
+        limits = dict(limits, max_connections=fit_to_fd_limit(limits.get("max_connections", MAX_CONNECTIONS)))
+        extra["http"] = guarded_protocol(**limits)
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=2,
-                            lifespan="off", ssl_certfile=certfile, ssl_keyfile=keyfile, server_header=False)
+                            lifespan="off", ssl_certfile=certfile, ssl_keyfile=keyfile, server_header=False, **extra)
     server = uvicorn.Server(config)
     if open_browser:
         try:
@@ -141,12 +147,14 @@ def serve_team(data_dir: str, *, accounts: Any, host: str = "127.0.0.1", port: i
                certfile: str | None = None, keyfile: str | None = None, base_url: str = "",
                allowed_hosts: tuple[str, ...] = (), open_browser: bool = False,
                echo: Callable[[str], None] = print, log_level: str = "info",
-               session_idle: float = 12 * 3600, session_max: float = 7 * 24 * 3600, niceness: int = 10) -> None:
+               session_idle: float = 12 * 3600, session_max: float = 7 * 24 * 3600, niceness: int = 10,
+               limits: dict[str, Any] | None = None) -> None:
     """``kobo-serve``: the viewer over ``data_dir`` for a team, behind accounts (see :mod:`.team`).
 
     Refuses a non-loopback address unless at least one user exists (there is
     no default account and no way to turn authentication off there).  On
     loopback with no user yet, it falls back to ``kobo open``'s one-time token.
+    ``limits``: :func:`.guard.guarded_protocol`'s keyword arguments (default: its defaults).
     """
     from .app import create_app, create_team_app
 
@@ -176,4 +184,4 @@ def serve_team(data_dir: str, *, accounts: Any, host: str = "127.0.0.1", port: i
         # scheduler serves the training processes (nice 0) first.
         os.nice(niceness)
     _run(app, data_dir, host, port, token, base_url, open_browser, echo, log_level, certfile, keyfile,
-         access_log=True, fallback=False)
+         access_log=True, fallback=False, limits=limits if limits is not None else {})

@@ -226,11 +226,22 @@ def _version() -> str:
                    "(0: keep it).")
 @click.option("--session-max", default=7 * 24 * 3600, show_default=True, type=click.IntRange(1, None),
               metavar="SECONDS", help="A session ends this long after its login, used or not.")
+@click.option("--request-timeout", default=15, show_default=True, type=click.FloatRange(0.5, 3600), metavar="SECONDS",
+              help="Close a connection whose request has not fully arrived this long after it opened (or after "
+                   "the previous response): slowloris and idle sockets.")
+@click.option("--send-timeout", default=60, show_default=True, type=click.FloatRange(0.5, 86400), metavar="SECONDS",
+              help="Abort a connection that has read nothing of its response for this long.")
+@click.option("--max-connections", default=1000, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="Open connections in all; one more is answered 503 and closed.")
+@click.option("--max-connections-per-client", default=128, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="Open connections from one client address (behind a reverse proxy: the proxy's; raise it "
+                   "there); one more is answered 503 and closed.")
 @click.version_option(_version(), "--version", prog_name="kobo-serve", message="%(prog)s %(version)s")
 @click.pass_context
 def main(ctx: click.Context, data_dir: str | None, host: str, port: int, certfile: str | None, keyfile: str | None,
          base_url: str, allowed_hosts: tuple[str, ...], config_dir: str | None, browser: bool, log_level: str,
-         session_idle: int, session_max: int, niceness: int) -> None:
+         session_idle: int, session_max: int, niceness: int, request_timeout: float, send_timeout: float,
+         max_connections: int, max_connections_per_client: int) -> None:
     """Serve the KohakuBoard viewer over DATA_DIR to a team, behind accounts.
 
     \b
@@ -256,7 +267,9 @@ def main(ctx: click.Context, data_dir: str | None, host: str, port: int, certfil
         serve_team(path, host=host, port=port, certfile=cert, keyfile=key, base_url=base,
                    allowed_hosts=tuple(allowed_hosts), accounts=accounts, open_browser=browser,
                    echo=click.echo, log_level=log_level.lower(), session_idle=session_idle,
-                   session_max=session_max, niceness=niceness)
+                   session_max=session_max, niceness=niceness,
+                   limits={"request_timeout": request_timeout, "send_timeout": send_timeout,
+                           "max_connections": max_connections, "max_per_client": max_connections_per_client})
     except ServeError as exc:
         raise Refused(str(exc)) from exc
 

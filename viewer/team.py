@@ -28,6 +28,7 @@ middleware that decides who may look:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -320,7 +321,8 @@ class TeamAuth:
         except (ValueError, KeyError, TypeError):
             await deny(send, 400, 'send {"user": ..., "password": ...} as JSON')
             return
-        user = self.accounts.verify_password(name, password)
+        # scrypt (~50 ms of CPU) in a worker thread: logins never hold up the event loop
+        user = await asyncio.to_thread(self.accounts.verify_password, name, password)
         if user is None:
             n = self.throttle.failed(client)
             log.warning("failed login for %r from %s (%d in a row)", name[:64], client, n)

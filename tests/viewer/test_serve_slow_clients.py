@@ -1,0 +1,203 @@
+"""A slow or hostile client never stalls the others (issue 13): a real ``kobo-serve`` process, real sockets.
+
+While clients that never read their (large) answers, clients that send their
+request a byte at a time (slowloris) and a flood of idle connections hold the
+server, authenticated readers keep getting the run list and a 1M-point chart
+promptly; the server closes the hostile connections by itself (request
+timeout, send timeout, connections per client address).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from .conftest import ServerProcess
+
+PASSWORD = "correct horse battery"
+REQUEST_TIMEOUT = 2  # the server's --request-timeout here (default 15)
+SEND_TIMEOUT = 3  # --send-timeout (default 60)
+PER_CLIENT = 40  # --max-connections-per-client (default 128)
+BOUND_S = 2.0  # every authenticated request must answer within this, whatever the attackers do
+# the hostile clients' source addresses (all of 127/8 is loopback on Linux); the readers come from 127.0.0.1
+STUCK, LORIS, IDLE = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+
+
+def cli(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kohakuboard.viewer.serve_cli", "--config-dir", str(config), *args],
+                          input=stdin, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(viewer_runs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("slow")
+    data = root / "data"
+    for run in ("spikes", "rich"):
+        shutil.copytree(viewer_runs / "default" / run, data / "default" / run)
+    config = root / "config"
+    assert cli(config, "user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n").returncode == 0
+    token = cli(config, "token", "create", "alice").stdout.strip()
+    s = ServerProcess([sys.executable, "-m", "kohakuboard.viewer.serve_cli", "--data-dir", str(data),
+                       "--config-dir", str(config), "--port", "0", "--nice", "0",
+                       "--request-timeout", str(REQUEST_TIMEOUT), "--send-timeout", str(SEND_TIMEOUT),
+                       "--max-connections-per-client", str(PER_CLIENT)])
+    try:
+        yield {"server": s, "token": token, "port": int(s.origin.rsplit(":", 1)[1])}
+    finally:
+        s.stop()
+
+
+def connect(port: int, source: str, rcvbuf: int | None = None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:  # before connect: the TCP window stays this small
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    """Whether the server closes ``sock`` within ``within`` s (reading and dropping whatever it still sends)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            if not sock.recv(1 << 16):
+                return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except (socket.timeout, BlockingIOError):
+            return False
+    return False
+
+
+def head(path: str, token: str) -> bytes:
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n").encode()
+
+
+class Readers:
+    """Authenticated readers in threads (each its own connection): the run list and a 1M-point chart, in a loop."""
+
+    def __init__(self, origin: str, token: str, n: int = 3) -> None:
+        self.origin, self.token = origin, token
+        self.times: list[tuple[str, float]] = []
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(n)]
+
+    def run(self) -> None:
+        urls = {"runs": "/api/runs", "chart": "/api/runs/default/spikes/series?metric=loss&width=1000"}
+        with httpx.Client(base_url=self.origin, headers={"authorization": f"Bearer {self.token}"},
+                          timeout=30) as c:
+            while not self.stop.is_set():
+                for kind, url in urls.items():
+                    t0 = time.perf_counter()
+                    try:
+                        r = c.get(url)
+                        ok = r.status_code == 200
+                        if not ok:
+                            self.failures.append(f"{kind}: HTTP {r.status_code} {r.text[:100]}")
+                    except httpx.HTTPError as exc:
+                        self.failures.append(f"{kind}: {type(exc).__name__} {exc}")
+                        ok = False
+                    if ok:
+                        self.times.append((kind, time.perf_counter() - t0))
+                time.sleep(0.05)
+
+    def __enter__(self) -> "Readers":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(40)
+
+    def check(self, min_requests: int) -> None:
+        assert not self.failures, self.failures[:5]
+        slow = [(k, round(s, 2)) for k, s in self.times if s > BOUND_S]
+        assert not slow, f"{len(slow)} of {len(self.times)} requests took over {BOUND_S} s: {slow[:10]}"
+        for kind in ("runs", "chart"):
+            n = sum(1 for k, _ in self.times if k == kind)
+            assert n >= min_requests, f"only {n} {kind} requests answered"
+
+
+def test_slow_readers_slowloris_and_idle_connections_do_not_stall_other_readers(server):
+    port, token = server["port"], server["token"]
+    origin = server["server"].origin
+    with httpx.Client(base_url=origin, headers={"authorization": f"Bearer {token}"}, timeout=30) as c:
+        assert c.get("/api/runs/default/spikes/series?metric=loss&width=1000").status_code == 200  # warm
+
+    # clients that ask for big answers and never read them: a 1M-row CSV export (~20 MB), an SSE stream
+    stuck_csv = []
+    for _ in range(3):
+        sock = connect(port, STUCK, rcvbuf=4096)
+        sock.sendall(head("/api/runs/default/spikes/series.csv?metric=loss", token))
+        stuck_csv.append(sock)
+    stuck_sse = []
+    for _ in range(2):
+        sock = connect(port, STUCK, rcvbuf=4096)
+        sock.sendall(head("/api/events?runs=default/rich", token))
+        stuck_sse.append(sock)
+    # slowloris: a request head sent a byte at a time, never finished
+    loris = [connect(port, LORIS) for _ in range(10)]
+    # idle connections that never send a byte: 20 more than one client address may hold
+    idle = [connect(port, IDLE) for _ in range(PER_CLIENT + 20)]
+    time.sleep(0.5)
+    busy = []
+    for sock in idle:
+        sock.setblocking(False)
+        try:
+            busy.append(sock.recv(4096))
+        except BlockingIOError:
+            pass
+    assert len(busy) == 20, f"{len(busy)} of {len(idle)} idle connections refused (cap {PER_CLIENT})"
+    assert all(b.startswith(b"HTTP/1.1 503 ") and b"retry-after: 5" in b for b in busy), busy[:2]
+
+    stop = threading.Event()
+
+    def trickle() -> None:
+        msg = b"GET /api/runs HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 200
+        i = 0
+        while not stop.is_set() and i < len(msg):
+            for sock in loris:
+                try:
+                    sock.send(msg[i:i + 1])
+                except OSError:
+                    pass
+            i += 1
+            stop.wait(0.1)
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    try:
+        with Readers(origin, token) as readers:
+            time.sleep(REQUEST_TIMEOUT + SEND_TIMEOUT + 1)
+        readers.check(min_requests=10)
+        # the server ended the hostile connections by itself: slowloris and idle ones after the
+        # request timeout, the unread CSV exports after the send timeout (a reset: aborted)
+        assert all(closed_by_server(s, 0.5) for s in loris), "slowloris connections still open"
+        assert all(closed_by_server(s, 0.5) for s in idle), "idle connections still open"
+        assert all(closed_by_server(s, 3.0) for s in stuck_csv), "clients that read nothing still connected"
+        # an unread event stream costs only its socket buffer (a ping every 15 s): it stays, within the cap
+        assert not any(closed_by_server(s, 0.2) for s in stuck_sse)
+    finally:
+        stop.set()
+        t.join(5)
+        for sock in stuck_csv + stuck_sse + loris + idle:
+            sock.close()
+    with httpx.Client(base_url=origin, headers={"authorization": f"Bearer {token}"}, timeout=5) as c:
+        assert c.get("/api/runs").json()["total"] == 2
+    print(f"{len(readers.times)} requests in {time.monotonic() - t0:.1f} s, max "
+          f"{max(s for _, s in readers.times) * 1e3:.0f} ms")
