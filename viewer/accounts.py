@@ -43,7 +43,7 @@ import stat
 import threading
 import time
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 log = logging.getLogger("kohakuboard.viewer.accounts")
@@ -102,6 +102,9 @@ class User:
     name: str
     projects: tuple[str, ...] | None
     created: float
+    # changes with the password (and when a user is removed and added again): sessions
+    # remember it at login and end when it no longer matches (`kobo-serve user passwd`)
+    credential: str = field(default="", compare=False, repr=False)
 
     def may_see(self, project: str) -> bool:
         return self.projects is None or project in self.projects
@@ -355,8 +358,15 @@ def _stat_key(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _credential(name: str, u: dict[str, Any]) -> str:
+    """A digest of the user's password record and creation time (no secret: the record is a salted hash)."""
+    rec = u["password"]
+    return hashlib.sha256(f"{name}\0{rec['salt']}\0{rec['hash']}\0{float(u['created'])!r}".encode()).hexdigest()
+
+
 def _state_from(data: dict[str, Any], key: tuple[int, ...] | None) -> _State:
-    users = {n: User(n, tuple(u["projects"]) if u.get("projects") is not None else None, float(u["created"]))
+    users = {n: User(n, tuple(u["projects"]) if u.get("projects") is not None else None, float(u["created"]),
+                     _credential(n, u))
              for n, u in data["users"].items()}
     hashes = {n: u["password"] for n, u in data["users"].items()}
     tokens = {tid: (Token(tid, t["user"], str(t.get("label", "")), float(t.get("created", 0.0))), t["sha256"])
@@ -560,7 +570,7 @@ class Accounts:
         return user
 
     def set_password(self, name: str, password: str) -> None:
-        """Give ``name`` a new password (her tokens and other sessions are not touched)."""
+        """Give ``name`` a new password; a running server ends her sessions (her API tokens stay valid)."""
         check_password(password)
         record = hash_password(password)
 

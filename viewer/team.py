@@ -52,12 +52,14 @@ MAX_BODY = 16 << 10
 BACKOFF_FREE_FAILURES = 3
 BACKOFF_MAX_S = 300.0
 CSRF_HEADER = "x-kobo-csrf"
+STREAM_CHECK_S = 1.0
 
 
 @dataclass
 class Session:
     user: str | None  # None: a pre-login session (it only carries the CSRF token for the login form)
     csrf: str
+    credential: str = ""  # the user's User.credential at login: a new password ends the session
     created: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
 
@@ -74,7 +76,7 @@ class Sessions:
     def _key(sid: str) -> str:
         return hashlib.sha256(sid.encode()).hexdigest()
 
-    def create(self, user: str | None) -> tuple[str, Session]:
+    def create(self, user: str | None, credential: str = "") -> tuple[str, Session]:
         self._expire()
         if user is None:
             anon = [k for k, s in self._by_hash.items() if s.user is None]
@@ -82,11 +84,12 @@ class Sessions:
                 for k in sorted(anon, key=lambda k: self._by_hash[k].last_seen)[: len(anon) // 10 + 1]:
                     del self._by_hash[k]
         sid = secrets.token_urlsafe(32)
-        session = Session(user=user, csrf=secrets.token_urlsafe(32))
+        session = Session(user=user, csrf=secrets.token_urlsafe(32), credential=credential)
         self._by_hash[self._key(sid)] = session
         return sid, session
 
-    def get(self, sid: str) -> Session | None:
+    def get(self, sid: str, touch: bool = True) -> Session | None:
+        """The live session ``sid`` (None if unknown or expired); ``touch``: count this as a use."""
         if not sid:
             return None
         s = self._by_hash.get(self._key(sid))
@@ -97,7 +100,8 @@ class Sessions:
         if now - s.last_seen > idle or now - s.created > self.max_s:
             self._by_hash.pop(self._key(sid), None)
             return None
-        s.last_seen = now
+        if touch:
+            s.last_seen = now
         return s
 
     def end(self, sid: str) -> None:
@@ -211,18 +215,23 @@ class TeamAuth:
             if not msg.get("more_body"):
                 return b"".join(chunks)
 
-    def _user_from(self, headers: dict[str, str]) -> tuple[Any, Session | None, str]:
-        """(user, session, sid) of the request: a Bearer token or a logged-in session; user None if neither."""
+    def _user_from(self, headers: dict[str, str], touch: bool = True) -> tuple[Any, Session | None, str]:
+        """(user, session, sid) of the request: a Bearer token or a logged-in session; user None if neither.
+
+        ``touch=False``: a check that is not a use (the session's idle time keeps running).
+        """
         auth = headers.get("authorization", "")
         if auth[:7].lower() == "bearer ":
             return self.accounts.verify_token(auth[7:].strip()), None, ""
         sid = self._sid(headers)
-        session = self.sessions.get(sid)
+        session = self.sessions.get(sid, touch)
         if session is None or session.user is None:
             return None, session, sid
         user = self.accounts.get_user(session.user)
-        if user is None:  # removed since the login
+        if user is None or user.credential != session.credential:  # removed, or a new password, since the login
             self.sessions.end(sid)
+            log.info("ended a session of %r: %s", session.user, "the user was removed" if user is None
+                     else "the password changed")
             return None, None, sid
         return user, session, sid
 
@@ -281,7 +290,44 @@ class TeamAuth:
             else:
                 await deny(send, 401, "log in first (or send Authorization: Bearer <token>)")
             return
-        await self.app(dict(scope, kobo_user=user), receive, send_secure)
+        scope = dict(scope, kobo_user=user)
+        if path == "/api/events":  # a stream lasts: it ends when its credentials do (logout, user removed, ...)
+            receive, send_secure = self._while_valid(headers, user, receive, send_secure)
+        await self.app(scope, receive, send_secure)
+
+    def _while_valid(self, headers: dict[str, str], user: Any, receive: Receive, send: Send) -> tuple[Receive, Send]:
+        """``receive``/``send`` of a long response that end it once its token or session stops being valid.
+
+        Checked at most every :data:`STREAM_CHECK_S` when the response sends (a live
+        run's events) or asks whether the client left (an idle stream, every second).
+        Then the response is finished (an empty last chunk) and the app sees a disconnect.
+        """
+        state = {"ended": False, "finished": False, "checked": time.monotonic()}
+
+        def ended() -> bool:
+            if not state["ended"] and time.monotonic() - state["checked"] >= STREAM_CHECK_S:
+                state["checked"] = time.monotonic()
+                now, _, _ = self._user_from(headers, touch=False)
+                if now is None or now != user:  # logged out, expired, removed, new password, other projects
+                    state["ended"] = True
+                    log.info("ended an event stream of %r: its credentials are no longer valid", user.name)
+            return bool(state["ended"])
+
+        async def guarded_receive() -> dict[str, Any]:
+            if ended():
+                return {"type": "http.disconnect"}
+            return await receive()
+
+        async def guarded_send(message: dict[str, Any]) -> None:
+            if state["finished"]:
+                return
+            if message["type"] == "http.response.body" and ended():
+                state["finished"] = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            await send(message)
+
+        return guarded_receive, guarded_send
 
     async def _session_info(self, send: Send, headers: dict[str, str]) -> None:
         user, session, sid = self._user_from(headers)
@@ -330,7 +376,7 @@ class TeamAuth:
             return
         self.throttle.succeeded(client)
         self.sessions.end(self._sid(headers))  # a fresh id at login: no session fixation
-        sid, new = self.sessions.create(user.name)
+        sid, new = self.sessions.create(user.name, user.credential)
         log.info("login %r from %s", user.name, client)
         await self._json(send, 200, {"user": user.name, "csrf": new.csrf}, [self._cookie_header(sid)])
 

@@ -255,13 +255,100 @@ def test_a_project_the_user_may_not_see_is_like_one_that_does_not_exist(team):
         assert c.get("/api/runs/other/crashed").status_code == 200
 
 
+class Stream:
+    """An open ``/api/events`` stream read in a thread: ``ended`` is set when the server ends it."""
+
+    def __init__(self, server: Server, **headers: str) -> None:
+        import threading
+
+        self.ended = threading.Event()
+        self.status = 0
+        self.client = server.client(headers=headers)
+        self.opened = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        assert self.opened.wait(10) and self.status == 200, self.status
+
+    def _read(self) -> None:
+        try:
+            with self.client.stream("GET", "/api/events?runs=default/ddp") as r:
+                self.status = r.status_code
+                self.opened.set()
+                for _ in r.iter_bytes():
+                    pass
+        except httpx.HTTPError:
+            pass
+        finally:
+            self.opened.set()
+            self.ended.set()
+
+    def close(self) -> None:
+        self.client.close()
+
+
 def test_a_removed_user_is_logged_out(tmp_path, viewer_runs):
+    """`user remove` ends her sessions and her open event streams, cookie or token, in a running server."""
     s, config = own_server(tmp_path, viewer_runs, "carol")
+    token = cli(config, "token", "create", "carol").stdout.strip()
     try:
         with s.client() as c:
             assert login(c, "carol").status_code == 200
             assert c.get("/api/runs").status_code == 200
+            by_cookie = Stream(s, cookie=f"kobo_session={c.cookies.get('kobo_session')}")
+            by_token = Stream(s, authorization=f"Bearer {token}")
+            time.sleep(1.2)
+            assert not by_cookie.ended.is_set() and not by_token.ended.is_set()
             assert cli(config, "user", "remove", "carol").returncode == 0
             assert c.get("/api/runs").status_code == 401
+            assert c.get("/api/runs", headers={"authorization": f"Bearer {token}"}).status_code == 401
+            assert by_cookie.ended.wait(3) and by_token.ended.wait(3), "streams outlived the user"
+            by_cookie.close()
+            by_token.close()
     finally:
-        s.stop()
+        out = s.stop()
+    assert "ended a session of 'carol': the user was removed" in out
+
+
+def test_a_new_password_ends_the_users_sessions(tmp_path, viewer_runs):
+    """`user passwd` ends every session of that user (both browsers, the open stream); her tokens stay."""
+    s, config = own_server(tmp_path, viewer_runs, "dave")
+    token = cli(config, "token", "create", "dave").stdout.strip()
+    try:
+        with s.client() as c1, s.client() as c2, s.client() as other:
+            assert login(c1, "dave").status_code == 200 and login(c2, "dave").status_code == 200
+            stream = Stream(s, cookie=f"kobo_session={c1.cookies.get('kobo_session')}")
+            assert c1.get("/api/runs").status_code == c2.get("/api/runs").status_code == 200
+            r = cli(config, "user", "passwd", "dave", "--password-stdin", stdin="a new password\n")
+            assert r.returncode == 0, r.stderr
+            for c in (c1, c2):
+                r = c.get("/api/runs")
+                assert r.status_code == 401
+                no_leak(r)
+            assert stream.ended.wait(3), "the event stream outlived the old password"
+            stream.close()
+            assert login(other, "dave").status_code == 401  # the old password is gone
+            assert login(other, "dave", "a new password").status_code == 200
+            assert other.get("/api/runs").status_code == 200
+            assert c1.get("/api/runs", headers={"authorization": f"Bearer {token}"}).status_code == 200
+    finally:
+        out = s.stop()
+    assert "ended a session of 'dave': the password changed" in out
+
+
+def test_logout_and_token_revoke_end_open_streams(team):
+    """A stream is not a way around logout or revocation: it ends within seconds of either."""
+    s = team["server"]
+    tok = cli(team["config"], "token", "create", "alice", "--label", "stream").stdout.strip()
+    with s.client() as c:
+        r = login(c, "alice")
+        by_cookie = Stream(s, cookie=f"kobo_session={c.cookies.get('kobo_session')}")
+        by_token = Stream(s, authorization=f"Bearer {tok}")
+        time.sleep(1.2)
+        assert not by_cookie.ended.is_set() and not by_token.ended.is_set()
+        assert c.post("/api/logout", headers={"x-kobo-csrf": r.json()["csrf"], "origin": s.origin}).status_code == 200
+        assert cli(team["config"], "token", "revoke", tok.split("_")[1]).returncode == 0
+        t0 = time.monotonic()
+        assert by_cookie.ended.wait(3) and by_token.ended.wait(3)
+        assert time.monotonic() - t0 < 3
+        by_cookie.close()
+        by_token.close()
