@@ -18,17 +18,24 @@ Everything runs on this machine, over loopback, and stops by itself:
 Phases, per repeat (the order alternates between repeats):
 
 1. **alone**: the training script with the server up and nobody reading;
-2. **loaded**: the same with ``--readers`` (50) concurrent readers in this process
-   (asyncio + one ``httpx.AsyncClient`` each, as one browser page each).  Each
-   reader holds ``/api/events?runs=default/<live run>`` (SSE) open and, in a loop
-   with a random 0.2-0.5 s pause, requests the run list ``/api/runs``, the live
-   run's summary, the live ``m0`` chart once (``width=1000``) and then its tail
-   (``series?metric=m0&start=N``, N = the previous answer's ``committed``), and
-   every 5th loop the 1M-point chart ``/api/runs/default/big1m/series?metric=loss&width=1000``.
-   The readers are connected (stream open, first loop done) before the training
-   script starts logging; latencies count for requests started between its first
-   ``log()`` and its ``flush()`` returning;
-3. with ``--pinned``, also **alone, pinned** and **loaded, pinned**: the same two
+2. **loaded**: the same with ``--readers`` (50) concurrent readers in a load-generator process of
+   their own (``--role load``; asyncio + one ``httpx.AsyncClient`` each, as one browser page each)
+   at the lowest CPU priority (``--reader-nice 19``): the simulated browsers, which in real use run
+   on other machines, take as little CPU from training as the scheduler allows, and their CPU time
+   is counted apart (``/proc``).  Each reader holds ``/api/events?runs=default/<live run>`` (SSE)
+   open and, in a loop with a random 0.2-0.5 s pause, requests the run list ``/api/runs``, the
+   live run's summary, the live ``m0`` chart once (``width=1000``) and then its tail
+   (``series?metric=m0&start=N``, N = the previous answer's ``committed``), and every 5th loop the
+   1M-point chart ``/api/runs/default/big1m/series?metric=loss&width=1000``.  The readers are
+   connected (stream open, first loop done) before the training script starts logging;
+   latencies count for requests started between its first ``log()`` and its ``flush()`` returning;
+3. **static**: the same readers against the cheapest possible server (``--role static``: one
+   asyncio stream per connection, a path prefix picks bytes recorded from kobo-serve; an SSE event
+   every 0.25 s), at the server's niceness, at the request rate the readers reached on kobo-serve
+   in the phase before (a loop every ``period`` s) and with tails as long.  What training loses
+   here is what the readers and any HTTP server at all cost it on this machine; the difference to
+   phase 2 is kobo-serve's own cost;
+4. with ``--pinned``, also **alone, pinned** and **loaded, pinned**: the same two
    with the training script and the daemon on CPU 0 and the server and the
    readers on CPU 1 (``sched_setaffinity`` of every thread).  No CPU is shared
    then, so what is left of a slowdown comes through the files (locks, I/O) --
@@ -49,7 +56,7 @@ this process's event loop), the ``Server-Timing`` of the series requests
 (read/reduce inside the server's worker thread), SSE ``run`` events per reader,
 errors (any exception or non-200), the writer's durable values/s with and
 without readers (and their ratio per repeat), CPU seconds of the server, the
-daemon, the training script and this process (the readers) per phase, and of
+daemon, the training script and the load generator (the readers) per phase, and of
 everything else on the machine (``/proc/stat`` busy time minus those: other
 processes, the noise), the server's VmRSS (sampled every 50 ms), and
 ``/api/stats`` polls of the shared live poller against what one poller per
@@ -59,7 +66,8 @@ Prints a markdown table and writes ``results/serve.json`` (``--json``), and the
 metric records to ``--out`` for ``run_all.py``.  The machine has 2 cores: the
 training script, its daemon, the server and the readers share them, so the
 readers' CPU (client side, here; remote browsers in real use) counts against
-training too.  About 2-2.5 minutes (``--quick``: under 1; ``--pinned``: about 4).
+training too: the static phase measures how much.  About 3.5 minutes (``--quick``:
+about 1; ``--pinned``: about 5).
 """
 
 from __future__ import annotations
@@ -295,6 +303,7 @@ class Recorder:
         self.errors: list[tuple[float, str, str]] = []
         self.ready = 0
         self.bytes: dict[str, int] = {}
+        self.bytes_sum: dict[str, int] = {}
 
     def error(self, kind: str, msg: str) -> None:
         self.errors.append((time.time(), kind, msg[:300]))
@@ -314,6 +323,7 @@ async def timed(cl: Any, rec: Recorder, kind: str, url: str) -> Any:
         return None
     rec.requests.append((w, ms, kind))
     rec.bytes[kind] = len(r.content)
+    rec.bytes_sum[kind] = rec.bytes_sum.get(kind, 0) + len(r.content)
     if "server-timing" in r.headers:
         rec.timing.append((w, kind, timing_of(r.headers["server-timing"])))
     return r
@@ -340,8 +350,13 @@ async def sse(cl: Any, rec: Recorder, idx: int, live: str, opened: asyncio.Event
 
 
 async def reader(idx: int, origin: str, token: str, live: str, rec: Recorder, stop: asyncio.Event,
-                 think: tuple[float, float], big_every: int, max_loops: int | None = None) -> None:
-    """One page: the live stream open, and the run list / summary / tail / 1M chart polled in a loop."""
+                 think: tuple[float, float], big_every: int, max_loops: int | None = None,
+                 period: float | None = None) -> None:
+    """One page: the live stream open, and the run list / summary / tail / 1M chart polled in a loop.
+
+    ``period``: instead of a ``think`` pause after each loop, start a loop every ``period`` s
+    (+-20 %; at once if the last one took longer), so that a fast server gets no more requests.
+    """
     import httpx
 
     rng = random.Random(idx)
@@ -357,6 +372,7 @@ async def reader(idx: int, origin: str, token: str, live: str, rec: Recorder, st
             first_big = rng.randrange(big_every)
             loops = 0
             while not stop.is_set() and (max_loops is None or loops < max_loops):
+                began = time.perf_counter()
                 await timed(cl, rec, "runs", "/api/runs")
                 await timed(cl, rec, "summary", base)
                 if n is None:
@@ -374,8 +390,12 @@ async def reader(idx: int, origin: str, token: str, live: str, rec: Recorder, st
                         rec.error("sse", "the event stream did not open within 30 s")
                     rec.ready += 1
                 loops += 1
+                if period is None:
+                    pause = rng.uniform(*think)
+                else:
+                    pause = max(0.0, began + period * rng.uniform(0.8, 1.2) - time.perf_counter())
                 try:
-                    await asyncio.wait_for(stop.wait(), rng.uniform(*think))
+                    await asyncio.wait_for(stop.wait(), pause)
                 except asyncio.TimeoutError:
                     pass
         finally:
@@ -405,10 +425,11 @@ class Pinned:
     is interference through the files (locks, page cache, I/O).  Undone on exit.
     """
 
-    def __init__(self, enabled: bool, writer_pid: int, daemon_pid: int | None, server_pid: int) -> None:
+    def __init__(self, enabled: bool, writer_pid: int, daemon_pid: int | None, server_pid: int,
+                 readers_pid: int | None = None) -> None:
         self.enabled = enabled
         self.train = [writer_pid, daemon_pid]
-        self.serve = [server_pid, os.getpid()]
+        self.serve = [server_pid, readers_pid or os.getpid()]
 
     def __enter__(self) -> "Pinned":
         if self.enabled:
@@ -427,8 +448,10 @@ class Pinned:
 class Phase:
     """Per-phase CPU of the server, daemon and this process, and the server's RSS samples in it."""
 
-    def __init__(self, server_pid: int, daemon_pid: int | None, rss: c.RssSampler) -> None:
+    def __init__(self, server_pid: int, daemon_pid: int | None, rss: c.RssSampler, readers_pid: int | None = None) -> None:
         self.pids = {"server": server_pid, "daemon": daemon_pid}
+        if readers_pid is not None:
+            self.pids["readers"] = readers_pid
         self.rss = rss
 
     def __enter__(self) -> "Phase":
@@ -451,7 +474,8 @@ class Phase:
         for k in self.pids:
             a, b = self.cpu0[k], self.cpu1[k]
             out[f"{k}_cpu_s"] = None if a is None or b is None else b - a
-        out["readers_cpu_s"] = self.own1 - self.own0
+        if "readers" not in self.pids:
+            out["readers_cpu_s"] = self.own1 - self.own0
         samples = self.rss.samples[self.rss_i0:]
         out["server_rss_peak_mb"] = max(samples, default=0) / 1024
         out["machine_pct"] = machine_share(self.m0, self.m1)
@@ -485,56 +509,246 @@ def others_cpu(ph: dict[str, Any]) -> float:
     return ph["machine_busy_cpu_s"] - ours
 
 
-def loaded_phase(env: c.IsolatedDaemon, server: ServerProcess, rss: c.RssSampler, token: str, run_id: str,
-                 duration: float, n_readers: int, pinned: bool = False) -> dict[str, Any]:
-    w = Writer(run_id, env.base_dir, duration)
-    rec = Recorder(n_readers)
-    info: dict[str, Any] = {}
+class LoadGenerator:
+    """The readers in a process of their own (``--role load``), at ``nice`` (19: the lowest priority).
+
+    Started before the phase; prints ``ready`` once every reader has its stream open and
+    has made its first loop; records from ``go`` to ``stop`` (stdin) and then prints what
+    it saw as JSON.  Its CPU time is its own (``/proc``), not the server's or training's.
+    """
+
+    def __init__(self, origin: str, token: str, live: str, n_readers: int, nice: int,
+                 period: float | None = None) -> None:
+        cfg = {"origin": origin, "token": token, "live": live, "readers": n_readers, "nice": nice,
+               "think": THINK_S, "big_every": BIG_EVERY, "period": period}
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--role", "load", json.dumps(cfg)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                     cwd=os.path.dirname(os.path.abspath(__file__)))
+        self.pid = self.proc.pid
+        t0 = time.perf_counter()
+        line = self._readline(150)
+        if not line.startswith("ready"):
+            self.kill()
+            raise RuntimeError(f"the load generator did not get ready: {line!r}")
+        self.ramp_s = time.perf_counter() - t0
+
+    def _readline(self, timeout: float) -> str:
+        out: list[str] = []
+        t = threading.Thread(target=lambda: out.append(self.proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+        t.start()
+        t.join(timeout)
+        return out[0] if out else ""
+
+    def say(self, word: str) -> None:
+        self.proc.stdin.write(word + "\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+
+    def finish(self) -> dict[str, Any]:
+        self.say("stop")
+        line = self._readline(120)
+        try:
+            return json.loads(line)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def load_role(cfg: dict[str, Any]) -> None:
+    """``--role load``: the readers of :func:`reader`, driven by ``go``/``stop`` lines on stdin."""
+    if cfg["nice"]:
+        os.nice(cfg["nice"])
+    n = cfg["readers"]
+    rec = Recorder(n)
+    out: dict[str, Any] = {}
 
     async def run() -> None:
-        stop = asyncio.Event()
-        tasks = [asyncio.create_task(reader(i, server.origin, token, run_id, rec, stop, THINK_S, BIG_EVERY))
-                 for i in range(n_readers)]
+        loop = asyncio.get_running_loop()
+        go, done, stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        def commands() -> None:
+            for line in sys.stdin:
+                word = line.strip()
+                if word == "go":
+                    loop.call_soon_threadsafe(go.set)
+                elif word == "stop":
+                    loop.call_soon_threadsafe(go.set)
+                    loop.call_soon_threadsafe(done.set)
+                    return
+            loop.call_soon_threadsafe(done.set)
+
+        threading.Thread(target=commands, daemon=True).start()
+        tasks = [asyncio.create_task(reader(i, cfg["origin"], cfg["token"], cfg["live"], rec, stop,
+                                            tuple(cfg["think"]), cfg["big_every"], period=cfg.get("period")))
+                 for i in range(n)]
         try:
-            t_ramp = time.perf_counter()
-            deadline = t_ramp + 120
-            while rec.ready < n_readers and time.perf_counter() < deadline and not all(t.done() for t in tasks):
+            deadline = time.perf_counter() + 120
+            while rec.ready < n and time.perf_counter() < deadline and not all(t.done() for t in tasks):
                 await asyncio.sleep(0.05)
-            info["ramp_s"] = time.perf_counter() - t_ramp
-            if rec.ready < n_readers:
-                raise RuntimeError(f"only {rec.ready}/{n_readers} readers connected within 120 s: {rec.errors[:3]}")
             await asyncio.sleep(0.5)  # every reader into its loop
-            info["stats0"] = await api_stats(server.origin, token)
-            info["stats0_t"] = time.perf_counter()
-            with Phase(server.proc.pid, env.pid(), rss) as ph:
-                w.go()
-                info["writer"] = await asyncio.to_thread(w.result, duration + 120)
-            info["phase"] = ph.result()
-            info["stats1"] = await api_stats(server.origin, token)
-            info["stats1_t"] = time.perf_counter()
+            print("ready" if rec.ready == n else f"only {rec.ready}/{n} readers connected: {rec.errors[:3]}", flush=True)
+            await go.wait()
+            out["go"], out["cpu_go"] = time.time(), own_cpu_s()
+            await done.wait()
+            out["stop"], out["cpu_stop"] = time.time(), own_cpu_s()
         finally:
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    asyncio.run(run())
+    print(json.dumps({**out, "requests": rec.requests, "timing": rec.timing, "events": rec.events,
+                      "errors": rec.errors, "bytes": rec.bytes,
+                      "bytes_sum": rec.bytes_sum}), flush=True)
+
+
+# ---------------------------------------------------------------- the static baseline
+
+
+def capture_tail(origin: str, token: str, run_id: str, directory: str, rows: int) -> int:
+    """Rewrite the static server's tail answer with ``rows`` rows (as long as kobo-serve's tails were)."""
+    import httpx
+
+    base = f"/api/runs/default/{run_id}"
+    with httpx.Client(base_url=origin, headers={"authorization": f"Bearer {token}"}, timeout=120) as cl:
+        committed = series_header(cl.get(base + "/series?metric=m0&width=1000").content)["committed"]
+        r = cl.get(base + f"/series?metric=m0&start={max(0, committed - rows)}")
+    assert r.status_code == 200, r.text[:200]
+    with open(os.path.join(directory, "tail"), "wb") as f:
+        f.write(r.headers["content-type"].encode() + b"\n" + r.content)
+    return len(r.content)
+
+
+def capture_canned(origin: str, token: str, run_id: str, directory: str) -> dict[str, int]:
+    """What the static server answers: kobo-serve's own answers to each request kind, for a finished run
+    like the live ones (32 metrics; the tail as long as a live tail under load: 60,000 rows)."""
+    import httpx
+
+    os.makedirs(directory, exist_ok=True)
+    base = f"/api/runs/default/{run_id}"
+    with httpx.Client(base_url=origin, headers={"authorization": f"Bearer {token}"}, timeout=120) as cl:
+        chart = cl.get(base + "/series?metric=m0&width=1000")
+        committed = series_header(chart.content)["committed"]
+        got = {"runs": cl.get("/api/runs"), "summary": cl.get(base), "chart": chart,
+               "tail": cl.get(base + f"/series?metric=m0&start={max(0, committed - 60_000)}"),
+               "big": cl.get(f"/api/runs/default/{BIG_RUN}/series?metric=loss&width=1000")}
+        event = ""
+        with cl.stream("GET", f"/api/events?runs=default/{run_id}") as r:
+            block: list[str] = []
+            for line in r.iter_lines():
+                block.append(line)
+                if line == "" and any(ln.startswith("event: run") for ln in block):
+                    event = "\n".join(block) + "\n"
+                    break
+                if line == "":
+                    block = []
+    sizes = {}
+    for kind, r in got.items():
+        assert r.status_code == 200, (kind, r.status_code, r.text[:200])
+        with open(os.path.join(directory, kind), "wb") as f:
+            f.write(r.headers["content-type"].encode() + b"\n" + r.content)
+        sizes[kind] = len(r.content)
+    with open(os.path.join(directory, "event"), "w") as f:
+        f.write(event)
+    sizes["event"] = len(event)
+    return sizes
+
+
+def static_role(cfg: dict[str, Any]) -> None:
+    """``--role static``: the cheapest HTTP server that gives the readers the same answers (recorded from
+    kobo-serve by :func:`capture_canned`): one asyncio stream per connection, a path prefix picks the bytes."""
+    if cfg["nice"]:
+        os.nice(cfg["nice"])
+    canned: dict[str, bytes] = {}
+    for kind in KINDS:
+        with open(os.path.join(cfg["dir"], kind), "rb") as f:
+            ctype, _, body = f.read().partition(b"\n")
+        canned[kind] = (b"HTTP/1.1 200 OK\r\ncontent-type: " + ctype + b"\r\ncontent-length: "
+                        + str(len(body)).encode() + b"\r\ncache-control: no-store\r\n\r\n" + body)
+    with open(os.path.join(cfg["dir"], "event"), "rb") as f:
+        event = f.read()
+    chunk = f"{len(event):x}\r\n".encode() + event + b"\r\n"
+    sse_head = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-store\r\n"
+                b"transfer-encoding: chunked\r\n\r\n" + b"d\r\nretry: 1000\n\n\r\n")
+
+    def kind_of(path: bytes) -> str:
+        if path == b"/api/runs" or path.startswith(b"/api/runs?"):
+            return "runs"
+        if b"/" + BIG_RUN.encode() + b"/" in path:
+            return "big"
+        if b"&start=" in path:
+            return "tail"
+        if b"/series?" in path:
+            return "chart"
+        return "summary"
+
+    async def handle(rd: asyncio.StreamReader, wr: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await rd.readuntil(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1]
+                if path.startswith(b"/api/events"):
+                    wr.write(sse_head)
+                    while True:  # a live run's state changes every poll (0.25 s)
+                        await wr.drain()
+                        await asyncio.sleep(0.25)
+                        wr.write(chunk)
+                wr.write(canned[kind_of(path)])
+                await wr.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            wr.close()
+
+    async def main_() -> None:
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        print(f"static baseline server at http://127.0.0.1:{port}/", flush=True)
+        async with srv:
+            await srv.serve_forever()
+
+    asyncio.run(main_())
+
+
+def loaded_phase(env: c.IsolatedDaemon, server: ServerProcess, rss: c.RssSampler, token: str, run_id: str,
+                 duration: float, n_readers: int, pinned: bool = False, reader_nice: int = 19,
+                 kobo: bool = True, period: float | None = None) -> dict[str, Any]:
+    """The training script with ``n_readers`` readers (a :class:`LoadGenerator`) on ``server``:
+    kobo-serve (``kobo``) or the static baseline."""
+    w = Writer(run_id, env.base_dir, duration)
+    lg: LoadGenerator | None = None
     try:
-        with Pinned(pinned, w.proc.pid, env.pid(), server.proc.pid):
-            asyncio.run(run())
+        lg = LoadGenerator(server.origin, token, run_id, n_readers, reader_nice, period)
+        stats0 = asyncio.run(api_stats(server.origin, token)) if kobo else {"polls": 0}
+        t_stats0 = time.perf_counter()
+        with Pinned(pinned, w.proc.pid, env.pid(), server.proc.pid, lg.pid), \
+                Phase(server.proc.pid, env.pid(), rss, lg.pid) as ph:
+            lg.say("go")
+            w.go()
+            res = w.result(duration + 120)
+        stats1 = asyncio.run(api_stats(server.origin, token)) if kobo else {"polls": 0}
+        t_stats1 = time.perf_counter()
+        seen = lg.finish()
         w.wait()
     finally:
         w.kill()
-    res = info["writer"]
+        if lg is not None:
+            lg.kill()
     back = read_back(w.path, res["calls"])
     t0, t1 = res["t0"], res["t_flushed"]
-    window = [(ms, kind) for (ws, ms, kind) in rec.requests if t0 <= ws <= t1]
+    window = [(ms, kind) for (ws, ms, kind) in seen["requests"] if t0 <= ws <= t1]
     lat = {k: sorted(ms for ms, kind in window if kind == k) for k in KINDS}
-    timing = {k: [tm for ws, kind, tm in rec.timing if kind == k and t0 <= ws <= t1] for k in ("chart", "tail", "big")}
-    events = [len([e for e in ev if t0 <= e <= t1]) for ev in rec.events]
-    s0, s1 = info["stats0"], info["stats1"]
-    stats_s = info["stats1_t"] - info["stats0_t"]
-    polls = s1["polls"] - s0["polls"]
+    timing = {k: [tm for ws, kind, tm in seen["timing"] if kind == k and t0 <= ws <= t1] for k in ("chart", "tail", "big")}
+    events = [len([e for e in ev if t0 <= e <= t1]) for ev in seen["events"]]
+    polls = stats1["polls"] - stats0["polls"]
     out = {
-        "writer": res, "read_back": back, "values_s": back["values"] / res["elapsed_s"], **info["phase"],
-        "writer_cpu_s": res["cpu_s"], "window_s": t1 - t0, "ramp_s": info["ramp_s"],
+        "writer": res, "read_back": back, "values_s": back["values"] / res["elapsed_s"], **ph.result(),
+        "writer_cpu_s": res["cpu_s"], "window_s": t1 - t0, "ramp_s": lg.ramp_s,
         "values_per_writer_cpu_s": back["values"] / res["cpu_s"] if res["cpu_s"] else None,
         "lat_ms": {k: v for k, v in lat.items()},
         "p50_ms": {k: c.percentile(v, 50) for k, v in lat.items()},
@@ -543,15 +757,19 @@ def loaded_phase(env: c.IsolatedDaemon, server: ServerProcess, rss: c.RssSampler
         "requests_per_s": {k: len(v) / (t1 - t0) for k, v in lat.items()},
         "server_timing_median_ms": {k: {f: c.median(t.get(f, float("nan")) for t in v) for f in ("read", "reduce")}
                                     for k, v in timing.items() if v},
-        "bytes": rec.bytes,
-        "sse_events": events, "sse_events_total": sum(len(ev) for ev in rec.events),
-        "errors": len(rec.errors), "error_samples": rec.errors[:10],
-        "stats0": s0, "stats1": s1, "polls": polls, "polls_s": stats_s,
+        "bytes": seen["bytes"], "bytes_sum": seen["bytes_sum"],
+        "mean_bytes": {k: seen["bytes_sum"].get(k, 0) / max(1, sum(1 for *_, kind in seen["requests"] if kind == k))
+                       for k in KINDS},
+        "sse_events": events, "sse_events_total": sum(len(ev) for ev in seen["events"]),
+        "errors": len(seen["errors"]), "error_samples": seen["errors"][:10],
+        "stats0": stats0, "stats1": stats1, "polls": polls, "polls_s": t_stats1 - t_stats0,
         "polls_50_independent": polls * n_readers,
     }
     out["others_cpu_s"] = others_cpu(out)
     served = sum(len(v) for v in lat.values())
+    out["requests_total"] = served
     out["server_cpu_ms_per_request"] = 1e3 * out["server_cpu_s"] / served if served else None
+    out["readers_cpu_ms_per_request"] = 1e3 * out["readers_cpu_s"] / served if served else None
     return out
 
 
@@ -594,15 +812,18 @@ def build_records(res: dict[str, Any], n_readers: int) -> list[dict[str, Any]]:
     m = c.metric
     med = c.median
     loaded, alone, single = res["loaded"], res["alone"], res["single"]
+    static = res.get("static") or []
     recs = []
     for kind, label in (("runs", "GET /api/runs"), ("big", "1M-point chart /series?width=1000")):
         for q in (50, 99):
             key = f"p{q}_ms"
             sv = single[key][kind]
+            st = f"; static server, same load: {med(p[key][kind] for p in static):.0f} ms" if static else ""
             recs.append(m(f"serve_{kind}_p{q}_ms", f"{label} p{q}, {n_readers} readers + training script", unit="ms",
                           target=None, op="<=", values=[p[key][kind] for p in loaded],
-                          baseline=f"1 reader, no training script: {sv:.1f} ms",
-                          baseline_values={"single_reader_ms": sv, "single_requests": single["requests"][kind]},
+                          baseline=f"1 reader, no training script: {sv:.1f} ms{st}",
+                          baseline_values={"single_reader_ms": sv, "single_requests": single["requests"][kind],
+                                           "static_ms": [p[key][kind] for p in static]},
                           extra={"requests_in_window": [p["requests"][kind] for p in loaded],
                                  "requests_per_s": [p["requests_per_s"][kind] for p in loaded]}))
     for kind in ("summary", "tail"):
@@ -642,9 +863,22 @@ def build_records(res: dict[str, Any], n_readers: int) -> list[dict[str, Any]]:
                          "complete": [p["read_back"]["complete"] for p in loaded + alone]}))
     ratios = [round(100 * p["values_s"] / a["values_s"], 1) for p, a in zip(loaded, alone)]
     recs.append(m("serve_writer_ratio_pct", "training script: values/s with readers / without (per repeat)", unit="%",
-                  target=None, op=">=", values=ratios,
+                  target=95.0, op=">=", values=ratios,
                   baseline=f"ratio of medians {100 * med(p['values_s'] for p in loaded) / med(a['values_s'] for a in alone):.0f} %",
                   note="100 % = the readers did not slow training"))
+    if static:
+        sr = [round(100 * p["values_s"] / a["values_s"], 1) for p, a in zip(static, alone)]
+        recs.append(m("serve_writer_static_ratio_pct", "same readers on a static server (canned answers): values/s "
+                      "/ without readers", unit="%", target=None, op=">=", values=sr,
+                      baseline=f"static server CPU {med(100 * p['server_cpu_s'] / p['wall_s'] for p in static):.1f} % "
+                               f"of a core, readers {med(100 * p['readers_cpu_s'] / p['wall_s'] for p in static):.0f} %",
+                      note="what the readers themselves (and any HTTP server at all) cost training on this machine"))
+        vs = [round(100 * p["values_s"] / q["values_s"], 1) for p, q in zip(loaded, static)]
+        recs.append(m("serve_writer_vs_static_pct", "kobo-serve's own cost: values/s with readers on kobo-serve / "
+                      "with the same readers on the static server (per repeat)", unit="%", target=95.0, op=">=",
+                      values=vs, baseline=f"alone-to-alone spread (noise): "
+                      f"{100 * min(a['values_s'] for a in alone) / max(a['values_s'] for a in alone):.0f} % of the best",
+                      note="100 % = kobo-serve costs training no more than a server that does no work"))
     eff_l = [p["values_per_writer_cpu_s"] for p in loaded if p["values_per_writer_cpu_s"]]
     eff_a = [a["values_per_writer_cpu_s"] for a in alone if a["values_per_writer_cpu_s"]]
     recs.append(m("serve_writer_per_cpu", f"training script values per CPU-second of its own, {n_readers} readers",
@@ -673,7 +907,7 @@ def build_records(res: dict[str, Any], n_readers: int) -> list[dict[str, Any]]:
                              "alone_machine_pct": [a["machine_pct"] for a in ap]}))
         pr = [round(100 * p["values_s"] / a["values_s"], 1) for p, a in zip(lp, ap)]
         recs.append(m("serve_writer_pinned_ratio_pct", "pinned: values/s with readers / without (per repeat)", unit="%",
-                      target=None, op=">=", values=pr,
+                      target=95.0, op=">=", values=pr,
                       baseline=f"ratio of medians {100 * med(p['values_s'] for p in lp) / med(a['values_s'] for a in ap):.0f} %",
                       note="with no CPU shared, what is left is interference through files/locks/I/O"))
     recs.append(m("serve_rss_peak_mb", "kobo-serve peak VmRSS (whole benchmark)", unit="MB", target=None, op="<=",
@@ -683,6 +917,17 @@ def build_records(res: dict[str, Any], n_readers: int) -> list[dict[str, Any]]:
                   baseline_values={"start_mb": res["rss_start_mb"]},
                   extra={"loaded_phase_peaks_mb": [p["server_rss_peak_mb"] for p in loaded],
                          "at_peak_kb": res.get("rss_at_peak")}))
+    if static:
+        recs.append(m("serve_cpu_ms_per_request", f"kobo-serve CPU per request, {n_readers} readers (ms)", unit="ms",
+                      target=None, op="<=", values=[p["server_cpu_ms_per_request"] for p in loaded],
+                      baseline=f"static server {med(p['server_cpu_ms_per_request'] for p in static):.2f} ms; "
+                               f"readers {med(p['readers_cpu_ms_per_request'] for p in loaded):.2f} ms per request; "
+                               f"requests/s {med(p['requests_total'] / p['window_s'] for p in loaded):.0f} (kobo-serve), "
+                               f"{med(p['requests_total'] / p['window_s'] for p in static):.0f} (static)",
+                      extra={"static": [p["server_cpu_ms_per_request"] for p in static],
+                             "readers_loaded": [p["readers_cpu_ms_per_request"] for p in loaded],
+                             "requests_per_s": [p["requests_total"] / p["window_s"] for p in loaded],
+                             "static_requests_per_s": [p["requests_total"] / p["window_s"] for p in static]}))
     cpu = [100 * p["server_cpu_s"] / p["wall_s"] for p in loaded]
     recs.append(m("serve_cpu_pct", f"kobo-serve CPU (% of one core), {n_readers} readers", unit="%", target=None,
                   op="<=", values=[round(v, 1) for v in cpu],
@@ -715,6 +960,9 @@ def build_records(res: dict[str, Any], n_readers: int) -> list[dict[str, Any]]:
 
 
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--role":  # the benchmark's own helper processes
+        {"load": load_role, "static": static_role}[sys.argv[2]](json.loads(sys.argv[3]))
+        return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 repeats of 4 s, 40 single-reader loops")
     p.add_argument("--repeats", type=int, default=None, help="repeats of the alone/loaded pair (default 5, --quick 2)")
@@ -726,6 +974,12 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the temp dir (runs, daemon log, accounts) for inspection")
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                    help="first wait up to SECONDS for the 1-min load average to fall below 0.7")
+    p.add_argument("--reader-nice", type=int, default=19, metavar="N",
+                   help="niceness of the load generator (the 50 readers' process; default 19, the lowest priority: "
+                        "the simulated browsers, which in real use run on other machines, take as little CPU from "
+                        "training as the scheduler allows)")
+    p.add_argument("--server-nice", type=int, default=10, metavar="N",
+                   help="kobo-serve --nice (default 10, its default); the static baseline server runs at the same")
     p.add_argument("--pinned", action="store_true",
                    help="also the pinned pair (training script + daemon on CPU 0, server + readers on CPU 1); "
                         "about doubles the time")
@@ -743,8 +997,9 @@ def main() -> None:
     loads: dict[str, float] = {"start": os.getloadavg()[0]}
     if loads["start"] > 1.0:
         c.log(f"!! load average {loads['start']:.2f}: other processes compete for the 2 cores")
-    res: dict[str, Any] = {"alone": [], "loaded": []}
+    res: dict[str, Any] = {"alone": [], "loaded": [], "static": []}
     server: ServerProcess | None = None
+    static: ServerProcess | None = None
     rss: c.RssSampler | None = None
     with c.IsolatedDaemon(keep=args.keep) as env:
         try:
@@ -759,8 +1014,8 @@ def main() -> None:
                                  text=True, capture_output=True, check=True, timeout=60)
             token = out.stdout.strip().splitlines()[0]
             t1 = time.perf_counter()
-            server = ServerProcess(serve_cmd("--data-dir", env.base_dir, "--config-dir", cfg, "--port", "0"),
-                                   "kobo-serve")
+            server = ServerProcess(serve_cmd("--data-dir", env.base_dir, "--config-dir", cfg, "--port", "0",
+                                             "--nice", str(args.server_nice)), "kobo-serve")
             res["server_start_s"] = time.perf_counter() - t1
             c.log(f"kobo-serve at {server.origin} (pid {server.proc.pid}, started in {res['server_start_s']:.2f} s; "
                   f"user + token {t1 - t0:.2f} s)")
@@ -784,10 +1039,24 @@ def main() -> None:
             c.log(f"1M-point chart, first request (reads the series): {res['big_cold_ms']:.0f} ms "
                   f"{res['big_cold_timing']}")
 
+            # the static baseline answers what kobo-serve answered for a finished run like the live ones
+            w = Writer("canned", env.base_dir, 3.0)
+            w.go()
+            w.result(120)
+            w.wait()
+            res["canned_bytes"] = capture_canned(server.origin, token, "canned", os.path.join(env.dir, "canned"))
+            canned = os.path.join(env.dir, "canned")
+            tail_bytes_per_row = res["canned_bytes"]["tail"] / 60_000
+            c.log(f"static baseline answers: {res['canned_bytes']} bytes")
+
             last_live = ""
-            kinds = ["alone", "loaded"] + (["alone_pinned", "loaded_pinned"] if args.pinned else [])
+            period: float | None = None
+            tail_kobo = 0.0
             for i in range(repeats):
-                order = kinds if i % 2 == 0 else [kinds[k ^ 1] for k in range(len(kinds))]
+                # the static phase follows its kobo-serve phase: it gets the same request rate
+                order = ["alone", "loaded", "static"] if i % 2 == 0 else ["loaded", "static", "alone"]
+                if args.pinned:
+                    order += ["alone_pinned", "loaded_pinned"] if i % 2 == 0 else ["loaded_pinned", "alone_pinned"]
                 for which in order:
                     run_id = f"live{i}-{which.replace('_', '-')}"
                     pinned = which.endswith("_pinned")
@@ -801,9 +1070,32 @@ def main() -> None:
                               f"{ph['values_per_writer_cpu_s'] / 1e6:.2f} M values per writer CPU-s); CPU s: writer {ph['writer_cpu_s']:.1f}, daemon "
                               f"{ph['daemon_cpu_s']:.1f}, server {ph['server_cpu_s']:.2f}, other processes {ph['others_cpu_s']:.1f}; machine "
                               f"{fmt_machine(ph['machine_pct'])}")
+                    elif which == "static":
+                        # the same request rate and tails as long as in the kobo-serve phase before it
+                        tail_rows = int(tail_kobo / tail_bytes_per_row) if tail_kobo else 60_000
+                        tail_b = capture_tail(server.origin, token, "canned", canned, tail_rows)
+                        static = ServerProcess([sys.executable, os.path.abspath(__file__), "--role", "static",
+                                                json.dumps({"dir": canned, "nice": args.server_nice})], "static-server")
+                        try:
+                            ph = loaded_phase(env, static, rss, token, run_id, duration, args.readers,
+                                              reader_nice=args.reader_nice, kobo=False, period=period)
+                        finally:
+                            static.stop()
+                            static = None
+                        ph["period_s"], ph["tail_bytes"] = period, tail_b
+                        c.log(f"{tag}, {args.readers} readers on the static server: {ph['values_s'] / 1e6:.2f} M values/s; "
+                              f"p50/p99 ms: " + ", ".join(f"{k} {ph['p50_ms'][k]:.0f}/{ph['p99_ms'][k]:.0f}"
+                                                          for k in KINDS if ph["requests"][k])
+                              + f"; {ph['requests_total']} requests; CPU s: static server {ph['server_cpu_s']:.2f}, readers "
+                              f"{ph['readers_cpu_s']:.1f}, writer {ph['writer_cpu_s']:.1f}, daemon {ph['daemon_cpu_s']:.1f}, "
+                              f"other processes {ph['others_cpu_s']:.1f}; errors {ph['errors']}")
                     else:
-                        ph = loaded_phase(env, server, rss, token, run_id, duration, args.readers, pinned)
+                        ph = loaded_phase(env, server, rss, token, run_id, duration, args.readers, pinned,
+                                          reader_nice=args.reader_nice)
                         last_live = run_id
+                        if not pinned and ph["requests"]["runs"]:  # one run-list request per loop
+                            period = args.readers * ph["window_s"] / ph["requests"]["runs"]
+                            tail_kobo = ph["mean_bytes"]["tail"]
                         c.log(f"{tag}, {args.readers} readers: {ph['values_s'] / 1e6:.2f} M values/s "
                               f"({ph['read_back']['values']:,} values in {ph['writer']['elapsed_s']:.2f} s, flush "
                               f"{ph['writer']['flush_s']:.2f} s, client queue peak {ph['writer']['peak_queue']:,}, "
@@ -837,6 +1129,8 @@ def main() -> None:
                 rss.__exit__(None, None, None)
                 res["rss_peak_mb"] = rss.peak_mb
                 res["rss_at_peak"] = rss.at_peak
+            if static is not None:
+                static.stop()
             if server is not None:
                 server.stop()
                 res["server_log_lines"] = len(server.lines)

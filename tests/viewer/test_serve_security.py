@@ -55,9 +55,10 @@ def team(viewer_runs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     assert r.returncode == 0, r.stderr
     token = cli(config, "token", "create", "alice", "--label", "ci").stdout.strip()
     assert token.startswith("kobo_")
+    token2 = cli(config, "token", "create", "alice", "--label", "raw").stdout.strip()
     server = Server(data, config, "--session-idle", "3")
     try:
-        yield {"server": server, "config": config, "data": data, "token": token}
+        yield {"server": server, "config": config, "data": data, "token": token, "token2": token2}
     finally:
         server.stop()
 
@@ -222,6 +223,12 @@ def test_no_cors_headers(team):
     "/static/..%2F..%2F..%2Fetc%2Fpasswd",
     "/static/%2E%2E/app.py",
     "/static/%252E%252E/app.py",
+    "/media/default/rich/" + "0" * 64 + ".png",  # a well-formed hash the run's media table does not hold
+    "/api/events?runs=..%2F..%2Fetc",
+    "/api/events?runs=default/..",
+    "/api/events?runs=%2Fetc/passwd",
+    "/api/events?runs=default/escape",
+    "/api/events?runs=default/%2E%2E%2F%2E%2E",
 ])
 def test_traversal_in_every_path_parameter(team, url):
     with team["server"].client() as c:
@@ -230,6 +237,81 @@ def test_traversal_in_every_path_parameter(team, url):
         assert r.status_code in (400, 404), (url, r.status_code)
         no_leak(r)
         assert "def create_app" not in r.text
+
+
+RAW_TRAVERSALS = [
+    "/api/runs/../../etc/passwd",
+    "/api/runs/default/../../../etc",
+    "/api/runs/default/rich/../../../../etc/passwd/series?metric=loss",
+    "/api/runs/default/escape/logs",
+    "/media/default/rich/../../../../etc/passwd",
+    "/media/../../etc/passwd/x.png",
+    "/static/../app.py",
+    "/static/../../viewer/app.py",
+    "/static//etc/passwd",
+    "/api/events?runs=../../etc",
+]
+
+
+def raw_get(origin: str, target: str, token: str) -> tuple[int, str]:
+    """GET ``target`` exactly as written (an HTTP client would remove the dot segments first)."""
+    import socket
+
+    host, port = origin.rsplit("/", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode(errors="replace")
+
+
+@pytest.mark.parametrize("target", RAW_TRAVERSALS)
+def test_literal_dot_segments_sent_as_is(team, target):
+    status, body = raw_get(team["server"].origin, target, team["token2"])
+    assert status in (400, 404), (target, status, body[:200])
+    for secret in ("TOPSECRET", "root:x:", "def create_app", "epoch 0 starting"):
+        assert secret not in body, (target, secret)
+
+
+def test_https_cookie_is_secure_host_prefixed_and_http_origins_are_refused(tmp_path, viewer_runs):
+    """Under --certfile/--keyfile the session cookie is `__Host-` and `Secure`, and an http:// Origin is cross-origin."""
+    import ssl
+
+    if not shutil.which("openssl"):
+        pytest.skip("no openssl to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    data = tmp_path / "data"
+    shutil.copytree(viewer_runs / "default" / "ddp", data / "default" / "ddp")
+    config = tmp_path / "config"
+    assert cli(config, "user", "add", "erin", "--password-stdin", stdin=PASSWORD + "\n").returncode == 0
+    s = Server(data, config, "--certfile", str(cert), "--keyfile", str(key))
+    try:
+        assert s.origin.startswith("https://127.0.0.1:")
+        with httpx.Client(base_url=s.origin, verify=ssl.create_default_context(cafile=str(cert)), timeout=20) as c:
+            csrf = c.get("/api/session").json()["csrf"]
+            plain = s.origin.replace("https://", "http://")
+            r = c.post("/api/login", json={"user": "erin", "password": PASSWORD},
+                       headers={"x-kobo-csrf": csrf, "origin": plain})
+            assert r.status_code == 403  # an http:// page is not this https:// origin
+            r = login(c, "erin")
+            assert r.status_code == 200
+            cookie = r.headers["set-cookie"]
+            assert cookie.startswith("__Host-kobo_session=")
+            for attr in ("Secure", "HttpOnly", "SameSite=Strict", "Path=/"):
+                assert attr in cookie.split("; "), cookie
+            assert "Domain=" not in cookie
+            assert c.get("/api/runs").json()["total"] == 1
+        with httpx.Client(base_url=s.origin.replace("https://", "http://"), timeout=5) as c:
+            with pytest.raises(httpx.HTTPError):
+                c.get("/api/runs")  # no plain HTTP on the TLS port
+    finally:
+        s.stop()
 
 
 def test_a_project_the_user_may_not_see_is_like_one_that_does_not_exist(team):
