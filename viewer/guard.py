@@ -9,10 +9,10 @@ would end in ``EMFILE`` for everyone.  :func:`guarded_protocol` makes a
 subclass of uvicorn's HTTP protocol that adds:
 
 * **request timeout**: a request (head and body) must have arrived within
-  ``request_timeout`` s of the connection opening or of the previous response
-  ending; otherwise the connection is closed (uvicorn closes idle keep-alive
-  connections after ``timeout_keep_alive``, but not a fresh connection that
-  never sends, nor one that trickles);
+  ``request_timeout`` s of the connection opening, or of the end of the keep-alive
+  wait after the previous response; otherwise the connection is closed (uvicorn
+  closes idle keep-alive connections after ``timeout_keep_alive``, but not a fresh
+  connection that never sends, nor one that trickles);
 * **send timeout**: a connection whose writes stay blocked (the client does
   not read; the kernel's and asyncio's buffers are full) for ``send_timeout``
   s is aborted, which frees the response held for it (as nginx's
@@ -31,6 +31,7 @@ from typing import Any
 log = logging.getLogger("kohakuboard.serve")
 
 REQUEST_TIMEOUT_S = 15.0
+KEEP_ALIVE_S = 30.0  # uvicorn's timeout_keep_alive for kobo-serve (its default, 5 s, races clients that pause)
 SEND_TIMEOUT_S = 60.0
 MAX_CONNECTIONS = 1000
 MAX_PER_CLIENT = 128
@@ -62,8 +63,13 @@ def fit_to_fd_limit(max_connections: int) -> int:
 
 
 def guarded_protocol(request_timeout: float = REQUEST_TIMEOUT_S, send_timeout: float = SEND_TIMEOUT_S,
-                     max_connections: int = MAX_CONNECTIONS, max_per_client: int = MAX_PER_CLIENT) -> type:
-    """A uvicorn HTTP protocol class (for ``uvicorn.Config(http=...)``) with the limits above."""
+                     max_connections: int = MAX_CONNECTIONS, max_per_client: int = MAX_PER_CLIENT,
+                     keep_alive: float = KEEP_ALIVE_S) -> type:
+    """A uvicorn HTTP protocol class (for ``uvicorn.Config(http=...)``) with the limits above.
+
+    ``keep_alive`` is the ``timeout_keep_alive`` uvicorn runs with: after a response, a
+    connection may stay idle that long, and then has ``request_timeout`` more to send its request.
+    """
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     per_client: dict[str, int] = {}
@@ -108,11 +114,12 @@ def guarded_protocol(request_timeout: float = REQUEST_TIMEOUT_S, send_timeout: f
 
         # ------------------------------------------------ request timeout
 
-        def _kobo_arm_request_timer(self) -> None:
+        def _kobo_arm_request_timer(self, after_response: bool = False) -> None:
             if self._kobo_request_timer is not None:
                 self._kobo_request_timer.cancel()
             self._kobo_armed_cycle = self.cycle
-            self._kobo_request_timer = self.loop.call_later(request_timeout, self._kobo_request_timed_out)
+            delay = request_timeout + (keep_alive if after_response else 0.0)
+            self._kobo_request_timer = self.loop.call_later(delay, self._kobo_request_timed_out)
 
         def _kobo_request_timed_out(self) -> None:
             self._kobo_request_timer = None
@@ -128,7 +135,7 @@ def guarded_protocol(request_timeout: float = REQUEST_TIMEOUT_S, send_timeout: f
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if not self.transport.is_closing() and not getattr(self, "pipeline", None):
-                self._kobo_arm_request_timer()
+                self._kobo_arm_request_timer(after_response=True)
 
         # ------------------------------------------------ send timeout
 

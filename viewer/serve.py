@@ -128,10 +128,12 @@ def _run(app: Any, base_dir: str, host: str, port: int, token: str | None, base_
     sys.stdout.flush()
     extra: dict[str, Any] = {}
     if limits is not None:  # kobo-serve: bounded connections (see .guard)
-        from .guard import MAX_CONNECTIONS, fit_to_fd_limit, guarded_protocol
+        from .guard import KEEP_ALIVE_S, MAX_CONNECTIONS, fit_to_fd_limit, guarded_protocol
 
         limits = dict(limits, max_connections=fit_to_fd_limit(limits.get("max_connections", MAX_CONNECTIONS)))
+        limits.setdefault("keep_alive", KEEP_ALIVE_S)
         extra["http"] = guarded_protocol(**limits)
+        extra["timeout_keep_alive"] = limits["keep_alive"]
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=2,
                             lifespan="off", ssl_certfile=certfile, ssl_keyfile=keyfile, server_header=False, **extra)
     server = uvicorn.Server(config)

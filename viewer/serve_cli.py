@@ -229,6 +229,8 @@ def _version() -> str:
 @click.option("--request-timeout", default=15, show_default=True, type=click.FloatRange(0.5, 3600), metavar="SECONDS",
               help="Close a connection whose request has not fully arrived this long after it opened (or after "
                    "the previous response): slowloris and idle sockets.")
+@click.option("--keep-alive", default=30, show_default=True, type=click.FloatRange(1, 3600), metavar="SECONDS",
+              help="How long a connection may stay idle between requests.")
 @click.option("--send-timeout", default=60, show_default=True, type=click.FloatRange(0.5, 86400), metavar="SECONDS",
               help="Abort a connection that has read nothing of its response for this long.")
 @click.option("--max-connections", default=1000, show_default=True, type=click.IntRange(1, 1_000_000),
@@ -240,8 +242,8 @@ def _version() -> str:
 @click.pass_context
 def main(ctx: click.Context, data_dir: str | None, host: str, port: int, certfile: str | None, keyfile: str | None,
          base_url: str, allowed_hosts: tuple[str, ...], config_dir: str | None, browser: bool, log_level: str,
-         session_idle: int, session_max: int, niceness: int, request_timeout: float, send_timeout: float,
-         max_connections: int, max_connections_per_client: int) -> None:
+         session_idle: int, session_max: int, niceness: int, request_timeout: float, keep_alive: float,
+         send_timeout: float, max_connections: int, max_connections_per_client: int) -> None:
     """Serve the KohakuBoard viewer over DATA_DIR to a team, behind accounts.
 
     \b
@@ -268,7 +270,7 @@ def main(ctx: click.Context, data_dir: str | None, host: str, port: int, certfil
                    allowed_hosts=tuple(allowed_hosts), accounts=accounts, open_browser=browser,
                    echo=click.echo, log_level=log_level.lower(), session_idle=session_idle,
                    session_max=session_max, niceness=niceness,
-                   limits={"request_timeout": request_timeout, "send_timeout": send_timeout,
+                   limits={"request_timeout": request_timeout, "send_timeout": send_timeout, "keep_alive": keep_alive,
                            "max_connections": max_connections, "max_per_client": max_connections_per_client})
     except ServeError as exc:
         raise Refused(str(exc)) from exc

@@ -26,6 +26,7 @@ from .conftest import ServerProcess
 PASSWORD = "correct horse battery"
 REQUEST_TIMEOUT = 2  # the server's --request-timeout here (default 15)
 SEND_TIMEOUT = 3  # --send-timeout (default 60)
+KEEP_ALIVE = 1  # --keep-alive (default 30)
 PER_CLIENT = 40  # --max-connections-per-client (default 128)
 BOUND_S = 2.0  # every authenticated request must answer within this, whatever the attackers do
 # the hostile clients' source addresses (all of 127/8 is loopback on Linux); the readers come from 127.0.0.1
@@ -49,6 +50,7 @@ def server(viewer_runs: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     s = ServerProcess([sys.executable, "-m", "kohakuboard.viewer.serve_cli", "--data-dir", str(data),
                        "--config-dir", str(config), "--port", "0", "--nice", "0",
                        "--request-timeout", str(REQUEST_TIMEOUT), "--send-timeout", str(SEND_TIMEOUT),
+                       "--keep-alive", str(KEEP_ALIVE),
                        "--max-connections-per-client", str(PER_CLIENT)])
     try:
         yield {"server": s, "token": token, "port": int(s.origin.rsplit(":", 1)[1])}
@@ -140,7 +142,7 @@ def test_slow_readers_slowloris_and_idle_connections_do_not_stall_other_readers(
 
     # clients that ask for big answers and never read them: a 1M-row CSV export (~20 MB), an SSE stream
     stuck_csv = []
-    for _ in range(3):
+    for _ in range(2):
         sock = connect(port, STUCK, rcvbuf=4096)
         sock.sendall(head("/api/runs/default/spikes/series.csv?metric=loss", token))
         stuck_csv.append(sock)
@@ -149,8 +151,12 @@ def test_slow_readers_slowloris_and_idle_connections_do_not_stall_other_readers(
         sock = connect(port, STUCK, rcvbuf=4096)
         sock.sendall(head("/api/events?runs=default/rich", token))
         stuck_sse.append(sock)
-    # slowloris: a request head sent a byte at a time, never finished
+    # slowloris: a request head sent a byte at a time, never finished; half of them on a connection
+    # kept alive after a first, complete request
     loris = [connect(port, LORIS) for _ in range(10)]
+    for sock in loris[5:]:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
     # idle connections that never send a byte: 20 more than one client address may hold
     idle = [connect(port, IDLE) for _ in range(PER_CLIENT + 20)]
     time.sleep(0.5)
@@ -183,10 +189,11 @@ def test_slow_readers_slowloris_and_idle_connections_do_not_stall_other_readers(
     t0 = time.monotonic()
     try:
         with Readers(origin, token) as readers:
-            time.sleep(REQUEST_TIMEOUT + SEND_TIMEOUT + 1)
+            time.sleep(max(KEEP_ALIVE + REQUEST_TIMEOUT, SEND_TIMEOUT) + 2)
         readers.check(min_requests=10)
         # the server ended the hostile connections by itself: slowloris and idle ones after the
-        # request timeout, the unread CSV exports after the send timeout (a reset: aborted)
+        # request timeout (the kept-alive ones after the keep-alive wait and the request timeout),
+        # the unread CSV exports after the send timeout (a reset: aborted)
         assert all(closed_by_server(s, 0.5) for s in loris), "slowloris connections still open"
         assert all(closed_by_server(s, 0.5) for s in idle), "idle connections still open"
         assert all(closed_by_server(s, 3.0) for s in stuck_csv), "clients that read nothing still connected"
