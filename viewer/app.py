@@ -2,8 +2,8 @@
 
 Routes and their responses are documented in ``docs/viewer-api.md``.  Every
 read of a run (SQLite, KohakuVault, media files, numpy work) runs in a worker
-thread (``asyncio.to_thread``), so a slow request never stalls the others or
-the live stream.  The app never opens a run for writing.
+thread (:mod:`.reads`: a few at a time per run), so a slow request or a run whose
+files hang never stalls the others or the live stream.  The app never opens a run for writing.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from . import reduce as R
 from .auth import AuthMiddleware
 from .index import BadName, NotFound, RunIndex, filter_runs, shown_status
 from .live import LiveHub
+from .reads import RunReads
 
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
 HISTOGRAM_FILES = set(fmt.HISTOGRAM_FILES.values())
@@ -574,8 +575,10 @@ def build_app(base_dir: str) -> Starlette:
     viewer = Viewer(base_dir)
     hub = LiveHub(viewer.watch, viewer.index.signature)
 
+    reads = RunReads()  # worker threads, a few per run: a run whose files hang keeps only its own
+
     async def run_blocking(fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.to_thread(fn, *args)
+        return await reads.run(fn, *args)
 
     def handler(fn: Callable[[Request], Any]) -> Callable[[Request], Any]:
         async def wrapped(request: Request) -> Response:

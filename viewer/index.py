@@ -16,7 +16,9 @@ from __future__ import annotations
 import math
 import os
 import re
+import concurrent.futures
 import sqlite3
+import stat
 import threading
 import time
 import urllib.parse
@@ -68,6 +70,12 @@ class RunEntry:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def _regular(path: str) -> None:
+    """OSError unless ``path`` is a regular file (a FIFO or a device in a run folder would block a read forever)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f"{os.path.basename(path)} is not a regular file")
+
+
 def _db_facts(path: str) -> dict[str, Any]:
     """Last step, ranks, drops and last commit time from ``data/metadata.db``, read-only."""
     db_path = os.path.join(path, fmt.METADATA_DB)
@@ -75,6 +83,7 @@ def _db_facts(path: str) -> dict[str, Any]:
                              "dropped_calls": 0, "dropped_values": 0, "last_commit": None}
     if not os.path.exists(db_path):
         return facts
+    _regular(db_path)
     # immutable=1 when nobody writes the file (no -wal): nothing is created in the run.
     live = os.path.exists(db_path + "-wal")
     uri = f"file:{urllib.parse.quote(db_path)}?mode=ro" + ("" if live else "&immutable=1")
@@ -106,6 +115,7 @@ def _run_info(entry: RunEntry) -> dict[str, Any]:
                             "world_size": None, "dropped_calls": 0, "dropped_values": 0, "last_commit": None,
                             "config": {}, "error": None}
     try:
+        _regular(os.path.join(entry.path, fmt.METADATA_JSON))
         meta = fmt.read_json(os.path.join(entry.path, fmt.METADATA_JSON))
     except (OSError, ValueError) as exc:
         info["error"] = f"cannot read metadata.json: {exc}"
@@ -130,6 +140,15 @@ def _run_info(entry: RunEntry) -> dict[str, Any]:
     return info
 
 
+def _unreadable(name: tuple[str, str], error: str) -> dict[str, Any]:
+    """The summary line of a run that could not be read (yet)."""
+    return {"project": name[0], "run_id": name[1], "name": name[1], "annotation": None, "status": "?",
+            "created_at": None, "finished_at": None, "duration": None, "last_step": None, "last_global_step": None,
+            "num_ranks": 0, "world_size": None, "dropped_calls": 0, "dropped_values": 0, "last_commit": None,
+            "config": {}, "error": error}
+
+
+INFO_WAIT_S = 2.0  # how long a listing waits for the summary lines it has to read again
 LIVE_COMMIT_S = 120.0
 
 
@@ -170,6 +189,11 @@ class RunIndex:
         self._lock = threading.Lock()
         self._projects: dict[str, tuple[int, list[str]]] = {}  # project -> (dir mtime_ns, run ids)
         self._runs: dict[tuple[str, str], RunEntry] = {}
+        # summary lines being read: (project, run_id, key) -> future; read by their own threads, outside
+        # the lock, so a run whose files hang (a stale network mount) delays nobody but itself
+        # (at most one read per run at a time: a hung one does not pile up threads)
+        self._reading: dict[tuple[str, str], tuple[tuple[Any, ...], concurrent.futures.Future[dict[str, Any]]]] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kobo-index")
 
     def _inside(self, path: str) -> bool:
         real = os.path.realpath(path)
@@ -204,35 +228,66 @@ class RunIndex:
         return [n for n in names if NAME_RE.match(n) and n not in (".", "..")
                 and os.path.isdir(os.path.join(self.base_dir, n)) and self._inside(os.path.join(self.base_dir, n))]
 
-    def _entry(self, project: str, run_id: str) -> RunEntry:
+    def _key(self, project: str, run_id: str) -> tuple[Any, ...]:
         path = os.path.join(self.base_dir, project, run_id)
-        key = (
+        return (
             _stat_key(os.path.join(path, fmt.METADATA_JSON)),
             _stat_key(os.path.join(path, fmt.METADATA_DB)),
             _stat_key(os.path.join(path, fmt.METADATA_DB) + "-wal"),
         )
-        entry = self._runs.get((project, run_id))
-        if entry is None or entry.key != key:
-            entry = RunEntry(project, run_id, path, key)
-            entry.info = _run_info(entry)
-            self._runs[(project, run_id)] = entry
-        return entry
+
+    def _infos(self, names: list[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
+        """The summary lines of ``names``: cached ones at once, changed ones read in the index's
+        threads for up to :data:`INFO_WAIT_S` (all together); a run still being read after that is
+        shown with an error for now (its read goes on, and a later listing takes its result)."""
+        with self._lock:
+            out: dict[tuple[str, str], dict[str, Any]] = {}
+            todo: dict[tuple[str, str], tuple[tuple[Any, ...], concurrent.futures.Future[dict[str, Any]]]] = {}
+            for name in names:
+                key = self._key(*name)
+                entry = self._runs.get(name)
+                if entry is not None and entry.key == key:
+                    out[name] = entry.info
+                    continue
+                reading = self._reading.get(name)
+                if reading is None or (reading[0] != key and reading[1].done()):
+                    fresh = RunEntry(name[0], name[1], os.path.join(self.base_dir, *name), key)
+                    reading = self._reading[name] = (key, self._pool.submit(_run_info, fresh))
+                todo[name] = reading
+        if todo:
+            concurrent.futures.wait([f for _, f in todo.values()], timeout=INFO_WAIT_S)
+        with self._lock:
+            for name, (key, fut) in todo.items():
+                if not fut.done():
+                    out[name] = _unreadable(name, f"reading its files took over {INFO_WAIT_S:g} s (a hung file system?)")
+                    continue
+                if self._reading.get(name) == (key, fut):
+                    del self._reading[name]
+                try:
+                    info = fut.result()
+                except Exception as exc:  # whatever a broken run raises stays with that run
+                    info = _unreadable(name, f"cannot read: {exc}")
+                self._runs[name] = RunEntry(name[0], name[1], os.path.join(self.base_dir, *name), key, info)
+                out[name] = info
+        return out
 
     def runs(self) -> list[dict[str, Any]]:
         """Every run's summary line, newest first."""
         with self._lock:
-            seen = set()
-            out = []
-            for project in self.projects():
-                for run_id in self._project_runs(project):
-                    seen.add((project, run_id))
-                    info = self._entry(project, run_id).info
-                    if info.get("stored_status") == fmt.STATUS_RUNNING:  # may go stale with no file changing
-                        info = dict(info, status=shown_status(os.path.join(self.base_dir, project, run_id),
-                                                              fmt.STATUS_RUNNING, info.get("last_commit")))
-                    out.append(info)
-            for gone in set(self._runs) - seen:
+            names = [(project, run_id) for project in self.projects() for run_id in self._project_runs(project)]
+            for gone in set(self._runs) - set(names):
                 del self._runs[gone]
+            listed = set(names)
+            for gone in [n for n, (_, f) in self._reading.items() if n not in listed and f.done()]:
+                del self._reading[gone]
+        infos = self._infos(names)
+        out = []
+        for project, run_id in names:
+            info = infos[(project, run_id)]
+            if info.get("stored_status") == fmt.STATUS_RUNNING:  # may go stale with no file changing
+                info = dict(info, status=shown_status(os.path.join(self.base_dir, project, run_id),
+                                                      fmt.STATUS_RUNNING, info.get("last_commit")))
+            out.append(info)
         out.sort(key=lambda r: (r["created_at"] or 0.0, r["project"], r["run_id"]), reverse=True)
         return out
 
@@ -253,13 +308,15 @@ class RunIndex:
         path = os.path.join(self.base_dir, project, run_id)
         if not self._inside(path):
             raise NotFound(f"run {project}/{run_id} resolves outside {self.base_dir}")
+        for name in (fmt.METADATA_JSON, fmt.METADATA_DB):  # a FIFO there would hang whoever opens it
+            if os.path.lexists(os.path.join(path, name)):
+                _regular(os.path.join(path, name))
         return path
 
     def info(self, project: str, run_id: str) -> dict[str, Any]:
         """One run's summary line (cached like the listing's)."""
         self.resolve(project, run_id)
-        with self._lock:
-            return self._entry(project, run_id).info
+        return self._infos([(project, run_id)])[(project, run_id)]
 
     def signature(self) -> tuple[Any, ...]:
         """Changes when a run appears, disappears or changes status (for the live run list)."""

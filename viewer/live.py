@@ -43,7 +43,7 @@ class LiveHub:
         self._topics: dict[tuple[str, str], _Topic] = {}
         self.polls = 0  # reads made, for tests and the benchmark
         # Its own threads: polls keep their pace when page requests fill the default pool.
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="kobo-live")
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="kobo-live")  # a hung run holds one
 
     def _publish(self, topic: _Topic, value: Any) -> None:
         topic.last = value

@@ -9,6 +9,7 @@ timeout, send timeout, connections per client address).
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -208,3 +209,62 @@ def test_slow_readers_slowloris_and_idle_connections_do_not_stall_other_readers(
         assert c.get("/api/runs").json()["total"] == 2
     print(f"{len(readers.times)} requests in {time.monotonic() - t0:.1f} s, max "
           f"{max(s for _, s in readers.times) * 1e3:.0f} ms")
+
+
+def test_a_run_whose_files_hang_stalls_only_itself(viewer_runs, tmp_path):
+    """A run whose files block every read (FIFOs: as a stale network mount behaves) costs the others nothing:
+    ten requests hang on it, more than the threads it may hold, while the run list and the other runs answer."""
+    data = tmp_path / "data"
+    for run in ("ddp", "hang", "fifo"):
+        shutil.copytree(viewer_runs / "default" / "ddp", data / "default" / run)
+    hang_db = data / "default" / "hang" / "data" / "metrics" / "scalars.db"
+    fifo_db = data / "default" / "fifo" / "data" / "metadata.db"
+    for p in (hang_db, fifo_db):
+        p.unlink()
+        os.mkfifo(p)
+    config = tmp_path / "config"
+    assert cli(config, "user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n").returncode == 0
+    token = cli(config, "token", "create", "alice").stdout.strip()
+    s = ServerProcess([sys.executable, "-m", "kohakuboard.viewer.serve_cli", "--data-dir", str(data),
+                       "--config-dir", str(config), "--port", "0", "--nice", "0"])
+    hung: list[threading.Thread] = []
+    try:
+        auth = {"authorization": f"Bearer {token}"}
+
+        def stuck(url: str) -> None:
+            with httpx.Client(base_url=s.origin, headers=auth, timeout=8) as c:
+                try:
+                    c.get(url)
+                except httpx.HTTPError:
+                    pass
+
+        for i in range(10):
+            url = ["/api/runs/default/hang", "/api/runs/default/hang/series?metric=loss"][i % 2]
+            hung.append(threading.Thread(target=stuck, args=(url,), daemon=True))
+            hung[-1].start()
+        time.sleep(1.0)
+        with httpx.Client(base_url=s.origin, headers=auth, timeout=10) as c:
+            for _ in range(5):
+                t0 = time.perf_counter()
+                runs = c.get("/api/runs")
+                summary = c.get("/api/runs/default/ddp")
+                chart = c.get("/api/runs/default/ddp/series?metric=loss&width=100")
+                took = time.perf_counter() - t0
+                assert runs.status_code == summary.status_code == chart.status_code == 200
+                assert took < BOUND_S, f"the other runs waited {took:.1f} s"
+            listed = {r["run_id"]: r for r in runs.json()["runs"]}
+            assert set(listed) == {"ddp", "hang", "fifo"}
+            assert "not a regular file" in listed["fifo"]["error"]
+            r = c.get("/api/runs/default/fifo")  # refused at once, not hung
+            assert r.status_code == 500 and "not a regular file" in r.text
+        assert all(t.is_alive() for t in hung), "the hung run's requests should still be waiting"
+    finally:
+        for p in (hang_db,):  # let the blocked opens return, so that the server can stop
+            for _ in range(20):
+                try:
+                    os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:
+                    break
+        s.stop()
+        for t in hung:
+            t.join(10)
