@@ -288,6 +288,13 @@ def read_back(path: str, calls: int) -> dict[str, Any]:
 # ------------------------------------------------------------- readers
 
 
+def in_server(timing: dict[str, float]) -> float:
+    """ms a series request spent in the server's worker: read + reduce, or the answer-cache lookup."""
+    if "cache" in timing:
+        return timing["cache"]
+    return timing.get("read", float("nan")) + timing.get("reduce", 0.0)
+
+
 def series_header(body: bytes) -> dict[str, Any]:
     (h,) = struct.unpack_from("<I", body, 0)
     return json.loads(body[4:4 + h])
@@ -755,7 +762,9 @@ def loaded_phase(env: c.IsolatedDaemon, server: ServerProcess, rss: c.RssSampler
         "p99_ms": {k: c.percentile(v, 99) for k, v in lat.items()},
         "requests": {k: len(v) for k, v in lat.items()},
         "requests_per_s": {k: len(v) / (t1 - t0) for k, v in lat.items()},
-        "server_timing_median_ms": {k: {f: c.median(t.get(f, float("nan")) for t in v) for f in ("read", "reduce")}
+        "server_timing_median_ms": {k: {**{f: c.median(t.get(f, float("nan")) for t in v) for f in ("read", "reduce")},
+                                        "in_server": c.median(in_server(t) for t in v),
+                                        "cached_pct": 100 * sum("cache" in t for t in v) / len(v)}
                                     for k, v in timing.items() if v},
         "bytes": seen["bytes"], "bytes_sum": seen["bytes_sum"],
         "mean_bytes": {k: seen["bytes_sum"].get(k, 0) / max(1, sum(1 for *_, kind in seen["requests"] if kind == k))
@@ -792,7 +801,8 @@ def single_reader(server: ServerProcess, token: str, live: str, loops: int) -> d
         "lat_ms": lat, "p50_ms": {k: c.percentile(v, 50) for k, v in lat.items()},
         "p99_ms": {k: c.percentile(v, 99) for k, v in lat.items()},
         "requests": {k: len(v) for k, v in lat.items()}, "errors": len(rec.errors), "error_samples": rec.errors[:10],
-        "server_timing_big_median_ms": {f: c.median(t.get(f, float("nan")) for t in big_timing) for f in ("read", "reduce")},
+        "server_timing_big_median_ms": {"in_server": c.median(in_server(t) for t in big_timing) if big_timing else float("nan"),
+                                        "cached_pct": 100 * sum("cache" in t for t in big_timing) / max(1, len(big_timing))},
         "server_cpu_s": None if cpu0 is None or cpu1 is None else cpu1 - cpu0, "wall_s": wall,
         "server_cpu_ms_per_request": None if cpu0 is None or cpu1 is None else
         1e3 * (cpu1 - cpu0) / max(1, sum(len(v) for v in lat.values())),
@@ -836,10 +846,10 @@ def build_records(res: dict[str, Any], n_readers: int) -> list[dict[str, Any]]:
                       extra={"p99_ms": [p["p99_ms"][kind] for p in loaded],
                              "requests_per_s": [p["requests_per_s"][kind] for p in loaded]}))
     big_t = [p["server_timing_median_ms"].get("big", {}) for p in loaded]
-    recs.append(m("serve_big_server_ms", "1M-point chart: read + reduce inside the server (Server-Timing), loaded",
+    recs.append(m("serve_big_server_ms", "1M-point chart: time in the server's worker (read + reduce, or the answer cache; Server-Timing), loaded",
                   unit="ms", target=None, op="<=",
-                  values=[t.get("read", float("nan")) + t.get("reduce", float("nan")) for t in big_t],
-                  baseline="1 reader: {:.1f} ms".format(sum(single["server_timing_big_median_ms"].values())),
+                  values=[t.get("in_server", float("nan")) for t in big_t],
+                  baseline="1 reader: {:.1f} ms".format(single["server_timing_big_median_ms"]["in_server"]),
                   extra={"per_repeat": big_t, "single": single["server_timing_big_median_ms"]},
                   note="client p50 minus this = waiting (server event loop, worker threads, this process's loop)"))
     ev = [med(p["sse_events"]) for p in loaded]
