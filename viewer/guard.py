@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import time
 from typing import Any
 
 log = logging.getLogger("kohakuboard.serve")
@@ -36,6 +37,26 @@ SEND_TIMEOUT_S = 60.0
 MAX_CONNECTIONS = 1000
 MAX_PER_CLIENT = 128
 FD_HEADROOM = 256  # descriptors kept for the run files, the accounts file and the worker threads
+
+class _Quiet:
+    """At most one log line per kind every :data:`LOG_EVERY_S`, with how many were folded into it
+    (a flood of connections must not become a flood of journal lines)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._folded: dict[str, int] = {}
+
+    def __call__(self, level: int, kind: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -LOG_EVERY_S) < LOG_EVERY_S:
+            self._folded[kind] = self._folded.get(kind, 0) + 1
+            return
+        folded = self._folded.pop(kind, 0)
+        self._last[kind] = now
+        log.log(level, msg + (f" (and {folded} more like it in the last {LOG_EVERY_S:g} s)" if folded else ""), *args)
+
+
+LOG_EVERY_S = 10.0
 
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
          b"retry-after: 5\r\nconnection: close\r\ncontent-length: 30\r\n\r\ntoo many connections: try again")
@@ -74,6 +95,7 @@ def guarded_protocol(request_timeout: float = REQUEST_TIMEOUT_S, send_timeout: f
 
     per_client: dict[str, int] = {}
     total = [0]
+    quiet = _Quiet()
 
     class GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         _kobo_counted: str | None = None
@@ -86,9 +108,9 @@ def guarded_protocol(request_timeout: float = REQUEST_TIMEOUT_S, send_timeout: f
             addr = self.client[0] if self.client else "?"
             n = per_client.get(addr, 0)
             if total[0] >= max_connections or n >= max_per_client:
-                log.warning("refused a connection from %s: %s", addr,
-                            f"{n} open from that address (--max-connections-per-client {max_per_client})"
-                            if n >= max_per_client else f"{total[0]} open (--max-connections {max_connections})")
+                quiet(logging.WARNING, "refused", "refused a connection from %s: %s", addr,
+                      f"{n} open from that address (--max-connections-per-client {max_per_client})"
+                      if n >= max_per_client else f"{total[0]} open (--max-connections {max_connections})")
                 transport.write(_BUSY)
                 transport.close()
                 return
@@ -128,8 +150,8 @@ def guarded_protocol(request_timeout: float = REQUEST_TIMEOUT_S, send_timeout: f
             if not waiting and not getattr(cycle, "more_body", False):
                 return  # the request is in; its response is the app's (and the send timeout's) business
             if not self.transport.is_closing():
-                log.info("closed a connection from %s: no complete request within %g s",
-                         self.client[0] if self.client else "?", request_timeout)
+                quiet(logging.INFO, "request", "closed a connection from %s: no complete request in time "
+                      "(--request-timeout %g)", self.client[0] if self.client else "?", request_timeout)
                 self.transport.close()
 
         def on_response_complete(self) -> None:
@@ -153,8 +175,8 @@ def guarded_protocol(request_timeout: float = REQUEST_TIMEOUT_S, send_timeout: f
         def _kobo_send_timed_out(self) -> None:
             self._kobo_send_timer = None
             if self.flow.write_paused:
-                log.info("aborted a connection from %s: it read nothing for %g s",
-                         self.client[0] if self.client else "?", send_timeout)
+                quiet(logging.INFO, "send", "aborted a connection from %s: it read nothing for %g s "
+                      "(--send-timeout)", self.client[0] if self.client else "?", send_timeout)
                 self.transport.abort()
 
     GuardedProtocol.__name__ = GuardedProtocol.__qualname__ = f"Guarded{AutoHTTPProtocol.__name__}"
