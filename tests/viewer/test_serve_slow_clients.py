@@ -270,3 +270,45 @@ def test_a_run_whose_files_hang_stalls_only_itself(viewer_runs, tmp_path):
         s.stop()
         for t in hung:
             t.join(10)
+
+
+def test_connection_cap_in_total_and_the_open_files_limit(viewer_runs, tmp_path):
+    """--max-connections: one more connection is answered 503 at once, and a slot freed is taken again;
+    a server started with a soft open-files limit of 256 (systemd gives 1024) raises it to fit its cap."""
+    import resource
+
+    data = tmp_path / "data"
+    shutil.copytree(viewer_runs / "default" / "ddp", data / "default" / "ddp")
+    config = tmp_path / "config"
+    assert cli(config, "user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n").returncode == 0
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 2000:
+        pytest.skip(f"hard open-files limit {hard}")
+    s = ServerProcess([sys.executable, "-c", "import resource, runpy, sys; "
+                       "resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
+                       "sys.argv = ['kobo-serve', *sys.argv[1:]]; "
+                       "runpy.run_module('kohakuboard.viewer.serve_cli', run_name='__main__')",
+                       "--data-dir", str(data), "--config-dir", str(config), "--port", "0", "--max-connections", "5"])
+    port = int(s.origin.rsplit(":", 1)[1])
+    held: list[socket.socket] = []
+    try:
+        with httpx.Client(base_url=s.origin, timeout=5) as c:
+            assert c.get("/healthz").status_code == 200  # serving: the limits are set
+        with open(f"/proc/{s.proc.pid}/limits") as f:
+            soft = int(next(line for line in f if line.startswith("Max open files")).split()[3])
+        assert soft >= 5 + 256
+        held = [connect(port, "127.0.0.1") for _ in range(5)]
+        time.sleep(0.3)
+        extra = connect(port, "127.0.0.1")
+        extra.settimeout(5)
+        assert extra.recv(4096).startswith(b"HTTP/1.1 503 ")
+        extra.close()
+        held.pop().close()
+        time.sleep(0.3)
+        with httpx.Client(base_url=s.origin, timeout=5) as c:
+            assert c.get("/healthz").status_code == 200  # the freed slot
+    finally:
+        for sock in held:
+            sock.close()
+        out = s.stop()
+    assert "refused a connection from 127.0.0.1: 5 open (--max-connections 5)" in out
