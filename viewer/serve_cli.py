@@ -228,7 +228,7 @@ def _version() -> str:
               metavar="SECONDS", help="A session ends this long after its login, used or not.")
 @click.option("--request-timeout", default=15, show_default=True, type=click.FloatRange(0.5, 3600), metavar="SECONDS",
               help="Close a connection whose request has not fully arrived this long after it opened (or after "
-                   "the previous response): slowloris and idle sockets.")
+                   "the --keep-alive wait that follows a response): slowloris and idle sockets.")
 @click.option("--keep-alive", default=30, show_default=True, type=click.FloatRange(1, 3600), metavar="SECONDS",
               help="How long a connection may stay idle between requests.")
 @click.option("--send-timeout", default=60, show_default=True, type=click.FloatRange(0.5, 86400), metavar="SECONDS",
@@ -311,7 +311,7 @@ def user_add(ctx: click.Context, name: str, projects: str | None, password_stdin
 @config_dir_option
 @click.pass_context
 def user_remove(ctx: click.Context, name: str, config_dir: str | None) -> None:
-    """Remove user NAME and revoke her API tokens; her sessions end at their next request."""
+    """Remove user NAME and revoke her API tokens; a running server ends her sessions and streams at once."""
     accounts = open_accounts(_config_dir(ctx, config_dir))
     n = _change(lambda: accounts.remove_user(name))
     click.echo(f"removed user {name}" + (f" and revoked {n} token{'s' if n != 1 else ''}" if n else ""))
@@ -342,7 +342,7 @@ def user_list(ctx: click.Context, config_dir: str | None) -> None:
 @config_dir_option
 @click.pass_context
 def user_passwd(ctx: click.Context, name: str, password_stdin: bool, config_dir: str | None) -> None:
-    """Change the password of NAME (asked twice, without echo)."""
+    """Change the password of NAME (asked twice, without echo); a running server ends her sessions."""
     accounts = open_accounts(_config_dir(ctx, config_dir))
     if accounts.get_user(name) is None:
         raise click.ClickException(f"no user named {name!r}")
