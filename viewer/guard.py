@@ -149,10 +149,11 @@ def guarded_protocol(request_timeout: float = REQUEST_TIMEOUT_S, send_timeout: f
             waiting = cycle is None or cycle is self._kobo_armed_cycle or cycle.response_complete
             if not waiting and not getattr(cycle, "more_body", False):
                 return  # the request is in; its response is the app's (and the send timeout's) business
-            if not self.transport.is_closing():
-                quiet(logging.INFO, "request", "closed a connection from %s: no complete request in time "
-                      "(--request-timeout %g)", self.client[0] if self.client else "?", request_timeout)
-                self.transport.close()
+            # abort, not close: close() would first wait to flush whatever a client that does not
+            # read still has buffered
+            quiet(logging.INFO, "request", "closed a connection from %s: no complete request in time "
+                  "(--request-timeout %g)", self.client[0] if self.client else "?", request_timeout)
+            self.transport.abort()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
