@@ -197,19 +197,33 @@ class ResponseCache:
 class SeriesCache:
     """Decoded series by (run path, metric, rank, committed length): zooming costs only the reduction."""
 
+    def has_prefix(self, series: tuple[Any, ...], rows: int) -> bool:
+        """Whether some length of ``series`` (run path, metric, rank) holding at least ``rows`` rows is cached."""
+        with self._lock:
+            return any(k[:3] == series and k[3] >= rows for k in self._items)
+
     def __init__(self, max_bytes: int = SERIES_CACHE_BYTES) -> None:
         self.max_bytes = max_bytes
         self._items: collections.OrderedDict[tuple[Any, ...], np.ndarray] = collections.OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[Any, ...], load: Callable[[], np.ndarray]) -> np.ndarray:
+    def get(self, key: tuple[Any, ...], load: Callable[[int], np.ndarray]) -> np.ndarray:
+        """The series ``key`` = (run path, metric, rank, committed length n).
+
+        ``load(m)`` reads rows ``[m, n)``.  Committed rows never change, so a live run's
+        series grows from its shorter cached length by reading only the new rows: a hundred
+        pages following one run cost one small read per commit.
+        """
         with self._lock:
             hit = self._items.get(key)
             if hit is not None:
                 self._items.move_to_end(key)
                 return hit
-        value = load()
+            shorter = max((k for k in self._items if k[:3] == key[:3] and k[3] < key[3]), key=lambda k: k[3],
+                          default=None)
+            prefix = self._items[shorter] if shorter is not None else None
+        value = load(0) if prefix is None else np.concatenate([prefix, load(len(prefix))])
         with self._lock:
             if key not in self._items and value.nbytes <= self.max_bytes // 4:
                 # an older length of the same series is useless now
@@ -223,6 +237,18 @@ class SeriesCache:
         return value
 
 
+def _summary_stamp(path: str) -> tuple[Any, ...]:
+    """What changes whenever anything a run summary shows changes: the metadata files' stat."""
+    out: list[Any] = []
+    for name in (fmt.METADATA_JSON, fmt.METADATA_DB, fmt.METADATA_DB + "-wal"):
+        try:
+            st = os.stat(os.path.join(path, name))
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
 class Viewer:
     """State shared by the routes: the folder, its run index, the series cache."""
 
@@ -230,6 +256,10 @@ class Viewer:
         self.index = RunIndex(base_dir)
         self.cache = SeriesCache()
         self.responses = ResponseCache()
+        # run path -> (stamp, summary without its time-dependent fields): pages polling a run
+        # read it once per change
+        self.summaries: collections.OrderedDict[str, tuple[Any, dict[str, Any]]] = collections.OrderedDict()
+        self._summaries_lock = threading.Lock()
 
     # ------------------------------------------------------------ helpers
 
@@ -251,12 +281,40 @@ class Viewer:
         """Every committed point (the first ``n``), decoded once per committed length."""
         if n is None:
             n = self.length(reader, metric, rank)
-        return self.cache.get((reader.path, metric, rank, n), lambda: np.array(reader.series(metric, rank, 0, n)))
+        return self.cache.get((reader.path, metric, rank, n), lambda m: np.array(reader.series(metric, rank, m, n)))
+
+    def cached_tail(self, reader: RunReader, metric: str, rank: int, start: int, n: int) -> np.ndarray | None:
+        """Rows ``[start, n)`` from the cached series grown to ``n``, or None when it is not cached."""
+        if not self.cache.has_prefix((reader.path, metric, rank), start):
+            return None
+        return self.series(reader, metric, rank, n)[start:n]
 
     # ------------------------------------------------------------- views
 
     def run_summary(self, project: str, run_id: str) -> dict[str, Any]:
+        """The run page's summary, read again only when the run's metadata files changed."""
         facts = self.index.info(project, run_id)
+        path = self.index.resolve(project, run_id)
+        stamp = _summary_stamp(path)
+        with self._summaries_lock:
+            hit = self.summaries.get(path)
+            if hit is not None and hit[0] == stamp:
+                self.summaries.move_to_end(path)
+                base = hit[1]
+            else:
+                base = None
+        if base is None:
+            base = self._read_summary(project, run_id)
+            with self._summaries_lock:
+                self.summaries[path] = (stamp, base)
+                self.summaries.move_to_end(path)
+                while len(self.summaries) > 256:
+                    self.summaries.popitem(last=False)
+        return {**base, "status": shown_status(path, base["stored_status"], facts.get("last_commit")),
+                "last_commit": facts.get("last_commit"), "duration": facts.get("duration"),
+                "last_step": facts.get("last_step"), "num_ranks": facts.get("num_ranks")}
+
+    def _read_summary(self, project: str, run_id: str) -> dict[str, Any]:
         with self.open(project, run_id) as r:
             meta = r.metadata
             metrics = r.metric_overview()
@@ -269,7 +327,7 @@ class Viewer:
             m["points_by_rank"] = {str(k): v for k, v in m["points_by_rank"].items()}
         return {
             "project": project, "run_id": str(meta.get("run_id") or run_id), "name": str(meta.get("name") or run_id),
-            "status": shown_status(r.path, str(meta.get("status", "?")), facts.get("last_commit")),
+            "stored_status": str(meta.get("status", "?")),
             "created_at": meta.get("created_at"),
             "finished_at": meta.get("finished_at"), "config": meta.get("config") or {}, "metadata": meta,
             "ranks": ranks, "world_size": meta.get("world_size"), "dropped": dropped, "metrics": metrics,
@@ -277,8 +335,6 @@ class Viewer:
                               "counts_by_rank": {str(k): v for k, v in per.items()}} for n, per in names.items()]
                       for kind, names in counts.items()},
             "clients": clients, "version": _version(state, meta),
-            "last_commit": facts.get("last_commit"), "duration": facts.get("duration"),
-            "last_step": facts.get("last_step"), "num_ranks": facts.get("num_ranks"),
         }
 
     def first_charts(self, project: str, run_id: str, rank: int, count: int) -> list[tuple[str, int]]:
@@ -321,8 +377,13 @@ class Viewer:
                 per_rank = [self.series(r, metric, rk, n) for rk, n in zip(ranks, lengths)]
             elif q["start"] is not None and not q["smooth"]:
                 n = lengths[0]
-                tail = np.array(r.series(metric, rank, min(q["start"], n), n))
-                first = np.array(r.series(metric, rank, 0, 1)) if n else tail
+                start = min(q["start"], n)
+                tail = self.cached_tail(r, metric, rank, start, n)
+                if tail is None:
+                    tail = np.array(r.series(metric, rank, start, n))
+                    first = np.array(r.series(metric, rank, 0, 1)) if n else tail
+                else:
+                    first = self.series(r, metric, rank, n)[:1]
             else:
                 s = self.series(r, metric, rank, lengths[0])
         t_read = time.perf_counter()

@@ -428,3 +428,27 @@ def test_the_csp_allows_the_boot_script_by_its_hash_and_nothing_else_inline(api)
     assert script_src == ["script-src", "'self'", f"'sha256-{digest}'"]
     assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
     assert page.headers["cache-control"] == "no-store"
+
+
+def test_a_growing_series_is_read_only_from_its_cached_length():
+    """A live run's series grows by its new rows only: one small read per commit, whatever the pages."""
+    from kohakuboard.viewer.app import SeriesCache
+
+    column = np.arange(1000, dtype=np.float64)
+    reads: list[tuple[int, int]] = []
+    cache = SeriesCache()
+
+    def loader(n):
+        def load(m):
+            reads.append((m, n))
+            return column[m:n].copy()
+        return load
+
+    assert cache.get(("run", "loss", 0, 600), loader(600)).tolist() == column[:600].tolist()
+    assert cache.get(("run", "loss", 0, 600), loader(600)) is not None and reads == [(0, 600)]
+    grown = cache.get(("run", "loss", 0, 750), loader(750))
+    assert grown.tolist() == column[:750].tolist() and reads[-1] == (600, 750)
+    assert cache.has_prefix(("run", "loss", 0), 700) and not cache.has_prefix(("run", "loss", 0), 800)
+    assert not cache.has_prefix(("run", "loss", 1), 1)
+    cache.get(("run", "loss", 1, 10), loader(10))   # another rank: its own rows from 0
+    assert reads[-1] == (0, 10)

@@ -111,6 +111,11 @@ def test_live_run_pushes_new_points_new_metrics_and_status(open_server, daemon, 
                 while not got and time.time() < deadline:
                     time.sleep(0.05)
                 assert got and got[0][2]["lengths"] == {"0/loss": 5} and got[0][2]["status"] == "running"
+                # the summary and the whole series, read now, are what the server keeps until the next commit
+                before = c.get("/api/runs/default/live").json()
+                assert [m["name"] for m in before["metrics"]] == ["loss"] and before["status"] == "running"
+                _, whole = R.decode(c.get("/api/runs/default/live/series?metric=loss").content)
+                assert whole["y"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
                 proc.stdin.write("\n")
                 proc.stdin.flush()
                 line = proc.stdout.readline().split()
@@ -125,6 +130,14 @@ def test_live_run_pushes_new_points_new_metrics_and_status(open_server, daemon, 
                 tail = c.get("/api/runs/default/live/series?metric=loss&start=5")
                 header, arrays = R.decode(tail.content)
                 assert header["n"] == 1 and arrays["y"].tolist() == [42.0]
+                # a new commit is a new summary (new metric, new lengths) and a longer series
+                after = c.get("/api/runs/default/live").json()
+                assert sorted(m["name"] for m in after["metrics"]) == ["loss", "lr"]
+                assert after["version"] != before["version"]
+                _, whole = R.decode(c.get("/api/runs/default/live/series?metric=loss").content)
+                assert whole["y"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 42.0]
+                header, arrays = R.decode(c.get("/api/runs/default/live/series?metric=loss&start=2").content)
+                assert header["start"] == 2 and arrays["y"].tolist() == [2.0, 3.0, 4.0, 42.0]
                 proc.stdin.write("\n")
                 proc.stdin.flush()
                 assert proc.stdout.readline().strip() == "finished"
@@ -133,6 +146,7 @@ def test_live_run_pushes_new_points_new_metrics_and_status(open_server, daemon, 
                     time.sleep(0.05)
                 stop.set()
             assert any(e[2].get("status") == "finished" for e in got)
+            assert c.get("/api/runs/default/live").json()["status"] == "finished"
     finally:
         if proc.poll() is None:
             proc.kill()
