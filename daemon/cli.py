@@ -63,10 +63,26 @@ main.add_command(keys_command)  # kobo-daemon keys generate|show|authorize (keys
 @click.option("--system-metrics", type=float, default=None, metavar="SECONDS",
               help="Sample this node (CPU, memory, disk/network I/O, NVIDIA GPUs) every SECONDS into the runs with a "
                    "live client here, under sys/HOST/; 0 turns it off (default 10). Env: KOBO_DAEMON_SYSTEM_METRICS.")
+@click.option("--handshake-timeout", type=float, default=None, metavar="SECONDS",
+              help="With --listen: seconds a TCP connection may take to authenticate (default 10). "
+                   "Env: KOBO_DAEMON_HANDSHAKE_TIMEOUT.")
+@click.option("--max-connections", type=int, default=None, metavar="N",
+              help="With --listen: open TCP connections in total (default: from the open file limit). "
+                   "Env: KOBO_DAEMON_MAX_CONNECTIONS.")
+@click.option("--max-per-address", type=int, default=None, metavar="N",
+              help="With --listen: open TCP connections from one address (default 256). Env: KOBO_DAEMON_MAX_PER_ADDRESS.")
+@click.option("--max-handshakes-per-address", type=int, default=None, metavar="N",
+              help="With --listen: connections from one address still authenticating (default 32). "
+                   "Env: KOBO_DAEMON_MAX_HANDSHAKES_PER_ADDRESS.")
+@click.option("--stale-run", type=float, default=None, metavar="SECONDS",
+              help="Mark a run crashed when no writer of it is known alive and nothing arrived for it this long "
+                   "(default 600; 0: never). Env: KOBO_DAEMON_STALE_RUN.")
 def run(
     endpoint: str | None, flush_interval: float | None, log_level: str | None, listen: tuple[str, ...],
     forward: str | None, head_key: str | None, key_dir: str | None, authorized: str | None,
-    insecure_plaintext: bool | None, system_metrics: float | None,
+    insecure_plaintext: bool | None, system_metrics: float | None, handshake_timeout: float | None,
+    max_connections: int | None, max_per_address: int | None, max_handshakes_per_address: int | None,
+    stale_run: float | None,
 ) -> None:
     """Run in the foreground (what systemd and autostart run). SIGTERM drains and exits 0."""
     from .server import Daemon
@@ -75,6 +91,8 @@ def run(
         endpoint, flush_interval=flush_interval, log_level=log_level.upper() if log_level else None,
         listen=list(listen) or None, forward=forward, head_key=head_key, key_dir=key_dir,
         authorized=authorized, insecure_plaintext=insecure_plaintext or None, system_metrics=system_metrics,
+        handshake_timeout=handshake_timeout, max_connections=max_connections, max_per_address=max_per_address,
+        max_handshakes_per_address=max_handshakes_per_address, stale_run=stale_run,
     )
     logging.basicConfig(
         level=getattr(logging, cfg.log_level, logging.INFO),
@@ -171,6 +189,18 @@ def status(endpoint: str | None, as_json: bool) -> None:
         click.echo(f"listening on {', '.join(tcp['addresses'])} ({'CURVE' if tcp['secure'] else 'PLAINTEXT'}): "
                    f"{tcp['forwarded']} data messages, {tcp['requests']} requests relayed"
                    + (f", {tcp['refused']} connection(s) refused" if tcp.get("refused") else ""))
+        peers = tcp.get("peers") or {}
+        if peers:
+            lim = peers.get("limits") or {}
+            click.echo(f"  TCP connections: {peers.get('open', 0)} open (at most {lim.get('max_connections')}, "
+                       f"{lim.get('max_per_address')} per address, {lim.get('max_handshakes_per_address')} "
+                       f"authenticating per address for at most {lim.get('handshake_timeout')}s), "
+                       f"{peers.get('handshakes', 0)} handshake(s) succeeded")
+            refused = peers.get("refused") or {}
+            if refused:
+                click.echo(f"  TCP peers refused or failed: {sum(refused.values())} {refused}")
+                for ip, kinds in list((peers.get("by_address") or {}).items())[:10]:
+                    click.echo(f"    {ip}: {kinds}")
     for run in info["runs"]:
         click.echo(
             f"  {run['path']}: {len(run['clients'])} client(s), {run['points']} points in "

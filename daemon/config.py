@@ -32,6 +32,14 @@ class DaemonConfig:
     without CURVE.  ``system_metrics``: seconds between samples of this node
     (CPU, memory, disk and network I/O, NVIDIA GPUs) stored under ``sys/{host}/``
     in every run with a live client on this node; 0 turns it off.
+    Limits of the TCP listener (see :mod:`.listen`): ``handshake_timeout``:
+    seconds a TCP connection may take to authenticate before it is closed;
+    ``max_connections``: open TCP connections in total (0: derived from the
+    open file limit); ``max_per_address``: open TCP connections from one peer
+    address; ``max_handshakes_per_address``: connections from one address still
+    within their handshake time.  ``stale_run``: seconds after which the head
+    marks a run crashed when none of its writers is known alive and nothing
+    arrived for it (0: never).
     """
 
     endpoint: Endpoint = field(default_factory=lambda: resolve(None, os.environ))
@@ -49,6 +57,11 @@ class DaemonConfig:
     authorized: str | None = None
     insecure_plaintext: bool = False
     system_metrics: float = 10.0
+    handshake_timeout: float = 10.0
+    max_connections: int = 0
+    max_per_address: int = 256
+    max_handshakes_per_address: int = 32
+    stale_run: float = 600.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "DaemonConfig":
@@ -79,6 +92,19 @@ class DaemonConfig:
                 cfg.system_metrics = 0.0 if sysm in ("off", "no", "false") else float(sysm)
             except ValueError:
                 raise ValueError(f"KOBO_DAEMON_SYSTEM_METRICS={sysm!r} is not a number of seconds (or 'off')") from None
+        for key, name, kind in (
+            ("KOBO_DAEMON_HANDSHAKE_TIMEOUT", "handshake_timeout", float),
+            ("KOBO_DAEMON_MAX_CONNECTIONS", "max_connections", int),
+            ("KOBO_DAEMON_MAX_PER_ADDRESS", "max_per_address", int),
+            ("KOBO_DAEMON_MAX_HANDSHAKES_PER_ADDRESS", "max_handshakes_per_address", int),
+            ("KOBO_DAEMON_STALE_RUN", "stale_run", float),
+        ):
+            text = env.get(key, "").strip()
+            if text:
+                try:
+                    setattr(cfg, name, kind(text))
+                except ValueError:
+                    raise ValueError(f"{key}={text!r} is not a{'n integer' if kind is int else ' number'}") from None
         for key, value in overrides.items():
             if value is None:
                 continue
@@ -91,6 +117,12 @@ class DaemonConfig:
             raise ValueError("flush_interval must be in (0, 0.45] seconds to keep the 0.5 s durability promise")
         if not (cfg.system_metrics == 0 or 0.05 <= cfg.system_metrics <= 86400):
             raise ValueError(f"system metrics interval must be 0 (off) or 0.05..86400 seconds, got {cfg.system_metrics}")
+        if not 0.1 <= cfg.handshake_timeout <= 3600:
+            raise ValueError(f"handshake timeout must be 0.1..3600 seconds, got {cfg.handshake_timeout}")
+        if cfg.max_connections < 0 or cfg.max_per_address < 1 or cfg.max_handshakes_per_address < 1:
+            raise ValueError("connection limits must be positive (max_connections 0 means: from the open file limit)")
+        if cfg.stale_run < 0:
+            raise ValueError(f"stale run time must be >= 0 seconds (0: never), got {cfg.stale_run}")
         if cfg.listen and cfg.forward:
             raise ValueError("--listen and --forward cannot be combined: a forwarding node serves no other nodes")
         return cfg

@@ -435,7 +435,11 @@ class Relay:
         if why is not None:
             self.reply_error(ident, head, why)
             return
-        up = self._upstream(ident)
+        try:
+            up = self._upstream(ident)
+        except zmq.ZMQError as exc:  # e.g. out of file descriptors: refuse this request, keep relaying
+            self.reply_error(ident, head, f"{self.target} cannot take another client now: {exc}")
+            return
         if up is None:
             self.reply_error(ident, head, f"too many clients ({self.max_upstreams}) are waiting on {self.target}")
             return

@@ -106,17 +106,29 @@ def free_port_pair() -> int:
     raise AssertionError("no free pair of ports")
 
 
+def child_pids(pid: int) -> list[int]:
+    """The direct children of process ``pid`` (the head's TCP listener process is one)."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out += [int(p) for p in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
 def listening_tcp_ports(pid: int) -> set[int]:
-    """TCP ports process ``pid`` has a listening socket on (from /proc)."""
+    """TCP ports process ``pid`` or one of its children has a listening socket on (from /proc)."""
     time.sleep(0.2)  # libzmq's I/O thread may still be setting a listener up
     inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
+    for p in (pid, *child_pids(pid)):
+        for fd in os.listdir(f"/proc/{p}/fd"):
+            try:
+                target = os.readlink(f"/proc/{p}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
     ports = set()
     for table in ("tcp", "tcp6"):
         try:
@@ -266,6 +278,24 @@ def test_unauthorized_node_and_plain_zeromq_are_refused(endpoint, second_endpoin
         other = base_dir / "nodes" / "planted"
         dealer.send_multipart(codec.encode(m.OpenRun(m.Envelope(str(other), "intruder", 1), "x", "nodes", "planted")))
         assert not dealer.poll(3000), "a plain ZeroMQ request was answered"
+        # A CURVE peer that has the wrong idea of the head's key, from another address.
+        wrong = ctx.socket(zmq.PUSH)
+        wrong.setsockopt(zmq.LINGER, 0)
+        wrong.curve_serverkey = zmq.curve_keypair()[0]
+        wrong.curve_publickey, wrong.curve_secretkey = zmq.curve_keypair()
+        wrong.connect(f"tcp://127.0.0.3:0;127.0.0.1:{port}")
+        # Garbage bytes, from a third address.
+        with socket.socket() as junk:
+            junk.bind(("127.0.0.4", 0))
+            junk.connect(("127.0.0.1", port))
+            junk.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
+            junk.settimeout(5)
+            try:
+                while junk.recv(4096):
+                    pass
+            except OSError:
+                pass
+        time.sleep(1.5)
     finally:
         ctx.destroy(linger=0)
     assert not other.exists()
@@ -274,6 +304,15 @@ def test_unauthorized_node_and_plain_zeromq_are_refused(endpoint, second_endpoin
         assert rr.ranks("loss") == [0]
     st = json.loads(kobo_daemon("status", "--json", "--endpoint", str(endpoint)).stdout)
     assert st["listen"]["refused"] >= 1 and st["listen"]["forwarded"] == 0 and st["listen"]["requests"] == 0
+    # Every kind of refused or failed peer is counted (and logged), by address
+    # where the connection was still there to ask ("?" for one already gone).
+    peers = st["listen"]["peers"]
+    by_address = peers["by_address"]
+    assert by_address["127.0.0.1"].get("unauthorized_key", 0) >= 1, peers  # the node with a key not authorized
+    assert by_address["127.0.0.3"].get("bad_crypto", 0) >= 1, peers  # a wrong server key
+    assert peers["refused"].get("mechanism_mismatch", 0) >= 1, peers  # plain ZeroMQ against CURVE
+    assert peers["refused"].get("closed_in_handshake", 0) + peers["refused"].get("protocol_error", 0) >= 1, peers
+    assert "refused or failed TCP peers:" in head.output()
     assert head.terminate() == 0, head.output()
     assert node.terminate() == 0, node.output()
 
@@ -455,3 +494,120 @@ def test_node_reports_its_killed_client_as_crashed(endpoint, second_endpoint, da
         if head.poll() is None:
             head.terminate()
         assert head.wait(30) == 0, head_log.read_text()
+
+
+# ------------------------------------------------- strangers at the TCP port
+
+
+def start_head(endpoint, args: list[str], log_path: Path, *, fd_limit: int | None = None, code: str | None = None):
+    """A head ``kobo-daemon run`` started by hand (optionally with a lower open file limit)."""
+    from kohakuboard.protocol.endpoint import daemon_alive
+
+    def limit() -> None:
+        if fd_limit is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+
+    cmd = [sys.executable, "-c", code, "run", *args] if code else [sys.executable, "-m", "kohakuboard.daemon", "run", *args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit)
+    deadline = time.monotonic() + 20
+    while not (daemon_alive(endpoint) and os.path.exists(endpoint.control_addr[6:])):
+        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.02)
+    return proc
+
+
+def stop_head(proc: subprocess.Popen, log_path: Path) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+    assert proc.wait(30) == 0, log_path.read_text()
+
+
+def head_status(endpoint) -> dict:
+    r = kobo_daemon("status", "--json", "--endpoint", str(endpoint), timeout=20)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout)
+
+
+def flood(port: int, n: int, source: str) -> list[socket.socket]:
+    """``n`` idle TCP connections (no byte sent) from ``source`` to the head's ports."""
+    socks = []
+    for i in range(n):
+        s = socket.socket()
+        s.bind((source, 0))
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port + (i % 2)))
+        socks.append(s)
+    return socks
+
+
+@pytest.mark.slow
+def test_connection_flood_does_not_knock_the_head_over(endpoint, second_endpoint, base_dir, daemon_factory, tmp_path):
+    """Thousands of idle connections from one address, more than the head has descriptors, while a node logs.
+
+    The head stays up and answers `kobo-daemon status`, the node's calls all
+    arrive exactly once, and the flood shows in the status by kind and address.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4000:
+        pytest.skip(f"needs 4000 open files for the flood (hard limit {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 8192, hard))
+    head_keys, node_keys = tmp_path / "head-keys", tmp_path / "node-keys"
+    head_pub, _ = make_keys(head_keys)
+    _, node_client = make_keys(node_keys)
+    authorize(head_keys, node_client, "node1")
+    port = free_port_pair()
+    head_log = tmp_path / "head.log"
+    # 1024 descriptors: fewer than the flood's connections.
+    head = start_head(
+        endpoint, ["--listen", f"tcp://127.0.0.1:{port}", "--key-dir", str(head_keys), "--handshake-timeout", "2"],
+        head_log, fd_limit=1024,
+    )
+    held: list[socket.socket] = []
+    try:
+        node = daemon_factory(
+            second_endpoint, "--endpoint", str(second_endpoint), "--forward", f"tcp://127.0.0.1:{port}",
+            "--head-key", head_pub, "--key-dir", str(node_keys),
+        )
+        held += flood(port, 1500, "127.0.0.2")  # before the node's client connects ...
+        board = start_board(second_endpoint, 1, "flooded", base_dir, N_CALLS, tmp_path)
+        for _ in range(3):  # ... and while it logs: a new wave every second
+            time.sleep(1.0)
+            st = head_status(endpoint)  # a local IPC request answers during the flood
+            assert st["pid"] == head.pid
+            for s in held[: len(held) - 1500]:
+                s.close()
+            held = held[len(held) - 1500 :] + flood(port, 1500, "127.0.0.2")
+        wait_ok(board, "rank 1 through the forwarder during the flood")
+        assert head.poll() is None, head_log.read_text()
+
+        with RunReader(base_dir / "nodes" / "flooded") as r:
+            s = r.series("loss", rank=1)
+            np.testing.assert_array_equal(s["value"], 1_000_000 + np.arange(N_CALLS) + 0.25)
+            np.testing.assert_array_equal(s["step"], np.arange(N_CALLS))
+        assert json.loads((base_dir / "nodes" / "flooded" / "metadata.json").read_text())["status"] == "finished"
+
+        deadline = time.monotonic() + 10
+        while True:  # the listener reports every half second; timeouts come 2 s after the last wave
+            peers = head_status(endpoint)["listen"]["peers"]
+            flooder = peers["by_address"].get("127.0.0.2", {})
+            if flooder.get("handshake_timeout") and time.monotonic() > deadline - 7:
+                break
+            assert time.monotonic() < deadline, peers
+            time.sleep(0.5)
+        assert flooder.get("too_many_handshakes_from_address", 0) >= 1000, peers
+        assert "127.0.0.1" not in peers["by_address"], peers  # the node was never refused
+        assert peers["limits"]["open_file_limit"] == 1024
+        assert peers["limits"]["max_connections"] <= 1024
+        human = kobo_daemon("status", "--endpoint", str(endpoint)).stdout
+        assert "TCP peers refused or failed" in human and "127.0.0.2" in human
+        assert "refused or failed TCP peers: 127.0.0.2" in head_log.read_text()  # logged (once a second at most)
+        assert node.terminate() == 0, node.output()
+    finally:
+        for s in held:
+            s.close()
+        stop_head(head, head_log)
