@@ -771,30 +771,12 @@ class Board:
                 sender.flush_drops()
             # One round trip in the usual case: the daemon's FinishRun waits until
             # everything up to ``last`` is durable (the sender keeps sending
-            # meanwhile), then marks the client finished.  Only when that fails
-            # (the daemon died or restarted, no answer in time) does finish()
-            # wait on the sender's acknowledged delivery (which restarts the
-            # daemon and re-sends) and ask again.
-            done = False
-            if not sender.daemon_down:
-                try:
-                    reply = self._conn.request(m.FinishRun, self._env(), max(0.1, deadline - time.monotonic()), last, status)
-                    sender.note_durable(reply.durable_seq)
-                    done = True
-                except (StorageError, KoboTimeoutError) as exc:
-                    problem, done = exc, True
-                except KoboError:
-                    pass  # daemon gone: acknowledged delivery below
-            if not done:
-                try:
-                    sender.sync(last, max(0.1, deadline - time.monotonic()))
-                except KoboError as exc:  # storage error, timeout, daemon gone
-                    problem = exc
-                if not isinstance(problem, DaemonUnavailable):
-                    try:
-                        self._conn.request(m.FinishRun, self._env(), max(0.1, deadline - time.monotonic()), last, status)
-                    except KoboError as exc:
-                        problem = problem or exc
+            # meanwhile), then marks the client finished.  The end of a run must
+            # survive a restart of the daemon (or, through a forwarder, of the
+            # head): a request the dead daemon never answered is asked again
+            # every few seconds, after the sender's acknowledged delivery has
+            # re-sent the data, until the timeout.
+            problem = self._finish_until(sender, last, status, deadline)
         finally:
             stopped = sender.stop(0.5)
             unwritten = sender.unwritten_calls()
@@ -813,6 +795,57 @@ class Board:
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+    def _finish_until(self, sender: Any, last: int, status: str, deadline: float) -> KoboError | None:
+        """Ask the daemon to finish this client until it answers or ``deadline``; the last problem."""
+        from ..protocol.endpoint import daemon_alive
+        from ._transport import NoAnswer
+
+        problem: KoboError | None = None
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if problem is not None and not daemon_alive(self._conn.ep):
+                    return DaemonUnavailable(f"kobo-daemon on {self._conn.ep} is not running")
+                return problem
+            if attempt and sender.acked_seq < last and not sender.daemon_down:
+                # Data first: acknowledged delivery re-sends what a restarted daemon lost.
+                try:
+                    sender.sync(last, remaining)
+                except StorageError as exc:
+                    problem = exc  # the daemon still defers the finish until the data is written
+                except KoboError as exc:
+                    return exc  # the whole time went by
+                remaining = max(0.1, deadline - time.monotonic())
+            attempt += 1
+            try:
+                # A first request may wait while the daemon writes; a repeated one
+                # comes after the data is durable and is answered at once.
+                reply = self._conn.request(
+                    m.FinishRun, self._env(), min(remaining, 5.0 if attempt == 1 else 2.0), last, status
+                )
+            except StorageError as exc:
+                return exc
+            except DaemonUnavailable as exc:
+                problem = exc
+                if sender.autostart:  # nothing else may start one: the sender has nothing to send
+                    from ._spawn import ensure_daemon
+
+                    try:
+                        if ensure_daemon(self._conn.ep, autostart=True, timeout=max(0.1, deadline - time.monotonic())):
+                            continue  # a new daemon: ask it at once
+                    except KoboError as exc2:
+                        problem = exc2
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))  # (a forwarder without its head, too)
+                continue
+            except NoAnswer as exc:  # a restarted daemon (or head) lost the request: ask again
+                problem = exc
+                continue
+            except KoboError as exc:  # the daemon answered with an error (e.g. its own timeout): final
+                return exc
+            sender.note_durable(reply.durable_seq)
+            return None
 
     def _close_unused_in_child(self) -> None:
         # Inherited from the parent and never used in this process: this process

@@ -54,6 +54,7 @@ _MAX_BATCH = 1024  # calls per LogBatch: 256 KB at 32 scalars, so the daemon's r
 _ACK_INTERVAL = 0.1  # seconds between acknowledgement requests while data is unacknowledged
 _ACK_RETRY = 0.5  # an acknowledgement request unanswered this long is asked again (duplicates are harmless)
 _ALIVE_CHECK = 1.0  # how often to check for a dead daemon while it does not answer
+_KEEPALIVE = 30.0  # an idle client asks at least this often, so that the daemon (and a head) hear from it
 _SYNC_WAIT_MS = 300  # how long the daemon may hold an acknowledgement request a flush waits on
 
 
@@ -174,6 +175,7 @@ class Sender(threading.Thread):
         self._unanswered_since: float | None = None
         self._next_query = 0.0
         self._next_alive_check = 0.0
+        self._keepalive_at = time.monotonic() + _KEEPALIVE
 
     # ------------------------------------------------------- caller thread
 
@@ -392,7 +394,7 @@ class Sender(threading.Thread):
             if stopping:
                 return
             now = time.monotonic()
-            waiting = self.unacked or self._want > self.acked_seq
+            waiting = self.unacked or self._want > self.acked_seq or now >= self._keepalive_at
             if waiting:
                 self._ask(ack, now)
             if blocked:
@@ -517,6 +519,7 @@ class Sender(threading.Thread):
                 self._unanswered_since = now
             return
         self._query_at = now
+        self._keepalive_at = now + _KEEPALIVE
         self._query_sync = sync
         if self._unanswered_since is None:
             self._unanswered_since = now
@@ -629,6 +632,10 @@ class _Aborted(Exception):
     pass
 
 
+class NoAnswer(KoboTimeoutError):
+    """No reply to a request in time (the daemon may have restarted and lost it); not an answer saying so."""
+
+
 class Connection:
     """A Board's sockets to one daemon."""
 
@@ -658,9 +665,7 @@ class Connection:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise KoboTimeoutError(
-                        f"kobo-daemon on {self.ep} did not answer {msg_cls.KIND} within {timeout:g}s"
-                    )
+                    raise NoAnswer(f"kobo-daemon on {self.ep} did not answer {msg_cls.KIND} within {timeout:g}s")
                 if self._dealer.poll(int(min(remaining, 0.05) * 1000) + 1):
                     try:
                         reply = codec.decode(self._dealer.recv_multipart())

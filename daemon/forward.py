@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -568,6 +569,8 @@ class _Client:
     finishing: bool = False
     reap_id: int = 0
     reap_deadline: float = 0.0
+    dead_since: float = 0.0
+    reports: int = 0
 
 
 @dataclass
@@ -633,6 +636,12 @@ class ForwardRelay(Relay):
         self._next_reap = 0.0
         self._tracking_full = False
         self.reaped = 0
+        # The clients watched, kept in a file beside the endpoint: a forwarder
+        # restarted (or killed) while a client died still reports that client.
+        self._state_path = daemon.ep.base + ".clients.json"
+        self._dirty = False
+        self._next_save = 0.0
+        self._load_clients()
 
     # ----------------------------------------------------------- security
 
@@ -775,6 +784,8 @@ class ForwardRelay(Relay):
         if old is not None:
             c.last_seq = max(c.last_seq, old.last_seq)
         self.clients[key] = c
+        if old is None or (old.pid, old.pid_start) != (c.pid, c.pid_start):
+            self._dirty = True
 
     def reply_received(self, request: Head | None, head: Head | None, body: list[bytes]) -> list[bytes]:
         if request is not None and head is not None:
@@ -786,7 +797,8 @@ class ForwardRelay(Relay):
                 self._watch(request.extra)
             elif request.kind == m.FinishRun.KIND:
                 if head.kind == m.Finished.KIND:
-                    self.clients.pop(key, None)
+                    if self.clients.pop(key, None) is not None:
+                        self._dirty = True
                 elif key in self.clients:
                     self.clients[key].finishing = False
         if head is not None and head.kind in _DAEMON_FIELD:
@@ -828,18 +840,29 @@ class ForwardRelay(Relay):
         if now >= self._next_reap:
             self._next_reap = now + self.daemon.config.reap_interval
             self._reap(now)
+        if self._dirty and now >= self._next_save:
+            self._next_save = now + 0.5
+            self._save_clients()
 
     def _reap(self, now: float) -> None:
         for key, c in list(self.clients.items()):
             if c.reap_id:
                 if now > c.reap_deadline:
-                    log.error("the head did not confirm that client pid %d of %s crashed; giving up", c.pid, c.run)
-                    self.clients.pop(key, None)
+                    # No answer: the head (or the connection) restarted and lost
+                    # the report.  Ask again; the report is kept on disk meanwhile.
+                    self._report_crash(c, now)
                 continue
             if c.finishing or not c.pid or c.host != _HOST or process_alive(c.pid, c.pid_start):
                 continue
-            if self._pending is not None or self.down_pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                return  # its last messages may still be here: first send them on
+            if not c.dead_since:
+                c.dead_since = now
+            if now - c.dead_since < 2.0 and (
+                self._pending is not None or self.down_pull.getsockopt(zmq.EVENTS) & zmq.POLLIN
+            ):
+                # Its last messages may still be here: first send them on (the
+                # head waits a few seconds for what is in flight; a report never
+                # waits on data only the dead client could re-send).
+                continue
             self._report_crash(c, now)
 
     def _report_crash(self, c: _Client, now: float) -> None:
@@ -852,9 +875,13 @@ class ForwardRelay(Relay):
             self._reaper.send_multipart(codec.encode(m.FinishRun(env, c.last_seq, "crashed")), zmq.NOBLOCK)
         except zmq.Again:
             return  # the head is not reachable: tried again on the next pass
-        log.warning("client pid %d of %s died without finishing: telling the head it crashed", c.pid, c.run)
+        if not c.reports:
+            log.warning("client pid %d of %s died without finishing: telling the head it crashed", c.pid, c.run)
+        else:
+            log.info("asking the head again to mark client pid %d of %s crashed", c.pid, c.run)
+        c.reports += 1
         c.reap_id = self._reap_id
-        c.reap_deadline = now + self.daemon.config.graceful_timeout + 10.0
+        c.reap_deadline = now + 10.0  # the head answers within ~5 s (its wait for in-flight data)
 
     def _on_reaper_reply(self) -> None:
         assert self._reaper is not None
@@ -870,13 +897,54 @@ class ForwardRelay(Relay):
             for key, c in list(self.clients.items()):
                 if c.reap_id and c.reap_id == reply.env.seq:
                     del self.clients[key]
+                    self._dirty = True
                     if isinstance(reply, m.ErrorReply):
                         log.warning("could not mark client pid %d of %s crashed: %s", c.pid, c.run, reply.message)
                     else:
                         self.reaped += 1
                         log.info("marked client pid %d of %s crashed", c.pid, c.run)
 
+    def _load_clients(self) -> None:
+        try:
+            with open(self._state_path) as f:
+                entries = json.load(f)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read the clients a previous forwarder watched (%s): %s", self._state_path, exc)
+            return
+        n = 0
+        for e in entries if isinstance(entries, list) else []:
+            try:
+                c = _Client(str(e["run"]), str(e["client"]), int(e["rank"]), int(e["pid"]), int(e["pid_start"]),
+                            str(e["host"]), int(e.get("last_seq", 0)))
+            except (KeyError, TypeError, ValueError):
+                continue
+            if c.host == _HOST and len(self.clients) < _MAX_TRACKED:
+                self.clients[(c.run, c.client)] = c
+                n += 1
+        if n:
+            log.info("watching %d client(s) a previous forwarder watched (dead ones are reported to the head)", n)
+
+    def _save_clients(self) -> None:
+        self._dirty = False
+        entries = [
+            {"run": c.run, "client": c.client, "rank": c.rank, "pid": c.pid, "pid_start": c.pid_start,
+             "host": c.host, "last_seq": c.last_seq}
+            for c in self.clients.values()
+        ]
+        tmp = f"{self._state_path}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(entries, f)
+            os.replace(tmp, self._state_path)
+        except OSError as exc:
+            log.warning("cannot save the watched clients to %s: %s", self._state_path, exc)
+
     def on_exit(self) -> None:
+        if self._dirty:
+            self._save_clients()
         for sock in (self._reaper, self._monitor):
             if sock is not None:
                 self._unregister(sock)

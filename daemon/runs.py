@@ -108,11 +108,13 @@ class RunChannel:
         self.error: StorageError | None = None
         self.stats = RunStats()
         self.last_activity = now()
+        self.last_heard = now()  # anything from any client of the run: data or a request
         self.crashed_clients = 0
         self.interrupted_clients = 0
         # Clients that called finish() while the disk was failing: detached with
         # their status once their data is written (client -> (last_seq, status)).
         self.deferred_finish: dict[str, tuple[int, str]] = {}
+        self._reattaching: dict[str, asyncio.Future[None]] = {}
 
     # ----------------------------------------------------------- thread work
 
@@ -187,6 +189,11 @@ class RunChannel:
             return writer.metadata.get("status", fmt.STATUS_RUNNING)  # a repeated finish
         elif state is not None:
             state.status = status
+        else:
+            # Attached to a previous daemon instance: remembered as finished, so
+            # a repeated request (a client asking again) changes nothing.
+            self.clients[client] = ClientState(client, 0, 0, 0, "", attached=False, status=status)
+            record = True
         if status == fmt.STATUS_CRASHED:
             self.crashed_clients += 1
         elif status == fmt.STATUS_INTERRUPTED:
@@ -214,8 +221,9 @@ class RunChannel:
         state = self.clients.get(msg.env.client)
         if state is not None and msg.env.seq > state.received_seq:
             state.received_seq = msg.env.seq
+        now = self.last_heard = self._now()
         if not self.pending and not self.pending_output:
-            self._first_pending_at = self._now()
+            self._first_pending_at = now
         if type(msg) is not OutputMessage:
             self.pending.append(msg)
             if type(msg) is LogBatch:
@@ -263,11 +271,27 @@ class RunChannel:
         process dying marks the run crashed).
         """
         state = self.clients.get(client)
-        if state is None:
+        if state is not None:
+            return state
+        # Requests of one client queued during an outage all arrive at once:
+        # the first re-attaches it, the others wait for that one.
+        pending = self._reattaching.get(client)
+        if pending is not None:
+            await asyncio.shield(pending)
+            return self.clients[client]
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._reattaching[client] = fut
+        try:
             meta = {"name": "", "project": "", "run_id": os.path.basename(self.path), "config": {}}
             await self.attach(ClientState(client, rank, pid, pid_start, host), meta)
-            state = self.clients[client]
-        return state
+            fut.set_result(None)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: the waiters raise it
+            raise
+        finally:
+            del self._reattaching[client]
+        return self.clients[client]
 
     async def barrier(self, client: str, seq: int, timeout: float) -> int:
         """Wait until every message of ``client`` up to ``seq`` is durable.
@@ -275,6 +299,10 @@ class RunChannel:
         Raises the run's :class:`StorageError` if writing fails meanwhile, and
         ``TimeoutError`` if the messages do not arrive in time.
         """
+        if self.writer is None and client not in self.clients:
+            # A run reopened by a restarted daemon: what is durable is in the
+            # run's files (a client whose data is all stored has nothing to re-send).
+            await self.ensure_writer()
         if self.durable_seq(client) >= seq:
             return self.durable_seq(client)
         if self.error is not None:

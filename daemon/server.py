@@ -50,6 +50,7 @@ EXIT_STARTUP_FAILURE = 3  # systemd: RestartPreventExitStatus=3
 EXIT_ALREADY_RUNNING = 4
 
 _RECV_BUDGET = 4096
+_CRASH_WAIT = 5.0  # seconds a crash report waits for the dead client's last data
 _HOST = socket.gethostname()
 
 
@@ -429,11 +430,24 @@ class Daemon:
             # attached, and the reaper marks the run crashed if the process dies.
             ch = self._attached_channel(req)
             status = req.status if req.status in fmt.STATUSES else fmt.STATUS_FINISHED
+            # A crash report (often a forwarder's, for a dead process) waits only
+            # a little for the data: what has not arrived by then never will.
+            wait = min(self.config.graceful_timeout, _CRASH_WAIT) if status == fmt.STATUS_CRASHED else self.config.graceful_timeout
             try:
-                durable = await ch.barrier(req.env.client, req.last_seq, self.config.graceful_timeout)
+                durable = await ch.barrier(req.env.client, req.last_seq, wait)
             except StorageError:
                 ch.deferred_finish[req.env.client] = (req.last_seq, status)
                 raise
+            except asyncio.TimeoutError:
+                if status != fmt.STATUS_CRASHED:
+                    raise
+                durable = ch.durable_seq(req.env.client)
+                writer = await ch.ensure_writer()
+                await ch.call(
+                    writer.event, "client_data_missing",
+                    f"client {req.env.client} crashed after sending calls up to #{req.last_seq}; only calls up to "
+                    f"#{durable} arrived (the rest died with it)",
+                )
             final = await ch.detach(req.env.client, status)
             return m.Finished(env, durable, final)
         if isinstance(req, m.AckRequest):
@@ -465,6 +479,7 @@ class Daemon:
                 raise StorageError(f"run {req.env.run} is not open in this daemon")
             check_run_path(req.env.run)
             ch = self._channel(req.env.run)
+        ch.last_heard = time.monotonic()
         return ch
 
     async def _open(self, req: m.OpenRun, env: m.Envelope) -> m.RunOpened:
@@ -517,6 +532,8 @@ class Daemon:
                     await ch.detach(c.client, fmt.STATUS_CRASHED)
                 except KoboError as exc:
                     log.error("could not mark %s crashed: %s", ch.path, exc)
+            if self.config.stale_run > 0:
+                await self._end_stale_runs()
             now = time.monotonic()
             for ch in list(self.runs.values()):
                 if (
@@ -526,6 +543,37 @@ class Daemon:
                     and now - ch.last_activity > self.config.idle_close
                 ):
                     ch.stop()
+
+    async def _end_stale_runs(self) -> None:
+        """Mark crashed the runs no live writer is known for and nothing came from for ``stale_run`` seconds.
+
+        A client's process can be judged only on its own machine.  A client on
+        another node whose forwarder could not report its end (both died, the
+        forwarder's state was lost) would leave its run ``running`` forever;
+        live clients are heard from at least every 30 s (their keepalive), so
+        silence for ``stale_run`` means they are gone.
+        """
+        now = time.monotonic()
+        limit = self.config.stale_run
+        for ch in list(self.runs.values()):
+            clients = ch.attached
+            if not clients or now - ch.last_heard < limit or ch.error is not None:
+                continue
+            if any(c.host == _HOST and c.pid and process_alive(c.pid, c.pid_start) for c in clients):
+                continue  # a live process here: it may just be idle
+            who = ", ".join(f"pid {c.pid or '?'} on {c.host or '?'} (rank {c.rank})" for c in clients[:8])
+            why = (
+                f"nothing arrived from its {len(clients)} client(s) for {now - ch.last_heard:.0f}s (limit "
+                f"--stale-run {limit:g}s) and none is known to be alive: {who}{' ...' if len(clients) > 8 else ''}"
+            )
+            log.warning("marking %s crashed: %s", ch.path, why)
+            try:
+                writer = await ch.ensure_writer()
+                await ch.call(writer.event, "stale", why)
+                for c in clients:
+                    await ch.detach(c.client, fmt.STATUS_CRASHED)
+            except KoboError as exc:
+                log.error("could not mark %s crashed: %s", ch.path, exc)
 
     async def _system_metrics(self, interval: float) -> None:
         """Sample this node every ``interval`` seconds into each run with a live client here.

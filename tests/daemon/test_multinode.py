@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -408,6 +409,7 @@ def test_forwarder_and_head_killed_while_logging_store_each_call_once(
         node = daemon_factory(second_endpoint, *node_args)
         time.sleep(1.5)
         head.kill()
+        time.sleep(2.0)  # the client's acknowledgement requests queue up in the forwarder meanwhile
         head = daemon_factory(endpoint, *head_args)
         time.sleep(1.5)
         stop_file.touch()
@@ -423,6 +425,10 @@ def test_forwarder_and_head_killed_while_logging_store_each_call_once(
     with RunReader(base_dir / "nodes" / "steady") as r:
         s = r.series("x", rank=1)
         np.testing.assert_array_equal(s["value"], np.arange(n) + 0.5)
+        # The restarted head re-attached the client once, not once per queued request.
+        resumes = [e for e in r.events() if e["kind"] == "resume"]
+        assert len(resumes) == 1, resumes
+        assert [e["detail"] for e in r.events() if e["kind"] == "status"] == ["finished"]
     assert json.loads((base_dir / "nodes" / "steady" / "metadata.json").read_text())["status"] == "finished"
     assert node.terminate() == 0, node.output()
     assert head.terminate() == 0, head.output()
@@ -611,4 +617,167 @@ def test_connection_flood_does_not_knock_the_head_over(endpoint, second_endpoint
     finally:
         for s in held:
             s.close()
+        stop_head(head, head_log)
+
+
+# ------------------------------------------------------- every run ends
+
+ENDS = r"""
+import os, sys, time
+from kohakuboard.client import Board
+run_id, mode, go = sys.argv[1], sys.argv[2], sys.argv[3]
+b = Board(name=run_id, run_id=run_id, project="nodes", rank=1, world_size=2, capture_output=False, timeout=30)
+for i in range(100):
+    b.log(x=float(i))
+b.flush(timeout=30)
+print("flushed", flush=True)
+if mode == "finish":
+    while not os.path.exists(go):
+        time.sleep(0.02)
+    b.finish(timeout=40)
+    print("DONE", flush=True)
+elif mode == "steady":
+    i = 100
+    while True:
+        b.log(x=float(i))
+        i += 1
+        if i % 50 == 0:
+            time.sleep(0.002)
+else:
+    time.sleep(600)  # killed here
+"""
+
+
+def node_setup(tmp_path: Path) -> tuple[list[str], list[str]]:
+    """Keys for a head and one authorized node; (head args, node args without --endpoint)."""
+    head_keys, node_keys = tmp_path / "head-keys", tmp_path / "node-keys"
+    head_pub, _ = make_keys(head_keys)
+    _, node_client = make_keys(node_keys)
+    authorize(head_keys, node_client, "node1")
+    port = free_port_pair()
+    head_args = ["--listen", f"tcp://127.0.0.1:{port}", "--key-dir", str(head_keys)]
+    node_args = ["--forward", f"tcp://127.0.0.1:{port}", "--head-key", head_pub, "--key-dir", str(node_keys)]
+    return head_args, node_args
+
+
+def start_ends(second_endpoint, run_id: str, mode: str, tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+    script = tmp_path / "ends.py"
+    script.write_text(ENDS)
+    go = tmp_path / f"go-{run_id}"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), run_id, mode, str(go)],
+        env={**os.environ, "KOBO_DAEMON_ENDPOINT": str(second_endpoint), "KOBO_DAEMON_AUTOSTART": "0"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    line = proc.stdout.readline().strip()
+    if line != "flushed":
+        proc.kill()
+        raise AssertionError(f"client did not start: {line}\n{proc.communicate()[1]}")
+    return proc, go
+
+
+def wait_status(run: Path, status: str, timeout: float, why: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while json.loads((run / "metadata.json").read_text())["status"] != status:
+        assert time.monotonic() < deadline, f"{run.name} not {status} within {timeout}s\n{why}"
+        time.sleep(0.1)
+
+
+def test_finish_through_a_node_survives_a_head_restart(endpoint, second_endpoint, daemon_factory, base_dir, tmp_path):
+    """The head dies with a node client's finish request unanswered: the client asks again and the run ends finished."""
+    head_args, node_args = node_setup(tmp_path)
+    head = daemon_factory(endpoint, *head_args)
+    node = daemon_factory(second_endpoint, "--endpoint", str(second_endpoint), *node_args)
+    client, go = start_ends(second_endpoint, "fin", "finish", tmp_path)
+    try:
+        os.kill(head.pid, signal.SIGSTOP)  # the request reaches a head that never answers ...
+        go.touch()
+        time.sleep(1.0)
+        head.kill()  # ... and dies with it
+        head = daemon_factory(endpoint, *head_args)
+        out, err = client.communicate(timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    assert client.returncode == 0 and "DONE" in out, err
+    assert "could not be finished" not in err, err
+    run = base_dir / "nodes" / "fin"
+    with RunReader(run) as r:
+        assert r.status == "finished"
+        np.testing.assert_array_equal(r.series("x", rank=1)["value"], np.arange(100.0))
+    assert node.terminate() == 0, node.output()
+    assert head.terminate() == 0, head.output()
+
+
+def test_head_marks_a_run_nobody_is_heard_from_crashed(endpoint, second_endpoint, daemon_factory, base_dir, tmp_path):
+    """Client and its forwarder both killed: nobody can report it, so the head marks the run crashed after --stale-run."""
+    head_args, node_args = node_setup(tmp_path)
+    head_log = tmp_path / "head.log"
+    head = start_head(endpoint, [*head_args, "--stale-run", "3"], head_log, code=REMOTE_HEAD)
+    try:
+        node = daemon_factory(second_endpoint, "--endpoint", str(second_endpoint), *node_args)
+        client, _ = start_ends(second_endpoint, "silent", "sleep", tmp_path)
+        node.kill()
+        client.kill()
+        client.communicate(timeout=10)
+        run = base_dir / "nodes" / "silent"
+        wait_status(run, "crashed", 15, head_log.read_text())
+        with RunReader(run) as r:
+            np.testing.assert_array_equal(r.series("x", rank=1)["value"], np.arange(100.0))
+            stale = [e for e in r.events() if e["kind"] == "stale"]
+            assert stale and "none is known to be alive" in stale[0]["detail"], r.events()
+            assert [c["status"] for c in r.clients()] == ["crashed"]
+    finally:
+        stop_head(head, head_log)
+
+
+def test_restarted_forwarder_reports_a_client_that_died_meanwhile(endpoint, second_endpoint, daemon_factory, base_dir, tmp_path):
+    """A client dies while its node's forwarder is down: the restarted forwarder knows it (pid + start time) and reports it."""
+    head_args, node_args = node_setup(tmp_path)
+    head_log = tmp_path / "head.log"
+    head = start_head(endpoint, [*head_args, "--stale-run", "0"], head_log, code=REMOTE_HEAD)
+    try:
+        node = daemon_factory(second_endpoint, "--endpoint", str(second_endpoint), *node_args)
+        alive, _ = start_ends(second_endpoint, "alive", "sleep", tmp_path)
+        dies, _ = start_ends(second_endpoint, "dies", "sleep", tmp_path)
+        time.sleep(0.6)  # the forwarder keeps its watch list on disk (within 0.5 s)
+        node.kill()
+        dies.kill()
+        dies.communicate(timeout=10)
+        node = daemon_factory(second_endpoint, "--endpoint", str(second_endpoint), *node_args)
+        wait_status(base_dir / "nodes" / "dies", "crashed", 15, node.output() + head_log.read_text())
+        assert "died without finishing" in node.output()
+        # The client that lives on is still watched, not reported.
+        assert json.loads((base_dir / "nodes" / "alive" / "metadata.json").read_text())["status"] == "running"
+        alive.kill()
+        alive.communicate(timeout=10)
+        wait_status(base_dir / "nodes" / "alive", "crashed", 15, node.output())
+        assert node.terminate() == 0, node.output()
+    finally:
+        stop_head(head, head_log)
+
+
+def test_crash_report_does_not_wait_for_data_lost_with_the_head(endpoint, second_endpoint, daemon_factory, base_dir, tmp_path):
+    """Client and head die ~50 ms apart while it logs: the run still ends crashed, with what arrived, each call once."""
+    head_args, node_args = node_setup(tmp_path)
+    head_log = tmp_path / "head.log"
+    head = start_head(endpoint, [*head_args, "--stale-run", "0"], head_log, code=REMOTE_HEAD)
+    try:
+        node = daemon_factory(second_endpoint, "--endpoint", str(second_endpoint), *node_args)
+        client, _ = start_ends(second_endpoint, "both", "steady", tmp_path)
+        time.sleep(0.5)
+        client.kill()
+        time.sleep(0.05)
+        head.kill()
+        head.wait(10)
+        client.communicate(timeout=10)
+        head = start_head(endpoint, [*head_args, "--stale-run", "0"], head_log, code=REMOTE_HEAD)
+        run = base_dir / "nodes" / "both"
+        wait_status(run, "crashed", 25, node.output() + head_log.read_text())
+        with RunReader(run) as r:
+            x = r.series("x", rank=1)["value"]
+            assert len(x) >= 100
+            np.testing.assert_array_equal(x, np.arange(float(len(x))))  # a prefix, each call once
+        assert node.terminate() == 0, node.output()
+    finally:
         stop_head(head, head_log)
