@@ -139,10 +139,11 @@ def show(run: str, base_dir: str, as_json: bool, show_output: bool, strip_ansi: 
     world_text = f", world size {world}" if isinstance(world, int) and not isinstance(world, bool) and world > 1 else ""
     click.echo(f"ranks:    {len(summary['ranks'])} ({', '.join(map(str, summary['ranks'])) or '-'}){world_text}")
     dropped = summary.get("dropped") or {}
-    if dropped.get("calls"):
+    if dropped.get("calls") or dropped.get("lines"):
+        lines = f" and {dropped['lines']} output line(s)" if dropped.get("lines") else ""
         click.echo(
-            f"dropped:  {dropped['calls']} log() call(s) ({dropped['values']} value(s)) discarded by the "
-            "drop policy while the daemon could not keep up"
+            f"dropped:  {dropped.get('calls', 0)} log() call(s) ({dropped.get('values', 0)} value(s)){lines} discarded "
+            "by the drop policy while the daemon could not keep up"
         )
     click.echo("config:")
     for key, value in summary["config"].items():

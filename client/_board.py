@@ -919,6 +919,7 @@ class Board:
             "max_queue": s.max_queue,
             "dropped_calls": s.dropped_calls,
             "dropped_values": s.dropped_values,
+            "dropped_lines": s.dropped_lines,
             "daemon_restarts_seen": s.replays,
             "replayed_calls": s.replayed_calls,
         }

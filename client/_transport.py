@@ -98,12 +98,11 @@ class _Entry:
 class _Drop:
     """Calls ``first..last`` discarded by the drop policy; sent as one DropReport."""
 
-    __slots__ = ("first", "last", "calls", "values")
+    __slots__ = ("first", "last", "calls", "values", "lines")
 
-    def __init__(self, first: int, values: int) -> None:
+    def __init__(self, first: int) -> None:
         self.first = self.last = first
-        self.calls = 1
-        self.values = values
+        self.calls = self.values = self.lines = 0
 
 
 class Sender(threading.Thread):
@@ -154,6 +153,7 @@ class Sender(threading.Thread):
         self._warned_full = False
         self.dropped_calls = 0
         self.dropped_values = 0
+        self.dropped_lines = 0
         self._drop: _Drop | None = None
         self.error: BaseException | None = None
         self.encode_errors = 0
@@ -233,13 +233,16 @@ class Sender(threading.Thread):
             seq, values = _seq_and_values(item)
             d = self._drop
             if d is None:
-                self._drop = _Drop(seq, values)
+                d = self._drop = _Drop(seq)
+            d.last = seq
+            if type(item) is m.OutputMessage:  # a captured output line, not a log() call
+                d.lines += 1
+                self.dropped_lines += 1
             else:
-                d.last = seq
                 d.calls += 1
                 d.values += values
-            self.dropped_calls += 1
-            self.dropped_values += values
+                self.dropped_calls += 1
+                self.dropped_values += values
             if not self._warned_full:
                 self._warned_full = True
                 print(
@@ -435,7 +438,7 @@ class Sender(threading.Thread):
                 frames = codec.encode_log(self._run, self._client, seq, self._rank, step, gstep, wall, scalars)
                 return _Entry(seq, seq, frames, 1)
             if type(item) is _Drop:
-                return self._drop_entry(item.first, item.last, item.calls, item.values)
+                return self._drop_entry(item.first, item.last, item.calls, item.values, item.lines)
             return _Entry(item.env.seq, item.env.seq, codec.encode(item), 1)
         except Exception as exc:
             # log() validates everything it can, so this is a bug: count it, tell
@@ -447,10 +450,10 @@ class Sender(threading.Thread):
             self.dropped_values += values
             return self._drop_entry(seq, seq, 1, values)
 
-    def _drop_entry(self, first: int, last: int, calls: int, values: int) -> _Entry:
+    def _drop_entry(self, first: int, last: int, calls: int, values: int, lines: int = 0) -> _Entry:
         """The DropReport standing for calls ``first..last`` (so the sequence stays whole)."""
         env = m.Envelope(self._run, self._client, last, self._rank, 0, 0, time.time())
-        return _Entry(first, last, codec.encode(m.DropReport(env, first, calls, values)), 0)
+        return _Entry(first, last, codec.encode(m.DropReport(env, first, calls, values, lines)), 0)
 
     def _encode_batch(self, first: tuple[Any, ...]) -> tuple[int, int, list[Any], int]:
         """Pack ``first`` and the queued calls right after it that log the same names.

@@ -346,7 +346,7 @@ def decode(frames: Sequence[bytes | memoryview | Any]) -> Any:
         _check_batch(payload)
     elif kind == "output" and payload[0] not in ("stdout", "stderr"):
         raise MalformedMessage("output stream must be stdout or stderr")
-    elif kind == "dropped" and not (1 <= payload[0] <= env.seq and payload[1] >= 0 and payload[2] >= 0):
+    elif kind == "dropped" and not (1 <= payload[0] <= env.seq and payload[1] >= 0 and payload[2] >= 0 and payload[3] >= 0):
         raise MalformedMessage("dropped report needs 1 <= first_seq <= seq and non-negative counts")
     try:
         return _BY_KIND[kind](env, *payload)

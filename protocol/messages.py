@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 3
+PROTOCOL_MINOR = 4
 # Minor versions only append payload fields (each with a default).  A message
 # names the minor version that added each field in its ``SINCE`` map; fields not
 # listed are in 1.0.  The decoder fills fields an older sender did not have with
@@ -138,14 +138,18 @@ class DropReport:
 
     Sent in sequence order in place of the dropped calls, so the sequence stays
     contiguous; the daemon adds the counts to the run's stored drop counters.
-    Wire payload: ``[first_seq, calls, values]``.
+    ``calls`` counts ``log()`` calls (with ``values`` values), ``lines`` (since
+    1.4) captured output lines; the daemon marks the place in ``output.log``.
+    Wire payload: ``[first_seq, calls, values, lines]``.
     """
 
     KIND: ClassVar[str] = "dropped"
+    SINCE: ClassVar[dict[str, int]] = {"lines": 4}
     env: Envelope
     first_seq: int = 0
     calls: int = 0
     values: int = 0
+    lines: int = 0
 
 
 # ------------------------------------------------------------------ control

@@ -61,8 +61,10 @@ committing.  Readers ignore them and the next writer removes them; the clients
 re-send that batch, so nothing is lost or doubled.  ``client_seqs`` holds, per
 client, the committed sequence numbers as closed ranges ``lo..hi`` (usually one
 row): the daemon drops a re-sent message whose numbers are already there.
-``clients.dropped_calls``/``dropped_values`` count what the client's drop policy
-discarded when the daemon could not keep up.
+``clients.dropped_calls``/``dropped_values`` count the ``log()`` calls (and their
+values) the client's drop policy discarded when the daemon could not keep up,
+``dropped_lines`` the captured output lines (``output.log`` has a line saying
+how many were dropped where they were).
 
 Compatibility: ``FORMAT_VERSION`` is written to ``metadata.json`` and to the
 ``meta`` table.  A reader refuses a folder whose major version is newer.
@@ -139,7 +141,8 @@ CREATE TABLE IF NOT EXISTS clients (
     status TEXT NOT NULL,
     durable_seq INTEGER NOT NULL DEFAULT 0,
     dropped_calls INTEGER NOT NULL DEFAULT 0,
-    dropped_values INTEGER NOT NULL DEFAULT 0
+    dropped_values INTEGER NOT NULL DEFAULT 0,
+    dropped_lines INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS media (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

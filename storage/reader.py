@@ -883,19 +883,23 @@ class RunReader:
     def clients(self) -> list[dict[str, Any]]:
         """Every client (process) that attached to the run."""
         cols = ("client", "rank", "pid", "host", "opened_at", "closed_at", "status", "durable_seq")
-        try:
-            _, rows = self._select(f"SELECT {', '.join(cols)}, dropped_calls, dropped_values FROM clients ORDER BY opened_at")
-            cols = (*cols, "dropped_calls", "dropped_values")
-        except StorageError:  # a run written before drop counters existed
-            _, rows = self._select(f"SELECT {', '.join(cols)} FROM clients ORDER BY opened_at")
-        return [dict(zip(cols, row)) for row in rows]
+        for extra in (("dropped_calls", "dropped_values", "dropped_lines"), ("dropped_calls", "dropped_values"), ()):
+            try:  # runs written before (some) drop counters existed lack their columns
+                _, rows = self._select(f"SELECT {', '.join((*cols, *extra))} FROM clients ORDER BY opened_at")
+            except StorageError:
+                if not extra:
+                    raise
+                continue
+            return [dict(zip((*cols, *extra), row)) for row in rows]
+        return []  # pragma: no cover
 
     def dropped(self) -> dict[str, int]:
-        """log() calls (and their values) the clients' drop policy discarded, summed over clients."""
+        """log() calls (and their values) and captured output lines the drop policy discarded, over all clients."""
         clients = self.clients()
         return {
             "calls": sum(int(c.get("dropped_calls") or 0) for c in clients),
             "values": sum(int(c.get("dropped_values") or 0) for c in clients),
+            "lines": sum(int(c.get("dropped_lines") or 0) for c in clients),
         }
 
     def summary(self) -> dict[str, Any]:

@@ -141,7 +141,7 @@ class RunWriter:
             self._db.execute("PRAGMA cache_size=-512")
             self._db.executescript(fmt.SCHEMA_SQL)
             have = {row[1] for row in self._db.execute("PRAGMA table_info(clients)")}
-            for column in ("dropped_calls", "dropped_values"):
+            for column in ("dropped_calls", "dropped_values", "dropped_lines"):
                 if column not in have:  # a run written before drop counters existed
                     self._db.execute(f"ALTER TABLE clients ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
             self._db.execute(
@@ -421,9 +421,15 @@ class RunWriter:
             if type(msg) is DropReport:
                 if not self._claim(env.client, r, msg.first_seq, seq):
                     continue
-                d = self._staged_drops.setdefault(env.client, [0, 0])
+                d = self._staged_drops.setdefault(env.client, [0, 0, 0])
                 d[0] += msg.calls
                 d[1] += msg.values
+                if msg.lines:
+                    d[2] += msg.lines
+                    self._staged_output.append(
+                        f"[kohakuboard: {msg.lines} line(s) of output dropped here: the queue was full "
+                        f"(queue_policy='drop')]\n"
+                    )
                 continue
             if not self._claim(env.client, r, seq, seq):
                 continue
@@ -613,8 +619,9 @@ class RunWriter:
                     )
                     if self._staged_drops:
                         self._db.executemany(
-                            "UPDATE clients SET dropped_calls=dropped_calls+?, dropped_values=dropped_values+? WHERE client=?",
-                            [(c, v, client) for client, (c, v) in self._staged_drops.items()],
+                            "UPDATE clients SET dropped_calls=dropped_calls+?, dropped_values=dropped_values+?, "
+                            "dropped_lines=dropped_lines+? WHERE client=?",
+                            [(c, v, n, client) for client, (c, v, n) in self._staged_drops.items()],
                         )
                     lengths = [(rel, name, len(col)) for (rel, name), col in self._dirty_columns.items()]
                     if self._output_size is not None:

@@ -43,12 +43,27 @@ def _rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-def _stalled_run(daemon, tmp_path, policy: str):
+CLIENT_OUTPUT = r"""
+import json, sys, time
+from kohakuboard.client import Board
+b = Board(run_id=sys.argv[1])  # captures stdout
+print("open", flush=True)
+sys.stdin.readline()
+for i in range(int(sys.argv[2])):
+    b.log(x=float(i))
+    print(f"line {i}")
+b.flush(timeout=120)
+print(json.dumps(b.stats()), flush=True)
+b.finish()
+"""
+
+
+def _stalled_run(daemon, tmp_path, policy: str, client: str = CLIENT, n: int = N_CALLS, run_id: str = ""):
     env = dict(os.environ, KOBO_MAX_INFLIGHT_MB="4", KOBO_QUEUE_POLICY=policy)
     err_path = tmp_path / "client.err"
     with open(err_path, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-c", CLIENT, f"stall-{policy}", str(N_CALLS)], env=env, cwd=tmp_path,
+            [sys.executable, "-c", client, run_id or f"stall-{policy}", str(n)], env=env, cwd=tmp_path,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
         )
     try:
@@ -95,7 +110,7 @@ def test_block_policy_bounds_memory_and_delivers_everything(daemon, tmp_path, ba
             v = r.series(f"m{j}")["value"]
             assert len(v) == N_CALLS and v[0] == 0.0 and v[-1] == N_CALLS - 1
             assert (v[1:] > v[:-1]).all()
-        assert r.dropped() == {"calls": 0, "values": 0}
+        assert r.dropped() == {"calls": 0, "values": 0, "lines": 0}
 
 
 def test_drop_policy_counts_exactly_what_is_missing(daemon, tmp_path, base_dir):
@@ -107,9 +122,35 @@ def test_drop_policy_counts_exactly_what_is_missing(daemon, tmp_path, base_dir):
     with RunReader(run) as r:
         stored = len(r.series("m0"))
         assert stored + stats["dropped_calls"] == N_CALLS
-        assert r.dropped() == {"calls": stats["dropped_calls"], "values": K * stats["dropped_calls"]}
+        assert r.dropped() == {"calls": stats["dropped_calls"], "values": K * stats["dropped_calls"], "lines": 0}
         values = r.series("m3")["value"]
         assert len(values) == stored and (values[1:] > values[:-1]).all()  # what arrived is in order
     res = CliRunner().invoke(kobo, ["show", str(run)])
     assert res.exit_code == 0, res.output
     assert f"dropped:  {stats['dropped_calls']} log() call(s) ({K * stats['dropped_calls']} value(s))" in res.output
+
+
+def test_drop_policy_counts_output_lines_apart_and_marks_them(daemon, tmp_path, base_dir):
+    """Calls and captured output lines dropped together: each counted as what it is; output.log says where lines went."""
+    import re
+
+    n = 40_000
+    _, err, stats = _stalled_run(daemon, tmp_path, "drop", CLIENT_OUTPUT, n, "stall-output")
+    assert "dropping the newest" in err
+    assert stats["dropped_calls"] > 0 and stats["dropped_lines"] > 0
+    run = base_dir / "default" / "stall-output"
+    with RunReader(run) as r:
+        assert len(r.series("x")) + stats["dropped_calls"] == n
+        assert r.dropped() == {"calls": stats["dropped_calls"], "values": stats["dropped_calls"], "lines": stats["dropped_lines"]}
+        text = r.read_output()
+    kept = re.findall(r"^line (\d+)$", text, re.M)
+    assert len(kept) + stats["dropped_lines"] == n
+    marks = [int(k) for k in re.findall(r"^\[kohakuboard: (\d+) line\(s\) of output dropped here", text, re.M)]
+    assert marks and sum(marks) == stats["dropped_lines"]
+    # Each mark stands where its lines were: the kept line numbers jump right across it.
+    before_first_mark = re.findall(r"^line (\d+)$", text[: text.index("[kohakuboard:")], re.M)
+    after_first_mark = re.findall(r"^line (\d+)$", text[text.index("[kohakuboard:"):], re.M)
+    assert int(after_first_mark[0]) - int(before_first_mark[-1]) - 1 == marks[0]
+    res = CliRunner().invoke(kobo, ["show", str(run)])
+    assert res.exit_code == 0, res.output
+    assert f"and {stats['dropped_lines']} output line(s) discarded" in res.output
