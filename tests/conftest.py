@@ -83,12 +83,12 @@ def base_dir(tmp_path: Path) -> Path:
 class DaemonProcess:
     """A real ``kobo-daemon run`` child process."""
 
-    def __init__(self, ep: Endpoint, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, ep: Endpoint, extra_args: tuple[str, ...] = (), prefix: tuple[str, ...] = ()) -> None:
         self.ep = ep
         self.log_path = ep.base + ".test.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kohakuboard.daemon", "run", *extra_args],
+            [*prefix, sys.executable, "-m", "kohakuboard.daemon", "run", *extra_args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=dict(os.environ),
@@ -154,8 +154,9 @@ def daemon_factory(endpoint: Endpoint) -> Iterator[object]:
     """Start extra daemons by hand (restarts, second-daemon tests); all stopped afterwards."""
     started: list[DaemonProcess] = []
 
-    def make(ep: Endpoint = endpoint, *args: str) -> DaemonProcess:
-        d = DaemonProcess(ep, args)
+    def make(ep: Endpoint = endpoint, *args: str, prefix: tuple[str, ...] = ()) -> DaemonProcess:
+        """``prefix``: a command the daemon runs under (e.g. ``unshare --uts ...``; it must exec the daemon)."""
+        d = DaemonProcess(ep, args, prefix)
         started.append(d)
         return d
 

@@ -3,6 +3,9 @@
 Everything is real: daemons are ``kobo-daemon run`` processes, the keys come
 from ``kobo-daemon keys``, the Boards run in training-script subprocesses that
 pick their daemon with ``KOBO_DAEMON_ENDPOINT``, and TCP goes over loopback.
+The node's forwarder and scripts run under a hostname of their own (a UTS
+namespace, ``unshare --uts``, where the tests run as root), so that the head
+cannot judge their pids, as on a real cluster.
 """
 
 from __future__ import annotations
@@ -60,6 +63,27 @@ else:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def _uts_namespaces() -> bool:
+    try:
+        return subprocess.run(["unshare", "--uts", "hostname", "kobo-probe"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+# Each node (its forwarder and its training scripts) runs under a hostname of
+# its own, as on a real cluster, so the head cannot judge the nodes' pids.
+# Without UTS namespaces (not root), the head is told it runs elsewhere instead.
+UTS = _uts_namespaces()
+NODE_HOST = "kobo-node-1"
+NODE: tuple[str, ...] = ("unshare", "--uts", "sh", "-c", f'hostname {NODE_HOST} && exec "$@"', "sh") if UTS else ()
+
+
+def node_daemon(daemon_factory, ep, *args: str):
+    """A daemon of the node (in the node's hostname)."""
+    return daemon_factory(ep, *args, prefix=NODE)
+
 
 
 def kobo_daemon(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -153,12 +177,14 @@ def second_endpoint():
         shutil.rmtree(d, ignore_errors=True)
 
 
-def start_board(endpoint, rank: int, run_id: str, base: Path, n: int, tmp_path: Path) -> subprocess.Popen[str]:
+def start_board(
+    endpoint, rank: int, run_id: str, base: Path, n: int, tmp_path: Path, *, on_node: bool = True
+) -> subprocess.Popen[str]:
     script = tmp_path / "board.py"
     script.write_text(BOARD)
     env = {**os.environ, "KOBO_DAEMON_ENDPOINT": str(endpoint), "KOBO_DAEMON_AUTOSTART": "0"}
     return subprocess.Popen(
-        [sys.executable, str(script), str(rank), run_id, str(base), str(n)],
+        [*(NODE if on_node else ()), sys.executable, str(script), str(rank), run_id, str(base), str(n)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
@@ -188,13 +214,13 @@ def test_two_nodes_log_into_one_run_on_the_head(endpoint, second_endpoint, daemo
     head = daemon_factory(endpoint, "--listen", f"tcp://127.0.0.1:{port}", "--key-dir", str(head_keys))
     # The head listens on exactly PORT (data) and PORT+1 (requests).
     assert listening_tcp_ports(head.pid) == {port, port + 1}
-    node = daemon_factory(
+    node = node_daemon(daemon_factory,
         second_endpoint, "--endpoint", str(second_endpoint),
         "--forward", f"tcp://127.0.0.1:{port}", "--head-key", str(head_key_file), "--key-dir", str(node_keys),
     )
     assert listening_tcp_ports(node.pid) == set()  # a forwarder listens on nothing
 
-    rank0 = start_board(endpoint, 0, "shared", base_dir, N_CALLS, tmp_path)
+    rank0 = start_board(endpoint, 0, "shared", base_dir, N_CALLS, tmp_path, on_node=False)  # on the head
     rank1 = start_board(second_endpoint, 1, "shared", base_dir, N_CALLS, tmp_path)
     wait_ok(rank0, "rank 0 (on the head)")
     wait_ok(rank1, "rank 1 (through the forwarder)")
@@ -202,6 +228,9 @@ def test_two_nodes_log_into_one_run_on_the_head(endpoint, second_endpoint, daemo
     run = base_dir / "nodes" / "shared"
     with RunReader(run) as r:
         assert r.ranks("loss") == [0, 1]
+        if UTS:  # the node is another machine as far as the head can tell
+            assert {c["host"] for c in r.clients() if c["rank"] == 1} == {NODE_HOST}
+            assert {c["host"] for c in r.clients() if c["rank"] == 0} == {socket.gethostname()}
         for rank in (0, 1):
             s = r.series("loss", rank=rank)
             np.testing.assert_array_equal(s["value"], rank * 1_000_000 + np.arange(N_CALLS) + 0.25)
@@ -251,7 +280,7 @@ def test_unauthorized_node_and_plain_zeromq_are_refused(endpoint, second_endpoin
     assert r.returncode == 0, r.stderr
     run = base_dir / "nodes" / "shared"
 
-    node = daemon_factory(
+    node = node_daemon(daemon_factory,
         second_endpoint, "--endpoint", str(second_endpoint),
         "--forward", f"tcp://127.0.0.1:{port}", "--head-key", head_pub, "--key-dir", str(bad_keys),
     )
@@ -346,7 +375,7 @@ def test_insecure_plaintext_is_explicit_and_loud(endpoint, second_endpoint, daem
     head = daemon_factory(endpoint, "--listen", f"tcp://127.0.0.1:{port}", "--insecure-plaintext")
     assert listening_tcp_ports(head.pid) == {port, port + 1}
     assert "WITHOUT encryption or authentication" in head.output()
-    node = daemon_factory(
+    node = node_daemon(daemon_factory,
         second_endpoint, "--endpoint", str(second_endpoint), "--forward", f"tcp://127.0.0.1:{port}", "--insecure-plaintext",
     )
     assert "WITHOUT encryption or authentication" in node.output()
@@ -392,13 +421,13 @@ def test_forwarder_and_head_killed_while_logging_store_each_call_once(
         "--head-key", head_pub, "--key-dir", str(node_keys),
     )
     head = daemon_factory(endpoint, *head_args)
-    node = daemon_factory(second_endpoint, *node_args)
+    node = node_daemon(daemon_factory,second_endpoint, *node_args)
 
     stop_file = tmp_path / "stop"
     script = tmp_path / "steady.py"
     script.write_text(STEADY)
     client = subprocess.Popen(
-        [sys.executable, str(script), str(stop_file)],
+        [*NODE, sys.executable, str(script), str(stop_file)],
         env={**os.environ, "KOBO_DAEMON_ENDPOINT": str(second_endpoint), "KOBO_DAEMON_AUTOSTART": "0"},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -406,7 +435,7 @@ def test_forwarder_and_head_killed_while_logging_store_each_call_once(
         assert client.stdout.readline().strip() == "open"
         time.sleep(1.0)
         node.kill()  # data in the forwarder's queues is lost with it
-        node = daemon_factory(second_endpoint, *node_args)
+        node = node_daemon(daemon_factory,second_endpoint, *node_args)
         time.sleep(1.5)
         head.kill()
         time.sleep(2.0)  # the client's acknowledgement requests queue up in the forwarder meanwhile
@@ -451,6 +480,10 @@ REMOTE_HEAD = (
     "import kohakuboard.daemon.server as s; s._HOST = 'the-head-machine'; "
     "from kohakuboard.daemon.cli import main; main()"
 )
+# How to start a head that cannot see the nodes' processes: an ordinary one when
+# the nodes have hostnames of their own.
+HEAD_CODE = None if UTS else REMOTE_HEAD
+HEAD_CMD = [sys.executable, "-m", "kohakuboard.daemon"] if UTS else [sys.executable, "-c", REMOTE_HEAD]
 
 
 def test_node_reports_its_killed_client_as_crashed(endpoint, second_endpoint, daemon_factory, base_dir, tmp_path):
@@ -465,7 +498,7 @@ def test_node_reports_its_killed_client_as_crashed(endpoint, second_endpoint, da
     head_log = tmp_path / "head.log"
     with open(head_log, "wb") as log:
         head = subprocess.Popen(
-            [sys.executable, "-c", REMOTE_HEAD, "run", "--listen", f"tcp://127.0.0.1:{port}", "--key-dir", str(head_keys)],
+            [*HEAD_CMD, "run", "--listen", f"tcp://127.0.0.1:{port}", "--key-dir", str(head_keys)],
             stdout=log, stderr=subprocess.STDOUT,
         )
     try:
@@ -473,14 +506,14 @@ def test_node_reports_its_killed_client_as_crashed(endpoint, second_endpoint, da
         while not (daemon_alive(endpoint) and os.path.exists(endpoint.control_addr[6:])):
             assert head.poll() is None and time.monotonic() < deadline, head_log.read_text()
             time.sleep(0.02)
-        node = daemon_factory(
+        node = node_daemon(daemon_factory,
             second_endpoint, "--endpoint", str(second_endpoint), "--forward", f"tcp://127.0.0.1:{port}",
             "--head-key", head_pub, "--key-dir", str(node_keys),
         )
         script = tmp_path / "dies.py"
         script.write_text(DIES)
         client = subprocess.Popen(
-            [sys.executable, str(script)],
+            [*NODE, sys.executable, str(script)],
             env={**os.environ, "KOBO_DAEMON_ENDPOINT": str(second_endpoint), "KOBO_DAEMON_AUTOSTART": "0"},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
@@ -576,7 +609,7 @@ def test_connection_flood_does_not_knock_the_head_over(endpoint, second_endpoint
     )
     held: list[socket.socket] = []
     try:
-        node = daemon_factory(
+        node = node_daemon(daemon_factory,
             second_endpoint, "--endpoint", str(second_endpoint), "--forward", f"tcp://127.0.0.1:{port}",
             "--head-key", head_pub, "--key-dir", str(node_keys),
         )
@@ -665,7 +698,7 @@ def start_ends(second_endpoint, run_id: str, mode: str, tmp_path: Path) -> tuple
     script.write_text(ENDS)
     go = tmp_path / f"go-{run_id}"
     proc = subprocess.Popen(
-        [sys.executable, str(script), run_id, mode, str(go)],
+        [*NODE, sys.executable, str(script), run_id, mode, str(go)],
         env={**os.environ, "KOBO_DAEMON_ENDPOINT": str(second_endpoint), "KOBO_DAEMON_AUTOSTART": "0"},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -687,7 +720,7 @@ def test_finish_through_a_node_survives_a_head_restart(endpoint, second_endpoint
     """The head dies with a node client's finish request unanswered: the client asks again and the run ends finished."""
     head_args, node_args = node_setup(tmp_path)
     head = daemon_factory(endpoint, *head_args)
-    node = daemon_factory(second_endpoint, "--endpoint", str(second_endpoint), *node_args)
+    node = node_daemon(daemon_factory,second_endpoint, "--endpoint", str(second_endpoint), *node_args)
     client, go = start_ends(second_endpoint, "fin", "finish", tmp_path)
     try:
         os.kill(head.pid, signal.SIGSTOP)  # the request reaches a head that never answers ...
@@ -713,9 +746,9 @@ def test_head_marks_a_run_nobody_is_heard_from_crashed(endpoint, second_endpoint
     """Client and its forwarder both killed: nobody can report it, so the head marks the run crashed after --stale-run."""
     head_args, node_args = node_setup(tmp_path)
     head_log = tmp_path / "head.log"
-    head = start_head(endpoint, [*head_args, "--stale-run", "3"], head_log, code=REMOTE_HEAD)
+    head = start_head(endpoint, [*head_args, "--stale-run", "3"], head_log, code=HEAD_CODE)
     try:
-        node = daemon_factory(second_endpoint, "--endpoint", str(second_endpoint), *node_args)
+        node = node_daemon(daemon_factory,second_endpoint, "--endpoint", str(second_endpoint), *node_args)
         client, _ = start_ends(second_endpoint, "silent", "sleep", tmp_path)
         node.kill()
         client.kill()
@@ -735,16 +768,16 @@ def test_restarted_forwarder_reports_a_client_that_died_meanwhile(endpoint, seco
     """A client dies while its node's forwarder is down: the restarted forwarder knows it (pid + start time) and reports it."""
     head_args, node_args = node_setup(tmp_path)
     head_log = tmp_path / "head.log"
-    head = start_head(endpoint, [*head_args, "--stale-run", "0"], head_log, code=REMOTE_HEAD)
+    head = start_head(endpoint, [*head_args, "--stale-run", "0"], head_log, code=HEAD_CODE)
     try:
-        node = daemon_factory(second_endpoint, "--endpoint", str(second_endpoint), *node_args)
+        node = node_daemon(daemon_factory,second_endpoint, "--endpoint", str(second_endpoint), *node_args)
         alive, _ = start_ends(second_endpoint, "alive", "sleep", tmp_path)
         dies, _ = start_ends(second_endpoint, "dies", "sleep", tmp_path)
         time.sleep(0.6)  # the forwarder keeps its watch list on disk (within 0.5 s)
         node.kill()
         dies.kill()
         dies.communicate(timeout=10)
-        node = daemon_factory(second_endpoint, "--endpoint", str(second_endpoint), *node_args)
+        node = node_daemon(daemon_factory,second_endpoint, "--endpoint", str(second_endpoint), *node_args)
         wait_status(base_dir / "nodes" / "dies", "crashed", 15, node.output() + head_log.read_text())
         assert "died without finishing" in node.output()
         # The client that lives on is still watched, not reported.
@@ -761,9 +794,9 @@ def test_crash_report_does_not_wait_for_data_lost_with_the_head(endpoint, second
     """Client and head die ~50 ms apart while it logs: the run still ends crashed, with what arrived, each call once."""
     head_args, node_args = node_setup(tmp_path)
     head_log = tmp_path / "head.log"
-    head = start_head(endpoint, [*head_args, "--stale-run", "0"], head_log, code=REMOTE_HEAD)
+    head = start_head(endpoint, [*head_args, "--stale-run", "0"], head_log, code=HEAD_CODE)
     try:
-        node = daemon_factory(second_endpoint, "--endpoint", str(second_endpoint), *node_args)
+        node = node_daemon(daemon_factory,second_endpoint, "--endpoint", str(second_endpoint), *node_args)
         client, _ = start_ends(second_endpoint, "both", "steady", tmp_path)
         time.sleep(0.5)
         client.kill()
@@ -771,7 +804,7 @@ def test_crash_report_does_not_wait_for_data_lost_with_the_head(endpoint, second
         head.kill()
         head.wait(10)
         client.communicate(timeout=10)
-        head = start_head(endpoint, [*head_args, "--stale-run", "0"], head_log, code=REMOTE_HEAD)
+        head = start_head(endpoint, [*head_args, "--stale-run", "0"], head_log, code=HEAD_CODE)
         run = base_dir / "nodes" / "both"
         wait_status(run, "crashed", 25, node.output() + head_log.read_text())
         with RunReader(run) as r:
