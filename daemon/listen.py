@@ -440,10 +440,17 @@ class TcpListener:
             self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
             for data_addr, control_addr in pairs:
                 for sock, addr in ((self.pull, data_addr), (self.router, control_addr)):
-                    try:
-                        sock.bind(addr)
-                    except zmq.ZMQError as exc:
-                        raise RelaySetupError(f"cannot listen on {addr}: {exc}") from None
+                    # The listener of a daemon that was just killed may still be
+                    # closing its sockets: wait a little for the port.
+                    deadline = time.monotonic() + 5.0
+                    while True:
+                        try:
+                            sock.bind(addr)
+                            break
+                        except zmq.ZMQError as exc:
+                            if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                                raise RelaySetupError(f"cannot listen on {addr}: {exc}") from None
+                            time.sleep(0.1)
             ports = {int(a.rsplit(":", 1)[1]) for pair in pairs for a in pair}
             self.guard = ConnectionGuard(self.ctx, [self.pull, self.router], ports, config, fd_limit)
             self.relay = _HeadRelay(
