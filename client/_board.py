@@ -799,7 +799,6 @@ class Board:
     def _finish_until(self, sender: Any, last: int, status: str, deadline: float) -> KoboError | None:
         """Ask the daemon to finish this client until it answers or ``deadline``; the last problem."""
         from ..protocol.endpoint import daemon_alive
-        from ._transport import NoAnswer
 
         problem: KoboError | None = None
         attempt = 0
@@ -839,11 +838,11 @@ class Board:
                         problem = exc2
                 time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))  # (a forwarder without its head, too)
                 continue
-            except NoAnswer as exc:  # a restarted daemon (or head) lost the request: ask again
-                problem = exc
-                continue
-            except KoboError as exc:  # the daemon answered with an error (e.g. its own timeout): final
-                return exc
+            except KoboError as exc:
+                if getattr(exc, "no_answer", False):  # a restarted daemon (or head) lost the request: ask again
+                    problem = exc
+                    continue
+                return exc  # the daemon answered with an error (e.g. its own timeout): final
             sender.note_durable(reply.durable_seq)
             return None
 

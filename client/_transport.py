@@ -635,10 +635,6 @@ class _Aborted(Exception):
     pass
 
 
-class NoAnswer(KoboTimeoutError):
-    """No reply to a request in time (the daemon may have restarted and lost it); not an answer saying so."""
-
-
 class Connection:
     """A Board's sockets to one daemon."""
 
@@ -668,7 +664,9 @@ class Connection:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise NoAnswer(f"kobo-daemon on {self.ep} did not answer {msg_cls.KIND} within {timeout:g}s")
+                    exc = KoboTimeoutError(f"kobo-daemon on {self.ep} did not answer {msg_cls.KIND} within {timeout:g}s")
+                    exc.no_answer = True  # type: ignore[attr-defined]  # (not the daemon saying it timed out)
+                    raise exc
                 if self._dealer.poll(int(min(remaining, 0.05) * 1000) + 1):
                     try:
                         reply = codec.decode(self._dealer.recv_multipart())

@@ -51,6 +51,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -98,6 +99,23 @@ def connection_limit(config: DaemonConfig, fd_limit: int) -> int:
     return min(config.max_connections, budget) if config.max_connections else budget
 
 
+def _bytes_received(fd: int) -> int:
+    """Bytes TCP connection ``fd`` has received (Linux ``TCP_INFO``); -1 if unknown."""
+    try:
+        s = socket.socket(fileno=fd)
+    except OSError:
+        return -1
+    try:
+        info = s.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", 11), 192)
+    except OSError:
+        return -1
+    finally:
+        s.detach()
+    # struct tcp_info: 8 bytes of u8 fields, 24 u32, then pacing_rate,
+    # max_pacing_rate, bytes_acked, bytes_received (u64 each; Linux >= 4.1).
+    return struct.unpack_from("=Q", info, 128)[0] if len(info) >= 136 else -1
+
+
 class _Conn:
     __slots__ = ("ip", "port", "since", "refused", "mon", "confirmed")
 
@@ -126,7 +144,7 @@ class ConnectionGuard:
     a ``HANDSHAKE_FAILED_*`` event comes just before the ``DISCONNECTED`` of
     its connection).  A connection over a limit is ``shutdown()`` (libzmq
     then closes it as it would any peer that hangs up).  Runs on the relay's
-    thread: :meth:`sockets` are registered in its poller with :meth:`on_event`.
+    thread: its :attr:`monitors` are registered in the relay's poller, handled by :meth:`on_event`.
     """
 
     def __init__(self, ctx: zmq.Context[Any], socks: list[zmq.Socket[Any]], ports: set[int], config: DaemonConfig,
@@ -148,6 +166,7 @@ class ConnectionGuard:
         self._last_log = 0.0
         self._next_sweep = time.monotonic() + _SWEEP_INTERVAL
         self.monitors: list[zmq.Socket[Any]] = []
+        self._lock = threading.Lock()  # info() runs on another thread than the events
         self._failure: dict[zmq.Socket[Any], tuple[str, int]] = {}
         self._lost: set[int] = set()
         for n, sock in enumerate(socks):
@@ -167,6 +186,10 @@ class ConnectionGuard:
     # ------------------------------------------------------------- events
 
     def on_event(self, mon: zmq.Socket[Any]) -> None:
+        with self._lock:
+            self._on_event(mon)
+
+    def _on_event(self, mon: zmq.Socket[Any]) -> None:
         from zmq.utils.monitor import parse_monitor_message
 
         for _ in range(4096):
@@ -184,13 +207,7 @@ class ConnectionGuard:
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.handshakes += 1
                 self._failure.pop(mon, None)
-                # The event names no connection: credit the oldest one of this
-                # socket still handshaking (exact unless many handshake at once).
-                key = id(mon)
-                for conn in self.conns.values():
-                    if conn.mon == key and not conn.confirmed and not conn.refused:
-                        conn.confirmed = True
-                        break
+                self._credit_handshake(id(mon))
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self._failure[mon] = ("unauthorized_key", value)
             elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
@@ -205,7 +222,25 @@ class ConnectionGuard:
                 self._failure[mon] = ("", value)
             elif event == zmq.EVENT_ACCEPT_FAILED:
                 self._count("?", "accept_failed")  # e.g. EMFILE: the connection waits in the kernel's queue
-        mon.getsockopt(zmq.EVENTS)  # more may be queued: the poller sees them on its next pass
+
+    def _credit_handshake(self, mon: int) -> None:
+        """Mark the connection whose handshake just succeeded (the event does not name it).
+
+        The oldest connection of this socket still handshaking that has
+        received more than a greeting (an idle stranger has received nothing);
+        failing that, the oldest one still handshaking.
+        """
+        fallback = None
+        for fd, conn in self.conns.items():
+            if conn.mon != mon or conn.confirmed or conn.refused:
+                continue
+            if fallback is None:
+                fallback = conn
+            if _bytes_received(fd) > 64:
+                conn.confirmed = True
+                return
+        if fallback is not None:
+            fallback.confirmed = True
 
     def _accepted(self, fd: int, mon: int) -> None:
         peer = self._peer(fd)
@@ -311,6 +346,10 @@ class ConnectionGuard:
     # ------------------------------------------------------- housekeeping
 
     def tick(self, now: float) -> None:
+        with self._lock:
+            self._tick(now)
+
+    def _tick(self, now: float) -> None:
         if self._unlogged and now - self._last_log >= _LOG_INTERVAL:
             self._last_log = now
             top = self._unlogged.most_common(6)
@@ -331,6 +370,10 @@ class ConnectionGuard:
                     self._forget(fd)
 
     def info(self) -> dict[str, Any]:
+        with self._lock:
+            return self._info()
+
+    def _info(self) -> dict[str, Any]:
         top = sorted(self.peers.items(), key=lambda kv: -sum(kv[1].values()))[:50]
         return {
             "open": len(self.conns),
@@ -683,7 +726,10 @@ class ListenerProcess:
 
 
 def start_tcp_listener(config: DaemonConfig) -> ListenerProcess | None:
-    """Listen on ``config.listen`` in a child process (None when it is empty); raise :class:`KoboError` if impossible."""
+    """Listen on ``config.listen`` in a child process (None when it is empty).
+
+    Raises :class:`KoboError` if that is impossible (no keys, bad address, port in use).
+    """
     if not getattr(config, "listen", None):
         return None
     return ListenerProcess(config)

@@ -164,7 +164,10 @@ class Daemon:
         try:
             try:
                 if self.config.listen:  # TCP for other nodes (listen.py), up before the IPC sockets appear
-                    from .listen import start_tcp_listener
+                    from .listen import open_file_limit, start_tcp_listener
+
+                    # Each remote client costs an IPC connection from the listener process.
+                    open_file_limit()
 
                     self._tcp = start_tcp_listener(self.config)
                 self._bind()
@@ -432,7 +435,9 @@ class Daemon:
             status = req.status if req.status in fmt.STATUSES else fmt.STATUS_FINISHED
             # A crash report (often a forwarder's, for a dead process) waits only
             # a little for the data: what has not arrived by then never will.
-            wait = min(self.config.graceful_timeout, _CRASH_WAIT) if status == fmt.STATUS_CRASHED else self.config.graceful_timeout
+            wait = self.config.graceful_timeout
+            if status == fmt.STATUS_CRASHED:
+                wait = min(wait, _CRASH_WAIT)
             try:
                 durable = await ch.barrier(req.env.client, req.last_seq, wait)
             except StorageError:
