@@ -264,7 +264,10 @@ class ConnectionGuard:
         elif len(fds) > self.max_per_address:
             why = "too_many_from_address"
         else:
-            young = sum(1 for f in fds if now - self.conns[f].since < self.handshake_timeout)
+            young = sum(
+                1 for f in fds
+                if not self.conns[f].confirmed and now - self.conns[f].since < self.handshake_timeout
+            )
             if young > self.max_handshakes:
                 why = "too_many_handshakes_from_address"
         if why:
