@@ -814,3 +814,25 @@ def test_crash_report_does_not_wait_for_data_lost_with_the_head(endpoint, second
         assert node.terminate() == 0, node.output()
     finally:
         stop_head(head, head_log)
+
+
+def test_head_restarts_its_tcp_listener_process(endpoint, second_endpoint, daemon_factory, base_dir, tmp_path):
+    """The TCP listener is a process of its own: when it dies, the head lives on and starts a new one."""
+    head_args, node_args = node_setup(tmp_path)
+    head = daemon_factory(endpoint, *head_args)
+    node = node_daemon(daemon_factory, second_endpoint, "--endpoint", str(second_endpoint), *node_args)
+    first = head_status(endpoint)["listen"]
+    assert first["pid"] in child_pids(head.pid) and first["restarts"] == 0
+    os.kill(first["pid"], signal.SIGKILL)  # what an abort (e.g. out of descriptors) would do
+    deadline = time.monotonic() + 20
+    while (st := head_status(endpoint)["listen"])["restarts"] < 1:
+        assert time.monotonic() < deadline, head.output()
+        time.sleep(0.2)
+    assert st["pid"] != first["pid"] and st["pid"] in child_pids(head.pid)
+    assert "TCP listener process" in head.output() and "restarted" in head.output()
+    board = start_board(second_endpoint, 1, "relisten", base_dir, 500, tmp_path)
+    wait_ok(board, "rank 1 through the new listener")
+    with RunReader(base_dir / "nodes" / "relisten") as r:
+        np.testing.assert_array_equal(r.series("loss", rank=1)["value"], 1_000_000 + np.arange(500) + 0.25)
+    assert node.terminate() == 0, node.output()
+    assert head.terminate() == 0, head.output()
