@@ -321,6 +321,8 @@ class ConnectionGuard:
         self.disconnected += 1
         if conn is not None and conn.refused:
             return  # one we refused (counted then)
+        if failure is not None and failure[0] == "unauthorized_key":
+            return  # counted by the ZAP handler, which knows the address
         if failure is None:
             if conn is None and not lost or conn is not None and conn.confirmed:
                 return  # a peer that left
@@ -333,6 +335,11 @@ class ConnectionGuard:
             age = time.monotonic() - conn.since if conn is not None else 0.0
             kind = "handshake_timeout" if age >= self.handshake_timeout - 0.5 else "closed_in_handshake"
         self._count(ip, kind)
+
+    def count_refused(self, ip: str, kind: str) -> None:
+        """Count a refusal decided elsewhere (the ZAP handler's thread)."""
+        with self._lock:
+            self._count(ip, kind)
 
     def _count(self, ip: str, kind: str) -> None:
         self.refused[kind] += 1
@@ -392,6 +399,39 @@ class ConnectionGuard:
                 "open_file_limit": self.fd_limit,
             },
         }
+
+
+def _authenticator(ctx: zmq.Context[Any]) -> Any:
+    """pyzmq's ZAP handler thread, remembering the peer address of the request it is answering."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    class _Authenticator(ThreadAuthenticator):
+        peer_address = "?"
+
+        async def handle_zap_message(self, msg: list[bytes]) -> None:
+            self.peer_address = msg[3].decode("utf-8", "replace") if len(msg) > 3 and msg[3] else "?"
+            await super().handle_zap_message(msg)
+
+    return _Authenticator(ctx, log=logging.getLogger("kohakuboard.daemon.zap"))
+
+
+class _KeyCheck:
+    """The CURVE callback: the authorized keys, plus the refused peer's address for the guard.
+
+    libzmq's ``HANDSHAKE_FAILED_AUTH`` event does not say who was refused and
+    its connection may be gone before the guard can ask; the ZAP request does.
+    """
+
+    def __init__(self, authorized: keys.AuthorizedKeys, listener: "TcpListener") -> None:
+        self.authorized = authorized
+        self.listener = listener
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        ok = self.authorized.callback(domain, key)
+        if not ok and self.listener.guard is not None:
+            ip = getattr(self.listener.auth, "peer_address", "?")
+            self.listener.guard.count_refused(ip[7:] if ip.startswith("::ffff:") else ip, "unauthorized_key")
+        return ok
 
 
 class _HeadRelay(Relay):
@@ -459,13 +499,11 @@ class TcpListener:
         self.relay: _HeadRelay | None = None
         try:
             if server_keys is not None:
-                from zmq.auth.thread import ThreadAuthenticator
-
                 # Bound before any CURVE socket binds; ZAP_ENFORCE_DOMAIN makes
                 # libzmq refuse connections should the handler ever be missing.
-                self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("kohakuboard.daemon.zap"))
+                self.auth = _authenticator(self.ctx)
                 self.auth.start()
-                self.auth.configure_curve_callback(ZAP_DOMAIN, self.authorized)
+                self.auth.configure_curve_callback(ZAP_DOMAIN, _KeyCheck(self.authorized, self))
             for sock in (self.pull, self.router):
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)  # libzmq checks it per frame

@@ -339,7 +339,8 @@ def test_unauthorized_node_and_plain_zeromq_are_refused(endpoint, second_endpoin
     peers = st["listen"]["peers"]
     by_address = peers["by_address"]
     assert by_address["127.0.0.1"].get("unauthorized_key", 0) >= 1, peers  # the node with a key not authorized
-    assert by_address["127.0.0.3"].get("bad_crypto", 0) >= 1, peers  # a wrong server key
+    # A wrong server key (its address is "?" if it was gone before the head could ask; a busy machine).
+    assert by_address.get("127.0.0.3", {}).get("bad_crypto", 0) + by_address.get("?", {}).get("bad_crypto", 0) >= 1, peers
     # Plain ZeroMQ against CURVE (either side may notice first), and bytes that are not ZeroMQ.
     kinds = ("mechanism_mismatch", "closed_in_handshake", "protocol_error")
     assert sum(peers["refused"].get(k, 0) for k in kinds) >= 2, peers
