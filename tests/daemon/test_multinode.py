@@ -774,7 +774,13 @@ def test_restarted_forwarder_reports_a_client_that_died_meanwhile(endpoint, seco
         node = node_daemon(daemon_factory,second_endpoint, "--endpoint", str(second_endpoint), *node_args)
         alive, _ = start_ends(second_endpoint, "alive", "sleep", tmp_path)
         dies, _ = start_ends(second_endpoint, "dies", "sleep", tmp_path)
-        time.sleep(0.6)  # the forwarder keeps its watch list on disk (within 0.5 s)
+        # The forwarder keeps the clients it watches on disk (0600, beside its socket).
+        state = Path(second_endpoint.base + ".clients.json")
+        deadline = time.monotonic() + 10
+        while not (state.exists() and len(json.loads(state.read_text() or "[]")) == 2):
+            assert time.monotonic() < deadline, node.output()
+            time.sleep(0.05)
+        assert state.stat().st_mode & 0o777 == 0o600
         node.kill()
         dies.kill()
         dies.communicate(timeout=10)
