@@ -67,6 +67,18 @@ def _check_count(what: str, value: Any, minimum: int) -> int:
     return value
 
 
+def _check_seconds(what: str, value: Any) -> float | None:
+    """``value`` as a timeout in seconds: None, or a finite number > 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds, got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"{what} must be a finite number of seconds > 0, got {value!r}")
+    return value
+
+
 def _check_path_part(what: str, value: str) -> str:
     """``value`` as given, or ``TypeError``/``ValueError`` saying why it cannot name a folder.
 
@@ -103,15 +115,19 @@ def _encode_rich(rich: list[tuple[str, Any]]) -> tuple[list[Any], list[Any]]:
     Raises the value's ``TypeError``/``ValueError``/``OSError`` with the key
     in front of the message.
     """
+    from ..protocol.items import check_item
+
     items: list[Any] = []
     blobs: list[Any] = []
     for key, value in rich:
         start = len(blobs)
         try:
             meta = value._encode(blobs)
+            item = [key, RICH_KINDS[type(value)], meta, list(range(start, len(blobs)))]
+            check_item(item, blobs)  # the rule the daemon applies again
         except (TypeError, ValueError, OSError) as exc:
             raise type(exc)(f"cannot log {key!r}: {exc}") from exc
-        items.append([key, RICH_KINDS[type(value)], meta, list(range(start, len(blobs)))])
+        items.append(item)
     return items, blobs
 
 
@@ -282,6 +298,23 @@ class Board:
         _load()
         from ._config import ClientConfig
 
+        for what, value in (("run_id", run_id), ("board_id", board_id)):
+            if value is not None:
+                try:
+                    _check_path_part(what, value)
+                except ValueError as exc:
+                    if value == "":
+                        raise ValueError(f"{exc}; omit {what} (or pass None) to start a new run") from None
+                    raise
+        if not isinstance(capture_output, bool):
+            raise TypeError(f"capture_output must be True or False, got {type(capture_output).__name__}")
+        if base_dir is not None and not isinstance(base_dir, (str, os.PathLike)):
+            raise TypeError(f"base_dir must be a path (str or os.PathLike), got {type(base_dir).__name__}")
+        if base_dir is not None and not isinstance(os.fspath(base_dir), str):
+            raise TypeError("base_dir must be a str path, not bytes")
+        if max_queue is not None:
+            max_queue = _check_count("max_queue", max_queue, 1)
+        timeout = _check_seconds("timeout", timeout)
         if run_id is not None and board_id is not None and run_id != board_id:
             raise ValueError(f"run_id={run_id!r} and board_id={board_id!r} disagree; pass one of them")
         if name is not None and not isinstance(name, str):
@@ -303,7 +336,7 @@ class Board:
             self.local_rank = cfg.local_rank if cfg.local_rank is not None else self.rank
         if self.world_size > 1 and self.rank >= self.world_size:
             raise ValueError(f"rank {self.rank} is not below world_size {self.world_size}")
-        explicit = run_id or board_id
+        explicit = run_id if run_id is not None else board_id
         launch = cfg.elastic_run_id
         if explicit:
             rid = explicit
@@ -355,7 +388,7 @@ class Board:
         self._crashed = False
         self._end_status: str | None = None  # "crashed" or "interrupted", set by an exception
         self._pid = os.getpid()
-        self._max_queue = max_queue or cfg.max_queue
+        self._max_queue = max_queue if max_queue is not None else cfg.max_queue
         self._max_inflight = _check_count("max_inflight_bytes", max_inflight_bytes, 1) if max_inflight_bytes is not None else cfg.max_inflight_bytes
         from ._config import QUEUE_POLICIES
 
@@ -701,6 +734,7 @@ class Board:
         with self._lock:
             last = self._seq
             self._sender.flush_drops()
+        timeout = _check_seconds("timeout", timeout)
         timeout = timeout if timeout is not None else self._cfg.flush_timeout
         sender = self._sender
         if sender.acked_seq >= last:
@@ -747,6 +781,7 @@ class Board:
         it could not write the run (the data stays with the daemon, which
         writes it once it can).
         """
+        _check_seconds("timeout", timeout)
         if self._closed:
             return
         if self._pid != os.getpid():

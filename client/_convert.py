@@ -198,8 +198,14 @@ def _image_layout(shape: tuple[int, ...]) -> str:
         layout, (h, w) = "hw", shape
     elif shape[-1] in _CHANNELS:
         layout, (h, w) = "hwc", shape[:2]
-    elif shape[0] in _CHANNELS:
+    elif shape[0] in _CHANNELS and min(shape[1], shape[2]) > shape[0]:
         layout, (h, w) = "chw", shape[1:]
+    elif shape[0] in _CHANNELS:
+        raise ValueError(
+            f"image of shape {shape} is ambiguous: its last dimension ({shape[-1]}) is no channel count "
+            f"(1, 3, 4) and its first ({shape[0]}) is not smaller than the other two, so it is neither "
+            "clearly HWC nor CHW; pass (H, W, C) with C = 1, 3 or 4 (arr.transpose(1, 2, 0) turns CHW into HWC)"
+        )
     else:
         raise ValueError(
             f"image of shape {shape} has no channel dimension of size 1, 3 or 4 "
@@ -220,7 +226,9 @@ def image_to_hwc_uint8(obj: Any) -> Any:
     """Return one image as a new C-contiguous ``(H, W, C)`` uint8 array, ``C`` in 1, 3, 4.
 
     Accepts numpy arrays, torch tensors (any device/dtype) and array-likes in
-    HWC, CHW (first dim 1/3/4 and last dim not), HW or (H, W, 1) layout, and
+    HWC, CHW (first dim 1/3/4 and smaller than the other two, last dim not
+    1/3/4; a shape like (4, 4, 2) or (4, 4, 5) that fits neither clearly is
+    refused), HW or (H, W, 1) layout, and
     PIL images.  Pixel values: uint8 as is; bool -> 0/255; float -> clipped to
     [0, 1], times 255, rounded (NaN -> 0); other integers -> clipped to
     [0, 255].  Raises ``ValueError`` for arrays that are not one image (0-D,

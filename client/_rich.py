@@ -249,12 +249,7 @@ class Histogram:
             counts = to_numpy(self.counts).reshape(-1)
             if counts.dtype.kind not in "biuf":
                 raise TypeError(f"histogram counts must be numbers, not {counts.dtype}")
-            if counts.size and len(edges) != len(counts) + 1:
-                raise ValueError(f"histogram has {len(edges)} bin edges for {len(counts)} counts (need counts + 1)")
-            if counts.size and (np.any(counts < 0) or not np.all(np.isfinite(counts))):
-                raise ValueError("histogram counts must be finite and >= 0")
-            if edges.size and (not np.all(np.isfinite(edges)) or np.any(np.diff(edges) < 0)):
-                raise ValueError("histogram bin edges must be finite and increasing")
+            # edges, counts and their agreement: protocol.items.check_histogram
             meta["binned"] = True
             meta.update(self._stats)
             meta["edges"] = _array_blob(np.ascontiguousarray(edges), blobs)
@@ -311,7 +306,9 @@ class TensorLog:
                 arr = arr.astype(np.dtype(self.precision))
             except TypeError:
                 raise ValueError(f"unknown precision {self.precision!r} (use a numpy dtype name)") from None
-        meta = _array_blob(np.ascontiguousarray(arr), blobs)
+        if not arr.flags.c_contiguous:
+            arr = np.array(arr, order="C")  # (np.ascontiguousarray would make a 0-d array 1-d)
+        meta = _array_blob(arr, blobs)
         return {
             "array": meta,
             "namespace": self.namespace,
@@ -390,8 +387,6 @@ class KernelDensity:
         if self.grid is not None:
             grid = to_numpy(self.grid).astype(np.float64).reshape(-1)
             density = to_numpy(self.density).astype(np.float64).reshape(-1)
-            if grid.shape != density.shape:
-                raise ValueError(f"KDE grid has {grid.size} points but density has {density.size}")
             return {"precomputed": True, "grid": _array_blob(grid, blobs), "density": _array_blob(density, blobs)}
         arr = to_numpy(self.values)
         if arr.dtype.kind not in "biuf":

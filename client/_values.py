@@ -50,7 +50,12 @@ def to_scalar(key: str, value: Any) -> float:
             kind = getattr(getattr(value, "dtype", None), "kind", "f")
             if kind not in "biuf":
                 raise TypeError(f"cannot log {key!r}: numpy dtype {value.dtype} is not a number")
-            return float(value.reshape(-1)[0] if hasattr(value, "reshape") and getattr(value, "ndim", 0) else value)
+            out = float(value.reshape(-1)[0] if hasattr(value, "reshape") and getattr(value, "ndim", 0) else value)
+            if out - out != 0.0 and out == out and not bool(abs(value) == out * out):
+                # a finite longdouble beyond float64 turns into inf without an
+                # OverflowError; refuse it as the int 10**400 is refused
+                raise OverflowError
+            return out
         if module.startswith("torch"):
             numel = value.numel() if hasattr(value, "numel") else 1
             if numel == 0:
@@ -76,7 +81,10 @@ def to_scalar(key: str, value: Any) -> float:
 _NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
-def to_config(obj: Any, path: str = "config", *, nonfinite_as_text: bool = False) -> Any:
+MAX_CONFIG_DEPTH = 100
+
+
+def to_config(obj: Any, path: str = "config", *, nonfinite_as_text: bool = False, _depth: int = 0) -> Any:
     """Return a JSON- and msgpack-ready copy of ``config``, or raise naming the key path.
 
     numpy and torch scalars become Python numbers, their arrays lists,
@@ -85,7 +93,8 @@ def to_config(obj: Any, path: str = "config", *, nonfinite_as_text: bool = False
     JSON) NaN and +-inf are kept as the strings ``"NaN"``, ``"Infinity"`` and
     ``"-Infinity"``; otherwise they stay floats.  Anything else (bytes, sets,
     objects, integers beyond 64 bits, non-string dict keys) raises
-    ``TypeError`` naming its place, e.g. ``config['optim']['betas']``.
+    ``TypeError`` naming its place, e.g. ``config['optim']['betas']``; so does
+    nesting deeper than ``MAX_CONFIG_DEPTH`` (100) levels.
     """
     if obj is None or isinstance(obj, bool):
         return obj
@@ -103,26 +112,30 @@ def to_config(obj: Any, path: str = "config", *, nonfinite_as_text: bool = False
         if nonfinite_as_text and obj - obj != 0.0:
             return _NONFINITE[repr(float(obj))]
         return float(obj)
+    if _depth >= MAX_CONFIG_DEPTH and isinstance(obj, (dict, list, tuple)):
+        where = path if len(path) <= 120 else f"{path[:60]}...{path[-40:]}"
+        raise TypeError(f"{where} nests deeper than {MAX_CONFIG_DEPTH} levels of dicts and lists, too deep to store")
     if isinstance(obj, dict):
         out = {}
         for k, v in obj.items():
             if not isinstance(k, str):
                 raise TypeError(f"{path}: key {k!r} is not a string")
             to_config(k, f"{path} key")
-            out[k] = to_config(v, f"{path}[{k!r}]", nonfinite_as_text=nonfinite_as_text)
+            out[k] = to_config(v, f"{path}[{k!r}]", nonfinite_as_text=nonfinite_as_text, _depth=_depth + 1)
         return out
     if isinstance(obj, (list, tuple)):
-        return [to_config(v, f"{path}[{i}]", nonfinite_as_text=nonfinite_as_text) for i, v in enumerate(obj)]
+        return [to_config(v, f"{path}[{i}]", nonfinite_as_text=nonfinite_as_text, _depth=_depth + 1)
+                for i, v in enumerate(obj)]
     module = type(obj).__module__ or ""
     if module == "numpy" or module.startswith("numpy."):
         if hasattr(obj, "tolist") and getattr(obj, "ndim", 0) > 0:
-            return to_config(obj.tolist(), path, nonfinite_as_text=nonfinite_as_text)
+            return to_config(obj.tolist(), path, nonfinite_as_text=nonfinite_as_text, _depth=_depth)
         if hasattr(obj, "item"):
             item = obj.item()
             if type(item) is not type(obj):
                 return to_config(item, path, nonfinite_as_text=nonfinite_as_text)
     if module.startswith("torch") and hasattr(obj, "tolist"):
-        return to_config(obj.detach().cpu().tolist(), path, nonfinite_as_text=nonfinite_as_text)
+        return to_config(obj.detach().cpu().tolist(), path, nonfinite_as_text=nonfinite_as_text, _depth=_depth)
     if hasattr(obj, "__fspath__"):
         import os
 

@@ -263,8 +263,8 @@ def kde(values: np.ndarray, grid_size: int = 256, bandwidth: float | None = None
     the narrow peaks entirely, so each density value is then the mean density
     over its grid cell (keeping the mass visible and the integral near 1).
     A bandwidth too small for distinct grid points is raised to the smallest
-    that is; values within a factor ~4 of the float64 maximum raise
-    ``ValueError``.
+    that is; near the float64 limits the grid stops at +-max float64 (and a
+    bandwidth is at most that), so every finite input gets a finite result.
 
     Raises ``ValueError`` unless ``2 <= grid_size <= 65536`` and ``bandwidth``
     is None or a finite number > 0; ``TypeError`` for non-numeric values.
@@ -312,12 +312,20 @@ def kde(values: np.ndarray, grid_size: int = 256, bandwidth: float | None = None
         std = math.sqrt(max(m2, 0.0) / n)
         bw = 1.06 * std * n ** -0.2 if std > 0 else math.ldexp(1.0 / 6.0, -exp)
     else:
-        bw = math.ldexp(bandwidth, -exp)
+        try:
+            bw = math.ldexp(bandwidth, -exp)
+        except OverflowError:  # a bandwidth beyond any grid of these values: capped below
+            bw = math.inf
+    # The largest float64 in these units: the grid (and a given bandwidth) are
+    # kept within it, so values near the float64 limits still get a finite grid.
+    fmax = float(np.finfo(np.float64).max)
+    limit = math.ldexp(fmax, -exp) if exp > 4 else fmax / 16
+    bw = min(bw, limit)
     if (hi_s - lo_s) + 6 * bw < _MIN_SPAN:
         bw = (_MIN_SPAN - (hi_s - lo_s)) / 6
 
-    start = lo_s - 3 * bw
-    stop = hi_s + 3 * bw
+    start = max(lo_s - 3 * bw, -limit)
+    stop = min(hi_s + 3 * bw, limit)
     step_out = (stop - start) / (g - 1)
     k_fine = max(1, min(math.ceil(step_out / (bw / _FINE_PER_BW)), max(1, _MAX_FINE // (g - 1))))
     m = (g - 1) * k_fine + 1
@@ -357,6 +365,4 @@ def kde(values: np.ndarray, grid_size: int = 256, bandwidth: float | None = None
         grid = np.ldexp(np.linspace(start, stop, g), exp)
         density = np.ldexp(dens, -exp)
         bw_out = float(np.ldexp(bw, exp))
-    if not (np.all(np.isfinite(grid)) and math.isfinite(bw_out)):
-        raise ValueError("values are too close to the float64 limit to lay a density grid around them")
     return {"grid": grid, "density": density, "bandwidth": bw_out, "count": int(n), "dropped": int(dropped)}

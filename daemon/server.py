@@ -493,7 +493,9 @@ class Daemon:
             raise StorageError(f"run path must be absolute, got {run!r}")
         check_run_path(run)  # no '..', and a place its user could write
         if not _is_json(req.config):  # else metadata.json could never be written again
-            raise MalformedMessage("run config must be JSON data (string keys; no NaN, inf or bytes)")
+            raise MalformedMessage(
+                f"run config must be JSON data (string keys; no NaN, inf or bytes; at most {MAX_CONFIG_DEPTH} levels deep)"
+            )
         ch = self._channel(run)
         state = ClientState(req.env.client, req.env.rank, req.pid, req.pid_start, req.host)
         meta = {
@@ -647,18 +649,25 @@ class Daemon:
             self._ctx = None
 
 
+MAX_CONFIG_DEPTH = 100  # as the client's to_config
+
+
 def _is_json(value: Any) -> bool:
-    """Whether ``value`` is plain JSON data (what ``json.dump(allow_nan=False)`` writes)."""
-    stack = [value]
+    """Whether ``value`` is plain JSON data (what ``json.dump(allow_nan=False)`` writes), at most
+    ``MAX_CONFIG_DEPTH`` levels of dicts and lists deep."""
+    stack = [(value, 0)]
     while stack:  # not recursive: a hostile config may nest deeply
-        v = stack.pop()
+        v, depth = stack.pop()
         t = type(v)
-        if t is dict:
-            if any(type(k) is not str for k in v):
+        if t is dict or t is list:
+            if depth >= MAX_CONFIG_DEPTH:  # json.dump of metadata.json would recurse too deep
                 return False
-            stack.extend(v.values())
-        elif t is list:
-            stack.extend(v)
+            if t is dict:
+                if any(type(k) is not str for k in v):
+                    return False
+                stack.extend((x, depth + 1) for x in v.values())
+            else:
+                stack.extend((x, depth + 1) for x in v)
         elif t is float:
             if v - v != 0.0:  # NaN or infinite
                 return False

@@ -239,6 +239,13 @@ def split_column_name(column: str) -> tuple[int, str]:
     return int(rank), metric
 
 
+def is_table_cell(media_name: str) -> bool:
+    """Whether a media row's name is a table's cell (``{table}#{k}``): such names are
+    refused for media a user logs (``protocol.items.check_media``)."""
+    table, sep, k = media_name.rpartition("#")
+    return bool(sep and table and k.isascii() and k.isdigit())
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
     """Write JSON to ``path`` via a temp file and rename: readers never see half a file."""
     d = os.path.dirname(path)
@@ -269,3 +276,83 @@ def read_json(path: str) -> dict[str, Any]:
 
 def run_dir(base_dir: str, project: str, run_id: str) -> str:
     return os.path.join(os.path.abspath(base_dir), project, run_id)
+
+
+# ------------------------------------------------------------ run folders
+
+# What a writer creates in a new run folder before metadata.json exists: a
+# folder holding only these (empty) directories and the lock is a run whose
+# creation was cut short, not somebody else's files.
+_SKELETON = {DATA_DIR: {"metrics", ".writer.lock"}, LOGS_DIR: set()}
+
+
+def is_run_folder(path: str) -> bool:
+    """Whether ``path`` holds a KohakuBoard run (of any format version)."""
+    if os.path.exists(os.path.join(path, METADATA_DB)):
+        return True
+    try:
+        meta = read_json(os.path.join(path, METADATA_JSON))
+    except (OSError, ValueError):
+        return False
+    return "format_version" in meta or "run_id" in meta
+
+
+def _only_skeleton(path: str, entries: list[str]) -> bool:
+    if not set(entries) <= set(_SKELETON):
+        return False
+    for top in entries:
+        sub = os.path.join(path, top)
+        if not os.path.isdir(sub) or os.path.islink(sub):
+            return False
+        for name in os.listdir(sub):
+            child = os.path.join(sub, name)
+            if name not in _SKELETON[top]:
+                return False
+            if name == ".writer.lock":
+                if not os.path.isfile(child) or os.path.getsize(child):
+                    return False
+            elif not os.path.isdir(child) or os.listdir(child):
+                return False
+    return True
+
+
+def run_folder_problem(path: str) -> str | None:
+    """Why a run must not be created at ``path``; None when it may.
+
+    A run is created only in a folder that does not exist, is empty, or
+    already is a run (see :func:`is_run_folder`; a newer format version is
+    refused separately): never beside somebody else's files.
+    """
+    try:
+        entries = os.listdir(path)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return "it is a file, not a folder"
+    except OSError as exc:
+        return f"it cannot be listed ({exc.strerror or exc})"
+    if not entries or is_run_folder(path) or _only_skeleton(path, entries):
+        return None
+    shown = ", ".join(sorted(entries)[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    return (
+        f"the folder already exists, holds other files ({shown}) and is not a KohakuBoard run; "
+        "use a new run_id, an empty folder, or another base_dir"
+    )
+
+
+def makedirs(path: str) -> None:
+    """``os.makedirs(path, exist_ok=True)`` without recursion (a path may have thousands of parts)."""
+    missing = []
+    p = os.path.abspath(path)
+    while not os.path.isdir(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise

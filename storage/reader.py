@@ -1023,7 +1023,7 @@ class RunReader:
             _, rows = self._select(f"SELECT name, rank, count(*) FROM {table} GROUP BY name, rank ORDER BY name, rank")
             names: dict[str, dict[int, int]] = {}
             for name, rank, count in rows:
-                if not (kind == "media" and "#" in name):
+                if not (kind == "media" and fmt.is_table_cell(name)):
                     names.setdefault(name, {})[int(rank)] = int(count)
             out[kind] = names
         hist: dict[str, dict[int, int]] = {}

@@ -44,6 +44,7 @@ import numpy as np
 from kohakuvault import ColumnVault
 
 from ..protocol.errors import FormatVersionError, StorageError
+from ..protocol.items import InvalidItem, check_item, item_array
 from ..protocol.messages import DropReport, LogBatch, LogMessage, OutputMessage
 from . import format as fmt
 from .seqranges import SeqRanges
@@ -99,9 +100,12 @@ class RunWriter:
         self._writer_log: Any = None
         self._lock_fd: int | None = None
         self.points_written = 0
+        problem = fmt.run_folder_problem(self.path)
+        if problem is not None:
+            raise StorageError(f"refusing to create a run in {self.path}: {problem}")
         try:
             for sub in (fmt.METRICS_DIR, fmt.LOGS_DIR):
-                os.makedirs(os.path.join(self.path, sub), exist_ok=True)
+                fmt.makedirs(os.path.join(self.path, sub))
             self._lock_fd = os.open(os.path.join(self.path, fmt.WRITER_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise StorageError(f"cannot create run folder {self.path}: {exc.strerror or exc}") from exc
@@ -308,7 +312,7 @@ class RunWriter:
                             pass
             for kind, table in (("media", "media"), ("table", "tables"), ("tensor", "tensors"), ("kde", "kde")):
                 for (name,) in self._db.execute(f"SELECT DISTINCT name FROM {table}"):
-                    if kind != "media" or "#" not in name:
+                    if kind != "media" or not fmt.is_table_cell(name):
                         out.setdefault(name, kind)
         except (sqlite3.Error, OSError):
             pass  # a hint for clients, never worth failing an open for
@@ -713,9 +717,14 @@ class RunWriter:
         for item in msg.items:
             name, kind, meta, refs = item
             try:
+                check_item(item, msg.blobs)  # the client's own rule, applied again (protocol.items)
+            except InvalidItem as exc:  # a hostile or buggy client's item: nothing of it is written
+                self.event("rejected_item", f"{kind} {name!r:.80} at step {env.step}: {exc}")
+                continue
+            try:
                 ops = _ITEM_PREPARERS[kind](self, env, name, meta, _BlobView(msg.blobs, refs))
-            except Exception as exc:  # a hostile or buggy client's item, not a disk problem
-                self.event("rejected_item", f"{kind} {name!r} at step {env.step}: {exc!r}")
+            except Exception as exc:  # a valid item the daemon cannot prepare: a bug, said loudly
+                self.event("rejected_item", f"BUG: valid {kind} {name!r} at step {env.step} failed: {exc!r}")
                 continue
             for op in ops:
                 if len(op) == 3:
@@ -751,7 +760,7 @@ class RunWriter:
         path = os.path.join(self.path, fmt.MEDIA_DIR, f"{digest}.{ext}")
         if os.path.exists(path):
             return  # content-addressed: identical bytes are stored once
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fmt.makedirs(os.path.dirname(path))
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
             with open(tmp, "wb") as f:
@@ -848,7 +857,7 @@ class RunWriter:
     def _hist_vault(self, precision: str) -> Any:
         vault = self._hist_vaults.get(precision)
         if vault is None:
-            os.makedirs(os.path.join(self.path, fmt.HISTOGRAMS_DIR), exist_ok=True)
+            fmt.makedirs(os.path.join(self.path, fmt.HISTOGRAMS_DIR))
             vault = self._hist_vaults[precision] = ColumnVault(
                 os.path.join(self.path, fmt.HISTOGRAM_FILES[precision]), block_bytes=fmt.VAULT_BLOCK_BYTES
             )
@@ -864,7 +873,7 @@ class RunWriter:
         if self._kv is None:
             from kohakuvault import KVault
 
-            os.makedirs(os.path.join(self.path, fmt.TENSORS_DIR), exist_ok=True)
+            fmt.makedirs(os.path.join(self.path, fmt.TENSORS_DIR))
             self._kv = KVault(os.path.join(self.path, fmt.TENSORS_DB), cache_kb=fmt.KVAULT_CACHE_KB)
         return self._kv
 
@@ -1033,19 +1042,7 @@ class _BlobView:
         return bytes(self._blobs[ref])
 
     def array(self, meta: dict[str, Any]) -> np.ndarray:
-        dtype = np.dtype(str(meta["dtype"]))
-        if dtype.kind not in "biufc" or dtype.hasobject:
-            raise ValueError(f"unsupported array dtype {dtype}")
-        shape = [int(x) for x in meta["shape"]]
-        if any(x < 0 for x in shape):
-            raise ValueError("negative array dimension")
-        n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        raw = self._blobs[meta["ref"]] if meta["ref"] in self._refs else None
-        if raw is None:
-            raise ValueError("array blob reference is not one of the item's")
-        if len(raw) != n * dtype.itemsize:
-            raise ValueError(f"array blob has {len(raw)} bytes, expected {n * dtype.itemsize}")
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+        return item_array(meta, self._blobs, self._refs)
 
 
 _ITEM_PREPARERS: dict[str, Callable[..., list[tuple[str, Callable[[], None]]]]] = {

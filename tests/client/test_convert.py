@@ -137,15 +137,22 @@ def test_converting_plain_data_imports_no_numpy_torch_or_pil_until_needed():
 
 def test_chw_float_image_becomes_hwc_uint8_pixels():
     """A CHW float image in [0, 1] comes back HWC uint8: clipped, times 255, rounded, NaN -> 0."""
-    chw = np.zeros((3, 2, 5), np.float32)
+    chw = np.zeros((3, 4, 5), np.float32)
     chw[0] = 1.0
     chw[1] = 0.5
-    chw[2] = [[0.2, -3.0, 7.0, np.nan, 0.5], [np.inf, -np.inf, 1 / 255, 0.999, 0.0]]
+    chw[2] = [[0.2, -3.0, 7.0, np.nan, 0.5], [np.inf, -np.inf, 1 / 255, 0.999, 0.0]] * 2
     out = image_to_hwc_uint8(chw)
-    assert out.shape == (2, 5, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
-    assert out[:, :, 0].tolist() == [[255] * 5] * 2
-    assert out[:, :, 1].tolist() == [[128] * 5] * 2  # 127.5 rounds half to even
-    assert out[:, :, 2].tolist() == [[51, 0, 255, 0, 128], [255, 0, 1, 255, 0]]
+    assert out.shape == (4, 5, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+    assert out[:, :, 0].tolist() == [[255] * 5] * 4
+    assert out[:, :, 1].tolist() == [[128] * 5] * 4  # 127.5 rounds half to even
+    assert out[:, :, 2].tolist() == [[51, 0, 255, 0, 128], [255, 0, 1, 255, 0]] * 2
+
+
+def test_shapes_that_fit_neither_hwc_nor_chw_clearly_are_refused():
+    """(4, 4, 2) and (4, 4, 5) were read as 4-channel CHW images 4x2 and 4x5: now a clear error."""
+    for shape in ((4, 4, 2), (4, 4, 5), (3, 2, 5)):
+        with pytest.raises(ValueError, match=r"ambiguous.*neither clearly HWC nor CHW"):
+            image_to_hwc_uint8(np.zeros(shape, np.uint8))
 
 
 def test_hwc_uint8_image_is_kept_exactly_as_a_copy():
