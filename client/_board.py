@@ -374,6 +374,11 @@ class Board:
             folder = _existing_folder(os.path.join(self.base_dir, self.project), self.run_id) or folder
         self.annotation = annotation
         self.path = os.path.join(self.base_dir, self.project, folder)
+        from ..storage.format import run_path_too_long
+
+        too_long = run_path_too_long(self.path)
+        if too_long is not None:
+            raise ValueError(f"cannot create the run at {self.path[:80]!r}...: {too_long}")
         self.capture_output = capture_output
         self._cfg = cfg
         self._timeout = timeout

@@ -47,6 +47,7 @@ from typing import Any, Iterable
 import zmq
 
 from ..protocol.errors import StorageError
+from ..storage import format as fmt
 
 log = logging.getLogger("kohakuboard.daemon")
 
@@ -236,6 +237,9 @@ def run_path_problem(path: Any, uid: int | None = None, gids: Iterable[int] | No
         return "it is not an absolute path"
     if ".." in path.split("/"):
         return "it contains a '..' component"
+    too_long = fmt.run_path_too_long(path)
+    if too_long is not None:
+        return too_long
     if uid is None:
         uid = os.geteuid()
     group_ids = frozenset(gids) if gids is not None else frozenset({os.getegid(), *os.getgroups()})

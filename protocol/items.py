@@ -233,14 +233,14 @@ def check_histogram(name: str, meta: Any, blobs: list[Any], refs: Any = None) ->
                 raise InvalidItem("histogram counts must be finite")
             frac = np.flatnonzero(c != np.floor(c))
             if frac.size:
-                raise InvalidItem(f"histogram counts must be whole numbers; count {int(frac[0])} is {c[frac[0]]!r}")
+                raise InvalidItem(f"histogram counts must be whole numbers; count {int(frac[0])} is {float(c[frac[0]])!r}")
         if c.min() < 0:
-            raise InvalidItem(f"histogram counts must be >= 0; count {int(np.argmin(c))} is {c.min()!r}")
+            raise InvalidItem(f"histogram counts must be >= 0; count {int(np.argmin(c))} is {float(c.min())!r}")
         limit = EXACT_COUNT_MAX if precision == "exact" else COMPACT_COUNT_MAX
         if c.max() > limit:
             hint = " (int32); precision='compact' stores up to 2**53" if precision == "exact" else ""
             raise InvalidItem(
-                f"histogram count {c.max():.6g} (bin {int(np.argmax(c))}) is over {limit}, the largest a "
+                f"histogram count {float(c.max()):.6g} (bin {int(np.argmax(c))}) is over {limit}, the largest a "
                 f"{precision} histogram stores{hint}"
             )
         total = float(np.sum(c, dtype=np.float64)) + outside
