@@ -73,10 +73,13 @@ def item_array(meta: Any, blobs: list[Any], refs: Any = None) -> Any:
 
     if type(meta) is not dict:
         raise InvalidItem("an array must be described by a map of dtype, shape and ref")
+    spec = meta.get("dtype")
     try:
-        dtype = np.dtype(str(meta.get("dtype")))
-    except TypeError:
-        raise InvalidItem(f"unknown array dtype {meta.get('dtype')!r:.40}") from None
+        if type(spec) is not str or len(spec) > 16:
+            raise TypeError
+        dtype = np.dtype(spec)
+    except (TypeError, ValueError, SyntaxError):
+        raise InvalidItem(f"unknown array dtype {spec!r:.40}") from None
     if dtype.kind not in "biufc" or dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
         raise InvalidItem(f"unsupported array dtype {dtype}")
     shape = meta.get("shape")

@@ -239,6 +239,21 @@ def split_column_name(column: str) -> tuple[int, str]:
     return int(rank), metric
 
 
+def histogram_record_problem(rec: bytes, count_size: int) -> str:
+    """Why ``rec`` cannot be parsed as a histogram row with ``count_size``-byte counts, or ''."""
+    import struct
+
+    head = struct.calcsize(HISTOGRAM_HEADER)
+    if len(rec) < head:
+        return f"{len(rec)} bytes, shorter than the {head}-byte header"
+    n = struct.unpack_from(HISTOGRAM_HEADER, rec)[3]
+    body = len(rec) - head
+    want = 8 * (n + 1) + count_size * n if n else 0
+    if n < 0 or (body != want if n else body % 8):
+        return f"header says {n} bins, which need {max(want, 0)} bytes of edges and counts; the record has {len(rec) - head}"
+    return ""
+
+
 def is_table_cell(media_name: str) -> bool:
     """Whether a media row's name is a table's cell (``{table}#{k}``): such names are
     refused for media a user logs (``protocol.items.check_media``)."""

@@ -434,6 +434,10 @@ class RunReader:
         self._committed: dict[tuple[str, str], int] | None = None
         self._commit_loaded = False
         self._committed_files: set[str] = set()
+        # Items a read met that cannot be read back (a record a buggy or older
+        # writer left malformed): skipped, the rest is read.  Each entry:
+        # {"kind", "name", "rank", "step", "reason"}.
+        self.skipped: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------- metadata
 
@@ -790,7 +794,11 @@ class RunReader:
             if vault is None or col not in {c for c, _, _ in self._guarded(vault, vault.list_columns)}:
                 continue
             cdtype = np.dtype(fmt.HISTOGRAM_COUNT_DTYPES[precision])
-            for rec in self._read_column(vault, fmt.HISTOGRAM_FILES[precision], col, as_array=False):
+            for row, rec in enumerate(self._read_column(vault, fmt.HISTOGRAM_FILES[precision], col, as_array=False)):
+                why = fmt.histogram_record_problem(rec, cdtype.itemsize)
+                if why:
+                    self._skip("histogram", name, rank, None, f"{fmt.HISTOGRAM_FILES[precision]} row {row}: {why}")
+                    continue
                 step, gstep, wall, n, nan, posinf, neginf, total, scale = struct.unpack_from(fmt.HISTOGRAM_HEADER, rec)
                 if (start is not None and step < start) or (end is not None and step > end):
                     continue
@@ -804,6 +812,11 @@ class RunReader:
                 })
         out.sort(key=lambda h: h["step"])
         return out
+
+    def _skip(self, kind: str, name: str, rank: int, step: int | None, reason: str) -> None:
+        entry = {"kind": kind, "name": name, "rank": rank, "step": step, "reason": reason}
+        if entry not in self.skipped:
+            self.skipped.append(entry)
 
     def _kv(self) -> ReadOnlyFile | None:
         return self._file(fmt.TENSORS_DB, "kv")
@@ -828,7 +841,12 @@ class RunReader:
         out = []
         rows = self._rows("tensors", name, rank, start, end)
         for r, raw in zip(rows, self._payloads(rows)):
-            arr = np.frombuffer(raw, dtype=np.dtype(r["dtype"])).reshape(json.loads(r["shape"]))
+            try:
+                arr = np.frombuffer(raw, dtype=np.dtype(r["dtype"])).reshape(json.loads(r["shape"]))
+            except (TypeError, ValueError) as exc:
+                self._skip("tensor", name, rank, r["step"], f"payload {r['key']!r} does not match dtype "
+                           f"{r['dtype']} and shape {r['shape']}: {exc}")
+                continue
             out.append({"step": r["step"], "global_step": r["global_step"], "wall": r["wall"], "array": arr,
                         "namespace": r["namespace"], "metadata": json.loads(r["metadata"]),
                         "source_dtype": r["source_dtype"]})
@@ -839,8 +857,12 @@ class RunReader:
         out = []
         rows = self._rows("kde", name, rank, start, end)
         for r, payload in zip(rows, self._payloads(rows)):
-            raw = np.frombuffer(payload, dtype="<f8")
             n = r["grid_size"]
+            if len(payload) != 16 * n:
+                self._skip("kde", name, rank, r["step"], f"payload {r['key']!r} has {len(payload)} bytes, "
+                           f"not {16 * n} for {n} grid points")
+                continue
+            raw = np.frombuffer(payload, dtype="<f8")
             out.append({"step": r["step"], "global_step": r["global_step"], "wall": r["wall"],
                         "grid": raw[:n], "density": raw[n : 2 * n], "bandwidth": r["bandwidth"], "count": r["count"]})
         return out

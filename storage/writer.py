@@ -718,8 +718,9 @@ class RunWriter:
             name, kind, meta, refs = item
             try:
                 check_item(item, msg.blobs)  # the client's own rule, applied again (protocol.items)
-            except InvalidItem as exc:  # a hostile or buggy client's item: nothing of it is written
-                self.event("rejected_item", f"{kind} {name!r:.80} at step {env.step}: {exc}")
+            except Exception as exc:  # a hostile or buggy client's item: nothing of it is written
+                why = str(exc) if isinstance(exc, InvalidItem) else f"BUG: the rule itself failed: {exc!r:.200}"
+                self.event("rejected_item", f"{kind} {name!r:.80} at step {env.step}: {why}")
                 continue
             try:
                 ops = _ITEM_PREPARERS[kind](self, env, name, meta, _BlobView(msg.blobs, refs))
