@@ -18,6 +18,12 @@ Cases (one ``log()`` call each):
   "no step inflation" case: 50 histograms = 1 step).
 * ``mixed``: 4 scalars + a 64x64x3 image (distinct) + an 8-row ``Table`` of strings and
   numbers + a 10,000-value ``Histogram``.
+* ``tensor_kde``: a 64x64x16 float32 ``TensorLog`` (256 KiB, distinct every call) and a
+  ``KernelDensity`` of 10,000 values on 4,096 points (64 KiB stored) in one call.
+
+Disk (``hist50``, ``tensor_kde``): the run folder's size (``du``) over the bytes its values hold
+as read back, measured after the repeat's last flush while the daemon still holds the run open,
+and again after the daemon stopped; target <= 1.3x (issue 9).
 
 Each repeat uses a fresh Board (``capture_output=False``) on one isolated daemon
 (endpoint ``ipc:///tmp/kobo-rb-XXXX/kobo``, started before the timings and stopped with
@@ -88,8 +94,12 @@ PACED_MIN_CALLS, PACED_MAX_CALLS = 20, 400
 
 # Calls per repeat, chosen so that one repeat of each case takes 2-4 s on the project's
 # 2-core machine (the daemon, not the loop, sets the pace).
-CALLS_FULL = {"hist1m": 150, "img_distinct": 200, "img_same": 220, "hist50": 160, "mixed": 1000}
-CALLS_QUICK = {"hist1m": 40, "img_distinct": 60, "img_same": 70, "hist50": 50, "mixed": 300}
+CALLS_FULL = {"hist1m": 150, "img_distinct": 200, "img_same": 220, "hist50": 160, "mixed": 1000, "tensor_kde": 200}
+CALLS_QUICK = {"hist1m": 40, "img_distinct": 60, "img_same": 70, "hist50": 50, "mixed": 300, "tensor_kde": 60}
+# Size on disk of a run over the bytes its values hold, both while the daemon holds the run
+# open and after the daemon stopped (issue 9): the histogram and tensor stores.
+DISK_RATIO_TARGET = 1.3
+DISK_CASES = ("hist50", "tensor_kde")
 CASES = list(CALLS_FULL)
 
 TITLES = {
@@ -98,6 +108,7 @@ TITLES = {
     "img_same": "(b') Media 256x256x3 uint8, identical",
     "hist50": "(c) 50 x Histogram(10k float32), one call",
     "mixed": "(d) 4 scalars + 64x64 image + 8-row Table + Histogram(10k)",
+    "tensor_kde": "(e) TensorLog 64x64x16 float32 + KernelDensity(10k values, 4096 points)",
 }
 
 
@@ -403,7 +414,13 @@ class Hist50(Case):
         # No step inflation: the run has one step per call, not one per histogram.
         assert len(steps) == calls and int(steps["step"].max()) == calls - 1, \
             f"hist50: run has {len(steps)} steps for {calls} calls (step inflation?)"
-        return {"histograms": n_hist, "steps": int(len(steps))}
+        # stored: each histogram's record (format: header, 65 edges, 64 int32 counts)
+        import struct
+
+        from kohakuboard.storage import format as fmt
+
+        record = struct.calcsize(fmt.HISTOGRAM_HEADER) + 65 * 8 + 64 * 4
+        return {"histograms": n_hist, "steps": int(len(steps)), "stored_bytes": n_hist * record}
 
     def baselines(self, n: int) -> dict[str, dict[str, float]]:
         pool = self.pool
@@ -415,6 +432,51 @@ class Hist50(Case):
     def baseline_text(self, b: dict[str, float]) -> str:
         return (f"50 copies {_ms(b['copy50'])} (fresh pages, kept: {_ms(b['copy50_kept'])}); "
                 f"50 np.histogram {_ms(b['np_histogram50'])}")
+
+
+class TensorKde(Case):
+    """A 256 KiB TensorLog and a 4096-point KDE (64 KiB stored) in one call: the tensor store."""
+
+    key = "tensor_kde"
+    shape = (64, 64, 16)
+    kde_values = 10_000
+    grid = 4096
+    payload_bytes = 64 * 64 * 16 * 4 + kde_values * 4
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        super().__init__(rng)
+        from kohakuboard.client import KernelDensity, TensorLog
+
+        self.TensorLog, self.KernelDensity = TensorLog, KernelDensity
+        self.t = rng.standard_normal(self.shape, dtype=np.float32)
+        self.v = rng.standard_normal(self.kde_values, dtype=np.float32)
+
+    def prep(self, i: int) -> None:
+        _stamp(self.t, i)
+
+    def call(self, board: Any, i: int) -> None:
+        board.log(act=self.TensorLog(self.t), logits=self.KernelDensity(values=self.v, grid_size=self.grid))
+
+    def verify(self, path: str, calls: int) -> dict[str, Any]:
+        from kohakuboard.storage.reader import RunReader
+
+        with RunReader(path) as r:
+            ts, ks = r.tensors("act"), r.kde("logits")
+        assert len(ts) == calls and len(ks) == calls, f"tensor_kde: {len(ts)} tensors, {len(ks)} KDEs for {calls}"
+        bad = [t["step"] for t in ts if t["array"].shape != self.shape
+               or int(t["array"].reshape(-1)[:2].view(np.int64)[0])
+               != (t["step"] - WARMUP if t["step"] >= WARMUP else -(t["step"] + 1))]  # warm-up calls: -1, -2
+        assert not bad, f"tensor_kde: wrong tensors at steps {bad[:5]}"
+        _check_steps([int(t["step"]) for t in ts], calls, "tensor_kde")
+        stored = sum(t["array"].nbytes for t in ts) + sum(k["grid"].nbytes + k["density"].nbytes for k in ks)
+        return {"tensors": len(ts), "kdes": len(ks), "stored_bytes": stored}
+
+    def baselines(self, n: int) -> dict[str, dict[str, float]]:
+        t = self.t
+        return {"copy": pcts_ms(timed(n, None, lambda i: t.copy()))}
+
+    def baseline_text(self, b: dict[str, float]) -> str:
+        return f"tensor copy {_ms(b['copy'])}"
 
 
 class Mixed(Case):
@@ -589,9 +651,27 @@ def run_repeat(case: Case, env: RichDaemon, daemon_pid: int, n: int, r: int, spy
         t0 = pc()
         res["verified"] = case.verify(board.path, WARMUP + n + m)
         res["verify_s"] = pc() - t0
+        res["run_path"] = board.path
+        res["disk_held_bytes"] = c.du_bytes(board.path)[0]  # the daemon still holds the run open
+        res["disk_held_files"] = _file_sizes(board.path)
     finally:
         board.finish()
     return res
+
+
+def _file_sizes(path: str) -> dict[str, int]:
+    """Allocated bytes of each file of the run over 64 KiB (relative path -> bytes)."""
+    out = {}
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            try:
+                size = os.lstat(full).st_blocks * 512
+            except OSError:
+                continue
+            if size > 64 << 10:
+                out[os.path.relpath(full, path)] = size
+    return out
 
 
 def start_spy(spy: str | None, key: str, daemon_pid: int) -> subprocess.Popen[bytes] | None:
@@ -637,6 +717,8 @@ def make_case(key: str, rng: np.random.Generator) -> Case:
         return Image256(rng, key == "img_distinct")
     if key == "hist50":
         return Hist50(rng)
+    if key == "tensor_kde":
+        return TensorKde(rng)
     return Mixed(rng)
 
 
@@ -707,6 +789,24 @@ def report(results: dict[str, dict[str, Any]]) -> str:
             f"| {c.median(x['loop_minor_faults_per_call'] for x in runs):.0f} "
             f"| {'in ' + str(bp) + ' repeat(s)' if bp else 'none'} |"
         )
+    disk = [k for k in results if k in DISK_CASES]
+    if disk:
+        lines += [
+            "",
+            f"| case | bytes the values hold (read back) | run on disk while the daemon holds it "
+            f"| after the daemon stopped | ratio held / stopped (target <= {DISK_RATIO_TARGET}) |",
+            "|---|---|---|---|---|",
+        ]
+        for key in disk:
+            runs = results[key]["repeats"]
+            stored = c.median(x["verified"]["stored_bytes"] for x in runs)
+            held = [x["disk_held_bytes"] / x["verified"]["stored_bytes"] for x in runs]
+            stopped = [x["disk_stopped_bytes"] / x["verified"]["stored_bytes"] for x in runs]
+            lines.append(
+                f"| {key} | {stored / 2**20:.1f} MiB | {c.median(x['disk_held_bytes'] for x in runs) / 2**20:.1f} MiB "
+                f"| {c.median(x['disk_stopped_bytes'] for x in runs) / 2**20:.1f} MiB "
+                f"| {_spread(held, lambda v: f'{v:.2f}x')} / {_spread(stopped, lambda v: f'{v:.2f}x')} |"
+            )
     return "\n".join(lines)
 
 
@@ -741,6 +841,14 @@ def records(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             c.metric(f"rich_{key}_client_peak_rss_mb", f"{title}: training process peak RSS", unit="MB",
                      target=None, op="<=", values=[x["client_peak_rss_mb"] or float("nan") for x in runs]),
         ]
+        if key in DISK_CASES:
+            out += [
+                c.metric(f"rich_{key}_disk_ratio_{when}", f"{title}: run on disk / stored values, {what}",
+                         unit="x", target=DISK_RATIO_TARGET, op="<=",
+                         values=[x[f"disk_{when}_bytes"] / x["verified"]["stored_bytes"] for x in runs],
+                         note="du of the run folder over the bytes its values hold (issue 9)")
+                for when, what in (("held", "daemon holding the run"), ("stopped", "daemon stopped"))
+            ]
     return out
 
 
@@ -864,6 +972,12 @@ def main() -> None:
             c.log(f"after {settled['waited_s']:.0f} s: {settled['open_runs']} run(s) open, daemon RSS "
                   f"{settled['daemon_rss_mb']:.0f} MB (at start {settled['daemon_rss_at_start_mb']:.0f} MB)")
 
+        # Stop the daemon (it closes every run): the size of each run at rest.
+        env.stop()
+        for res in results.values():
+            for x in res["repeats"]:
+                x["disk_stopped_bytes"] = c.du_bytes(x["run_path"])[0]
+                x["disk_stopped_files"] = _file_sizes(x["run_path"])
     text = report(results)
     if settled:
         text += (f"\n\nDaemon RSS: {daemon_rss[0][1]:.0f} MB at start; after each case "

@@ -62,6 +62,7 @@ class DaemonConfig:
     max_per_address: int = 256
     max_handshakes_per_address: int = 32
     stale_run: float = 600.0
+    durability: str = "sync"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "DaemonConfig":
@@ -73,6 +74,9 @@ class DaemonConfig:
         ``KOBO_DAEMON_FORWARD``, ``KOBO_DAEMON_HEAD_KEY``, ``KOBO_DAEMON_KEY_DIR``,
         ``KOBO_DAEMON_AUTHORIZED``, ``KOBO_DAEMON_INSECURE_PLAINTEXT`` (``1``).
         ``KOBO_DAEMON_SYSTEM_METRICS``: seconds between node samples, ``0`` or ``off`` for none.
+        ``KOBO_DAEMON_DURABILITY``: ``sync`` (default: acknowledged data survives power loss,
+        see storage/format.py "Durability") or ``process`` (opt-in: it survives a crash of any
+        process, not a power loss; no fsync).
         """
         env = os.environ if environ is None else environ
         cfg = cls(endpoint=resolve(env.get("KOBO_DAEMON_ENDPOINT"), env))
@@ -86,6 +90,7 @@ class DaemonConfig:
         cfg.key_dir = env.get("KOBO_DAEMON_KEY_DIR") or None
         cfg.authorized = env.get("KOBO_DAEMON_AUTHORIZED") or None
         cfg.insecure_plaintext = env.get("KOBO_DAEMON_INSECURE_PLAINTEXT", "").strip().lower() in ("1", "true", "yes", "on")
+        cfg.durability = env.get("KOBO_DAEMON_DURABILITY", "sync").strip().lower() or "sync"
         sysm = env.get("KOBO_DAEMON_SYSTEM_METRICS", "").strip().lower()
         if sysm:
             try:
@@ -111,6 +116,8 @@ class DaemonConfig:
             if key == "endpoint" and isinstance(value, str):
                 value = resolve(value, env)
             setattr(cfg, key, value)
+        if cfg.durability not in ("sync", "process"):
+            raise ValueError(f"durability must be 'sync' or 'process', got {cfg.durability!r}")
         if cfg.log_level not in LOG_LEVELS:
             raise ValueError(f"log level {cfg.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if not 0 < cfg.flush_interval <= 0.45:

@@ -76,9 +76,11 @@ class RunChannel:
         *,
         flush_interval: float,
         batch_messages: int,
+        durable: bool = True,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = path
+        self.durable = durable
         self.flush_interval = flush_interval
         self.batch_messages = batch_messages
         self._now = now
@@ -127,7 +129,7 @@ class RunChannel:
         # Several clients may open one run at once: only one may create the writer.
         async with self._writer_lock:
             if self.writer is None:
-                self.writer = await self.call(RunWriter, self.path, on_event=log.info)
+                self.writer = await self.call(RunWriter, self.path, on_event=log.info, durable=self.durable)
         return self.writer
 
     # -------------------------------------------------------------- clients

@@ -339,7 +339,8 @@ class Daemon:
         ch = self.runs.get(run)
         if ch is None:
             ch = self.runs[run] = RunChannel(
-                run, flush_interval=self.config.flush_interval, batch_messages=self.config.batch_messages
+                run, flush_interval=self.config.flush_interval, batch_messages=self.config.batch_messages,
+                durable=self.config.durability == "sync",
             )
             self._spawn(self._run_batcher(ch), f"batcher:{run}")
         return ch

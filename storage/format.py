@@ -66,8 +66,38 @@ values) the client's drop policy discarded when the daemon could not keep up,
 ``dropped_lines`` the captured output lines (``output.log`` has a line saying
 how many were dropped where they were).
 
+Durability (power loss, not only a crash).  The rule: every file a commit
+names is synced before the commit that names it.  Between phase A and phase B
+the writer fsyncs each file phase A wrote (a ColumnVault or the tensors KVault:
+its database file and its ``-wal``, where kohakuvault's appends are, since it
+commits with ``synchronous=NORMAL``; ``logs/output.log``; a media file before
+it is renamed into place) and each directory that gained an entry (a new media
+file, a new store, a new WAL, the run folder itself); only then is phase B's
+transaction committed, and ``metadata.db`` runs with ``synchronous=FULL``, so
+the commit point is on the disk when ``COMMIT`` returns, before any client is
+told that its data is durable.  A power loss can therefore lose only batches
+that were never acknowledged (the clients re-send them); whatever a commit
+names is on the disk.  ``metadata.json`` is replaced atomically (fsync of the
+new file, rename, fsync of the folder).  ``kobo-daemon`` with
+``KOBO_DAEMON_DURABILITY=process`` skips every fsync (and commits with
+``synchronous=NORMAL``): data then survives any crash of any process, not a
+power loss.  Tested in ``tests/storage/test_durability.py`` by recording the
+order of syncs and commits.
+
+Write-ahead logs.  SQLite never shrinks a WAL file and the KVault checkpoints
+only when closed, so a histogram or tensor store whose ``-wal`` has grown past
+``WAL_KEEP_BYTES`` is closed after the commit (checkpointed, its WAL removed)
+and reopened on its next write; ``metadata.db`` checkpoints every 256 pages
+and keeps its WAL at most ~1 MiB.
+
 Compatibility: ``FORMAT_VERSION`` is written to ``metadata.json`` and to the
 ``meta`` table.  A reader refuses a folder whose major version is newer.
+
+Run folders.  A writer creates a run only in a folder that does not exist, is
+empty, or already is a run (:func:`run_folder_problem`), never beside other
+files, and only at a path of at most ``MAX_RUN_PATH_BYTES`` (SQLite's limit).
+Media names of the form ``{name}#{digits}`` are table cells
+(:func:`is_table_cell`); the item rule refuses them for media a user logs.
 """
 
 from __future__ import annotations
@@ -98,6 +128,10 @@ TENSORS_DB = os.path.join(TENSORS_DIR, "tensors.db")
 KVAULT_CACHE_KB = 8192
 
 VAULT_BLOCK_BYTES = 64 << 10
+# A histogram or tensor store whose write-ahead log grows past this is closed
+# after the commit (checkpointed, its WAL removed) and reopened when next
+# written: see RunWriter._compact_journals.
+WAL_KEEP_BYTES = 1 << 20
 
 STATUS_RUNNING = "running"
 STATUS_FINISHED = "finished"
@@ -273,6 +307,11 @@ def write_json_atomic(path: str, obj: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fd = os.open(d or ".", os.O_RDONLY)  # the new name survives a power loss too
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -372,8 +411,9 @@ def run_folder_problem(path: str) -> str | None:
     )
 
 
-def makedirs(path: str) -> None:
-    """``os.makedirs(path, exist_ok=True)`` without recursion (a path may have thousands of parts)."""
+def makedirs(path: str) -> list[str]:
+    """``os.makedirs(path, exist_ok=True)`` without recursion (a path may have thousands of parts);
+    returns the directories it created, outermost first."""
     missing = []
     p = os.path.abspath(path)
     while not os.path.isdir(p):
@@ -382,9 +422,12 @@ def makedirs(path: str) -> None:
         if parent == p:
             break
         p = parent
+    created = []
     for d in reversed(missing):
         try:
             os.mkdir(d)
+            created.append(d)
         except FileExistsError:
             if not os.path.isdir(d):
                 raise
+    return created
