@@ -26,7 +26,7 @@ from kohakuboard.protocol.errors import StorageError
 from kohakuboard.storage.reader import RunReader
 from kohakuboard.storage.verify import verify_run
 
-FS_BYTES = 8 << 20
+FS_BYTES = 24 << 20
 LEFT_FREE = 256 << 10  # what the filler leaves: a few images' worth
 
 
@@ -145,3 +145,60 @@ def _fill_log_recover(small_fs: Path, daemon, board: Board) -> None:
     for where, text in (("flush()", str(error)), ("kobo-daemon status", status_error)):
         if "disk full" not in text.lower():
             raise AssertionError(f"{where} does not say the disk is full: {text!r}")
+
+
+def test_a_run_blocked_by_a_full_disk_resumes_by_itself_when_space_is_freed(small_fs, daemon):
+    """TensorLogs fill the disk until log() blocks (policy block); freeing about the space the
+    blocked data needs lets the run carry on by itself: the blocked log() returns, and every
+    tensor is stored once, in order (the stores' write-ahead logs do not eat the freed space)."""
+    import threading
+
+    from kohakuboard.client import TensorLog
+
+    tensor_bytes = 256 << 10
+    calls = 40  # 10 MiB
+    board = Board(name="tfull", run_id="tfull", base_dir=small_fs / "runs", capture_output=False,
+                  max_inflight_bytes=4 << 20)
+    try:
+        board.log(t=TensorLog(np.full(tensor_bytes // 4, -1.0, np.float32)))
+        board.flush()
+        big = _fill(small_fs, 1 << 20)  # 1 MiB left: a few tensors fit, then the disk is full
+        done = threading.Event()
+
+        def train() -> None:
+            for i in range(calls):
+                board.log(t=TensorLog(np.full(tensor_bytes // 4, float(i), np.float32)))
+            done.set()
+
+        t = threading.Thread(target=train, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 30
+        while not (_run_error(board.path) and board.stats()["inflight_bytes"] >= 3 << 20):
+            assert not done.is_set(), "all calls returned although the disk is full"
+            assert time.monotonic() < deadline, f"the disk never filled: {board.stats()}"
+            time.sleep(0.1)
+        assert "disk full" in _run_error(board.path).lower()
+        # Free what the rest needs: the calls not yet stored, x1.3 (the size target), nothing more.
+        stats = board.stats()
+        left = (calls + 1 - stats["acknowledged"]) * tensor_bytes
+        with open(big, "r+b") as f:
+            f.truncate(os.path.getsize(big) - int(1.3 * left))
+        assert done.wait(60), f"log() still blocked 60 s after space was freed: {board.stats()}"
+        board.flush(timeout=30)
+        assert _run_error(board.path) is None
+        board.finish()
+    finally:
+        try:
+            board.finish(timeout=5)
+        except Exception:
+            pass
+    with RunReader(board.path) as r:
+        ts = r.tensors("t")
+        assert [float(x["array"][0]) for x in ts] == [-1.0] + [float(i) for i in range(calls)], "lost, doubled or reordered"
+        assert all(x["array"].shape == (tensor_bytes // 4,) for x in ts)
+    report = verify_run(board.path)
+    assert report.exit_code == 0, "\n".join(map(str, report.findings))
+
+
+def _run_error(path: str) -> str | None:
+    return {r["path"]: r for r in _daemon_status()["runs"]}.get(path, {}).get("error")
