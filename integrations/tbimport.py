@@ -132,6 +132,15 @@ class _Converter:
                 self.result.not_converted["unreadable value"] += 1
                 continue
             for key, kind, v in converted:
+                if kind != "scalar":
+                    from ..client._board import _encode_rich
+
+                    try:  # the value rule of log() (protocol/items.py): e.g. fractional bucket counts
+                        _encode_rich([(key, v)])
+                    except (TypeError, ValueError) as exc:
+                        self.result.problems.append(f"tag {value.tag!r} at step {event.step}: {exc}")
+                        self.result.not_converted[f"invalid {kind}"] += 1
+                        continue
                 scalars, rich = calls[-1]
                 if key in scalars or any(k == key for k, _ in rich):  # a tag twice in one event
                     calls.append(({}, []))

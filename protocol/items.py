@@ -221,7 +221,9 @@ def check_histogram(name: str, meta: Any, blobs: list[Any], refs: Any = None) ->
     counts = _real(item_array(meta.get("counts"), blobs, refs), "histogram counts").reshape(-1)
     if counts.size > MAX_BINS:
         raise InvalidItem(f"histogram has {counts.size} bins (limit {MAX_BINS})")
-    if (counts.size or edges.size) and edges.size != counts.size + 1:
+    if counts.size == 0 and edges.size:
+        raise InvalidItem(f"histogram has {edges.size} bin edge(s) but no counts (an empty histogram has neither)")
+    if counts.size and edges.size != counts.size + 1:
         raise InvalidItem(f"histogram has {edges.size} bin edges for {counts.size} counts (need counts + 1)")
     if edges.size:
         e = edges.astype(np.float64)
