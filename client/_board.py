@@ -527,7 +527,10 @@ class Board:
                 raise TypeError(f"increment must be an integer, got {type(increment).__name__}")
             increment = int(increment)
         with self._lock:
-            self._global_step += increment
+            after = self._global_step + increment
+            if not -(2**63) <= after < 2**63:  # the daemon stores global steps as int64
+                raise ValueError(f"step({increment}) would move global_step to {after}, beyond a 64-bit integer")
+            self._global_step = after
             return self._global_step
 
     def log(self, auto_step: bool = True, **values: Any) -> None:

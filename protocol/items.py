@@ -97,6 +97,16 @@ def item_array(meta: Any, blobs: list[Any], refs: Any = None) -> Any:
     return np.frombuffer(raw, dtype=dtype).reshape(shape) if n else np.zeros(shape, dtype)
 
 
+def _text(value: Any, what: str) -> None:
+    """A string that msgpack and JSON can carry (no lone surrogate)."""
+    if type(value) is not str:
+        raise InvalidItem(f"{what} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidItem(f"{what} {value[:40]!r} is not valid Unicode (lone surrogate)") from None
+
+
 def _real(arr: Any, what: str) -> Any:
     if arr.dtype.kind not in "biuf":
         raise InvalidItem(f"{what} must be real numbers, not {arr.dtype}")
@@ -117,8 +127,7 @@ def check_media(name: str, meta: Any, blobs: list[Any], refs: Any = None, *, cel
         )
     if type(meta) is not dict:
         raise InvalidItem("media meta must be a map")
-    if type(meta.get("caption", "")) is not str:
-        raise InvalidItem("media caption must be a string")
+    _text(meta.get("caption", ""), "media caption")
     encoding = meta.get("encoding")
     if encoding == "raw":
         px = item_array(meta, blobs, refs)
@@ -140,14 +149,17 @@ def check_media(name: str, meta: Any, blobs: list[Any], refs: Any = None, *, cel
         raise InvalidItem(f"media extension must be 1-8 letters or digits, got {ext!r:.40}")
     if meta.get("media_type") not in MEDIA_TYPES:
         raise InvalidItem(f"media_type must be one of {', '.join(MEDIA_TYPES)}, got {meta.get('media_type')!r:.40}")
-    if meta.get("source") is not None and type(meta.get("source")) is not str:
-        raise InvalidItem("media source must be a file name")
+    if meta.get("source") is not None:
+        _text(meta.get("source"), "media source")
 
 
 def _check_cell(value: Any, where: str, n_media: int | None, depth: int = 0) -> None:
     """A table cell (``n_media`` cells of media it may name) or, with None, tensor metadata."""
     t = type(value)
-    if value is None or t is bool or t is str:
+    if value is None or t is bool:
+        return
+    if t is str:
+        _text(value, where)
         return
     if t is int:
         if not -(2**63) <= value <= _INT64_MAX:
@@ -170,6 +182,7 @@ def _check_cell(value: Any, where: str, n_media: int | None, depth: int = 0) -> 
         for k, v in value.items():
             if type(k) is not str:
                 raise InvalidItem(f"{where} has a key that is not a string")
+            _text(k, f"{where} key")
             _check_cell(v, f"{where}[{k!r:.40}]", n_media, depth + 1)
         return
     raise InvalidItem(f"{where} is a {t.__name__}, which a table cannot hold")
@@ -179,8 +192,10 @@ def check_table(name: str, meta: Any, blobs: list[Any], refs: Any = None) -> Non
     if type(meta) is not dict:
         raise InvalidItem("table meta must be a map")
     columns, rows, media = meta.get("columns"), meta.get("rows"), meta.get("media", [])
-    if type(columns) is not list or any(type(c) is not str for c in columns):
+    if type(columns) is not list:
         raise InvalidItem("table columns must be a list of strings")
+    for c in columns:
+        _text(c, "table column name")
     if type(rows) is not list or type(media) is not list:
         raise InvalidItem("table rows and media must be lists")
     for k, mm in enumerate(media):
@@ -257,14 +272,13 @@ def check_tensor(name: str, meta: Any, blobs: list[Any], refs: Any = None) -> No
     if type(meta) is not dict:
         raise InvalidItem("tensor meta must be a map")
     item_array(meta.get("array"), blobs, refs)
-    if meta.get("namespace") is not None and type(meta.get("namespace")) is not str:
-        raise InvalidItem("tensor namespace must be a string or None")
+    if meta.get("namespace") is not None:
+        _text(meta.get("namespace"), "tensor namespace")
     md = meta.get("metadata") or {}
     if type(md) is not dict:
         raise InvalidItem("tensor metadata must be a map")
     _check_cell(md, "tensor metadata", None)
-    if type(meta.get("source_dtype", "")) is not str:
-        raise InvalidItem("tensor source_dtype must be a string")
+    _text(meta.get("source_dtype", ""), "tensor source_dtype")
 
 
 def check_kde(name: str, meta: Any, blobs: list[Any], refs: Any = None) -> None:

@@ -129,6 +129,10 @@ CASES = [
     Case("image-4x4x5", lambda: Media(np.zeros((4, 4, 5), np.uint8)), r"\(4, 4, 5\) is ambiguous"),
     Case("image-chw-3x8x6", lambda: Media(np.zeros((3, 8, 6), np.uint8)), check=_image((8, 6, 3))),
     Case("image-hwc-4x4x3", lambda: Media(np.zeros((4, 4, 3), np.uint8)), check=_image((4, 4, 3))),
+    # --- text that msgpack and JSON cannot carry is refused here, not lost in the sender thread
+    Case("table-column-lone-surrogate", lambda: Table([{"a\udc80": 1}]), r"table column name 'a\\udc80' is not valid Unicode"),
+    Case("caption-lone-surrogate", lambda: Media(np.zeros((4, 4, 3), np.uint8), caption="x\udc80"),
+         r"media caption 'x\\udc80' is not valid Unicode"),
     # --- scalars beyond float64 are refused alike, infinities are kept
     Case("scalar-longdouble-1e4000", lambda: np.longdouble("1e4000"), r"too large for a float64"),
     Case("scalar-int-10-400", lambda: 10**400, r"too large for a float64"),
@@ -204,6 +208,17 @@ def test_board_arguments_are_checked_where_given(kwargs, exc, msg, base_dir, end
     with pytest.raises(exc, match=msg):
         Board(**{"run_id": "args", "capture_output": False, **kwargs})
     assert not base_dir.exists()
+
+
+def test_global_step_stays_within_what_the_daemon_stores(daemon):
+    """board.step(2**63) would make every later log() a message the daemon must refuse: raised at once."""
+    with Board(run_id="gstep", capture_output=False) as b:
+        b.step(2**62)
+        with pytest.raises(ValueError, match=r"step\(9223372036854775807\) would move global_step to .* beyond a 64-bit"):
+            b.step(2**63 - 1)
+        b.log(x=1.0)
+    with RunReader(b.path) as r:
+        assert r.series("x")["global_step"].tolist() == [2**62]
 
 
 def test_deep_config_within_the_limit_is_stored_exactly(daemon):
