@@ -765,12 +765,19 @@ class RunReader:
 
         out = []
         for r in self._rows("tables", name, rank, start, end):
-            rows = json.loads(r["rows"])
-            ids = [c["$media"] for row in rows for c in row if isinstance(c, dict) and "$media" in c]
+            try:
+                rows, columns = json.loads(r["rows"]), json.loads(r["columns"])
+                if not (isinstance(rows, list) and isinstance(columns, list) and all(isinstance(x, list) for x in rows)):
+                    raise ValueError("rows and columns are not lists")
+            except (TypeError, ValueError) as exc:
+                self._skip("table", name, rank, r["step"], f"its JSON does not parse as a table: {exc}")
+                continue
+            ids = [c["$media"] for row in rows for c in row if isinstance(c, dict) and type(c.get("$media")) is int]
             media = self._media_by_id(ids)
-            rows = [[media.get(c["$media"], c) if isinstance(c, dict) and "$media" in c else c for c in row] for row in rows]
+            rows = [[media.get(c["$media"], c) if isinstance(c, dict) and type(c.get("$media")) is int else c
+                     for c in row] for row in rows]
             out.append({"step": r["step"], "global_step": r["global_step"], "wall": r["wall"],
-                        "columns": json.loads(r["columns"]), "rows": rows})
+                        "columns": columns, "rows": rows})
         return out
 
     def _hist_vault(self, precision: str) -> ReadOnlyFile | None:

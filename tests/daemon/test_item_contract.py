@@ -258,3 +258,23 @@ def test_a_reader_skips_a_malformed_record_reports_it_and_reads_the_rest(daemon,
         assert "row 2: header says 3 bins" in r.skipped[0]["reason"]
     res = CliRunner().invoke(kobo, ["verify", b.path])
     assert res.exit_code == 1 and "histogram record" in res.output, res.output
+
+
+def test_a_reader_skips_a_table_row_whose_json_is_damaged(daemon, base_dir):
+    """A tables row with JSON that does not parse (a damaged or foreign write): skipped and named."""
+    import sqlite3
+
+    from kohakuboard.client import Board, Table
+    from kohakuboard.storage import format as fmt
+
+    with Board(run_id="tabs", capture_output=False) as b:
+        for i in range(3):
+            b.log(tab=Table([{"i": i}]))
+    assert daemon.terminate() == 0
+    db = sqlite3.connect(Path(b.path) / fmt.METADATA_DB)
+    with db:
+        db.execute("UPDATE tables SET rows='[[1' WHERE step=1")
+    db.close()
+    with RunReader(b.path) as r:
+        assert [t["rows"] for t in r.tables("tab")] == [[[0]], [[2]]]
+        assert [(s["kind"], s["step"]) for s in r.skipped] == [("table", 1)]
