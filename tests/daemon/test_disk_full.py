@@ -32,7 +32,7 @@ LEFT_FREE = 256 << 10  # what the filler leaves: a few images' worth
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """An 8 MiB tmpfs of its own, unmounted afterwards (the daemon is stopped before that)."""
+    """A 24 MiB tmpfs of its own, unmounted afterwards (the daemon is stopped before that)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
     mnt = tmp_path / "small_fs"
