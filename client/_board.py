@@ -115,7 +115,7 @@ def _encode_rich(rich: list[tuple[str, Any]]) -> tuple[list[Any], list[Any]]:
     Raises the value's ``TypeError``/``ValueError``/``OSError`` with the key
     in front of the message.
     """
-    from ..protocol.items import check_item
+    from ..protocol.items import check_call_size, check_item
 
     items: list[Any] = []
     blobs: list[Any] = []
@@ -128,6 +128,11 @@ def _encode_rich(rich: list[tuple[str, Any]]) -> tuple[list[Any], list[Any]]:
         except (TypeError, ValueError, OSError) as exc:
             raise type(exc)(f"cannot log {key!r}: {exc}") from exc
         items.append(item)
+    try:
+        check_call_size(items, blobs)  # the message limits the daemon's decoder enforces
+    except ValueError as exc:
+        keys = ", ".join(repr(k) for k, _ in rich[:3]) + (", ..." if len(rich) > 3 else "")
+        raise type(exc)(f"cannot log {keys}: {exc}") from exc
     return items, blobs
 
 

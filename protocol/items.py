@@ -314,6 +314,24 @@ CHECKS = {
 }
 
 
+def check_call_size(items: list[Any], blobs: list[Any]) -> None:
+    """Raise :class:`InvalidItem` if one ``log()`` call's items exceed what one message may carry
+    (the limits :mod:`.codec` enforces when the daemon decodes it): frames, bytes, header size."""
+    from . import codec
+
+    if len(blobs) + 1 > codec.MAX_FRAMES:
+        raise InvalidItem(f"the call carries {len(blobs)} arrays or files, more than the {codec.MAX_FRAMES - 1} "
+                          "one log() call may carry; split them over several calls")
+    total = sum(len(b) for b in blobs)
+    if total > codec.MAX_MESSAGE_BYTES - codec.MAX_HEADER_BYTES:
+        raise InvalidItem(f"the call carries {total} bytes, more than one log() call may carry "
+                          f"({(codec.MAX_MESSAGE_BYTES - codec.MAX_HEADER_BYTES) >> 20} MiB); split it over several calls")
+    header = len(codec.msgpack.packb(items, use_bin_type=True))
+    if header > codec.MAX_HEADER_BYTES - (64 << 10):
+        raise InvalidItem(f"the call's tables, captions and metadata take {header} bytes, more than the "
+                          f"{codec.MAX_HEADER_BYTES >> 20} MiB one log() call may carry; split them over several calls")
+
+
 def check_item(item: Any, blobs: list[Any]) -> None:
     """Raise :class:`InvalidItem` unless ``item`` (``[name, kind, meta, refs]``) may be stored."""
     if type(item) is not list or len(item) != 4:

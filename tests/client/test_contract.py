@@ -133,6 +133,9 @@ CASES = [
     Case("table-column-lone-surrogate", lambda: Table([{"a\udc80": 1}]), r"table column name 'a\\udc80' is not valid Unicode"),
     Case("caption-lone-surrogate", lambda: Media(np.zeros((4, 4, 3), np.uint8), caption="x\udc80"),
          r"media caption 'x\\udc80' is not valid Unicode"),
+    # --- one call must fit in one message (else the daemon's decoder would refuse all of it)
+    Case("table-of-5000-images", lambda: Table([{"img": Media(np.zeros((2, 2, 3), np.uint8))} for _ in range(5000)]),
+         r"the call carries 5000 arrays or files, more than the 4095 one log\(\) call may carry"),
     # --- scalars beyond float64 are refused alike, infinities are kept
     Case("scalar-longdouble-1e4000", lambda: np.longdouble("1e4000"), r"too large for a float64"),
     Case("scalar-int-10-400", lambda: 10**400, r"too large for a float64"),
