@@ -43,7 +43,8 @@ SQLite table (``media``, ``tables``, ``tensors``, ``kde``) with rank, step,
 global step and wall time; large payloads live outside SQLite (media files,
 the tensors KVault), so the database stays small.  A table's media cells are
 stored as media rows and referenced from the table's JSON as
-``{"$media": <media row id>}``.  A histogram row is
+``{"$media": <media row id>}``.  A histogram row (a fixed-size ``vec:u8:{size}``
+record, see ``HISTOGRAM_SIZE_SEP``; a ``bytes`` row in runs written before) is
 ``HISTOGRAM_HEADER`` (step, global_step, wall, num_bins, nan, posinf, neginf,
 total, scale) followed by ``num_bins + 1`` float64 edges and ``num_bins``
 counts (int32 for exact, uint8 for compact: multiply by ``scale``).
@@ -265,6 +266,25 @@ def scalar_record_dtype() -> Any:
 def column_name(rank: int, metric: str) -> str:
     """Column holding ``metric`` as logged by ``rank``."""
     return f"{rank}/{metric}"
+
+
+# Histogram rows are fixed-size records (``vec:u8:{size}``): kohakuvault 1.1 keeps a
+# variable-size ``bytes`` column at ~1.5x its data on disk, a fixed-size one at ~1.01x.
+# A (rank, histogram)'s rows go to column ``"{rank}/{name}"``; a row of another size
+# than that column's (another number of bins) goes to ``"{rank}/{name}\x1f{size}"``
+# (names cannot hold control characters).  Runs written before hold one ``bytes``
+# column per (rank, histogram), which writers keep appending to.
+HISTOGRAM_SIZE_SEP = "\x1f"
+
+
+def histogram_dtype(size: int) -> str:
+    return f"vec:u8:{size}"
+
+
+def split_histogram_column(column: str) -> tuple[int, str]:
+    """``(rank, histogram name)`` of a histogram column, whatever its record size."""
+    rank, name = split_column_name(column)
+    return rank, name.split(HISTOGRAM_SIZE_SEP, 1)[0]
 
 
 def split_column_name(column: str) -> tuple[int, str]:

@@ -403,6 +403,13 @@ class _ColumnFileColumn:
         return self._codec.unpack_variable(data, offsets)
 
 
+def _hist_of(column: str) -> tuple[int, str] | None:
+    try:
+        return fmt.split_histogram_column(column)
+    except ValueError:
+        return None
+
+
 _OPENERS: dict[str, Callable[[str, bool], Any]] = {"sql": _open_sql, "columns": _open_columns, "kv": _open_kv}
 
 
@@ -794,17 +801,19 @@ class RunReader:
         import struct
 
         out = []
-        col = fmt.column_name(rank, name)
         header = struct.calcsize(fmt.HISTOGRAM_HEADER)
         for precision in fmt.HISTOGRAM_FILES:
             vault = self._hist_vault(precision)
-            if vault is None or col not in {c for c, _, _ in self._guarded(vault, vault.list_columns)}:
+            if vault is None:
                 continue
+            cols = [c for c, _, _ in self._guarded(vault, vault.list_columns) if _hist_of(c) == (rank, name)]
             cdtype = np.dtype(fmt.HISTOGRAM_COUNT_DTYPES[precision])
-            for row, rec in enumerate(self._read_column(vault, fmt.HISTOGRAM_FILES[precision], col, as_array=False)):
+            for col, row, rec in ((c, i, x) for c in cols for i, x in enumerate(
+                    self._read_column(vault, fmt.HISTOGRAM_FILES[precision], c, as_array=False))):
                 why = fmt.histogram_record_problem(rec, cdtype.itemsize)
                 if why:
-                    self._skip("histogram", name, rank, None, f"{fmt.HISTOGRAM_FILES[precision]} row {row}: {why}")
+                    self._skip("histogram", name, rank, None,
+                               f"{fmt.HISTOGRAM_FILES[precision]} column {col!r} row {row}: {why}")
                     continue
                 step, gstep, wall, n, nan, posinf, neginf, total, scale = struct.unpack_from(fmt.HISTOGRAM_HEADER, rec)
                 if (start is not None and step < start) or (end is not None and step > end):
@@ -1064,7 +1073,7 @@ class RunReader:
             for col, _, length in vault.list_columns():
                 n = self._visible(rel, col, length)
                 if n:
-                    rank, name = fmt.split_column_name(col)
+                    rank, name = fmt.split_histogram_column(col)
                     per = hist.setdefault(name, {})
                     per[rank] = per.get(rank, 0) + n
         out["histogram"] = {n: dict(sorted(hist[n].items())) for n in sorted(hist)}

@@ -431,9 +431,11 @@ class _Verifier:
         except ValueError:
             self.problem(rel, f"{col_label}not a rank/name column of KohakuBoard")
             return
-        want = fmt.SCALAR_COLUMN_DTYPE if kind == "scalar" else "bytes"
-        if dtype != want:
-            self.problem(rel, f"{col_label}has dtype {dtype!r}, expected {want!r}")
+        if kind == "scalar" and dtype != fmt.SCALAR_COLUMN_DTYPE:
+            self.problem(rel, f"{col_label}has dtype {dtype!r}, expected {fmt.SCALAR_COLUMN_DTYPE!r}")
+            return
+        if kind != "scalar" and not (dtype == "bytes" or re.fullmatch(r"vec:u8:[0-9]+", dtype)):
+            self.problem(rel, f"{col_label}has dtype {dtype!r}, expected 'vec:u8:<record size>' (or 'bytes')")
             return
         n = length
         if expected is not None:

@@ -100,7 +100,8 @@ class RunWriter:
         self._ops: list[tuple[str, Callable[[], None]]] = []
         self._sql_ops: list[tuple[str, Callable[[], None]]] = []
         self._hist_vaults: dict[str, Any] = {}
-        self._hist_columns: dict[tuple[str, str], Any] = {}
+        self._hist_columns: dict[tuple[str, str, int], tuple[str, Any, bool]] = {}
+        self._hist_dtypes: dict[str, dict[str, str]] = {}  # precision -> column -> dtype
         self._kv: Any = None
         self.items_written = 0
         self._columns: dict[str, Any] = {}
@@ -319,10 +320,11 @@ class RunWriter:
         try:
             for rel, vault in self._vault_files():
                 kind = "scalar" if rel == fmt.SCALARS_DB else "histogram"
+                split = fmt.split_column_name if kind == "scalar" else fmt.split_histogram_column
                 for col, _, n in vault.list_columns():
                     if n:
                         try:
-                            out.setdefault(fmt.split_column_name(col)[1], kind)
+                            out.setdefault(split(col)[1], kind)
                         except ValueError:
                             pass
             for kind, table in (("media", "media"), ("table", "tables"), ("tensor", "tensors"), ("kde", "kde")):
@@ -734,6 +736,7 @@ class RunWriter:
         vault = self._hist_vaults.pop(precision)
         for key in [k for k in self._hist_columns if k[0] == precision]:
             del self._hist_columns[key]
+        self._hist_dtypes.pop(precision, None)
         try:
             vault.close()
         except Exception:
@@ -933,11 +936,14 @@ class RunWriter:
             + edges.astype("<f8").tobytes()
             + packed.tobytes()
         )
-        colname = fmt.column_name(env.rank, name)
+        base = fmt.column_name(env.rank, name)
 
         def append() -> None:
-            col = self._hist_column(precision, colname)
-            col.append(record)
+            colname, col, fixed = self._hist_column(precision, base, len(record))
+            if fixed:
+                col.append_array(np.frombuffer(record, np.uint8).reshape(1, -1))
+            else:  # a run written before fixed-size records: its bytes column
+                col.append(record)
             self._dirty_columns[(fmt.HISTOGRAM_FILES[precision], colname)] = col
             self._unsynced.add(fmt.HISTOGRAM_FILES[precision])
 
@@ -953,11 +959,28 @@ class RunWriter:
             self._unsynced_dirs.update((fmt.DATA_DIR, fmt.HISTOGRAMS_DIR))  # the file and its WAL may be new
         return vault
 
-    def _hist_column(self, precision: str, colname: str) -> Any:
-        col = self._hist_columns.get((precision, colname))
-        if col is None:
-            col = self._hist_columns[(precision, colname)] = self._hist_vault(precision).ensure(colname, "bytes")
-        return col
+    def _hist_column(self, precision: str, base: str, size: int) -> tuple[str, Any, bool]:
+        """``(column name, column, fixed-size?)`` for a ``size``-byte histogram row of ``base``
+        (format: ``HISTOGRAM_SIZE_SEP``)."""
+        got = self._hist_columns.get((precision, base, size))
+        if got is not None:
+            return got
+        vault = self._hist_vault(precision)
+        dtypes = self._hist_dtypes.get(precision)
+        if dtypes is None:
+            dtypes = self._hist_dtypes[precision] = {n: d for n, d, _ in vault.list_columns()}
+        want = fmt.histogram_dtype(size)
+        have = dtypes.get(base)
+        if have == "bytes":
+            colname, dtype = base, "bytes"
+        elif have is None or have == want:
+            colname, dtype = base, want
+        else:
+            colname, dtype = f"{base}{fmt.HISTOGRAM_SIZE_SEP}{size}", want
+        col = vault.ensure(colname, dtype)
+        dtypes[colname] = dtype
+        got = self._hist_columns[(precision, base, size)] = (colname, col, dtype != "bytes")
+        return got
 
     def _kvault(self) -> Any:
         if self._kv is None:

@@ -241,12 +241,15 @@ def test_a_reader_skips_a_malformed_record_reports_it_and_reads_the_rest(daemon,
         b.log(h=Histogram(bins=[0, 1, 2], counts=[1, 2]))
         b.log(h=Histogram(bins=[0, 1, 2], counts=[3, 4]))
     assert daemon.terminate() == 0
+    # the size of a 2-bin row, but its header says 3 bins (a row a buggy writer packed wrong)
     bad = struct.pack(fmt.HISTOGRAM_HEADER, 2, 0, 1.7e9, 3, 0, 0, 0, 6, 1.0) + np.zeros(3, "<f8").tobytes() \
-        + np.array([1, 2, 3], "<i4").tobytes()
+        + np.array([1, 2], "<i4").tobytes()
     rel = fmt.HISTOGRAM_FILES["exact"]
     with ColumnVault(str(Path(b.path) / rel)) as cv:
-        col = cv.ensure("0/h", "bytes")
-        col.append(bad)
+        dtype = {c: d for c, d, _ in cv.list_columns()}["0/h"]
+        assert dtype == f"vec:u8:{len(bad)}"  # fixed-size records
+        col = cv.ensure("0/h", dtype)
+        col.append_array(np.frombuffer(bad, np.uint8).reshape(1, -1))
         n = len(col)
     db = sqlite3.connect(Path(b.path) / fmt.METADATA_DB)
     with db:

@@ -306,8 +306,9 @@ def _die_before_commit(run: Path) -> None:
     _append_records(run / fmt.SCALARS_DB, "0/ghost", rec[:2])
     vault = ColumnVault(str(run / fmt.HISTOGRAM_FILES["exact"]), block_bytes=fmt.VAULT_BLOCK_BYTES)
     try:
-        col = vault.ensure("0/weights", "bytes")
-        col.append(col.read(0, 1)[0])
+        dtype = {c: d for c, d, _ in vault.list_columns()}["0/weights"]
+        col = vault.ensure("0/weights", dtype)
+        col.append_array(np.asarray(col.read(0, 1)[0], np.uint8).reshape(1, -1))
     finally:
         vault.close()
     with open(run / fmt.OUTPUT_LOG, "ab") as f:
