@@ -93,6 +93,9 @@ and keeps its WAL at most ~1 MiB.
 
 Compatibility: ``FORMAT_VERSION`` is written to ``metadata.json`` and to the
 ``meta`` table.  A reader refuses a folder whose major version is newer.
+Version 2 stores histogram rows as fixed-size records (a reader of version 1
+would misread its extra per-size columns, so it refuses it); a version-1 run
+resumed by a newer writer stays version 1 and keeps its ``bytes`` columns.
 
 Run folders.  A writer creates a run only in a folder that does not exist, is
 empty, or already is a run (:func:`run_folder_problem`), never beside other
@@ -108,7 +111,7 @@ import os
 import tempfile
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fixed-size histogram records (HISTOGRAM_SIZE_SEP); readers read 1 and 2
 
 METADATA_JSON = "metadata.json"
 DATA_DIR = "data"

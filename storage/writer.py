@@ -977,10 +977,23 @@ class RunWriter:
             colname, dtype = base, want
         else:
             colname, dtype = f"{base}{fmt.HISTOGRAM_SIZE_SEP}{size}", want
+        if dtype != "bytes" and colname not in dtypes:
+            self._require_format(2)  # a version-1 reader would misread fixed-size rows
         col = vault.ensure(colname, dtype)
         dtypes[colname] = dtype
         got = self._hist_columns[(precision, base, size)] = (colname, col, dtype != "bytes")
         return got
+
+    def _require_format(self, version: int) -> None:
+        """Raise the run's format version to ``version`` (a run created by an older writer)."""
+        if int(self.metadata.get("format_version", 1)) >= version:
+            return
+        try:
+            self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('format_version', ?)", (str(version),))
+        except sqlite3.Error as exc:
+            raise _storage_error(self.path, "record the format version", exc) from exc
+        self.metadata["format_version"] = version
+        self._write_metadata()
 
     def _kvault(self) -> Any:
         if self._kv is None:

@@ -27,7 +27,7 @@ def test_default_run_id_shape_and_folder(daemon, base_dir):
     for part in ("metadata.json", "data/metrics", "data/metadata.db", "logs/writer.log"):
         assert (run / part).exists(), part
     meta = json.loads((run / "metadata.json").read_text())
-    assert meta["format_version"] == 1 and meta["status"] == "finished" and meta["finished_at"]
+    assert meta["format_version"] == 2 and meta["status"] == "finished" and meta["finished_at"]
 
 
 def test_steps_and_global_steps(daemon, base_dir):

@@ -68,6 +68,16 @@ def test_a_run_with_the_older_variable_size_column_keeps_it(tmp_path: Path) -> N
         assert [(c, d, n) for c, d, n in cv.list_columns()] == [("0/h", "bytes", 2)]
     with RunReader(run) as r:
         assert [h["counts"].tolist() for h in r.histograms("h")] == [[3, 4], [5, 6, 7]]
+        assert r.metadata["format_version"] == 1  # nothing a version-1 reader could misread
+
+
+def test_a_version_1_run_that_gets_fixed_size_rows_becomes_version_2(tmp_path: Path) -> None:
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / fmt.METADATA_JSON).write_text('{"run_id": "old", "format_version": 1, "status": "running"}')
+    _write(run, [_msg(1, g=Histogram(bins=[0.0, 1.0], counts=[1]))])
+    with RunReader(run) as r:
+        assert r.metadata["format_version"] == 2 and len(r.histograms("g")) == 1
 
 
 def test_histogram_rows_take_about_their_size_on_disk(tmp_path: Path) -> None:
