@@ -148,7 +148,7 @@ def _unreadable(name: tuple[str, str], error: str) -> dict[str, Any]:
             "config": {}, "error": error}
 
 
-INFO_WAIT_S = 2.0  # how long a listing waits for the summary lines it has to read again
+INFO_WAIT_S = 2.0  # how long a listing waits for the next of the summary lines it has to read again
 LIVE_COMMIT_S = 120.0
 
 
@@ -238,8 +238,9 @@ class RunIndex:
 
     def _infos(self, names: list[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
         """The summary lines of ``names``: cached ones at once, changed ones read in the index's
-        threads for up to :data:`INFO_WAIT_S` (all together); a run still being read after that is
-        shown with an error for now (its read goes on, and a later listing takes its result)."""
+        threads for as long as one of them finishes every :data:`INFO_WAIT_S`; a run still being
+        read when none has for that long is shown with an error for now (its read goes on, and a
+        later listing takes its result)."""
         with self._lock:
             out: dict[tuple[str, str], dict[str, Any]] = {}
             todo: dict[tuple[str, str], tuple[tuple[Any, ...], concurrent.futures.Future[dict[str, Any]]]] = {}
@@ -254,8 +255,14 @@ class RunIndex:
                     fresh = RunEntry(name[0], name[1], os.path.join(self.base_dir, *name), key)
                     reading = self._reading[name] = (key, self._pool.submit(_run_info, fresh))
                 todo[name] = reading
-        if todo:
-            concurrent.futures.wait([f for _, f in todo.values()], timeout=INFO_WAIT_S)
+        # wait while the reads make progress: a cold listing of 10,000 runs takes seconds, but a read
+        # that finishes nothing for INFO_WAIT_S is a hung one (the rest of the listing goes on without it)
+        pending = {f for _, f in todo.values()}
+        while pending:
+            done, pending = concurrent.futures.wait(pending, timeout=INFO_WAIT_S,
+                                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            if not done:
+                break
         with self._lock:
             for name, (key, fut) in todo.items():
                 if not fut.done():

@@ -452,3 +452,20 @@ def test_a_growing_series_is_read_only_from_its_cached_length():
     assert not cache.has_prefix(("run", "loss", 1), 1)
     cache.get(("run", "loss", 1, 10), loader(10))   # another rank: its own rows from 0
     assert reads[-1] == (0, 10)
+
+
+def test_a_cold_listing_longer_than_the_hang_limit_lists_every_run(tmp_path, viewer_runs, monkeypatch):
+    """A listing waits as long as its reads make progress: only a read that finishes nothing for the
+    limit counts as hung, so a cold folder of many runs lists every run without an error."""
+    from kohakuboard.viewer import index as index_mod
+
+    base = tmp_path / "kohakuboard"
+    for i in range(120):
+        shutil.copytree(viewer_runs / "default" / "ddp", base / "many" / f"r{i:03d}")
+    monkeypatch.setattr(index_mod, "INFO_WAIT_S", 0.02)   # far below the listing's whole time
+    t0 = __import__("time").perf_counter()
+    runs = index_mod.RunIndex(str(base)).runs()
+    took = __import__("time").perf_counter() - t0
+    assert len(runs) == 120 and took > 0.02
+    assert [r["run_id"] for r in runs if r["error"]] == []
+    assert {r["status"] for r in runs} == {"finished"}
