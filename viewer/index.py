@@ -13,10 +13,11 @@ runs cost 10,000 ``stat`` calls per listing, not 10,000 database opens.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import math
 import os
 import re
-import concurrent.futures
 import sqlite3
 import stat
 import threading
@@ -194,6 +195,32 @@ class RunIndex:
         # (at most one read per run at a time: a hung one does not pile up threads)
         self._reading: dict[tuple[str, str], tuple[tuple[Any, ...], concurrent.futures.Future[dict[str, Any]]]] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kobo-index")
+        self._finished = threading.Condition()  # notified, and _reads_done counted, as each read ends
+        self._reads_done = 0
+
+    def _one_read_done(self, _: Any) -> None:
+        with self._finished:
+            self._reads_done += 1
+            self._finished.notify_all()
+
+    def _wait_while_progressing(self, futures: list[concurrent.futures.Future[Any]]) -> None:
+        """Wait for ``futures`` as long as reads keep finishing: at least one every :data:`INFO_WAIT_S`.
+
+        A cold listing of 10,000 runs takes seconds and is waited for; when no read has finished
+        for INFO_WAIT_S the ones left are hung (a stale network mount) and the listing goes on
+        without them.  The pool reads in order, so the futures are checked from the front: O(n).
+        """
+        rest = collections.deque(futures)
+        with self._finished:
+            while True:
+                while rest and rest[0].done():
+                    rest.popleft()
+                if not rest:
+                    return
+                before = self._reads_done
+                self._finished.wait(INFO_WAIT_S)
+                if self._reads_done == before:  # nothing finished for INFO_WAIT_S
+                    return
 
     def _inside(self, path: str) -> bool:
         real = os.path.realpath(path)
@@ -254,15 +281,10 @@ class RunIndex:
                 if reading is None or (reading[0] != key and reading[1].done()):
                     fresh = RunEntry(name[0], name[1], os.path.join(self.base_dir, *name), key)
                     reading = self._reading[name] = (key, self._pool.submit(_run_info, fresh))
+                    reading[1].add_done_callback(self._one_read_done)
                 todo[name] = reading
-        # wait while the reads make progress: a cold listing of 10,000 runs takes seconds, but a read
-        # that finishes nothing for INFO_WAIT_S is a hung one (the rest of the listing goes on without it)
-        pending = {f for _, f in todo.values()}
-        while pending:
-            done, pending = concurrent.futures.wait(pending, timeout=INFO_WAIT_S,
-                                                    return_when=concurrent.futures.FIRST_COMPLETED)
-            if not done:
-                break
+        if todo:
+            self._wait_while_progressing([f for _, f in todo.values()])
         with self._lock:
             for name, (key, fut) in todo.items():
                 if not fut.done():
