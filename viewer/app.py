@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import json
 import math
 import os
@@ -197,11 +198,6 @@ class ResponseCache:
 class SeriesCache:
     """Decoded series by (run path, metric, rank, committed length): zooming costs only the reduction."""
 
-    def has_prefix(self, series: tuple[Any, ...], rows: int) -> bool:
-        """Whether some length of ``series`` (run path, metric, rank) holding at least ``rows`` rows is cached."""
-        with self._lock:
-            return any(k[:3] == series and k[3] >= rows for k in self._items)
-
     def __init__(self, max_bytes: int = SERIES_CACHE_BYTES) -> None:
         self.max_bytes = max_bytes
         self._items: collections.OrderedDict[tuple[Any, ...], np.ndarray] = collections.OrderedDict()
@@ -260,6 +256,7 @@ class Viewer:
         # read it once per change
         self.summaries: collections.OrderedDict[str, tuple[Any, dict[str, Any]]] = collections.OrderedDict()
         self._summaries_lock = threading.Lock()
+        self._summary_reads: dict[str, tuple[Any, concurrent.futures.Future[dict[str, Any]]]] = {}
 
     # ------------------------------------------------------------ helpers
 
@@ -283,12 +280,6 @@ class Viewer:
             n = self.length(reader, metric, rank)
         return self.cache.get((reader.path, metric, rank, n), lambda m: np.array(reader.series(metric, rank, m, n)))
 
-    def cached_tail(self, reader: RunReader, metric: str, rank: int, start: int, n: int) -> np.ndarray | None:
-        """Rows ``[start, n)`` from the cached series grown to ``n``, or None when it is not cached."""
-        if not self.cache.has_prefix((reader.path, metric, rank), start):
-            return None
-        return self.series(reader, metric, rank, n)[start:n]
-
     # ------------------------------------------------------------- views
 
     def run_summary(self, project: str, run_id: str) -> dict[str, Any]:
@@ -304,15 +295,41 @@ class Viewer:
             else:
                 base = None
         if base is None:
-            base = self._read_summary(project, run_id)
-            with self._summaries_lock:
-                self.summaries[path] = (stamp, base)
-                self.summaries.move_to_end(path)
-                while len(self.summaries) > 256:
-                    self.summaries.popitem(last=False)
+            base = self._summary_once(path, stamp, project, run_id)
         return {**base, "status": shown_status(path, base["stored_status"], facts.get("last_commit")),
                 "last_commit": facts.get("last_commit"), "duration": facts.get("duration"),
                 "last_step": facts.get("last_step"), "num_ranks": facts.get("num_ranks")}
+
+    def _summary_once(self, path: str, stamp: tuple[Any, ...], project: str, run_id: str) -> dict[str, Any]:
+        """Read a run's summary once for all the requests that want it at the same time.
+
+        The pages following a live run ask for its summary together (after the same live
+        event): the first reads it, the others wait for that read and share it.
+        """
+        with self._summaries_lock:
+            flight = self._summary_reads.get(path)
+            mine = flight is None or flight[0] != stamp
+            if mine:
+                flight = self._summary_reads[path] = (stamp, concurrent.futures.Future())
+        if not mine:
+            return flight[1].result()
+        try:
+            base = self._read_summary(project, run_id)
+        except BaseException as exc:
+            flight[1].set_exception(exc)
+            with self._summaries_lock:
+                if self._summary_reads.get(path) is flight:
+                    del self._summary_reads[path]
+            raise
+        with self._summaries_lock:
+            self.summaries[path] = (stamp, base)
+            self.summaries.move_to_end(path)
+            while len(self.summaries) > 256:
+                self.summaries.popitem(last=False)
+            if self._summary_reads.get(path) is flight:
+                del self._summary_reads[path]
+        flight[1].set_result(base)
+        return base
 
     def _read_summary(self, project: str, run_id: str) -> dict[str, Any]:
         with self.open(project, run_id) as r:
@@ -369,21 +386,17 @@ class Viewer:
                 lengths = tuple(self.length(r, metric, rk) for rk in ranks)
             else:
                 lengths = (self.length(r, metric, rank),)
+            # a live tail too: the pages following a run ask for the same rows after each commit
             key = (r.path, tuple(sorted(q.items())), lengths)
-            hit = self.responses.get(key) if q["start"] is None else None
+            hit = self.responses.get(key)
             if hit is not None:
                 return hit, {"server-timing": f"cache;dur={(time.perf_counter() - t0) * 1e3:.1f}"}
             if rank == "band":
                 per_rank = [self.series(r, metric, rk, n) for rk, n in zip(ranks, lengths)]
             elif q["start"] is not None and not q["smooth"]:
                 n = lengths[0]
-                start = min(q["start"], n)
-                tail = self.cached_tail(r, metric, rank, start, n)
-                if tail is None:
-                    tail = np.array(r.series(metric, rank, start, n))
-                    first = np.array(r.series(metric, rank, 0, 1)) if n else tail
-                else:
-                    first = self.series(r, metric, rank, n)[:1]
+                tail = np.array(r.series(metric, rank, min(q["start"], n), n))
+                first = np.array(r.series(metric, rank, 0, 1)) if n else tail
             else:
                 s = self.series(r, metric, rank, lengths[0])
         t_read = time.perf_counter()
@@ -399,8 +412,7 @@ class Viewer:
             body = self._tail(tail, first, q, lengths[0])
         else:
             body = self._reduce_one(s, q)
-        if q["start"] is None:
-            self.responses.put(key, body)
+        self.responses.put(key, body)
         t_done = time.perf_counter()
         timing = f"read;dur={(t_read - t0) * 1e3:.1f}, reduce;dur={(t_done - t_read) * 1e3:.1f}"
         return body, {"server-timing": timing}
