@@ -245,12 +245,85 @@ def _summary_stamp(path: str) -> tuple[Any, ...]:
     return tuple(out)
 
 
+class TailCache:
+    """The recent rows of the series that pages follow live, as they were read: (run path, metric, rank) ->
+    rows ``[start, end)`` in chunks.
+
+    Every page following a run asks, after each commit, for the rows since the last it has;
+    those ranges overlap, so the new rows are read from disk once (by the first page to ask)
+    and every tail is cut from memory.  Bounded: at most ``max_rows`` rows per series (the
+    oldest chunks go) and ``max_bytes`` in all (the least recently used series go).
+    """
+
+    def __init__(self, max_rows: int = 4_000_000, max_bytes: int = 256 << 20) -> None:
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self._items: collections.OrderedDict[tuple[Any, ...], list[Any]] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, series: tuple[Any, ...], start: int, n: int, load: Callable[[int, int], np.ndarray]) -> np.ndarray:
+        """Rows ``[start, n)``; ``load(a, b)`` reads rows ``[a, b)`` from the run."""
+        with self._lock:
+            e = self._items.get(series)
+            held = e is not None and e[0] <= start <= e[1]
+            end = e[1] if held else None
+        if not held:
+            rows = load(start, n)
+            with self._lock:
+                old = self._items.pop(series, None)
+                if old is not None:
+                    self._bytes -= sum(c.nbytes for c in old[2])
+                self._items[series] = [start, n, [rows]]
+                self._bytes += rows.nbytes
+                self._trim()
+            return rows
+        if end < n:
+            new = load(end, n)
+            with self._lock:
+                e = self._items.get(series)
+                if e is not None and e[1] == end:  # nobody appended these rows meanwhile
+                    e[2].append(new)
+                    e[1] = n
+                    self._bytes += new.nbytes
+                    if len(e[2]) > 64:  # keep the list short: one array for the older chunks
+                        merged = np.concatenate(e[2][:-1])
+                        e[2] = [merged, e[2][-1]]
+                    self._trim()
+        with self._lock:
+            e = self._items.get(series)
+            if e is None or not e[0] <= start or e[1] < n:  # trimmed or replaced meanwhile
+                e = None
+            else:
+                self._items.move_to_end(series)
+                parts, pos = [e[2][0][:0]], e[0]   # an empty range is an empty array of the rows' dtype
+                for c in e[2]:
+                    lo, hi = max(start, pos), min(n, pos + len(c))
+                    if lo < hi:
+                        parts.append(c[lo - pos:hi - pos])
+                    pos += len(c)
+        if e is None:
+            return load(start, n)
+        return np.concatenate(parts)
+
+    def _trim(self) -> None:
+        for e in self._items.values():
+            while len(e[2]) > 1 and e[1] - e[0] - len(e[2][0]) >= self.max_rows:
+                gone = e[2].pop(0)
+                e[0] += len(gone)
+                self._bytes -= gone.nbytes
+        while self._bytes > self.max_bytes and len(self._items) > 1:
+            _, gone = self._items.popitem(last=False)
+            self._bytes -= sum(c.nbytes for c in gone[2])
+
+
 class Viewer:
     """State shared by the routes: the folder, its run index, the series cache."""
 
     def __init__(self, base_dir: str) -> None:
         self.index = RunIndex(base_dir)
         self.cache = SeriesCache()
+        self.tails = TailCache()
         self.responses = ResponseCache()
         # run path -> (stamp, summary without its time-dependent fields): pages polling a run
         # read it once per change
@@ -395,7 +468,8 @@ class Viewer:
                 per_rank = [self.series(r, metric, rk, n) for rk, n in zip(ranks, lengths)]
             elif q["start"] is not None and not q["smooth"]:
                 n = lengths[0]
-                tail = np.array(r.series(metric, rank, min(q["start"], n), n))
+                tail = self.tails.get((r.path, metric, rank), min(q["start"], n), n,
+                                      lambda a, b: np.array(r.series(metric, rank, a, b)))
                 first = np.array(r.series(metric, rank, 0, 1)) if n else tail
             else:
                 s = self.series(r, metric, rank, lengths[0])

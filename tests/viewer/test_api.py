@@ -500,3 +500,29 @@ def test_a_run_summary_is_read_once_for_requests_that_come_together(tmp_path, vi
     meta = base / "default" / "rich" / "metadata.json"
     meta.write_text(meta.read_text().replace('"name": "rich"', '"name": "rich-renamed"'))
     assert viewer.run_summary("default", "rich")["name"] == "rich-renamed" and len(reads) == 2
+
+
+def test_live_tails_read_each_new_row_once_for_every_page():
+    """Pages following a run ask for overlapping tails; the new rows come from disk once."""
+    from kohakuboard.viewer.app import TailCache
+
+    column = np.arange(10_000, dtype=np.float64)
+    reads: list[tuple[int, int]] = []
+
+    def load(a, b):
+        reads.append((a, b))
+        return column[a:b].copy()
+
+    tails = TailCache(max_rows=3000)
+    assert tails.get("s", 100, 500, load).tolist() == column[100:500].tolist() and reads == [(100, 500)]
+    # another page, further behind inside what is held, then both after a commit
+    assert tails.get("s", 300, 500, load).tolist() == column[300:500].tolist() and reads == [(100, 500)]
+    assert tails.get("s", 500, 800, load).tolist() == column[500:800].tolist() and reads[-1] == (500, 800)
+    assert tails.get("s", 300, 800, load).tolist() == column[300:800].tolist() and len(reads) == 2
+    assert tails.get("s", 800, 800, load).tolist() == [] and len(reads) == 2
+    # a page further back than what is held reads its own range
+    assert tails.get("s", 50, 800, load).tolist() == column[50:800].tolist() and reads[-1] == (50, 800)
+    # held rows are bounded: old chunks go, and a tail before them is read again
+    for end in range(1800, 9001, 1000):
+        assert tails.get("s", end - 1000, end, load).tolist() == column[end - 1000:end].tolist()
+    assert tails.get("s", 100, 200, load).tolist() == column[100:200].tolist() and reads[-1] == (100, 200)
