@@ -25,7 +25,7 @@ Phases, per repeat (the order alternates between repeats):
    is counted apart (``/proc``).  Each reader holds ``/api/events?runs=default/<live run>`` (SSE)
    open and, in a loop with a random 0.2-0.5 s pause, requests the run list ``/api/runs``, the
    live run's summary, the live ``m0`` chart once (``width=1000``) and then its tail
-   (``series?metric=m0&start=N``, N = the previous answer's ``committed``), and every 5th loop the
+   (``series?metric=m0&start=N&width=1000``, N = the previous answer's ``committed``, as the page asks), and every 5th loop the
    1M-point chart ``/api/runs/default/big1m/series?metric=loss&width=1000``.  The readers are
    connected (stream open, first loop done) before the training script starts logging;
    latencies count for requests started between its first ``log()`` and its ``flush()`` returning;
@@ -96,6 +96,7 @@ BIG_EVERY = 5  # loaded readers ask for the 1M-point chart every 5th loop
 THINK_S = (0.2, 0.5)  # pause between a reader's loops
 SINGLE_THINK_S = (0.01, 0.03)
 KINDS = ("runs", "summary", "chart", "tail", "big")
+PAGE_WIDTH = 1000  # the chart width the readers' tails carry, as the page's do (longer tails come reduced)
 KIND_NAMES = {"runs": "run list", "summary": "live run summary", "chart": "live m0 chart (width 1000)",
               "tail": "live m0 tail (start=N)", "big": "1M-point chart (width 1000)"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -385,7 +386,7 @@ async def reader(idx: int, origin: str, token: str, live: str, rec: Recorder, st
                 if n is None:
                     r = await timed(cl, rec, "chart", base + "/series?metric=m0&width=1000")
                 else:
-                    r = await timed(cl, rec, "tail", base + f"/series?metric=m0&start={n}")
+                    r = await timed(cl, rec, "tail", base + f"/series?metric=m0&start={n}&width={PAGE_WIDTH}")
                 if r is not None:
                     n = series_header(r.content)["committed"]
                 if loops % big_every == first_big % big_every:
@@ -624,7 +625,7 @@ def capture_tail(origin: str, token: str, run_id: str, directory: str, rows: int
     base = f"/api/runs/default/{run_id}"
     with httpx.Client(base_url=origin, headers={"authorization": f"Bearer {token}"}, timeout=120) as cl:
         committed = series_header(cl.get(base + "/series?metric=m0&width=1000").content)["committed"]
-        r = cl.get(base + f"/series?metric=m0&start={max(0, committed - rows)}")
+        r = cl.get(base + f"/series?metric=m0&start={max(0, committed - rows)}&width={PAGE_WIDTH}")
     assert r.status_code == 200, r.text[:200]
     with open(os.path.join(directory, "tail"), "wb") as f:
         f.write(r.headers["content-type"].encode() + b"\n" + r.content)
@@ -642,7 +643,7 @@ def capture_canned(origin: str, token: str, run_id: str, directory: str) -> dict
         chart = cl.get(base + "/series?metric=m0&width=1000")
         committed = series_header(chart.content)["committed"]
         got = {"runs": cl.get("/api/runs"), "summary": cl.get(base), "chart": chart,
-               "tail": cl.get(base + f"/series?metric=m0&start={max(0, committed - 60_000)}"),
+               "tail": cl.get(base + f"/series?metric=m0&start={max(0, committed - 60_000)}&width={PAGE_WIDTH}"),
                "big": cl.get(f"/api/runs/default/{BIG_RUN}/series?metric=loss&width=1000")}
         event = ""
         with cl.stream("GET", f"/api/events?runs=default/{run_id}") as r:

@@ -498,9 +498,18 @@ class Viewer:
         x = tail["wall"] - wall0 if q["x"] == "relative" else tail[q["x"]].astype(np.float64)
         y = tail["value"]
         x_first = 0.0 if q["x"] == "relative" else (float(first[q["x"]][0]) if len(first) else None)
-        counts, marks = R.nonfinite_marks(x, y, max(1, len(x)))
+        rows = len(x)
+        if q.get("tail_width") and rows > 4 * q["width"]:
+            # a page far behind a fast run: its new rows reduced like a whole series (every point
+            # takes part: each bucket's first, min, max and last), not megabytes of raw rows
+            x, y = R.sort_by_x(x, y)
+            counts, marks = R.nonfinite_marks(x, y, q["width"])
+            idx = R.reduce_m4(x, y, q["width"])
+            x, y = x[idx], y[idx]
+        else:
+            counts, marks = R.nonfinite_marks(x, y, max(1, rows))
         header = {"total": n, "committed": n, "x_min": x_first, "x_max": float(x.max()) if len(x) else x_first,
-                  "n": len(x), "in_range": len(x), "start": n - len(x), "reduced": False,
+                  "n": len(x), "in_range": rows, "start": n - rows, "reduced": len(x) < rows,
                   "nonfinite": counts, "marks": marks}
         return R.encode(header, {"x": x, "y": np.where(np.isfinite(y), y, np.nan)})
 
@@ -808,7 +817,9 @@ def build_app(base_dir: str) -> Starlette:
             raise _bad(f"parameter 'smooth' must be in [0, 1), got {smooth}")
         q = {"metric": _required(request, "metric") if metric else None, "rank": rank, "x": x, "smooth": smooth,
              "width": _int(request, "width", 1000, 1, MAX_WIDTH), "x0": _float(request, "x0"),
-             "x1": _float(request, "x1"), "start": _int(request, "start", None, 0)}
+             "x1": _float(request, "x1"), "start": _int(request, "start", None, 0),
+             # a live tail is reduced to the width only when the page says its width
+             "tail_width": "width" in request.query_params}
         if q["x0"] is not None and q["x1"] is not None and q["x1"] < q["x0"]:
             raise _bad(f"x1 ({q['x1']}) is smaller than x0 ({q['x0']})")
         return q

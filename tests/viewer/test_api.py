@@ -526,3 +526,16 @@ def test_live_tails_read_each_new_row_once_for_every_page():
     for end in range(1800, 9001, 1000):
         assert tails.get("s", end - 1000, end, load).tolist() == column[end - 1000:end].tolist()
     assert tails.get("s", 100, 200, load).tolist() == column[100:200].tolist() and reads[-1] == (100, 200)
+
+
+def test_a_long_live_tail_comes_reduced_to_the_pages_width(api):
+    """A page far behind a fast run gets its new rows reduced like a whole series (spikes kept);
+    a short tail, or one asked without a width, is every raw row."""
+    header, arrays = api.series("/api/runs/default/spikes/series?metric=loss&start=0&width=100")
+    assert header["reduced"] and header["n"] <= 400 and header["in_range"] == 1_000_000
+    assert header["start"] == 0 and header["committed"] == 1_000_000
+    assert set(SPIKES) <= set(arrays["x"].astype(int).tolist()) and arrays["y"].max() > 5.0
+    header, arrays = api.series("/api/runs/default/spikes/series?metric=loss&start=999000&width=1000")
+    assert not header["reduced"] and header["n"] == header["in_range"] == 1000
+    header, arrays = api.series("/api/runs/default/spikes/series?metric=loss&start=990000")
+    assert not header["reduced"] and header["n"] == 10_000

@@ -849,7 +849,8 @@ class ChartCard {
     const gen = this.gen;
     try {
       const start = s.committed;
-      const r = await fetchSeries(s.key, this.seriesParams(s, { start }));
+      // with the chart's width: a tail of more than 4 points per pixel column comes reduced
+      const r = await fetchSeries(s.key, this.seriesParams(s, { start, width: this.widthPx() }));
       if (gen !== this.gen || this.zoom || !this.sources.includes(s)) return;
       const h = r.header;
       const a = r.arrays;
@@ -862,7 +863,8 @@ class ChartCard {
         if (s.ys || a.ys) s.ys = concat(s.ys || new Float64Array(s.x.length - a.x.length).fill(NaN), a.ys || new Float64Array(a.x.length).fill(NaN));
       }
       s.committed = h.committed ?? start + a.x.length;
-      s.total = Math.max(s.total + a.x.length, h.total ?? 0);
+      s.total = Math.max(s.total + (h.in_range ?? a.x.length), h.total ?? 0);
+      if (h.reduced) s.reduced = true;
       s.inRange = s.total;
       for (const m of h.marks || []) s.marks.push(m);
       const nf = h.nonfinite || {};
