@@ -233,18 +233,6 @@ class SeriesCache:
         return value
 
 
-def _summary_stamp(path: str) -> tuple[Any, ...]:
-    """What changes whenever anything a run summary shows changes: the metadata files' stat."""
-    out: list[Any] = []
-    for name in (fmt.METADATA_JSON, fmt.METADATA_DB, fmt.METADATA_DB + "-wal"):
-        try:
-            st = os.stat(os.path.join(path, name))
-            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        except OSError:
-            out.append(None)
-    return tuple(out)
-
-
 class TailCache:
     """The recent rows of the series that pages follow live, as they were read: (run path, metric, rank) ->
     rows ``[start, end)`` in chunks.
@@ -359,7 +347,7 @@ class Viewer:
         """The run page's summary, read again only when the run's metadata files changed."""
         facts = self.index.info(project, run_id)
         path = self.index.resolve(project, run_id)
-        stamp = _summary_stamp(path)
+        stamp = self.index.key(project, run_id)
         with self._summaries_lock:
             hit = self.summaries.get(path)
             if hit is not None and hit[0] == stamp:
@@ -434,8 +422,7 @@ class Viewer:
         groups by name, metrics by name inside a group; the rank is ``rank`` where the
         metric has it, else its lowest rank (as the page's rank selector does).
         """
-        with self.open(project, run_id) as r:
-            metrics = r.metric_overview()
+        metrics = self.run_summary(project, run_id)["metrics"]  # the page asks for it too: read once
         names = sorted((m["name"], sorted(m["ranks"]) or [0]) for m in metrics)
         names.sort(key=lambda nm: (0 if chart_group(nm[0]) == "general" else 1, chart_group(nm[0]), nm[0]))
         return [(name, rank if rank in ranks else ranks[0]) for name, ranks in names[:count]]

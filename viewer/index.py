@@ -255,7 +255,9 @@ class RunIndex:
         return [n for n in names if NAME_RE.match(n) and n not in (".", "..")
                 and os.path.isdir(os.path.join(self.base_dir, n)) and self._inside(os.path.join(self.base_dir, n))]
 
-    def _key(self, project: str, run_id: str) -> tuple[Any, ...]:
+    def key(self, project: str, run_id: str) -> tuple[Any, ...]:
+        """What changes whenever anything read from a run's metadata changes: its metadata files' stat
+        (metadata.json, and metadata.db with its write-ahead log, where every commit lands)."""
         path = os.path.join(self.base_dir, project, run_id)
         return (
             _stat_key(os.path.join(path, fmt.METADATA_JSON)),
@@ -272,7 +274,7 @@ class RunIndex:
             out: dict[tuple[str, str], dict[str, Any]] = {}
             todo: dict[tuple[str, str], tuple[tuple[Any, ...], concurrent.futures.Future[dict[str, Any]]]] = {}
             for name in names:
-                key = self._key(*name)
+                key = self.key(*name)
                 entry = self._runs.get(name)
                 if entry is not None and entry.key == key:
                     out[name] = entry.info

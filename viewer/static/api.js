@@ -59,12 +59,10 @@ function takeEarly(url) {
   return boot ? boot.take(url) : undefined;
 }
 
-async function doFetch(url, opts = {}, early = undefined) {
+/** GET `url`, or take `answered` (a Response the boot script already has) through the same checks. */
+async function doFetch(url, opts = {}, answered = null) {
   if (session.leaving) return new Promise(() => {});   // going to the login page: nothing more to ask
-  let resp = null;
-  if (early) {
-    try { resp = await early; } catch (_) { resp = null; }   // it failed: ask again, and report that
-  }
+  let resp = answered;
   try {
     if (!resp) resp = await fetch(url, { credentials: "same-origin", cache: "no-store", ...opts });
   } catch (e) {
@@ -86,7 +84,7 @@ export async function getJSON(url, opts) {
     let got = null;
     try { got = await early; } catch (_) { /* it failed: ask again below, and report that */ }
     if (got && got.json !== undefined) return got.json;   // already read and parsed: no task to wait for
-    if (got) return (await doFetch(url, opts, Promise.resolve(got.response))).json();   // an error answer
+    if (got) return (await doFetch(url, opts, got.response)).json();   // an error answer
   }
   const resp = await doFetch(url, opts);
   return resp.json();
