@@ -35,6 +35,15 @@ def log(msg: str) -> None:
     stream.flush()
 
 
+def load_average(before: str = "") -> tuple[float, float, float]:
+    """The load averages now; said in the log when other processes compete for the cores (1-min > 1)."""
+    load = os.getloadavg()
+    if load[0] > 1.0:
+        log(f"!! load average {load[0]:.2f}{' before ' + before if before else ''}: "
+            f"other processes compete for the {os.cpu_count()} cores")
+    return load
+
+
 # ----------------------------------------------------------------- daemons
 
 

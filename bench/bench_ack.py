@@ -596,9 +596,7 @@ def main() -> None:
     if args.wait_idle:
         wait_idle(args.wait_idle)
     started = time.time()
-    load_start = os.getloadavg()
-    if load_start[0] > 1.0:
-        c.log(f"!! load average {load_start[0]:.2f}: other processes compete for the 2 cores")
+    load_start = c.load_average()
     pycache = tempfile.mkdtemp(prefix="kb-ack-pyc-", dir="/tmp")
     res: dict[str, dict[str, list[dict]]] = {k: {case: [] for case in CASES} for k in pythons}
     loads: list[float] = []

@@ -73,7 +73,6 @@ import argparse
 import datetime
 import gc
 import io
-import json
 import os
 import shutil
 import signal
@@ -910,9 +909,7 @@ def main() -> None:
     if args.wait_idle:
         wait_idle(args.wait_idle)
     started = time.time()
-    load_start = os.getloadavg()
-    if load_start[0] > 1.0:
-        c.log(f"!! load average {load_start[0]:.2f}: other processes compete for the cores")
+    load_start = c.load_average()
     calls = {k: max(5, int(round(v * args.calls_scale))) for k, v in (CALLS_QUICK if args.quick else CALLS_FULL).items()}
     rng = np.random.default_rng(12345)
     results: dict[str, dict[str, Any]] = {}

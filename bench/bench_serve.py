@@ -1005,9 +1005,7 @@ def main() -> None:
     if args.wait_idle:
         wait_idle(args.wait_idle)
     started = time.time()
-    loads: dict[str, float] = {"start": os.getloadavg()[0]}
-    if loads["start"] > 1.0:
-        c.log(f"!! load average {loads['start']:.2f}: other processes compete for the 2 cores")
+    loads: dict[str, float] = {"start": c.load_average()[0]}
     res: dict[str, Any] = {"alone": [], "loaded": [], "static": []}
     server: ServerProcess | None = None
     static: ServerProcess | None = None

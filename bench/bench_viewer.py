@@ -1056,9 +1056,7 @@ def main() -> None:
     if args.wait_idle:
         wait_idle(args.wait_idle)
     started = time.time()
-    loads: dict[str, float] = {"start": os.getloadavg()[0]}
-    if loads["start"] > 1.0:
-        c.log(f"!! load average {loads['start']:.2f}: other processes compete for the 2 cores")
+    loads: dict[str, float] = {"start": c.load_average()[0]}
     skipped: dict[str, str] = {}
     exe = None
     if args.no_browser:

@@ -173,9 +173,7 @@ def main() -> None:
                 cmd.append("--keep")
             if args.wait_idle:
                 wait_idle(args.wait_idle)
-            load[key] = os.getloadavg()[0]
-            if load[key] > 1.0:
-                c.log(f"!! load average {load[key]:.2f} before {key}: other processes compete for the 2 cores")
+            load[key] = c.load_average(before=key)[0]
             c.log(f"== {key}: {' '.join(cmd[1:])}")
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, cwd=HERE)
