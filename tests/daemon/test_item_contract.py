@@ -11,14 +11,12 @@ stored item reads back, and ``kobo verify`` passes on the run.
 
 from __future__ import annotations
 
-import copy
 import math
 import struct
 import time
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -28,6 +26,9 @@ from kohakuboard.cli.main import main as kobo
 from kohakuboard.protocol import codec
 from kohakuboard.protocol import messages as m
 from kohakuboard.storage.reader import RunReader
+
+# the header mutator the fuzz test uses: every node of a decoded header, and a copy with one replaced
+from .test_fuzz import _paths, _replaced
 
 _HOSTILE = [None, True, 0, -1, 2**63 - 1, -(2**63), 2**64 - 1, math.nan, math.inf, -math.inf,
             "", "x" * 5000, b"", b"\xff" * 9, [], [[]], [1, "a"], {}, {"k": [None]}, {"": 1.0}, 1e30, 0.4]
@@ -67,29 +68,6 @@ def _png_bytes() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (3, 2), (1, 2, 3)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _paths(obj: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [path]
-    if isinstance(obj, list):
-        for i, v in enumerate(obj):
-            out += _paths(v, (*path, i))
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            out += _paths(v, (*path, k))
-    return out
-
-
-def _replaced(meta: Any, path: tuple[Any, ...], *, value: Any = None, key: Any = None) -> Any:
-    meta = copy.deepcopy(meta)
-    node = meta
-    for p in path[:-1]:
-        node = node[p]
-    if key is not None:
-        node[key] = node.pop(path[-1])
-    else:
-        node[path[-1]] = value
-    return meta
 
 
 def _variants() -> list[tuple[str, list[Any], list[bytes]]]:

@@ -1,0 +1,1 @@
+"""The daemon's tests (a package, so a test can use another's helpers)."""
