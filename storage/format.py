@@ -434,11 +434,12 @@ def run_folder_problem(path: str) -> str | None:
     )
 
 
-def makedirs(path: str) -> list[str]:
-    """``os.makedirs(path, exist_ok=True)`` without recursion (a path may have thousands of parts);
-    returns the directories it created, outermost first."""
+def makedirs(path: str, mode: int = 0o777, leaf_mode: int | None = None) -> list[str]:
+    """``os.makedirs(path, mode, exist_ok=True)`` without recursion (a path may have thousands of parts);
+    ``path`` itself is made with ``leaf_mode`` when given.  Returns the directories it created,
+    outermost first (the modes are as the umask left them)."""
     missing = []
-    p = os.path.abspath(path)
+    path = p = os.path.abspath(path)
     while not os.path.isdir(p):
         missing.append(p)
         parent = os.path.dirname(p)
@@ -448,7 +449,7 @@ def makedirs(path: str) -> list[str]:
     created = []
     for d in reversed(missing):
         try:
-            os.mkdir(d)
+            os.mkdir(d, leaf_mode if leaf_mode is not None and d == path else mode)
             created.append(d)
         except FileExistsError:
             if not os.path.isdir(d):

@@ -46,6 +46,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from ..storage import format as fmt
+
 log = logging.getLogger("kohakuboard.viewer.accounts")
 
 FILE_NAME = "accounts.json"
@@ -238,21 +240,12 @@ def split_token(token: str) -> tuple[str, str] | None:
 def _mkdir_private(path: str) -> None:
     """Create ``path`` 0700 (parents 0755, never group/world-writable) whatever the umask."""
     path = os.path.abspath(path)
-    missing: list[str] = []
-    p = path
-    while not os.path.isdir(p):
-        missing.append(p)
-        parent = os.path.dirname(p)
-        if parent == p:
-            break
-        p = parent
-    for d in reversed(missing):
-        mode = 0o700 if d == path else 0o755
-        try:
-            os.mkdir(d, mode)
-        except FileExistsError:
-            continue
-        os.chmod(d, mode)
+    try:
+        created = fmt.makedirs(path, 0o755, leaf_mode=0o700)
+    except FileExistsError:  # a file where the directory should be: _check_dir says so
+        return
+    for d in created:
+        os.chmod(d, 0o700 if d == path else 0o755)
 
 
 def _check_dir(path: str, *, fix: bool) -> None:
