@@ -641,7 +641,12 @@ def test_connection_flood_does_not_knock_the_head_over(endpoint, second_endpoint
             assert time.monotonic() < deadline, peers
             time.sleep(0.5)
         assert flooder.get("too_many_handshakes_from_address", 0) >= 500, peers
-        assert "127.0.0.1" not in peers["by_address"], peers  # the node was never refused
+        # the node was never refused: none of the guard's own refusals counted against its address (a
+        # failure it cannot tell apart, such as a handshake of the node's that closed under the flood and
+        # was retried, may be; its calls all arrived above)
+        refusals = {"too_many_connections", "too_many_from_address", "too_many_handshakes_from_address",
+                    "handshake_timeout", "unauthorized_key"}
+        assert not refusals & set(peers["by_address"].get("127.0.0.1", {})), peers
         assert peers["limits"]["open_file_limit"] == 1024
         assert peers["limits"]["max_connections"] <= 1024
         human = kobo_daemon("status", "--endpoint", str(endpoint)).stdout
