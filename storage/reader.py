@@ -1036,19 +1036,43 @@ class RunReader:
                 continue
             by_name.setdefault(name, {})[rank] = n
         out = []
+        wanted: dict[str, int] = {}  # column -> committed length, of each metric's lowest rank
         for name in sorted(by_name):
             per_rank = dict(sorted(by_name[name].items()))
             rank = next(iter(per_rank))
             n = per_rank[rank]
-            entry: dict[str, Any] = {"name": name, "rank": rank, "ranks": list(per_rank), "points": n,
-                                     "points_by_rank": per_rank}
+            out.append({"name": name, "rank": rank, "ranks": list(per_rank), "points": n, "points_by_rank": per_rank})
             if n:
-                last = self.series(name, rank, n - 1, n)
-                if len(last):
-                    entry.update(last_step=int(last["step"][0]), last_global_step=int(last["global_step"][0]),
-                                 last_value=float(last["value"][0]))
-            out.append(entry)
+                wanted[fmt.column_name(rank, name)] = n
+        last = self._last_rows(wanted)
+        for entry in out:
+            row = last.get(fmt.column_name(entry["rank"], entry["name"]))
+            if row is not None:
+                entry.update(last_step=int(row["step"]), last_global_step=int(row["global_step"]),
+                             last_value=float(row["value"]))
         return out
+
+    def _last_rows(self, lengths: dict[str, int]) -> dict[str, Any]:
+        """Row ``n - 1`` of each scalar column in ``lengths`` (column -> committed length ``n``,
+        just read from the commit table): one read of the vault for all of them."""
+        vault = self._vault if lengths else None
+        if vault is None:
+            return {}
+
+        def read(v: Any) -> dict[str, Any]:
+            from kohakuvault import NotFound
+
+            rows = {}
+            for col, n in lengths.items():
+                try:
+                    c = v[col]
+                except NotFound:
+                    continue
+                if 0 < n <= len(c):
+                    rows[col] = c.read_array(n - 1, 1).view(_REC).reshape(-1)[0]
+            return rows
+
+        return self._guarded(vault, lambda: vault.read(read))
 
     def item_counts(self) -> dict[str, dict[str, dict[int, int]]]:
         """Rows per name and rank of each rich kind: ``{kind: {name: {rank: rows}}}``.

@@ -52,7 +52,17 @@ def _bucket_starts(x: np.ndarray, width: int) -> np.ndarray:
         return np.zeros(1, dtype=np.int64)
     edges = lo + (hi - lo) * (np.arange(1, width, dtype=np.float64) / width)
     starts = np.concatenate(([0], np.searchsorted(x, edges, side="left")))
-    return np.unique(starts[starts < len(x)])
+    return _distinct_sorted(starts[starts < len(x)])
+
+
+def _distinct_sorted(a: np.ndarray) -> np.ndarray:
+    """``a`` (ascending) without repeats; cheaper than ``np.unique``, which hashes."""
+    if len(a) < 2:
+        return a
+    keep = np.empty(len(a), dtype=bool)
+    keep[0] = True
+    np.not_equal(a[1:], a[:-1], out=keep[1:])
+    return a[keep]
 
 
 def reduce_m4(x: np.ndarray, y: np.ndarray, width: int) -> np.ndarray:
@@ -74,14 +84,18 @@ def reduce_m4(x: np.ndarray, y: np.ndarray, width: int) -> np.ndarray:
     mins = np.minimum.reduceat(lo_val, starts)
     maxs = np.maximum.reduceat(hi_val, starts)
     counts = ends - starts
-    bucket = np.repeat(np.arange(len(starts)), counts)
     picked = [starts, ends - 1]
     for extreme, vals in ((mins, lo_val), (maxs, hi_val)):
         hit = np.flatnonzero((vals == np.repeat(extreme, counts)) & finite)
-        # the first hit in each bucket (hits are in index order, so in bucket order)
-        _, first = np.unique(bucket[hit], return_index=True)
-        picked.append(hit[first])
-    return np.unique(np.concatenate(picked))
+        # the first hit at or after each bucket's start, kept where it lies inside the bucket
+        # (a bucket without a finite value has none: its search lands in a later bucket)
+        at = np.searchsorted(hit, starts)
+        inside = at < len(hit)
+        first = hit[at[inside]]
+        picked.append(first[first < ends[inside]])
+    both = np.concatenate(picked)
+    both.sort()
+    return _distinct_sorted(both)
 
 
 def nonfinite_marks(x: np.ndarray, y: np.ndarray, width: int) -> tuple[dict[str, int], list[dict[str, Any]]]:

@@ -147,6 +147,10 @@ def test_live_run_pushes_new_points_new_metrics_and_status(open_server, daemon, 
                 stop.set()
             assert any(e[2].get("status") == "finished" for e in got)
             assert c.get("/api/runs/default/live").json()["status"] == "finished"
+            # the reads above went through readers kept open between requests, and still saw every
+            # commit and the finish (metadata.json rewritten: a new reader)
+            readers = c.get("/api/stats").json()["readers"]
+            assert readers["lent"] > 0 and readers["opened"] >= 2
     finally:
         if proc.poll() is None:
             proc.kill()
