@@ -502,6 +502,38 @@ def test_a_run_summary_is_read_once_for_requests_that_come_together(tmp_path, vi
     assert viewer.run_summary("default", "rich")["name"] == "rich-renamed" and len(reads) == 2
 
 
+def test_kept_readers_see_a_changed_run_and_a_failed_request_drops_its_reader(tmp_path, viewer_runs):
+    """A reader kept open between requests is lent again only while the run's metadata.json is the
+    one it read, and a request that failed does not hand its reader on."""
+    from kohakuboard.viewer.readers import ReaderPool
+
+    base = tmp_path / "kohakuboard"
+    shutil.copytree(viewer_runs / "default" / "rich", base / "default" / "rich")
+    path = str(base / "default" / "rich")
+    pool = ReaderPool(per_run=2, idle_max=3)
+    with pool.borrow(path) as first:
+        assert first.name == "rich"
+    with pool.borrow(path) as again:
+        assert again is first and pool.lent == 1
+    meta = base / "default" / "rich" / "metadata.json"
+    meta.write_text(meta.read_text().replace('"name": "rich"', '"name": "rich-renamed"'))
+    with pool.borrow(path) as fresh:
+        assert fresh is not first and fresh.name == "rich-renamed"
+    with pytest.raises(KeyError):
+        with pool.borrow(path) as failing:
+            failing.series("no-such-metric")
+    assert pool.idle() == 0
+    with pool.borrow(path) as after:
+        assert after is not failing and after.metric_overview()
+    # bounded: no more than per_run idle readers of one run
+    held = [pool.take(path) for _ in range(4)]
+    for reader, key in held:
+        pool.give(path, key, reader, True)
+    assert pool.idle() == 2
+    pool.close()
+    assert pool.idle() == 0
+
+
 def test_live_tails_read_each_new_row_once_for_every_page():
     """Pages following a run ask for overlapping tails; the new rows come from disk once."""
     from kohakuboard.viewer.app import TailCache
