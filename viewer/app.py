@@ -324,6 +324,34 @@ def _concat_rows(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([p.view(np.uint8) for p in parts]).view(dtype)
 
 
+class EncodedLines:
+    """The run list's lines as JSON, each encoded once while the index keeps the same line.
+
+    The index hands out the same dict for a run until its files change, so a page polling
+    the list of thousands of runs costs a join of cached bytes, not an encoding of them all.
+    """
+
+    def __init__(self, max_items: int = 20_000) -> None:
+        self.max_items = max_items
+        self._items: collections.OrderedDict[int, tuple[dict[str, Any], bytes]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def encoded(self, line: dict[str, Any]) -> bytes:
+        if line.get("stored_status") == fmt.STATUS_RUNNING:
+            return _json_bytes(line)  # a copy made for this listing (its status may go stale): not kept
+        with self._lock:
+            hit = self._items.get(id(line))
+            if hit is not None and hit[0] is line:
+                self._items.move_to_end(id(line))
+                return hit[1]
+        body = _json_bytes(line)
+        with self._lock:
+            self._items[id(line)] = (line, body)  # the dict is held: its id is not reused meanwhile
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+        return body
+
+
 class Viewer:
     """State shared by the routes: the folder, its run index, the series cache."""
 
@@ -756,6 +784,7 @@ def create_team_app(base_dir: str, accounts: Any, allowed_hosts: tuple[str, ...]
 def build_app(base_dir: str) -> Starlette:
     """The viewer's routes over ``base_dir``, without any authentication (wrap it: see above)."""
     viewer = Viewer(base_dir)
+    run_lines = EncodedLines()
     hub = LiveHub(viewer.watch, viewer.index.signature)
 
     reads = RunReads()  # worker threads, a few per run: a run whose files hang keeps only its own
@@ -826,8 +855,10 @@ def build_app(base_dir: str) -> Starlette:
         shown = filter_runs(runs, q, regex)
         if project:
             shown = [r for r in shown if r["project"] == project]
-        return _json({"dir": viewer.index.base_dir, "total": len(runs),
-                      "projects": [{"name": n, "runs": c} for n, c in sorted(projects.items())], "runs": shown})
+        head = _json_bytes({"dir": viewer.index.base_dir, "total": len(runs),
+                            "projects": [{"name": n, "runs": c} for n, c in sorted(projects.items())]})
+        body = head[:-1] + b',"runs":[' + b",".join(run_lines.encoded(r) for r in shown) + b"]}"
+        return Response(body, media_type="application/json", headers={"cache-control": "no-store"})
 
     @handler
     async def api_run(request: Request) -> Response:
