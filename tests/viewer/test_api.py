@@ -167,6 +167,16 @@ def test_csv_download_equals_kobo_export(api, viewer_runs):
     assert r.text == out.output
     both = api.get("/api/runs/default/ddp/series.csv?metric=loss&rank=all").text.splitlines()
     assert len(both) == 801 and both[1].startswith("loss,0,") and both[-1].startswith("loss,1,")
+    # the body is sent in pieces of whole lines: cut anywhere, it is still kobo export's text
+    from kohakuboard.storage.export import csv_header, csv_lines
+    from kohakuboard.viewer.app import Viewer
+
+    with RunReader(viewer_runs / "default" / "ddp") as reader:
+        series = [(rk, np.array(reader.series("loss", rk))) for rk in (0, 1)]
+    pieces = list(Viewer.csv_chunks("loss", series, rows=7))
+    assert len(pieces) == 1 + 2 * 58 and all(p.endswith("\n") for p in pieces)
+    assert "".join(pieces) == csv_header() + "".join("".join(csv_lines("loss", rk, s)) for rk, s in series)
+    assert "".join(pieces).splitlines() == both
 
 
 def test_run_summary_and_rich_values(api):
