@@ -162,3 +162,8 @@ def test_drop_policy_counts_output_lines_apart_and_marks_them(daemon, tmp_path, 
     res = CliRunner().invoke(kobo, ["show", str(run)])
     assert res.exit_code == 0, res.output
     assert f"and {stats['dropped_lines']} output line(s) discarded" in res.output
+    # the viewer's run summary (its dropped-data banner) counts both
+    from kohakuboard.viewer.app import Viewer
+
+    shown = Viewer(str(base_dir)).run_summary("default", "stall-output")["dropped"]
+    assert shown == {"calls": stats["dropped_calls"], "values": stats["dropped_calls"], "lines": stats["dropped_lines"]}

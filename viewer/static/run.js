@@ -273,7 +273,7 @@ export class RunView {
           meta("last step", fmtInt(lastStep(s))),
           s.last_commit ? meta("last commit", el("span.last-commit", { title: fmtTime(s.last_commit), dataset: { run: key } }, lastCommitText(s))) : null,
           meta("ranks", ranksText(s)),
-          meta("dropped", el(`span.${(s.dropped && s.dropped.calls) > 0 ? "dropped-warn" : "muted"}`, fmtInt((s.dropped && s.dropped.calls) || 0)))),
+          meta("dropped", el(`span.${(s.dropped && (s.dropped.calls > 0 || s.dropped.lines > 0)) ? "dropped-warn" : "muted"}`, fmtInt((s.dropped && s.dropped.calls) || 0) + (s.dropped && s.dropped.lines > 0 ? ` (+${fmtInt(s.dropped.lines)} output lines)` : "")))),
         dropWarning(s),
         cfg.length ? el("details.config-peek", { open: peekOpen }, el("summary", `Config (${cfg.length} key${cfg.length === 1 ? "" : "s"})`), configTable([[key, s.config || {}]], () => key)) : null,
       ].filter(Boolean));
@@ -419,11 +419,15 @@ function meta(k, v) {
 
 function dropWarning(s, named) {
   const d = s.dropped || {};
-  if (!(d.calls > 0)) return null;
+  const calls = d.calls > 0, lines = d.lines > 0;
+  if (!calls && !lines) return null;
+  const what = [];
+  if (calls) what.push(`${fmtInt(d.calls)} log() call${d.calls === 1 ? "" : "s"} (${fmtInt(d.values || 0)} values) never reached the run; the stored series do not hold them`);
+  if (lines) what.push(`${fmtInt(d.lines)} line${d.lines === 1 ? "" : "s"} of captured output ${d.lines === 1 ? "was" : "were"} discarded (the Output tab marks where)`);
   return el("div.warn-box.dropped-banner", { role: "alert" },
     el("strong", "⚠ Data was dropped. "),
     named ? el("span", `${s.name || s.run_id}: `) : null,
-    `${fmtInt(d.calls)} log() call${d.calls === 1 ? "" : "s"} (${fmtInt(d.values || 0)} values) never reached the run: the client's queue was full while its queue policy was "drop". The stored series do not hold them.`);
+    `${what.join("; ")}: the client's queue was full while its queue policy was "drop".`);
 }
 
 function configTable(runs, label) {
