@@ -627,19 +627,21 @@ class Viewer:
             rows = r.media(name, rank, start, end)
             if not rows and name not in r.list_items()["media"]:
                 raise NotFound(f"no media {name!r} in run {project}/{run_id}")
-        return {"name": name, "rows": [_media_json(project, run_id, row) for row in rows]}
+            skipped = list(r.skipped)
+        return {"name": name, "rows": [_media_json(project, run_id, row) for row in rows], "skipped": skipped}
 
     def table_rows(self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None) -> dict[str, Any]:
         with self.open(project, run_id) as r:
             tables = r.tables(name, rank, start, end)
             if not tables and name not in r.list_items()["table"]:
                 raise NotFound(f"no table {name!r} in run {project}/{run_id}")
+            skipped = list(r.skipped)
         out = []
         for t in tables:
             rows = [[{"$media": _media_json(project, run_id, c)} if isinstance(c, dict) and "hash" in c else c
                      for c in row] for row in t["rows"]]
             out.append({**t, "rows": rows})
-        return {"name": name, "rows": out}
+        return {"name": name, "rows": out, "skipped": skipped}
 
     def histogram_rows(self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None,
                        max_rows: int = 500) -> dict[str, Any]:
@@ -647,29 +649,32 @@ class Viewer:
             hists = r.histograms(name, rank, start, end)
             if not hists and name not in r.list_items()["histogram"]:
                 raise NotFound(f"no histogram {name!r} in run {project}/{run_id}")
+            skipped = list(r.skipped)
         total = len(hists)
         if total > max_rows:  # evenly spaced steps, always the first and the last
             keep = np.unique(np.linspace(0, total - 1, max_rows).round().astype(int))
             hists = [hists[i] for i in keep]
-        return {"name": name, "total": total, "rows": hists}
+        return {"name": name, "total": total, "rows": hists, "skipped": skipped}
 
     def kde_rows(self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None) -> dict[str, Any]:
         with self.open(project, run_id) as r:
             rows = r.kde(name, rank, start, end)
             if not rows and name not in r.list_items()["kde"]:
                 raise NotFound(f"no kernel density {name!r} in run {project}/{run_id}")
-        return {"name": name, "rows": rows}
+            skipped = list(r.skipped)
+        return {"name": name, "rows": rows, "skipped": skipped}
 
     def tensor_rows(self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None) -> dict[str, Any]:
         with self.open(project, run_id) as r:
             rows = r.tensors(name, rank, start, end)
             if not rows and name not in r.list_items()["tensor"]:
                 raise NotFound(f"no tensor {name!r} in run {project}/{run_id}")
+            skipped = list(r.skipped)
         out = []
         for t in rows:
             arr = t.pop("array")
             out.append({**t, "shape": list(arr.shape), "dtype": str(arr.dtype), **_tensor_view(arr)})
-        return {"name": name, "rows": out}
+        return {"name": name, "rows": out, "skipped": skipped}
 
     def logs(self, project: str, run_id: str, offset: int | None, limit: int) -> dict[str, Any]:
         with self.open(project, run_id) as r:

@@ -259,3 +259,9 @@ def test_a_reader_skips_a_table_row_whose_json_is_damaged(daemon, base_dir):
     with RunReader(b.path) as r:
         assert [t["rows"] for t in r.tables("tab")] == [[[0]], [[2]]]
         assert [(s["kind"], s["step"]) for s in r.skipped] == [("table", 1)]
+    # the viewer sends the good rows and names the bad one (its card says so)
+    from kohakuboard.viewer.app import Viewer
+
+    shown = Viewer(str(base_dir)).table_rows("default", "tabs", "tab", 0, None, None)
+    assert [t["step"] for t in shown["rows"]] == [0, 2]
+    assert [(s["kind"], s["step"]) for s in shown["skipped"]] == [("table", 1)]

@@ -305,6 +305,17 @@ class ItemCard {
     this.el.classList.toggle("thinned", total > n);
   }
 
+  /** Rows the server could not read back (a damaged or foreign record): said on the card, never silently left out. */
+  showSkipped(skipped) {
+    this.el.querySelector(".item-skipped")?.remove();
+    if (!skipped.length) return;
+    const steps = skipped.map((s) => s.step).filter((s) => s !== null && s !== undefined);
+    this.el.append(el("div.item-skipped.warn-box", { role: "note", title: skipped.map((s) => s.reason).join("\n") },
+      `${fmtInt(skipped.length)} row${skipped.length === 1 ? "" : "s"} could not be read and ${skipped.length === 1 ? "is" : "are"} left out`
+      + (steps.length ? ` (step ${steps.slice(0, 5).map(fmtInt).join(", ")}${steps.length > 5 ? ", …" : ""})` : "")
+      + `: ${skipped[0].reason}`));
+  }
+
   activate() {
     if (this.active) return;
     this.active = true;
@@ -331,6 +342,7 @@ class ItemCard {
       this.el.dataset.rank = String(rank);
       this.setCountLabel(data);
       this.el.querySelector(".item-error")?.remove();
+      this.showSkipped(data.skipped || []);
       if (!this.rows.length) {
         this.resetBody().append(el("div.chart-empty", "no rows yet"));
         this.slider.setRows([]);
