@@ -31,6 +31,7 @@ class _Topic:
     def __init__(self) -> None:
         self.subscribers: set[asyncio.Queue[Any]] = set()
         self.last: Any = None
+        self.text: str | None = None  # the SSE text of ``last`` (a run's state)
         self.task: asyncio.Task[None] | None = None
 
 
@@ -45,13 +46,14 @@ class LiveHub:
         # Its own threads: polls keep their pace when page requests fill the default pool.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="kobo-live")  # a hung run holds one
 
-    def _publish(self, topic: _Topic, value: Any) -> None:
-        topic.last = value
+    def _publish(self, topic: _Topic, value: Any, text: str | None) -> None:
+        """``text``: a run's SSE event for ``value``, encoded once for every page that watches it."""
+        topic.last, topic.text = value, text
         for q in list(topic.subscribers):
             if q.full():
                 with contextlib.suppress(asyncio.QueueEmpty):
                     q.get_nowait()
-            q.put_nowait(value)
+            q.put_nowait((value, topic.text))
 
     async def _poll(self, key: tuple[str, str], topic: _Topic) -> None:
         interval = LIST_POLL_S if key == ListKey else POLL_S
@@ -66,7 +68,8 @@ class LiveHub:
                 value = {"run": "/".join(key), "version": "error", "error": str(exc)}
             self.polls += 1
             if value != topic.last:
-                self._publish(topic, value)
+                text = None if key == ListKey else f"event: run\ndata: {json.dumps(value, separators=(',', ':'))}\n\n"
+                self._publish(topic, value, text)
             await asyncio.sleep(interval)
         self._topics.pop(key, None)
 
@@ -82,7 +85,7 @@ class LiveHub:
         q: asyncio.Queue[Any] = asyncio.Queue(QUEUE_MAX)
         topic.subscribers.add(q)
         if topic.last is not None:
-            q.put_nowait(topic.last)
+            q.put_nowait((topic.last, topic.text))
         if topic.task is None or topic.task.done():
             topic.task = asyncio.get_running_loop().create_task(self._poll(key, topic))
         return q
@@ -109,7 +112,7 @@ class LiveHub:
             yield "retry: 1000\n\n"
             while True:
                 try:
-                    key, value = await asyncio.wait_for(merged.get(), timeout=1.0)
+                    key, (value, text) = await asyncio.wait_for(merged.get(), timeout=1.0)
                 except asyncio.TimeoutError:
                     if await is_disconnected():
                         return
@@ -122,7 +125,7 @@ class LiveHub:
                     first_list = False
                     yield f"event: runs\ndata: {json.dumps(payload)}\n\n"
                 else:
-                    yield f"event: run\ndata: {json.dumps(value, separators=(',', ':'))}\n\n"
+                    yield text or f"event: run\ndata: {json.dumps(value, separators=(',', ':'))}\n\n"
         finally:
             for p in pumps:
                 p.cancel()
