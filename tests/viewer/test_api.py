@@ -512,6 +512,38 @@ def test_a_run_summary_is_read_once_for_requests_that_come_together(tmp_path, vi
     assert viewer.run_summary("default", "rich")["name"] == "rich-renamed" and len(reads) == 2
 
 
+def test_a_live_summary_many_pages_ask_for_is_read_at_most_every_tenth_of_a_second(tmp_path, viewer_runs, monkeypatch):
+    """Pages following a run written at full speed ask for its summary after commits that come ~40
+    times a second: under that demand a live run is re-read at most every 0.1 s; asked for less
+    often (a page refreshes it every 1.5 s), each answer is the latest."""
+    import json as _json
+    import time as _time
+
+    from kohakuboard.viewer import app as app_mod
+
+    assert app_mod.SUMMARY_BUSY_MAX_AGE_S == 0.1
+    monkeypatch.setattr(app_mod, "SUMMARY_BUSY_MAX_AGE_S", 0.5)  # room for a slow machine between the calls
+    base = tmp_path / "kohakuboard"
+    shutil.copytree(viewer_runs / "default" / "rich", base / "default" / "rich")
+    meta = base / "default" / "rich" / "metadata.json"
+    data = _json.loads(meta.read_text())
+    meta.write_text(_json.dumps({**data, "status": "running"}))
+    viewer = app_mod.Viewer(str(base))
+    reads = []
+    real = viewer._read_summary
+    viewer._read_summary = lambda p, r: reads.append(r) or real(p, r)
+    assert viewer.run_summary("default", "rich")["name"] == "rich"
+    meta.write_text(_json.dumps({**data, "status": "running", "name": "renamed"}))
+    assert viewer.run_summary("default", "rich")["name"] == "renamed"      # little demand: the latest
+    for _ in range(app_mod.SUMMARY_BUSY_PER_S):
+        viewer.run_summary("default", "rich")
+    meta.write_text(_json.dumps({**data, "status": "running", "name": "renamed-again"}))
+    assert viewer.run_summary("default", "rich")["name"] == "renamed"      # busy, and read just now
+    _time.sleep(app_mod.SUMMARY_BUSY_MAX_AGE_S * 1.5)
+    assert viewer.run_summary("default", "rich")["name"] == "renamed-again"
+    assert len(reads) == 3
+
+
 def test_kept_readers_see_a_changed_run_and_a_failed_request_drops_its_reader(tmp_path, viewer_runs):
     """A reader kept open between requests is lent again only while the run's metadata.json is the
     one it read, and a request that failed does not hand its reader on."""
