@@ -44,6 +44,18 @@ The forwarder remembers the pid of each client attached through it (from its
 process is gone without a
 ``finish``, sends the head a ``finish`` with status ``crashed`` for it, after
 everything the client sent has gone upstream.
+
+Node samples.  A forwarder samples its own node like a writing daemon does
+(``--system-metrics``, :mod:`.sysmetrics`): the event loop takes the samples
+(in a worker thread) and hands them to the relay thread, which sends each one
+as a ``log`` message of a client of its own (``sys-<forwarder instance>``) for
+every run with a live client of this node, on the same data socket as the
+clients' calls, at the rank and latest step of the run's lowest-ranked client
+here.  Like a client, it keeps what it sent until the head says it is durable
+(a ``flush`` request for sequence number 0, answered at once and attaching
+nothing) and sends it again after a reconnection; the head stores each
+sequence number once.  The head samples only runs with clients of its own
+host, so a forwarded node is sampled once, by its forwarder.
 """
 
 from __future__ import annotations
@@ -81,6 +93,10 @@ _MAX_WAITING = 256  # requests of one client waiting for the upstream's answer
 _DATA_HWM = 16  # messages queued in zmq per data socket (a message can be ~1 MB)
 _REFUSED_RETRY = 5.0  # seconds between connection attempts after the head refused our key
 _MAX_TRACKED = 100_000  # clients remembered for reaping
+_SYS_HELD = 64  # node samples of one run kept until the head has them durable (further ones are not taken)
+_SYS_ASK_AFTER = 1.0  # seconds after sending a node sample before asking the head whether it is durable
+_SYS_ASK_TIMEOUT = 10.0  # a question about durability unanswered this long is asked again
+_STEP_KINDS = (m.LogMessage.KIND, m.LogBatch.KIND)  # data whose envelope carries the call's step
 
 # Reply kinds that carry the daemon instance id, and its index in their payload.
 _DAEMON_FIELD: dict[str, int] = {}
@@ -571,6 +587,32 @@ class _Client:
     reap_deadline: float = 0.0
     dead_since: float = 0.0
     reports: int = 0
+    step: int = -1  # latest (step, global_step) of its calls seen here (-1: none yet); node samples go there
+    global_step: int = 0
+
+
+class _SysSample:
+    """One node sample for one run, encoded, kept until the head has it durable."""
+
+    __slots__ = ("seq", "frames", "sent")
+
+    def __init__(self, seq: int, frames: list[bytes]) -> None:
+        self.seq = seq
+        self.frames = frames
+        self.sent = False
+
+
+class _SysRun:
+    """The node samples of one run not yet confirmed durable by the head."""
+
+    __slots__ = ("held", "unsent", "asked", "ask_at", "last_live")
+
+    def __init__(self) -> None:
+        self.held: collections.deque[_SysSample] = collections.deque()  # in seq order
+        self.unsent = 0  # the last ``unsent`` of ``held`` are still to be sent (again)
+        self.asked = 0.0  # when the outstanding durability question went out (0: none)
+        self.ask_at = 0.0  # when to ask next (0: nothing sent to ask about)
+        self.last_live = 0.0  # when the run last had a live client here
 
 
 @dataclass
@@ -642,6 +684,16 @@ class ForwardRelay(Relay):
         self._dirty = False
         self._next_save = 0.0
         self._load_clients()
+        # This node's samples (module docstring, "Node samples"): handed over by
+        # the event loop (add_sample), sent as the data of a client of our own.
+        self.sys_client = "sys-" + daemon.instance
+        self._sys_inbox: collections.deque[tuple[float, dict[str, float]]] = collections.deque(maxlen=8)
+        self._sys_runs: dict[str, _SysRun] = {}
+        self._sys_seq: dict[str, int] = {}  # kept while the forwarder lives: a reopened run continues its numbers
+        self._sys_sock: zmq.Socket[Any] | None = None
+        self._sys_epoch = 0
+        self._sys_asks = 0
+        self.sys_stats = {"samples": 0, "sent": 0, "resent": 0, "durable": 0, "not_taken": 0}
 
     # ----------------------------------------------------------- security
 
@@ -783,6 +835,8 @@ class ForwardRelay(Relay):
         old = self.clients.get(key)
         if old is not None:
             c.last_seq = max(c.last_seq, old.last_seq)
+            if old.step >= 0:  # its calls seen here are newer than what the head had committed
+                c.step, c.global_step = old.step, old.global_step
         self.clients[key] = c
         if old is None or (old.pid, old.pid_start) != (c.pid, c.pid_start):
             self._dirty = True
@@ -794,6 +848,11 @@ class ForwardRelay(Relay):
                 (request.kind == m.OpenRun.KIND and head.kind == m.RunOpened.KIND)
                 or (request.kind == m.AckRequest.KIND and head.kind == m.Acked.KIND)
             ):
+                payload = head.fields[10] if len(head.fields) > 10 else None
+                if head.kind == m.RunOpened.KIND and isinstance(payload, list) and len(payload) > 2:
+                    last_step, last_global_step = payload[1], payload[2]  # where the client's rank stands
+                    if type(last_step) is int and type(last_global_step) is int:
+                        request.extra.step, request.extra.global_step = max(last_step, 0), last_global_step
                 self._watch(request.extra)
             elif request.kind == m.FinishRun.KIND:
                 if head.kind == m.Finished.KIND:
@@ -820,8 +879,12 @@ class ForwardRelay(Relay):
         head = peek(frames[0])
         if head is not None:
             c = self.clients.get((head.run, head.client))
-            if c is not None and head.seq > c.last_seq:
+            if c is not None and head.seq > c.last_seq:  # (not a re-send: those are older)
                 c.last_seq = head.seq
+                if head.kind in _STEP_KINDS:
+                    step, global_step = head.fields[7], head.fields[8]
+                    if type(step) is int and type(global_step) is int:
+                        c.step, c.global_step = step, global_step
 
     # ---------------------------------------------------------- housekeeping
 
@@ -835,6 +898,7 @@ class ForwardRelay(Relay):
                 self._unregister(self._reaper)
                 self._reaper.close(linger=0)
                 self._reaper = None
+            self._close_sys_sock()
             self.state = "connecting"
             self._open_push()
         if now >= self._next_reap:
@@ -843,6 +907,8 @@ class ForwardRelay(Relay):
         if self._dirty and now >= self._next_save:
             self._next_save = now + 0.5
             self._save_clients()
+        if self._sys_inbox or self._sys_runs:
+            self._sys_pass(now)
 
     def _reap(self, now: float) -> None:
         for key, c in list(self.clients.items()):
@@ -945,6 +1011,7 @@ class ForwardRelay(Relay):
     def on_exit(self) -> None:
         if self._dirty:
             self._save_clients()
+        self._close_sys_sock()
         for sock in (self._reaper, self._monitor):
             if sock is not None:
                 self._unregister(sock)
@@ -963,8 +1030,126 @@ class ForwardRelay(Relay):
             reconnections=self.epoch,
             clients=len(self.clients),
             reaped=self.reaped,
+            system_metrics={
+                "interval": self.daemon.config.system_metrics, **self.sys_stats,
+                "held": sum(len(r.held) for r in list(self._sys_runs.values())),
+            },
         )
         return out
+
+    # ------------------------------------------------------- node samples
+
+    def add_sample(self, wall: float, values: dict[str, float]) -> None:
+        """Any thread: a sample of this node, sent on the relay thread's next pass."""
+        self._sys_inbox.append((wall, values))
+
+    def _sys_pass(self, now: float) -> None:
+        """Take new samples into the runs with a live client here, (re-)send, ask what is durable."""
+        while self._sys_inbox:
+            wall, values = self._sys_inbox.popleft()
+            self._sys_take(wall, values, now)
+        if self.epoch != self._sys_epoch:
+            # Reconnected: what was in flight (samples, questions) may be lost.
+            # Send again what the head has not confirmed; it keeps each seq once.
+            self._sys_epoch = self.epoch
+            for r in self._sys_runs.values():
+                r.unsent = len(r.held)
+                r.asked = r.ask_at = 0.0
+        for run, r in list(self._sys_runs.items()):
+            if not r.held:
+                if now - r.last_live > _IDLE_UPSTREAM:
+                    del self._sys_runs[run]
+                continue
+            if now - r.last_live > _STALE_UPSTREAM:  # no live client for long, the head never confirmed
+                del self._sys_runs[run]
+                continue
+            if self.state != "connected" or self.push is None:
+                continue
+            while r.unsent and self._pending is None:  # clients' data waiting for the socket goes first
+                entry = r.held[len(r.held) - r.unsent]
+                try:
+                    self.push.send_multipart(entry.frames, zmq.NOBLOCK)
+                except zmq.Again:
+                    return  # the head is slow: the rest on a later pass
+                r.unsent -= 1
+                self.sys_stats["resent" if entry.sent else "sent"] += 1
+                entry.sent = True
+                if not r.asked and not r.ask_at:
+                    r.ask_at = now + _SYS_ASK_AFTER  # the head writes within its flush interval (< 0.5 s)
+            if len(r.held) > r.unsent and (
+                (r.asked and now - r.asked > _SYS_ASK_TIMEOUT) or (not r.asked and r.ask_at and now >= r.ask_at)
+            ):
+                self._sys_ask(run, r, now)
+
+    def _sys_take(self, wall: float, values: dict[str, float], now: float) -> None:
+        self.sys_stats["samples"] += 1
+        # Per run, the lowest-ranked live client of this node whose step is known.
+        chosen: dict[str, _Client] = {}
+        for c in self.clients.values():
+            if c.host != _HOST or c.finishing or c.reap_id or c.dead_since or c.step < 0:
+                continue
+            best = chosen.get(c.run)
+            if best is None or c.rank < best.rank:
+                chosen[c.run] = c
+        for run, c in chosen.items():
+            r = self._sys_runs.get(run)
+            if r is None:
+                r = self._sys_runs[run] = _SysRun()
+            r.last_live = now
+            if len(r.held) >= _SYS_HELD:  # the head has not confirmed for long: leave this one out
+                self.sys_stats["not_taken"] += 1
+                continue
+            seq = self._sys_seq[run] = self._sys_seq.get(run, 0) + 1
+            env = m.Envelope(run, self.sys_client, seq, c.rank, c.step, c.global_step, wall)
+            r.held.append(_SysSample(seq, codec.encode(m.LogMessage(env, dict(values)))))
+            r.unsent += 1
+
+    def _sys_ask(self, run: str, r: "_SysRun", now: float) -> None:
+        """Ask the head how far the samples of ``run`` are durable (``flush`` of seq 0: answered at once)."""
+        if self._sys_sock is None:
+            self._sys_sock = self._upstream_socket(zmq.DEALER, self.control_addr)
+            self._register(self._sys_sock, zmq.POLLIN, self._on_sys_reply)
+        self._sys_asks += 1
+        env = m.Envelope(run, self.sys_client, self._sys_asks, 0, 0, 0, time.time())
+        try:
+            self._sys_sock.send_multipart(codec.encode(m.FlushRequest(env, 0)), zmq.NOBLOCK)
+        except zmq.Again:
+            r.ask_at = now + _SYS_ASK_AFTER
+            return
+        r.asked, r.ask_at = now, 0.0
+
+    def _on_sys_reply(self) -> None:
+        assert self._sys_sock is not None
+        while True:
+            try:
+                body = self._sys_sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply = codec.decode(body)
+            except KoboError:
+                continue
+            r = self._sys_runs.get(reply.env.run)
+            if r is None:
+                continue
+            r.asked = 0.0
+            if isinstance(reply, m.Flushed):
+                while r.held and r.held[0].seq <= reply.durable_seq:
+                    r.held.popleft()
+                    r.unsent = min(r.unsent, len(r.held))
+                    self.sys_stats["durable"] += 1
+            elif isinstance(reply, m.ErrorReply):
+                log.debug("system metrics of %s: the head answered %s", reply.env.run, reply.message)
+            # Sent ones still unconfirmed: ask again a little later.
+            r.ask_at = time.monotonic() + _SYS_ASK_AFTER if len(r.held) > r.unsent else 0.0
+
+    def _close_sys_sock(self) -> None:
+        if self._sys_sock is not None:
+            self._unregister(self._sys_sock)
+            self._sys_sock.close(linger=0)
+            self._sys_sock = None
+            for r in self._sys_runs.values():
+                r.asked = 0.0
 
 
 class Forwarder(Daemon):
@@ -1003,6 +1188,9 @@ class Forwarder(Daemon):
         log.info("kobo-daemon %d on %s forwarding to %s (%s)", os.getpid(), self.ep, relay.setup.address, curve)
         self.ready = True
         _sd_notify("READY=1")
+        sampling = None
+        if self.config.system_metrics > 0:
+            sampling = asyncio.create_task(self._sample_node(relay, self.config.system_metrics), name="system-metrics")
         while not self._stop.is_set():
             try:
                 await asyncio.wait_for(self._stop.wait(), 0.5)
@@ -1010,12 +1198,43 @@ class Forwarder(Daemon):
                 pass
             if not relay.alive():
                 break
+        self._stop.set()  # (also when the relay thread died: ends the sampling)
+        if sampling is not None:
+            await sampling
         _sd_notify("STOPPING=1")
         log.info("stopping: delivering what is held to the head (at most %.0fs)", relay.drain_timeout)
         await loop.run_in_executor(None, relay.stop)
         if relay.failure is not None:
             raise RuntimeError(f"the forwarding thread failed: {relay.failure!r}") from relay.failure
         log.info("kobo-daemon stopped")
+
+    async def _sample_node(self, relay: ForwardRelay, interval: float) -> None:
+        """Sample this node every ``interval`` seconds and hand the samples to the relay thread.
+
+        As the writing daemon's ``_system_metrics`` (worker thread; never takes
+        the forwarder down), but the relay thread decides which runs get them
+        and delivers them to the head (module docstring, "Node samples").
+        """
+        from .sysmetrics import NodeSampler
+
+        assert self._stop is not None
+        loop = asyncio.get_running_loop()
+        try:
+            sampler = await loop.run_in_executor(None, NodeSampler, _HOST)
+        except Exception as exc:
+            log.error("system metrics disabled: %r", exc)
+            return
+        try:
+            while not self._stop.is_set():
+                try:
+                    await asyncio.wait_for(self._stop.wait(), interval)
+                except asyncio.TimeoutError:
+                    pass
+                values = await loop.run_in_executor(None, sampler.sample)  # every interval: rates cover it
+                if values and not self._stop.is_set():
+                    relay.add_sample(time.time(), values)
+        finally:
+            await loop.run_in_executor(None, sampler.close)
 
     def status(self) -> dict[str, Any]:
         relay = self.relay

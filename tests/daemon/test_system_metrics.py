@@ -86,3 +86,158 @@ def test_gpu_metrics_through_nvml():
                 assert 0 <= values[f"{P}gpu{i}/util_percent"] <= 100
     finally:
         sampler.close()
+
+
+# ------------------------------------------------ a forwarding node (--forward)
+# Set up as in test_multinode.py: a head daemon listening on TCP (CURVE) and a
+# node's forwarding daemon under a hostname of its own (``unshare --uts``).
+
+from .test_multinode import (  # noqa: E402
+    HEAD_CODE, NODE, NODE_HOST, UTS, kobo_daemon, node_daemon, node_setup, second_endpoint, start_head, stop_head,
+)
+
+# A training process of rank RANK on the node (or on the head): logs, flushes, and
+# stays attached until the file GO exists.
+TRAINS = r"""
+import os, sys, time
+from kohakuboard.client import Board
+run_id, rank, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+b = Board(name=run_id, run_id=run_id, project="nodes", rank=rank, world_size=2, capture_output=False, timeout=30)
+for i in range(10):
+    b.step()
+    b.log(loss=float(i))
+b.flush(timeout=30)
+print("flushed", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.02)
+b.finish(timeout=30)
+print("DONE", flush=True)
+"""
+
+# The host name each side samples under: the node's own; the head's (in the
+# fallback without UTS namespaces the head is told it runs elsewhere).
+NODE_SYS = f"sys/{NODE_HOST if UTS else HOST}/"
+HEAD_SYS = f"sys/{HOST if UTS else 'the-head-machine'}/"
+
+
+def _trains(endpoint, run_id: str, rank: int, tmp_path: Path, *, on_node: bool):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "trains.py"
+    script.write_text(TRAINS)
+    go = tmp_path / f"go-{run_id}-{rank}"
+    proc = subprocess.Popen(
+        [*(NODE if on_node else ()), sys.executable, str(script), run_id, str(rank), str(go)],
+        env={**os.environ, "KOBO_DAEMON_ENDPOINT": str(endpoint), "KOBO_DAEMON_AUTOSTART": "0"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    line = proc.stdout.readline().strip()
+    if line != "flushed":
+        proc.kill()
+        raise AssertionError(f"training process did not start: {line}\n{proc.communicate()[1]}")
+    return proc, go
+
+
+def _finish(proc, go: Path) -> None:
+    go.touch()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "DONE" in out, err
+
+
+def _points(run: Path, name: str, rank: int) -> int:
+    with RunReader(run) as r:
+        return r.num_points(name, rank)
+
+
+def _wait_points(run: Path, name: str, rank: int, n: int, why, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _points(run, name, rank) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} points of {name} (rank {rank}) in {timeout}s\n{why()}"
+        time.sleep(0.05)
+
+
+def _node_status(ep) -> dict:
+    import json
+
+    r = kobo_daemon("status", "--json", "--endpoint", str(ep), timeout=20)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout)["forward"]
+
+
+def test_forwarding_node_samples_itself_into_the_head_run(endpoint, second_endpoint, daemon_factory, base_dir, tmp_path):
+    """A worker node's forwarder samples its node; the samples reach the head's run under the node's host,
+    at the rank and step of the node's client, each once and in order; the head (sampling too) adds none."""
+    head_args, node_args = node_setup(tmp_path)
+    head_log = tmp_path / "head.log"
+    head = start_head(endpoint, [*head_args, "--system-metrics", "0.2"], head_log, code=HEAD_CODE)
+    try:
+        node = node_daemon(daemon_factory, second_endpoint, "--endpoint", str(second_endpoint), *node_args,
+                           "--system-metrics", "0.2")
+        client, go = _trains(second_endpoint, "sysnode", 1, tmp_path, on_node=True)
+        run = base_dir / "nodes" / "sysnode"
+        opened = time.time()
+        _wait_points(run, NODE_SYS + "memory/percent", 1, 5, lambda: node.output() + head_log.read_text())
+        _finish(client, go)
+        finished = time.time()
+        with RunReader(run) as r:
+            assert r.status == "finished"
+            names = set(r.list_metrics(rank=None))
+            for name in ("cpu/percent", "cpu/load1", "memory/percent", "memory/used_gb",
+                         "disk/read_mb_s", "disk/write_mb_s", "net/recv_mb_s", "net/sent_mb_s"):
+                assert NODE_SYS + name in names, (name, sorted(names))
+            # only the node's own samples: the head samples runs with clients of its host, none here
+            assert not [n for n in names if n.startswith("sys/") and not n.startswith(NODE_SYS)], sorted(names)
+            assert r.ranks(NODE_SYS + "memory/percent") == [1]  # the rank of the node's client
+            if UTS:
+                assert {c["host"] for c in r.clients() if c["rank"] == 1} == {NODE_HOST}
+            mem = r.series(NODE_SYS + "memory/percent", rank=1)
+            cpu = r.series(NODE_SYS + "cpu/percent", rank=1)
+            assert len(mem) >= 5
+            assert all(0 <= v <= 100 for v in mem["value"].tolist() + cpu["value"].tolist())
+            walls = mem["wall"].tolist()
+            # each sample once, in order, taken while the client was attached
+            assert all(a < b for a, b in zip(walls, walls[1:])), walls
+            assert opened - 5 <= walls[0] and walls[-1] <= finished + 0.3
+            # at the step the node's client had reached (its last call; (0, 0) for a sample right after it
+            # opened the run, before its first call)
+            last = r.series("loss", rank=1)[-1]
+            at = list(zip(mem["step"].tolist(), mem["global_step"].tolist()))
+            assert at[-1] == (last["step"], last["global_step"]) and set(at) <= {(0, 0), at[-1]}, at
+            assert not [e for e in r.events() if e["kind"] == "gap"], r.events()
+        assert verify_run(run).exit_code == 0
+        st = _node_status(second_endpoint)["system_metrics"]
+        assert st["interval"] == 0.2 and st["samples"] >= 5 and st["sent"] >= len(mem), st
+        assert node.terminate() == 0, node.output()
+    finally:
+        stop_head(head, head_log)
+
+
+def test_forwarding_node_with_system_metrics_off_sends_none(endpoint, second_endpoint, daemon_factory, base_dir, tmp_path):
+    """``--system-metrics 0`` on the node: no samples of it, while the head's own samples of the same run go on."""
+    head_args, node_args = node_setup(tmp_path)
+    head_log = tmp_path / "head.log"
+    # An ordinary head (its own host name) with a client of its own in the run: it samples itself at rank 0.
+    head = start_head(endpoint, [*head_args, "--system-metrics", "0.2"], head_log)
+    try:
+        node = node_daemon(daemon_factory, second_endpoint, "--endpoint", str(second_endpoint), *node_args,
+                           "--system-metrics", "0")
+        on_node, go_node = _trains(second_endpoint, "nosysnode", 1, tmp_path, on_node=True)
+        on_head, go_head = _trains(endpoint, "nosysnode", 0, tmp_path, on_node=False)
+        run = base_dir / "nodes" / "nosysnode"
+        # 5 samples of the head at 0.2 s: the node, were it sampling, would have sent some meanwhile
+        own = f"sys/{HOST}/"
+        _wait_points(run, own + "memory/percent", 0, 5, lambda: node.output() + head_log.read_text())
+        _finish(on_node, go_node)
+        _finish(on_head, go_head)
+        with RunReader(run) as r:
+            sys_names = [n for n in r.list_metrics(rank=None) if n.startswith("sys/")]
+            assert sys_names and all(n.startswith(own) for n in sys_names), sys_names
+            assert all(r.ranks(n) == [0] for n in sys_names)  # none at the node's rank
+            assert r.status == "finished"
+        st = _node_status(second_endpoint)["system_metrics"]
+        assert st["interval"] == 0 and st["samples"] == st["sent"] == 0, st
+        assert node.terminate() == 0, node.output()
+    finally:
+        stop_head(head, head_log)
