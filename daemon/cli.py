@@ -62,7 +62,8 @@ main.add_command(keys_command)  # kobo-daemon keys generate|show|authorize (keys
               help="TCP without encryption or authentication (trusted networks only). Env: KOBO_DAEMON_INSECURE_PLAINTEXT=1.")
 @click.option("--system-metrics", type=float, default=None, metavar="SECONDS",
               help="Sample this node (CPU, memory, disk/network I/O, NVIDIA GPUs) every SECONDS into the runs with a "
-                   "live client here, under sys/HOST/; 0 turns it off (default 10). Env: KOBO_DAEMON_SYSTEM_METRICS.")
+                   "live client here, under sys/HOST/ (with --forward: sent to the head); 0 turns it off (default 10). "
+                   "Env: KOBO_DAEMON_SYSTEM_METRICS.")
 @click.option("--handshake-timeout", type=float, default=None, metavar="SECONDS",
               help="With --listen: seconds a TCP connection may take to authenticate (default 10). "
                    "Env: KOBO_DAEMON_HANDSHAKE_TIMEOUT.")

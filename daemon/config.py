@@ -31,7 +31,8 @@ class DaemonConfig:
     ``key_dir``/``authorized``: where the keys are; ``insecure_plaintext``: TCP
     without CURVE.  ``system_metrics``: seconds between samples of this node
     (CPU, memory, disk and network I/O, NVIDIA GPUs) stored under ``sys/{host}/``
-    in every run with a live client on this node; 0 turns it off.
+    in every run with a live client on this node (a ``forward`` node sends its
+    samples to the head, which stores them); 0 turns it off.
     Limits of the TCP listener (see :mod:`.listen`): ``handshake_timeout``:
     seconds a TCP connection may take to authenticate before it is closed;
     ``max_connections``: open TCP connections in total (0: derived from the

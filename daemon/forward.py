@@ -1148,8 +1148,10 @@ class ForwardRelay(Relay):
             self._unregister(self._sys_sock)
             self._sys_sock.close(linger=0)
             self._sys_sock = None
-            for r in self._sys_runs.values():
+            soon = time.monotonic() + _SYS_ASK_AFTER
+            for r in self._sys_runs.values():  # questions on it are lost: ask again
                 r.asked = 0.0
+                r.ask_at = soon if len(r.held) > r.unsent else 0.0
 
 
 class Forwarder(Daemon):

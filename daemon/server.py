@@ -591,6 +591,9 @@ class Daemon:
         global step, so the samples line up with training on every x axis and
         resuming a run does not continue from them.  The sampling (``/proc``,
         NVML) runs in a worker thread; training processes do nothing for it.
+        Only clients of this host count: a client of another node (through its
+        forwarder) gets that node's samples from the forwarder (forward.py,
+        "Node samples"), so no node is sampled twice into a run.
         """
         from .sysmetrics import NodeSampler
 
