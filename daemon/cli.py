@@ -185,6 +185,10 @@ def status(endpoint: str | None, as_json: bool) -> None:
         fwd = info["forward"]
         click.echo(f"forwarding to {fwd['head']} ({'CURVE' if fwd['secure'] else 'PLAINTEXT'}): {fwd['state']}, "
                    f"{fwd['forwarded']} data messages, {fwd['requests']} requests, {fwd['clients']} client(s)")
+        sm = fwd.get("system_metrics") or {}
+        if sm.get("interval"):
+            click.echo(f"system metrics every {sm['interval']:g}s: {sm['samples']} node sample(s), "
+                       f"{sm['durable']} stored in runs by the head, {sm['held']} waiting for the head")
     if info.get("listen"):
         tcp = info["listen"]
         click.echo(f"listening on {', '.join(tcp['addresses'])} ({'CURVE' if tcp['secure'] else 'PLAINTEXT'}): "

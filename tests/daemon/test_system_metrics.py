@@ -3,7 +3,11 @@ with a live client on it, under ``sys/{host}/``; training processes do nothing f
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +18,9 @@ from kohakuboard.daemon.config import DaemonConfig
 from kohakuboard.daemon.sysmetrics import NodeSampler
 from kohakuboard.storage.reader import RunReader
 from kohakuboard.storage.verify import verify_run
+
+from .test_multinode import HEAD_CODE, NODE, NODE_HOST, UTS, kobo_daemon, node_daemon, node_setup, start_head, stop_head
+from .test_multinode import second_endpoint  # noqa: F401  (a fixture of the tests with a forwarding node)
 
 HOST = socket.gethostname()
 P = f"sys/{HOST}/"
@@ -92,10 +99,6 @@ def test_gpu_metrics_through_nvml():
 # Set up as in test_multinode.py: a head daemon listening on TCP (CURVE) and a
 # node's forwarding daemon under a hostname of its own (``unshare --uts``).
 
-from .test_multinode import (  # noqa: E402
-    HEAD_CODE, NODE, NODE_HOST, UTS, kobo_daemon, node_daemon, node_setup, second_endpoint, start_head, stop_head,
-)
-
 # A training process of rank RANK on the node (or on the head): logs, flushes, and
 # stays attached until the file GO exists.
 TRAINS = r"""
@@ -114,17 +117,12 @@ b.finish(timeout=30)
 print("DONE", flush=True)
 """
 
-# The host name each side samples under: the node's own; the head's (in the
-# fallback without UTS namespaces the head is told it runs elsewhere).
+# The host name the node samples under (without UTS namespaces: this machine's,
+# and the head is told it runs elsewhere, see test_multinode.REMOTE_HEAD).
 NODE_SYS = f"sys/{NODE_HOST if UTS else HOST}/"
-HEAD_SYS = f"sys/{HOST if UTS else 'the-head-machine'}/"
 
 
 def _trains(endpoint, run_id: str, rank: int, tmp_path: Path, *, on_node: bool):
-    import os
-    import subprocess
-    import sys
-
     script = tmp_path / "trains.py"
     script.write_text(TRAINS)
     go = tmp_path / f"go-{run_id}-{rank}"
@@ -152,22 +150,18 @@ def _points(run: Path, name: str, rank: int) -> int:
 
 
 def _poll(cond, why, timeout: float = 30.0) -> None:
+    """Wait until ``cond()`` holds; fail with ``why()`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, why()
         time.sleep(0.05)
 
 
-def _wait_points(run: Path, name: str, rank: int, n: int, why, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while _points(run, name, rank) < n:
-        assert time.monotonic() < deadline, f"fewer than {n} points of {name} (rank {rank}) in {timeout}s\n{why()}"
-        time.sleep(0.05)
+def _wait_points(run: Path, name: str, rank: int, n: int, why) -> None:
+    _poll(lambda: _points(run, name, rank) >= n, lambda: f"fewer than {n} points of {name} (rank {rank})\n{why()}")
 
 
 def _node_status(ep) -> dict:
-    import json
-
     r = kobo_daemon("status", "--json", "--endpoint", str(ep), timeout=20)
     assert r.returncode == 0, r.stdout + r.stderr
     return json.loads(r.stdout)["forward"]
@@ -218,6 +212,7 @@ def test_forwarding_node_samples_itself_into_the_head_run(endpoint, second_endpo
         assert verify_run(run).exit_code == 0
         st = _node_status(second_endpoint)["system_metrics"]
         assert st["interval"] == 0.2 and st["sent"] == st["durable"] == len(mem) and st["resent"] == 0, st
+        assert f"{len(mem)} stored in runs by the head" in kobo_daemon("status", "--endpoint", str(second_endpoint)).stdout
         assert node.terminate() == 0, node.output()
     finally:
         stop_head(head, head_log)
