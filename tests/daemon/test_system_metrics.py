@@ -161,6 +161,18 @@ def _wait_points(run: Path, name: str, rank: int, n: int, why) -> None:
     _poll(lambda: _points(run, name, rank) >= n, lambda: f"fewer than {n} points of {name} (rank {rank})\n{why()}")
 
 
+def _ports_free(port: int) -> bool:
+    """Whether the head's ports (``port``, ``port + 1``) can be listened on again."""
+    for p in (port, port + 1):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq's listeners
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                return False
+    return True
+
+
 def _node_status(ep) -> dict:
     r = kobo_daemon("status", "--json", "--endpoint", str(ep), timeout=20)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -266,6 +278,9 @@ def test_node_samples_held_through_a_head_restart_arrive_once(endpoint, second_e
         down = time.time()
         taken = _node_status(second_endpoint)["system_metrics"]["samples"]
         _poll(lambda: _node_status(second_endpoint)["system_metrics"]["samples"] >= taken + 3, why)
+        # The killed head's TCP listener (a child process, told by PR_SET_PDEATHSIG) may take a moment to go.
+        port = int(head_args[1].rsplit(":", 1)[1])
+        _poll(lambda: _ports_free(port), lambda: f"port {port} still taken after the head was killed\n{why()}")
         head = start_head(endpoint, head_args, head_log, code=HEAD_CODE)
         up = time.time()
 
