@@ -1,5 +1,6 @@
 """The daemon samples its node (CPU, memory, disk and network I/O, NVIDIA GPUs) into every run
-with a live client on it, under ``sys/{host}/``; training processes do nothing for it."""
+with a live client on it, under ``sys/{host}/``; training processes do nothing for it.  A
+forwarding node's daemon sends its node's samples to the head, delivered like its clients' calls."""
 
 from __future__ import annotations
 
