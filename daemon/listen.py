@@ -70,6 +70,7 @@ from .config import DaemonConfig
 from .forward import Head, Relay, RelaySetupError, tcp_pair
 
 log = logging.getLogger("kohakuboard.daemon")
+BIND_WAIT_S = 20.0  # how long a new listener waits for its ports to be released
 
 ZAP_DOMAIN = "kohakuboard-tcp"
 FD_RESERVE = 256  # descriptors the listener keeps for its relay, authenticator and logs
@@ -525,8 +526,9 @@ class TcpListener:
             for data_addr, control_addr in pairs:
                 for sock, addr in ((self.pull, data_addr), (self.router, control_addr)):
                     # The listener of a daemon that was just killed may still be
-                    # closing its sockets: wait a little for the port.
-                    deadline = time.monotonic() + 5.0
+                    # closing its sockets (it learns of the death by a signal, and
+                    # under load it has taken over 5 s): wait for the port.
+                    deadline = time.monotonic() + BIND_WAIT_S
                     while True:
                         try:
                             sock.bind(addr)
