@@ -749,6 +749,10 @@ class Board:
             self._sender.flush_drops()
         timeout = _check_seconds("timeout", timeout)
         timeout = timeout if timeout is not None else self._cfg.flush_timeout
+        self._wait_durable(last, timeout)
+        self._raise_sender_error()  # a call among these that could not be encoded (a bug): said once
+
+    def _wait_durable(self, last: int, timeout: float) -> None:
         sender = self._sender
         if sender.acked_seq >= last:
             return
@@ -783,6 +787,15 @@ class Board:
         err = self._sender.error
         if err is not None:
             raise TransportError(f"sending to kobo-daemon failed: {err!r}") from err
+        failed, self._sender.encode_error = self._sender.encode_error, None
+        if failed is not None:  # reported once: later calls are delivered as usual
+            seq, exc = failed
+            n = self._sender.encode_errors
+            raise TransportError(
+                f"a log() call (message {seq} of this board) could not be encoded and was counted as dropped "
+                f"({n} so far); the calls after it are delivered. Cause: {exc!r}. This is a KohakuBoard bug; "
+                "please report it."
+            ) from exc
 
     def finish(self, timeout: float | None = None, *, status: str | None = None) -> None:
         """Write everything, mark the run finished (or crashed), close the board.
@@ -840,6 +853,16 @@ class Board:
             warnings.warn(
                 f"kohakuboard: run {self.path} could not be finished ({problem}); "
                 f"{unwritten} log() call(s) were not written",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        failed, sender.encode_error = sender.encode_error, None
+        if failed is not None:  # not yet reported by a flush(): the run is finished, so a warning
+            import warnings
+
+            warnings.warn(
+                f"kohakuboard: {sender.encode_errors} log() call(s) of run {self.path} could not be encoded and "
+                f"were counted as dropped (first cause: {failed[1]!r}); this is a KohakuBoard bug, please report it",
                 RuntimeWarning,
                 stacklevel=2,
             )

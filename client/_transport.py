@@ -155,8 +155,10 @@ class Sender(threading.Thread):
         self.dropped_values = 0
         self.dropped_lines = 0
         self._drop: _Drop | None = None
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # what stopped the sender thread
         self.encode_errors = 0
+        # the first call that could not be encoded since flush() last reported one: (seq, error)
+        self.encode_error: tuple[int, BaseException] | None = None
         self.storage_error: tuple[int, str] | None = None
         self.daemon_down = False
         self.daemon_restarts = 0
@@ -442,10 +444,12 @@ class Sender(threading.Thread):
             return _Entry(item.env.seq, item.env.seq, codec.encode(item), 1)
         except Exception as exc:
             # log() validates everything it can, so this is a bug: count it, tell
-            # flush(), and report the call as dropped so the sequence stays whole.
+            # the next flush() (once), and report the call as dropped so the
+            # sequence stays whole and later calls are acknowledged as usual.
             self.encode_errors += 1
-            self.error = exc
             seq, values = _seq_and_values(item)
+            if self.encode_error is None:
+                self.encode_error = (seq, exc)
             self.dropped_calls += 1
             self.dropped_values += values
             return self._drop_entry(seq, seq, 1, values)

@@ -96,3 +96,37 @@ def test_finish_right_after_log_is_as_quick_as_flush(daemon, capture):
         with RunReader(path) as r:
             assert r.status == "finished"
             assert r.series("x")["value"].tolist() == [value]
+
+
+def test_a_call_that_fails_to_encode_is_reported_once_and_the_rest_is_delivered(daemon, base_dir, monkeypatch):
+    """A call log() accepted but the sender cannot encode (a KohakuBoard bug, injected here) is counted
+    as dropped and named by the next flush(), once; the calls before and after it are stored and
+    later flush() calls succeed."""
+    from kohakuboard.client import _transport
+    from kohakuboard.protocol.errors import TransportError
+
+    real = _transport.codec.encode_log
+
+    def encode_log(run, client, seq, rank, step, gstep, wall, scalars):
+        if scalars.get("x") == 2.0:   # the third call: an encoder bug
+            raise RuntimeError("injected encoder bug")
+        return real(run, client, seq, rank, step, gstep, wall, scalars)
+
+    monkeypatch.setattr(_transport.codec, "encode_log", encode_log)
+    b = Board(run_id="encode-bug", capture_output=False)
+    for i in range(2):
+        b.log(x=float(i))
+        b.flush()
+    b.log(x=2.0)                               # alone in the queue: encoded as one message
+    with pytest.raises(TransportError, match="could not be encoded and was counted as dropped"):
+        b.flush()
+    b.flush()                                  # reported once; nothing else is wrong
+    for i in range(3, 6):
+        b.log(x=float(i))
+    b.flush()
+    b.log(x=2.0)                               # again, right before finish(): a warning, the run is finished
+    with pytest.warns(RuntimeWarning, match="could not be encoded and were counted as dropped"):
+        b.finish()
+    with RunReader(b.path) as r:
+        assert r.series("x")["value"].tolist() == [0.0, 1.0, 3.0, 4.0, 5.0]
+        assert r.dropped()["calls"] == 2 and r.status == "finished"
