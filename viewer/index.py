@@ -69,6 +69,7 @@ class RunEntry:
     path: str
     key: tuple[Any, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)
+    read_at: float = 0.0  # time.monotonic() when ``info`` was read
 
 
 def _regular(path: str) -> None:
@@ -150,6 +151,10 @@ def _unreadable(name: tuple[str, str], error: str) -> dict[str, Any]:
 
 
 INFO_WAIT_S = 2.0  # how long a listing waits for the next of the summary lines it has to read again
+# A live run's line asked for BUSY_PER_S times a second or more is read again at most every
+# BUSY_MAX_AGE_S (see RunIndex._recent_enough); asked for less often, it is always the latest.
+BUSY_PER_S = 10
+BUSY_MAX_AGE_S = 0.1
 LIVE_COMMIT_S = 120.0
 
 
@@ -190,6 +195,7 @@ class RunIndex:
         self._lock = threading.Lock()
         self._projects: dict[str, tuple[int, list[str]]] = {}  # project -> (dir mtime_ns, run ids)
         self._runs: dict[tuple[str, str], RunEntry] = {}
+        self._asks: dict[tuple[str, str], collections.deque[float]] = {}  # live runs: when their line was last asked for
         # summary lines being read: (project, run_id, key) -> future; read by their own threads, outside
         # the lock, so a run whose files hang (a stale network mount) delays nobody but itself
         # (at most one read per run at a time: a hung one does not pile up threads)
@@ -273,10 +279,11 @@ class RunIndex:
         with self._lock:
             out: dict[tuple[str, str], dict[str, Any]] = {}
             todo: dict[tuple[str, str], tuple[tuple[Any, ...], concurrent.futures.Future[dict[str, Any]]]] = {}
+            now = time.monotonic()
             for name in names:
                 key = self.key(*name)
                 entry = self._runs.get(name)
-                if entry is not None and entry.key == key:
+                if entry is not None and (self._recent_enough(name, entry, now) or entry.key == key):
                     out[name] = entry.info
                     continue
                 reading = self._reading.get(name)
@@ -298,9 +305,23 @@ class RunIndex:
                     info = fut.result()
                 except Exception as exc:  # whatever a broken run raises stays with that run
                     info = _unreadable(name, f"cannot read: {exc}")
-                self._runs[name] = RunEntry(name[0], name[1], os.path.join(self.base_dir, *name), key, info)
+                self._runs[name] = RunEntry(name[0], name[1], os.path.join(self.base_dir, *name), key, info,
+                                            time.monotonic())
                 out[name] = info
         return out
+
+    def _recent_enough(self, name: tuple[str, str], entry: RunEntry, now: float) -> bool:
+        """Whether a live run's line, read less than :data:`BUSY_MAX_AGE_S` ago, may stand for its
+        files even if they changed: only while it is asked for :data:`BUSY_PER_S` times a second or
+        more (many pages following it; it commits up to ~40 times a second).  Counts this ask.
+        Called with the lock held."""
+        if entry.info.get("stored_status") != fmt.STATUS_RUNNING:
+            return False
+        asked = self._asks.get(name)
+        if asked is None:
+            asked = self._asks[name] = collections.deque(maxlen=BUSY_PER_S)
+        asked.append(now)
+        return len(asked) == asked.maxlen and now - asked[0] < 1.0 and now - entry.read_at < BUSY_MAX_AGE_S
 
     def runs(self) -> list[dict[str, Any]]:
         """Every run's summary line, newest first."""
@@ -308,6 +329,7 @@ class RunIndex:
             names = [(project, run_id) for project in self.projects() for run_id in self._project_runs(project)]
             for gone in set(self._runs) - set(names):
                 del self._runs[gone]
+                self._asks.pop(gone, None)
             listed = set(names)
             for gone in [n for n, (_, f) in self._reading.items() if n not in listed and f.done()]:
                 del self._reading[gone]

@@ -544,6 +544,39 @@ def test_a_live_summary_many_pages_ask_for_is_read_at_most_every_tenth_of_a_seco
     assert len(reads) == 3
 
 
+def test_a_live_run_line_many_pages_ask_for_is_read_at_most_every_max_age(tmp_path, viewer_runs, monkeypatch):
+    from kohakuboard.viewer import index as index_mod
+
+    """The run list's line of a live run (last step, last commit) follows its commits; asked for by
+    many pages at once it is re-read at most every BUSY_MAX_AGE_S, asked for rarely it is the latest."""
+    import json as _json
+    import time as _time
+
+    assert index_mod.BUSY_MAX_AGE_S == 0.1
+    monkeypatch.setattr(index_mod, "BUSY_MAX_AGE_S", 0.5)  # room for a slow machine between the calls
+    base = tmp_path / "kohakuboard"
+    shutil.copytree(viewer_runs / "default" / "rich", base / "default" / "rich")
+    meta = base / "default" / "rich" / "metadata.json"
+    data = _json.loads(meta.read_text())
+    meta.write_text(_json.dumps({**data, "status": "running"}))
+    idx = index_mod.RunIndex(str(base))
+    assert idx.info("default", "rich")["name"] == "rich"
+    meta.write_text(_json.dumps({**data, "status": "running", "name": "renamed"}))
+    assert idx.info("default", "rich")["name"] == "renamed"                 # little demand: the latest
+    for _ in range(index_mod.BUSY_PER_S):
+        idx.runs()
+    meta.write_text(_json.dumps({**data, "status": "running", "name": "renamed-again"}))
+    assert [r["name"] for r in idx.runs()] == ["renamed"]                  # busy, and read just now
+    _time.sleep(0.6)
+    assert [r["name"] for r in idx.runs()] == ["renamed-again"]
+    # the finish shows within the same bound; after it, any change shows at once, however busy
+    meta.write_text(_json.dumps({**data, "status": "finished", "name": "done"}))
+    _time.sleep(0.6)
+    assert idx.info("default", "rich")["name"] == "done"
+    meta.write_text(_json.dumps({**data, "status": "finished", "name": "done-renamed"}))
+    assert idx.info("default", "rich")["name"] == "done-renamed"
+
+
 def test_kept_readers_see_a_changed_run_and_a_failed_request_drops_its_reader(tmp_path, viewer_runs):
     """A reader kept open between requests is lent again only while the run's metadata.json is the
     one it read, and a request that failed does not hand its reader on."""
