@@ -78,12 +78,15 @@ main.add_command(keys_command)  # kobo-daemon keys generate|show|authorize (keys
 @click.option("--stale-run", type=float, default=None, metavar="SECONDS",
               help="Mark a run crashed when no writer of it is known alive and nothing arrived for it this long "
                    "(default 600; 0: never). Env: KOBO_DAEMON_STALE_RUN.")
+@click.option("--compute-threads", type=int, default=None, metavar="N",
+              help="Threads that encode images, bin histograms and estimate KDEs for all runs (default 0: one per "
+                   "CPU). Env: KOBO_DAEMON_COMPUTE_THREADS.")
 def run(
     endpoint: str | None, flush_interval: float | None, log_level: str | None, listen: tuple[str, ...],
     forward: str | None, head_key: str | None, key_dir: str | None, authorized: str | None,
     insecure_plaintext: bool | None, system_metrics: float | None, handshake_timeout: float | None,
     max_connections: int | None, max_per_address: int | None, max_handshakes_per_address: int | None,
-    stale_run: float | None,
+    stale_run: float | None, compute_threads: int | None,
 ) -> None:
     """Run in the foreground (what systemd and autostart run). SIGTERM drains and exits 0."""
     from .server import Daemon
@@ -94,6 +97,7 @@ def run(
         authorized=authorized, insecure_plaintext=insecure_plaintext or None, system_metrics=system_metrics,
         handshake_timeout=handshake_timeout, max_connections=max_connections, max_per_address=max_per_address,
         max_handshakes_per_address=max_handshakes_per_address, stale_run=stale_run,
+        compute_threads=compute_threads,
     )
     logging.basicConfig(
         level=getattr(logging, cfg.log_level, logging.INFO),

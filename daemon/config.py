@@ -40,7 +40,9 @@ class DaemonConfig:
     address; ``max_handshakes_per_address``: connections from one address still
     within their handshake time.  ``stale_run``: seconds after which the head
     marks a run crashed when none of its writers is known alive and nothing
-    arrived for it (0: never).
+    arrived for it (0: never).  ``compute_threads``: threads that do the CPU
+    work of rich values (PNG encoding, histogram binning, KDE) for all runs, as
+    messages arrive; 0: one per CPU this process may use.
     """
 
     endpoint: Endpoint = field(default_factory=lambda: resolve(None, os.environ))
@@ -64,6 +66,7 @@ class DaemonConfig:
     max_handshakes_per_address: int = 32
     stale_run: float = 600.0
     durability: str = "sync"
+    compute_threads: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "DaemonConfig":
@@ -75,6 +78,7 @@ class DaemonConfig:
         ``KOBO_DAEMON_FORWARD``, ``KOBO_DAEMON_HEAD_KEY``, ``KOBO_DAEMON_KEY_DIR``,
         ``KOBO_DAEMON_AUTHORIZED``, ``KOBO_DAEMON_INSECURE_PLAINTEXT`` (``1``).
         ``KOBO_DAEMON_SYSTEM_METRICS``: seconds between node samples, ``0`` or ``off`` for none.
+        ``KOBO_DAEMON_COMPUTE_THREADS``: threads for rich values (0: one per CPU).
         ``KOBO_DAEMON_DURABILITY``: ``sync`` (default: acknowledged data survives power loss,
         see storage/format.py "Durability") or ``process`` (opt-in: it survives a crash of any
         process, not a power loss; no fsync).
@@ -104,6 +108,7 @@ class DaemonConfig:
             ("KOBO_DAEMON_MAX_PER_ADDRESS", "max_per_address", int),
             ("KOBO_DAEMON_MAX_HANDSHAKES_PER_ADDRESS", "max_handshakes_per_address", int),
             ("KOBO_DAEMON_STALE_RUN", "stale_run", float),
+            ("KOBO_DAEMON_COMPUTE_THREADS", "compute_threads", int),
         ):
             text = env.get(key, "").strip()
             if text:
@@ -129,6 +134,8 @@ class DaemonConfig:
             raise ValueError(f"handshake timeout must be 0.1..3600 seconds, got {cfg.handshake_timeout}")
         if cfg.max_connections < 0 or cfg.max_per_address < 1 or cfg.max_handshakes_per_address < 1:
             raise ValueError("connection limits must be positive (max_connections 0 means: from the open file limit)")
+        if not 0 <= cfg.compute_threads <= 1024:
+            raise ValueError(f"compute threads must be 0 (one per CPU) .. 1024, got {cfg.compute_threads}")
         if cfg.stale_run < 0:
             raise ValueError(f"stale run time must be >= 0 seconds (0: never), got {cfg.stale_run}")
         if cfg.listen and cfg.forward:

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,7 +23,7 @@ from ..protocol.errors import StorageError
 from ..protocol.peer import process_alive
 from ..protocol.messages import DropReport, LogBatch, LogMessage, OutputMessage
 from ..storage import format as fmt
-from ..storage.writer import RunWriter
+from ..storage.writer import RunWriter, prepare_items
 
 log = logging.getLogger("kohakuboard.daemon")
 
@@ -78,6 +78,7 @@ class RunChannel:
         batch_messages: int,
         durable: bool = True,
         now: Callable[[], float] = time.monotonic,
+        pool: Executor | None = None,
     ) -> None:
         self.path = path
         self.durable = durable
@@ -85,6 +86,13 @@ class RunChannel:
         self.batch_messages = batch_messages
         self._now = now
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kobo-writer")
+        # Rich values are prepared (PNG, binning, KDE) on the daemon's shared
+        # compute pool as soon as they arrive: id(msg) -> (msg, future).  The
+        # writer thread stages messages in arrival order and takes each result
+        # from here when it gets to its message (RunWriter.stage), so order,
+        # duplicate detection and the commit point are the writer's as before.
+        self._pool = pool
+        self.prepared: dict[int, tuple[Any, Any]] = {}
         self.writer: RunWriter | None = None
         self._writer_lock = asyncio.Lock()
         # One detach at a time: a repeated FinishRun (a client's request that
@@ -241,6 +249,11 @@ class RunChannel:
                 self.pending_bytes += 200 + 112 * len(msg.scalars)
                 if msg.blobs:
                     self.pending_bytes += sum(len(b) for b in msg.blobs)
+                if msg.items and self._pool is not None:
+                    try:
+                        self.prepared[id(msg)] = (msg, self._pool.submit(prepare_items, msg))
+                    except RuntimeError:  # the pool is shut down (daemon stopping): the writer does it
+                        pass
             n = self._pending_calls
             if n > self.stats.peak_pending:
                 self.stats.peak_pending = n
@@ -412,7 +425,7 @@ class RunChannel:
         # Runs on the writer thread.  Output is written first: it is small, and a
         # crash traceback matters most when everything else is failing.
         before = writer.points_written
-        writer.stage(output + batch if output else batch)
+        writer.stage(output + batch if output else batch, self.prepared)
         seqs = writer.commit()
         self.stats.points += writer.points_written - before
         self.stats.duplicates = writer.duplicates
@@ -432,6 +445,7 @@ class RunChannel:
         if self.writer is not None:
             writer, self.writer = self.writer, None
             await self.call(writer.close)
+        self.prepared.clear()
         self._executor.shutdown(wait=True)
 
     def info(self) -> dict[str, Any]:
@@ -451,6 +465,14 @@ class RunChannel:
             "write_seconds": round(self.stats.write_seconds, 3),
             "error": str(self.error) if self.error else None,
         }
+
+
+def compute_threads_default() -> int:
+    """One compute thread per CPU this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def _detach_and_mark(writer: RunWriter, client: str | None, status: str, final: str | None) -> None:

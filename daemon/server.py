@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import zmq
@@ -40,7 +41,7 @@ from ..protocol.errors import KoboError, MalformedMessage, ProtocolError, Storag
 from ..protocol.peer import process_alive
 from ..storage import format as fmt
 from .config import DaemonConfig
-from .runs import ClientState, RunChannel
+from .runs import ClientState, RunChannel, compute_threads_default
 from .security import PeerGuard, check_run_path, run_path_problem
 
 log = logging.getLogger("kohakuboard.daemon")
@@ -75,6 +76,7 @@ class Daemon:
         self._tcp: Any = None  # the --listen TCP listener (listen.py)
         self._ctx: zmq.Context[Any] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._pool: ThreadPoolExecutor | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._last_reject_log = 0.0
         self.ready = False
@@ -221,6 +223,8 @@ class Daemon:
             for t in list(self._tasks):
                 if not t.done():
                     t.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         log.info("kobo-daemon stopped")
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -300,7 +304,7 @@ class Daemon:
         recv = self.pull.recv_multipart
         while n < budget:
             try:
-                frames = recv(zmq.NOBLOCK)
+                frames = recv(zmq.NOBLOCK, copy=False)  # large values stay in the frames ZeroMQ received
             except zmq.Again:
                 break
             n += 1
@@ -340,10 +344,23 @@ class Daemon:
         if ch is None:
             ch = self.runs[run] = RunChannel(
                 run, flush_interval=self.config.flush_interval, batch_messages=self.config.batch_messages,
-                durable=self.config.durability == "sync",
+                durable=self.config.durability == "sync", pool=self.compute_pool(),
             )
             self._spawn(self._run_batcher(ch), f"batcher:{run}")
         return ch
+
+    def compute_pool(self) -> ThreadPoolExecutor:
+        """The threads that do the CPU work of rich values for every run (created at first use).
+
+        Threads, not processes: what they run (zlib, numpy's reductions and
+        binning, SHA-256) releases the GIL on large buffers, and a thread reads
+        the received frames where they are instead of pickling megabytes to
+        another process.
+        """
+        if self._pool is None:
+            n = self.config.compute_threads or compute_threads_default()
+            self._pool = ThreadPoolExecutor(n, thread_name_prefix="kobo-compute")
+        return self._pool
 
     async def _run_batcher(self, ch: RunChannel) -> None:
         try:

@@ -386,10 +386,14 @@ class RunWriter:
 
     # ------------------------------------------------------------- scalars
 
-    def stage(self, batch: Iterable[LogMessage | LogBatch | OutputMessage | DropReport]) -> None:
+    def stage(self, batch: Iterable[LogMessage | LogBatch | OutputMessage | DropReport], prepared: dict[int, Any] | None = None) -> None:
         """Turn log messages into per-column record arrays, ready to commit.
 
         Values of one metric keep the order of the batch.  Pure CPU work.
+        ``prepared`` maps ``id(msg)`` to ``(msg, future)`` for messages whose
+        rich values are being prepared on the daemon's compute pool
+        (:func:`prepare_items`); a message's entry is removed when it is staged
+        (or found to be a duplicate), and the future's result used in its place.
         """
         # Training loops log the same keys call after call, so single messages
         # are grouped by (rank, key tuple) and each group becomes one 2-D array,
@@ -403,6 +407,7 @@ class RunWriter:
         groups: dict[tuple[int, tuple[str, ...]], list[Any]] = {}
         pos = 0
         for msg in self._in_sequence(batch):
+            pre = prepared.pop(id(msg), None) if prepared else None
             env = msg.env
             r = seen.get(env.client)
             if r is None:
@@ -456,7 +461,7 @@ class RunWriter:
                 continue
             calls.setdefault(env.rank, []).append((env.step, env.global_step, env.wall))
             if msg.items:
-                self._stage_items(msg)
+                self._stage_items(msg, _prepared_result(pre))
             sc = msg.scalars
             key = (env.rank, tuple(sc))
             g = groups.get(key)
@@ -795,53 +800,31 @@ class RunWriter:
 
     # ---------------------------------------------------------- rich values
 
-    def _stage_items(self, msg: LogMessage) -> None:
-        """Do the CPU work of a message's rich values (PNG, binning, KDE) and
-        queue their writes.  A malformed item is logged and skipped: one bad
-        value must not block the run."""
+    def _stage_items(self, msg: LogMessage, prepared: list[tuple[str, Any]] | None = None) -> None:
+        """Queue the writes of a message's rich values.  Their CPU work (PNG,
+        binning, KDE) is ``prepared``, done by :func:`prepare_items` on the
+        daemon's compute pool, or done here when not given.  A malformed item is
+        logged and skipped: one bad value must not block the run."""
         env = msg.env
-        for item in msg.items:
-            name, kind, meta, refs = item
-            try:
-                check_item(item, msg.blobs)  # the client's own rule, applied again (protocol.items)
-            except Exception as exc:  # a hostile or buggy client's item: nothing of it is written
-                why = str(exc) if isinstance(exc, InvalidItem) else f"BUG: the rule itself failed: {exc!r:.200}"
-                self.event("rejected_item", f"{kind} {name!r:.80} at step {env.step}: {why}")
+        if prepared is None:
+            prepared = prepare_items(msg)
+        for item, (outcome, value) in zip(msg.items, prepared):
+            name, kind = item[0], item[1]
+            if outcome == "invalid":  # a hostile or buggy client's item: nothing of it is written
+                self.event("rejected_item", f"{kind} {name!r:.80} at step {env.step}: {value}")
                 continue
-            try:
-                ops = _ITEM_PREPARERS[kind](self, env, name, meta, _BlobView(msg.blobs, refs))
-            except Exception as exc:  # a valid item the daemon cannot prepare: a bug, said loudly
-                self.event("rejected_item", f"BUG: valid {kind} {name!r} at step {env.step} failed: {exc!r}")
+            if outcome == "bug":  # a valid item the daemon cannot prepare: a bug, said loudly
+                self.event("rejected_item", f"BUG: valid {kind} {name!r} at step {env.step} failed: {value!r}")
                 continue
-            for op in ops:
+            for op in _ITEM_OPS[kind](self, env, name, item[2], value):
                 if len(op) == 3:
                     self._sql_ops.append(op[:2])
                 else:
                     self._ops.append(op)
 
-    def _media_ops(self, env: Any, name: str, meta: dict[str, Any], blobs: "_BlobView", table_cell: bool = False) -> tuple[dict[str, Any], list[tuple[str, Callable[[], None]]]]:
-        from ..daemon import compute
-
-        if meta.get("encoding") == "raw":
-            pixels = blobs.array(meta)
-            data = compute.encode_png(pixels)
-            ext, media_type = "png", "image"
-            height, width = int(pixels.shape[0]), int(pixels.shape[1])
-        else:
-            data = blobs.raw(meta["ref"])
-            ext = str(meta.get("ext") or "bin")
-            media_type = str(meta.get("media_type") or "image")
-            size = compute.image_size(data) if media_type == "image" else None
-            width, height = size if size else (None, None)
-        if not ext.isalnum() or len(ext) > 8:
-            raise ValueError(f"bad media extension {ext!r}")
-        digest = hashlib.sha256(data).hexdigest()
-        row = {
-            "name": name, "rank": env.rank, "step": env.step, "global_step": env.global_step, "wall": env.wall,
-            "media_type": media_type, "hash": digest, "ext": ext, "size": len(data), "width": width,
-            "height": height, "caption": str(meta.get("caption") or ""), "source": meta.get("source"),
-        }
-        return row, [(f"write media {name!r}", lambda: self._write_blob(digest, ext, data))]
+    def _media_ops(self, name: str, value: tuple[Any, ...]) -> list[tuple[str, Callable[[], None]]]:
+        data, ext, digest = value[0], value[1], value[5]
+        return [(f"write media {name!r}", lambda: self._write_blob(digest, ext, data))]
 
     def _write_blob(self, digest: str, ext: str, data: bytes) -> None:
         path = os.path.join(self.path, fmt.MEDIA_DIR, f"{digest}.{ext}")
@@ -879,23 +862,19 @@ class RunWriter:
         """An item's SQL rows: run inside the commit's transaction (phase B)."""
         return what, fn, True
 
-    def _prepare_media(self, env: Any, name: str, meta: dict[str, Any], blobs: "_BlobView") -> list[tuple[str, Callable[[], None]]]:
-        row, ops = self._media_ops(env, name, meta, blobs)
-        return ops + [self._sql_op(f"record media {name!r}", lambda: self._insert_media(row) and None)]
+    def _ops_media(self, env: Any, name: str, meta: dict[str, Any], value: tuple[Any, ...]) -> list[tuple[str, Callable[[], None]]]:
+        row = _media_row(env, name, meta, value)
+        return self._media_ops(name, value) + [self._sql_op(f"record media {name!r}", lambda: self._insert_media(row) and None)]
 
-    def _prepare_table(self, env: Any, name: str, meta: dict[str, Any], blobs: "_BlobView") -> list[tuple[str, Callable[[], None]]]:
+    def _ops_table(self, env: Any, name: str, meta: dict[str, Any], value: list[tuple[Any, ...]]) -> list[tuple[str, Callable[[], None]]]:
         columns = [str(c) for c in meta["columns"]]
         rows = meta["rows"]
         media_meta = meta.get("media") or []
         ops: list[tuple[str, Callable[[], None]]] = []
         media_rows = []
-        for k, mm in enumerate(media_meta):
-            row, mops = self._media_ops(env, f"{name}#{k}", mm, blobs)
-            media_rows.append(row)
-            ops.extend(mops)
-        for r in rows:
-            if not isinstance(r, list) or len(r) != len(columns):
-                raise ValueError("table row does not match its columns")
+        for k, (mm, mv) in enumerate(zip(media_meta, value)):
+            media_rows.append(_media_row(env, f"{name}#{k}", mm, mv))
+            ops.extend(self._media_ops(f"{name}#{k}", mv))
 
         def insert() -> None:
             ids = [self._insert_media(row) for row in media_rows]
@@ -909,33 +888,8 @@ class RunWriter:
 
         return ops + [self._sql_op(f"record table {name!r}", insert)]
 
-    def _prepare_histogram(self, env: Any, name: str, meta: dict[str, Any], blobs: "_BlobView") -> list[tuple[str, Callable[[], None]]]:
-        from ..daemon import compute
-
-        precision = meta.get("precision", "exact")
-        if precision not in fmt.HISTOGRAM_FILES:
-            raise ValueError(f"unknown histogram precision {precision!r}")
-        if meta.get("binned"):
-            edges = blobs.array(meta["edges"]).astype(np.float64)
-            counts = np.rint(blobs.array(meta["counts"])).astype(np.int64)
-            nan, posinf, neginf = (int(meta.get(k, 0)) for k in ("nan", "posinf", "neginf"))
-            total = int(counts.sum())
-        else:
-            h = compute.bin_histogram(blobs.array(meta["values"]), int(meta.get("num_bins", 64)))
-            edges, counts = h["edges"], h["counts"]
-            nan, posinf, neginf, total = h["nan"], h["posinf"], h["neginf"], h["total"]
-        scale = 1.0
-        if precision == "compact":
-            packed, scale = compute.compact_counts(counts)
-        else:
-            if counts.size and counts.max() > np.iinfo(np.int32).max:
-                raise ValueError("histogram count over int32 range; use fewer values per histogram")
-            packed = counts.astype("<i4")
-        record = (
-            struct.pack(fmt.HISTOGRAM_HEADER, env.step, env.global_step, env.wall, len(counts), nan, posinf, neginf, total, scale)
-            + edges.astype("<f8").tobytes()
-            + packed.tobytes()
-        )
+    def _ops_histogram(self, env: Any, name: str, meta: dict[str, Any], value: tuple[str, bytes]) -> list[tuple[str, Callable[[], None]]]:
+        precision, record = value
         base = fmt.column_name(env.rank, name)
 
         def append() -> None:
@@ -1008,17 +962,15 @@ class RunWriter:
         self._kvault().put(key, data)
         self._unsynced.add(fmt.TENSORS_DB)
 
-    def _prepare_tensor(self, env: Any, name: str, meta: dict[str, Any], blobs: "_BlobView") -> list[tuple[str, Callable[[], None]]]:
-        arr_meta = meta["array"]
-        arr = blobs.array(arr_meta)  # validates dtype, shape and size
+    def _ops_tensor(self, env: Any, name: str, meta: dict[str, Any], value: tuple[Any, ...]) -> list[tuple[str, Callable[[], None]]]:
+        dtype, shape, data = value
         key = f"tensor/{env.client}/{env.seq}/{name}"
-        data = arr.tobytes()
 
         def insert() -> None:
             self._db.execute(
                 "INSERT INTO tensors(name, rank, step, global_step, wall, key, dtype, shape, namespace, metadata, source_dtype) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (name, env.rank, env.step, env.global_step, env.wall, key, arr.dtype.str, json.dumps(list(arr.shape)),
+                (name, env.rank, env.step, env.global_step, env.wall, key, dtype, json.dumps(shape),
                  meta.get("namespace"), json.dumps(meta.get("metadata") or {}), str(meta.get("source_dtype") or "")),
             )
 
@@ -1027,27 +979,14 @@ class RunWriter:
             self._sql_op(f"record tensor {name!r}", insert),
         ]
 
-    def _prepare_kde(self, env: Any, name: str, meta: dict[str, Any], blobs: "_BlobView") -> list[tuple[str, Callable[[], None]]]:
-        from ..daemon import compute
-
-        if meta.get("precomputed"):
-            grid = blobs.array(meta["grid"]).astype("<f8")
-            density = blobs.array(meta["density"]).astype("<f8")
-            if grid.shape != density.shape:
-                raise ValueError("KDE grid and density differ in length")
-            bandwidth, count = None, None
-        else:
-            bw = meta.get("bandwidth")
-            k = compute.kde(blobs.array(meta["values"]), int(meta.get("grid_size", 256)), float(bw) if bw else None)
-            grid, density = k["grid"].astype("<f8"), k["density"].astype("<f8")
-            bandwidth, count = float(k["bandwidth"]), int(k["count"])
+    def _ops_kde(self, env: Any, name: str, meta: dict[str, Any], value: tuple[Any, ...]) -> list[tuple[str, Callable[[], None]]]:
+        grid_size, bandwidth, count, data = value
         key = f"kde/{env.client}/{env.seq}/{name}"
-        data = grid.tobytes() + density.tobytes()
 
         def insert() -> None:
             self._db.execute(
                 "INSERT INTO kde(name, rank, step, global_step, wall, key, grid_size, bandwidth, count) VALUES (?,?,?,?,?,?,?,?,?)",
-                (name, env.rank, env.step, env.global_step, env.wall, key, len(grid), bandwidth, count),
+                (name, env.rank, env.step, env.global_step, env.wall, key, grid_size, bandwidth, count),
             )
 
         return [(f"store KDE {name!r}", lambda: self._put_payload(key, data)),
@@ -1177,13 +1116,156 @@ class _BlobView:
         return item_array(meta, self._blobs, self._refs)
 
 
-_ITEM_PREPARERS: dict[str, Callable[..., list[tuple[str, Callable[[], None]]]]] = {
-    "media": RunWriter._prepare_media,
-    "table": RunWriter._prepare_table,
-    "histogram": RunWriter._prepare_histogram,
-    "tensor": RunWriter._prepare_tensor,
-    "kde": RunWriter._prepare_kde,
+# ------------------------------------------------------ rich values: CPU work
+#
+# Pure functions of one item (no RunWriter state): the daemon runs them on its
+# compute pool as messages arrive (daemon/runs.py), the run's writer thread only
+# queues the writes of their results, in message order.
+
+
+def _compute_media(env: Any, name: str, meta: dict[str, Any], blobs: _BlobView) -> tuple[Any, ...]:
+    """``(data, ext, media_type, width, height, sha256 hex)`` of a media value."""
+    from ..daemon import compute
+
+    if meta.get("encoding") == "raw":
+        pixels = blobs.array(meta)
+        data: Any = compute.encode_png(pixels)
+        ext, media_type = "png", "image"
+        height, width = int(pixels.shape[0]), int(pixels.shape[1])
+    else:
+        data = blobs.raw(meta["ref"])
+        ext = str(meta.get("ext") or "bin")
+        media_type = str(meta.get("media_type") or "image")
+        size = compute.image_size(data) if media_type == "image" else None
+        width, height = size if size else (None, None)
+    if not ext.isalnum() or len(ext) > 8:
+        raise ValueError(f"bad media extension {ext!r}")
+    return data, ext, media_type, width, height, hashlib.sha256(data).hexdigest()
+
+
+def _media_row(env: Any, name: str, meta: dict[str, Any], value: tuple[Any, ...]) -> dict[str, Any]:
+    data, ext, media_type, width, height, digest = value
+    return {
+        "name": name, "rank": env.rank, "step": env.step, "global_step": env.global_step, "wall": env.wall,
+        "media_type": media_type, "hash": digest, "ext": ext, "size": len(data), "width": width,
+        "height": height, "caption": str(meta.get("caption") or ""), "source": meta.get("source"),
+    }
+
+
+def _compute_table(env: Any, name: str, meta: dict[str, Any], blobs: _BlobView) -> list[tuple[Any, ...]]:
+    columns = meta["columns"]
+    for r in meta["rows"]:
+        if not isinstance(r, list) or len(r) != len(columns):
+            raise ValueError("table row does not match its columns")
+    return [_compute_media(env, f"{name}#{k}", mm, blobs) for k, mm in enumerate(meta.get("media") or [])]
+
+
+def _compute_histogram(env: Any, name: str, meta: dict[str, Any], blobs: _BlobView) -> tuple[str, bytes]:
+    """``(precision, record)``: the histogram's fixed-size row (format.HISTOGRAM_HEADER)."""
+    from ..daemon import compute
+
+    precision = meta.get("precision", "exact")
+    if precision not in fmt.HISTOGRAM_FILES:
+        raise ValueError(f"unknown histogram precision {precision!r}")
+    if meta.get("binned"):
+        edges = blobs.array(meta["edges"]).astype(np.float64)
+        counts = np.rint(blobs.array(meta["counts"])).astype(np.int64)
+        nan, posinf, neginf = (int(meta.get(k, 0)) for k in ("nan", "posinf", "neginf"))
+        total = int(counts.sum())
+    else:
+        h = compute.bin_histogram(blobs.array(meta["values"]), int(meta.get("num_bins", 64)))
+        edges, counts = h["edges"], h["counts"]
+        nan, posinf, neginf, total = h["nan"], h["posinf"], h["neginf"], h["total"]
+    scale = 1.0
+    if precision == "compact":
+        packed, scale = compute.compact_counts(counts)
+    else:
+        if counts.size and counts.max() > np.iinfo(np.int32).max:
+            raise ValueError("histogram count over int32 range; use fewer values per histogram")
+        packed = counts.astype("<i4")
+    record = (
+        struct.pack(fmt.HISTOGRAM_HEADER, env.step, env.global_step, env.wall, len(counts), nan, posinf, neginf, total, scale)
+        + edges.astype("<f8").tobytes()
+        + packed.tobytes()
+    )
+    return precision, record
+
+
+def _compute_tensor(env: Any, name: str, meta: dict[str, Any], blobs: _BlobView) -> tuple[Any, ...]:
+    """``(dtype, shape, payload)``; the payload is the received buffer itself, not a copy."""
+    arr = blobs.array(meta["array"])  # validates dtype, shape and size
+    data = memoryview(np.ascontiguousarray(arr)).cast("B") if arr.size else b""
+    return arr.dtype.str, list(arr.shape), data
+
+
+def _compute_kde(env: Any, name: str, meta: dict[str, Any], blobs: _BlobView) -> tuple[Any, ...]:
+    """``(grid_size, bandwidth, count, payload)``."""
+    from ..daemon import compute
+
+    if meta.get("precomputed"):
+        grid = blobs.array(meta["grid"]).astype("<f8")
+        density = blobs.array(meta["density"]).astype("<f8")
+        if grid.shape != density.shape:
+            raise ValueError("KDE grid and density differ in length")
+        bandwidth, count = None, None
+    else:
+        bw = meta.get("bandwidth")
+        k = compute.kde(blobs.array(meta["values"]), int(meta.get("grid_size", 256)), float(bw) if bw else None)
+        grid, density = k["grid"].astype("<f8"), k["density"].astype("<f8")
+        bandwidth, count = float(k["bandwidth"]), int(k["count"])
+    return len(grid), bandwidth, count, grid.tobytes() + density.tobytes()
+
+
+_ITEM_COMPUTE: dict[str, Callable[..., Any]] = {
+    "media": _compute_media,
+    "table": _compute_table,
+    "histogram": _compute_histogram,
+    "tensor": _compute_tensor,
+    "kde": _compute_kde,
 }
+
+_ITEM_OPS: dict[str, Callable[..., list[tuple[str, Callable[[], None]]]]] = {
+    "media": RunWriter._ops_media,
+    "table": RunWriter._ops_table,
+    "histogram": RunWriter._ops_histogram,
+    "tensor": RunWriter._ops_tensor,
+    "kde": RunWriter._ops_kde,
+}
+
+
+def _prepared_result(pre: Any) -> list[tuple[str, Any]] | None:
+    """The result of a ``(msg, future)`` entry of :meth:`RunWriter.stage`'s ``prepared``,
+    or None (the writer then does the work itself): none given, or the pool
+    was shut down before it ran."""
+    if pre is None:
+        return None
+    try:
+        return pre[1].result()
+    except Exception:  # cancelled (pool shut down), or out of memory in a worker
+        return None
+
+
+def prepare_items(msg: LogMessage) -> list[tuple[str, Any]]:
+    """The CPU work of a message's rich values, one ``(outcome, value)`` per item.
+
+    ``("ok", value)`` for :meth:`RunWriter._stage_items`; ``("invalid", why)``
+    for an item the protocol's rule refuses (protocol.items, applied again in
+    the daemon); ``("bug", exc)`` for a valid item that failed.  Thread-safe:
+    reads the message only.
+    """
+    out: list[tuple[str, Any]] = []
+    for item in msg.items:
+        try:
+            check_item(item, msg.blobs)  # the client's own rule, applied again (protocol.items)
+        except Exception as exc:
+            out.append(("invalid", str(exc) if isinstance(exc, InvalidItem) else f"BUG: the rule itself failed: {exc!r:.200}"))
+            continue
+        name, kind, meta, refs = item
+        try:
+            out.append(("ok", _ITEM_COMPUTE[kind](msg.env, name, meta, _BlobView(msg.blobs, refs))))
+        except Exception as exc:
+            out.append(("bug", exc))
+    return out
 
 
 class _SqlGuard:
