@@ -260,9 +260,26 @@ class Sender(threading.Thread):
                 file=sys.__stderr__ or sys.stderr,
             )
         while self._full(nbytes) and self.is_alive() and not self._abort:
+            self._ask_oldest()
             self._wake.set()
             time.sleep(0.0005)
         return True
+
+    def _ask_oldest(self) -> None:
+        """``log()`` waits for room: ask the daemon to make the oldest unacknowledged
+        message durable now and to answer as soon as it is (as ``flush()`` asks),
+        instead of waiting up to ``_ACK_INTERVAL`` for the next periodic request.
+        The wait is then about one daemon write (README "When the daemon cannot
+        keep up")."""
+        try:
+            oldest = self.unacked[0].last
+        except IndexError:  # the sender thread released it meanwhile
+            return
+        if oldest > self._want and oldest > self.acked_seq:
+            with self._cond:
+                if oldest > self._want:
+                    self._want = oldest
+                    self._next_query = 0.0
 
     def unwritten_calls(self) -> int:
         """Calls queued or sent but not acknowledged as durable (approximate while running)."""
