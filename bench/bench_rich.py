@@ -866,6 +866,172 @@ def git_diff_sha1() -> str | None:
     return hashlib.sha1(out).hexdigest() if out else None
 
 
+# ---------------------------------------------------------------- scaling (issue 11)
+
+SCALE_IMAGES_FULL, SCALE_IMAGES_QUICK = 400, 150
+SCALE_HISTS_FULL, SCALE_HISTS_QUICK = 300, 100
+IMAGES_TARGET, HISTS_TARGET = 2.5, 1.5  # durable rate over the single-thread floor
+
+
+def _start_pinned_daemon(endpoint: str, cpus: list[int], threads: int, log_path: str) -> subprocess.Popen[bytes]:
+    """``kobo-daemon run --compute-threads THREADS`` allowed on ``cpus`` only (sched_setaffinity)."""
+    from kohakuboard.protocol.endpoint import daemon_alive, resolve
+
+    env = dict(os.environ, KOBO_DAEMON_ENDPOINT=endpoint)
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kohakuboard.daemon", "run", "--compute-threads", str(threads),
+             "--system-metrics", "0"],
+            env=env, stdout=logf, stderr=logf, preexec_fn=lambda: os.sched_setaffinity(0, set(cpus)),
+        )
+    ep = resolve(endpoint, env)
+    deadline = time.monotonic() + 20
+    while not daemon_alive(ep):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"daemon did not start (see {log_path})")
+        time.sleep(0.02)
+    return proc
+
+
+def _stop_daemon(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _durable_rate(board: Any, n: int, call: Callable[[int], None], prep: Callable[[int], None] | None = None) -> float:
+    """Calls per second from the first of ``n`` back-to-back calls to ``flush()`` returning."""
+    for i in range(-WARMUP, 0):
+        call(i)
+    board.flush()
+    t0 = time.perf_counter()
+    for i in range(n):
+        if prep is not None:
+            prep(i)
+        call(i)
+    board.flush()
+    return n / (time.perf_counter() - t0)
+
+
+def scaling(args: argparse.Namespace, rng: np.random.Generator) -> dict[str, Any]:
+    """Durable images/s and 1M-value histograms/s with the daemon on 1, 2, ... all CPUs, against
+    the single-thread floors (Pillow PNG, ``np.histogram``) measured in the same repeat."""
+    from PIL import Image
+
+    from kohakuboard.client import Board, Histogram, Media
+    from kohakuboard.storage.reader import RunReader
+
+    cpus = sorted(os.sched_getaffinity(0))
+    levels = sorted({k for k in (1, 2, len(cpus)) if k <= len(cpus)})
+    n_img = SCALE_IMAGES_QUICK if args.quick else SCALE_IMAGES_FULL
+    n_hist = SCALE_HISTS_QUICK if args.quick else SCALE_HISTS_FULL
+    images = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(16)]
+    hists = [rng.standard_normal(1_000_000, dtype=np.float32) for _ in range(4)]
+    tmp = tempfile.mkdtemp(prefix="kobo-rs-", dir="/tmp")
+    endpoint = f"ipc://{tmp}/kobo"
+    saved = {k: os.environ.get(k) for k in ("KOBO_DAEMON_ENDPOINT", "KOBO_DAEMON_AUTOSTART")}
+    os.environ["KOBO_DAEMON_ENDPOINT"] = endpoint
+    os.environ["KOBO_DAEMON_AUTOSTART"] = "0"
+    repeats: list[dict[str, Any]] = []
+    try:
+        for r in range(args.repeats):
+            if args.wait_idle:
+                from run_all import wait_idle
+
+                wait_idle(args.wait_idle)
+            rep: dict[str, Any] = {"loadavg_before": os.getloadavg()[0]}
+
+            def pil(i: int) -> bytes:
+                buf = io.BytesIO()
+                Image.fromarray(images[i % 16]).save(buf, format="PNG", compress_level=1)
+                return buf.getvalue()
+
+            m = 60 if args.quick else 120
+            t0 = time.perf_counter()
+            for i in range(m):
+                pil(i)
+            rep["pillow_png_per_s"] = m / (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for i in range(m):
+                np.histogram(hists[i % 4], bins=64)
+            rep["np_histogram_per_s"] = m / (time.perf_counter() - t0)
+            for k in levels:
+                proc = _start_pinned_daemon(endpoint, cpus[:k], k, os.path.join(tmp, "daemon.log"))
+                try:
+                    b = Board("scale-img", project="bench-rich", run_id=f"img-{r}-{k}", base_dir=os.path.join(tmp, "runs"),
+                              capture_output=False)
+                    img_rate = _durable_rate(b, n_img, lambda i: b.log(sample=Media(images[i % 16])),
+                                             lambda i: _stamp(images[i % 16], i))
+                    b.finish()
+                    with RunReader(b.path) as rd:
+                        rows = rd.media("sample")
+                    _check_steps([int(x["step"]) for x in rows], n_img + WARMUP, "scaling images")
+                    b = Board("scale-hist", project="bench-rich", run_id=f"hist-{r}-{k}", base_dir=os.path.join(tmp, "runs"),
+                              capture_output=False)
+                    hist_rate = _durable_rate(b, n_hist, lambda i: b.log(weights=Histogram(hists[i % 4])))
+                    b.finish()
+                    with RunReader(b.path) as rd:
+                        hs = rd.histograms("weights")
+                    _check_steps([int(h["step"]) for h in hs], n_hist + WARMUP, "scaling histograms")
+                    assert all(int(h["counts"].sum()) == 1_000_000 for h in hs), "scaling: a histogram lost values"
+                finally:
+                    _stop_daemon(proc)
+                rep[f"cpus{k}"] = {"images_per_s": img_rate, "histograms_per_s": hist_rate}
+                shutil.rmtree(os.path.join(tmp, "runs"), ignore_errors=True)
+            c.log(f"scaling {r + 1}/{args.repeats}: floors Pillow PNG {rep['pillow_png_per_s']:.0f}/s, np.histogram "
+                  f"{rep['np_histogram_per_s']:.0f}/s | " + " | ".join(
+                      f"{k} CPU(s): {rep[f'cpus{k}']['images_per_s']:.0f} images/s, "
+                      f"{rep[f'cpus{k}']['histograms_per_s']:.0f} histograms/s" for k in levels)
+                  + f" | load {rep['loadavg_before']:.2f}")
+            repeats.append(rep)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"levels": levels, "images_per_call": n_img, "histograms_per_call": n_hist, "repeats": repeats}
+
+
+def scaling_report(sc: dict[str, Any]) -> str:
+    reps = sc["repeats"]
+
+    def med(vals: list[float]) -> str:
+        return f"{c.median(vals):.0f} ({min(vals):.0f}..{max(vals):.0f})"
+
+    def ratio(vals: list[float]) -> str:
+        return f"{c.median(vals):.2f}x ({min(vals):.2f}x..{max(vals):.2f}x)"
+
+    lines = [
+        "| daemon on | durable images/s (256x256x3 noise) | / Pillow PNG 1 thread (target >= 2.5x) "
+        "| durable histograms/s (1M float32) | / np.histogram 1 thread (target >= 1.5x) |",
+        "|---|---|---|---|---|",
+    ]
+    for k in sc["levels"]:
+        key = f"cpus{k}"
+        lines.append(
+            f"| {k} CPU(s), {k} compute thread(s) | {med([x[key]['images_per_s'] for x in reps])} "
+            f"| {ratio([x[key]['images_per_s'] / x['pillow_png_per_s'] for x in reps])} "
+            f"| {med([x[key]['histograms_per_s'] for x in reps])} "
+            f"| {ratio([x[key]['histograms_per_s'] / x['np_histogram_per_s'] for x in reps])} |"
+        )
+    lines.append(
+        f"\nFloors in the same repeats (this process, one thread): Pillow PNG level 1 "
+        f"{med([x['pillow_png_per_s'] for x in reps])} images/s, np.histogram(bins=64) "
+        f"{med([x['np_histogram_per_s'] for x in reps])} per s. Medians of {len(reps)} repeats (min..max); "
+        f"{sc['images_per_call']} images / {sc['histograms_per_call']} histograms back to back per repeat "
+        f"and level, to flush(); load average before each repeat "
+        + ", ".join(f"{x['loadavg_before']:.2f}" for x in reps) + "."
+    )
+    return "\n".join(lines)
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="~30 s: fewer calls per repeat, 3 repeats")
@@ -883,6 +1049,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--settle", type=float, default=None, metavar="SECONDS",
                    help="at the end, wait up to SECONDS for the daemon to close every run and record its RSS "
                         "(default 40, --quick 0)")
+    p.add_argument("--scaling", action="store_true",
+                   help="durable images/s and histograms/s with the daemon pinned to 1, 2 and all CPUs against "
+                        "the single-thread Pillow PNG and np.histogram rates (only this, unless --cases is given)")
     p.add_argument("--py-spy", default=None, metavar="CASE[:client]",
                    help="py-spy the daemon (or the training process) during the first repeat of CASE; "
                         "stacks to bench/results/profile-rich-CASE-*.txt (slows the profiled process)")
@@ -893,7 +1062,8 @@ def parse_args() -> argparse.Namespace:
         args.paced_seconds = PACED_SECONDS_QUICK if args.quick else PACED_SECONDS_FULL
     if args.settle is None:
         args.settle = 0.0 if args.quick else 40.0
-    args.cases = [x.strip() for x in args.cases.split(",") if x.strip()] or CASES
+    explicit = [x.strip() for x in args.cases.split(",") if x.strip()]
+    args.cases = explicit or ([] if args.scaling else CASES)
     unknown = set(args.cases) - set(CASES)
     if unknown:
         p.error(f"unknown case(s): {', '.join(sorted(unknown))}")
@@ -912,6 +1082,20 @@ def main() -> None:
     load_start = c.load_average()
     calls = {k: max(5, int(round(v * args.calls_scale))) for k, v in (CALLS_QUICK if args.quick else CALLS_FULL).items()}
     rng = np.random.default_rng(12345)
+    scale_result: dict[str, Any] = {}
+    if args.scaling:
+        scale_result = scaling(args, rng)
+        print()
+        print(scaling_report(scale_result))
+        print()
+        if not args.cases:
+            c.write_results(args.json, {
+                "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "command": " ".join(["python", *sys.argv]), "machine": machine_info(), "git_diff_sha1": git_diff_sha1(),
+                "total_s": round(time.time() - started, 1),
+                "scaling": scale_result, "table_markdown": scaling_report(scale_result),
+            }, args.out, [])
+            return
     results: dict[str, dict[str, Any]] = {}
     daemon_rss: list[tuple[str, float]] = []
     from kohakuboard.client import Board
@@ -1001,6 +1185,7 @@ def main() -> None:
         "total_s": round(time.time() - started, 1),
         "table_markdown": text,
         "cases": results,
+        "scaling": scale_result,
         "metrics": recs,
     }
     c.write_results(args.json, result, args.out, recs)
