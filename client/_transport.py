@@ -170,6 +170,11 @@ class Sender(threading.Thread):
         self._want = 0
         self._replies = 0
         self._resend: collections.deque[_Entry] = collections.deque()
+        # The daemon's connection dropped (it died or restarts): no new data is
+        # sent until a daemon answers, so that a restarted daemon gets the
+        # re-sent messages before newer ones instead of parking megabytes of
+        # newer ones in front of a gap (RunWriter._in_sequence).
+        self._hold = False
         self._current: _Entry | None = None
         self._query_id = 0
         self._query_at: float | None = None
@@ -363,26 +368,33 @@ class Sender(threading.Thread):
         ack.setsockopt(zmq.SNDHWM, 8)
         ack.setsockopt(zmq.IMMEDIATE, 1)
         ack.connect(self._ep.control_addr)
+        monitor = ack.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         both = zmq.Poller()
         both.register(push, zmq.POLLOUT)
         both.register(ack, zmq.POLLIN)
         try:
-            self._loop(push, ack, both)
+            self._loop(push, ack, both, monitor)
         except _Aborted:
             pass
         except BaseException as exc:  # pragma: no cover - reported by flush()/finish()
             self.error = exc
         finally:
+            try:
+                ack.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            monitor.close(linger=0)
             push.close(linger=0)
             ack.close(linger=0)
             with self._cond:
                 self._cond.notify_all()
 
-    def _loop(self, push: zmq.Socket[Any], ack: zmq.Socket[Any], both: zmq.Poller) -> None:
+    def _loop(self, push: zmq.Socket[Any], ack: zmq.Socket[Any], both: zmq.Poller, monitor: zmq.Socket[Any]) -> None:
         q = self.queue
         while True:
             if self._abort:
                 return
+            self._read_monitor(monitor)
             self._read_acks(ack)
             if self.unacked and self.unacked[0].last <= self.acked_seq:
                 self._release_acked()
@@ -393,6 +405,8 @@ class Sender(threading.Thread):
                     break
                 self.replayed_calls += self._resend.popleft().calls
             stopping = False
+            if self._hold:
+                blocked = True
             if not blocked:
                 while True:
                     if self._current is None:
@@ -419,7 +433,9 @@ class Sender(threading.Thread):
             waiting = self.unacked or self._want > self.acked_seq or now >= self._keepalive_at
             if waiting:
                 self._ask(ack, now)
-            if blocked:
+            if self._hold:
+                ack.poll(20)  # the answer of a daemon (old or new) releases the hold
+            elif blocked:
                 both.poll(20)
             elif q and self.unacked_bytes < self.limit:
                 continue
@@ -549,6 +565,17 @@ class Sender(threading.Thread):
             self._unanswered_since = now
         self._next_query = now + _ACK_INTERVAL
 
+    def _read_monitor(self, monitor: zmq.Socket[Any]) -> None:
+        """The acknowledgement socket lost its connection: hold new data, ask at once."""
+        while True:
+            try:
+                monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._hold = True
+            self._query_at = None
+            self._next_query = 0.0
+
     def _read_acks(self, ack: zmq.Socket[Any]) -> None:
         while True:
             try:
@@ -564,9 +591,11 @@ class Sender(threading.Thread):
             elif isinstance(reply, m.ErrorReply) and reply.env.seq == self._query_id:
                 self._query_at = None  # e.g. the run is not open: asked again later
                 self._unanswered_since = None
+                self._hold = False
 
     def _on_acked(self, reply: m.Acked) -> None:
         self._unanswered_since = None
+        self._hold = False
         if reply.env.seq == self._query_id:
             self._query_at = None
             self._query_sync = False
