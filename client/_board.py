@@ -837,7 +837,11 @@ class Board:
             # head): a request the dead daemon never answered is asked again
             # every few seconds, after the sender's acknowledged delivery has
             # re-sent the data, until the timeout.
-            problem = self._finish_until(sender, last, status, deadline)
+            # A backlog that takes more than a second shows a progress line on stderr.
+            from ._progress import FinishProgress
+
+            with FinishProgress(sender.unwritten_calls, f"finishing {self.path}"):
+                problem = self._finish_until(sender, last, status, deadline)
         finally:
             stopped = sender.stop(0.5)
             unwritten = sender.unwritten_calls()
