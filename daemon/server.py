@@ -51,6 +51,12 @@ EXIT_STARTUP_FAILURE = 3  # systemd: RestartPreventExitStatus=3
 EXIT_ALREADY_RUNNING = 4
 
 _RECV_BUDGET = 4096
+# Messages ZeroMQ queues per client in the daemon (the clients queue 16 more
+# on their side).  A LogBatch is ~256 KB, a rich value up to megabytes: while the
+# daemon throttles its reading (backlog over max_backlog_bytes), what waits here
+# is outside every other bound, so the queue is short and the rest waits in the
+# clients' bounded queues.  16 took 8 clients ingesting to ~33 MB here.
+_RCVHWM = 4
 _CRASH_WAIT = 5.0  # seconds a crash report waits for the dead client's last data
 _HOST = socket.gethostname()
 
@@ -130,9 +136,7 @@ class Daemon:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)  # libzmq checks it per frame
             self.peer_guard.protect(sock)
-        # A LogBatch can be ~1 MB: a short receive queue keeps RSS bounded, and
-        # a full queue pushes back on the clients (their bounded send queues).
-        self.pull.setsockopt(zmq.RCVHWM, 16)
+        self.pull.setsockopt(zmq.RCVHWM, _RCVHWM)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         # A stale socket file from a crashed daemon would make bind fail; we hold
         # the lock, so nobody else is using it.
