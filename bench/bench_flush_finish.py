@@ -6,7 +6,9 @@ the round trip that makes one call durable (the sender sends it, asks for its
 acknowledgement, the daemon writes the batch at once and answers); median (and
 p99) per repeat.  A ``flush()`` with nothing new since the last acknowledgement
 returns without asking the daemon; its time is reported alongside.  Baseline: a raw pyzmq DEALER -> ROUTER echo over IPC with a server in
-another process (the daemon is another process too), same message count.
+another process (the daemon is another process too), same message count, and
+the ratio of the two per repeat; and one 64-byte append + fsync in the runs'
+directory (a durable flush() pays two: the vault's WAL and metadata.db).
 
 finish: ``N_BOARDS`` boards per repeat, each opened (capture_output=True),
 one ``log()`` and a ``flush()`` so nothing is pending, then ``finish()`` timed.
@@ -44,6 +46,22 @@ def echo_server(addr: str, ready) -> None:
         sock.send_multipart(frames)
     sock.close()
     ctx.term()
+
+
+def fsync_ms(dirpath: str, n: int) -> float:
+    """Median time (ms) of appending 64 bytes to a file and fsyncing it, in ``dirpath``
+    (the runs' file system): a durable flush() pays two of these (format "Durability")."""
+    path = os.path.join(dirpath, "fsync-probe")
+    ts = []
+    with open(path, "ab") as f:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            f.write(b"\0" * 64)
+            f.flush()
+            os.fsync(f.fileno())
+            ts.append(time.perf_counter() - t0)
+    os.unlink(path)
+    return c.median(ts) * 1000
 
 
 def zmq_pingpong(dirpath: str, n: int, repeats: int) -> list[float]:
@@ -155,14 +173,19 @@ def main() -> None:
                   f"(p99 {flush_p99[-1]:.3f}), finish median {finish_meds[-1]:.2f} ms, open {open_meds[-1]:.1f} ms, "
                   f"finish after log {fal_meds[-1]:.2f} ms vs flush after log {fresh_flush_meds[-1]:.2f} ms")
         zmq_meds = zmq_pingpong(env.dir, n_flush, args.repeats)
+        os.makedirs(env.base_dir, exist_ok=True)
+        sync_ms = fsync_ms(env.base_dir, n_flush)
     zmq_med = c.median(zmq_meds)
+    ratios = [f / z for f, z in zip(flush_meds, zmq_meds)]
     records = [
         c.metric("flush_idle_ms", "flush() round trip after one log(), idle daemon (median)", unit="ms", target=2.0, op="<=",
-                 values=flush_meds, baseline=f"raw pyzmq DEALER/ROUTER ping-pong over IPC {zmq_med:.3f} ms; "
+                 values=flush_meds, baseline=f"raw pyzmq DEALER/ROUTER ping-pong over IPC {zmq_med:.3f} ms "
+                 f"(flush / ping-pong {c.median(ratios):.1f}x); one 64-byte append + fsync {sync_ms:.3f} ms; "
                  f"flush() with nothing new {c.median(nothing_new_us):.1f} us",
-                 baseline_values={"zmq_pingpong_ms": zmq_med, "zmq_per_repeat": zmq_meds,
+                 baseline_values={"zmq_pingpong_ms": zmq_med, "zmq_per_repeat": zmq_meds, "fsync_ms": sync_ms,
                                   "flush_nothing_new_us": nothing_new_us},
-                 extra={"flushes_per_repeat": n_flush, "p99_ms_per_repeat": flush_p99}),
+                 extra={"flushes_per_repeat": n_flush, "p99_ms_per_repeat": flush_p99,
+                        "flush_over_pingpong_per_repeat": ratios}),
         c.metric("finish_idle_ms", "finish() of an idle board (median)", unit="ms", target=50.0, op="<=",
                  values=finish_meds, baseline=f"idle flush() {c.median(flush_meds):.3f} ms",
                  baseline_values={"flush_idle_ms": c.median(flush_meds)},
