@@ -903,25 +903,52 @@ def _stop_daemon(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def _durable_rate(board: Any, n: int, call: Callable[[int], None], prep: Callable[[int], None] | None = None) -> float:
-    """Calls per second from the first of ``n`` back-to-back calls to ``flush()`` returning."""
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _durable_rate(board: Any, n: int, call: Callable[[int], None], prep: Callable[[int], None] | None = None,
+                  daemon_pid: int | None = None) -> tuple[float, float]:
+    """(calls per second from the first of ``n`` back-to-back calls to ``flush()`` returning,
+    CPU ms per call of the daemon and this process together)."""
     for i in range(-WARMUP, 0):
         call(i)
     board.flush()
+    cpu0 = _cpu_s(daemon_pid) if daemon_pid else 0.0
+    own0 = time.process_time()
     t0 = time.perf_counter()
     for i in range(n):
         if prep is not None:
             prep(i)
         call(i)
     board.flush()
-    return n / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    cpu = (_cpu_s(daemon_pid) - cpu0 if daemon_pid else 0.0) + time.process_time() - own0
+    return n / wall, cpu / n * 1000
+
+
+def _floors(images: list[np.ndarray], hists: list[np.ndarray], m: int) -> dict[str, float]:
+    """Single-thread rates (per wall second) and CPU ms per item of Pillow PNG level 1 and np.histogram."""
+    from PIL import Image
+
+    out = {}
+    for key, fn in (("pillow_png", lambda i: Image.fromarray(images[i % 16]).save(io.BytesIO(), format="PNG",
+                                                                                  compress_level=1)),
+                    ("np_histogram", lambda i: np.histogram(hists[i % 4], bins=64))):
+        c0, t0 = time.process_time(), time.perf_counter()
+        for i in range(m):
+            fn(i)
+        out[f"{key}_per_s"] = m / (time.perf_counter() - t0)
+        out[f"{key}_cpu_ms"] = (time.process_time() - c0) / m * 1000
+    return out
 
 
 def scaling(args: argparse.Namespace, rng: np.random.Generator) -> dict[str, Any]:
     """Durable images/s and 1M-value histograms/s with the daemon on 1, 2, ... all CPUs, against
     the single-thread floors (Pillow PNG, ``np.histogram``) measured in the same repeat."""
-    from PIL import Image
-
     from kohakuboard.client import Board, Histogram, Media
     from kohakuboard.storage.reader import RunReader
 
@@ -944,35 +971,25 @@ def scaling(args: argparse.Namespace, rng: np.random.Generator) -> dict[str, Any
 
                 wait_idle(args.wait_idle)
             rep: dict[str, Any] = {"loadavg_before": os.getloadavg()[0]}
-
-            def pil(i: int) -> bytes:
-                buf = io.BytesIO()
-                Image.fromarray(images[i % 16]).save(buf, format="PNG", compress_level=1)
-                return buf.getvalue()
-
             m = 60 if args.quick else 120
-            t0 = time.perf_counter()
-            for i in range(m):
-                pil(i)
-            rep["pillow_png_per_s"] = m / (time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for i in range(m):
-                np.histogram(hists[i % 4], bins=64)
-            rep["np_histogram_per_s"] = m / (time.perf_counter() - t0)
             for k in levels:
+                # The floors right before each level, so that each ratio compares
+                # rates measured under the same load of the (shared) machine.
+                floors = _floors(images, hists, m)
                 proc = _start_pinned_daemon(endpoint, cpus[:k], k, os.path.join(tmp, "daemon.log"))
                 try:
                     b = Board("scale-img", project="bench-rich", run_id=f"img-{r}-{k}", base_dir=os.path.join(tmp, "runs"),
                               capture_output=False)
-                    img_rate = _durable_rate(b, n_img, lambda i: b.log(sample=Media(images[i % 16])),
-                                             lambda i: _stamp(images[i % 16], i))
+                    img_rate, img_cpu = _durable_rate(b, n_img, lambda i: b.log(sample=Media(images[i % 16])),
+                                                      lambda i: _stamp(images[i % 16], i), proc.pid)
                     b.finish()
                     with RunReader(b.path) as rd:
                         rows = rd.media("sample")
                     _check_steps([int(x["step"]) for x in rows], n_img + WARMUP, "scaling images")
                     b = Board("scale-hist", project="bench-rich", run_id=f"hist-{r}-{k}", base_dir=os.path.join(tmp, "runs"),
                               capture_output=False)
-                    hist_rate = _durable_rate(b, n_hist, lambda i: b.log(weights=Histogram(hists[i % 4])))
+                    hist_rate, hist_cpu = _durable_rate(b, n_hist, lambda i: b.log(weights=Histogram(hists[i % 4])),
+                                                        None, proc.pid)
                     b.finish()
                     with RunReader(b.path) as rd:
                         hs = rd.histograms("weights")
@@ -980,12 +997,15 @@ def scaling(args: argparse.Namespace, rng: np.random.Generator) -> dict[str, Any
                     assert all(int(h["counts"].sum()) == 1_000_000 for h in hs), "scaling: a histogram lost values"
                 finally:
                     _stop_daemon(proc)
-                rep[f"cpus{k}"] = {"images_per_s": img_rate, "histograms_per_s": hist_rate}
+                rep[f"cpus{k}"] = {"images_per_s": img_rate, "histograms_per_s": hist_rate, "image_cpu_ms": img_cpu,
+                                   "histogram_cpu_ms": hist_cpu, **floors}
                 shutil.rmtree(os.path.join(tmp, "runs"), ignore_errors=True)
-            c.log(f"scaling {r + 1}/{args.repeats}: floors Pillow PNG {rep['pillow_png_per_s']:.0f}/s, np.histogram "
-                  f"{rep['np_histogram_per_s']:.0f}/s | " + " | ".join(
-                      f"{k} CPU(s): {rep[f'cpus{k}']['images_per_s']:.0f} images/s, "
-                      f"{rep[f'cpus{k}']['histograms_per_s']:.0f} histograms/s" for k in levels)
+            c.log(f"scaling {r + 1}/{args.repeats}: " + " | ".join(
+                      f"{k} CPU(s): {x['images_per_s']:.0f} images/s (Pillow {x['pillow_png_per_s']:.0f}/s), "
+                      f"{x['histograms_per_s']:.0f} histograms/s (np.histogram {x['np_histogram_per_s']:.0f}/s); "
+                      f"CPU ms per image {x['image_cpu_ms']:.1f} (Pillow {x['pillow_png_cpu_ms']:.1f}), per histogram "
+                      f"{x['histogram_cpu_ms']:.1f} (np.histogram {x['np_histogram_cpu_ms']:.1f})"
+                      for k, x in ((k, rep[f"cpus{k}"]) for k in levels))
                   + f" | load {rep['loadavg_before']:.2f}")
             repeats.append(rep)
     finally:
@@ -1002,35 +1022,38 @@ def scaling(args: argparse.Namespace, rng: np.random.Generator) -> dict[str, Any
 def scaling_report(sc: dict[str, Any]) -> str:
     reps = sc["repeats"]
 
-    def med(vals: list[float]) -> str:
-        return f"{c.median(vals):.0f} ({min(vals):.0f}..{max(vals):.0f})"
+    def med(vals: list[float], digits: int = 0) -> str:
+        return f"{c.median(vals):.{digits}f} ({min(vals):.{digits}f}..{max(vals):.{digits}f})"
 
     def ratio(vals: list[float]) -> str:
         return f"{c.median(vals):.2f}x ({min(vals):.2f}x..{max(vals):.2f}x)"
 
     lines = [
         "| daemon on | durable images/s (256x256x3 noise) | / Pillow PNG 1 thread (target >= 2.5x) "
-        "| durable histograms/s (1M float32) | / np.histogram 1 thread (target >= 1.5x) |",
-        "|---|---|---|---|---|",
+        "| durable histograms/s (1M float32) | / np.histogram 1 thread (target >= 1.5x) "
+        "| CPU ms per image / per histogram (daemon + client) |",
+        "|---|---|---|---|---|---|",
     ]
     for k in sc["levels"]:
-        key = f"cpus{k}"
+        xs = [x[f"cpus{k}"] for x in reps]
         lines.append(
-            f"| {k} CPU(s), {k} compute thread(s) | {med([x[key]['images_per_s'] for x in reps])} "
-            f"| {ratio([x[key]['images_per_s'] / x['pillow_png_per_s'] for x in reps])} "
-            f"| {med([x[key]['histograms_per_s'] for x in reps])} "
-            f"| {ratio([x[key]['histograms_per_s'] / x['np_histogram_per_s'] for x in reps])} |"
+            f"| {k} CPU(s), {k} compute thread(s) | {med([x['images_per_s'] for x in xs])} "
+            f"| {ratio([x['images_per_s'] / x['pillow_png_per_s'] for x in xs])} "
+            f"| {med([x['histograms_per_s'] for x in xs])} "
+            f"| {ratio([x['histograms_per_s'] / x['np_histogram_per_s'] for x in xs])} "
+            f"| {med([x['image_cpu_ms'] for x in xs], 1)} / {med([x['histogram_cpu_ms'] for x in xs], 1)} |"
         )
+    xs = [x[f"cpus{k}"] for x in reps for k in sc["levels"]]
     lines.append(
-        f"\nFloors in the same repeats (this process, one thread): Pillow PNG level 1 "
-        f"{med([x['pillow_png_per_s'] for x in reps])} images/s, np.histogram(bins=64) "
-        f"{med([x['np_histogram_per_s'] for x in reps])} per s. Medians of {len(reps)} repeats (min..max); "
+        f"\nFloors, measured in this process on one thread right before each level: Pillow PNG level 1 "
+        f"{med([x['pillow_png_per_s'] for x in xs])} images/s ({med([x['pillow_png_cpu_ms'] for x in xs], 1)} CPU ms "
+        f"each), np.histogram(bins=64) {med([x['np_histogram_per_s'] for x in xs])} per s "
+        f"({med([x['np_histogram_cpu_ms'] for x in xs], 1)} CPU ms each). Medians of {len(reps)} repeats (min..max); "
         f"{sc['images_per_call']} images / {sc['histograms_per_call']} histograms back to back per repeat "
         f"and level, to flush(); load average before each repeat "
         + ", ".join(f"{x['loadavg_before']:.2f}" for x in reps) + "."
     )
     return "\n".join(lines)
-
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -118,7 +118,7 @@ def image_size(data: bytes) -> tuple[int, int] | None:
 
 MAX_BINS = 100_000
 _CHUNK = 1 << 18
-_HIST_BLOCK = 1 << 16
+_HIST_BLOCK = 1 << 18
 
 
 def _check_numeric(a: np.ndarray, what: str) -> np.ndarray:
@@ -217,9 +217,9 @@ def _uniform_counts(a: np.ndarray, n: int, lo: float, hi: float) -> tuple[np.nda
     estimate lies within a rounding error of a bin boundary (``eps`` below, in
     bins) is checked against the edges themselves, as numpy checks every
     value.  Faster than numpy because it skips numpy's range mask (every
-    value is known to be in range), works in preallocated 64 Ki-value buffers
+    value is known to be in range), works in preallocated 256 Ki-value buffers
     instead of allocating ~10 temporaries per block, and looks up edges only
-    for the few values near a boundary.  1M float32 values, 64 bins: ~2.5 ms
+    for the few values near a boundary.  1M float32 values, 64 bins: ~1.6 ms
     against ~4-6 ms for ``np.histogram`` (README "Rich values"); numpy
     releases the GIL in each step, so several histograms bin at once on the
     daemon's compute pool.
