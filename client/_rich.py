@@ -169,7 +169,8 @@ class Histogram:
     Or precomputed: ``Histogram(bins=edges, counts=counts)`` (``len(bins) ==
     len(counts) + 1``).  Raw values are binned by the daemon over their full
     finite range; NaN and +-inf are counted apart.  ``compute_bins()`` bins in
-    this process instead (smaller messages) and returns ``self``.
+    this process instead (smaller messages; the daemon's algorithm, so the
+    same edges and counts) and returns ``self``.
     ``precision="compact"`` stores uint8 counts (~75 % smaller, ~1 % error).
     """
 
@@ -206,32 +207,28 @@ class Histogram:
             raise TypeError("Histogram(None) has no values (a gradient before backward()?)")
 
     def compute_bins(self) -> "Histogram":
-        """Bin the raw values now, in this process; return ``self``."""
+        """Bin the raw values now, in this process; return ``self``.
+
+        The daemon's own binning (``daemon.compute.bin_histogram``): the same
+        edges and counts as when the daemon bins them.
+        """
         self._no_values()
         if self.bins is None:
-            import numpy as np
+            from ._convert import _as_array
 
-            from ._convert import to_numpy
-
-            arr = to_numpy(self.values if self.values is not None else []).reshape(-1)
-            if arr.dtype.kind not in "biuf":
-                raise TypeError(f"histogram values must be numbers, not {arr.dtype}")
-            finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
-            self._stats = {
-                "nan": int(np.isnan(arr).sum()) if arr.dtype.kind == "f" else 0,
-                "posinf": int(np.isposinf(arr).sum()) if arr.dtype.kind == "f" else 0,
-                "neginf": int(np.isneginf(arr).sum()) if arr.dtype.kind == "f" else 0,
-            }
-            if finite.size:
-                lo, hi = float(finite.min()), float(finite.max())
-                if lo == hi:
-                    lo, hi = lo - 0.5, hi + 0.5
-                counts, edges = np.histogram(finite, bins=self.num_bins, range=(lo, hi))
-            else:
-                counts, edges = np.zeros(0, np.int64), np.zeros(0, np.float64)
-            self.bins, self.counts = edges, counts
-            self.values = None
+            arr, _ = _as_array(self.values if self.values is not None else [])
+            self._bin(arr)
         return self
+
+    def _bin(self, arr: Any) -> None:
+        from ..daemon.compute import bin_histogram
+
+        if arr.dtype.kind not in "biuf":
+            raise TypeError(f"histogram values must be numbers, not {arr.dtype}")
+        h = bin_histogram(arr.reshape(-1), self.num_bins)
+        self._stats = {"nan": h["nan"], "posinf": h["posinf"], "neginf": h["neginf"]}
+        self.bins, self.counts = h["edges"], h["counts"]
+        self.values = None
 
     def __repr__(self) -> str:
         state = "binned" if self.bins is not None else "raw"

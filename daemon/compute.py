@@ -1,8 +1,10 @@
 """The CPU work behind rich values, done in the daemon: PNG encoding, histograms, KDE.
 
 Pure functions of numpy arrays and bytes, safe to call from worker threads
-(no global state is changed).  The training-side client only ships raw arrays
+(no global state is changed).  The training-side client ships raw arrays
 (see :mod:`kohakuboard.client._convert`); everything costly happens here.
+``Histogram.compute_bins()`` calls :func:`bin_histogram` in the training
+process, so Pillow is imported only where it is used.
 
 Hostile or degenerate input (NaN, +-inf, values near the float64 limits,
 all-equal samples, huge arrays) never crashes or silently drops data: non-finite
@@ -20,7 +22,6 @@ import zlib
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 # --------------------------------------------------------------------- images
 
@@ -82,6 +83,8 @@ def encode_png(hwc: np.ndarray) -> bytes:
 
 def encode_png_pillow(hwc: np.ndarray, level: int = 1) -> bytes:
     """Pillow's PNG encoder (the one :func:`encode_png` replaced): the benchmarks' baseline."""
+    from PIL import Image
+
     arr = np.ascontiguousarray(hwc)
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -100,6 +103,8 @@ def image_size(data: bytes) -> tuple[int, int] | None:
     parser sees hostile bytes.  Images beyond PIL's decompression-bomb limit
     (about 179 Mpx) give None.
     """
+    from PIL import Image
+
     Image.init()
     formats = [f for f in _SIZE_FORMATS if f in Image.OPEN]
     try:
