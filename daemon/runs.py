@@ -30,6 +30,9 @@ log = logging.getLogger("kohakuboard.daemon")
 # A batch is written once it holds this many bytes, whatever its age: bounds the
 # memory one run's batch (and the staged copy being written) can take.
 _BATCH_BYTES = 1 << 20
+# A batch takes at most this many bytes of rich values (images, arrays), and at
+# least one message: each commit then acknowledges a few values (RunChannel._split_rich).
+_RICH_BATCH_BYTES = 8 << 20
 
 
 @dataclass
@@ -106,6 +109,7 @@ class RunChannel:
         # stops reading its socket while the total is over its limit, so a slow
         # disk backs up into the clients' bounded queues instead of our RSS.
         self.pending_bytes = 0
+        self._pending_blob_bytes = 0  # rich values' bytes in pending (see _split_rich)
         self.unwritten_bytes = 0
         self.pending_output: list[OutputMessage] = []
         self._first_pending_at = 0.0
@@ -236,19 +240,11 @@ class RunChannel:
             self._first_pending_at = now
         if type(msg) is not OutputMessage:
             self.pending.append(msg)
-            if type(msg) is LogBatch:
-                # received bytes plus the 32-byte records they become when staged
-                self._pending_calls += msg.count
-                self.pending_bytes += 200 + 5 * len(msg.values) + 64 * msg.count
-            elif type(msg) is DropReport:
-                self._pending_calls += 1
-                self.pending_bytes += 200
-            else:
-                self._pending_calls += 1
-                # a decoded dict costs ~80 B a value, its staged record 32 B
-                self.pending_bytes += 200 + 112 * len(msg.scalars)
+            self._pending_calls += msg.count if type(msg) is LogBatch else 1
+            self.pending_bytes += _pending_estimate(msg)
+            if type(msg) is LogMessage:
                 if msg.blobs:
-                    self.pending_bytes += sum(len(b) for b in msg.blobs)
+                    self._pending_blob_bytes += _blob_bytes(msg)
                 if msg.items and self._pool is not None:
                     try:
                         self.prepared[id(msg)] = (msg, self._pool.submit(prepare_items, msg))
@@ -381,6 +377,10 @@ class RunChannel:
         batch, self.pending = self.pending, []
         self._pending_calls = 0
         in_flight, self.pending_bytes = self.pending_bytes, 0
+        if self._pending_blob_bytes > _RICH_BATCH_BYTES and len(batch) > 1:
+            batch = self._split_rich(batch)
+            in_flight -= self.pending_bytes
+        self._pending_blob_bytes = sum(_blob_bytes(m) for m in self.pending) if self.pending else 0
         self.unwritten_bytes += in_flight
         output, self.pending_output = self.pending_output, []
         if not batch and not output and not self._retry and not self._parked:
@@ -420,6 +420,30 @@ class RunChannel:
             self.stats.write_seconds += time.perf_counter() - started
             self.last_activity = self._now()
         self._resolve_waiters()
+
+    def _split_rich(self, batch: list[Any]) -> list[Any]:
+        """The first ``_RICH_BATCH_BYTES`` of rich values of ``batch`` (at least one message);
+        the rest goes back to ``pending``, to be written right after.
+
+        A batch is acknowledged when it commits: a client whose ``log()`` waits
+        for room (64 MiB of 4 MB histograms) then waits for one write of a few
+        values, not for everything the daemon held (up to 32 MB) to be written.
+        """
+        acc = 0
+        cut = len(batch)
+        for i, msg in enumerate(batch):
+            acc += _blob_bytes(msg)
+            if acc >= _RICH_BATCH_BYTES:
+                cut = i + 1
+                break
+        if cut >= len(batch):
+            return batch
+        rest = batch[cut:]
+        self.pending = rest
+        self._pending_calls = sum(m.count if type(m) is LogBatch else 1 for m in rest)
+        self.pending_bytes = sum(_pending_estimate(m) for m in rest)
+        self._kick.set()  # the rest is written at once, not after flush_interval
+        return batch[:cut]
 
     def _write(self, writer: RunWriter, batch: list[LogMessage | LogBatch], output: list[OutputMessage]) -> dict[str, int]:
         # Runs on the writer thread.  Output is written first: it is small, and a
@@ -465,6 +489,21 @@ class RunChannel:
             "write_seconds": round(self.stats.write_seconds, 3),
             "error": str(self.error) if self.error else None,
         }
+
+
+def _pending_estimate(msg: Any) -> int:
+    """Memory a pending message holds, as counted against the daemon's backlog bound."""
+    if type(msg) is LogBatch:
+        # received bytes plus the 32-byte records they become when staged
+        return 200 + 5 * len(msg.values) + 64 * msg.count
+    if type(msg) is DropReport:
+        return 200
+    # a decoded dict costs ~80 B a value, its staged record 32 B
+    return 200 + 112 * len(msg.scalars) + _blob_bytes(msg)
+
+
+def _blob_bytes(msg: Any) -> int:
+    return sum(len(b) for b in msg.blobs) if type(msg) is LogMessage and msg.blobs else 0
 
 
 def compute_threads_default() -> int:
