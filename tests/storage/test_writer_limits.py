@@ -65,3 +65,34 @@ def test_steps_table_is_compact_and_maps_every_step(tmp_path):
         st = r.steps()
         assert st["step"].tolist() == list(range(510))
         assert st["global_step"].tolist() == [i + 1 for i in range(500)] + [500] * 10
+
+
+def test_scalar_vault_is_reopened_after_each_mebibyte_without_losing_points(tmp_path, monkeypatch):
+    """The writer closes and reopens the scalar vault after 1 MiB of appends (kohakuvault keeps the
+    pages a connection wrote in memory); every point of every batch reads back, in order, and a
+    reopened run (recovery) finds the commit lengths the reopened vault wrote."""
+    from kohakuboard.storage import writer as writer_mod
+
+    reopened = []
+    real = RunWriter._reopen_scalars
+    monkeypatch.setattr(RunWriter, "_reopen_scalars", lambda self: (reopened.append(1), real(self)))
+    w = RunWriter(str(tmp_path / "run"))
+    w.attach(client="c", rank=0, pid=os.getpid(), host="h", name="n", project="p", run_id="run", config={})
+    seq = step = 0
+    for batch in range(12):  # 12 x 4,000 calls x 4 metrics x 32 B = 6 MiB
+        msgs = []
+        for _ in range(4000):
+            seq += 1
+            msgs.append(LogMessage(Envelope("/r", "c", seq, 0, step, step, 0.0), {k: float(step) for k in "abcd"}))
+            step += 1
+        w.stage(msgs)
+        w.commit()
+        assert w._scalar_bytes < writer_mod._SCALAR_REOPEN_BYTES
+    w.close()
+    assert len(reopened) >= 4, f"the scalar vault was reopened {len(reopened)} times for 6 MiB"
+    w = RunWriter(str(tmp_path / "run"))  # recovery against the committed lengths: nothing cut
+    w.close()
+    with RunReader(tmp_path / "run") as r:
+        for k in "abcd":
+            s = r.series(k)
+            assert s["step"].tolist() == list(range(step)) and s["value"].tolist() == [float(i) for i in range(step)]
