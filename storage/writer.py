@@ -1165,10 +1165,11 @@ class _BlobView:
         self._blobs = blobs
         self._refs = set(refs)
 
-    def raw(self, ref: Any) -> bytes:
+    def raw(self, ref: Any) -> Any:
+        """The blob as received (bytes or a memoryview of the ZeroMQ frame): not copied."""
         if type(ref) is not int or ref not in self._refs:
             raise ValueError(f"blob reference {ref!r} is not one of the item's")
-        return bytes(self._blobs[ref])
+        return self._blobs[ref]
 
     def array(self, meta: dict[str, Any]) -> np.ndarray:
         return item_array(meta, self._blobs, self._refs)
