@@ -42,7 +42,9 @@ def _open(run: str, base_dir: str) -> Any:
     return RunReader(find_run(run, base_dir))
 
 
-@click.group(context_settings={"auto_envvar_prefix": "KOBO", "help_option_names": ["-h", "--help"]})
+# No automatic environment prefix: only the documented variables (KOBO_BASE_DIR) are read, never
+# KOBO_<COMMAND>_<OPTION> by accident.
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kohakuboard", prog_name="kobo", message="%(prog)s %(version)s")
 def main() -> None:
     """Look at KohakuBoard runs: list them, show one, export its data, check it for damage."""

@@ -31,7 +31,9 @@ def _config(endpoint: str | None, **overrides: object) -> DaemonConfig:
         raise click.ClickException(str(exc)) from exc
 
 
-@click.group(context_settings={"auto_envvar_prefix": "KOBO_DAEMON", "help_option_names": ["-h", "--help"]})
+# No automatic environment prefix: the daemon reads exactly the KOBO_DAEMON_* variables documented
+# in DaemonConfig (and the README), never KOBO_DAEMON_<COMMAND>_<OPTION> by accident.
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kohakuboard", prog_name="kobo-daemon", message="%(prog)s %(version)s")
 def main() -> None:
     """The per-node KohakuBoard daemon: receives log messages and writes run folders."""

@@ -128,6 +128,22 @@ def test_show_json_is_valid_json_even_with_nan(runs):
     assert summary["run_id"] == "nanrun" and summary["num_ranks"] == 1
 
 
+def test_no_option_is_taken_from_an_undocumented_environment_variable(runs, monkeypatch):
+    """Only documented variables configure the CLIs: click's automatic KOBO_<COMMAND>_<OPTION> names
+    (KOBO_SHOW_JSON, KOBO_DAEMON_STOP_TIMEOUT) must not change what a command does."""
+    from kohakuboard.daemon.cli import main as kobo_daemon
+
+    plain = invoke("show", "r1", "--dir", str(runs))
+    res = invoke("show", "r1", "--dir", str(runs), env={"KOBO_SHOW_JSON": "1", "KOBO_SHOW_OUTPUT": "1"})
+    assert res.exit_code == 0 and res.output == plain.output and res.output.startswith("run:")
+    monkeypatch.setenv("KOBO_BASE_DIR", str(runs))          # the documented one still works
+    assert invoke("show", "r1").output == plain.output
+    # a daemon endpoint nobody listens on: stop says so; the stray variable is not parsed as --timeout
+    env = {"KOBO_DAEMON_ENDPOINT": f"ipc://{runs}/none", "KOBO_DAEMON_STOP_TIMEOUT": "not-a-number"}
+    res = CliRunner().invoke(kobo_daemon, ["stop"], env=env)
+    assert "not-a-number" not in res.output and res.exit_code != 2, res.output
+
+
 def test_show_missing_or_newer_run_is_a_clear_error(runs):
     """Unknown runs and runs from a newer format fail with exit code 1 and a message, not a traceback."""
     res = invoke("show", "ghost", "--dir", str(runs))
