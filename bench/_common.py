@@ -22,7 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
@@ -39,8 +40,10 @@ def load_average(before: str = "") -> tuple[float, float, float]:
     """The load averages now; said in the log when other processes compete for the cores (1-min > 1)."""
     load = os.getloadavg()
     if load[0] > 1.0:
-        log(f"!! load average {load[0]:.2f}{' before ' + before if before else ''}: "
-            f"other processes compete for the {os.cpu_count()} cores")
+        log(
+            f"!! load average {load[0]:.2f}{' before ' + before if before else ''}: "
+            f"other processes compete for the {os.cpu_count()} cores"
+        )
     return load
 
 
@@ -63,7 +66,7 @@ class IsolatedDaemon:
         self.base_dir = os.path.join(self.dir, "runs")
         self._saved: dict[str, str | None] = {}
 
-    def __enter__(self) -> "IsolatedDaemon":
+    def __enter__(self) -> IsolatedDaemon:
         for key, value in (
             ("KOBO_DAEMON_ENDPOINT", self.endpoint),
             ("KOBO_BASE_DIR", self.base_dir),
@@ -181,7 +184,7 @@ class RssSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 

@@ -58,7 +58,8 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import _common as c
 
@@ -90,13 +91,17 @@ def ensure_baseline_venv(commit: str = BASELINE_COMMIT, venv: str = BASELINE_VEN
             have = None
         if have == want:
             return python
-    c.log(f"building the pre-ack venv {venv} for {commit[:10]} (deps pinned: "
-          + ", ".join(f"{k}=={v}" for k, v in pins.items()) + ")")
+    c.log(
+        f"building the pre-ack venv {venv} for {commit[:10]} (deps pinned: "
+        + ", ".join(f"{k}=={v}" for k, v in pins.items())
+        + ")"
+    )
     shutil.rmtree(venv, ignore_errors=True)
     src = tempfile.mkdtemp(prefix="kobo-baseline-src-", dir="/tmp")
     try:
-        archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=REPO, check=True,
-                                 capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", commit], cwd=REPO, check=True, capture_output=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
         subprocess.run([sys.executable, "-m", "venv", venv], check=True)
         cons = os.path.join(src, "kobo-bench-constraints.txt")
@@ -114,9 +119,17 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of daemons and workers: defaults for every KOBO_ setting, no launcher vars."""
     env = dict(os.environ)
     for key in list(env):
-        if key.startswith("KOBO_") or key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID",
-                                              "PYTHONPATH", "PYTHONHOME", "NOTIFY_SOCKET",
-                                              "PYTHONDONTWRITEBYTECODE", "VIRTUAL_ENV"):
+        if key.startswith("KOBO_") or key in (
+            "RANK",
+            "LOCAL_RANK",
+            "WORLD_SIZE",
+            "TORCHELASTIC_RUN_ID",
+            "PYTHONPATH",
+            "PYTHONHOME",
+            "NOTIFY_SOCKET",
+            "PYTHONDONTWRITEBYTECODE",
+            "VIRTUAL_ENV",
+        ):
             env.pop(key)
     env.update(extra or {})
     return env
@@ -131,8 +144,14 @@ class Workspace:
         self.dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
         self.endpoint = f"ipc://{self.dir}/kobo"
         self.base_dir = os.path.join(self.dir, "runs")
-        self.env = child_env({"KOBO_DAEMON_ENDPOINT": self.endpoint, "KOBO_BASE_DIR": self.base_dir,
-                              "KOBO_DAEMON_AUTOSTART": "0", "PYTHONPYCACHEPREFIX": pycache})
+        self.env = child_env(
+            {
+                "KOBO_DAEMON_ENDPOINT": self.endpoint,
+                "KOBO_BASE_DIR": self.base_dir,
+                "KOBO_DAEMON_AUTOSTART": "0",
+                "PYTHONPYCACHEPREFIX": pycache,
+            }
+        )
         self.log_path = os.path.join(self.dir, "daemon.log")
         self._notify_path = os.path.join(self.dir, "notify")
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -141,7 +160,7 @@ class Workspace:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts: list[tuple[float, float]] = []  # (Popen, READY=1) per daemon start, time.monotonic()
 
-    def __enter__(self) -> "Workspace":
+    def __enter__(self) -> Workspace:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -162,8 +181,15 @@ class Workspace:
         env = dict(self.env, NOTIFY_SOCKET=self._notify_path)
         with open(self.log_path, "ab") as log:
             t0 = time.monotonic()
-            self.proc = subprocess.Popen([self.python, "-m", "kohakuboard.daemon", "run"], stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=log, env=env, cwd=self.dir, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [self.python, "-m", "kohakuboard.daemon", "run"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                cwd=self.dir,
+                start_new_session=True,
+            )
         deadline = t0 + timeout
         while True:
             ready, _, _ = select.select([self._notify], [], [], 0.02)
@@ -204,8 +230,14 @@ class Workspace:
     def duplicates_dropped(self) -> int | None:
         """Calls the daemon received more than once and stored once (``kobo-daemon status``), if it counts them."""
         try:
-            out = subprocess.run([self.python, "-m", "kohakuboard.daemon", "status", "--json"], env=self.env,
-                                 cwd=self.dir, capture_output=True, text=True, timeout=60).stdout
+            out = subprocess.run(
+                [self.python, "-m", "kohakuboard.daemon", "status", "--json"],
+                env=self.env,
+                cwd=self.dir,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout
             runs = json.loads(out).get("runs", [])
             counts = [r.get("duplicates") for r in runs if isinstance(r, dict)]
             return sum(x for x in counts if x is not None) if any(x is not None for x in counts) else None
@@ -219,12 +251,19 @@ class Workspace:
         except OSError:
             return "(no log)"
 
-    def run_worker(self, case: str, params: dict[str, Any], on_line: Callable[[str], None] | None = None,
-                   timeout: float = 600.0, script: str = SCRIPT) -> dict[str, Any]:
+    def run_worker(
+        self,
+        case: str,
+        params: dict[str, Any],
+        on_line: Callable[[str], None] | None = None,
+        timeout: float = 600.0,
+        script: str = SCRIPT,
+    ) -> dict[str, Any]:
         """Run ``script --worker case`` to its end; lines other than its RESULT go to ``on_line``."""
         cmd = [self.python, script, "--worker", case, "--params", json.dumps(params)]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=self.env, cwd=self.dir,
-                                text=True)
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=self.env, cwd=self.dir, text=True
+        )
         result = None
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -241,8 +280,10 @@ class Workspace:
 def warm_up(python: str, pycache: str) -> None:
     """Compile every module both sides import into the shared pycache prefix (outside the timings)."""
     env = child_env({"PYTHONPYCACHEPREFIX": pycache})
-    code = ("import kohakuboard.client, kohakuboard.client._transport, kohakuboard.daemon.server, "
-            "kohakuboard.daemon.cli, kohakuboard.storage.reader, kohakuboard.storage.writer, numpy, zmq, msgpack")
+    code = (
+        "import kohakuboard.client, kohakuboard.client._transport, kohakuboard.daemon.server, "
+        "kohakuboard.daemon.cli, kohakuboard.storage.reader, kohakuboard.storage.writer, numpy, zmq, msgpack"
+    )
     subprocess.run([python, "-c", code], env=env, cwd="/", check=True)
 
 
@@ -259,11 +300,13 @@ def w_latency(p: dict[str, Any]) -> dict[str, Any]:
     import gc
 
     from bench_log_latency import _pcts, _timed_log
+
     from kohakuboard.client import Board
 
     n, warmup = p["calls"], p["warmup"]
-    board = Board("latency", {"bench": "ack"}, project="bench", run_id="lat", base_dir=p["base_dir"],
-                  capture_output=True)
+    board = Board(
+        "latency", {"bench": "ack"}, project="bench", run_id="lat", base_dir=p["base_dir"], capture_output=True
+    )
     _timed_log(board, warmup)
     board.flush()
     gc.collect()
@@ -286,8 +329,9 @@ def w_throughput(p: dict[str, Any]) -> dict[str, Any]:
     from kohakuboard.client import Board
 
     n = p["calls"]
-    board = Board("throughput", {"bench": "ack"}, project="bench", run_id="tp", base_dir=p["base_dir"],
-                  capture_output=True)
+    board = Board(
+        "throughput", {"bench": "ack"}, project="bench", run_id="tp", base_dir=p["base_dir"], capture_output=True
+    )
     vals = {f"m{j:02d}": j * 0.25 for j in range(N_METRICS)}
     log = board.log
     t0 = time.perf_counter()
@@ -305,9 +349,13 @@ def w_throughput(p: dict[str, Any]) -> dict[str, Any]:
         assert len(s) == n, f"throughput m{j:02d}: {len(s)} points read back, {n} logged"
         if j == 0:
             assert np.array_equal(s["value"], expected), "throughput: m00 differs from the logged sequence"
-    return {"values": n * N_METRICS, "values_per_s": n * N_METRICS / (t2 - t0),
-            "enqueue_values_per_s": n * N_METRICS / (t1 - t0), "flush_wait_s": t2 - t1,
-            "peak_queue": stats["peak_queue"]}
+    return {
+        "values": n * N_METRICS,
+        "values_per_s": n * N_METRICS / (t2 - t0),
+        "enqueue_values_per_s": n * N_METRICS / (t1 - t0),
+        "flush_wait_s": t2 - t1,
+        "peak_queue": stats["peak_queue"],
+    }
 
 
 def w_replay(p: dict[str, Any]) -> dict[str, Any]:
@@ -318,8 +366,9 @@ def w_replay(p: dict[str, Any]) -> dict[str, Any]:
     from kohakuboard.client import Board
 
     n, rate, kill_at = p["calls"], p["rate"], p["kill_at"]
-    board = Board("replay", {"bench": "ack"}, project="bench", run_id="replay", base_dir=p["base_dir"],
-                  capture_output=True)
+    board = Board(
+        "replay", {"bench": "ack"}, project="bench", run_id="replay", base_dir=p["base_dir"], capture_output=True
+    )
     has_ack = "acknowledged" in board.stats()
     vals = {f"m{j:02d}": j * 0.25 for j in range(N_METRICS)}
     samples: list[tuple[float, int, int]] = []
@@ -387,24 +436,40 @@ def w_replay(p: dict[str, Any]) -> dict[str, Any]:
     missing = np.setdiff1d(np.arange(n), complete)
     s = sorted(lat)
     return {
-        "calls": n, "values": n * N_METRICS, "has_ack": has_ack,
-        "t_first": t_first, "t_logged": t_logged, "t_flushed": t_flushed,
-        "values_per_s": n * N_METRICS / (t_flushed - t_first), "flushed": flushed, "errors": errors,
-        "p50_us": c.percentile(s, 50) / 1000, "p99_us": c.percentile(s, 99) / 1000,
-        "p999_us": c.percentile(s, 99.9) / 1000, "max_us": s[-1] / 1000,
-        "complete": int(len(complete)), "lost": int(n - len(complete)),
-        "partial": int(len(union) - len(complete)), "lost_entirely": int(n - len(union)), "duplicates": dups,
-        "metric_lengths": sorted(set(lengths)), "unexpected_steps": int(len(np.setdiff1d(union, np.arange(n)))),
+        "calls": n,
+        "values": n * N_METRICS,
+        "has_ack": has_ack,
+        "t_first": t_first,
+        "t_logged": t_logged,
+        "t_flushed": t_flushed,
+        "values_per_s": n * N_METRICS / (t_flushed - t_first),
+        "flushed": flushed,
+        "errors": errors,
+        "p50_us": c.percentile(s, 50) / 1000,
+        "p99_us": c.percentile(s, 99) / 1000,
+        "p999_us": c.percentile(s, 99.9) / 1000,
+        "max_us": s[-1] / 1000,
+        "complete": int(len(complete)),
+        "lost": int(n - len(complete)),
+        "partial": int(len(union) - len(complete)),
+        "lost_entirely": int(n - len(union)),
+        "duplicates": dups,
+        "metric_lengths": sorted(set(lengths)),
+        "unexpected_steps": int(len(np.setdiff1d(union, np.arange(n)))),
         "missing_first": int(missing[0]) if len(missing) else None,
         "missing_last": int(missing[-1]) if len(missing) else None,
         "logged_at_kill": at_kill["logged"],
         "unconfirmed_at_kill": at_kill["logged"] - at_kill["acknowledged"] if has_ack else None,
-        "resent": stats.get("replayed_calls"), "samples": samples, "stats": stats,
+        "resent": stats.get("replayed_calls"),
+        "samples": samples,
+        "stats": stats,
     }
 
 
 WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    "latency": w_latency, "throughput": w_throughput, "replay": w_replay,
+    "latency": w_latency,
+    "throughput": w_throughput,
+    "replay": w_replay,
 }
 
 
@@ -446,7 +511,10 @@ def run_case(case: str, python: str, sizes: dict[str, Any], pycache: str, keep: 
 def recovery(res: dict[str, Any]) -> dict[str, Any]:
     """Time from the new daemon's start until every call logged before it was ready is acknowledged."""
     samples = res.pop("samples")
-    out: dict[str, Any] = {"restart_to_ready_s": res["ready"] - res["restart"], "kill_to_ready_s": res["ready"] - res["kill"]}
+    out: dict[str, Any] = {
+        "restart_to_ready_s": res["ready"] - res["restart"],
+        "kill_to_ready_s": res["ready"] - res["kill"],
+    }
     before = [s for s in samples if s[0] <= res["ready"]]
     target = (before[-1] if before else samples[0])[1]
     out["target_seq"] = target
@@ -494,15 +562,26 @@ ROWS = [
     ("log_p50_us", "latency", "p50", "us", "log() 4 scalars: p50"),
     ("log_p99_us", "latency", "p99", "us", "log() 4 scalars: p99"),
     ("throughput", "throughput", "values_per_s", "values/s", "durable throughput, 1 client, 32 scalars/call"),
-    ("replay_values_per_s", "replay", "values_per_s", "values/s", "replay run: values/s to durable (paced, incl. kill)"),
+    (
+        "replay_values_per_s",
+        "replay",
+        "values_per_s",
+        "values/s",
+        "replay run: values/s to durable (paced, incl. kill)",
+    ),
     ("replay_p50_us", "replay", "p50_us", "us", "replay run: log() p50"),
     ("replay_p99_us", "replay", "p99_us", "us", "replay run: log() p99"),
     ("replay_lost", "replay", "lost", "calls", "replay run: calls lost after kill -9 + restart"),
     ("replay_partial", "replay", "partial", "calls", "replay run: calls stored only in some of their 32 columns"),
     ("replay_duplicates", "replay", "duplicates", "calls", "replay run: calls stored twice"),
     ("replay_resent", "replay", "resent", "calls", "replay run: calls re-sent to the new daemon"),
-    ("replay_dup_dropped", "replay", "daemon_duplicates_dropped", "calls",
-     "replay run: calls the new daemon received twice (stored once)"),
+    (
+        "replay_dup_dropped",
+        "replay",
+        "daemon_duplicates_dropped",
+        "calls",
+        "replay run: calls the new daemon received twice (stored once)",
+    ),
     ("replay_restart_to_ready", "replay", "restart_to_ready_s", "s", "replay run: new daemon start -> READY"),
     ("replay_first_ack", "replay", "ready_to_first_ack_s", "s", "replay run: READY -> first acknowledgement"),
     ("replay_recovery", "replay", "restart_to_acked_s", "s", "replay run: new daemon start -> all acknowledged"),
@@ -530,18 +609,24 @@ def report(res: dict[str, dict[str, list[dict]]], sizes: dict[str, Any], repeats
         base_ok = [v for v in base if v is not None]
         delta = change(c.median(cur_ok), c.median(base_ok)) if unit != "calls" and cur_ok and base_ok else "-"
         if field in ("lost", "partial", "duplicates"):
+
             def cell(vals: list[Any]) -> str:
                 hit = sum(1 for v in vals if v)
-                return f"{spread(vals, unit)}; in {hit} of {len(vals)} repeats" if vals and vals[0] == vals[0] else "n/a"
+                return (
+                    f"{spread(vals, unit)}; in {hit} of {len(vals)} repeats" if vals and vals[0] == vals[0] else "n/a"
+                )
+
             lines.append(f"| {label} | {cell(base)} | {cell(cur)} | {delta} |")
             continue
         lines.append(f"| {label} | {spread(base, unit)} | {spread(cur, unit)} | {delta} |")
     lat, tp = sizes["latency"], sizes["throughput"]
     lines.append("")
-    lines.append(f"Medians of {repeats} repeats, [min .. max]. latency: {lat['calls']:,} timed calls after "
-                 f"{lat['warmup']:,} warm-up calls; throughput: {tp['calls']:,} calls x {N_METRICS} scalars; replay: "
-                 f"{r['calls']:,} calls x {N_METRICS} scalars paced at {r['rate']:,} calls/s, daemon killed "
-                 f"(SIGKILL) after {r['kill_at']:,} calls and restarted at once.")
+    lines.append(
+        f"Medians of {repeats} repeats, [min .. max]. latency: {lat['calls']:,} timed calls after "
+        f"{lat['warmup']:,} warm-up calls; throughput: {tp['calls']:,} calls x {N_METRICS} scalars; replay: "
+        f"{r['calls']:,} calls x {N_METRICS} scalars paced at {r['rate']:,} calls/s, daemon killed "
+        f"(SIGKILL) after {r['kill_at']:,} calls and restarted at once."
+    )
     return "\n".join(lines)
 
 
@@ -552,11 +637,22 @@ def records(res: dict[str, dict[str, list[dict]]], commit: str) -> list[dict[str
         base = [x[field] for x in res["pre-ack"][case] if x[field] is not None]
         bmed = c.median(base)
         btext = f"before acks ({commit[:7]}): {fmt(bmed, unit)}" if base else f"before acks ({commit[:7]}): n/a"
-        target, op = (0, "<=") if field in ("lost", "partial", "duplicates") else (None, ">=" if unit == "values/s" else "<=")
-        out.append(c.metric(f"ack_{key}", f"{label} (with acks)", unit=unit if unit != "calls" else "calls",
-                            target=target, op=op, values=cur, baseline=btext,
-                            baseline_values={"pre_ack_median": bmed, "pre_ack_values": base},
-                            extra={"per_repeat": {who: [x[field] for x in res[who][case]] for who in res}}))
+        target, op = (
+            (0, "<=") if field in ("lost", "partial", "duplicates") else (None, ">=" if unit == "values/s" else "<=")
+        )
+        out.append(
+            c.metric(
+                f"ack_{key}",
+                f"{label} (with acks)",
+                unit=unit if unit != "calls" else "calls",
+                target=target,
+                op=op,
+                values=cur,
+                baseline=btext,
+                baseline_values={"pre_ack_median": bmed, "pre_ack_values": base},
+                extra={"per_repeat": {who: [x[field] for x in res[who][case]] for who in res}},
+            )
+        )
     return out
 
 
@@ -571,8 +667,13 @@ def main() -> None:
     p.add_argument("--baseline-commit", default=BASELINE_COMMIT, help="the commit before acknowledgements")
     p.add_argument("--baseline-venv", default=BASELINE_VENV, help="where to build (or reuse) its venv")
     p.add_argument("--rebuild", action="store_true", help="rebuild the baseline venv even if it matches")
-    p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
-                   help="first wait up to SECONDS for the 1-min load average to fall below 0.7")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="first wait up to SECONDS for the 1-min load average to fall below 0.7",
+    )
     args = p.parse_args()
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
@@ -581,17 +682,24 @@ def main() -> None:
         p.error("unknown case(s)")
     from run_all import machine_info, wait_idle
 
-    commit = subprocess.run(["git", "rev-parse", args.baseline_commit], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip() or args.baseline_commit
-    pythons = {"current": sys.executable,
-               "pre-ack": ensure_baseline_venv(commit, args.baseline_venv, args.rebuild)}
+    commit = (
+        subprocess.run(
+            ["git", "rev-parse", args.baseline_commit], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        or args.baseline_commit
+    )
+    pythons = {"current": sys.executable, "pre-ack": ensure_baseline_venv(commit, args.baseline_venv, args.rebuild)}
     replay_rate, replay_s = 15_000, (2.0 if args.quick else 3.0)
     replay_calls = int(replay_rate * replay_s)
     sizes = {
         "latency": {"calls": 50_000 if args.quick else 200_000, "warmup": 10_000},
         "throughput": {"calls": 15_000 if args.quick else 100_000},
-        "replay": {"calls": replay_calls, "rate": replay_rate, "kill_at": int(replay_calls * 0.4),
-                   "flush_timeout": 20.0},
+        "replay": {
+            "calls": replay_calls,
+            "rate": replay_rate,
+            "kill_at": int(replay_calls * 0.4),
+            "flush_timeout": 20.0,
+        },
     }
     if args.wait_idle:
         wait_idle(args.wait_idle)
@@ -617,11 +725,26 @@ def main() -> None:
     for case in CASES:  # cases not run: empty rows
         if not res["current"][case]:
             for who in res:
-                res[who][case] = [{k: float("nan") for k in ("p50", "p99", "values_per_s", "p50_us", "p99_us",
-                                                           "lost", "partial", "duplicates", "resent", "daemon_duplicates_dropped",
-                                                           "restart_to_ready_s",
-                                                           "ready_to_first_ack_s",
-                                                           "restart_to_acked_s")}]
+                res[who][case] = [
+                    {
+                        k: float("nan")
+                        for k in (
+                            "p50",
+                            "p99",
+                            "values_per_s",
+                            "p50_us",
+                            "p99_us",
+                            "lost",
+                            "partial",
+                            "duplicates",
+                            "resent",
+                            "daemon_duplicates_dropped",
+                            "restart_to_ready_s",
+                            "ready_to_first_ack_s",
+                            "restart_to_acked_s",
+                        )
+                    }
+                ]
     text = report(res, sizes, args.repeats, commit)
     print()
     print(text)
@@ -655,16 +778,21 @@ def summary(case: str, x: dict[str, Any]) -> str:
     if case == "throughput":
         return f"{x['values_per_s'] / 1e6:.2f} M values/s durable (enqueue {x['enqueue_values_per_s'] / 1e6:.2f} M/s)"
     rec = x.get("restart_to_acked_s")
-    return (f"{x['values_per_s'] / 1e6:.2f} M values/s to durable, log() p99 {x['p99_us']:.1f} us, "
-            f"lost {x['lost']:,} of {x['calls']:,} calls ({x['partial']:,} of them partly stored), "
-            f"duplicates {x['duplicates']}, "
-            f"start->ready {x['restart_to_ready_s'] * 1000:.0f} ms, "
-            f"start->all acked {'n/a' if rec is None else f'{rec * 1000:.0f} ms'}"
-            + (f" (first ack {x['ready_to_first_ack_s'] * 1000:.0f} ms after ready)"
-               if x.get("ready_to_first_ack_s") is not None else "")
-            + (f", re-sent {x['resent']:,}" if x.get("resent") is not None else "")
-            + (f"; column lengths {x['metric_lengths']}" if len(x["metric_lengths"]) != 1 else "")
-            + (f"; errors: {x['errors']}" if x["errors"] else ""))
+    return (
+        f"{x['values_per_s'] / 1e6:.2f} M values/s to durable, log() p99 {x['p99_us']:.1f} us, "
+        f"lost {x['lost']:,} of {x['calls']:,} calls ({x['partial']:,} of them partly stored), "
+        f"duplicates {x['duplicates']}, "
+        f"start->ready {x['restart_to_ready_s'] * 1000:.0f} ms, "
+        f"start->all acked {'n/a' if rec is None else f'{rec * 1000:.0f} ms'}"
+        + (
+            f" (first ack {x['ready_to_first_ack_s'] * 1000:.0f} ms after ready)"
+            if x.get("ready_to_first_ack_s") is not None
+            else ""
+        )
+        + (f", re-sent {x['resent']:,}" if x.get("resent") is not None else "")
+        + (f"; column lengths {x['metric_lengths']}" if len(x["metric_lengths"]) != 1 else "")
+        + (f"; errors: {x['errors']}" if x["errors"] else "")
+    )
 
 
 if __name__ == "__main__":

@@ -138,8 +138,9 @@ def main() -> None:
             fin, opn = [], []
             for b in range(n_boards):
                 t0 = time.perf_counter()
-                board = Board("finish", {"b": b}, project="ff", run_id=f"fin{r}-{b}", base_dir=env.base_dir,
-                              capture_output=True)
+                board = Board(
+                    "finish", {"b": b}, project="ff", run_id=f"fin{r}-{b}", base_dir=env.base_dir, capture_output=True
+                )
                 opn.append(time.perf_counter() - t0)
                 board.log(x=1.0)
                 board.flush()
@@ -152,8 +153,14 @@ def main() -> None:
             fal, ffl = [], []
             for b in range(n_boards):
                 for timed in ("finish", "flush"):
-                    board = Board("fal", {"b": b}, project="ff", run_id=f"fal{r}-{b}-{timed}", base_dir=env.base_dir,
-                                  capture_output=False)
+                    board = Board(
+                        "fal",
+                        {"b": b},
+                        project="ff",
+                        run_id=f"fal{r}-{b}-{timed}",
+                        base_dir=env.base_dir,
+                        capture_output=False,
+                    )
                     board.log(x=1.0)
                     t0 = time.perf_counter()
                     if timed == "finish":
@@ -169,39 +176,82 @@ def main() -> None:
                     assert len(pts) == 1, (timed, len(pts))
             fal_meds.append(c.median(fal) * 1000)
             fresh_flush_meds.append(c.median(ffl) * 1000)
-            c.log(f"flush/finish repeat {r + 1}/{args.repeats}: flush median {flush_meds[-1]:.3f} ms "
-                  f"(p99 {flush_p99[-1]:.3f}), finish median {finish_meds[-1]:.2f} ms, open {open_meds[-1]:.1f} ms, "
-                  f"finish after log {fal_meds[-1]:.2f} ms vs flush after log {fresh_flush_meds[-1]:.2f} ms")
+            c.log(
+                f"flush/finish repeat {r + 1}/{args.repeats}: flush median {flush_meds[-1]:.3f} ms "
+                f"(p99 {flush_p99[-1]:.3f}), finish median {finish_meds[-1]:.2f} ms, open {open_meds[-1]:.1f} ms, "
+                f"finish after log {fal_meds[-1]:.2f} ms vs flush after log {fresh_flush_meds[-1]:.2f} ms"
+            )
         zmq_meds = zmq_pingpong(env.dir, n_flush, args.repeats)
         os.makedirs(env.base_dir, exist_ok=True)
         sync_ms = fsync_ms(env.base_dir, n_flush)
     zmq_med = c.median(zmq_meds)
     ratios = [f / z for f, z in zip(flush_meds, zmq_meds)]
     records = [
-        c.metric("flush_idle_ms", "flush() round trip after one log(), idle daemon (median)", unit="ms", target=2.0, op="<=",
-                 values=flush_meds, baseline=f"raw pyzmq DEALER/ROUTER ping-pong over IPC {zmq_med:.3f} ms "
-                 f"(flush / ping-pong {c.median(ratios):.1f}x); one 64-byte append + fsync {sync_ms:.3f} ms; "
-                 f"flush() with nothing new {c.median(nothing_new_us):.1f} us",
-                 baseline_values={"zmq_pingpong_ms": zmq_med, "zmq_per_repeat": zmq_meds, "fsync_ms": sync_ms,
-                                  "flush_nothing_new_us": nothing_new_us},
-                 extra={"flushes_per_repeat": n_flush, "p99_ms_per_repeat": flush_p99,
-                        "flush_over_pingpong_per_repeat": ratios}),
-        c.metric("finish_idle_ms", "finish() of an idle board (median)", unit="ms", target=50.0, op="<=",
-                 values=finish_meds, baseline=f"idle flush() {c.median(flush_meds):.3f} ms",
-                 baseline_values={"flush_idle_ms": c.median(flush_meds)},
-                 extra={"boards_per_repeat": n_boards, "board_open_ms_per_repeat": open_meds,
-                        "first_board_with_daemon_autostart_s": autostart_s}),
-        c.metric("finish_after_log_ms", "finish() right after one log(), capture_output=False (median)", unit="ms",
-                 target=2 * c.median(fresh_flush_meds), op="<=", values=fal_meds,
-                 baseline=f"flush() right after one log() on a fresh board {c.median(fresh_flush_meds):.3f} ms "
-                 "(target: 2x that)",
-                 baseline_values={"fresh_flush_after_log_ms": c.median(fresh_flush_meds),
-                                  "fresh_flush_per_repeat": fresh_flush_meds},
-                 extra={"boards_per_repeat": n_boards,
-                        "ratio_per_repeat": [a / b for a, b in zip(fal_meds, fresh_flush_meds)]}),
-        c.metric("board_open_ms", "Board() open on a running daemon (median, no target)", unit="ms", target=None,
-                 op="<=", values=open_meds, baseline=f"first Board incl. daemon autostart {autostart_s * 1000:.0f} ms",
-                 baseline_values={"autostart_ms": autostart_s * 1000}),
+        c.metric(
+            "flush_idle_ms",
+            "flush() round trip after one log(), idle daemon (median)",
+            unit="ms",
+            target=2.0,
+            op="<=",
+            values=flush_meds,
+            baseline=f"raw pyzmq DEALER/ROUTER ping-pong over IPC {zmq_med:.3f} ms "
+            f"(flush / ping-pong {c.median(ratios):.1f}x); one 64-byte append + fsync {sync_ms:.3f} ms; "
+            f"flush() with nothing new {c.median(nothing_new_us):.1f} us",
+            baseline_values={
+                "zmq_pingpong_ms": zmq_med,
+                "zmq_per_repeat": zmq_meds,
+                "fsync_ms": sync_ms,
+                "flush_nothing_new_us": nothing_new_us,
+            },
+            extra={
+                "flushes_per_repeat": n_flush,
+                "p99_ms_per_repeat": flush_p99,
+                "flush_over_pingpong_per_repeat": ratios,
+            },
+        ),
+        c.metric(
+            "finish_idle_ms",
+            "finish() of an idle board (median)",
+            unit="ms",
+            target=50.0,
+            op="<=",
+            values=finish_meds,
+            baseline=f"idle flush() {c.median(flush_meds):.3f} ms",
+            baseline_values={"flush_idle_ms": c.median(flush_meds)},
+            extra={
+                "boards_per_repeat": n_boards,
+                "board_open_ms_per_repeat": open_meds,
+                "first_board_with_daemon_autostart_s": autostart_s,
+            },
+        ),
+        c.metric(
+            "finish_after_log_ms",
+            "finish() right after one log(), capture_output=False (median)",
+            unit="ms",
+            target=2 * c.median(fresh_flush_meds),
+            op="<=",
+            values=fal_meds,
+            baseline=f"flush() right after one log() on a fresh board {c.median(fresh_flush_meds):.3f} ms "
+            "(target: 2x that)",
+            baseline_values={
+                "fresh_flush_after_log_ms": c.median(fresh_flush_meds),
+                "fresh_flush_per_repeat": fresh_flush_meds,
+            },
+            extra={
+                "boards_per_repeat": n_boards,
+                "ratio_per_repeat": [a / b for a, b in zip(fal_meds, fresh_flush_meds)],
+            },
+        ),
+        c.metric(
+            "board_open_ms",
+            "Board() open on a running daemon (median, no target)",
+            unit="ms",
+            target=None,
+            op="<=",
+            values=open_meds,
+            baseline=f"first Board incl. daemon autostart {autostart_s * 1000:.0f} ms",
+            baseline_values={"autostart_ms": autostart_s * 1000},
+        ),
     ]
     c.emit(args, records)
 

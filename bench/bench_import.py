@@ -26,19 +26,21 @@ import _common as c
 
 def _wall(code: str, env: dict) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-c", code], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     return time.perf_counter() - t0
 
 
 def _importtime(code: str, env: dict) -> dict[str, tuple[int, int]]:
-    out = subprocess.run([sys.executable, "-X", "importtime", "-c", code], env=env, check=True,
-                         capture_output=True, text=True).stderr
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code], env=env, check=True, capture_output=True, text=True
+    ).stderr
     mods = {}
     for line in out.splitlines():
         if not line.startswith("import time:") or "self [us]" in line:
             continue
-        self_us, cum_us, name = line[len("import time:"):].split("|", 2)
+        self_us, cum_us, name = line[len("import time:") :].split("|", 2)
         mods[name.strip()] = (int(self_us), int(cum_us), len(name) - len(name.lstrip()))
     return mods
 
@@ -55,8 +57,10 @@ def _measure(env: dict, n: int, repeats: int, label: str) -> tuple[list[float], 
         imp_meds.append(c.median(imp) * 1000)
         bare_meds.append(c.median(bare) * 1000)
         diffs.append(imp_meds[-1] - bare_meds[-1])
-        c.log(f"import ({label}) repeat {r + 1}/{repeats}: import {imp_meds[-1]:.1f} ms, bare {bare_meds[-1]:.1f} ms, "
-              f"difference {diffs[-1]:.1f} ms")
+        c.log(
+            f"import ({label}) repeat {r + 1}/{repeats}: import {imp_meds[-1]:.1f} ms, bare {bare_meds[-1]:.1f} ms, "
+            f"difference {diffs[-1]:.1f} ms"
+        )
     return diffs, imp_meds, bare_meds
 
 
@@ -68,8 +72,9 @@ def _importtime_rows(env: dict) -> tuple[list[dict], float]:
     for m in names:
         selfs = [s[m][0] for s in samples if m in s]
         cums = [s[m][1] for s in samples if m in s]
-        rows.append({"module": m, "self_us": c.median(selfs), "cumulative_us": c.median(cums),
-                     "depth": samples[0][m][2]})
+        rows.append(
+            {"module": m, "self_us": c.median(selfs), "cumulative_us": c.median(cums), "depth": samples[0][m][2]}
+        )
     return rows, sum(x["self_us"] for x in rows) / 1000
 
 
@@ -88,22 +93,40 @@ def main() -> None:
     top_self = sorted(rows, key=lambda x: -x["self_us"])[:15]
     top_cum = sorted(rows, key=lambda x: -x["cumulative_us"])[:15]
     records = [
-        c.metric("import_client_ms", "import kohakuboard.client over bare python", unit="ms", target=30.0, op="<=",
-                 values=diffs, baseline=f"bare `python -c pass` {c.median(bare_meds):.1f} ms "
-                                        f"(with import {c.median(imp_meds):.1f} ms)",
-                 baseline_values={"bare_ms": c.median(bare_meds), "with_import_ms": c.median(imp_meds)},
-                 extra={"runs_per_repeat": n, "modules_added": len(rows),
-                        "importtime_self_sum_ms": total_ms,
-                        "importtime_top_self": top_self, "importtime_top_cumulative": top_cum},
-                 note="cached bytecode; subprocess wall time, median of N runs each, interleaved"),
-        c.metric("import_client_nocache_ms", "import kohakuboard.client, no bytecode cache (this env)", unit="ms",
-                 target=30.0, op="<=", values=rdiffs,
-                 baseline=f"bare `python -c pass` {c.median(rbare):.1f} ms (with import {c.median(rimp):.1f} ms)",
-                 baseline_values={"bare_ms": c.median(rbare), "with_import_ms": c.median(rimp)},
-                 extra={"importtime_self_sum_ms": raw_total_ms,
-                        "importtime_top_self": sorted(raw_rows, key=lambda x: -x["self_us"])[:15],
-                        "importtime_top_cumulative": sorted(raw_rows, key=lambda x: -x["cumulative_us"])[:15]},
-                 note="PYTHONDONTWRITEBYTECODE=1 as set on this machine: sources compiled at every import"),
+        c.metric(
+            "import_client_ms",
+            "import kohakuboard.client over bare python",
+            unit="ms",
+            target=30.0,
+            op="<=",
+            values=diffs,
+            baseline=f"bare `python -c pass` {c.median(bare_meds):.1f} ms (with import {c.median(imp_meds):.1f} ms)",
+            baseline_values={"bare_ms": c.median(bare_meds), "with_import_ms": c.median(imp_meds)},
+            extra={
+                "runs_per_repeat": n,
+                "modules_added": len(rows),
+                "importtime_self_sum_ms": total_ms,
+                "importtime_top_self": top_self,
+                "importtime_top_cumulative": top_cum,
+            },
+            note="cached bytecode; subprocess wall time, median of N runs each, interleaved",
+        ),
+        c.metric(
+            "import_client_nocache_ms",
+            "import kohakuboard.client, no bytecode cache (this env)",
+            unit="ms",
+            target=30.0,
+            op="<=",
+            values=rdiffs,
+            baseline=f"bare `python -c pass` {c.median(rbare):.1f} ms (with import {c.median(rimp):.1f} ms)",
+            baseline_values={"bare_ms": c.median(rbare), "with_import_ms": c.median(rimp)},
+            extra={
+                "importtime_self_sum_ms": raw_total_ms,
+                "importtime_top_self": sorted(raw_rows, key=lambda x: -x["self_us"])[:15],
+                "importtime_top_cumulative": sorted(raw_rows, key=lambda x: -x["cumulative_us"])[:15],
+            },
+            note="PYTHONDONTWRITEBYTECODE=1 as set on this machine: sources compiled at every import",
+        ),
     ]
     c.emit(args, records)
 

@@ -65,8 +65,15 @@ def w_client(p: dict[str, Any]) -> None:
     from kohakuboard.client import Board
 
     n, rank = p["calls"], p["rank"]
-    board = Board(f"load-{p['run_id']}", {"proc": p["proc"]}, project="load", run_id=p["run_id"],
-                  base_dir=p["base_dir"], rank=rank, capture_output=True)
+    board = Board(
+        f"load-{p['run_id']}",
+        {"proc": p["proc"]},
+        project="load",
+        run_id=p["run_id"],
+        base_dir=p["base_dir"],
+        rank=rank,
+        capture_output=True,
+    )
     vals = {f"m{j:02d}": j * 0.25 + rank for j in range(N_METRICS)}
     lat = [0] * n
     log = board.log
@@ -87,14 +94,28 @@ def w_client(p: dict[str, Any]) -> None:
     stats = board.stats()
     board.finish()
     s = sorted(lat)
-    _say("RESULT " + json.dumps({
-        "proc": p["proc"], "rank": rank, "path": board.path, "t_first_log": t0, "t_logged": t1, "t_flushed": t2,
-        "cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
-        "p50_us": c.percentile(s, 50) / 1000, "p90_us": c.percentile(s, 90) / 1000,
-        "p99_us": c.percentile(s, 99) / 1000, "p999_us": c.percentile(s, 99.9) / 1000, "max_us": s[-1] / 1000,
-        "mean_us": sum(s) / n / 1000, "over_1ms": sum(1 for x in lat if x > 1_000_000),
-        "peak_queue": stats["peak_queue"],
-    }))
+    _say(
+        "RESULT "
+        + json.dumps(
+            {
+                "proc": p["proc"],
+                "rank": rank,
+                "path": board.path,
+                "t_first_log": t0,
+                "t_logged": t1,
+                "t_flushed": t2,
+                "cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
+                "p50_us": c.percentile(s, 50) / 1000,
+                "p90_us": c.percentile(s, 90) / 1000,
+                "p99_us": c.percentile(s, 99) / 1000,
+                "p999_us": c.percentile(s, 99.9) / 1000,
+                "max_us": s[-1] / 1000,
+                "mean_us": sum(s) / n / 1000,
+                "over_1ms": sum(1 for x in lat if x > 1_000_000),
+                "peak_queue": stats["peak_queue"],
+            }
+        )
+    )
 
 
 def w_verify(p: dict[str, Any]) -> None:
@@ -125,19 +146,32 @@ def worker_main(argv: list[str]) -> None:
 # ----------------------------------------------------------------- driver
 
 
-def run_scenario(python: str, n_procs: int, shared: bool, n_calls: int, tag: str, pycache: str,
-                 keep: bool) -> dict[str, Any]:
+def run_scenario(
+    python: str, n_procs: int, shared: bool, n_calls: int, tag: str, pycache: str, keep: bool
+) -> dict[str, Any]:
     from bench_ack import Workspace
 
     with Workspace(python, pycache, keep, prefix="kb-load-") as ws:
         ws.start_daemon()
         procs = []
         for proc in range(n_procs):
-            params = {"proc": proc, "rank": proc if shared else 0, "calls": n_calls, "base_dir": ws.base_dir,
-                      "run_id": f"{tag}-shared" if shared else f"{tag}-p{proc}"}
-            procs.append(subprocess.Popen([python, SCRIPT, "--worker", "client", "--params", json.dumps(params)],
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=ws.env, cwd=ws.dir,
-                                          text=True))
+            params = {
+                "proc": proc,
+                "rank": proc if shared else 0,
+                "calls": n_calls,
+                "base_dir": ws.base_dir,
+                "run_id": f"{tag}-shared" if shared else f"{tag}-p{proc}",
+            }
+            procs.append(
+                subprocess.Popen(
+                    [python, SCRIPT, "--worker", "client", "--params", json.dumps(params)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    env=ws.env,
+                    cwd=ws.dir,
+                    text=True,
+                )
+            )
         try:
             for p in procs:  # barrier: every Board open
                 line = p.stdout.readline().strip()
@@ -168,12 +202,20 @@ def run_scenario(python: str, n_procs: int, shared: bool, n_calls: int, tag: str
     total = n_procs * n_calls * N_METRICS
     p99s = [r["p99_us"] for r in out]
     return {
-        "values": total, "seconds": end - start, "values_per_s": total / (end - start),
-        "enqueue_values_per_s": total / (logged - start), "flush_wait_s": end - logged,
-        "p50_us": c.median(r["p50_us"] for r in out), "p99_us": c.median(p99s), "p99_max_us": max(p99s),
-        "p999_max_us": max(r["p999_us"] for r in out), "max_us": max(r["max_us"] for r in out),
-        "over_1ms": sum(r["over_1ms"] for r in out), "peak_queue": max(r["peak_queue"] for r in out),
-        "clients_cpu_s": sum(r["cpu_s"] for r in out), "clients": out,
+        "values": total,
+        "seconds": end - start,
+        "values_per_s": total / (end - start),
+        "enqueue_values_per_s": total / (logged - start),
+        "flush_wait_s": end - logged,
+        "p50_us": c.median(r["p50_us"] for r in out),
+        "p99_us": c.median(p99s),
+        "p99_max_us": max(p99s),
+        "p999_max_us": max(r["p999_us"] for r in out),
+        "max_us": max(r["max_us"] for r in out),
+        "over_1ms": sum(r["over_1ms"] for r in out),
+        "peak_queue": max(r["peak_queue"] for r in out),
+        "clients_cpu_s": sum(r["cpu_s"] for r in out),
+        "clients": out,
     }
 
 
@@ -205,10 +247,13 @@ def report(res: dict[str, dict[str, list[dict]]], n_calls: int, repeats: int) ->
             lines.append(
                 f"| {label} | {who} | {spread([x['values_per_s'] for x in xs], 'values/s')} "
                 f"| {spread([x['p50_us'] for x in xs], 'us')} | {spread([x['p99_us'] for x in xs], 'us')} "
-                f"| {spread([x['p99_max_us'] for x in xs], 'us')} | {c.median(x['over_1ms'] for x in xs):,.0f} |")
+                f"| {spread([x['p99_max_us'] for x in xs], 'us')} | {c.median(x['over_1ms'] for x in xs):,.0f} |"
+            )
     lines.append("")
-    lines.append(f"Medians of {repeats} repeats, [min .. max]; {n_calls:,} calls x {N_METRICS} scalars per client, "
-                 "back-to-back; every point read back and checked.")
+    lines.append(
+        f"Medians of {repeats} repeats, [min .. max]; {n_calls:,} calls x {N_METRICS} scalars per client, "
+        "back-to-back; every point read back and checked."
+    )
     return "\n".join(lines)
 
 
@@ -219,19 +264,38 @@ def records(res: dict[str, dict[str, list[dict]]]) -> list[dict[str, Any]]:
     out = []
     for key, label, n_procs, _shared in SCENARIOS[1:]:
         xs = cur[key]
-        extra = {"per_repeat": [{k: v for k, v in x.items() if k != "clients"} for x in xs],
-                 "pre_ack": {k: c.median(x[k] for x in res["pre-ack"][key]) for k in ("values_per_s", "p99_us")}
-                 if "pre-ack" in res else None}
-        out.append(c.metric(f"load_{key}_values_per_s", f"durable throughput under load, {label}", unit="values/s",
-                            target=1_000_000, op=">=", values=[x["values_per_s"] for x in xs],
-                            baseline=f"1 client alone {single_vps / 1e6:.2f} M/s",
-                            baseline_values={"single_values_per_s": single_vps}, extra=extra))
-        out.append(c.metric(f"load_{key}_p99_us", f"log() 32 scalars p99 per client (median of 8), {label}",
-                            unit="us", target=None, op="<=", values=[x["p99_us"] for x in xs],
-                            baseline=f"1 client alone {single_p99:.2f} us",
-                            baseline_values={"single_p99_us": single_p99},
-                            extra={"worst_client_p99_us": [x["p99_max_us"] for x in xs],
-                                   "p50_us": [x["p50_us"] for x in xs]}))
+        extra = {
+            "per_repeat": [{k: v for k, v in x.items() if k != "clients"} for x in xs],
+            "pre_ack": {k: c.median(x[k] for x in res["pre-ack"][key]) for k in ("values_per_s", "p99_us")}
+            if "pre-ack" in res
+            else None,
+        }
+        out.append(
+            c.metric(
+                f"load_{key}_values_per_s",
+                f"durable throughput under load, {label}",
+                unit="values/s",
+                target=1_000_000,
+                op=">=",
+                values=[x["values_per_s"] for x in xs],
+                baseline=f"1 client alone {single_vps / 1e6:.2f} M/s",
+                baseline_values={"single_values_per_s": single_vps},
+                extra=extra,
+            )
+        )
+        out.append(
+            c.metric(
+                f"load_{key}_p99_us",
+                f"log() 32 scalars p99 per client (median of 8), {label}",
+                unit="us",
+                target=None,
+                op="<=",
+                values=[x["p99_us"] for x in xs],
+                baseline=f"1 client alone {single_p99:.2f} us",
+                baseline_values={"single_p99_us": single_p99},
+                extra={"worst_client_p99_us": [x["p99_max_us"] for x in xs], "p50_us": [x["p50_us"] for x in xs]},
+            )
+        )
     return out
 
 
@@ -240,13 +304,21 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="2,500 calls per client, 3 repeats")
     p.add_argument("--repeats", type=int, default=None, help="repeats (default 5, --quick 3)")
     p.add_argument("--calls", type=int, default=None, help="calls per client (default 15,000, --quick 2,500)")
-    p.add_argument("--pre-ack", action="store_true",
-                   help="also run every scenario, interleaved, with the pre-acknowledgement venv of bench_ack.py")
+    p.add_argument(
+        "--pre-ack",
+        action="store_true",
+        help="also run every scenario, interleaved, with the pre-acknowledgement venv of bench_ack.py",
+    )
     p.add_argument("--out", default=None, help="also write the metric records (JSON list) here")
     p.add_argument("--json", default=os.path.join(c.RESULTS_DIR, "load.json"), help="where to write the results")
     p.add_argument("--keep", action="store_true", help="keep the temp dirs (runs, daemon logs) for inspection")
-    p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
-                   help="first wait up to SECONDS for the 1-min load average to fall below 0.7")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="first wait up to SECONDS for the 1-min load average to fall below 0.7",
+    )
     args = p.parse_args()
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
@@ -274,10 +346,12 @@ def main() -> None:
                     loads.append(os.getloadavg()[0])
                     x = run_scenario(pythons[who], n_procs, shared, n_calls, f"{key}{r}", pycache, args.keep)
                     res[who][key].append(x)
-                    c.log(f"load {label} ({who}) repeat {r + 1}/{args.repeats}: {x['values_per_s'] / 1e6:.2f} M values/s "
-                          f"durable ({x['seconds']:.2f} s; enqueue {x['enqueue_values_per_s'] / 1e6:.2f} M/s), log() "
-                          f"p50 {x['p50_us']:.1f} us, p99 median client {x['p99_us']:.1f} us, worst {x['p99_max_us']:.1f} us, "
-                          f"{x['over_1ms']} calls > 1 ms, peak queue {x['peak_queue']}")
+                    c.log(
+                        f"load {label} ({who}) repeat {r + 1}/{args.repeats}: {x['values_per_s'] / 1e6:.2f} M values/s "
+                        f"durable ({x['seconds']:.2f} s; enqueue {x['enqueue_values_per_s'] / 1e6:.2f} M/s), log() "
+                        f"p50 {x['p50_us']:.1f} us, p99 median client {x['p99_us']:.1f} us, worst {x['p99_max_us']:.1f} us, "
+                        f"{x['over_1ms']} calls > 1 ms, peak queue {x['peak_queue']}"
+                    )
     finally:
         shutil.rmtree(pycache, ignore_errors=True)
 

@@ -91,8 +91,14 @@ def main() -> None:
     with c.IsolatedDaemon(keep=args.keep) as env:
         env.start()
         for r in range(args.repeats):
-            board = Board("latency", {"bench": "log_latency"}, project="bench", run_id=f"lat{r}",
-                          base_dir=env.base_dir, capture_output=True)
+            board = Board(
+                "latency",
+                {"bench": "log_latency"},
+                project="bench",
+                run_id=f"lat{r}",
+                base_dir=env.base_dir,
+                capture_output=True,
+            )
             _timed_log(board, warmup)
             board.flush()
             gc.collect()
@@ -111,27 +117,48 @@ def main() -> None:
             base["empty_call"].append(_pcts(_timed_empty_call(n)))
             base["deque_append"].append(_pcts(_timed_deque_append(n)))
             base["timer_only"].append(_pcts(_timed_nothing(n)))
-            c.log(f"log latency repeat {r + 1}/{args.repeats}: p50 {res['p50']:.2f} us, p99 {res['p99']:.2f} us, "
-                  f"p99.9 {res['p999']:.1f} us, max {res['max']:.0f} us, drain {drain * 1000:.0f} ms")
+            c.log(
+                f"log latency repeat {r + 1}/{args.repeats}: p50 {res['p50']:.2f} us, p99 {res['p99']:.2f} us, "
+                f"p99.9 {res['p999']:.1f} us, max {res['max']:.0f} us, drain {drain * 1000:.0f} ms"
+            )
 
     def bmed(kind: str, p: str) -> float:
         return c.median(x[p] for x in base[kind])
 
     def btext(p: str) -> str:
-        return (f"empty f(**4 kwargs) {bmed('empty_call', p):.2f} us; deque.append(tuple) "
-                f"{bmed('deque_append', p):.2f} us; timer alone {bmed('timer_only', p):.2f} us")
+        return (
+            f"empty f(**4 kwargs) {bmed('empty_call', p):.2f} us; deque.append(tuple) "
+            f"{bmed('deque_append', p):.2f} us; timer alone {bmed('timer_only', p):.2f} us"
+        )
 
     common = {"calls_per_repeat": n, "warmup": warmup, "per_repeat": runs, "baseline_per_repeat": base}
     records = [
-        c.metric("log_p50_us", "log() 4 scalars: p50", unit="us", target=5.0, op="<=",
-                 values=[x["p50"] for x in runs], baseline=btext("p50"),
-                 baseline_values={k: bmed(k, "p50") for k in base}, extra=common,
-                 note=f"{n:,} timed calls after {warmup:,} warm-up calls; timer overhead included in all"),
-        c.metric("log_p99_us", "log() 4 scalars: p99", unit="us", target=25.0, op="<=",
-                 values=[x["p99"] for x in runs], baseline=btext("p99"),
-                 baseline_values={k: bmed(k, "p99") for k in base},
-                 extra={"p999_us_median": c.median(x["p999"] for x in runs),
-                        "max_us_median": c.median(x["max"] for x in runs)}),
+        c.metric(
+            "log_p50_us",
+            "log() 4 scalars: p50",
+            unit="us",
+            target=5.0,
+            op="<=",
+            values=[x["p50"] for x in runs],
+            baseline=btext("p50"),
+            baseline_values={k: bmed(k, "p50") for k in base},
+            extra=common,
+            note=f"{n:,} timed calls after {warmup:,} warm-up calls; timer overhead included in all",
+        ),
+        c.metric(
+            "log_p99_us",
+            "log() 4 scalars: p99",
+            unit="us",
+            target=25.0,
+            op="<=",
+            values=[x["p99"] for x in runs],
+            baseline=btext("p99"),
+            baseline_values={k: bmed(k, "p99") for k in base},
+            extra={
+                "p999_us_median": c.median(x["p999"] for x in runs),
+                "max_us_median": c.median(x["max"] for x in runs),
+            },
+        ),
     ]
     c.emit(args, records)
 

@@ -63,6 +63,7 @@ def _plot(rng: np.random.Generator, n: int) -> np.ndarray:
 def _pillow(level: int):
     def enc(a: np.ndarray) -> bytes:
         return compute.encode_png_pillow(a, level)
+
     return enc
 
 
@@ -77,8 +78,15 @@ def _own(level: int, strategy: int):
         z = zlib.compressobj(level, zlib.DEFLATED, 15, 8, strategy)
         idat = z.compress(raw) + z.flush()
         hdr = struct.pack(">IIBBBBB", w, h, 8, {1: 0, 3: 2, 4: 6}[c], 0, 0, 0)
-        return b"".join((b"\x89PNG\r\n\x1a\n", compute._png_chunk(b"IHDR", hdr), compute._png_chunk(b"IDAT", idat),
-                         compute._png_chunk(b"IEND", b"")))
+        return b"".join(
+            (
+                b"\x89PNG\r\n\x1a\n",
+                compute._png_chunk(b"IHDR", hdr),
+                compute._png_chunk(b"IDAT", idat),
+                compute._png_chunk(b"IEND", b""),
+            )
+        )
+
     return enc
 
 

@@ -37,8 +37,9 @@ def main() -> None:
     with c.IsolatedDaemon(keep=args.keep) as env:
         env.start()
         for w in range(writes):
-            board = Board("read-1m", {}, project="read", run_id=f"series1m-{w}", base_dir=env.base_dir,
-                          capture_output=True)
+            board = Board(
+                "read-1m", {}, project="read", run_id=f"series1m-{w}", base_dir=env.base_dir, capture_output=True
+            )
             log = board.log
             t0 = time.perf_counter()
             for i in range(n_points):
@@ -50,8 +51,10 @@ def main() -> None:
             write_s.append(t2 - t0)
             write_logged_s.append(t1 - t0)
             paths.append(board.path)
-            c.log(f"wrote 1M points in {t2 - t0:.2f} s ({n_points / (t2 - t0) / 1e3:.0f} k calls/s; "
-                  f"log loop alone {t1 - t0:.2f} s)")
+            c.log(
+                f"wrote 1M points in {t2 - t0:.2f} s ({n_points / (t2 - t0) / 1e3:.0f} k calls/s; "
+                f"log loop alone {t1 - t0:.2f} s)"
+            )
         path = paths[0]
         expected = np.arange(n_points, dtype=np.float64)
         npy_path = os.path.join(env.dir, "baseline.npy")
@@ -83,8 +86,10 @@ def main() -> None:
             npy.append((time.perf_counter() - t0) * 1000)
             assert len(b) == n_points
             del b
-            c.log(f"read ({phase}) repeat {r + 1}/{n_reads}: cold {cold[phase][-1]:.1f} ms, "
-                  f"warm {warm[phase][-1] if warm[phase] else float('nan'):.1f} ms, np.load {npy[-1]:.1f} ms")
+            c.log(
+                f"read ({phase}) repeat {r + 1}/{n_reads}: cold {cold[phase][-1]:.1f} ms, "
+                f"warm {warm[phase][-1] if warm[phase] else float('nan'):.1f} ms, np.load {npy[-1]:.1f} ms"
+            )
 
         n_reads = max(args.repeats, 5)
         cold = {"live": [], "rest": []}
@@ -99,21 +104,57 @@ def main() -> None:
             read_once("rest", r)
         rest = c.du_bytes(path)[0] / n_points
     records = [
-        c.metric("read_1m_ms", "read 1M-point series to numpy, closed run (new RunReader + series)", unit="ms",
-                 target=50.0, op="<=", values=cold["rest"], baseline=f"np.load of the same records {c.median(npy):.1f} ms",
-                 baseline_values={"npy_load_ms": c.median(npy), "warm_series_ms": c.median(warm["rest"]) if warm["rest"] else None},
-                 extra={"warm_series_ms_per_repeat": warm["rest"], "npy_ms_per_repeat": npy},
-                 note="values and steps verified exactly"),
-        c.metric("read_1m_live_ms", "read 1M-point series, run still open in the daemon", unit="ms", target=50.0,
-                 op="<=", values=cold["live"], baseline=f"np.load of the same records {c.median(npy):.1f} ms",
-                 baseline_values={"npy_load_ms": c.median(npy), "warm_series_ms": c.median(warm["live"]) if warm["live"] else None},
-                 extra={"warm_series_ms_per_repeat": warm["live"]}),
-        c.metric("write_1m_s", "write 1M points, 1 scalar/call, log..flush (no target)", unit="s", target=None,
-                 op="<=", values=write_s, baseline=f"log loop alone {c.median(write_logged_s):.2f} s",
-                 baseline_values={"log_loop_s": c.median(write_logged_s)}),
-        c.metric("disk_bytes_per_point_1scalar", "disk per point, 1 scalar/call run (at rest)", unit="B", target=40,
-                 op="<=", values=[rest], baseline="32 B record", baseline_values={"record_bytes": 32},
-                 extra={"live_bytes_per_point": live}, note="informative: each call also writes a steps row"),
+        c.metric(
+            "read_1m_ms",
+            "read 1M-point series to numpy, closed run (new RunReader + series)",
+            unit="ms",
+            target=50.0,
+            op="<=",
+            values=cold["rest"],
+            baseline=f"np.load of the same records {c.median(npy):.1f} ms",
+            baseline_values={
+                "npy_load_ms": c.median(npy),
+                "warm_series_ms": c.median(warm["rest"]) if warm["rest"] else None,
+            },
+            extra={"warm_series_ms_per_repeat": warm["rest"], "npy_ms_per_repeat": npy},
+            note="values and steps verified exactly",
+        ),
+        c.metric(
+            "read_1m_live_ms",
+            "read 1M-point series, run still open in the daemon",
+            unit="ms",
+            target=50.0,
+            op="<=",
+            values=cold["live"],
+            baseline=f"np.load of the same records {c.median(npy):.1f} ms",
+            baseline_values={
+                "npy_load_ms": c.median(npy),
+                "warm_series_ms": c.median(warm["live"]) if warm["live"] else None,
+            },
+            extra={"warm_series_ms_per_repeat": warm["live"]},
+        ),
+        c.metric(
+            "write_1m_s",
+            "write 1M points, 1 scalar/call, log..flush (no target)",
+            unit="s",
+            target=None,
+            op="<=",
+            values=write_s,
+            baseline=f"log loop alone {c.median(write_logged_s):.2f} s",
+            baseline_values={"log_loop_s": c.median(write_logged_s)},
+        ),
+        c.metric(
+            "disk_bytes_per_point_1scalar",
+            "disk per point, 1 scalar/call run (at rest)",
+            unit="B",
+            target=40,
+            op="<=",
+            values=[rest],
+            baseline="32 B record",
+            baseline_values={"record_bytes": 32},
+            extra={"live_bytes_per_point": live},
+            note="informative: each call also writes a steps row",
+        ),
     ]
     c.emit(args, records)
 

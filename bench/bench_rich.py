@@ -80,11 +80,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
-
-import numpy as np
+from collections.abc import Callable
+from typing import Any
 
 import _common as c
+import numpy as np
 
 WARMUP = 2
 PACED_LOAD_INVERSE = 2.0  # paced calls come every 2 / (burst calls/s): half the daemon's throughput
@@ -129,8 +129,12 @@ class RichDaemon(c.IsolatedDaemon):
         if self.alive():
             env = dict(os.environ, KOBO_DAEMON_ENDPOINT=self.endpoint)
             try:
-                subprocess.run([sys.executable, "-m", "kohakuboard.daemon", "stop"], env=env,
-                               capture_output=True, timeout=timeout + 5)
+                subprocess.run(
+                    [sys.executable, "-m", "kohakuboard.daemon", "stop"],
+                    env=env,
+                    capture_output=True,
+                    timeout=timeout + 5,
+                )
             except subprocess.TimeoutExpired:
                 pass
         super().stop(timeout)  # SIGTERM/SIGKILL fallback if it is still alive
@@ -271,8 +275,10 @@ def _stamp(img: np.ndarray, i: int) -> None:
 
 def _check_steps(steps: list[int], calls: int, what: str) -> None:
     if steps != list(range(calls)):
-        raise AssertionError(f"{what}: steps are not 0..{calls - 1} one per call "
-                             f"(got {len(steps)} steps, first {steps[:5]}, last {steps[-5:]})")
+        raise AssertionError(
+            f"{what}: steps are not 0..{calls - 1} one per call "
+            f"(got {len(steps)} steps, first {steps[:5]}, last {steps[-5:]})"
+        )
 
 
 class Hist1M(Case):
@@ -309,8 +315,10 @@ class Hist1M(Case):
         return {"copy": pcts_ms(copy), "copy_kept": pcts_ms(fresh), "np_histogram": pcts_ms(hist)}
 
     def baseline_text(self, b: dict[str, float]) -> str:
-        return (f"copy {_ms(b['copy'])} (into fresh pages, kept as the queue keeps them: {_ms(b['copy_kept'])}); "
-                f"np.histogram {_ms(b['np_histogram'])}")
+        return (
+            f"copy {_ms(b['copy'])} (into fresh pages, kept as the queue keeps them: {_ms(b['copy_kept'])}); "
+            f"np.histogram {_ms(b['np_histogram'])}"
+        )
 
 
 class Image256(Case):
@@ -353,8 +361,11 @@ class Image256(Case):
         bad = [row["step"] for row in rows if (row["width"], row["height"]) != (self.shape[1], self.shape[0])]
         assert not bad, f"{self.key}: wrong image size at steps {bad[:5]}"
         _check_steps([int(row["step"]) for row in rows], calls, self.key)
-        return {"media_rows": len(rows), "distinct_blobs": len(hashes),
-                "blob_bytes": sum(os.path.getsize(os.path.join(path, fmt.MEDIA_DIR, f)) for f in files)}
+        return {
+            "media_rows": len(rows),
+            "distinct_blobs": len(hashes),
+            "blob_bytes": sum(os.path.getsize(os.path.join(path, fmt.MEDIA_DIR, f)) for f in files),
+        }
 
     def baselines(self, n: int) -> dict[str, dict[str, float]]:
         from PIL import Image
@@ -375,8 +386,10 @@ class Image256(Case):
         }
 
     def baseline_text(self, b: dict[str, float]) -> str:
-        return (f"copy {_ms(b['copy'])} (fresh pages, kept: {_ms(b['copy_kept'])}); PIL PNG {_ms(b['png_level1'])} "
-                f"(level 1, as the daemon), {_ms(b['png_level6'])} (default level 6)")
+        return (
+            f"copy {_ms(b['copy'])} (fresh pages, kept: {_ms(b['copy_kept'])}); PIL PNG {_ms(b['png_level1'])} "
+            f"(level 1, as the daemon), {_ms(b['png_level6'])} (default level 6)"
+        )
 
 
 class Hist50(Case):
@@ -411,8 +424,9 @@ class Hist50(Case):
                 n_hist += len(hs)
             steps = r.steps()
         # No step inflation: the run has one step per call, not one per histogram.
-        assert len(steps) == calls and int(steps["step"].max()) == calls - 1, \
+        assert len(steps) == calls and int(steps["step"].max()) == calls - 1, (
             f"hist50: run has {len(steps)} steps for {calls} calls (step inflation?)"
+        )
         # stored: each histogram's record (format: header, 65 edges, 64 int32 counts)
         import struct
 
@@ -429,8 +443,10 @@ class Hist50(Case):
         return {"copy50": pcts_ms(copy), "copy50_kept": pcts_ms(fresh), "np_histogram50": pcts_ms(hist)}
 
     def baseline_text(self, b: dict[str, float]) -> str:
-        return (f"50 copies {_ms(b['copy50'])} (fresh pages, kept: {_ms(b['copy50_kept'])}); "
-                f"50 np.histogram {_ms(b['np_histogram50'])}")
+        return (
+            f"50 copies {_ms(b['copy50'])} (fresh pages, kept: {_ms(b['copy50_kept'])}); "
+            f"50 np.histogram {_ms(b['np_histogram50'])}"
+        )
 
 
 class TensorKde(Case):
@@ -462,9 +478,13 @@ class TensorKde(Case):
         with RunReader(path) as r:
             ts, ks = r.tensors("act"), r.kde("logits")
         assert len(ts) == calls and len(ks) == calls, f"tensor_kde: {len(ts)} tensors, {len(ks)} KDEs for {calls}"
-        bad = [t["step"] for t in ts if t["array"].shape != self.shape
-               or int(t["array"].reshape(-1)[:2].view(np.int64)[0])
-               != (t["step"] - WARMUP if t["step"] >= WARMUP else -(t["step"] + 1))]  # warm-up calls: -1, -2
+        bad = [
+            t["step"]
+            for t in ts
+            if t["array"].shape != self.shape
+            or int(t["array"].reshape(-1)[:2].view(np.int64)[0])
+            != (t["step"] - WARMUP if t["step"] >= WARMUP else -(t["step"] + 1))
+        ]  # warm-up calls: -1, -2
         assert not bad, f"tensor_kde: wrong tensors at steps {bad[:5]}"
         _check_steps([int(t["step"]) for t in ts], calls, "tensor_kde")
         stored = sum(t["array"].nbytes for t in ts) + sum(k["grid"].nbytes + k["density"].nbytes for k in ks)
@@ -493,8 +513,13 @@ class Mixed(Case):
         self.imgs = [rng.integers(0, 256, self.img_shape, dtype=np.uint8) for _ in range(16)]
         self.hists = [rng.standard_normal(self.hist_size, dtype=np.float32) for _ in range(4)]
         labels = ["cat", "dog", "bird", "fish", "horse", "ship", "truck", "plane"]
-        self.rows = [[{"id": k, "label": labels[k], "pred": labels[(k + j) % 8], "score": 0.5 + k / 20,
-                       "correct": j == 0} for k in range(self.table_rows)] for j in range(4)]
+        self.rows = [
+            [
+                {"id": k, "label": labels[k], "pred": labels[(k + j) % 8], "score": 0.5 + k / 20, "correct": j == 0}
+                for k in range(self.table_rows)
+            ]
+            for j in range(4)
+        ]
         self.scalar_board: Any = None
 
     def prep(self, i: int) -> None:
@@ -502,10 +527,15 @@ class Mixed(Case):
 
     def call(self, board: Any, i: int) -> None:
         x = i * 0.5
-        board.log(loss=x, lr=0.001, acc=x, grad_norm=1.5,
-                  sample=self.Media(self.imgs[i % 16]),
-                  preds=self.Table(self.rows[i % 4]),
-                  acts=self.Histogram(self.hists[i % 4]))
+        board.log(
+            loss=x,
+            lr=0.001,
+            acc=x,
+            grad_norm=1.5,
+            sample=self.Media(self.imgs[i % 16]),
+            preds=self.Table(self.rows[i % 4]),
+            acts=self.Histogram(self.hists[i % 4]),
+        )
 
     def verify(self, path: str, calls: int) -> dict[str, Any]:
         from kohakuboard.storage.reader import RunReader
@@ -522,15 +552,23 @@ class Mixed(Case):
         assert len(tables) == calls, f"mixed: {len(tables)} tables, {calls} logged"
         bad = [t["step"] for t in tables if len(t["rows"]) != self.table_rows or len(t["columns"]) != 5]
         assert not bad, f"mixed: tables at steps {bad[:5]} are not {self.table_rows} rows x 5 columns"
-        assert len(hs) == calls and all(h["total"] == self.hist_size for h in hs), \
+        assert len(hs) == calls and all(h["total"] == self.hist_size for h in hs), (
             f"mixed: {len(hs)} histograms, {calls} logged (or a wrong total)"
-        for what, steps in (("loss", [int(p) for p in series["loss"]["step"]]),
-                            ("media", [int(m["step"]) for m in media]),
-                            ("table", [int(t["step"]) for t in tables]),
-                            ("histogram", [int(h["step"]) for h in hs])):
+        )
+        for what, steps in (
+            ("loss", [int(p) for p in series["loss"]["step"]]),
+            ("media", [int(m["step"]) for m in media]),
+            ("table", [int(t["step"]) for t in tables]),
+            ("histogram", [int(h["step"]) for h in hs]),
+        ):
             _check_steps(steps, calls, f"mixed {what}")
-        return {"scalar_points": sum(len(s) for s in series.values()), "media_rows": len(media),
-                "tables": len(tables), "table_rows": sum(len(t["rows"]) for t in tables), "histograms": len(hs)}
+        return {
+            "scalar_points": sum(len(s) for s in series.values()),
+            "media_rows": len(media),
+            "tables": len(tables),
+            "table_rows": sum(len(t["rows"]) for t in tables),
+            "histograms": len(hs),
+        }
 
     def baselines(self, n: int) -> dict[str, dict[str, float]]:
         # A 4-scalar log() on its own Board (so the mixed run's counts stay exact).
@@ -575,12 +613,19 @@ def paced(board: Any, case: Case, first: int, interval: float, seconds: float) -
     return out
 
 
-def run_repeat(case: Case, env: RichDaemon, daemon_pid: int, n: int, r: int, spy: str | None,
-               paced_seconds: float) -> dict[str, Any]:
+def run_repeat(
+    case: Case, env: RichDaemon, daemon_pid: int, n: int, r: int, spy: str | None, paced_seconds: float
+) -> dict[str, Any]:
     from kohakuboard.client import Board
 
-    board = Board(case.key, {"bench": "rich", "case": case.key}, project="bench-rich",
-                  run_id=f"{case.key}-r{r}", base_dir=env.base_dir, capture_output=False)
+    board = Board(
+        case.key,
+        {"bench": "rich", "case": case.key},
+        project="bench-rich",
+        run_id=f"{case.key}-r{r}",
+        base_dir=env.base_dir,
+        capture_output=False,
+    )
     try:
         for w in range(WARMUP):
             i = -(w + 1)
@@ -643,8 +688,12 @@ def run_repeat(case: Case, env: RichDaemon, daemon_pid: int, n: int, r: int, spy
             t0 = pc()
             lat_p = paced(board, case, n, interval, paced_seconds)
             board.flush()
-            res["paced"] = {"calls": len(lat_p), "interval_ms": interval * 1000, "log_ms": pcts_ms(lat_p),
-                            "window_s": pc() - t0}
+            res["paced"] = {
+                "calls": len(lat_p),
+                "interval_ms": interval * 1000,
+                "log_ms": pcts_ms(lat_p),
+                "window_s": pc() - t0,
+            }
         m = res["paced"]["calls"] if "paced" in res else 0
         # Everything logged (warm-up included) must read back exactly.
         t0 = pc()
@@ -683,9 +732,24 @@ def start_spy(spy: str | None, key: str, daemon_pid: int) -> subprocess.Popen[by
     pid = os.getpid() if target == "client" else daemon_pid
     os.makedirs(c.RESULTS_DIR, exist_ok=True)
     out = os.path.join(c.RESULTS_DIR, f"profile-rich-{key}-{target or 'daemon'}.txt")
-    proc = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "250", "--threads",
-                             "--format", "raw", "--output", out, "--nonblocking"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            "py-spy",
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "250",
+            "--threads",
+            "--format",
+            "raw",
+            "--output",
+            out,
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     proc.out_path = out  # type: ignore[attr-defined]
     time.sleep(1.0)  # let py-spy attach
     return proc
@@ -758,8 +822,10 @@ def report(results: dict[str, dict[str, Any]]) -> str:
         mbs = [x["MB_per_s"] for x in runs]
         thr = f"{_spread(cps, lambda v: f'{v:.0f}')} calls/s = {_spread(mbs, lambda v: f'{v:.0f}')} MB/s"
         paced_n = f" + {runs[0]['paced']['calls']} paced" if "paced" in runs[0] else ""
-        lines.append(f"| {TITLES[key]} (N={runs[0]['calls']}{paced_n}, {len(runs)} repeats) | {p50} | {p99} "
-                     f"| {res['baseline_text']} | {thr} |")
+        lines.append(
+            f"| {TITLES[key]} (N={runs[0]['calls']}{paced_n}, {len(runs)} repeats) | {p50} | {p99} "
+            f"| {res['baseline_text']} | {thr} |"
+        )
     lines += [
         "",
         "| case | loop busy / flush() waited | daemon peak RSS (target <= 150 MB) | daemon held unwritten at once "
@@ -817,35 +883,100 @@ def records(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         base = {k: c.median(b[k]["p50"] for b in res["baselines"]) for k in res["baselines"][0]}
         common = {"per_repeat": runs, "baseline_per_repeat": res["baselines"], "payload_bytes": res["payload_bytes"]}
         out += [
-            c.metric(f"rich_{key}_log_p50_ms", f"{title}: log() p50, back-to-back", unit="ms", target=None, op="<=",
-                     values=[x["log_ms"]["p50"] for x in runs], baseline=res["baseline_text"],
-                     baseline_values=base, extra=common, note=f"{runs[0]['calls']} back-to-back calls per repeat"),
-            c.metric(f"rich_{key}_log_p99_ms", f"{title}: log() p99, back-to-back", unit="ms", target=None, op="<=",
-                     values=[x["log_ms"]["p99"] for x in runs], baseline=res["baseline_text"],
-                     baseline_values={k: c.median(b[k]["p99"] for b in res["baselines"]) for k in res["baselines"][0]}),
-            *([c.metric(f"rich_{key}_paced_log_p50_ms", f"{title}: log() p50, paced", unit="ms", target=None,
-                        op="<=", values=[x["paced"]["log_ms"]["p50"] for x in runs], baseline=res["baseline_text"],
-                        baseline_values=base, note="calls at half the daemon's measured throughput"),
-               c.metric(f"rich_{key}_paced_log_p99_ms", f"{title}: log() p99, paced", unit="ms", target=None,
-                        op="<=", values=[x["paced"]["log_ms"]["p99"] for x in runs])]
-              if all("paced" in x for x in runs) else []),
-            c.metric(f"rich_{key}_calls_per_s", f"{title}: durable calls/s", unit="calls/s", target=None, op=">=",
-                     values=[x["calls_per_s"] for x in runs],
-                     note="first log() to flush() returning; every value read back"),
-            c.metric(f"rich_{key}_MB_per_s", f"{title}: durable payload MB/s", unit="MB/s", target=None, op=">=",
-                     values=[x["MB_per_s"] for x in runs], note=f"payload {res['payload_bytes']:,} B per call"),
-            c.metric(f"rich_{key}_daemon_peak_rss_mb", f"{title}: daemon peak RSS", unit="MB", target=150.0,
-                     op="<=", values=[x["daemon_peak_rss_mb"] or float("nan") for x in runs],
-                     note="PRODUCT.md 9: daemon RSS <= 150 MB while ingesting at full speed"),
-            c.metric(f"rich_{key}_client_peak_rss_mb", f"{title}: training process peak RSS", unit="MB",
-                     target=None, op="<=", values=[x["client_peak_rss_mb"] or float("nan") for x in runs]),
+            c.metric(
+                f"rich_{key}_log_p50_ms",
+                f"{title}: log() p50, back-to-back",
+                unit="ms",
+                target=None,
+                op="<=",
+                values=[x["log_ms"]["p50"] for x in runs],
+                baseline=res["baseline_text"],
+                baseline_values=base,
+                extra=common,
+                note=f"{runs[0]['calls']} back-to-back calls per repeat",
+            ),
+            c.metric(
+                f"rich_{key}_log_p99_ms",
+                f"{title}: log() p99, back-to-back",
+                unit="ms",
+                target=None,
+                op="<=",
+                values=[x["log_ms"]["p99"] for x in runs],
+                baseline=res["baseline_text"],
+                baseline_values={k: c.median(b[k]["p99"] for b in res["baselines"]) for k in res["baselines"][0]},
+            ),
+            *(
+                [
+                    c.metric(
+                        f"rich_{key}_paced_log_p50_ms",
+                        f"{title}: log() p50, paced",
+                        unit="ms",
+                        target=None,
+                        op="<=",
+                        values=[x["paced"]["log_ms"]["p50"] for x in runs],
+                        baseline=res["baseline_text"],
+                        baseline_values=base,
+                        note="calls at half the daemon's measured throughput",
+                    ),
+                    c.metric(
+                        f"rich_{key}_paced_log_p99_ms",
+                        f"{title}: log() p99, paced",
+                        unit="ms",
+                        target=None,
+                        op="<=",
+                        values=[x["paced"]["log_ms"]["p99"] for x in runs],
+                    ),
+                ]
+                if all("paced" in x for x in runs)
+                else []
+            ),
+            c.metric(
+                f"rich_{key}_calls_per_s",
+                f"{title}: durable calls/s",
+                unit="calls/s",
+                target=None,
+                op=">=",
+                values=[x["calls_per_s"] for x in runs],
+                note="first log() to flush() returning; every value read back",
+            ),
+            c.metric(
+                f"rich_{key}_MB_per_s",
+                f"{title}: durable payload MB/s",
+                unit="MB/s",
+                target=None,
+                op=">=",
+                values=[x["MB_per_s"] for x in runs],
+                note=f"payload {res['payload_bytes']:,} B per call",
+            ),
+            c.metric(
+                f"rich_{key}_daemon_peak_rss_mb",
+                f"{title}: daemon peak RSS",
+                unit="MB",
+                target=150.0,
+                op="<=",
+                values=[x["daemon_peak_rss_mb"] or float("nan") for x in runs],
+                note="PRODUCT.md 9: daemon RSS <= 150 MB while ingesting at full speed",
+            ),
+            c.metric(
+                f"rich_{key}_client_peak_rss_mb",
+                f"{title}: training process peak RSS",
+                unit="MB",
+                target=None,
+                op="<=",
+                values=[x["client_peak_rss_mb"] or float("nan") for x in runs],
+            ),
         ]
         if key in DISK_CASES:
             out += [
-                c.metric(f"rich_{key}_disk_ratio_{when}", f"{title}: run on disk / stored values, {what}",
-                         unit="x", target=DISK_RATIO_TARGET, op="<=",
-                         values=[x[f"disk_{when}_bytes"] / x["verified"]["stored_bytes"] for x in runs],
-                         note="du of the run folder over the bytes its values hold (issue 9)")
+                c.metric(
+                    f"rich_{key}_disk_ratio_{when}",
+                    f"{title}: run on disk / stored values, {what}",
+                    unit="x",
+                    target=DISK_RATIO_TARGET,
+                    op="<=",
+                    values=[x[f"disk_{when}_bytes"] / x["verified"]["stored_bytes"] for x in runs],
+                    note="du of the run folder over the bytes its values hold (issue 9)",
+                )
                 for when, what in (("held", "daemon holding the run"), ("stopped", "daemon stopped"))
             ]
     return out
@@ -859,8 +990,9 @@ def git_diff_sha1() -> str | None:
     import hashlib
 
     try:
-        out = subprocess.run(["git", "diff", "HEAD"], cwd=os.path.dirname(c.BENCH_DIR), capture_output=True,
-                             timeout=30).stdout
+        out = subprocess.run(
+            ["git", "diff", "HEAD"], cwd=os.path.dirname(c.BENCH_DIR), capture_output=True, timeout=30
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
     return hashlib.sha1(out).hexdigest() if out else None
@@ -880,9 +1012,20 @@ def _start_pinned_daemon(endpoint: str, cpus: list[int], threads: int, log_path:
     env = dict(os.environ, KOBO_DAEMON_ENDPOINT=endpoint)
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kohakuboard.daemon", "run", "--compute-threads", str(threads),
-             "--system-metrics", "0"],
-            env=env, stdout=logf, stderr=logf, preexec_fn=lambda: os.sched_setaffinity(0, set(cpus)),
+            [
+                sys.executable,
+                "-m",
+                "kohakuboard.daemon",
+                "run",
+                "--compute-threads",
+                str(threads),
+                "--system-metrics",
+                "0",
+            ],
+            env=env,
+            stdout=logf,
+            stderr=logf,
+            preexec_fn=lambda: os.sched_setaffinity(0, set(cpus)),
         )
     ep = resolve(endpoint, env)
     deadline = time.monotonic() + 20
@@ -910,8 +1053,13 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _durable_rate(board: Any, n: int, call: Callable[[int], None], prep: Callable[[int], None] | None = None,
-                  daemon_pid: int | None = None) -> tuple[float, float]:
+def _durable_rate(
+    board: Any,
+    n: int,
+    call: Callable[[int], None],
+    prep: Callable[[int], None] | None = None,
+    daemon_pid: int | None = None,
+) -> tuple[float, float]:
     """(calls per second from the first of ``n`` back-to-back calls to ``flush()`` returning,
     CPU ms per call of the daemon and this process together)."""
     for i in range(-WARMUP, 0):
@@ -935,9 +1083,10 @@ def _floors(images: list[np.ndarray], hists: list[np.ndarray], m: int) -> dict[s
     from PIL import Image
 
     out = {}
-    for key, fn in (("pillow_png", lambda i: Image.fromarray(images[i % 16]).save(io.BytesIO(), format="PNG",
-                                                                                  compress_level=1)),
-                    ("np_histogram", lambda i: np.histogram(hists[i % 4], bins=64))):
+    for key, fn in (
+        ("pillow_png", lambda i: Image.fromarray(images[i % 16]).save(io.BytesIO(), format="PNG", compress_level=1)),
+        ("np_histogram", lambda i: np.histogram(hists[i % 4], bins=64)),
+    ):
         c0, t0 = time.process_time(), time.perf_counter()
         for i in range(m):
             fn(i)
@@ -978,18 +1127,34 @@ def scaling(args: argparse.Namespace, rng: np.random.Generator) -> dict[str, Any
                 floors = _floors(images, hists, m)
                 proc = _start_pinned_daemon(endpoint, cpus[:k], k, os.path.join(tmp, "daemon.log"))
                 try:
-                    b = Board("scale-img", project="bench-rich", run_id=f"img-{r}-{k}", base_dir=os.path.join(tmp, "runs"),
-                              capture_output=False)
-                    img_rate, img_cpu = _durable_rate(b, n_img, lambda i: b.log(sample=Media(images[i % 16])),
-                                                      lambda i: _stamp(images[i % 16], i), proc.pid)
+                    b = Board(
+                        "scale-img",
+                        project="bench-rich",
+                        run_id=f"img-{r}-{k}",
+                        base_dir=os.path.join(tmp, "runs"),
+                        capture_output=False,
+                    )
+                    img_rate, img_cpu = _durable_rate(
+                        b,
+                        n_img,
+                        lambda i: b.log(sample=Media(images[i % 16])),
+                        lambda i: _stamp(images[i % 16], i),
+                        proc.pid,
+                    )
                     b.finish()
                     with RunReader(b.path) as rd:
                         rows = rd.media("sample")
                     _check_steps([int(x["step"]) for x in rows], n_img + WARMUP, "scaling images")
-                    b = Board("scale-hist", project="bench-rich", run_id=f"hist-{r}-{k}", base_dir=os.path.join(tmp, "runs"),
-                              capture_output=False)
-                    hist_rate, hist_cpu = _durable_rate(b, n_hist, lambda i: b.log(weights=Histogram(hists[i % 4])),
-                                                        None, proc.pid)
+                    b = Board(
+                        "scale-hist",
+                        project="bench-rich",
+                        run_id=f"hist-{r}-{k}",
+                        base_dir=os.path.join(tmp, "runs"),
+                        capture_output=False,
+                    )
+                    hist_rate, hist_cpu = _durable_rate(
+                        b, n_hist, lambda i: b.log(weights=Histogram(hists[i % 4])), None, proc.pid
+                    )
                     b.finish()
                     with RunReader(b.path) as rd:
                         hs = rd.histograms("weights")
@@ -997,16 +1162,25 @@ def scaling(args: argparse.Namespace, rng: np.random.Generator) -> dict[str, Any
                     assert all(int(h["counts"].sum()) == 1_000_000 for h in hs), "scaling: a histogram lost values"
                 finally:
                     _stop_daemon(proc)
-                rep[f"cpus{k}"] = {"images_per_s": img_rate, "histograms_per_s": hist_rate, "image_cpu_ms": img_cpu,
-                                   "histogram_cpu_ms": hist_cpu, **floors}
+                rep[f"cpus{k}"] = {
+                    "images_per_s": img_rate,
+                    "histograms_per_s": hist_rate,
+                    "image_cpu_ms": img_cpu,
+                    "histogram_cpu_ms": hist_cpu,
+                    **floors,
+                }
                 shutil.rmtree(os.path.join(tmp, "runs"), ignore_errors=True)
-            c.log(f"scaling {r + 1}/{args.repeats}: " + " | ".join(
-                      f"{k} CPU(s): {x['images_per_s']:.0f} images/s (Pillow {x['pillow_png_per_s']:.0f}/s), "
-                      f"{x['histograms_per_s']:.0f} histograms/s (np.histogram {x['np_histogram_per_s']:.0f}/s); "
-                      f"CPU ms per image {x['image_cpu_ms']:.1f} (Pillow {x['pillow_png_cpu_ms']:.1f}), per histogram "
-                      f"{x['histogram_cpu_ms']:.1f} (np.histogram {x['np_histogram_cpu_ms']:.1f})"
-                      for k, x in ((k, rep[f"cpus{k}"]) for k in levels))
-                  + f" | load {rep['loadavg_before']:.2f}")
+            c.log(
+                f"scaling {r + 1}/{args.repeats}: "
+                + " | ".join(
+                    f"{k} CPU(s): {x['images_per_s']:.0f} images/s (Pillow {x['pillow_png_per_s']:.0f}/s), "
+                    f"{x['histograms_per_s']:.0f} histograms/s (np.histogram {x['np_histogram_per_s']:.0f}/s); "
+                    f"CPU ms per image {x['image_cpu_ms']:.1f} (Pillow {x['pillow_png_cpu_ms']:.1f}), per histogram "
+                    f"{x['histogram_cpu_ms']:.1f} (np.histogram {x['np_histogram_cpu_ms']:.1f})"
+                    for k, x in ((k, rep[f"cpus{k}"]) for k in levels)
+                )
+                + f" | load {rep['loadavg_before']:.2f}"
+            )
             repeats.append(rep)
     finally:
         for k, v in saved.items():
@@ -1051,9 +1225,11 @@ def scaling_report(sc: dict[str, Any]) -> str:
         f"({med([x['np_histogram_cpu_ms'] for x in xs], 1)} CPU ms each). Medians of {len(reps)} repeats (min..max); "
         f"{sc['images_per_call']} images / {sc['histograms_per_call']} histograms back to back per repeat "
         f"and level, to flush(); load average before each repeat "
-        + ", ".join(f"{x['loadavg_before']:.2f}" for x in reps) + "."
+        + ", ".join(f"{x['loadavg_before']:.2f}" for x in reps)
+        + "."
     )
     return "\n".join(lines)
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -1064,20 +1240,42 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default=None, help="also write the metric records (JSON list) here")
     p.add_argument("--json", default=os.path.join(c.RESULTS_DIR, "rich.json"), help="where to write the results")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (runs, daemon log) for inspection")
-    p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
-                   help="first wait up to SECONDS for the 1-min load average to fall below 0.7")
-    p.add_argument("--paced-seconds", type=float, default=None, metavar="SECONDS",
-                   help=f"length of the paced phase of each repeat (default {PACED_SECONDS_FULL}, "
-                        f"--quick {PACED_SECONDS_QUICK}; 0: none)")
-    p.add_argument("--settle", type=float, default=None, metavar="SECONDS",
-                   help="at the end, wait up to SECONDS for the daemon to close every run and record its RSS "
-                        "(default 40, --quick 0)")
-    p.add_argument("--scaling", action="store_true",
-                   help="durable images/s and histograms/s with the daemon pinned to 1, 2 and all CPUs against "
-                        "the single-thread Pillow PNG and np.histogram rates (only this, unless --cases is given)")
-    p.add_argument("--py-spy", default=None, metavar="CASE[:client]",
-                   help="py-spy the daemon (or the training process) during the first repeat of CASE; "
-                        "stacks to bench/results/profile-rich-CASE-*.txt (slows the profiled process)")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="first wait up to SECONDS for the 1-min load average to fall below 0.7",
+    )
+    p.add_argument(
+        "--paced-seconds",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"length of the paced phase of each repeat (default {PACED_SECONDS_FULL}, "
+        f"--quick {PACED_SECONDS_QUICK}; 0: none)",
+    )
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="at the end, wait up to SECONDS for the daemon to close every run and record its RSS "
+        "(default 40, --quick 0)",
+    )
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="durable images/s and histograms/s with the daemon pinned to 1, 2 and all CPUs against "
+        "the single-thread Pillow PNG and np.histogram rates (only this, unless --cases is given)",
+    )
+    p.add_argument(
+        "--py-spy",
+        default=None,
+        metavar="CASE[:client]",
+        help="py-spy the daemon (or the training process) during the first repeat of CASE; "
+        "stacks to bench/results/profile-rich-CASE-*.txt (slows the profiled process)",
+    )
     args = p.parse_args()
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
@@ -1103,7 +1301,9 @@ def main() -> None:
         wait_idle(args.wait_idle)
     started = time.time()
     load_start = c.load_average()
-    calls = {k: max(5, int(round(v * args.calls_scale))) for k, v in (CALLS_QUICK if args.quick else CALLS_FULL).items()}
+    calls = {
+        k: max(5, int(round(v * args.calls_scale))) for k, v in (CALLS_QUICK if args.quick else CALLS_FULL).items()
+    }
     rng = np.random.default_rng(12345)
     scale_result: dict[str, Any] = {}
     if args.scaling:
@@ -1112,12 +1312,20 @@ def main() -> None:
         print(scaling_report(scale_result))
         print()
         if not args.cases:
-            c.write_results(args.json, {
-                "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "command": " ".join(["python", *sys.argv]), "machine": machine_info(), "git_diff_sha1": git_diff_sha1(),
-                "total_s": round(time.time() - started, 1),
-                "scaling": scale_result, "table_markdown": scaling_report(scale_result),
-            }, args.out, [])
+            c.write_results(
+                args.json,
+                {
+                    "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "command": " ".join(["python", *sys.argv]),
+                    "machine": machine_info(),
+                    "git_diff_sha1": git_diff_sha1(),
+                    "total_s": round(time.time() - started, 1),
+                    "scaling": scale_result,
+                    "table_markdown": scaling_report(scale_result),
+                },
+                args.out,
+                [],
+            )
             return
     results: dict[str, dict[str, Any]] = {}
     daemon_rss: list[tuple[str, float]] = []
@@ -1130,8 +1338,9 @@ def main() -> None:
         for key in args.cases:
             case = make_case(key, rng)
             if isinstance(case, Mixed):
-                case.scalar_board = Board("scalars", project="bench-rich", run_id="mixed-scalars",
-                                          base_dir=env.base_dir, capture_output=False)
+                case.scalar_board = Board(
+                    "scalars", project="bench-rich", run_id="mixed-scalars", base_dir=env.base_dir, capture_output=False
+                )
             n = calls[key]
             runs, bases = [], []
             load = os.getloadavg()[0]
@@ -1142,12 +1351,14 @@ def main() -> None:
                 b = case.baselines(n)
                 bases.append(b)
                 pz = res.get("paced", {}).get("log_ms", {})
-                c.log(f"{key} {r + 1}/{args.repeats}: log() p50/p99 back-to-back {_ms(res['log_ms']['p50'])} / "
-                      f"{_ms(res['log_ms']['p99'])}, paced {_ms(pz.get('p50', float('nan')))} / "
-                      f"{_ms(pz.get('p99', float('nan')))} | {res['calls_per_s']:.1f} calls/s, {res['MB_per_s']:.1f} MB/s "
-                      f"(loop {res['loop_s']:.2f} s + flush {res['flush_wait_s']:.2f} s) | peak RSS daemon "
-                      f"{res['daemon_peak_rss_mb'] or 0:.0f} MB, client {res['client_peak_rss_mb'] or 0:.0f} MB | "
-                      f"baseline: {case.baseline_text({k: v['p50'] for k, v in b.items()})}")
+                c.log(
+                    f"{key} {r + 1}/{args.repeats}: log() p50/p99 back-to-back {_ms(res['log_ms']['p50'])} / "
+                    f"{_ms(res['log_ms']['p99'])}, paced {_ms(pz.get('p50', float('nan')))} / "
+                    f"{_ms(pz.get('p99', float('nan')))} | {res['calls_per_s']:.1f} calls/s, {res['MB_per_s']:.1f} MB/s "
+                    f"(loop {res['loop_s']:.2f} s + flush {res['flush_wait_s']:.2f} s) | peak RSS daemon "
+                    f"{res['daemon_peak_rss_mb'] or 0:.0f} MB, client {res['client_peak_rss_mb'] or 0:.0f} MB | "
+                    f"baseline: {case.baseline_text({k: v['p50'] for k, v in b.items()})}"
+                )
             if isinstance(case, Mixed):
                 sb = case.scalar_board
                 pts = len(c.read_series(sb.path, "loss"))
@@ -1155,8 +1366,14 @@ def main() -> None:
                 assert pts == want, f"4-scalar baseline board: {pts} points read back, {want} logged"
                 sb.finish()
             base_med = {k: c.median(x[k]["p50"] for x in bases) for k in bases[0]}
-            results[key] = {"repeats": runs, "baselines": bases, "baseline_text": case.baseline_text(base_med),
-                            "payload_bytes": case.payload_bytes, "calls_per_repeat": n, "loadavg_before": load}
+            results[key] = {
+                "repeats": runs,
+                "baselines": bases,
+                "baseline_text": case.baseline_text(base_med),
+                "payload_bytes": case.payload_bytes,
+                "calls_per_repeat": n,
+                "loadavg_before": load,
+            }
             daemon_rss.append((key, mem_mb(daemon_pid)["rss"]))
             del case
             gc.collect()
@@ -1171,10 +1388,16 @@ def main() -> None:
             while st.get("runs") and time.monotonic() - t0 < args.settle:
                 time.sleep(1.0)
                 st = daemon_status(env.endpoint)
-            settled = {"waited_s": round(time.monotonic() - t0, 1), "open_runs": len(st.get("runs", [])),
-                       "daemon_rss_mb": mem_mb(daemon_pid)["rss"], "daemon_rss_at_start_mb": daemon_rss[0][1]}
-            c.log(f"after {settled['waited_s']:.0f} s: {settled['open_runs']} run(s) open, daemon RSS "
-                  f"{settled['daemon_rss_mb']:.0f} MB (at start {settled['daemon_rss_at_start_mb']:.0f} MB)")
+            settled = {
+                "waited_s": round(time.monotonic() - t0, 1),
+                "open_runs": len(st.get("runs", [])),
+                "daemon_rss_mb": mem_mb(daemon_pid)["rss"],
+                "daemon_rss_at_start_mb": daemon_rss[0][1],
+            }
+            c.log(
+                f"after {settled['waited_s']:.0f} s: {settled['open_runs']} run(s) open, daemon RSS "
+                f"{settled['daemon_rss_mb']:.0f} MB (at start {settled['daemon_rss_at_start_mb']:.0f} MB)"
+            )
 
         # Stop the daemon (it closes every run): the size of each run at rest.
         env.stop()
@@ -1184,10 +1407,12 @@ def main() -> None:
                 x["disk_stopped_files"] = _file_sizes(x["run_path"])
     text = report(results)
     if settled:
-        text += (f"\n\nDaemon RSS: {daemon_rss[0][1]:.0f} MB at start; after each case "
-                 + ", ".join(f"{k} {v:.0f}" for k, v in daemon_rss[1:])
-                 + f" MB; {settled['daemon_rss_mb']:.0f} MB once every run was closed "
-                 f"({settled['open_runs']} open after {settled['waited_s']:.0f} s).")
+        text += (
+            f"\n\nDaemon RSS: {daemon_rss[0][1]:.0f} MB at start; after each case "
+            + ", ".join(f"{k} {v:.0f}" for k, v in daemon_rss[1:])
+            + f" MB; {settled['daemon_rss_mb']:.0f} MB once every run was closed "
+            f"({settled['open_runs']} open after {settled['waited_s']:.0f} s)."
+        )
     print()
     print(text)
     print()

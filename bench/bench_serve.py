@@ -97,8 +97,13 @@ THINK_S = (0.2, 0.5)  # pause between a reader's loops
 SINGLE_THINK_S = (0.01, 0.03)
 KINDS = ("runs", "summary", "chart", "tail", "big")
 PAGE_WIDTH = 1000  # the chart width the readers' tails carry, as the page's do (longer tails come reduced)
-KIND_NAMES = {"runs": "run list", "summary": "live run summary", "chart": "live m0 chart (width 1000)",
-              "tail": "live m0 tail (start=N)", "big": "1M-point chart (width 1000)"}
+KIND_NAMES = {
+    "runs": "run list",
+    "summary": "live run summary",
+    "chart": "live m0 chart (width 1000)",
+    "tail": "live m0 tail (start=N)",
+    "big": "1M-point chart (width 1000)",
+}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -129,7 +134,7 @@ STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "st
 def machine_ticks() -> list[int]:
     """The machine's CPU time by kind (``/proc/stat``, first line), in ticks."""
     with open("/proc/stat") as f:
-        return [int(v) for v in f.readline().split()[1:1 + len(STAT_FIELDS)]]
+        return [int(v) for v in f.readline().split()[1 : 1 + len(STAT_FIELDS)]]
 
 
 def machine_share(t0: list[int], t1: list[int]) -> dict[str, float]:
@@ -178,8 +183,14 @@ def write_runs(base_dir: str) -> dict[str, Any]:
     c.log(f"wrote {BIG_RUN}: 1M points in {t1 - t0:.2f} s")
     for k in range(6):
         project = "default" if k < 4 else "other"
-        with Board(f"small-{k}", {"lr": 0.1 * (k + 1), "batch": 32}, project=project, run_id=f"small{k}",
-                   base_dir=base_dir, capture_output=False) as sb:
+        with Board(
+            f"small-{k}",
+            {"lr": 0.1 * (k + 1), "batch": 32},
+            project=project,
+            run_id=f"small{k}",
+            base_dir=base_dir,
+            capture_output=False,
+        ) as sb:
             for i in range(200):
                 sb.log(loss=1.0 / (i + 1), acc=i / 200)
     return {"write_1m_s": t1 - t0, "big_path": b.path}
@@ -231,8 +242,13 @@ class Writer:
 
     def __init__(self, run_id: str, base_dir: str, duration: float) -> None:
         self.run_id = run_id
-        self.proc = subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, run_id, base_dir, str(duration)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER_SCRIPT, run_id, base_dir, str(duration)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
         line = self.readline(60)
         if not line.startswith("ready "):
             raise RuntimeError(f"the training script did not start: {line!r} (exit {self.proc.poll()})")
@@ -282,8 +298,12 @@ def read_back(path: str, calls: int) -> dict[str, Any]:
                 want = np.arange(-1, len(s) - 1, dtype=np.float64)
                 assert np.array_equal(np.asarray(s["value"]), want), "m0 is not the logged sequence"
     total = sum(points.values())
-    return {"points": points, "values": total - N_METRICS, "complete": all(n == calls + 1 for n in points.values()),
-            "read_s": time.perf_counter() - t0}
+    return {
+        "points": points,
+        "values": total - N_METRICS,
+        "complete": all(n == calls + 1 for n in points.values()),
+        "read_s": time.perf_counter() - t0,
+    }
 
 
 # ------------------------------------------------------------- readers
@@ -298,7 +318,7 @@ def in_server(timing: dict[str, float]) -> float:
 
 def series_header(body: bytes) -> dict[str, Any]:
     (h,) = struct.unpack_from("<I", body, 0)
-    return json.loads(body[4:4 + h])
+    return json.loads(body[4 : 4 + h])
 
 
 class Recorder:
@@ -357,9 +377,18 @@ async def sse(cl: Any, rec: Recorder, idx: int, live: str, opened: asyncio.Event
             rec.error("sse", f"{type(exc).__name__}: {exc}")
 
 
-async def reader(idx: int, origin: str, token: str, live: str, rec: Recorder, stop: asyncio.Event,
-                 think: tuple[float, float], big_every: int, max_loops: int | None = None,
-                 period: float | None = None) -> None:
+async def reader(
+    idx: int,
+    origin: str,
+    token: str,
+    live: str,
+    rec: Recorder,
+    stop: asyncio.Event,
+    think: tuple[float, float],
+    big_every: int,
+    max_loops: int | None = None,
+    period: float | None = None,
+) -> None:
     """One page: the live stream open, and the run list / summary / tail / 1M chart polled in a loop.
 
     ``period``: instead of a ``think`` pause after each loop, start a loop every ``period`` s
@@ -370,8 +399,9 @@ async def reader(idx: int, origin: str, token: str, live: str, rec: Recorder, st
     rng = random.Random(idx)
     base = f"/api/runs/default/{live}"
     big = f"/api/runs/default/{BIG_RUN}/series?metric=loss&width=1000"
-    async with httpx.AsyncClient(base_url=origin, headers={"authorization": f"Bearer {token}"},
-                                 timeout=httpx.Timeout(120.0)) as cl:
+    async with httpx.AsyncClient(
+        base_url=origin, headers={"authorization": f"Bearer {token}"}, timeout=httpx.Timeout(120.0)
+    ) as cl:
         opened = asyncio.Event()
         stream = asyncio.create_task(sse(cl, rec, idx, live, opened, stop))
         try:
@@ -433,13 +463,14 @@ class Pinned:
     is interference through the files (locks, page cache, I/O).  Undone on exit.
     """
 
-    def __init__(self, enabled: bool, writer_pid: int, daemon_pid: int | None, server_pid: int,
-                 readers_pid: int | None = None) -> None:
+    def __init__(
+        self, enabled: bool, writer_pid: int, daemon_pid: int | None, server_pid: int, readers_pid: int | None = None
+    ) -> None:
         self.enabled = enabled
         self.train = [writer_pid, daemon_pid]
         self.serve = [server_pid, readers_pid or os.getpid()]
 
-    def __enter__(self) -> "Pinned":
+    def __enter__(self) -> Pinned:
         if self.enabled:
             for pid in self.train:
                 pin(pid, {ALL_CPUS[0]})
@@ -456,13 +487,15 @@ class Pinned:
 class Phase:
     """Per-phase CPU of the server, daemon and this process, and the server's RSS samples in it."""
 
-    def __init__(self, server_pid: int, daemon_pid: int | None, rss: c.RssSampler, readers_pid: int | None = None) -> None:
+    def __init__(
+        self, server_pid: int, daemon_pid: int | None, rss: c.RssSampler, readers_pid: int | None = None
+    ) -> None:
         self.pids = {"server": server_pid, "daemon": daemon_pid}
         if readers_pid is not None:
             self.pids["readers"] = readers_pid
         self.rss = rss
 
-    def __enter__(self) -> "Phase":
+    def __enter__(self) -> Phase:
         self.t0 = time.perf_counter()
         self.cpu0 = {k: cpu_s(p) for k, p in self.pids.items()}
         self.own0 = own_cpu_s()
@@ -484,7 +517,7 @@ class Phase:
             out[f"{k}_cpu_s"] = None if a is None or b is None else b - a
         if "readers" not in self.pids:
             out["readers_cpu_s"] = self.own1 - self.own0
-        samples = self.rss.samples[self.rss_i0:]
+        samples = self.rss.samples[self.rss_i0 :]
         out["server_rss_peak_mb"] = max(samples, default=0) / 1024
         out["machine_pct"] = machine_share(self.m0, self.m1)
         d = [b - a for a, b in zip(self.m0, self.m1)]
@@ -493,8 +526,9 @@ class Phase:
         return out
 
 
-def alone_phase(env: c.IsolatedDaemon, server: ServerProcess, rss: c.RssSampler, run_id: str,
-                duration: float, pinned: bool = False) -> dict[str, Any]:
+def alone_phase(
+    env: c.IsolatedDaemon, server: ServerProcess, rss: c.RssSampler, run_id: str, duration: float, pinned: bool = False
+) -> dict[str, Any]:
     w = Writer(run_id, env.base_dir, duration)
     try:
         with Pinned(pinned, w.proc.pid, env.pid(), server.proc.pid), Phase(server.proc.pid, env.pid(), rss) as ph:
@@ -525,13 +559,27 @@ class LoadGenerator:
     it saw as JSON.  Its CPU time is its own (``/proc``), not the server's or training's.
     """
 
-    def __init__(self, origin: str, token: str, live: str, n_readers: int, nice: int,
-                 period: float | None = None) -> None:
-        cfg = {"origin": origin, "token": token, "live": live, "readers": n_readers, "nice": nice,
-               "think": THINK_S, "big_every": BIG_EVERY, "period": period}
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--role", "load", json.dumps(cfg)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-                                     cwd=os.path.dirname(os.path.abspath(__file__)))
+    def __init__(
+        self, origin: str, token: str, live: str, n_readers: int, nice: int, period: float | None = None
+    ) -> None:
+        cfg = {
+            "origin": origin,
+            "token": token,
+            "live": live,
+            "readers": n_readers,
+            "nice": nice,
+            "think": THINK_S,
+            "big_every": BIG_EVERY,
+            "period": period,
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--role", "load", json.dumps(cfg)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
         self.pid = self.proc.pid
         t0 = time.perf_counter()
         line = self._readline(150)
@@ -592,15 +640,30 @@ def load_role(cfg: dict[str, Any]) -> None:
             loop.call_soon_threadsafe(done.set)
 
         threading.Thread(target=commands, daemon=True).start()
-        tasks = [asyncio.create_task(reader(i, cfg["origin"], cfg["token"], cfg["live"], rec, stop,
-                                            tuple(cfg["think"]), cfg["big_every"], period=cfg.get("period")))
-                 for i in range(n)]
+        tasks = [
+            asyncio.create_task(
+                reader(
+                    i,
+                    cfg["origin"],
+                    cfg["token"],
+                    cfg["live"],
+                    rec,
+                    stop,
+                    tuple(cfg["think"]),
+                    cfg["big_every"],
+                    period=cfg.get("period"),
+                )
+            )
+            for i in range(n)
+        ]
         try:
             deadline = time.perf_counter() + 120
             while rec.ready < n and time.perf_counter() < deadline and not all(t.done() for t in tasks):
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.5)  # every reader into its loop
-            print("ready" if rec.ready == n else f"only {rec.ready}/{n} readers connected: {rec.errors[:3]}", flush=True)
+            print(
+                "ready" if rec.ready == n else f"only {rec.ready}/{n} readers connected: {rec.errors[:3]}", flush=True
+            )
             await go.wait()
             out["go"], out["cpu_go"] = time.time(), own_cpu_s()
             await done.wait()
@@ -610,9 +673,20 @@ def load_role(cfg: dict[str, Any]) -> None:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(run())
-    print(json.dumps({**out, "requests": rec.requests, "timing": rec.timing, "events": rec.events,
-                      "errors": rec.errors, "bytes": rec.bytes,
-                      "bytes_sum": rec.bytes_sum}), flush=True)
+    print(
+        json.dumps(
+            {
+                **out,
+                "requests": rec.requests,
+                "timing": rec.timing,
+                "events": rec.events,
+                "errors": rec.errors,
+                "bytes": rec.bytes,
+                "bytes_sum": rec.bytes_sum,
+            }
+        ),
+        flush=True,
+    )
 
 
 # ---------------------------------------------------------------- the static baseline
@@ -642,9 +716,13 @@ def capture_canned(origin: str, token: str, run_id: str, directory: str) -> dict
     with httpx.Client(base_url=origin, headers={"authorization": f"Bearer {token}"}, timeout=120) as cl:
         chart = cl.get(base + "/series?metric=m0&width=1000")
         committed = series_header(chart.content)["committed"]
-        got = {"runs": cl.get("/api/runs"), "summary": cl.get(base), "chart": chart,
-               "tail": cl.get(base + f"/series?metric=m0&start={max(0, committed - 60_000)}&width={PAGE_WIDTH}"),
-               "big": cl.get(f"/api/runs/default/{BIG_RUN}/series?metric=loss&width=1000")}
+        got = {
+            "runs": cl.get("/api/runs"),
+            "summary": cl.get(base),
+            "chart": chart,
+            "tail": cl.get(base + f"/series?metric=m0&start={max(0, committed - 60_000)}&width={PAGE_WIDTH}"),
+            "big": cl.get(f"/api/runs/default/{BIG_RUN}/series?metric=loss&width=1000"),
+        }
         event = ""
         with cl.stream("GET", f"/api/events?runs=default/{run_id}") as r:
             block: list[str] = []
@@ -676,13 +754,21 @@ def static_role(cfg: dict[str, Any]) -> None:
     for kind in KINDS:
         with open(os.path.join(cfg["dir"], kind), "rb") as f:
             ctype, _, body = f.read().partition(b"\n")
-        canned[kind] = (b"HTTP/1.1 200 OK\r\ncontent-type: " + ctype + b"\r\ncontent-length: "
-                        + str(len(body)).encode() + b"\r\ncache-control: no-store\r\n\r\n" + body)
+        canned[kind] = (
+            b"HTTP/1.1 200 OK\r\ncontent-type: "
+            + ctype
+            + b"\r\ncontent-length: "
+            + str(len(body)).encode()
+            + b"\r\ncache-control: no-store\r\n\r\n"
+            + body
+        )
     with open(os.path.join(cfg["dir"], "event"), "rb") as f:
         event = f.read()
     chunk = f"{len(event):x}\r\n".encode() + event + b"\r\n"
-    sse_head = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-store\r\n"
-                b"transfer-encoding: chunked\r\n\r\n" + b"d\r\nretry: 1000\n\n\r\n")
+    sse_head = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-store\r\n"
+        b"transfer-encoding: chunked\r\n\r\n" + b"d\r\nretry: 1000\n\n\r\n"
+    )
 
     def kind_of(path: bytes) -> str:
         if path == b"/api/runs" or path.startswith(b"/api/runs?"):
@@ -723,9 +809,19 @@ def static_role(cfg: dict[str, Any]) -> None:
     asyncio.run(main_())
 
 
-def loaded_phase(env: c.IsolatedDaemon, server: ServerProcess, rss: c.RssSampler, token: str, run_id: str,
-                 duration: float, n_readers: int, pinned: bool = False, reader_nice: int = 19,
-                 kobo: bool = True, period: float | None = None) -> dict[str, Any]:
+def loaded_phase(
+    env: c.IsolatedDaemon,
+    server: ServerProcess,
+    rss: c.RssSampler,
+    token: str,
+    run_id: str,
+    duration: float,
+    n_readers: int,
+    pinned: bool = False,
+    reader_nice: int = 19,
+    kobo: bool = True,
+    period: float | None = None,
+) -> dict[str, Any]:
     """The training script with ``n_readers`` readers (a :class:`LoadGenerator`) on ``server``:
     kobo-serve (``kobo``) or the static baseline."""
     w = Writer(run_id, env.base_dir, duration)
@@ -734,8 +830,10 @@ def loaded_phase(env: c.IsolatedDaemon, server: ServerProcess, rss: c.RssSampler
         lg = LoadGenerator(server.origin, token, run_id, n_readers, reader_nice, period)
         stats0 = asyncio.run(api_stats(server.origin, token)) if kobo else {"polls": 0}
         t_stats0 = time.perf_counter()
-        with Pinned(pinned, w.proc.pid, env.pid(), server.proc.pid, lg.pid), \
-                Phase(server.proc.pid, env.pid(), rss, lg.pid) as ph:
+        with (
+            Pinned(pinned, w.proc.pid, env.pid(), server.proc.pid, lg.pid),
+            Phase(server.proc.pid, env.pid(), rss, lg.pid) as ph,
+        ):
             lg.say("go")
             w.go()
             res = w.result(duration + 120)
@@ -751,28 +849,47 @@ def loaded_phase(env: c.IsolatedDaemon, server: ServerProcess, rss: c.RssSampler
     t0, t1 = res["t0"], res["t_flushed"]
     window = [(ms, kind) for (ws, ms, kind) in seen["requests"] if t0 <= ws <= t1]
     lat = {k: sorted(ms for ms, kind in window if kind == k) for k in KINDS}
-    timing = {k: [tm for ws, kind, tm in seen["timing"] if kind == k and t0 <= ws <= t1] for k in ("chart", "tail", "big")}
+    timing = {
+        k: [tm for ws, kind, tm in seen["timing"] if kind == k and t0 <= ws <= t1] for k in ("chart", "tail", "big")
+    }
     events = [len([e for e in ev if t0 <= e <= t1]) for ev in seen["events"]]
     polls = stats1["polls"] - stats0["polls"]
     out = {
-        "writer": res, "read_back": back, "values_s": back["values"] / res["elapsed_s"], **ph.result(),
-        "writer_cpu_s": res["cpu_s"], "window_s": t1 - t0, "ramp_s": lg.ramp_s,
+        "writer": res,
+        "read_back": back,
+        "values_s": back["values"] / res["elapsed_s"],
+        **ph.result(),
+        "writer_cpu_s": res["cpu_s"],
+        "window_s": t1 - t0,
+        "ramp_s": lg.ramp_s,
         "values_per_writer_cpu_s": back["values"] / res["cpu_s"] if res["cpu_s"] else None,
         "lat_ms": {k: v for k, v in lat.items()},
         "p50_ms": {k: c.percentile(v, 50) for k, v in lat.items()},
         "p99_ms": {k: c.percentile(v, 99) for k, v in lat.items()},
         "requests": {k: len(v) for k, v in lat.items()},
         "requests_per_s": {k: len(v) / (t1 - t0) for k, v in lat.items()},
-        "server_timing_median_ms": {k: {**{f: c.median(t.get(f, float("nan")) for t in v) for f in ("read", "reduce")},
-                                        "in_server": c.median(in_server(t) for t in v),
-                                        "cached_pct": 100 * sum("cache" in t for t in v) / len(v)}
-                                    for k, v in timing.items() if v},
-        "bytes": seen["bytes"], "bytes_sum": seen["bytes_sum"],
-        "mean_bytes": {k: seen["bytes_sum"].get(k, 0) / max(1, sum(1 for *_, kind in seen["requests"] if kind == k))
-                       for k in KINDS},
-        "sse_events": events, "sse_events_total": sum(len(ev) for ev in seen["events"]),
-        "errors": len(seen["errors"]), "error_samples": seen["errors"][:10],
-        "stats0": stats0, "stats1": stats1, "polls": polls, "polls_s": t_stats1 - t_stats0,
+        "server_timing_median_ms": {
+            k: {
+                **{f: c.median(t.get(f, float("nan")) for t in v) for f in ("read", "reduce")},
+                "in_server": c.median(in_server(t) for t in v),
+                "cached_pct": 100 * sum("cache" in t for t in v) / len(v),
+            }
+            for k, v in timing.items()
+            if v
+        },
+        "bytes": seen["bytes"],
+        "bytes_sum": seen["bytes_sum"],
+        "mean_bytes": {
+            k: seen["bytes_sum"].get(k, 0) / max(1, sum(1 for *_, kind in seen["requests"] if kind == k)) for k in KINDS
+        },
+        "sse_events": events,
+        "sse_events_total": sum(len(ev) for ev in seen["events"]),
+        "errors": len(seen["errors"]),
+        "error_samples": seen["errors"][:10],
+        "stats0": stats0,
+        "stats1": stats1,
+        "polls": polls,
+        "polls_s": t_stats1 - t_stats0,
         "polls_50_independent": polls * n_readers,
     }
     out["others_cpu_s"] = others_cpu(out)
@@ -799,14 +916,21 @@ def single_reader(server: ServerProcess, token: str, live: str, loops: int) -> d
     lat = {k: sorted(ms for _, ms, kind in rec.requests if kind == k) for k in KINDS}
     big_timing = [tm for _, kind, tm in rec.timing if kind == "big"]
     return {
-        "lat_ms": lat, "p50_ms": {k: c.percentile(v, 50) for k, v in lat.items()},
+        "lat_ms": lat,
+        "p50_ms": {k: c.percentile(v, 50) for k, v in lat.items()},
         "p99_ms": {k: c.percentile(v, 99) for k, v in lat.items()},
-        "requests": {k: len(v) for k, v in lat.items()}, "errors": len(rec.errors), "error_samples": rec.errors[:10],
-        "server_timing_big_median_ms": {"in_server": c.median(in_server(t) for t in big_timing) if big_timing else float("nan"),
-                                        "cached_pct": 100 * sum("cache" in t for t in big_timing) / max(1, len(big_timing))},
-        "server_cpu_s": None if cpu0 is None or cpu1 is None else cpu1 - cpu0, "wall_s": wall,
-        "server_cpu_ms_per_request": None if cpu0 is None or cpu1 is None else
-        1e3 * (cpu1 - cpu0) / max(1, sum(len(v) for v in lat.values())),
+        "requests": {k: len(v) for k, v in lat.items()},
+        "errors": len(rec.errors),
+        "error_samples": rec.errors[:10],
+        "server_timing_big_median_ms": {
+            "in_server": c.median(in_server(t) for t in big_timing) if big_timing else float("nan"),
+            "cached_pct": 100 * sum("cache" in t for t in big_timing) / max(1, len(big_timing)),
+        },
+        "server_cpu_s": None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
+        "wall_s": wall,
+        "server_cpu_ms_per_request": None
+        if cpu0 is None or cpu1 is None
+        else 1e3 * (cpu1 - cpu0) / max(1, sum(len(v) for v in lat.values())),
     }
 
 
@@ -814,9 +938,11 @@ def single_reader(server: ServerProcess, token: str, live: str, loops: int) -> d
 
 
 def fmt_machine(pct: dict[str, float]) -> str:
-    return (f"busy {pct['busy']:.0f} % (user {pct['user'] + pct['nice']:.0f}, system {pct['system']:.0f}, "
-            f"softirq {pct['softirq']:.0f}), idle {pct['idle']:.0f} %, iowait {pct['iowait']:.0f} %, "
-            f"steal {pct['steal']:.0f} %")
+    return (
+        f"busy {pct['busy']:.0f} % (user {pct['user'] + pct['nice']:.0f}, system {pct['system']:.0f}, "
+        f"softirq {pct['softirq']:.0f}), idle {pct['idle']:.0f} %, iowait {pct['iowait']:.0f} %, "
+        f"steal {pct['steal']:.0f} %"
+    )
 
 
 def build_records(res: dict[str, Any], n_readers: int) -> list[dict[str, Any]]:
@@ -830,143 +956,308 @@ def build_records(res: dict[str, Any], n_readers: int) -> list[dict[str, Any]]:
             key = f"p{q}_ms"
             sv = single[key][kind]
             st = f"; static server, same load: {med(p[key][kind] for p in static):.0f} ms" if static else ""
-            recs.append(m(f"serve_{kind}_p{q}_ms", f"{label} p{q}, {n_readers} readers + training script", unit="ms",
-                          target=None, op="<=", values=[p[key][kind] for p in loaded],
-                          baseline=f"1 reader, no training script: {sv:.1f} ms{st}",
-                          baseline_values={"single_reader_ms": sv, "single_requests": single["requests"][kind],
-                                           "static_ms": [p[key][kind] for p in static]},
-                          extra={"requests_in_window": [p["requests"][kind] for p in loaded],
-                                 "requests_per_s": [p["requests_per_s"][kind] for p in loaded]}))
+            recs.append(
+                m(
+                    f"serve_{kind}_p{q}_ms",
+                    f"{label} p{q}, {n_readers} readers + training script",
+                    unit="ms",
+                    target=None,
+                    op="<=",
+                    values=[p[key][kind] for p in loaded],
+                    baseline=f"1 reader, no training script: {sv:.1f} ms{st}",
+                    baseline_values={
+                        "single_reader_ms": sv,
+                        "single_requests": single["requests"][kind],
+                        "static_ms": [p[key][kind] for p in static],
+                    },
+                    extra={
+                        "requests_in_window": [p["requests"][kind] for p in loaded],
+                        "requests_per_s": [p["requests_per_s"][kind] for p in loaded],
+                    },
+                )
+            )
     for kind in ("summary", "tail"):
         sv50, sv99 = single["p50_ms"][kind], single["p99_ms"][kind]
-        recs.append(m(f"serve_{kind}_p50_ms", f"{KIND_NAMES[kind]} p50 (p99 in extra), {n_readers} readers",
-                      unit="ms", target=None, op="<=", values=[p["p50_ms"][kind] for p in loaded],
-                      baseline=f"1 reader: p50 {sv50:.1f} ms, p99 {sv99:.1f} ms; under load p99 "
-                               f"{med(p['p99_ms'][kind] for p in loaded):.0f} ms",
-                      baseline_values={"single_p50_ms": sv50, "single_p99_ms": sv99},
-                      extra={"p99_ms": [p["p99_ms"][kind] for p in loaded],
-                             "requests_per_s": [p["requests_per_s"][kind] for p in loaded]}))
+        recs.append(
+            m(
+                f"serve_{kind}_p50_ms",
+                f"{KIND_NAMES[kind]} p50 (p99 in extra), {n_readers} readers",
+                unit="ms",
+                target=None,
+                op="<=",
+                values=[p["p50_ms"][kind] for p in loaded],
+                baseline=f"1 reader: p50 {sv50:.1f} ms, p99 {sv99:.1f} ms; under load p99 "
+                f"{med(p['p99_ms'][kind] for p in loaded):.0f} ms",
+                baseline_values={"single_p50_ms": sv50, "single_p99_ms": sv99},
+                extra={
+                    "p99_ms": [p["p99_ms"][kind] for p in loaded],
+                    "requests_per_s": [p["requests_per_s"][kind] for p in loaded],
+                },
+            )
+        )
     big_t = [p["server_timing_median_ms"].get("big", {}) for p in loaded]
-    recs.append(m("serve_big_server_ms", "1M-point chart: time in the server's worker (read + reduce, or the answer cache; Server-Timing), loaded",
-                  unit="ms", target=None, op="<=",
-                  values=[t.get("in_server", float("nan")) for t in big_t],
-                  baseline="1 reader: {:.1f} ms".format(single["server_timing_big_median_ms"]["in_server"]),
-                  extra={"per_repeat": big_t, "single": single["server_timing_big_median_ms"]},
-                  note="client p50 minus this = waiting (server event loop, worker threads, this process's loop)"))
+    recs.append(
+        m(
+            "serve_big_server_ms",
+            "1M-point chart: time in the server's worker (read + reduce, or the answer cache; Server-Timing), loaded",
+            unit="ms",
+            target=None,
+            op="<=",
+            values=[t.get("in_server", float("nan")) for t in big_t],
+            baseline="1 reader: {:.1f} ms".format(single["server_timing_big_median_ms"]["in_server"]),
+            extra={"per_repeat": big_t, "single": single["server_timing_big_median_ms"]},
+            note="client p50 minus this = waiting (server event loop, worker threads, this process's loop)",
+        )
+    )
     ev = [med(p["sse_events"]) for p in loaded]
-    recs.append(m("serve_sse_events", "SSE run events per reader during the write (median reader)", unit="events",
-                  target=None, op=">=", values=ev,
-                  baseline="; ".join(f"min {min(p['sse_events'])} max {max(p['sse_events'])} in {p['window_s']:.1f} s"
-                                     for p in loaded),
-                  extra={"per_reader": [p["sse_events"] for p in loaded],
-                         "window_s": [p["window_s"] for p in loaded]}))
-    recs.append(m("serve_errors", f"errors (exceptions, non-200) across {n_readers} readers", unit="errors",
-                  target=0.0, op="<=", values=[float(p["errors"]) for p in loaded],
-                  baseline=f"1 reader: {single['errors']}",
-                  extra={"samples": [p["error_samples"] for p in loaded]}))
-    recs.append(m("serve_writer_loaded_values_s", f"training script durable values/s, {n_readers} readers", unit="values/s",
-                  target=None, op=">=", values=[p["values_s"] for p in loaded],
-                  baseline=f"no readers {med(a['values_s'] for a in alone) / 1e6:.2f} M values/s "
-                           f"[{min(a['values_s'] for a in alone) / 1e6:.2f} .. {max(a['values_s'] for a in alone) / 1e6:.2f}]",
-                  baseline_values={"alone_values_s": [a["values_s"] for a in alone]},
-                  extra={"writer_cpu_s": [p["writer_cpu_s"] for p in loaded],
-                         "alone_writer_cpu_s": [a["writer_cpu_s"] for a in alone],
-                         "complete": [p["read_back"]["complete"] for p in loaded + alone]}))
+    recs.append(
+        m(
+            "serve_sse_events",
+            "SSE run events per reader during the write (median reader)",
+            unit="events",
+            target=None,
+            op=">=",
+            values=ev,
+            baseline="; ".join(
+                f"min {min(p['sse_events'])} max {max(p['sse_events'])} in {p['window_s']:.1f} s" for p in loaded
+            ),
+            extra={"per_reader": [p["sse_events"] for p in loaded], "window_s": [p["window_s"] for p in loaded]},
+        )
+    )
+    recs.append(
+        m(
+            "serve_errors",
+            f"errors (exceptions, non-200) across {n_readers} readers",
+            unit="errors",
+            target=0.0,
+            op="<=",
+            values=[float(p["errors"]) for p in loaded],
+            baseline=f"1 reader: {single['errors']}",
+            extra={"samples": [p["error_samples"] for p in loaded]},
+        )
+    )
+    recs.append(
+        m(
+            "serve_writer_loaded_values_s",
+            f"training script durable values/s, {n_readers} readers",
+            unit="values/s",
+            target=None,
+            op=">=",
+            values=[p["values_s"] for p in loaded],
+            baseline=f"no readers {med(a['values_s'] for a in alone) / 1e6:.2f} M values/s "
+            f"[{min(a['values_s'] for a in alone) / 1e6:.2f} .. {max(a['values_s'] for a in alone) / 1e6:.2f}]",
+            baseline_values={"alone_values_s": [a["values_s"] for a in alone]},
+            extra={
+                "writer_cpu_s": [p["writer_cpu_s"] for p in loaded],
+                "alone_writer_cpu_s": [a["writer_cpu_s"] for a in alone],
+                "complete": [p["read_back"]["complete"] for p in loaded + alone],
+            },
+        )
+    )
     ratios = [round(100 * p["values_s"] / a["values_s"], 1) for p, a in zip(loaded, alone)]
-    recs.append(m("serve_writer_ratio_pct", "training script: values/s with readers / without (per repeat)", unit="%",
-                  target=95.0, op=">=", values=ratios,
-                  baseline=f"ratio of medians {100 * med(p['values_s'] for p in loaded) / med(a['values_s'] for a in alone):.0f} %",
-                  note="100 % = the readers did not slow training"))
+    recs.append(
+        m(
+            "serve_writer_ratio_pct",
+            "training script: values/s with readers / without (per repeat)",
+            unit="%",
+            target=95.0,
+            op=">=",
+            values=ratios,
+            baseline=f"ratio of medians {100 * med(p['values_s'] for p in loaded) / med(a['values_s'] for a in alone):.0f} %",
+            note="100 % = the readers did not slow training",
+        )
+    )
     if static:
         sr = [round(100 * p["values_s"] / a["values_s"], 1) for p, a in zip(static, alone)]
-        recs.append(m("serve_writer_static_ratio_pct", "same readers on a static server (canned answers): values/s "
-                      "/ without readers", unit="%", target=None, op=">=", values=sr,
-                      baseline=f"static server CPU {med(100 * p['server_cpu_s'] / p['wall_s'] for p in static):.1f} % "
-                               f"of a core, readers {med(100 * p['readers_cpu_s'] / p['wall_s'] for p in static):.0f} %",
-                      note="what the readers themselves (and any HTTP server at all) cost training on this machine"))
+        recs.append(
+            m(
+                "serve_writer_static_ratio_pct",
+                "same readers on a static server (canned answers): values/s / without readers",
+                unit="%",
+                target=None,
+                op=">=",
+                values=sr,
+                baseline=f"static server CPU {med(100 * p['server_cpu_s'] / p['wall_s'] for p in static):.1f} % "
+                f"of a core, readers {med(100 * p['readers_cpu_s'] / p['wall_s'] for p in static):.0f} %",
+                note="what the readers themselves (and any HTTP server at all) cost training on this machine",
+            )
+        )
         vs = [round(100 * p["values_s"] / q["values_s"], 1) for p, q in zip(loaded, static)]
-        recs.append(m("serve_writer_vs_static_pct", "kobo-serve's own cost: values/s with readers on kobo-serve / "
-                      "with the same readers on the static server (per repeat)", unit="%", target=95.0, op=">=",
-                      values=vs, baseline=f"alone-to-alone spread (noise): "
-                      f"{100 * min(a['values_s'] for a in alone) / max(a['values_s'] for a in alone):.0f} % of the best",
-                      note="100 % = kobo-serve costs training no more than a server that does no work"))
+        recs.append(
+            m(
+                "serve_writer_vs_static_pct",
+                "kobo-serve's own cost: values/s with readers on kobo-serve / "
+                "with the same readers on the static server (per repeat)",
+                unit="%",
+                target=95.0,
+                op=">=",
+                values=vs,
+                baseline=f"alone-to-alone spread (noise): "
+                f"{100 * min(a['values_s'] for a in alone) / max(a['values_s'] for a in alone):.0f} % of the best",
+                note="100 % = kobo-serve costs training no more than a server that does no work",
+            )
+        )
     eff_l = [p["values_per_writer_cpu_s"] for p in loaded if p["values_per_writer_cpu_s"]]
     eff_a = [a["values_per_writer_cpu_s"] for a in alone if a["values_per_writer_cpu_s"]]
-    recs.append(m("serve_writer_per_cpu", f"training script values per CPU-second of its own, {n_readers} readers",
-                  unit="values/s", target=None, op=">=", values=eff_l,
-                  baseline=f"no readers {med(eff_a) / 1e6:.2f} M [{min(eff_a) / 1e6:.2f} .. {max(eff_a) / 1e6:.2f}]; "
-                           f"its CPU {med(100 * p['writer_cpu_s'] / p['wall_s'] for p in loaded):.0f} % of a core with "
-                           f"readers, {med(100 * a['writer_cpu_s'] / a['wall_s'] for a in alone):.0f} % without; client "
-                           f"queue peak {med(p['writer']['peak_queue'] for p in loaded):,.0f} with, "
-                           f"{med(a['writer']['peak_queue'] for a in alone):,.0f} without",
-                  baseline_values={"alone": eff_a},
-                  extra={"peak_queue": [p["writer"]["peak_queue"] for p in loaded],
-                         "alone_peak_queue": [a["writer"]["peak_queue"] for a in alone]},
-                  note="same values per CPU-second and an empty queue with readers: training lost CPU time, "
-                       "it was not blocked by the daemon or by locks"))
+    recs.append(
+        m(
+            "serve_writer_per_cpu",
+            f"training script values per CPU-second of its own, {n_readers} readers",
+            unit="values/s",
+            target=None,
+            op=">=",
+            values=eff_l,
+            baseline=f"no readers {med(eff_a) / 1e6:.2f} M [{min(eff_a) / 1e6:.2f} .. {max(eff_a) / 1e6:.2f}]; "
+            f"its CPU {med(100 * p['writer_cpu_s'] / p['wall_s'] for p in loaded):.0f} % of a core with "
+            f"readers, {med(100 * a['writer_cpu_s'] / a['wall_s'] for a in alone):.0f} % without; client "
+            f"queue peak {med(p['writer']['peak_queue'] for p in loaded):,.0f} with, "
+            f"{med(a['writer']['peak_queue'] for a in alone):,.0f} without",
+            baseline_values={"alone": eff_a},
+            extra={
+                "peak_queue": [p["writer"]["peak_queue"] for p in loaded],
+                "alone_peak_queue": [a["writer"]["peak_queue"] for a in alone],
+            },
+            note="same values per CPU-second and an empty queue with readers: training lost CPU time, "
+            "it was not blocked by the daemon or by locks",
+        )
+    )
     lp, ap = res.get("loaded_pinned") or [], res.get("alone_pinned") or []
     if lp and ap:
-        recs.append(m("serve_writer_pinned_values_s", f"same, pinned (training + daemon: CPU 0; server + readers: CPU 1), "
-                      f"{n_readers} readers", unit="values/s", target=None, op=">=", values=[p["values_s"] for p in lp],
-                      baseline=f"pinned, no readers {med(a['values_s'] for a in ap) / 1e6:.2f} M values/s "
-                               f"[{min(a['values_s'] for a in ap) / 1e6:.2f} .. {max(a['values_s'] for a in ap) / 1e6:.2f}]",
-                      baseline_values={"alone_values_s": [a["values_s"] for a in ap]},
-                      extra={"p50_ms": [p["p50_ms"] for p in lp], "p99_ms": [p["p99_ms"] for p in lp],
-                             "errors": [p["errors"] for p in lp], "sse_events_median": [med(p["sse_events"]) for p in lp],
-                             "server_cpu_pct": [100 * p["server_cpu_s"] / p["wall_s"] for p in lp],
-                             "machine_pct": [p["machine_pct"] for p in lp],
-                             "alone_machine_pct": [a["machine_pct"] for a in ap]}))
+        recs.append(
+            m(
+                "serve_writer_pinned_values_s",
+                f"same, pinned (training + daemon: CPU 0; server + readers: CPU 1), {n_readers} readers",
+                unit="values/s",
+                target=None,
+                op=">=",
+                values=[p["values_s"] for p in lp],
+                baseline=f"pinned, no readers {med(a['values_s'] for a in ap) / 1e6:.2f} M values/s "
+                f"[{min(a['values_s'] for a in ap) / 1e6:.2f} .. {max(a['values_s'] for a in ap) / 1e6:.2f}]",
+                baseline_values={"alone_values_s": [a["values_s"] for a in ap]},
+                extra={
+                    "p50_ms": [p["p50_ms"] for p in lp],
+                    "p99_ms": [p["p99_ms"] for p in lp],
+                    "errors": [p["errors"] for p in lp],
+                    "sse_events_median": [med(p["sse_events"]) for p in lp],
+                    "server_cpu_pct": [100 * p["server_cpu_s"] / p["wall_s"] for p in lp],
+                    "machine_pct": [p["machine_pct"] for p in lp],
+                    "alone_machine_pct": [a["machine_pct"] for a in ap],
+                },
+            )
+        )
         pr = [round(100 * p["values_s"] / a["values_s"], 1) for p, a in zip(lp, ap)]
-        recs.append(m("serve_writer_pinned_ratio_pct", "pinned: values/s with readers / without (per repeat)", unit="%",
-                      target=95.0, op=">=", values=pr,
-                      baseline=f"ratio of medians {100 * med(p['values_s'] for p in lp) / med(a['values_s'] for a in ap):.0f} %",
-                      note="with no CPU shared, what is left is interference through files/locks/I/O"))
-    recs.append(m("serve_rss_peak_mb", "kobo-serve peak VmRSS (whole benchmark)", unit="MB", target=None, op="<=",
-                  values=[res["rss_peak_mb"]],
-                  baseline=f"after start {res['rss_start_mb']:.0f} MB; after the single reader "
-                           f"{res['rss_after_single_mb']:.0f} MB",
-                  baseline_values={"start_mb": res["rss_start_mb"]},
-                  extra={"loaded_phase_peaks_mb": [p["server_rss_peak_mb"] for p in loaded],
-                         "at_peak_kb": res.get("rss_at_peak")}))
+        recs.append(
+            m(
+                "serve_writer_pinned_ratio_pct",
+                "pinned: values/s with readers / without (per repeat)",
+                unit="%",
+                target=95.0,
+                op=">=",
+                values=pr,
+                baseline=f"ratio of medians {100 * med(p['values_s'] for p in lp) / med(a['values_s'] for a in ap):.0f} %",
+                note="with no CPU shared, what is left is interference through files/locks/I/O",
+            )
+        )
+    recs.append(
+        m(
+            "serve_rss_peak_mb",
+            "kobo-serve peak VmRSS (whole benchmark)",
+            unit="MB",
+            target=None,
+            op="<=",
+            values=[res["rss_peak_mb"]],
+            baseline=f"after start {res['rss_start_mb']:.0f} MB; after the single reader "
+            f"{res['rss_after_single_mb']:.0f} MB",
+            baseline_values={"start_mb": res["rss_start_mb"]},
+            extra={
+                "loaded_phase_peaks_mb": [p["server_rss_peak_mb"] for p in loaded],
+                "at_peak_kb": res.get("rss_at_peak"),
+            },
+        )
+    )
     if static:
-        recs.append(m("serve_cpu_ms_per_request", f"kobo-serve CPU per request, {n_readers} readers (ms)", unit="ms",
-                      target=None, op="<=", values=[p["server_cpu_ms_per_request"] for p in loaded],
-                      baseline=f"static server {med(p['server_cpu_ms_per_request'] for p in static):.2f} ms; "
-                               f"readers {med(p['readers_cpu_ms_per_request'] for p in loaded):.2f} ms per request; "
-                               f"requests/s {med(p['requests_total'] / p['window_s'] for p in loaded):.0f} (kobo-serve), "
-                               f"{med(p['requests_total'] / p['window_s'] for p in static):.0f} (static)",
-                      extra={"static": [p["server_cpu_ms_per_request"] for p in static],
-                             "readers_loaded": [p["readers_cpu_ms_per_request"] for p in loaded],
-                             "requests_per_s": [p["requests_total"] / p["window_s"] for p in loaded],
-                             "static_requests_per_s": [p["requests_total"] / p["window_s"] for p in static]}))
+        recs.append(
+            m(
+                "serve_cpu_ms_per_request",
+                f"kobo-serve CPU per request, {n_readers} readers (ms)",
+                unit="ms",
+                target=None,
+                op="<=",
+                values=[p["server_cpu_ms_per_request"] for p in loaded],
+                baseline=f"static server {med(p['server_cpu_ms_per_request'] for p in static):.2f} ms; "
+                f"readers {med(p['readers_cpu_ms_per_request'] for p in loaded):.2f} ms per request; "
+                f"requests/s {med(p['requests_total'] / p['window_s'] for p in loaded):.0f} (kobo-serve), "
+                f"{med(p['requests_total'] / p['window_s'] for p in static):.0f} (static)",
+                extra={
+                    "static": [p["server_cpu_ms_per_request"] for p in static],
+                    "readers_loaded": [p["readers_cpu_ms_per_request"] for p in loaded],
+                    "requests_per_s": [p["requests_total"] / p["window_s"] for p in loaded],
+                    "static_requests_per_s": [p["requests_total"] / p["window_s"] for p in static],
+                },
+            )
+        )
     cpu = [100 * p["server_cpu_s"] / p["wall_s"] for p in loaded]
-    recs.append(m("serve_cpu_pct", f"kobo-serve CPU (% of one core), {n_readers} readers", unit="%", target=None,
-                  op="<=", values=[round(v, 1) for v in cpu],
-                  baseline=f"no readers {med(100 * a['server_cpu_s'] / a['wall_s'] for a in alone):.1f} %; "
-                           f"1 reader {100 * (single['server_cpu_s'] or 0) / single['wall_s']:.0f} %",
-                  extra={"daemon_cpu_pct": [100 * p["daemon_cpu_s"] / p["wall_s"] for p in loaded if p["daemon_cpu_s"] is not None],
-                         "alone_daemon_cpu_pct": [100 * a["daemon_cpu_s"] / a["wall_s"] for a in alone if a["daemon_cpu_s"] is not None],
-                         "readers_cpu_pct": [100 * p["readers_cpu_s"] / p["wall_s"] for p in loaded],
-                         "writer_cpu_pct": [100 * p["writer_cpu_s"] / p["wall_s"] for p in loaded],
-                         "alone_writer_cpu_pct": [100 * a["writer_cpu_s"] / a["wall_s"] for a in alone],
-                         "machine_pct": [p["machine_pct"] for p in loaded],
-                         "alone_machine_pct": [a["machine_pct"] for a in alone],
-                         "others_cpu_pct": [100 * p["others_cpu_s"] / p["wall_s"] for p in loaded],
-                         "alone_others_cpu_pct": [100 * a["others_cpu_s"] / a["wall_s"] for a in alone],
-                         "server_cpu_ms_per_request": [p["server_cpu_ms_per_request"] for p in loaded],
-                         "single_server_cpu_ms_per_request": single["server_cpu_ms_per_request"]}))
-    recs.append(m("serve_others_cpu_pct", "CPU used by other processes on the machine (% of one core), loaded phases",
-                  unit="%", target=None, op="<=", values=[round(100 * p["others_cpu_s"] / p["wall_s"], 1) for p in loaded],
-                  baseline=f"no-reader phases {med(100 * a['others_cpu_s'] / a['wall_s'] for a in alone):.0f} %",
-                  note="anything but kobo-serve, the daemon, the training script and the readers: noise"))
-    recs.append(m("serve_polls", f"live poller reads (/api/stats polls) while {n_readers} streams were open", unit="polls",
-                  target=None, op="<=", values=[float(p["polls"]) for p in loaded],
-                  baseline="one poller per stream: " + "; ".join(
-                      f"{p['polls_50_independent']:,} ({n_readers} x), {n_readers * p['polls_s'] / 0.25:,.0f} at 0.25 s"
-                      for p in loaded),
-                  extra={"seconds": [p["polls_s"] for p in loaded],
-                         "poll_interval_s": [p["polls_s"] / p["polls"] if p["polls"] else None for p in loaded],
-                         "stats_at_start": [p["stats0"] for p in loaded]}))
+    recs.append(
+        m(
+            "serve_cpu_pct",
+            f"kobo-serve CPU (% of one core), {n_readers} readers",
+            unit="%",
+            target=None,
+            op="<=",
+            values=[round(v, 1) for v in cpu],
+            baseline=f"no readers {med(100 * a['server_cpu_s'] / a['wall_s'] for a in alone):.1f} %; "
+            f"1 reader {100 * (single['server_cpu_s'] or 0) / single['wall_s']:.0f} %",
+            extra={
+                "daemon_cpu_pct": [
+                    100 * p["daemon_cpu_s"] / p["wall_s"] for p in loaded if p["daemon_cpu_s"] is not None
+                ],
+                "alone_daemon_cpu_pct": [
+                    100 * a["daemon_cpu_s"] / a["wall_s"] for a in alone if a["daemon_cpu_s"] is not None
+                ],
+                "readers_cpu_pct": [100 * p["readers_cpu_s"] / p["wall_s"] for p in loaded],
+                "writer_cpu_pct": [100 * p["writer_cpu_s"] / p["wall_s"] for p in loaded],
+                "alone_writer_cpu_pct": [100 * a["writer_cpu_s"] / a["wall_s"] for a in alone],
+                "machine_pct": [p["machine_pct"] for p in loaded],
+                "alone_machine_pct": [a["machine_pct"] for a in alone],
+                "others_cpu_pct": [100 * p["others_cpu_s"] / p["wall_s"] for p in loaded],
+                "alone_others_cpu_pct": [100 * a["others_cpu_s"] / a["wall_s"] for a in alone],
+                "server_cpu_ms_per_request": [p["server_cpu_ms_per_request"] for p in loaded],
+                "single_server_cpu_ms_per_request": single["server_cpu_ms_per_request"],
+            },
+        )
+    )
+    recs.append(
+        m(
+            "serve_others_cpu_pct",
+            "CPU used by other processes on the machine (% of one core), loaded phases",
+            unit="%",
+            target=None,
+            op="<=",
+            values=[round(100 * p["others_cpu_s"] / p["wall_s"], 1) for p in loaded],
+            baseline=f"no-reader phases {med(100 * a['others_cpu_s'] / a['wall_s'] for a in alone):.0f} %",
+            note="anything but kobo-serve, the daemon, the training script and the readers: noise",
+        )
+    )
+    recs.append(
+        m(
+            "serve_polls",
+            f"live poller reads (/api/stats polls) while {n_readers} streams were open",
+            unit="polls",
+            target=None,
+            op="<=",
+            values=[float(p["polls"]) for p in loaded],
+            baseline="one poller per stream: "
+            + "; ".join(
+                f"{p['polls_50_independent']:,} ({n_readers} x), {n_readers * p['polls_s'] / 0.25:,.0f} at 0.25 s"
+                for p in loaded
+            ),
+            extra={
+                "seconds": [p["polls_s"] for p in loaded],
+                "poll_interval_s": [p["polls_s"] / p["polls"] if p["polls"] else None for p in loaded],
+                "stats_at_start": [p["stats0"] for p in loaded],
+            },
+        )
+    )
     return recs
 
 
@@ -977,23 +1268,43 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 repeats of 4 s, 40 single-reader loops")
     p.add_argument("--repeats", type=int, default=None, help="repeats of the alone/loaded pair (default 5, --quick 2)")
-    p.add_argument("--duration", type=float, default=None, help="seconds the training script logs (default 8, --quick 4)")
+    p.add_argument(
+        "--duration", type=float, default=None, help="seconds the training script logs (default 8, --quick 4)"
+    )
     p.add_argument("--readers", type=int, default=50, help="concurrent readers (default 50)")
     p.add_argument("--single", type=int, default=None, help="loops of the single reader (default 150, --quick 40)")
     p.add_argument("--out", default=None, help="also write the metric records (JSON list) here")
     p.add_argument("--json", default=os.path.join(c.RESULTS_DIR, "serve.json"), help="where to write the results")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (runs, daemon log, accounts) for inspection")
-    p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
-                   help="first wait up to SECONDS for the 1-min load average to fall below 0.7")
-    p.add_argument("--reader-nice", type=int, default=19, metavar="N",
-                   help="niceness of the load generator (the 50 readers' process; default 19, the lowest priority: "
-                        "the simulated browsers, which in real use run on other machines, take as little CPU from "
-                        "training as the scheduler allows)")
-    p.add_argument("--server-nice", type=int, default=10, metavar="N",
-                   help="kobo-serve --nice (default 10, its default); the static baseline server runs at the same")
-    p.add_argument("--pinned", action="store_true",
-                   help="also the pinned pair (training script + daemon on CPU 0, server + readers on CPU 1); "
-                        "about doubles the time")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="first wait up to SECONDS for the 1-min load average to fall below 0.7",
+    )
+    p.add_argument(
+        "--reader-nice",
+        type=int,
+        default=19,
+        metavar="N",
+        help="niceness of the load generator (the 50 readers' process; default 19, the lowest priority: "
+        "the simulated browsers, which in real use run on other machines, take as little CPU from "
+        "training as the scheduler allows)",
+    )
+    p.add_argument(
+        "--server-nice",
+        type=int,
+        default=10,
+        metavar="N",
+        help="kobo-serve --nice (default 10, its default); the static baseline server runs at the same",
+    )
+    p.add_argument(
+        "--pinned",
+        action="store_true",
+        help="also the pinned pair (training script + daemon on CPU 0, server + readers on CPU 1); "
+        "about doubles the time",
+    )
     args = p.parse_args()
     if len(ALL_CPUS) < 2:
         args.pinned = False
@@ -1017,17 +1328,34 @@ def main() -> None:
             cfg = os.path.join(env.dir, "serve-config")
             password = secrets.token_urlsafe(18)
             t0 = time.perf_counter()
-            subprocess.run(serve_cmd("--config-dir", cfg, "user", "add", "bench", "--password-stdin"),
-                           input=password + "\n", text=True, capture_output=True, check=True, timeout=60)
-            out = subprocess.run(serve_cmd("--config-dir", cfg, "token", "create", "bench", "--label", "bench_serve"),
-                                 text=True, capture_output=True, check=True, timeout=60)
+            subprocess.run(
+                serve_cmd("--config-dir", cfg, "user", "add", "bench", "--password-stdin"),
+                input=password + "\n",
+                text=True,
+                capture_output=True,
+                check=True,
+                timeout=60,
+            )
+            out = subprocess.run(
+                serve_cmd("--config-dir", cfg, "token", "create", "bench", "--label", "bench_serve"),
+                text=True,
+                capture_output=True,
+                check=True,
+                timeout=60,
+            )
             token = out.stdout.strip().splitlines()[0]
             t1 = time.perf_counter()
-            server = ServerProcess(serve_cmd("--data-dir", env.base_dir, "--config-dir", cfg, "--port", "0",
-                                             "--nice", str(args.server_nice)), "kobo-serve")
+            server = ServerProcess(
+                serve_cmd(
+                    "--data-dir", env.base_dir, "--config-dir", cfg, "--port", "0", "--nice", str(args.server_nice)
+                ),
+                "kobo-serve",
+            )
             res["server_start_s"] = time.perf_counter() - t1
-            c.log(f"kobo-serve at {server.origin} (pid {server.proc.pid}, started in {res['server_start_s']:.2f} s; "
-                  f"user + token {t1 - t0:.2f} s)")
+            c.log(
+                f"kobo-serve at {server.origin} (pid {server.proc.pid}, started in {res['server_start_s']:.2f} s; "
+                f"user + token {t1 - t0:.2f} s)"
+            )
             rss = c.RssSampler(server.proc.pid, 0.05)
             rss.__enter__()
             time.sleep(0.2)
@@ -1045,8 +1373,10 @@ def main() -> None:
                 res["big_cold_ms"] = (time.perf_counter() - t) * 1e3
                 assert r.status_code == 200 and series_header(r.content)["total"] == N_POINTS
                 res["big_cold_timing"] = timing_of(r.headers.get("server-timing"))
-            c.log(f"1M-point chart, first request (reads the series): {res['big_cold_ms']:.0f} ms "
-                  f"{res['big_cold_timing']}")
+            c.log(
+                f"1M-point chart, first request (reads the series): {res['big_cold_ms']:.0f} ms "
+                f"{res['big_cold_timing']}"
+            )
 
             # the static baseline answers what kobo-serve answered for a finished run like the live ones
             w = Writer("canned", env.base_dir, 3.0)
@@ -1073,54 +1403,97 @@ def main() -> None:
                     loads[run_id] = os.getloadavg()[0]
                     if which.startswith("alone"):
                         ph = alone_phase(env, server, rss, run_id, duration, pinned)
-                        c.log(f"{tag}, no readers: {ph['values_s'] / 1e6:.2f} M values/s "
-                              f"({ph['read_back']['values']:,} values in {ph['writer']['elapsed_s']:.2f} s, flush "
-                              f"{ph['writer']['flush_s']:.2f} s, client queue peak {ph['writer']['peak_queue']:,}, "
-                              f"{ph['values_per_writer_cpu_s'] / 1e6:.2f} M values per writer CPU-s); CPU s: writer {ph['writer_cpu_s']:.1f}, daemon "
-                              f"{ph['daemon_cpu_s']:.1f}, server {ph['server_cpu_s']:.2f}, other processes {ph['others_cpu_s']:.1f}; machine "
-                              f"{fmt_machine(ph['machine_pct'])}")
+                        c.log(
+                            f"{tag}, no readers: {ph['values_s'] / 1e6:.2f} M values/s "
+                            f"({ph['read_back']['values']:,} values in {ph['writer']['elapsed_s']:.2f} s, flush "
+                            f"{ph['writer']['flush_s']:.2f} s, client queue peak {ph['writer']['peak_queue']:,}, "
+                            f"{ph['values_per_writer_cpu_s'] / 1e6:.2f} M values per writer CPU-s); CPU s: writer {ph['writer_cpu_s']:.1f}, daemon "
+                            f"{ph['daemon_cpu_s']:.1f}, server {ph['server_cpu_s']:.2f}, other processes {ph['others_cpu_s']:.1f}; machine "
+                            f"{fmt_machine(ph['machine_pct'])}"
+                        )
                     elif which == "static":
                         # the same request rate and tails as long as in the kobo-serve phase before it
                         tail_rows = int(tail_kobo / tail_bytes_per_row) if tail_kobo else 60_000
                         tail_b = capture_tail(server.origin, token, "canned", canned, tail_rows)
-                        static = ServerProcess([sys.executable, os.path.abspath(__file__), "--role", "static",
-                                                json.dumps({"dir": canned, "nice": args.server_nice})], "static-server")
+                        static = ServerProcess(
+                            [
+                                sys.executable,
+                                os.path.abspath(__file__),
+                                "--role",
+                                "static",
+                                json.dumps({"dir": canned, "nice": args.server_nice}),
+                            ],
+                            "static-server",
+                        )
                         try:
-                            ph = loaded_phase(env, static, rss, token, run_id, duration, args.readers,
-                                              reader_nice=args.reader_nice, kobo=False, period=period)
+                            ph = loaded_phase(
+                                env,
+                                static,
+                                rss,
+                                token,
+                                run_id,
+                                duration,
+                                args.readers,
+                                reader_nice=args.reader_nice,
+                                kobo=False,
+                                period=period,
+                            )
                         finally:
                             static.stop()
                             static = None
                         ph["period_s"], ph["tail_bytes"] = period, tail_b
-                        c.log(f"{tag}, {args.readers} readers on the static server: {ph['values_s'] / 1e6:.2f} M values/s; "
-                              f"p50/p99 ms: " + ", ".join(f"{k} {ph['p50_ms'][k]:.0f}/{ph['p99_ms'][k]:.0f}"
-                                                          for k in KINDS if ph["requests"][k])
-                              + f"; {ph['requests_total']} requests; CPU s: static server {ph['server_cpu_s']:.2f}, readers "
-                              f"{ph['readers_cpu_s']:.1f}, writer {ph['writer_cpu_s']:.1f}, daemon {ph['daemon_cpu_s']:.1f}, "
-                              f"other processes {ph['others_cpu_s']:.1f}; errors {ph['errors']}")
+                        c.log(
+                            f"{tag}, {args.readers} readers on the static server: {ph['values_s'] / 1e6:.2f} M values/s; "
+                            f"p50/p99 ms: "
+                            + ", ".join(
+                                f"{k} {ph['p50_ms'][k]:.0f}/{ph['p99_ms'][k]:.0f}" for k in KINDS if ph["requests"][k]
+                            )
+                            + f"; {ph['requests_total']} requests; CPU s: static server {ph['server_cpu_s']:.2f}, readers "
+                            f"{ph['readers_cpu_s']:.1f}, writer {ph['writer_cpu_s']:.1f}, daemon {ph['daemon_cpu_s']:.1f}, "
+                            f"other processes {ph['others_cpu_s']:.1f}; errors {ph['errors']}"
+                        )
                     else:
-                        ph = loaded_phase(env, server, rss, token, run_id, duration, args.readers, pinned,
-                                          reader_nice=args.reader_nice)
+                        ph = loaded_phase(
+                            env,
+                            server,
+                            rss,
+                            token,
+                            run_id,
+                            duration,
+                            args.readers,
+                            pinned,
+                            reader_nice=args.reader_nice,
+                        )
                         last_live = run_id
                         if not pinned and ph["requests"]["runs"]:  # one run-list request per loop
                             period = args.readers * ph["window_s"] / ph["requests"]["runs"]
                             tail_kobo = ph["mean_bytes"]["tail"]
-                        c.log(f"{tag}, {args.readers} readers: {ph['values_s'] / 1e6:.2f} M values/s "
-                              f"({ph['read_back']['values']:,} values in {ph['writer']['elapsed_s']:.2f} s, flush "
-                              f"{ph['writer']['flush_s']:.2f} s, client queue peak {ph['writer']['peak_queue']:,}, "
-                              f"{ph['values_per_writer_cpu_s'] / 1e6:.2f} M values per writer CPU-s); readers connected in {ph['ramp_s']:.1f} s")
-                        c.log("    p50/p99 ms: " + ", ".join(
-                            f"{k} {ph['p50_ms'][k]:.0f}/{ph['p99_ms'][k]:.0f} ({ph['requests_per_s'][k]:.1f}/s)"
-                            for k in KINDS if ph["requests"][k]) + f"; Server-Timing medians: "
-                            f"{ph['server_timing_median_ms']}")
-                        c.log(f"    SSE events/reader {c.median(ph['sse_events']):.0f} [{min(ph['sse_events'])} .. "
-                              f"{max(ph['sse_events'])}], errors {ph['errors']}, polls {ph['polls']} in "
-                              f"{ph['polls_s']:.1f} s (stats {ph['stats0']}), server RSS peak "
-                              f"{ph['server_rss_peak_mb']:.0f} MB; CPU s: server {ph['server_cpu_s']:.1f}, writer "
-                              f"{ph['writer_cpu_s']:.1f}, daemon {ph['daemon_cpu_s']:.1f}, readers "
-                              f"{ph['readers_cpu_s']:.1f}, other processes {ph['others_cpu_s']:.1f} in {ph['wall_s']:.1f} s "
-                              f"(server {ph['server_cpu_ms_per_request']:.1f} ms CPU per request); machine "
-                              f"{fmt_machine(ph['machine_pct'])}")
+                        c.log(
+                            f"{tag}, {args.readers} readers: {ph['values_s'] / 1e6:.2f} M values/s "
+                            f"({ph['read_back']['values']:,} values in {ph['writer']['elapsed_s']:.2f} s, flush "
+                            f"{ph['writer']['flush_s']:.2f} s, client queue peak {ph['writer']['peak_queue']:,}, "
+                            f"{ph['values_per_writer_cpu_s'] / 1e6:.2f} M values per writer CPU-s); readers connected in {ph['ramp_s']:.1f} s"
+                        )
+                        c.log(
+                            "    p50/p99 ms: "
+                            + ", ".join(
+                                f"{k} {ph['p50_ms'][k]:.0f}/{ph['p99_ms'][k]:.0f} ({ph['requests_per_s'][k]:.1f}/s)"
+                                for k in KINDS
+                                if ph["requests"][k]
+                            )
+                            + f"; Server-Timing medians: "
+                            f"{ph['server_timing_median_ms']}"
+                        )
+                        c.log(
+                            f"    SSE events/reader {c.median(ph['sse_events']):.0f} [{min(ph['sse_events'])} .. "
+                            f"{max(ph['sse_events'])}], errors {ph['errors']}, polls {ph['polls']} in "
+                            f"{ph['polls_s']:.1f} s (stats {ph['stats0']}), server RSS peak "
+                            f"{ph['server_rss_peak_mb']:.0f} MB; CPU s: server {ph['server_cpu_s']:.1f}, writer "
+                            f"{ph['writer_cpu_s']:.1f}, daemon {ph['daemon_cpu_s']:.1f}, readers "
+                            f"{ph['readers_cpu_s']:.1f}, other processes {ph['others_cpu_s']:.1f} in {ph['wall_s']:.1f} s "
+                            f"(server {ph['server_cpu_ms_per_request']:.1f} ms CPU per request); machine "
+                            f"{fmt_machine(ph['machine_pct'])}"
+                        )
                         if ph["errors"]:
                             c.log(f"    !! errors: {ph['error_samples'][:3]}")
                     ph.pop("lat_ms", None)  # the percentiles are kept; the raw lists would bloat the JSON
@@ -1130,9 +1503,15 @@ def main() -> None:
             s = res["single"]
             res["rss_after_single_mb"] = rss.samples[-1] / 1024 if rss.samples else float("nan")
             s.pop("lat_ms")
-            c.log("1 reader, no training script, p50/p99 ms: " + ", ".join(
-                f"{k} {s['p50_ms'][k]:.1f}/{s['p99_ms'][k]:.1f} (n={s['requests'][k]})" for k in KINDS if s["requests"][k])
-                + f"; 1M chart in the server {s['server_timing_big_median_ms']}; errors {s['errors']}")
+            c.log(
+                "1 reader, no training script, p50/p99 ms: "
+                + ", ".join(
+                    f"{k} {s['p50_ms'][k]:.1f}/{s['p99_ms'][k]:.1f} (n={s['requests'][k]})"
+                    for k in KINDS
+                    if s["requests"][k]
+                )
+                + f"; 1M chart in the server {s['server_timing_big_median_ms']}; errors {s['errors']}"
+            )
         finally:
             if rss is not None:
                 rss.__exit__(None, None, None)
@@ -1155,7 +1534,10 @@ def main() -> None:
     result = {
         "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", *sys.argv]),
-        "repeats": repeats, "duration_s": duration, "readers": args.readers, "quick": args.quick,
+        "repeats": repeats,
+        "duration_s": duration,
+        "readers": args.readers,
+        "quick": args.quick,
         "machine": machine_info(),
         "loadavg_1min_before": loads,
         "loadavg_at_end": os.getloadavg(),

@@ -49,8 +49,9 @@ def _cpu_ticks(pid: int) -> int | None:
 def worker(proc: int, run_id: str, rank: int, n_calls: int, base_dir: str, barrier, results) -> None:
     from kohakuboard.client import Board
 
-    board = Board(f"tp-{run_id}", {"proc": proc}, project="tp", run_id=run_id, base_dir=base_dir,
-                  rank=rank, capture_output=True)
+    board = Board(
+        f"tp-{run_id}", {"proc": proc}, project="tp", run_id=run_id, base_dir=base_dir, rank=rank, capture_output=True
+    )
     vals = {f"m{j:02d}": j * 0.25 + rank for j in range(N_METRICS)}
     log = board.log
     barrier.wait()
@@ -65,10 +66,18 @@ def worker(proc: int, run_id: str, rank: int, n_calls: int, base_dir: str, barri
     cpu1 = os.times()
     stats = board.stats()
     board.finish()
-    results.put({
-        "proc": proc, "rank": rank, "path": board.path, "t_first_log": t0, "t_logged": t1, "t_flushed": t2,
-        "cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system), "peak_queue": stats["peak_queue"],
-    })
+    results.put(
+        {
+            "proc": proc,
+            "rank": rank,
+            "path": board.path,
+            "t_first_log": t0,
+            "t_logged": t1,
+            "t_flushed": t2,
+            "cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
+            "peak_queue": stats["peak_queue"],
+        }
+    )
 
 
 def run_scenario(env: c.IsolatedDaemon, ctx, n_procs: int, shared: bool, n_calls: int, tag: str) -> dict:
@@ -78,8 +87,10 @@ def run_scenario(env: c.IsolatedDaemon, ctx, n_procs: int, shared: bool, n_calls
     idle_rss = c.proc_status_kb(pid, "VmRSS") / 1024
     barrier = ctx.Barrier(n_procs)
     results = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(p, run_ids[p], ranks[p], n_calls, env.base_dir, barrier, results))
-             for p in range(n_procs)]
+    procs = [
+        ctx.Process(target=worker, args=(p, run_ids[p], ranks[p], n_calls, env.base_dir, barrier, results))
+        for p in range(n_procs)
+    ]
     cpu_before = _cpu_ticks(pid)
     with c.RssSampler(pid, 0.01) as sampler:
         for p in procs:
@@ -181,10 +192,12 @@ def main() -> None:
             for key, label, n_procs, shared, n_calls in scenarios:
                 x = run_scenario(env, ctx, n_procs, shared, n_calls, f"{key}{r}")
                 res[key].append(x)
-                c.log(f"throughput {label} repeat {r + 1}/{args.repeats}: {x['values_per_s'] / 1e6:.2f} M values/s "
-                      f"durable ({x['values']:,} values in {x['seconds']:.2f} s; enqueue "
-                      f"{x['enqueue_values_per_s'] / 1e6:.2f} M/s), daemon cpu {x['daemon_cpu_s']:.2f} s, "
-                      f"peak rss {x['daemon_peak_rss_mb']:.0f} MB, disk {x['disk_bytes_per_point_at_rest']:.1f} B/pt")
+                c.log(
+                    f"throughput {label} repeat {r + 1}/{args.repeats}: {x['values_per_s'] / 1e6:.2f} M values/s "
+                    f"durable ({x['values']:,} values in {x['seconds']:.2f} s; enqueue "
+                    f"{x['enqueue_values_per_s'] / 1e6:.2f} M/s), daemon cpu {x['daemon_cpu_s']:.2f} s, "
+                    f"peak rss {x['daemon_peak_rss_mb']:.0f} MB, disk {x['disk_bytes_per_point_at_rest']:.1f} B/pt"
+                )
             ceiling.append(storage_ceiling(single_calls))
 
     def med(key: str, field: str) -> float:
@@ -193,37 +206,76 @@ def main() -> None:
     ceil = c.median(ceiling)
     records = []
     for key, label, n_procs, _shared, n_calls in scenarios:
-        records.append(c.metric(
-            f"throughput_{key}", f"durable throughput, {label}", unit="values/s", target=1_000_000, op=">=",
-            values=[x["values_per_s"] for x in res[key]],
-            baseline=f"clients' enqueue rate {med(key, 'enqueue_values_per_s') / 1e6:.2f} M/s; "
-                     f"kohakuvault append alone {ceil / 1e6:.2f} M/s",
-            baseline_values={"enqueue_values_per_s": med(key, "enqueue_values_per_s"),
-                             "storage_ceiling_values_per_s": ceil},
-            extra={"procs": n_procs, "calls_per_proc": n_calls, "per_repeat": res[key],
-                   "daemon_cpu_s_median": med(key, "daemon_cpu_s"), "clients_cpu_s_median": med(key, "clients_cpu_s")},
-            note=f"{n_procs * n_calls * N_METRICS:,} values per repeat; point counts verified exact",
-        ))
-    peaks = [max(a["daemon_peak_rss_mb"], b["daemon_peak_rss_mb"]) for a, b in zip(res["multi_runs"], res["multi_shared"])]
-    records.append(c.metric(
-        "daemon_rss_mb", "daemon RSS while ingesting (8 clients, peak VmRSS)", unit="MB", target=150, op="<=",
-        values=peaks,
-        baseline=f"idle daemon {med('multi_runs', 'daemon_idle_rss_mb'):.0f} MB",
-        baseline_values={"idle_rss_mb": med("multi_runs", "daemon_idle_rss_mb")},
-        extra={k: {"peak_rss_mb": med(k, "daemon_peak_rss_mb"), "vmhwm_mb": med(k, "daemon_vmhwm_mb"),
-                   "anon_at_peak_mb": med(k, "daemon_peak_anon_mb"), "file_at_peak_mb": med(k, "daemon_peak_file_mb")}
-               for k in res},
-        note="max of the two 8-client scenarios per repeat, sampled every 10 ms",
-    ))
-    records.append(c.metric(
-        "disk_bytes_per_point", "disk per scalar point (32 scalars/call run, at rest)", unit="B", target=40, op="<=",
-        values=[x["disk_bytes_per_point_at_rest"] for x in res["single"]],
-        baseline="32 B record (format.SCALAR_RECORD_SIZE)",
-        baseline_values={"record_bytes": 32},
-        extra={k: {"live": med(k, "disk_bytes_per_point_live"), "at_rest": med(k, "disk_bytes_per_point_at_rest"),
-                   "apparent_at_rest": med(k, "disk_apparent_bytes_per_point_at_rest")} for k in res},
-        note="du of the run folder after the daemon closed it / points; 'live' (right after finish) in JSON",
-    ))
+        records.append(
+            c.metric(
+                f"throughput_{key}",
+                f"durable throughput, {label}",
+                unit="values/s",
+                target=1_000_000,
+                op=">=",
+                values=[x["values_per_s"] for x in res[key]],
+                baseline=f"clients' enqueue rate {med(key, 'enqueue_values_per_s') / 1e6:.2f} M/s; "
+                f"kohakuvault append alone {ceil / 1e6:.2f} M/s",
+                baseline_values={
+                    "enqueue_values_per_s": med(key, "enqueue_values_per_s"),
+                    "storage_ceiling_values_per_s": ceil,
+                },
+                extra={
+                    "procs": n_procs,
+                    "calls_per_proc": n_calls,
+                    "per_repeat": res[key],
+                    "daemon_cpu_s_median": med(key, "daemon_cpu_s"),
+                    "clients_cpu_s_median": med(key, "clients_cpu_s"),
+                },
+                note=f"{n_procs * n_calls * N_METRICS:,} values per repeat; point counts verified exact",
+            )
+        )
+    peaks = [
+        max(a["daemon_peak_rss_mb"], b["daemon_peak_rss_mb"]) for a, b in zip(res["multi_runs"], res["multi_shared"])
+    ]
+    records.append(
+        c.metric(
+            "daemon_rss_mb",
+            "daemon RSS while ingesting (8 clients, peak VmRSS)",
+            unit="MB",
+            target=150,
+            op="<=",
+            values=peaks,
+            baseline=f"idle daemon {med('multi_runs', 'daemon_idle_rss_mb'):.0f} MB",
+            baseline_values={"idle_rss_mb": med("multi_runs", "daemon_idle_rss_mb")},
+            extra={
+                k: {
+                    "peak_rss_mb": med(k, "daemon_peak_rss_mb"),
+                    "vmhwm_mb": med(k, "daemon_vmhwm_mb"),
+                    "anon_at_peak_mb": med(k, "daemon_peak_anon_mb"),
+                    "file_at_peak_mb": med(k, "daemon_peak_file_mb"),
+                }
+                for k in res
+            },
+            note="max of the two 8-client scenarios per repeat, sampled every 10 ms",
+        )
+    )
+    records.append(
+        c.metric(
+            "disk_bytes_per_point",
+            "disk per scalar point (32 scalars/call run, at rest)",
+            unit="B",
+            target=40,
+            op="<=",
+            values=[x["disk_bytes_per_point_at_rest"] for x in res["single"]],
+            baseline="32 B record (format.SCALAR_RECORD_SIZE)",
+            baseline_values={"record_bytes": 32},
+            extra={
+                k: {
+                    "live": med(k, "disk_bytes_per_point_live"),
+                    "at_rest": med(k, "disk_bytes_per_point_at_rest"),
+                    "apparent_at_rest": med(k, "disk_apparent_bytes_per_point_at_rest"),
+                }
+                for k in res
+            },
+            note="du of the run folder after the daemon closed it / points; 'live' (right after finish) in JSON",
+        )
+    )
     c.emit(args, records)
 
 

@@ -60,7 +60,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import _common as c
 
@@ -125,8 +126,9 @@ def write_runs(base_dir: str, wide_points: int) -> dict[str, Any]:
     rng = np.random.default_rng(2)
     steps = np.arange(wide_points)[:, None]
     scale = rng.uniform(0.5, 2.0, N_WIDE)[None, :]
-    grid = scale * np.exp(-steps / (wide_points / rng.uniform(1, 5, N_WIDE)[None, :])) \
-        + rng.normal(0, 0.02, (wide_points, N_WIDE))
+    grid = scale * np.exp(-steps / (wide_points / rng.uniform(1, 5, N_WIDE)[None, :])) + rng.normal(
+        0, 0.02, (wide_points, N_WIDE)
+    )
     t0 = time.perf_counter()
     with Board("wide-200", {"kind": "wide"}, run_id=WIDE_RUN, base_dir=base_dir, capture_output=False) as b:
         for row in grid.tolist():
@@ -134,8 +136,9 @@ def write_runs(base_dir: str, wide_points: int) -> dict[str, Any]:
     out.update(wide_path=b.path, wide_write_s=time.perf_counter() - t0)
     c.log(f"wrote {WIDE_RUN}: {N_WIDE} metrics x {wide_points} points in {out['wide_write_s']:.2f} s")
 
-    with Board("small", {"lr": 0.1, "batch": 32}, project="seed", run_id="small0", base_dir=base_dir,
-               capture_output=False) as b:
+    with Board(
+        "small", {"lr": 0.1, "batch": 32}, project="seed", run_id="small0", base_dir=base_dir, capture_output=False
+    ) as b:
         for i in range(50):
             b.log(loss=1.0 / (i + 1))
     out["small_path"] = b.path
@@ -153,8 +156,15 @@ def copy_runs(src: str, dest_base: str, n: int) -> float:
         run_id = f"r{i:05d}"
         dst = os.path.join(pdir, run_id)
         shutil.copytree(src, dst, copy_function=shutil.copyfile)
-        m = dict(meta, run_id=run_id, project="default", name=f"copy-{i:05d}", created_at=created - (n - i),
-                 finished_at=created - (n - i) + 5.0, config=dict(meta.get("config") or {}, seed=i))
+        m = dict(
+            meta,
+            run_id=run_id,
+            project="default",
+            name=f"copy-{i:05d}",
+            created_at=created - (n - i),
+            finished_at=created - (n - i) + 5.0,
+            config=dict(meta.get("config") or {}, seed=i),
+        )
         with open(os.path.join(dst, "metadata.json"), "w") as f:
             json.dump(m, f, indent=2)
     return time.perf_counter() - t0
@@ -169,8 +179,9 @@ class ServerProcess:
     def __init__(self, cmd: list[str], name: str, timeout: float = 60.0) -> None:
         self.name = name
         self.lines: list[str] = []
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL
+        )
         self._url = threading.Event()
         self.origin = ""
         self._reader = threading.Thread(target=self._read, daemon=True, name=f"{name}-stdout")
@@ -273,8 +284,14 @@ def baseline_app(run_path: str, metric: str = "loss") -> Any:
 
     async def series(request: Request) -> Response:
         text, t_read, t_json = await asyncio.to_thread(body, request.query_params.get("cold") == "1")
-        return Response(text, media_type="application/json", headers={
-            "cache-control": "no-store", "server-timing": f"read;dur={t_read * 1e3:.1f}, json;dur={t_json * 1e3:.1f}"})
+        return Response(
+            text,
+            media_type="application/json",
+            headers={
+                "cache-control": "no-store",
+                "server-timing": f"read;dur={t_read * 1e3:.1f}, json;dur={t_json * 1e3:.1f}",
+            },
+        )
 
     async def uplot_js(request: Request) -> Response:
         return FileResponse(os.path.join(UPLOT_DIR, "uPlot.iife.min.js"))
@@ -282,8 +299,14 @@ def baseline_app(run_path: str, metric: str = "loss") -> Any:
     async def uplot_css(request: Request) -> Response:
         return FileResponse(os.path.join(UPLOT_DIR, "uPlot.min.css"))
 
-    return Starlette(routes=[Route("/", page), Route("/series.json", series),
-                             Route("/uPlot.iife.min.js", uplot_js), Route("/uPlot.min.css", uplot_css)])
+    return Starlette(
+        routes=[
+            Route("/", page),
+            Route("/series.json", series),
+            Route("/uPlot.iife.min.js", uplot_js),
+            Route("/uPlot.min.css", uplot_css),
+        ]
+    )
 
 
 def serve_baseline(run_path: str) -> None:
@@ -299,8 +322,9 @@ def serve_baseline(run_path: str) -> None:
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     print(f"baseline at http://127.0.0.1:{sock.getsockname()[1]}/", flush=True)
-    config = uvicorn.Config(baseline_app(run_path), log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=2)
+    config = uvicorn.Config(
+        baseline_app(run_path), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2
+    )
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -363,8 +387,10 @@ def server_part(base_dir: str, run_path: str, spikes: list[int], repeats: int) -
         R.reduce_m4(x, y, 2000)
         res["reduce_2000_ms"].append((time.perf_counter() - t0) * 1e3)
     res["reduced_points"] = int(len(idx))
-    c.log(f"reduce_m4 1M -> {len(idx)} points (width 1000): {c.median(res['reduce_ms']):.1f} ms "
-          f"[{min(res['reduce_ms']):.1f} .. {max(res['reduce_ms']):.1f}]; width 2000 {c.median(res['reduce_2000_ms']):.1f} ms")
+    c.log(
+        f"reduce_m4 1M -> {len(idx)} points (width 1000): {c.median(res['reduce_ms']):.1f} ms "
+        f"[{min(res['reduce_ms']):.1f} .. {max(res['reduce_ms']):.1f}]; width 2000 {c.median(res['reduce_2000_ms']):.1f} ms"
+    )
     for _ in range(2):
         t0 = time.perf_counter()
         text = json.dumps({"x": s["step"].tolist(), "y": s["value"].tolist()}).encode()
@@ -379,8 +405,10 @@ def server_part(base_dir: str, run_path: str, spikes: list[int], repeats: int) -
     res["spikes_stride"] = spikes_kept(x[stride], y[stride], spikes, spike_y)
     rnd = np.sort(np.random.default_rng(3).choice(N_POINTS, RANDOM_POINTS, replace=False))
     res["spikes_random"] = spikes_kept(x[rnd], y[rnd], spikes, spike_y)
-    c.log(f"spikes kept of {N_SPIKES}: M4 (width 1000) {res['spikes_m4_1000']}, stride to {STRIDE_POINTS} "
-          f"{res['spikes_stride']}, random {RANDOM_POINTS} {res['spikes_random']}")
+    c.log(
+        f"spikes kept of {N_SPIKES}: M4 (width 1000) {res['spikes_m4_1000']}, stride to {STRIDE_POINTS} "
+        f"{res['spikes_stride']}, random {RANDOM_POINTS} {res['spikes_random']}"
+    )
 
     url = f"/api/runs/default/{SPIKE_RUN}/series?metric=loss&width=1000"
 
@@ -410,7 +438,9 @@ def server_part(base_dir: str, run_path: str, spikes: list[int], repeats: int) -
                     timing_warm.append(timing_of(r.headers.get("server-timing")))
             if i < min(repeats, 3):
                 bapp = baseline_app(run_path)
-                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=bapp), base_url="http://127.0.0.1") as cl:
+                async with httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=bapp), base_url="http://127.0.0.1"
+                ) as cl:
                     t0 = time.perf_counter()
                     r = await cl.get("/series.json")
                     bl_cold.append((time.perf_counter() - t0) * 1e3)
@@ -423,18 +453,28 @@ def server_part(base_dir: str, run_path: str, spikes: list[int], repeats: int) -
                         assert len(r.json()["x"]) == N_POINTS
                     del r
         header, arrays = R.decode(body)
-        res.update(series_cold_ms=cold, series_warm_ms=warm, series_timing_warm=timing_warm,
-                   series_timing_cold=timing_cold, series_bytes=len(body), series_points=header["n"],
-                   json_cold_ms=bl_cold, json_warm_ms=bl_warm, summary_ms=summary,
-                   spikes_m4_request=spikes_kept(arrays["x"], arrays["y"], spikes, spike_y))
+        res.update(
+            series_cold_ms=cold,
+            series_warm_ms=warm,
+            series_timing_warm=timing_warm,
+            series_timing_cold=timing_cold,
+            series_bytes=len(body),
+            series_points=header["n"],
+            json_cold_ms=bl_cold,
+            json_warm_ms=bl_warm,
+            summary_ms=summary,
+            spikes_m4_request=spikes_kept(arrays["x"], arrays["y"], spikes, spike_y),
+        )
 
     asyncio.run(requests())
     med = lambda k, f: c.median(t.get(f, float("nan")) for t in res[k])  # noqa: E731
-    c.log(f"/series in-process: warm {c.median(res['series_warm_ms']):.1f} ms (reduce {med('series_timing_warm', 'reduce'):.1f}), "
-          f"cold {c.median(res['series_cold_ms']):.1f} ms (read {med('series_timing_cold', 'read'):.1f}, "
-          f"reduce {med('series_timing_cold', 'reduce'):.1f}); {res['series_bytes']:,} B, {res['series_points']} points; "
-          f"JSON baseline warm {c.median(res['json_warm_ms']):.0f} ms, cold {c.median(res['json_cold_ms']):.0f} ms, "
-          f"{res['json_bytes']:,} B; run summary {c.median(res['summary_ms']):.1f} ms")
+    c.log(
+        f"/series in-process: warm {c.median(res['series_warm_ms']):.1f} ms (reduce {med('series_timing_warm', 'reduce'):.1f}), "
+        f"cold {c.median(res['series_cold_ms']):.1f} ms (read {med('series_timing_cold', 'read'):.1f}, "
+        f"reduce {med('series_timing_cold', 'reduce'):.1f}); {res['series_bytes']:,} B, {res['series_points']} points; "
+        f"JSON baseline warm {c.median(res['json_warm_ms']):.0f} ms, cold {c.median(res['json_cold_ms']):.0f} ms, "
+        f"{res['json_bytes']:,} B; run summary {c.median(res['summary_ms']):.1f} ms"
+    )
     return res
 
 
@@ -443,9 +483,11 @@ def keepalive_part(origin: str, repeats: int) -> dict[str, Any]:
     import httpx
 
     res: dict[str, Any] = {}
-    paths = {"summary": f"/api/runs/default/{SPIKE_RUN}",
-             "series": f"/api/runs/default/{SPIKE_RUN}/series?metric=loss&width=1000",
-             "static": "/static/app.js"}
+    paths = {
+        "summary": f"/api/runs/default/{SPIKE_RUN}",
+        "series": f"/api/runs/default/{SPIKE_RUN}/series?metric=loss&width=1000",
+        "static": "/static/app.js",
+    }
     with httpx.Client(base_url=origin, timeout=60) as cl:
         for key, path in paths.items():
             assert cl.get(path).status_code == 200  # warm: series cached, connection open
@@ -463,8 +505,10 @@ def keepalive_part(origin: str, repeats: int) -> dict[str, Any]:
                 one.get(paths["summary"])
                 ts.append((time.perf_counter() - t0) * 1e3)
         res["summary_new_connection"] = ts
-    c.log("kobo open over HTTP, one kept-alive connection: " + ", ".join(
-        f"{k} {c.median(v):.1f} ms" for k, v in res.items()))
+    c.log(
+        "kobo open over HTTP, one kept-alive connection: "
+        + ", ".join(f"{k} {c.median(v):.1f} ms" for k, v in res.items())
+    )
     return res
 
 
@@ -499,10 +543,14 @@ def runs_list_part(many_dir: str, cold_repeats: int, warm_repeats: int) -> dict[
                 srv.stop()
             else:
                 res["server"] = srv  # kept for the runs page in the browser
-        c.log(f"GET /api/runs over {N_MANY:,} runs: cold {res['cold_ms'][-1]:.0f} ms "
-              f"(server started in {res['start_s'][-1]:.2f} s)")
-    c.log(f"GET /api/runs warm: {c.median(res['warm_ms']):.0f} ms [{min(res['warm_ms']):.0f} .. "
-          f"{max(res['warm_ms']):.0f}], {res['bytes']:,} B")
+        c.log(
+            f"GET /api/runs over {N_MANY:,} runs: cold {res['cold_ms'][-1]:.0f} ms "
+            f"(server started in {res['start_s'][-1]:.2f} s)"
+        )
+    c.log(
+        f"GET /api/runs warm: {c.median(res['warm_ms']):.0f} ms [{min(res['warm_ms']):.0f} .. "
+        f"{max(res['warm_ms']):.0f}], {res['bytes']:,} B"
+    )
     return res
 
 
@@ -522,8 +570,7 @@ class Browser:
 
         self._pw = sync_playwright().start()
         try:
-            self.browser = self._pw.chromium.launch(executable_path=executable, headless=True,
-                                                    args=["--no-sandbox"])
+            self.browser = self._pw.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
         except Exception:
             self._pw.stop()
             raise
@@ -552,12 +599,15 @@ class Browser:
 # draw well within it; a slower one is then polled every 20 ms until it has).
 FIRST_POLL_S = 1.5
 
-APP_DRAWN = ("() => (window.koboPerf && window.koboPerf.firstChartDraw !== null && window.koboPerf.firstChartDraw !== undefined)"
-             " || (window.koboState && window.koboState.errors && window.koboState.errors.length > 0)")
+APP_DRAWN = (
+    "() => (window.koboPerf && window.koboPerf.firstChartDraw !== null && window.koboPerf.firstChartDraw !== undefined)"
+    " || (window.koboState && window.koboState.errors && window.koboState.errors.length > 0)"
+)
 
 
-def wait_page(page: Any, js: str, timeout_ms: float = LOAD_TIMEOUT_MS, poll_s: float = 0.02,
-              first_poll_s: float = 0.0) -> None:
+def wait_page(
+    page: Any, js: str, timeout_ms: float = LOAD_TIMEOUT_MS, poll_s: float = 0.02, first_poll_s: float = 0.0
+) -> None:
     """Wait until ``js`` is truthy in the page; give up at once when the page throws.
 
     Polls with ``page.evaluate`` every ``poll_s`` rather than ``wait_for_function``: that one
@@ -599,7 +649,8 @@ def load_app(br: Browser, url: str, metric: str) -> dict[str, Any]:
         errs = page_errors(page)
         if errs:
             raise RuntimeError(f"the page reported errors: {errs[:3]}")
-        return page.evaluate("""(m) => {
+        return page.evaluate(
+            r"""(m) => {
             const st = window.koboState.charts[m] || {};
             const lf = st.lastFetch || {};
             const plot = document.querySelector(`.chart-card[data-metric="${m}"] .chart-plot`);
@@ -619,7 +670,9 @@ def load_app(br: Browser, url: str, metric: str) -> dict[str, Any]:
                              summary_start: r0(summary && summary.startTime), summary_end: r0(summary && summary.responseEnd),
                              series_start: r0(series && series.startTime), series_first_byte: r0(series && series.responseStart),
                              series_end: r0(series && series.responseEnd), drawn: r0(window.koboPerf.firstChartDraw)}};
-        }""", metric)
+        }""",
+            metric,
+        )
     finally:
         page.context.close()
 
@@ -649,25 +702,31 @@ def page_part(br: Browser, app_origin: str, base_origin: str, loads: int) -> dic
     res["app_first"] = first
     base_url = f"{base_origin}/?w={width}"
     res["baseline_first"] = load_baseline(br, base_url)
-    c.log(f"page warm-up loads: app {first['ms']:.0f} ms ({first['points']} points, {first['bytes']:,} B, "
-          f"{first['url']}), baseline {res['baseline_first']['ms']:.0f} ms (chart width {width} px)")
+    c.log(
+        f"page warm-up loads: app {first['ms']:.0f} ms ({first['points']} points, {first['bytes']:,} B, "
+        f"{first['url']}), baseline {res['baseline_first']['ms']:.0f} ms (chart width {width} px)"
+    )
     for i in range(loads):
-        for who in (("app", "baseline") if i % 2 == 0 else ("baseline", "app")):
+        for who in ("app", "baseline") if i % 2 == 0 else ("baseline", "app"):
             d = load_app(br, app_url, "loss") if who == "app" else load_baseline(br, base_url)
             res[who].append(d["ms"])
             res[who + "_detail"].append(d)
         a, b = res["app_detail"][-1], res["baseline_detail"][-1]
         ph = a["phases"]
-        c.log(f"load {i + 1}/{loads}: app {a['ms']:.0f} ms (scripts in {ph['scripts']:.0f}, summary "
-              f"{ph['summary_start']:.0f}..{ph['summary_end']:.0f}, series {ph['series_start']:.0f}..{ph['series_end']:.0f} "
-              f"[{(a['timing'] or {}).get('server')}]), baseline {b['ms']:.0f} ms "
-              f"(first byte {b['first_byte']:.0f} ms, data in {b['data_in']:.0f} ms, parsed {b['json']:.0f} ms, {b['timing']})")
+        c.log(
+            f"load {i + 1}/{loads}: app {a['ms']:.0f} ms (scripts in {ph['scripts']:.0f}, summary "
+            f"{ph['summary_start']:.0f}..{ph['summary_end']:.0f}, series {ph['series_start']:.0f}..{ph['series_end']:.0f} "
+            f"[{(a['timing'] or {}).get('server')}]), baseline {b['ms']:.0f} ms "
+            f"(first byte {b['first_byte']:.0f} ms, data in {b['data_in']:.0f} ms, parsed {b['json']:.0f} ms, {b['timing']})"
+        )
     d = res["app_detail"][-1]
     assert d["total"] == N_POINTS and d["reduced"], d
-    res["app_phases_median"] = {k: c.median(x["phases"][k] for x in res["app_detail"] if x["phases"][k] is not None)
-                                for k in d["phases"]}
-    res["baseline_phases_median"] = {k: c.median(x[k] for x in res["baseline_detail"])
-                                     for k in ("first_byte", "data_in", "json", "ms")}
+    res["app_phases_median"] = {
+        k: c.median(x["phases"][k] for x in res["app_detail"] if x["phases"][k] is not None) for k in d["phases"]
+    }
+    res["baseline_phases_median"] = {
+        k: c.median(x[k] for x in res["baseline_detail"]) for k in ("first_byte", "data_in", "json", "ms")
+    }
     c.log(f"app page, medians (ms since navigation): {res['app_phases_median']}")
     c.log(f"baseline page, medians (ms since navigation): {res['baseline_phases_median']}")
     res["width"] = width
@@ -692,13 +751,16 @@ def zoom_part(br: Browser, app_origin: str, rounds: int) -> dict[str, Any]:
         for _ in range(rounds):
             for size in ZOOM_SIZES:
                 x0 = int(rng.integers(0, N_POINTS - size))
-                d = page.evaluate("""async ([m, x0, x1]) => {
+                d = page.evaluate(
+                    """async ([m, x0, x1]) => {
                     const t0 = performance.now();
                     const st = await window.koboZoom(m, x0, x1);
                     const ms = performance.now() - t0;
                     return {ms, points: st.points, reduced: st.reduced, zoomed: st.zoomed,
                             inRange: st.lastFetch && st.lastFetch.in_range, timing: st.lastFetch && st.lastFetch.timing};
-                }""", ["loss", x0, x0 + size - 1])
+                }""",
+                    ["loss", x0, x0 + size - 1],
+                )
                 assert d["zoomed"] and d["inRange"] == size, d
                 res["ms"].append(d["ms"])
                 res["by_size"][str(size)].append(d["ms"])
@@ -708,9 +770,14 @@ def zoom_part(br: Browser, app_origin: str, rounds: int) -> dict[str, Any]:
             raise RuntimeError(f"the page reported errors while zooming: {errs[:3]}")
     finally:
         page.context.close()
-    c.log("zoom round trip: median {:.0f} ms [{:.0f} .. {:.0f}]; by window: {}".format(
-        c.median(res["ms"]), min(res["ms"]), max(res["ms"]),
-        ", ".join(f"{int(k):,}: {c.median(v):.0f} ms" for k, v in res["by_size"].items())))
+    c.log(
+        "zoom round trip: median {:.0f} ms [{:.0f} .. {:.0f}]; by window: {}".format(
+            c.median(res["ms"]),
+            min(res["ms"]),
+            max(res["ms"]),
+            ", ".join(f"{int(k):,}: {c.median(v):.0f} ms" for k, v in res["by_size"].items()),
+        )
+    )
     return res
 
 
@@ -749,8 +816,13 @@ def live_part(br: Browser, app_origin: str, base_dir: str, flushes: int) -> dict
     """flush() returning in a training process -> the new point in the page."""
     import random
 
-    proc = subprocess.Popen([sys.executable, "-c", LIVE_SCRIPT, LIVE_RUN, base_dir], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LIVE_SCRIPT, LIVE_RUN, base_dir],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
     res: dict[str, Any] = {"ms": [], "detail": []}
     page = None
 
@@ -800,12 +872,15 @@ def live_part(br: Browser, app_origin: str, base_dir: str, flushes: int) -> dict
         except Exception:
             proc.kill()
             proc.wait(10)
-    c.log(f"live: flush() -> point in the page: median {c.median(res['ms']):.0f} ms "
-          f"[{min(res['ms']):.0f} .. {max(res['ms']):.0f}] over {len(res['ms'])} flushes")
+    c.log(
+        f"live: flush() -> point in the page: median {c.median(res['ms']):.0f} ms "
+        f"[{min(res['ms']):.0f} .. {max(res['ms']):.0f}] over {len(res['ms'])} flushes"
+    )
     return res
 
 
-WIDE_INIT = """
+WIDE_INIT = (
+    """
 window.__bench = {cardsAt: null, scrollableAt: null, longTasks: []};
 try {
   new PerformanceObserver((l) => { for (const e of l.getEntries()) window.__bench.longTasks.push([e.startTime, e.duration]); })
@@ -819,7 +894,9 @@ window.__benchTimer = setInterval(() => {
   if (b.cardsAt !== null && b.scrollableAt === null && se && se.scrollHeight > innerHeight * 2) b.scrollableAt = performance.now();
   if (b.scrollableAt !== null) clearInterval(window.__benchTimer);
 }, 5);
-""" % N_WIDE
+"""
+    % N_WIDE
+)
 
 WIDE_SCROLL = """async () => {
     const t0 = performance.now();
@@ -878,10 +955,12 @@ def wide_part(br: Browser, app_origin: str, loads: int) -> dict[str, Any]:
         finally:
             page.context.close()
         tag = "warm-up" if i == 0 else f"{i}/{loads}"
-        c.log(f"200 charts, load {tag}: first chart {d['first']:.0f} ms, 200 cards laid out {d['cardsAt']:.0f} ms, "
-              f"usable {d['usable']:.0f} ms (long tasks before: {d['long_tasks_before_usable_ms']:.0f} ms, longest "
-              f"{d['longest_task_before_usable_ms']:.0f}); scrolled through {s['screens']} screens, all drawn after "
-              f"{s['ms']:.0f} ms ({s['fromNav']:.0f} ms from navigation)")
+        c.log(
+            f"200 charts, load {tag}: first chart {d['first']:.0f} ms, 200 cards laid out {d['cardsAt']:.0f} ms, "
+            f"usable {d['usable']:.0f} ms (long tasks before: {d['long_tasks_before_usable_ms']:.0f} ms, longest "
+            f"{d['longest_task_before_usable_ms']:.0f}); scrolled through {s['screens']} screens, all drawn after "
+            f"{s['ms']:.0f} ms ({s['fromNav']:.0f} ms from navigation)"
+        )
         if i == 0:
             res["first_load"] = d
             continue
@@ -908,8 +987,11 @@ def runs_page_part(br: Browser, origin: str, loads: int) -> dict[str, Any]:
         page = br.page(READY_INIT)
         try:
             page.goto(origin + "/#/", wait_until="commit")
-            wait_page(page, "() => window.__readyAt !== null || (window.koboState && window.koboState.errors.length)",
-                      timeout_ms=120_000)
+            wait_page(
+                page,
+                "() => window.__readyAt !== null || (window.koboState && window.koboState.errors.length)",
+                timeout_ms=120_000,
+            )
             errs = page_errors(page)
             if errs:
                 raise RuntimeError(f"the runs page reported errors: {errs[:3]}")
@@ -926,8 +1008,9 @@ def runs_page_part(br: Browser, origin: str, loads: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- report
 
 
-def build_records(srv: dict[str, Any], parts: dict[str, Any], rl: dict[str, Any], skipped: dict[str, str],
-                  writes: dict[str, Any]) -> list[dict[str, Any]]:
+def build_records(
+    srv: dict[str, Any], parts: dict[str, Any], rl: dict[str, Any], skipped: dict[str, str], writes: dict[str, Any]
+) -> list[dict[str, Any]]:
     ka, pg, zm, lv, rp, wd = (parts.get(k) for k in ("keepalive", "page", "zoom", "live", "runs_page", "wide"))
     m = c.metric
     med = c.median
@@ -940,124 +1023,307 @@ def build_records(srv: dict[str, Any], parts: dict[str, Any], rl: dict[str, Any]
     json_warm = med(srv["json_warm_ms"])
     t_warm = [t.get("reduce", float("nan")) for t in srv["series_timing_warm"]]
     t_cold = srv["series_timing_cold"]
-    recs.append(m("viewer_reduce_1m_ms", f"M4 reduce_m4 alone, 1M points -> {srv['reduced_points']:,} (width 1000)",
-                  unit="ms", target=None, op="<=", values=srv["reduce_ms"],
-                  baseline=f"json.dumps of the whole series {med(srv['dumps_ms']):.0f} ms",
-                  baseline_values={"json_dumps_ms": med(srv["dumps_ms"])},
-                  extra={"width_2000_ms": srv["reduce_2000_ms"], "json_dumps_ms": srv["dumps_ms"]}))
-    recs.append(m("viewer_series_request_ms", "/series request in-process, 1M points, series cached (warm)",
-                  unit="ms", target=None, op="<=", values=srv["series_warm_ms"],
-                  baseline=f"whole series as JSON {json_warm:.0f} ms ({json_warm / med(srv['series_warm_ms']):.0f}x)",
-                  baseline_values={"json_warm_ms": json_warm, "json_warm_per_repeat": srv["json_warm_ms"],
-                                   "json_server_timing": srv.get("json_timing")},
-                  extra={"server_timing_reduce_ms": t_warm}))
-    recs.append(m("viewer_series_cold_ms", "/series request in-process, new app (reads 1M points + reduce)",
-                  unit="ms", target=None, op="<=", values=srv["series_cold_ms"],
-                  baseline=f"read + whole series as JSON {med(srv['json_cold_ms']):.0f} ms",
-                  baseline_values={"json_cold_ms": med(srv["json_cold_ms"]), "per_repeat": srv["json_cold_ms"]},
-                  extra={"server_timing_read_ms": [t.get("read") for t in t_cold],
-                         "server_timing_reduce_ms": [t.get("reduce") for t in t_cold]}))
-    recs.append(m("viewer_series_bytes", f"/series bytes sent, 1M points ({srv['series_points']:,} points, width 1000)",
-                  unit="B", target=None, op="<=", values=[srv["series_bytes"]],
-                  baseline=f"whole series as JSON {srv['json_bytes']:,} B ({srv['json_bytes'] / srv['series_bytes']:.0f}x)",
-                  baseline_values={"json_bytes": srv["json_bytes"]}))
-    recs.append(m("viewer_summary_ms", "run summary request in-process (1M-point run; the page's first request)",
-                  unit="ms", target=None, op="<=", values=srv["summary_ms"], baseline="-"))
+    recs.append(
+        m(
+            "viewer_reduce_1m_ms",
+            f"M4 reduce_m4 alone, 1M points -> {srv['reduced_points']:,} (width 1000)",
+            unit="ms",
+            target=None,
+            op="<=",
+            values=srv["reduce_ms"],
+            baseline=f"json.dumps of the whole series {med(srv['dumps_ms']):.0f} ms",
+            baseline_values={"json_dumps_ms": med(srv["dumps_ms"])},
+            extra={"width_2000_ms": srv["reduce_2000_ms"], "json_dumps_ms": srv["dumps_ms"]},
+        )
+    )
+    recs.append(
+        m(
+            "viewer_series_request_ms",
+            "/series request in-process, 1M points, series cached (warm)",
+            unit="ms",
+            target=None,
+            op="<=",
+            values=srv["series_warm_ms"],
+            baseline=f"whole series as JSON {json_warm:.0f} ms ({json_warm / med(srv['series_warm_ms']):.0f}x)",
+            baseline_values={
+                "json_warm_ms": json_warm,
+                "json_warm_per_repeat": srv["json_warm_ms"],
+                "json_server_timing": srv.get("json_timing"),
+            },
+            extra={"server_timing_reduce_ms": t_warm},
+        )
+    )
+    recs.append(
+        m(
+            "viewer_series_cold_ms",
+            "/series request in-process, new app (reads 1M points + reduce)",
+            unit="ms",
+            target=None,
+            op="<=",
+            values=srv["series_cold_ms"],
+            baseline=f"read + whole series as JSON {med(srv['json_cold_ms']):.0f} ms",
+            baseline_values={"json_cold_ms": med(srv["json_cold_ms"]), "per_repeat": srv["json_cold_ms"]},
+            extra={
+                "server_timing_read_ms": [t.get("read") for t in t_cold],
+                "server_timing_reduce_ms": [t.get("reduce") for t in t_cold],
+            },
+        )
+    )
+    recs.append(
+        m(
+            "viewer_series_bytes",
+            f"/series bytes sent, 1M points ({srv['series_points']:,} points, width 1000)",
+            unit="B",
+            target=None,
+            op="<=",
+            values=[srv["series_bytes"]],
+            baseline=f"whole series as JSON {srv['json_bytes']:,} B ({srv['json_bytes'] / srv['series_bytes']:.0f}x)",
+            baseline_values={"json_bytes": srv["json_bytes"]},
+        )
+    )
+    recs.append(
+        m(
+            "viewer_summary_ms",
+            "run summary request in-process (1M-point run; the page's first request)",
+            unit="ms",
+            target=None,
+            op="<=",
+            values=srv["summary_ms"],
+            baseline="-",
+        )
+    )
     if ka:
-        recs.append(m("viewer_keepalive_ms", "kobo open over HTTP: run summary on a kept-alive connection",
-                      unit="ms", target=None, op="<=", values=ka["summary"],
-                      baseline=f"same, new connection per request {med(ka['summary_new_connection']):.1f} ms; "
-                               f"in-process {med(srv['summary_ms']):.1f} ms",
-                      baseline_values={"new_connection_ms": med(ka["summary_new_connection"]),
-                                       "in_process_ms": med(srv["summary_ms"])},
-                      extra={"series_keepalive_ms": ka["series"], "static_keepalive_ms": ka["static"]},
-                      note="~40 ms over a new connection's time: Nagle + delayed ACK (accepted sockets without TCP_NODELAY)"
-                      if med(ka["summary"]) - med(ka["summary_new_connection"]) > 30 else ""))
-    spike_extra = {"m4_width_1000": srv["spikes_m4_1000"], "m4_request": srv["spikes_m4_request"],
-                   "stride_5000": srv["spikes_stride"], "random_1500": srv["spikes_random"]}
+        recs.append(
+            m(
+                "viewer_keepalive_ms",
+                "kobo open over HTTP: run summary on a kept-alive connection",
+                unit="ms",
+                target=None,
+                op="<=",
+                values=ka["summary"],
+                baseline=f"same, new connection per request {med(ka['summary_new_connection']):.1f} ms; "
+                f"in-process {med(srv['summary_ms']):.1f} ms",
+                baseline_values={
+                    "new_connection_ms": med(ka["summary_new_connection"]),
+                    "in_process_ms": med(srv["summary_ms"]),
+                },
+                extra={"series_keepalive_ms": ka["series"], "static_keepalive_ms": ka["static"]},
+                note="~40 ms over a new connection's time: Nagle + delayed ACK (accepted sockets without TCP_NODELAY)"
+                if med(ka["summary"]) - med(ka["summary_new_connection"]) > 30
+                else "",
+            )
+        )
+    spike_extra = {
+        "m4_width_1000": srv["spikes_m4_1000"],
+        "m4_request": srv["spikes_m4_request"],
+        "stride_5000": srv["spikes_stride"],
+        "random_1500": srv["spikes_random"],
+    }
     if "spikes_m4_page" in srv:
         spike_extra.update(m4_page_width=srv["page_width"], m4_page=srv["spikes_m4_page"])
-    recs.append(m("viewer_spikes_kept", f"spikes kept of {N_SPIKES} (M4 /series, width 1000)", unit="spikes",
-                  target=float(N_SPIKES), op=">=", values=[srv["spikes_m4_request"]],
-                  baseline=f"stride to {STRIDE_POINTS:,}: {srv['spikes_stride']}; random {RANDOM_POINTS:,}: {srv['spikes_random']}",
-                  baseline_values={"stride_5000": srv["spikes_stride"], "random_1500": srv["spikes_random"]},
-                  extra=spike_extra))
+    recs.append(
+        m(
+            "viewer_spikes_kept",
+            f"spikes kept of {N_SPIKES} (M4 /series, width 1000)",
+            unit="spikes",
+            target=float(N_SPIKES),
+            op=">=",
+            values=[srv["spikes_m4_request"]],
+            baseline=f"stride to {STRIDE_POINTS:,}: {srv['spikes_stride']}; random {RANDOM_POINTS:,}: {srv['spikes_random']}",
+            baseline_values={"stride_5000": srv["spikes_stride"], "random_1500": srv["spikes_random"]},
+            extra=spike_extra,
+        )
+    )
     if pg:
         bmed = med(pg["baseline"])
         ratios = [b / a for a, b in zip(pg["app"], pg["baseline"])]
-        recs.append(m("viewer_page_1m_ms", "navigation -> 1M-point chart drawn (headless Chromium)", unit="ms",
-                      target=300.0, op="<=", values=pg["app"],
-                      baseline=f"whole series as JSON + uPlot {bmed:.0f} ms [{min(pg['baseline']):.0f} .. {max(pg['baseline']):.0f}]",
-                      baseline_values={"json_page_ms": bmed, "per_repeat": pg["baseline"]},
-                      extra={"app_phases_median_ms": pg["app_phases_median"],
-                             "baseline_phases_median_ms": pg["baseline_phases_median"],
-                             "app_detail": pg["app_detail"], "baseline_detail": pg["baseline_detail"],
-                             "chart_width_px": pg["width"]},
-                      note="a new browser context per load; first load of each page discarded; the pages alternate"))
-        recs.append(m("viewer_page_speedup", "1M-point chart: baseline time / app time (per alternating pair)",
-                      unit="x", target=5.0, op=">=", values=ratios,
-                      baseline=f"ratio of medians {bmed / med(pg['app']):.1f}x",
-                      baseline_values={"ratio_of_medians": bmed / med(pg["app"])}))
+        recs.append(
+            m(
+                "viewer_page_1m_ms",
+                "navigation -> 1M-point chart drawn (headless Chromium)",
+                unit="ms",
+                target=300.0,
+                op="<=",
+                values=pg["app"],
+                baseline=f"whole series as JSON + uPlot {bmed:.0f} ms [{min(pg['baseline']):.0f} .. {max(pg['baseline']):.0f}]",
+                baseline_values={"json_page_ms": bmed, "per_repeat": pg["baseline"]},
+                extra={
+                    "app_phases_median_ms": pg["app_phases_median"],
+                    "baseline_phases_median_ms": pg["baseline_phases_median"],
+                    "app_detail": pg["app_detail"],
+                    "baseline_detail": pg["baseline_detail"],
+                    "chart_width_px": pg["width"],
+                },
+                note="a new browser context per load; first load of each page discarded; the pages alternate",
+            )
+        )
+        recs.append(
+            m(
+                "viewer_page_speedup",
+                "1M-point chart: baseline time / app time (per alternating pair)",
+                unit="x",
+                target=5.0,
+                op=">=",
+                values=ratios,
+                baseline=f"ratio of medians {bmed / med(pg['app']):.1f}x",
+                baseline_values={"ratio_of_medians": bmed / med(pg["app"])},
+            )
+        )
     else:
         recs.append(missing("viewer_page_1m_ms", "navigation -> 1M-point chart drawn", 300.0, "page"))
     if zm:
-        recs.append(m("viewer_zoom_ms", "zoom round trip on a warm page (koboZoom, 500..100k-step windows)", unit="ms",
-                      target=None, op="<=", values=zm["ms"],
-                      baseline="prototype: 56-145 ms",
-                      extra={"by_size_median_ms": {k: med(v) for k, v in zm["by_size"].items()}, "detail": zm["detail"]}))
+        recs.append(
+            m(
+                "viewer_zoom_ms",
+                "zoom round trip on a warm page (koboZoom, 500..100k-step windows)",
+                unit="ms",
+                target=None,
+                op="<=",
+                values=zm["ms"],
+                baseline="prototype: 56-145 ms",
+                extra={"by_size_median_ms": {k: med(v) for k, v in zm["by_size"].items()}, "detail": zm["detail"]},
+            )
+        )
     elif "zoom" in skipped or "page" in skipped:
         recs.append(missing("viewer_zoom_ms", "zoom round trip on a warm page", None, "zoom"))
     if not lv:
         recs.append(missing("viewer_live_ms", "live: flush() returned -> point drawn in the page", 1000.0, "live"))
     if lv:
-        recs.append(m("viewer_live_ms", "live: flush() returned -> point drawn in the page", unit="ms", target=1000.0,
-                      op="<=", values=lv["ms"], baseline="server polls every 250 ms",
-                      extra={"p_max_ms": max(lv["ms"]), "live_updates": lv.get("live_updates")}))
-    recs.append(m("viewer_runs_warm_ms", f"GET /api/runs, {N_MANY:,} runs, warm", unit="ms", target=1000.0, op="<=",
-                  values=rl["warm_ms"], baseline=f"cold (first request) {med(rl['cold_ms']):.0f} ms",
-                  baseline_values={"cold_ms": med(rl["cold_ms"]), "bytes": rl["bytes"]},
-                  extra={"copy_s": rl.get("copy_s"), "server_start_s": rl["start_s"]}))
-    recs.append(m("viewer_runs_cold_ms", f"GET /api/runs, {N_MANY:,} runs, cold (new kobo open process)", unit="ms",
-                  target=None, op="<=", values=rl["cold_ms"], baseline="prototype (metadata.json only): 3.8 s cold cache",
-                  note="OS page cache warm from the copy"))
+        recs.append(
+            m(
+                "viewer_live_ms",
+                "live: flush() returned -> point drawn in the page",
+                unit="ms",
+                target=1000.0,
+                op="<=",
+                values=lv["ms"],
+                baseline="server polls every 250 ms",
+                extra={"p_max_ms": max(lv["ms"]), "live_updates": lv.get("live_updates")},
+            )
+        )
+    recs.append(
+        m(
+            "viewer_runs_warm_ms",
+            f"GET /api/runs, {N_MANY:,} runs, warm",
+            unit="ms",
+            target=1000.0,
+            op="<=",
+            values=rl["warm_ms"],
+            baseline=f"cold (first request) {med(rl['cold_ms']):.0f} ms",
+            baseline_values={"cold_ms": med(rl["cold_ms"]), "bytes": rl["bytes"]},
+            extra={"copy_s": rl.get("copy_s"), "server_start_s": rl["start_s"]},
+        )
+    )
+    recs.append(
+        m(
+            "viewer_runs_cold_ms",
+            f"GET /api/runs, {N_MANY:,} runs, cold (new kobo open process)",
+            unit="ms",
+            target=None,
+            op="<=",
+            values=rl["cold_ms"],
+            baseline="prototype (metadata.json only): 3.8 s cold cache",
+            note="OS page cache warm from the copy",
+        )
+    )
     if rp:
-        recs.append(m("viewer_runs_page_ms", f"navigation -> runs page ready, {N_MANY:,} runs", unit="ms", target=None,
-                      op="<=", values=rp["ms"], baseline="-", extra={"rows_rendered": rp["rows"]}))
+        recs.append(
+            m(
+                "viewer_runs_page_ms",
+                f"navigation -> runs page ready, {N_MANY:,} runs",
+                unit="ms",
+                target=None,
+                op="<=",
+                values=rp["ms"],
+                baseline="-",
+                extra={"rows_rendered": rp["rows"]},
+            )
+        )
     if not wd:
         recs.append(missing("viewer_200_usable_ms", "200-chart page: navigation -> usable", 2000.0, "wide"))
     if wd:
-        recs.append(m("viewer_200_first_ms", "200-chart page: navigation -> first chart drawn", unit="ms", target=None,
-                      op="<=", values=wd["first_ms"], baseline="-"))
-        recs.append(m("viewer_200_usable_ms", "200-chart page: navigation -> usable (first chart drawn, scrollable)",
-                      unit="ms", target=2000.0, op="<=", values=wd["usable_ms"], baseline="-",
-                      extra={"long_tasks_before_usable_ms": [d["long_tasks_before_usable_ms"] for d in wd["detail"]],
-                             "longest_task_before_usable_ms": [d["longest_task_before_usable_ms"] for d in wd["detail"]]}))
-        recs.append(m("viewer_200_scroll_ms", "200-chart page: scroll through (a screen at a time) until all drawn",
-                      unit="ms", target=None, op="<=", values=wd["scroll_ms"],
-                      baseline=f"from navigation {med(wd['all_drawn_ms']):.0f} ms",
-                      baseline_values={"from_navigation_ms": med(wd["all_drawn_ms"])},
-                      extra={"detail": wd["detail"]}))
-    recs.append(m("viewer_write_1m_s", "write the 1M-point run (log .. flush, no target)", unit="s", target=None,
-                  op="<=", values=[writes["write_1m_s"]], baseline=f"log loop alone {writes['log_loop_s']:.2f} s",
-                  baseline_values={"log_loop_s": writes["log_loop_s"]}))
+        recs.append(
+            m(
+                "viewer_200_first_ms",
+                "200-chart page: navigation -> first chart drawn",
+                unit="ms",
+                target=None,
+                op="<=",
+                values=wd["first_ms"],
+                baseline="-",
+            )
+        )
+        recs.append(
+            m(
+                "viewer_200_usable_ms",
+                "200-chart page: navigation -> usable (first chart drawn, scrollable)",
+                unit="ms",
+                target=2000.0,
+                op="<=",
+                values=wd["usable_ms"],
+                baseline="-",
+                extra={
+                    "long_tasks_before_usable_ms": [d["long_tasks_before_usable_ms"] for d in wd["detail"]],
+                    "longest_task_before_usable_ms": [d["longest_task_before_usable_ms"] for d in wd["detail"]],
+                },
+            )
+        )
+        recs.append(
+            m(
+                "viewer_200_scroll_ms",
+                "200-chart page: scroll through (a screen at a time) until all drawn",
+                unit="ms",
+                target=None,
+                op="<=",
+                values=wd["scroll_ms"],
+                baseline=f"from navigation {med(wd['all_drawn_ms']):.0f} ms",
+                baseline_values={"from_navigation_ms": med(wd["all_drawn_ms"])},
+                extra={"detail": wd["detail"]},
+            )
+        )
+    recs.append(
+        m(
+            "viewer_write_1m_s",
+            "write the 1M-point run (log .. flush, no target)",
+            unit="s",
+            target=None,
+            op="<=",
+            values=[writes["write_1m_s"]],
+            baseline=f"log loop alone {writes['log_loop_s']:.2f} s",
+            baseline_values={"log_loop_s": writes["log_loop_s"]},
+        )
+    )
     return recs
 
 
 def main() -> None:
     global N_MANY
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true",
-                   help="3 loads per page, fewer zooms/flushes, 1,000-point charts, 2,000 runs in the list")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 loads per page, fewer zooms/flushes, 1,000-point charts, 2,000 runs in the list",
+    )
     p.add_argument("--repeats", type=int, default=None, help="page loads / repeats (default 5, --quick 3)")
     p.add_argument("--out", default=None, help="also write the metric records (JSON list) here")
     p.add_argument("--json", default=os.path.join(c.RESULTS_DIR, "viewer.json"), help="where to write the results")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (runs, daemon log) for inspection")
     p.add_argument("--no-browser", action="store_true", help="skip the parts in Chromium")
     p.add_argument("--chromium", default=None, help="browser binary (default $KOBO_CHROMIUM or /usr/bin/chromium)")
-    p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
-                   help="first wait up to SECONDS for the 1-min load average to fall below 0.7")
-    p.add_argument("--many", type=int, default=None, metavar="N",
-                   help=f"runs in the run-list folder (default {N_MANY:,}, --quick 2,000)")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="first wait up to SECONDS for the 1-min load average to fall below 0.7",
+    )
+    p.add_argument(
+        "--many",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"runs in the run-list folder (default {N_MANY:,}, --quick 2,000)",
+    )
     args = p.parse_args()
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
@@ -1128,8 +1394,10 @@ def main() -> None:
             servers.append(app)
             attempt("keepalive", lambda: keepalive_part(app.origin, args.repeats))
             if br is not None:
-                base = ServerProcess([sys.executable, os.path.abspath(__file__), "--serve-baseline",
-                                      writes["spike_path"]], "baseline server")
+                base = ServerProcess(
+                    [sys.executable, os.path.abspath(__file__), "--serve-baseline", writes["spike_path"]],
+                    "baseline server",
+                )
                 servers.append(base)
                 c.log(f"kobo open at {app.origin}, baseline at {base.origin}")
                 attempt("page", lambda: page_part(br, app.origin, base.origin, args.repeats))

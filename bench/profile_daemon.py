@@ -68,18 +68,35 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     with c.IsolatedDaemon() as env:
         pid = env.start()
-        run_ids = [f"prof-shared"] * n_procs if shared else [f"prof-p{p}" for p in range(n_procs)]
+        run_ids = ["prof-shared"] * n_procs if shared else [f"prof-p{p}" for p in range(n_procs)]
         ranks = list(range(n_procs)) if shared else [0] * n_procs
         barrier = ctx.Barrier(n_procs + 1)
         results = ctx.Queue()
-        procs = [ctx.Process(target=_worker, args=(p, run_ids[p], ranks[p], n_calls, env.base_dir, barrier, results))
-                 for p in range(n_procs)]
+        procs = [
+            ctx.Process(target=_worker, args=(p, run_ids[p], ranks[p], n_calls, env.base_dir, barrier, results))
+            for p in range(n_procs)
+        ]
         for p in procs:
             p.start()
         target = procs[0].pid if scenario == "client" else pid
-        spy = subprocess.Popen(["py-spy", "record", "--pid", str(target), "--rate", "500", "--threads",
-                                "--format", "raw", "--output", out_path, "--nonblocking"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        spy = subprocess.Popen(
+            [
+                "py-spy",
+                "record",
+                "--pid",
+                str(target),
+                "--rate",
+                "500",
+                "--threads",
+                "--format",
+                "raw",
+                "--output",
+                out_path,
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         time.sleep(1.0)  # let py-spy attach
         with c.RssSampler(pid) as sampler:
             barrier.wait()
@@ -91,8 +108,10 @@ def main() -> None:
         spy.wait(30)
         total = n_procs * n_calls * bt.N_METRICS
         secs = max(r["t_flushed"] for r in out) - min(r["t_first_log"] for r in out)
-        print(f"{scenario}: {total:,} values in {secs:.2f} s = {total / secs / 1e6:.2f} M values/s "
-              f"(under py-spy); daemon peak RSS {sampler.peak_mb:.0f} MB")
+        print(
+            f"{scenario}: {total:,} values in {secs:.2f} s = {total / secs / 1e6:.2f} M values/s "
+            f"(under py-spy); daemon peak RSS {sampler.peak_mb:.0f} MB"
+        )
     if os.path.exists(out_path):
         print(summarize(out_path))
         print(f"collapsed stacks: {out_path}")

@@ -115,10 +115,14 @@ def machine_info() -> dict:
     except OSError:
         pass
     try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(HERE),
-                                            capture_output=True, text=True).stdout.strip()
-        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], cwd=os.path.dirname(HERE),
-                                                capture_output=True, text=True).stdout.strip())
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=os.path.dirname(HERE), capture_output=True, text=True
+        ).stdout.strip()
+        info["git_dirty"] = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain"], cwd=os.path.dirname(HERE), capture_output=True, text=True
+            ).stdout.strip()
+        )
     except OSError:
         pass
     for mod in ("zmq", "msgpack", "numpy", "kohakuvault"):
@@ -145,9 +149,14 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(k for k, _ in BENCHES))
     p.add_argument("--json", default=os.path.join(c.RESULTS_DIR, "latest.json"), help="where to write the JSON")
     p.add_argument("--keep", action="store_true", help="keep each benchmark's temp dir (runs, daemon log)")
-    p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
-                   help="before each benchmark, wait up to SECONDS for the 1-min load average to fall below 0.7 "
-                        "(other processes on a 2-core machine skew every figure)")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="before each benchmark, wait up to SECONDS for the 1-min load average to fall below 0.7 "
+        "(other processes on a 2-core machine skew every figure)",
+    )
     args = p.parse_args()
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     unknown = only - {k for k, _ in BENCHES}

@@ -7,7 +7,8 @@ import json
 import math
 import sys
 import time
-from typing import Any, Iterator, TextIO
+from collections.abc import Iterator
+from typing import Any, TextIO
 
 import click
 
@@ -76,8 +77,16 @@ def list_cmd(directory: str) -> None:
                 n_metrics = str(len(r.list_metrics(rank=None)))
         except (KoboError, OSError):
             n_metrics = "?"
-        rows.append((f"{info.project}/{info.run_id}", info.name, info.status, _when(info.created_at), n_metrics,
-                     info.annotation or "-"))
+        rows.append(
+            (
+                f"{info.project}/{info.run_id}",
+                info.name,
+                info.status,
+                _when(info.created_at),
+                n_metrics,
+                info.annotation or "-",
+            )
+        )
     header: tuple[str, ...] = ("RUN", "NAME", "STATUS", "CREATED", "METRICS", "ANNOTATION")
     if not any(info.annotation for info in runs):  # the column only when some run has one
         header, rows = header[:-1], [row[:-1] for row in rows]
@@ -89,10 +98,15 @@ def list_cmd(directory: str) -> None:
 @main.command()
 @click.argument("run")
 @_DIR_OPTION
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the summary as JSON (NaN as null, infinities as \"inf\"/\"-inf\").")
-@click.option("--output", "show_output", is_flag=True,
-              help="Print the run's captured output (logs/output.log; stderr lines start with [stderr]) instead.")
+@click.option(
+    "--json", "as_json", is_flag=True, help='Print the summary as JSON (NaN as null, infinities as "inf"/"-inf").'
+)
+@click.option(
+    "--output",
+    "show_output",
+    is_flag=True,
+    help="Print the run's captured output (logs/output.log; stderr lines start with [stderr]) instead.",
+)
 @click.option("--strip-ansi", is_flag=True, help="With --output: remove ANSI colour and cursor codes.")
 def show(run: str, base_dir: str, as_json: bool, show_output: bool, strip_ansi: bool) -> None:
     """Show RUN (a path, project/run_id or run id): metadata, config and every metric.
@@ -117,10 +131,15 @@ def show(run: str, base_dir: str, as_json: bool, show_output: bool, strip_ansi: 
     try:
         with _open(run, base_dir) as r:
             summary = r.summary()
-            readers = {"media": r.media, "table": r.tables, "histogram": r.histograms, "tensor": r.tensors, "kde": r.kde}
+            readers = {
+                "media": r.media,
+                "table": r.tables,
+                "histogram": r.histograms,
+                "tensor": r.tensors,
+                "kde": r.kde,
+            }
             item_counts = {
-                kind: {name: len(readers[kind](name)) for name in names}
-                for kind, names in summary["items"].items()
+                kind: {name: len(readers[kind](name)) for name in names} for kind, names in summary["items"].items()
             }
     except (KoboError, OSError, KeyError) as exc:
         raise _fail(exc) from exc
@@ -151,8 +170,13 @@ def show(run: str, base_dir: str, as_json: bool, show_output: bool, strip_ansi: 
     for key, value in summary["config"].items():
         click.echo(f"  {key}: {json.dumps(value)}")
     items = summary.get("items") or {}
-    for kind, label in (("media", "media"), ("table", "tables"), ("histogram", "histograms"),
-                        ("tensor", "tensors"), ("kde", "kernel densities")):
+    for kind, label in (
+        ("media", "media"),
+        ("table", "tables"),
+        ("histogram", "histograms"),
+        ("tensor", "tensors"),
+        ("kde", "kernel densities"),
+    ):
         if items.get(kind):
             click.echo(f"{label}: {', '.join(f'{n} ({c})' for n, c in item_counts[kind].items())}")
     click.echo(f"metrics ({len(summary['metrics'])}):")
@@ -272,19 +296,35 @@ def _rows(reader: Any, selection: list[tuple[str, int]]) -> Iterator[tuple[str, 
 @main.command()
 @click.argument("run")
 @_DIR_OPTION
-@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True,
-              help="csv: header metric,rank,step,global_step,wall,value; NaN and infinities are written "
-                   "nan, inf, -inf. jsonl: one JSON object per point with the same keys; NaN is null and "
-                   "infinities are the strings \"inf\" and \"-inf\" (so every line is valid JSON).")
-@click.option("--metric", "metrics", multiple=True,
-              help="Only this metric (repeatable). Default: every metric of the chosen rank(s).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "jsonl"]),
+    default="csv",
+    show_default=True,
+    help="csv: header metric,rank,step,global_step,wall,value; NaN and infinities are written "
+    "nan, inf, -inf. jsonl: one JSON object per point with the same keys; NaN is null and "
+    'infinities are the strings "inf" and "-inf" (so every line is valid JSON).',
+)
+@click.option(
+    "--metric",
+    "metrics",
+    multiple=True,
+    help="Only this metric (repeatable). Default: every metric of the chosen rank(s).",
+)
 @click.option("--rank", default="0", show_default=True, help="Rank to export (an integer), or 'all'.")
-@click.option("-o", "--output", type=click.File("w", encoding="utf-8"), default="-", help="File to write (default stdout).")
-@click.option("--media-dir", type=click.Path(file_okay=False), default=None,
-              help="Also write every logged media item (and table cell) to this directory, "
-                   "as {name}_{step:08d}_{hash8}.{ext}.")
-def export(run: str, base_dir: str, fmt: str, metrics: tuple[str, ...], rank: str, output: TextIO,
-           media_dir: str | None) -> None:
+@click.option(
+    "-o", "--output", type=click.File("w", encoding="utf-8"), default="-", help="File to write (default stdout)."
+)
+@click.option(
+    "--media-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Also write every logged media item (and table cell) to this directory, as {name}_{step:08d}_{hash8}.{ext}.",
+)
+def export(
+    run: str, base_dir: str, fmt: str, metrics: tuple[str, ...], rank: str, output: TextIO, media_dir: str | None
+) -> None:
     """Export the scalar series of RUN as CSV or JSON lines (and media files with --media-dir).
 
     RUN is a run folder path, project/run_id or a run id.  Every point is
@@ -308,8 +348,19 @@ def export(run: str, base_dir: str, fmt: str, metrics: tuple[str, ...], rank: st
                 else:
                     steps, gsteps, walls, values = (s[f].tolist() for f in ("step", "global_step", "wall", "value"))
                     for st, gs, w, v in zip(steps, gsteps, walls, values):
-                        output.write(json.dumps({"metric": name, "rank": rk, "step": st, "global_step": gs,
-                                                 "wall": _json_number(w), "value": _json_number(v)}) + "\n")
+                        output.write(
+                            json.dumps(
+                                {
+                                    "metric": name,
+                                    "rank": rk,
+                                    "step": st,
+                                    "global_step": gs,
+                                    "wall": _json_number(w),
+                                    "value": _json_number(v),
+                                }
+                            )
+                            + "\n"
+                        )
     except BrokenPipeError:
         raise  # `kobo export ... | head`: click exits quietly on EPIPE
     except (KoboError, OSError, KeyError) as exc:
@@ -337,16 +388,34 @@ def _export_media(reader: Any, media_dir: str) -> int:
 
 @main.command("open")
 @click.argument("directory", default="./kohakuboard", required=False, envvar="KOBO_BASE_DIR")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on. Loopback by default; other users of this machine still need the token.")
-@click.option("--port", default=48889, show_default=True, type=click.IntRange(0, 65535),
-              help="Port; if it is taken, a free one is used (and said).")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on. Loopback by default; other users of this machine still need the token.",
+)
+@click.option(
+    "--port",
+    default=48889,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port; if it is taken, a free one is used (and said).",
+)
 @click.option("--browser", is_flag=True, help="Open the page in a web browser.")
-@click.option("--no-token", is_flag=True,
-              help="Do not ask for the token (loopback addresses only: anyone on this machine can then read the runs).")
-@click.option("--allowed-host", "allowed_hosts", multiple=True,
-              help="Another name the page may be reached by (Host header check against DNS rebinding); repeatable.")
-def open_cmd(directory: str, host: str, port: int, browser: bool, no_token: bool, allowed_hosts: tuple[str, ...]) -> None:
+@click.option(
+    "--no-token",
+    is_flag=True,
+    help="Do not ask for the token (loopback addresses only: anyone on this machine can then read the runs).",
+)
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    help="Another name the page may be reached by (Host header check against DNS rebinding); repeatable.",
+)
+def open_cmd(
+    directory: str, host: str, port: int, browser: bool, no_token: bool, allowed_hosts: tuple[str, ...]
+) -> None:
     """Open a live web viewer over DIRECTORY (default $KOBO_BASE_DIR or ./kohakuboard).
 
     Prints the URL to open; it carries a random token that the page exchanges
@@ -360,14 +429,22 @@ def open_cmd(directory: str, host: str, port: int, browser: bool, no_token: bool
     if not os.path.isdir(directory):
         raise click.ClickException(f"{directory} is not a directory (no KohakuBoard runs there)")
     try:
-        serve(os.path.abspath(directory), host=host, port=port, token=None if no_token else "",
-              allowed_hosts=allowed_hosts, open_browser=browser, echo=click.echo)
+        serve(
+            os.path.abspath(directory),
+            host=host,
+            port=port,
+            token=None if no_token else "",
+            allowed_hosts=allowed_hosts,
+            open_browser=browser,
+            echo=click.echo,
+        )
     except ServeError as exc:
         raise click.ClickException(str(exc)) from exc
 
 
-@main.command("serve", add_help_option=False,
-              context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@main.command(
+    "serve", add_help_option=False, context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
+)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def serve_cmd(args: tuple[str, ...]) -> None:
     """The team viewer with accounts: the same as kobo-serve ARGS (`kobo serve --help`)."""
@@ -385,8 +462,11 @@ def import_group() -> None:
 @click.argument("logdir", type=click.Path(exists=True, file_okay=False))
 @click.option("--project", default="default", show_default=True, help="Project to put the runs in.")
 @_DIR_OPTION
-@click.option("--replace", is_flag=True,
-              help="Import again a directory whose event files changed since it was imported (its run is rewritten).")
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Import again a directory whose event files changed since it was imported (its run is rewritten).",
+)
 def import_tensorboard(logdir: str, project: str, base_dir: str, replace: bool) -> None:
     """Convert the TensorBoard event files under LOGDIR: one run per directory of event files.
 
@@ -404,10 +484,10 @@ def import_tensorboard(logdir: str, project: str, base_dir: str, replace: bool) 
     if not tbimport.find_event_dirs(logdir):
         raise click.ClickException(f"no TensorBoard event files (*tfevents*) under {logdir}")
     total = tbimport.total_bytes(logdir)
-    with click.progressbar(length=total, label="importing", file=sys.stderr, show_eta=True,
-                           show_pos=False) as bar:
-        results = tbimport.import_logdir(logdir, project=project, base_dir=base_dir, replace=replace,
-                                         progress=bar.update)
+    with click.progressbar(length=total, label="importing", file=sys.stderr, show_eta=True, show_pos=False) as bar:
+        results = tbimport.import_logdir(
+            logdir, project=project, base_dir=base_dir, replace=replace, progress=bar.update
+        )
         bar.update(max(0, total - bar.pos))
     for line in tbimport.iter_summary(results):
         click.echo(line)

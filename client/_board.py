@@ -12,7 +12,6 @@ from ..protocol.errors import (
     BoardClosedError,
     DaemonUnavailable,
     KoboError,
-    KoboTimeoutError,
     StorageError,
     TransportError,
 )
@@ -157,8 +156,12 @@ def _check_auto_step(value: Any) -> bool:
 
 
 _UNUSED_DEFAULTS = {
-    "remote_url": None, "remote_token": None, "remote_project": None,
-    "sync_enabled": False, "sync_interval": 10, "memory_mode": False,
+    "remote_url": None,
+    "remote_token": None,
+    "remote_project": None,
+    "sync_enabled": False,
+    "sync_interval": 10,
+    "memory_mode": False,
 }
 
 
@@ -297,8 +300,12 @@ class Board:
     ) -> None:
         self._closed = True  # until fully open: finish() and __del__ are no-ops
         _warn_unused_settings(
-            remote_url=remote_url, remote_token=remote_token, remote_project=remote_project,
-            sync_enabled=sync_enabled, sync_interval=sync_interval, memory_mode=memory_mode,
+            remote_url=remote_url,
+            remote_token=remote_token,
+            remote_project=remote_project,
+            sync_enabled=sync_enabled,
+            sync_interval=sync_interval,
+            memory_mode=memory_mode,
         )
         _load()
         from ._config import ClientConfig
@@ -399,7 +406,11 @@ class Board:
         self._end_status: str | None = None  # "crashed" or "interrupted", set by an exception
         self._pid = os.getpid()
         self._max_queue = max_queue if max_queue is not None else cfg.max_queue
-        self._max_inflight = _check_count("max_inflight_bytes", max_inflight_bytes, 1) if max_inflight_bytes is not None else cfg.max_inflight_bytes
+        self._max_inflight = (
+            _check_count("max_inflight_bytes", max_inflight_bytes, 1)
+            if max_inflight_bytes is not None
+            else cfg.max_inflight_bytes
+        )
         from ._config import QUEUE_POLICIES
 
         self._policy = queue_policy if queue_policy is not None else cfg.queue_policy
@@ -408,9 +419,7 @@ class Board:
         self._reopening = False
 
         reply = self._connect()
-        self._kinds.update(
-            (k, v) for k, v in (reply.kinds or {}).items() if isinstance(k, str) and v in _KIND_TEXT
-        )
+        self._kinds.update((k, v) for k, v in (reply.kinds or {}).items() if isinstance(k, str) and v in _KIND_TEXT)
         if reply.name and self.rank == 0:
             self.name = reply.name  # a resumed run keeps its name
         self.resumed = not reply.created
@@ -457,8 +466,16 @@ class Board:
             conn.close()
             raise
         sender = Sender(
-            conn.ctx, cfg.endpoint, self.path, self._client, self.rank, self._max_queue,
-            max_inflight_bytes=self._max_inflight, policy=self._policy, daemon_id=reply.daemon, ident=ident,
+            conn.ctx,
+            cfg.endpoint,
+            self.path,
+            self._client,
+            self.rank,
+            self._max_queue,
+            max_inflight_bytes=self._max_inflight,
+            policy=self._policy,
+            daemon_id=reply.daemon,
+            ident=ident,
         )
         sender.autostart = cfg.autostart
         sender.start()
@@ -613,7 +630,9 @@ class Board:
     # so that scripts written for KohakuBoard run unchanged.  Several values of
     # one step belong in one log() call instead: log(a=..., b=Histogram(...)).
 
-    def log_histogram(self, name: str, values: Any, num_bins: int = 64, precision: str = "exact", **kwargs: Any) -> None:
+    def log_histogram(
+        self, name: str, values: Any, num_bins: int = 64, precision: str = "exact", **kwargs: Any
+    ) -> None:
         """Log one histogram as its own ``log()`` call (a step of its own).
 
         Kept because the guide shows it; it is exactly the step inflation the
@@ -622,8 +641,7 @@ class Board:
         """
         self.log(**{name: Histogram(values, num_bins, precision, **kwargs)})
 
-    def log_images(self, name: str, images: Any, caption: str | None = None, *,
-                   captions: Any = None) -> None:
+    def log_images(self, name: str, images: Any, caption: str | None = None, *, captions: Any = None) -> None:
         """Log one image or several under ``name`` at one step (one ``log()`` call).
 
         ``images``: one image (numpy, torch, PIL, path, bytes), a list or tuple
@@ -669,9 +687,16 @@ class Board:
 
         self.log(**{name: table if isinstance(table, Table) else Table(table)})
 
-    def log_tensor(self, name: str, values: Any = None, precision: str | None = None,
-                   metadata: dict[str, Any] | None = None, *, namespace: str | None = None,
-                   tensor: Any = None) -> None:
+    def log_tensor(
+        self,
+        name: str,
+        values: Any = None,
+        precision: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        namespace: str | None = None,
+        tensor: Any = None,
+    ) -> None:
         """Log a whole tensor (a :class:`TensorLog`) as one ``log()`` call.
 
         ``values`` (or ``tensor=``): the array; ``precision`` casts before
@@ -684,9 +709,18 @@ class Board:
         data = values if values is not None else tensor
         self.log(**{name: TensorLog(data, namespace=namespace, metadata=metadata, precision=precision)})
 
-    def log_kernel_density(self, name: str, grid: Any = None, density: Any = None, *, values: Any = None,
-                           num_points: int = 256, kernel: str = "gaussian", bandwidth: Any = None,
-                           **kwargs: Any) -> None:
+    def log_kernel_density(
+        self,
+        name: str,
+        grid: Any = None,
+        density: Any = None,
+        *,
+        values: Any = None,
+        num_points: int = 256,
+        kernel: str = "gaussian",
+        bandwidth: Any = None,
+        **kwargs: Any,
+    ) -> None:
         """Log a :class:`KernelDensity` as one ``log()`` call.
 
         Raw ``values`` (the daemon estimates the density on ``num_points``
@@ -695,8 +729,19 @@ class Board:
         """
         from ._rich import KernelDensity
 
-        self.log(**{name: KernelDensity(values=values, num_points=num_points, bandwidth=bandwidth, grid=grid,
-                                        density=density, kernel=kernel, **kwargs)})
+        self.log(
+            **{
+                name: KernelDensity(
+                    values=values,
+                    num_points=num_points,
+                    bandwidth=bandwidth,
+                    grid=grid,
+                    density=density,
+                    kernel=kernel,
+                    **kwargs,
+                )
+            }
+        )
 
     def _log_many(self, name: str, media: list[Any]) -> None:
         """Several media values under one name at one step: one message each, queued together.
@@ -727,7 +772,9 @@ class Board:
             self._check_process()
         with self._lock:
             self._seq = seq = self._seq + 1
-            env = m.Envelope(self.path, self._client, seq, self.rank, max(self._step, 0), self._global_step, time.time())
+            env = m.Envelope(
+                self.path, self._client, seq, self.rank, max(self._step, 0), self._global_step, time.time()
+            )
             self._sender.put(m.OutputMessage(env, stream, text))
 
     # ----------------------------------------------------------- durability
@@ -773,9 +820,7 @@ class Board:
         sender = self._sender
         budget = wait + 0.5 if limit is None else max(0.05, min(wait + 0.5, limit))
         try:
-            reply = self._conn.request(
-                m.AckRequest, self._env(), budget, last, int(wait * 1000), *sender.peer
-            )
+            reply = self._conn.request(m.AckRequest, self._env(), budget, last, int(wait * 1000), *sender.peer)
         except KoboError:
             return False
         if isinstance(reply, m.Acked) and reply.durable_seq >= last and not reply.error_code:
@@ -935,7 +980,7 @@ class Board:
 
     close = finish
 
-    def __enter__(self) -> "Board":
+    def __enter__(self) -> Board:
         return self
 
     def __exit__(self, et: Any, exc: Any, tb: Any) -> None:

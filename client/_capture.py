@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _CHUNK = 1 << 20
-_active: "Capture | None" = None
+_active: Capture | None = None
 _active_lock = threading.Lock()
 
 
@@ -40,7 +41,7 @@ def collapse_carriage_returns(text: str) -> str:
 class _Tee:
     """Stands in for ``sys.stdout``/``sys.stderr``; everything else is delegated."""
 
-    def __init__(self, stream: Any, name: str, capture: "Capture") -> None:
+    def __init__(self, stream: Any, name: str, capture: Capture) -> None:
         self._stream = stream
         self._name = name
         self._capture = capture

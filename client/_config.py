@@ -19,8 +19,9 @@ Environment variables (the only place the client reads them):
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from ..protocol.endpoint import Endpoint, resolve
 
@@ -46,7 +47,7 @@ class ClientConfig:
     queue_policy: str = "block"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ClientConfig":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ClientConfig:
         env = os.environ if environ is None else environ
         rank = _int_env(env, "RANK", 0, minimum=0)
         elastic = (env.get("TORCHELASTIC_RUN_ID") or "").strip()

@@ -89,7 +89,9 @@ def _from_sequence(obj: Any) -> Any:
         except (TypeError, RuntimeError, ValueError) as exc:
             first = exc
     if isinstance(first, ValueError) and ("inhomogeneous" in str(first) or "sequence" in str(first)):
-        raise ValueError(f"ragged list: the nested lists differ in length, so they do not form an array ({first})") from None
+        raise ValueError(
+            f"ragged list: the nested lists differ in length, so they do not form an array ({first})"
+        ) from None
     raise TypeError(f"cannot convert this {type(obj).__name__} to an array: {first}") from None
 
 
@@ -182,7 +184,7 @@ def _pil_to_array(im: Any) -> Any:
 
 
 def _image_layout(shape: tuple[int, ...]) -> str:
-    """"hw", "hwc" or "chw" for an image shape; ValueError for anything else or too many pixels."""
+    """ "hw", "hwc" or "chw" for an image shape; ValueError for anything else or too many pixels."""
     ndim = len(shape)
     if ndim < 2:
         raise ValueError(f"a {ndim}-D array of shape {shape} is not an image (need HW, HWC or CHW)")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 DELAY = 1.0
 TTY_EVERY = 0.25
@@ -26,8 +27,9 @@ class FinishProgress:
     from a background thread every few tenths of a second.
     """
 
-    def __init__(self, unwritten: Callable[[], int], what: str, stream: TextIO | None = None,
-                 delay: float = DELAY) -> None:
+    def __init__(
+        self, unwritten: Callable[[], int], what: str, stream: TextIO | None = None, delay: float = DELAY
+    ) -> None:
         self._unwritten = unwritten
         self._what = what
         self._stream = stream or sys.__stderr__ or sys.stderr
@@ -39,7 +41,7 @@ class FinishProgress:
         self._total = 0
         self._started = 0.0
 
-    def __enter__(self) -> "FinishProgress":
+    def __enter__(self) -> FinishProgress:
         self._total = max(0, self._unwritten())
         if self._total == 0:
             return self

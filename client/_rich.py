@@ -92,9 +92,7 @@ class Media:
             meta.update(encoding="file", ext=ext)
         else:
             if self.media_type not in ("image", "auto"):
-                raise TypeError(
-                    f"{self.media_type} must be given as a file path or bytes, not {type(data).__name__}"
-                )
+                raise TypeError(f"{self.media_type} must be given as a file path or bytes, not {type(data).__name__}")
             hwc = image_to_hwc_uint8(data)
             meta.update(encoding="raw", **_array_blob(hwc, blobs))
             meta["media_type"] = "image"
@@ -206,7 +204,7 @@ class Histogram:
         if self.values is None and self.bins is None:
             raise TypeError("Histogram(None) has no values (a gradient before backward()?)")
 
-    def compute_bins(self) -> "Histogram":
+    def compute_bins(self) -> Histogram:
         """Bin the raw values now, in this process; return ``self``.
 
         The daemon's own binning (``daemon.compute.bin_histogram``): the same
@@ -271,8 +269,14 @@ class TensorLog:
 
     __slots__ = ("tensor", "namespace", "metadata", "precision")
 
-    def __init__(self, tensor: Any, namespace: str | None = None, metadata: dict[str, Any] | None = None,
-                 precision: str | None = None, **unknown: Any) -> None:
+    def __init__(
+        self,
+        tensor: Any,
+        namespace: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        precision: str | None = None,
+        **unknown: Any,
+    ) -> None:
         _refuse_unknown("TensorLog", unknown, ("tensor", "namespace", "metadata", "precision"))
         if namespace is not None and not isinstance(namespace, str):
             raise TypeError("namespace must be a string")
@@ -343,7 +347,8 @@ class KernelDensity:
         **unknown: Any,
     ) -> None:
         _refuse_unknown(
-            "KernelDensity", unknown,
+            "KernelDensity",
+            unknown,
             ("values", "grid_size", "bandwidth", "grid", "density", "raw_values", "num_points", "kernel"),
             "; the daemon estimates the density over the full finite range of the values",
         )

@@ -10,7 +10,6 @@ import time
 from ..protocol.endpoint import Endpoint, daemon_alive, ensure_directory
 from ..protocol.errors import DaemonUnavailable
 
-
 # The shell line that starts a daemon: in the background, its output appended to
 # the endpoint's log, then the shell prints the daemon's pid and exits at once.
 # The daemon is then nobody's child here (its parent, the shell, is gone): no
@@ -43,7 +42,9 @@ def spawn_daemon(ep: Endpoint) -> int:
     try:
         return int(out.stdout.strip())
     except ValueError:
-        raise DaemonUnavailable(f"could not start kobo-daemon on {ep}: the launcher printed {out.stdout[:80]!r}") from None
+        raise DaemonUnavailable(
+            f"could not start kobo-daemon on {ep}: the launcher printed {out.stdout[:80]!r}"
+        ) from None
 
 
 def _gone(pid: int) -> bool:

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import collections
 import sys
-from array import array
-from itertools import chain
 import threading
 import time
+from array import array
+from itertools import chain
 from typing import Any
 
 import zmq
@@ -714,7 +714,9 @@ class Connection:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    exc = KoboTimeoutError(f"kobo-daemon on {self.ep} did not answer {msg_cls.KIND} within {timeout:g}s")
+                    exc = KoboTimeoutError(
+                        f"kobo-daemon on {self.ep} did not answer {msg_cls.KIND} within {timeout:g}s"
+                    )
                     exc.no_answer = True  # type: ignore[attr-defined]  # (not the daemon saying it timed out)
                     raise exc
                 if self._dealer.poll(int(min(remaining, 0.05) * 1000) + 1):

@@ -41,7 +41,9 @@ def to_scalar(key: str, value: Any) -> float:
         if module == "numpy" or module.startswith("numpy."):
             size = getattr(value, "size", 1)
             if size == 0:
-                raise TypeError(f"cannot log {key!r}: the numpy array is empty (shape {value.shape}), it holds no value")
+                raise TypeError(
+                    f"cannot log {key!r}: the numpy array is empty (shape {value.shape}), it holds no value"
+                )
             if size != 1:
                 raise TypeError(
                     f"cannot log {key!r}: a numpy array of shape {getattr(value, 'shape', '?')} is not a scalar "
@@ -59,7 +61,9 @@ def to_scalar(key: str, value: Any) -> float:
         if module.startswith("torch"):
             numel = value.numel() if hasattr(value, "numel") else 1
             if numel == 0:
-                raise TypeError(f"cannot log {key!r}: the tensor is empty (shape {tuple(value.shape)}), it holds no value")
+                raise TypeError(
+                    f"cannot log {key!r}: the tensor is empty (shape {tuple(value.shape)}), it holds no value"
+                )
             if numel != 1:
                 raise TypeError(
                     f"cannot log {key!r}: a tensor of shape {tuple(value.shape)} is not a scalar "
@@ -124,8 +128,10 @@ def to_config(obj: Any, path: str = "config", *, nonfinite_as_text: bool = False
             out[k] = to_config(v, f"{path}[{k!r}]", nonfinite_as_text=nonfinite_as_text, _depth=_depth + 1)
         return out
     if isinstance(obj, (list, tuple)):
-        return [to_config(v, f"{path}[{i}]", nonfinite_as_text=nonfinite_as_text, _depth=_depth + 1)
-                for i, v in enumerate(obj)]
+        return [
+            to_config(v, f"{path}[{i}]", nonfinite_as_text=nonfinite_as_text, _depth=_depth + 1)
+            for i, v in enumerate(obj)
+        ]
     module = type(obj).__module__ or ""
     if module == "numpy" or module.startswith("numpy."):
         if hasattr(obj, "tolist") and getattr(obj, "ndim", 0) > 0:

@@ -424,7 +424,7 @@ def kde(values: np.ndarray, grid_size: int = 256, bandwidth: float | None = None
             m2 += cm2 + delta * delta * k * c.size / tot
             k = tot
         std = math.sqrt(max(m2, 0.0) / n)
-        bw = 1.06 * std * n ** -0.2 if std > 0 else math.ldexp(1.0 / 6.0, -exp)
+        bw = 1.06 * std * n**-0.2 if std > 0 else math.ldexp(1.0 / 6.0, -exp)
     else:
         try:
             bw = math.ldexp(bandwidth, -exp)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from ..protocol.endpoint import Endpoint, resolve
 
@@ -69,7 +69,7 @@ class DaemonConfig:
     compute_threads: int = 0
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "DaemonConfig":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> DaemonConfig:
         """Build the config from ``KOBO_*`` variables, then explicit overrides.
 
         ``KOBO_DAEMON_ENDPOINT``: the endpoint (see :mod:`kohakuboard.protocol.endpoint`).
@@ -94,7 +94,12 @@ class DaemonConfig:
         cfg.head_key = env.get("KOBO_DAEMON_HEAD_KEY") or None
         cfg.key_dir = env.get("KOBO_DAEMON_KEY_DIR") or None
         cfg.authorized = env.get("KOBO_DAEMON_AUTHORIZED") or None
-        cfg.insecure_plaintext = env.get("KOBO_DAEMON_INSECURE_PLAINTEXT", "").strip().lower() in ("1", "true", "yes", "on")
+        cfg.insecure_plaintext = env.get("KOBO_DAEMON_INSECURE_PLAINTEXT", "").strip().lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+        )
         cfg.durability = env.get("KOBO_DAEMON_DURABILITY", "sync").strip().lower() or "sync"
         sysm = env.get("KOBO_DAEMON_SYSTEM_METRICS", "").strip().lower()
         if sysm:
@@ -129,7 +134,9 @@ class DaemonConfig:
         if not 0 < cfg.flush_interval <= 0.45:
             raise ValueError("flush_interval must be in (0, 0.45] seconds to keep the 0.5 s durability promise")
         if not (cfg.system_metrics == 0 or 0.05 <= cfg.system_metrics <= 86400):
-            raise ValueError(f"system metrics interval must be 0 (off) or 0.05..86400 seconds, got {cfg.system_metrics}")
+            raise ValueError(
+                f"system metrics interval must be 0 (off) or 0.05..86400 seconds, got {cfg.system_metrics}"
+            )
         if not 0.1 <= cfg.handshake_timeout <= 3600:
             raise ValueError(f"handshake timeout must be 0.1..3600 seconds, got {cfg.handshake_timeout}")
         if cfg.max_connections < 0 or cfg.max_per_address < 1 or cfg.max_handshakes_per_address < 1:

@@ -70,8 +70,9 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import zmq
@@ -461,7 +462,9 @@ class Relay:
             self.reply_error(ident, head, f"too many clients ({self.max_upstreams}) are waiting on {self.target}")
             return
         if len(up.waiting) >= _MAX_WAITING:
-            self.reply_error(ident, head, f"{len(up.waiting)} requests of this client are already waiting on {self.target}")
+            self.reply_error(
+                ident, head, f"{len(up.waiting)} requests of this client are already waiting on {self.target}"
+            )
             return
         try:
             up.sock.send_multipart(body, zmq.NOBLOCK)
@@ -630,7 +633,9 @@ def forward_setup(config: DaemonConfig) -> ForwardSetup:
     from . import keys
 
     if getattr(config, "listen", None):
-        raise RelaySetupError("--forward and --listen cannot be combined: a forwarding node writes and serves nothing itself")
+        raise RelaySetupError(
+            "--forward and --listen cannot be combined: a forwarding node writes and serves nothing itself"
+        )
     address = config.forward or ""
     data_addr, control_addr = tcp_pair(address, bind=False)
     if getattr(config, "insecure_plaintext", False):
@@ -651,7 +656,7 @@ class ForwardRelay(Relay):
 
     name = "forwarder"
 
-    def __init__(self, daemon: "Forwarder", setup: ForwardSetup) -> None:
+    def __init__(self, daemon: Forwarder, setup: ForwardSetup) -> None:
         super().__init__(
             daemon.pull,
             daemon.router,
@@ -758,7 +763,11 @@ class ForwardRelay(Relay):
             return
         self.state, self.detail, self.state_since = state, detail, time.time()
         if state == "connected":
-            log.info("connected to %s%s", self.target, " (reconnected: clients re-send what was in flight)" if self.epoch else "")
+            log.info(
+                "connected to %s%s",
+                self.target,
+                " (reconnected: clients re-send what was in flight)" if self.epoch else "",
+            )
         elif state == "refused":
             why = self.refusal()
             now = time.monotonic()
@@ -911,7 +920,7 @@ class ForwardRelay(Relay):
             self._sys_pass(now)
 
     def _reap(self, now: float) -> None:
-        for key, c in list(self.clients.items()):
+        for c in list(self.clients.values()):
             if c.reap_id:
                 if now > c.reap_deadline:
                     # No answer: the head (or the connection) restarted and lost
@@ -982,8 +991,15 @@ class ForwardRelay(Relay):
         n = 0
         for e in entries if isinstance(entries, list) else []:
             try:
-                c = _Client(str(e["run"]), str(e["client"]), int(e["rank"]), int(e["pid"]), int(e["pid_start"]),
-                            str(e["host"]), int(e.get("last_seq", 0)))
+                c = _Client(
+                    str(e["run"]),
+                    str(e["client"]),
+                    int(e["rank"]),
+                    int(e["pid"]),
+                    int(e["pid_start"]),
+                    str(e["host"]),
+                    int(e.get("last_seq", 0)),
+                )
             except (KeyError, TypeError, ValueError):
                 continue
             if c.host == _HOST and len(self.clients) < _MAX_TRACKED:
@@ -995,8 +1011,15 @@ class ForwardRelay(Relay):
     def _save_clients(self) -> None:
         self._dirty = False
         entries = [
-            {"run": c.run, "client": c.client, "rank": c.rank, "pid": c.pid, "pid_start": c.pid_start,
-             "host": c.host, "last_seq": c.last_seq}
+            {
+                "run": c.run,
+                "client": c.client,
+                "rank": c.rank,
+                "pid": c.pid,
+                "pid_start": c.pid_start,
+                "host": c.host,
+                "last_seq": c.last_seq,
+            }
             for c in self.clients.values()
         ]
         tmp = f"{self._state_path}.{os.getpid()}.tmp"
@@ -1031,7 +1054,8 @@ class ForwardRelay(Relay):
             clients=len(self.clients),
             reaped=self.reaped,
             system_metrics={
-                "interval": self.daemon.config.system_metrics, **self.sys_stats,
+                "interval": self.daemon.config.system_metrics,
+                **self.sys_stats,
                 "held": sum(len(r.held) for r in list(self._sys_runs.values())),
             },
         )
@@ -1104,7 +1128,7 @@ class ForwardRelay(Relay):
             r.held.append(_SysSample(seq, codec.encode(m.LogMessage(env, dict(values)))))
             r.unsent += 1
 
-    def _sys_ask(self, run: str, r: "_SysRun", now: float) -> None:
+    def _sys_ask(self, run: str, r: _SysRun, now: float) -> None:
         """Ask the head how far the samples of ``run`` are durable (``flush`` of seq 0: answered at once)."""
         if self._sys_sock is None:
             self._sys_sock = self._upstream_socket(zmq.DEALER, self.control_addr)
@@ -1171,7 +1195,8 @@ class Forwarder(Daemon):
         if setup.curve is None:
             log.warning(
                 "!!! forwarding to %s WITHOUT encryption or authentication (--insecure-plaintext): anyone on the "
-                "network path can read and alter this node's runs !!!", setup.address,
+                "network path can read and alter this node's runs !!!",
+                setup.address,
             )
         super()._bind()
         self.relay = ForwardRelay(self, setup)

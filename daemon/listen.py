@@ -148,8 +148,9 @@ class ConnectionGuard:
     thread: its :attr:`monitors` are registered in the relay's poller, handled by :meth:`on_event`.
     """
 
-    def __init__(self, ctx: zmq.Context[Any], socks: list[zmq.Socket[Any]], ports: set[int], config: DaemonConfig,
-                 fd_limit: int) -> None:
+    def __init__(
+        self, ctx: zmq.Context[Any], socks: list[zmq.Socket[Any]], ports: set[int], config: DaemonConfig, fd_limit: int
+    ) -> None:
         self.ports = ports
         self.handshake_timeout = config.handshake_timeout
         self.max_connections = connection_limit(config, fd_limit)
@@ -266,8 +267,7 @@ class ConnectionGuard:
             why = "too_many_from_address"
         else:
             young = sum(
-                1 for f in fds
-                if not self.conns[f].confirmed and now - self.conns[f].since < self.handshake_timeout
+                1 for f in fds if not self.conns[f].confirmed and now - self.conns[f].since < self.handshake_timeout
             )
             if young > self.max_handshakes:
                 why = "too_many_handshakes_from_address"
@@ -368,7 +368,8 @@ class ConnectionGuard:
             log.warning(
                 "refused or failed TCP peers: %s%s [%d open connection(s); %s so far]",
                 ", ".join(f"{ip} {kind} x{n}" for (ip, kind), n in top),
-                f", and {more} more" if more > 0 else "", len(self.conns),
+                f", and {more} more" if more > 0 else "",
+                len(self.conns),
                 ", ".join(f"{k} {n}" for k, n in self.refused.most_common()),
             )
             self._unlogged.clear()
@@ -423,7 +424,7 @@ class _KeyCheck:
     its connection may be gone before the guard can ask; the ZAP request does.
     """
 
-    def __init__(self, authorized: keys.AuthorizedKeys, listener: "TcpListener") -> None:
+    def __init__(self, authorized: keys.AuthorizedKeys, listener: TcpListener) -> None:
         self.authorized = authorized
         self.listener = listener
 
@@ -442,7 +443,9 @@ class _HeadRelay(Relay):
     def intercept(self, ident: bytes, body: list[bytes], head: Head | None) -> bool:
         if head is not None and head.kind == m.ShutdownRequest.KIND:
             self.reply_error(
-                ident, head, "shutdown is not accepted over TCP: stop the head on its own machine",
+                ident,
+                head,
+                "shutdown is not accepted over TCP: stop the head on its own machine",
                 code=code_for(KoboError()),
             )
             return True
@@ -488,8 +491,11 @@ class TcpListener:
             path = keys.authorized_path(config.authorized, directory)
             self.authorized = keys.AuthorizedKeys(path)
             if not self.authorized.keys():
-                log.warning("no authorized client keys in %s yet: every node is refused until one is added "
-                            "(kobo-daemon keys authorize KEY; no restart needed)", path)
+                log.warning(
+                    "no authorized client keys in %s yet: every node is refused until one is added "
+                    "(kobo-daemon keys authorize KEY; no restart needed)",
+                    path,
+                )
         fd_limit = open_file_limit()
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.ctx.set(zmq.MAX_SOCKETS, max(1024, fd_limit))  # sockets are bounded by descriptors, not by this
@@ -540,7 +546,10 @@ class TcpListener:
             ports = {int(a.rsplit(":", 1)[1]) for pair in pairs for a in pair}
             self.guard = ConnectionGuard(self.ctx, [self.pull, self.router], ports, config, fd_limit)
             self.relay = _HeadRelay(
-                self.pull, self.router, config.endpoint.data_addr, config.endpoint.control_addr,
+                self.pull,
+                self.router,
+                config.endpoint.data_addr,
+                config.endpoint.control_addr,
                 f"the kobo-daemon on {config.endpoint}",
             )
             self.relay.guard = self.guard
@@ -548,9 +557,13 @@ class TcpListener:
             self.close()
             raise
         if self.secure:
-            log.info("listening on %s (data) and %s (requests) with CURVE; server key %s; authorized keys: %s",
-                     ", ".join(p[0] for p in pairs), ", ".join(p[1] for p in pairs),
-                     server_keys[0].decode() if server_keys else "?", self.authorized.path if self.authorized else "?")
+            log.info(
+                "listening on %s (data) and %s (requests) with CURVE; server key %s; authorized keys: %s",
+                ", ".join(p[0] for p in pairs),
+                ", ".join(p[1] for p in pairs),
+                server_keys[0].decode() if server_keys else "?",
+                self.authorized.path if self.authorized else "?",
+            )
         else:
             for _ in range(2):
                 log.warning(
@@ -563,7 +576,9 @@ class TcpListener:
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"addresses": self.addresses, "secure": self.secure}
         if self.authorized is not None:
-            out.update(authorized=self.authorized.path, accepted=self.authorized.accepted, refused=self.authorized.refused)
+            out.update(
+                authorized=self.authorized.path, accepted=self.authorized.accepted, refused=self.authorized.refused
+            )
         if self.relay is not None:
             out.update(self.relay.info())
         if self.guard is not None:
@@ -591,18 +606,20 @@ class TcpListener:
 
 
 def _config_spec(config: DaemonConfig) -> str:
-    return json.dumps({
-        "endpoint": str(config.endpoint),
-        "listen": list(config.listen),
-        "key_dir": config.key_dir,
-        "authorized": config.authorized,
-        "insecure_plaintext": config.insecure_plaintext,
-        "log_level": config.log_level,
-        "handshake_timeout": config.handshake_timeout,
-        "max_connections": config.max_connections,
-        "max_per_address": config.max_per_address,
-        "max_handshakes_per_address": config.max_handshakes_per_address,
-    })
+    return json.dumps(
+        {
+            "endpoint": str(config.endpoint),
+            "listen": list(config.listen),
+            "key_dir": config.key_dir,
+            "authorized": config.authorized,
+            "insecure_plaintext": config.insecure_plaintext,
+            "log_level": config.log_level,
+            "handshake_timeout": config.handshake_timeout,
+            "max_connections": config.max_connections,
+            "max_per_address": config.max_per_address,
+            "max_handshakes_per_address": config.max_handshakes_per_address,
+        }
+    )
 
 
 def child_main(spec_text: str) -> int:
@@ -692,7 +709,9 @@ class ListenerProcess:
     def _spawn_ready(self) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "kohakuboard.daemon.listen", self.spec],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
         )
         assert proc.stdout is not None
         deadline = time.monotonic() + 60.0
@@ -732,8 +751,9 @@ class ListenerProcess:
             code = proc.wait()
             if self._closing.is_set():
                 return
-            log.error("the TCP listener process (pid %d) exited with %s; starting a new one in %.0fs",
-                      proc.pid, code, backoff)
+            log.error(
+                "the TCP listener process (pid %d) exited with %s; starting a new one in %.0fs", proc.pid, code, backoff
+            )
             while not self._closing.wait(backoff):
                 backoff = min(30.0, backoff * 2)
                 try:

@@ -15,13 +15,14 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..protocol.errors import StorageError
-from ..protocol.peer import process_alive
 from ..protocol.messages import DropReport, LogBatch, LogMessage, OutputMessage
+from ..protocol.peer import process_alive
 from ..storage import format as fmt
 from ..storage.writer import RunWriter, prepare_items
 
@@ -157,8 +158,11 @@ class RunChannel:
         # run_id by mistake): their steps will interleave with this client's.
         # Boards of the same process, and processes known to be dead, are left out.
         same_rank = [
-            [c.pid, c.host] for c in self.attached
-            if c.client != state.client and c.rank == state.rank and (c.pid, c.host) != (state.pid, state.host)
+            [c.pid, c.host]
+            for c in self.attached
+            if c.client != state.client
+            and c.rank == state.rank
+            and (c.pid, c.host) != (state.pid, state.host)
             and not (c.host == socket.gethostname() and c.pid and not process_alive(c.pid, c.pid_start))
         ]
         previous = self.clients.get(state.client)
@@ -216,8 +220,10 @@ class RunChannel:
         if not self.attached:
             # crashed beats interrupted beats finished
             final = (
-                fmt.STATUS_CRASHED if self.crashed_clients
-                else fmt.STATUS_INTERRUPTED if self.interrupted_clients
+                fmt.STATUS_CRASHED
+                if self.crashed_clients
+                else fmt.STATUS_INTERRUPTED
+                if self.interrupted_clients
                 else fmt.STATUS_FINISHED
             )
         if record or final is not None:
@@ -445,7 +451,9 @@ class RunChannel:
         self._kick.set()  # the rest is written at once, not after flush_interval
         return batch[:cut]
 
-    def _write(self, writer: RunWriter, batch: list[LogMessage | LogBatch], output: list[OutputMessage]) -> dict[str, int]:
+    def _write(
+        self, writer: RunWriter, batch: list[LogMessage | LogBatch], output: list[OutputMessage]
+    ) -> dict[str, int]:
         # Runs on the writer thread.  Output is written first: it is small, and a
         # crash traceback matters most when everything else is failing.
         before = writer.points_written
@@ -476,7 +484,13 @@ class RunChannel:
         return {
             "path": self.path,
             "clients": [
-                {"client": c.client, "rank": c.rank, "pid": c.pid, "durable_seq": c.durable_seq, "received_seq": c.received_seq}
+                {
+                    "client": c.client,
+                    "rank": c.rank,
+                    "pid": c.pid,
+                    "durable_seq": c.durable_seq,
+                    "received_seq": c.received_seq,
+                }
                 for c in self.attached
             ],
             "pending": self._pending_calls,

@@ -42,7 +42,8 @@ import os
 import stat
 import threading
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import zmq
 

@@ -347,8 +347,11 @@ class Daemon:
         ch = self.runs.get(run)
         if ch is None:
             ch = self.runs[run] = RunChannel(
-                run, flush_interval=self.config.flush_interval, batch_messages=self.config.batch_messages,
-                durable=self.config.durability == "sync", pool=self.compute_pool(),
+                run,
+                flush_interval=self.config.flush_interval,
+                batch_messages=self.config.batch_messages,
+                durable=self.config.durability == "sync",
+                pool=self.compute_pool(),
             )
             self._spawn(self._run_batcher(ch), f"batcher:{run}")
         return ch
@@ -471,7 +474,8 @@ class Daemon:
                 durable = ch.durable_seq(req.env.client)
                 writer = await ch.ensure_writer()
                 await ch.call(
-                    writer.event, "client_data_missing",
+                    writer.event,
+                    "client_data_missing",
                     f"client {req.env.client} crashed after sending calls up to #{req.last_seq}; only calls up to "
                     f"#{durable} arrived (the rest died with it)",
                 )
@@ -530,8 +534,15 @@ class Daemon:
         }
         info = await ch.attach(state, meta)
         return m.RunOpened(
-            env, info["created"], info["last_step"], info["last_global_step"], info["attached"], self.instance,
-            info.get("kinds") or {}, str(info.get("name") or ""), info.get("same_rank") or [],
+            env,
+            info["created"],
+            info["last_step"],
+            info["last_global_step"],
+            info["attached"],
+            self.instance,
+            info.get("kinds") or {},
+            str(info.get("name") or ""),
+            info.get("same_rank") or [],
         )
 
     # ---------------------------------------------------------- housekeeping
@@ -550,7 +561,9 @@ class Daemon:
                 for ch in list(self.runs.values())
                 for c in ch.attached
                 if c.client not in ch.deferred_finish
-                and c.host == _HOST and c.pid and not process_alive(c.pid, c.pid_start)
+                and c.host == _HOST
+                and c.pid
+                and not process_alive(c.pid, c.pid_start)
             ]
             if dead:
                 self.drain_data(1 << 30)  # whatever the dead process sent is already here

@@ -124,9 +124,9 @@ class _Gpus:
         for i, h in enumerate(self.handles):
             p = f"gpu{i}/"
             for name, fn in (
-                ("util_percent", lambda: nv.nvmlDeviceGetUtilizationRates(h).gpu),
-                ("temperature_c", lambda: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
-                ("power_w", lambda: nv.nvmlDeviceGetPowerUsage(h) / 1000.0),
+                ("util_percent", lambda h=h: nv.nvmlDeviceGetUtilizationRates(h).gpu),
+                ("temperature_c", lambda h=h: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
+                ("power_w", lambda h=h: nv.nvmlDeviceGetPowerUsage(h) / 1000.0),
             ):
                 try:
                     out[p + name] = float(fn())
@@ -186,8 +186,10 @@ class NodeSampler:
                 pass
             out.update(_memory())
             if dt > 0:
-                for key, names in (("disk", ("disk/read_mb_s", "disk/write_mb_s")),
-                                   ("net", ("net/recv_mb_s", "net/sent_mb_s"))):
+                for key, names in (
+                    ("disk", ("disk/read_mb_s", "disk/write_mb_s")),
+                    ("net", ("net/recv_mb_s", "net/sent_mb_s")),
+                ):
                     if prev.get(key) and now[key]:
                         for j, name in enumerate(names):
                             out[name] = max(0, now[key][j] - prev[key][j]) / _MB / dt

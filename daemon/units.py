@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from .config import DaemonConfig
 
@@ -144,11 +144,21 @@ def render(kind: UnitKind, exec_start: str) -> str:
     """The text of the ``kind`` unit running ``exec_start`` (already in systemd syntax)."""
     common = _SERVICE_COMMON.format(exec_start=exec_start, drain=DRAIN_SECONDS, stop=STOP_TIMEOUT_SECONDS)
     if kind.user:
-        head = _HEAD.format(name=kind.name, what="the KohakuBoard logging daemon as a systemd user service",
-                            flag=" --user", ctl=" --user", edit="kobo-daemon")
+        head = _HEAD.format(
+            name=kind.name,
+            what="the KohakuBoard logging daemon as a systemd user service",
+            flag=" --user",
+            ctl=" --user",
+            edit="kobo-daemon",
+        )
         return head + _USER_BODY.format(common=common)
-    head = _HEAD.format(name=kind.name, what="system template, one KohakuBoard logging daemon per user",
-                        flag="", ctl="", edit="kobo-daemon@USER")
+    head = _HEAD.format(
+        name=kind.name,
+        what="system template, one KohakuBoard logging daemon per user",
+        flag="",
+        ctl="",
+        edit="kobo-daemon@USER",
+    )
     return head + _SYSTEM_BODY.format(common=common, endpoint=system_endpoint("%i"))
 
 
@@ -184,8 +194,7 @@ class UnitInstallError(Exception):
     """A unit file could not be written; the message says why and what to do."""
 
 
-def install_unit(directory: str, name: str, text: str, *, force: bool, program: str,
-                 systemd_dir: str) -> list[str]:
+def install_unit(directory: str, name: str, text: str, *, force: bool, program: str, systemd_dir: str) -> list[str]:
     """Write unit ``name`` into ``directory`` for ``program``'s ``install-systemd``; return what to tell the user.
 
     Raises :class:`UnitInstallError` (a different unit is there without
@@ -200,8 +209,7 @@ def install_unit(directory: str, name: str, text: str, *, force: bool, program: 
             "rerun with --force to overwrite it (--print shows the new unit)"
         ) from None
     except PermissionError as exc:
-        hint = (f'run it as root (sudo "$(command -v {program})" install-systemd ...), '
-                "or use --user for a per-user unit")
+        hint = f'run it as root (sudo "$(command -v {program})" install-systemd ...), or use --user for a per-user unit'
         raise UnitInstallError(f"cannot write {path}: {exc.strerror}; {hint}") from exc
     except OSError as exc:
         raise UnitInstallError(f"cannot write {path}: {exc}") from exc

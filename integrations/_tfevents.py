@@ -108,13 +108,22 @@ def read_records(path: str, chunk: int = 1 << 20) -> Iterator[tuple[int, int, by
                 return
             length, length_crc = struct.unpack("<QI", header)
             if masked_crc32c(header[:8]) != length_crc:
-                yield offset, len(header), None, f"corrupt record header at byte {offset} (CRC mismatch); the rest of the file is unreadable"
+                yield (
+                    offset,
+                    len(header),
+                    None,
+                    f"corrupt record header at byte {offset} (CRC mismatch); the rest of the file is unreadable",
+                )
                 return
             data = f.read(length)
             footer = f.read(4)
             if len(data) < length or len(footer) < 4:
-                yield offset, 12 + len(data) + len(footer), None, (
-                    f"truncated record at byte {offset} ({len(data)} of {length} bytes)")
+                yield (
+                    offset,
+                    12 + len(data) + len(footer),
+                    None,
+                    (f"truncated record at byte {offset} ({len(data)} of {length} bytes)"),
+                )
                 return
             if masked_crc32c(data) != struct.unpack("<I", footer)[0]:
                 yield offset, 16 + length, None, f"corrupt record at byte {offset} (data CRC mismatch), skipped"
@@ -124,8 +133,20 @@ def read_records(path: str, chunk: int = 1 << 20) -> Iterator[tuple[int, int, by
 
 # ------------------------------------------------------------------ tensors
 
-_DTYPES = {1: "<f4", 2: "<f8", 3: "<i4", 4: "u1", 5: "<i2", 6: "i1", 9: "<i8", 10: "?", 17: "<u2",
-           19: "<f2", 22: "<u4", 23: "<u8"}
+_DTYPES = {
+    1: "<f4",
+    2: "<f8",
+    3: "<i4",
+    4: "u1",
+    5: "<i2",
+    6: "i1",
+    9: "<i8",
+    10: "?",
+    17: "<u2",
+    19: "<f2",
+    22: "<u4",
+    23: "<u8",
+}
 _STRING = 7
 
 

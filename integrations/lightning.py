@@ -50,8 +50,7 @@ def _framework() -> ModuleType:
             import pytorch_lightning as framework
         except ImportError:
             raise ImportError(
-                "kohakuboard.integrations.lightning needs Lightning: pip install lightning "
-                "(or pytorch-lightning)"
+                "kohakuboard.integrations.lightning needs Lightning: pip install lightning (or pytorch-lightning)"
             ) from None
     return framework
 
@@ -113,11 +112,22 @@ def make_logger_class(framework: ModuleType) -> type:
             kwargs.setdefault("rank", 0)
             kwargs.setdefault("world_size", 1)
             if self._board is None:
-                board = Board(name=self._run_name, config=self._config, project=self._project,
-                              run_id=self._run_id, base_dir=self._base_dir, **kwargs)
+                board = Board(
+                    name=self._run_name,
+                    config=self._config,
+                    project=self._project,
+                    run_id=self._run_id,
+                    base_dir=self._base_dir,
+                    **kwargs,
+                )
             else:  # finalized, then logged to again: resume the same run
-                board = Board(name=self._run_name, project=self._project, run_id=self._board.run_id,
-                              base_dir=self._board.base_dir, **kwargs)
+                board = Board(
+                    name=self._run_name,
+                    project=self._project,
+                    run_id=self._board.run_id,
+                    base_dir=self._board.base_dir,
+                    **kwargs,
+                )
             self._board, self._open = board, True
             self._run_id = board.run_id
             self._steps = StepMapper(board)
@@ -181,7 +191,9 @@ def make_logger_class(framework: ModuleType) -> type:
             """Log an image (anything :class:`Media` takes), or a list of them as ``key/0``, ``key/1``, ..."""
             if isinstance(images, (list, tuple)):
                 captions = list(caption) if isinstance(caption, (list, tuple)) else [caption or ""] * len(images)
-                values = {f"{key}/{i}": Media(img, caption=str(c or "")) for i, (img, c) in enumerate(zip(images, captions))}
+                values = {
+                    f"{key}/{i}": Media(img, caption=str(c or "")) for i, (img, c) in enumerate(zip(images, captions))
+                }
             else:
                 values = {key: Media(images, caption=str(caption or ""))}
             self._ensure()

@@ -214,9 +214,15 @@ class _Converter:
                     return [(tag, "image", Media(images[0], media_type="image"))]
                 return [(f"{tag}/{i}", "image", Media(b, media_type="image")) for i, b in enumerate(images)]
             elif plugin == "audio" and arr.dtype == object and arr.size >= 1:
-                clips = [bytes(b) for b in arr.reshape(-1, arr.shape[-1])[:, 0]] if arr.ndim == 2 else [bytes(arr.reshape(-1)[0])]
-                return [(tag if len(clips) == 1 else f"{tag}/{i}", "audio", Media(c, media_type="audio"))
-                        for i, c in enumerate(clips)]
+                clips = (
+                    [bytes(b) for b in arr.reshape(-1, arr.shape[-1])[:, 0]]
+                    if arr.ndim == 2
+                    else [bytes(arr.reshape(-1)[0])]
+                )
+                return [
+                    (tag if len(clips) == 1 else f"{tag}/{i}", "audio", Media(c, media_type="audio"))
+                    for i, c in enumerate(clips)
+                ]
             self.result.not_converted[f"{plugin or 'tensor'} summary"] += 1
             return []
         self.result.not_converted[f"{kind or 'empty'} summary"] += 1
@@ -382,8 +388,17 @@ def import_dir(
                 if writer is None:
                     clock.t = conv.first_wall
                     writer = RunWriter(path, now=clock)
-                    writer.attach(client=CLIENT, rank=0, pid=os.getpid(), host=_host_from(files[0]) or socket.gethostname(),
-                                  name=name, project=project, run_id=run_id, config={}, world_size=1)
+                    writer.attach(
+                        client=CLIENT,
+                        rank=0,
+                        pid=os.getpid(),
+                        host=_host_from(files[0]) or socket.gethostname(),
+                        name=name,
+                        project=project,
+                        run_id=run_id,
+                        config={},
+                        world_size=1,
+                    )
                 batch.extend(msgs)
                 batch_bytes += sum(len(b) for msg in msgs for b in msg.blobs)
                 if len(batch) >= _BATCH_CALLS or batch_bytes >= _BATCH_BYTES:
@@ -438,8 +453,9 @@ def import_logdir(
         rel = os.path.relpath(event_dir, logdir)
         name = os.path.basename(logdir) if rel == "." else rel
         try:
-            res = import_dir(event_dir, files, name=name, project=project, base_dir=base_dir, replace=replace,
-                             progress=progress)
+            res = import_dir(
+                event_dir, files, name=name, project=project, base_dir=base_dir, replace=replace, progress=progress
+            )
         except Exception as exc:
             res = RunResult(event_dir, name, run_id_for(files), "", "failed", f"{type(exc).__name__}: {exc}")
         results.append(res)

@@ -46,9 +46,20 @@ from ._common import StepMapper, jsonable, merge_config
 __all__ = ["SummaryWriter"]
 
 _UNSUPPORTED = (
-    "add_graph", "add_onnx_graph", "add_embedding", "add_audio", "add_video", "add_pr_curve",
-    "add_pr_curve_raw", "add_mesh", "add_custom_scalars", "add_custom_scalars_multilinechart",
-    "add_custom_scalars_marginchart", "add_histogram_raw", "add_tensor", "add_image_with_boxes",
+    "add_graph",
+    "add_onnx_graph",
+    "add_embedding",
+    "add_audio",
+    "add_video",
+    "add_pr_curve",
+    "add_pr_curve_raw",
+    "add_mesh",
+    "add_custom_scalars",
+    "add_custom_scalars_multilinechart",
+    "add_custom_scalars_marginchart",
+    "add_histogram_raw",
+    "add_tensor",
+    "add_image_with_boxes",
 )
 
 
@@ -150,8 +161,14 @@ class SummaryWriter:
         if log_dir is None:
             stamp = time.strftime("%b%d_%H-%M-%S")
             log_dir = os.path.join("runs", f"{stamp}_{socket.gethostname()}{comment}")
-        self.board = Board(name=os.fspath(log_dir), config=jsonable(config or {}), project=project,
-                           run_id=run_id, base_dir=base_dir, **board_kwargs)
+        self.board = Board(
+            name=os.fspath(log_dir),
+            config=jsonable(config or {}),
+            project=project,
+            run_id=run_id,
+            base_dir=base_dir,
+            **board_kwargs,
+        )
         self._steps = StepMapper(self.board)
         self._lock = threading.Lock()
         self._warned: set[str] = set()
@@ -175,30 +192,51 @@ class SummaryWriter:
 
     # ------------------------------------------------------------- scalars
 
-    def add_scalar(self, tag: str, scalar_value: Any, global_step: Any = None, walltime: float | None = None,
-                   new_style: bool = False, double_precision: bool = False) -> None:
+    def add_scalar(
+        self,
+        tag: str,
+        scalar_value: Any,
+        global_step: Any = None,
+        walltime: float | None = None,
+        new_style: bool = False,
+        double_precision: bool = False,
+    ) -> None:
         """Log one scalar (a number, numpy scalar or one-element tensor)."""
         self._log({tag: scalar_value}, global_step)
 
-    def add_scalars(self, main_tag: str, tag_scalar_dict: dict[str, Any], global_step: Any = None,
-                    walltime: float | None = None) -> None:
+    def add_scalars(
+        self, main_tag: str, tag_scalar_dict: dict[str, Any], global_step: Any = None, walltime: float | None = None
+    ) -> None:
         """Log several scalars as ``main_tag/tag`` in one call."""
         self._log({f"{main_tag}/{tag}": value for tag, value in tag_scalar_dict.items()}, global_step)
 
     # -------------------------------------------------------------- images
 
-    def add_image(self, tag: str, img_tensor: Any, global_step: Any = None, walltime: float | None = None,
-                  dataformats: str = "CHW") -> None:
+    def add_image(
+        self,
+        tag: str,
+        img_tensor: Any,
+        global_step: Any = None,
+        walltime: float | None = None,
+        dataformats: str = "CHW",
+    ) -> None:
         """Log an image: uint8 in [0, 255] or float in [0, 1], laid out as ``dataformats``."""
         self._log({tag: Media(_uint8(_to_hwc(_numpy(img_tensor), dataformats)))}, global_step)
 
-    def add_images(self, tag: str, img_tensor: Any, global_step: Any = None, walltime: float | None = None,
-                   dataformats: str = "NCHW") -> None:
+    def add_images(
+        self,
+        tag: str,
+        img_tensor: Any,
+        global_step: Any = None,
+        walltime: float | None = None,
+        dataformats: str = "NCHW",
+    ) -> None:
         """Log a batch of images as one image tiled 8 per row (as TensorBoard shows them)."""
         self._log({tag: Media(_uint8(_to_hwc(_numpy(img_tensor), dataformats)))}, global_step)
 
-    def add_figure(self, tag: str, figure: Any, global_step: Any = None, close: bool = True,
-                   walltime: float | None = None) -> None:
+    def add_figure(
+        self, tag: str, figure: Any, global_step: Any = None, close: bool = True, walltime: float | None = None
+    ) -> None:
         """Log a matplotlib figure (or a list of them, tiled) as an image; needs matplotlib."""
         if isinstance(figure, (list, tuple)):
             image = _grid([_figure_pixels(f, close) for f in figure])
@@ -208,8 +246,15 @@ class SummaryWriter:
 
     # ---------------------------------------------------------- histograms
 
-    def add_histogram(self, tag: str, values: Any, global_step: Any = None, bins: Any = "tensorflow",
-                      walltime: float | None = None, max_bins: int | None = None) -> None:
+    def add_histogram(
+        self,
+        tag: str,
+        values: Any,
+        global_step: Any = None,
+        bins: Any = "tensorflow",
+        walltime: float | None = None,
+        max_bins: int | None = None,
+    ) -> None:
         """Log a histogram of ``values``.
 
         ``bins="tensorflow"`` (the default) lets the daemon bin over the full
@@ -237,9 +282,14 @@ class SummaryWriter:
 
     # ------------------------------------------------------------- hparams
 
-    def add_hparams(self, hparam_dict: dict[str, Any], metric_dict: dict[str, Any],
-                    hparam_domain_discrete: dict[str, list[Any]] | None = None, run_name: str | None = None,
-                    global_step: Any = None) -> None:
+    def add_hparams(
+        self,
+        hparam_dict: dict[str, Any],
+        metric_dict: dict[str, Any],
+        hparam_domain_discrete: dict[str, list[Any]] | None = None,
+        run_name: str | None = None,
+        global_step: Any = None,
+    ) -> None:
         """Merge ``hparam_dict`` into the run's config and log ``metric_dict`` as scalars."""
         if not isinstance(hparam_dict, dict) or not isinstance(metric_dict, dict):
             raise TypeError("hparam_dict and metric_dict should be dictionary.")
@@ -256,7 +306,7 @@ class SummaryWriter:
         """Finish the run (status finished)."""
         self.board.finish()
 
-    def __enter__(self) -> "SummaryWriter":
+    def __enter__(self) -> SummaryWriter:
         return self
 
     def __exit__(self, et: Any, exc: Any, tb: Any) -> None:
@@ -270,11 +320,15 @@ class SummaryWriter:
 
     def __getattr__(self, name: str) -> Any:
         if name in _UNSUPPORTED:
+
             def unsupported(*args: Any, **kwargs: Any) -> None:
                 if name not in self._warned:
                     self._warned.add(name)
-                    warnings.warn(f"kohakuboard SummaryWriter.{name} is not supported: nothing was stored",
-                                  UserWarning, stacklevel=2)
+                    warnings.warn(
+                        f"kohakuboard SummaryWriter.{name} is not supported: nothing was stored",
+                        UserWarning,
+                        stacklevel=2,
+                    )
 
             return unsupported
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")

@@ -42,7 +42,7 @@ from ._common import StepMapper, jsonable, scalar_or_none
 
 __all__ = ["KohakuBoardCallback", "rewrite_logs"]
 
-_live: "weakref.WeakSet[KohakuBoardCallback]" = weakref.WeakSet()
+_live: weakref.WeakSet[KohakuBoardCallback] = weakref.WeakSet()
 _hook_lock = threading.Lock()
 _hook_installed = False
 
@@ -180,8 +180,9 @@ class KohakuBoardCallback(TrainerCallback):
         if self._open(args, state, model) is not None:
             self._training = True
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
-               model: Any = None, **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, model: Any = None, **kwargs: Any
+    ) -> None:
         if not logs:
             return
         board = self._open(args, state, model)

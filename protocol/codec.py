@@ -12,8 +12,9 @@ checked, and every failure is a :class:`~.errors.ProtocolError` subclass.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import fields
-from typing import Any, Sequence
+from typing import Any
 
 import msgpack
 
@@ -42,6 +43,7 @@ class _Frame:
 
 class _Frames:
     """Marker type: a ``list[bytes]`` field travels as extra frames ``[first, count]``."""
+
 
 _NUM = (int, float)
 
@@ -189,8 +191,7 @@ def _check_envelope(h: list[Any]) -> m.Envelope:
         raise MalformedMessage("protocol version is not a pair of integers")
     if major != m.PROTOCOL_MAJOR:
         raise VersionMismatch(
-            f"protocol version {major}.{minor} is not supported "
-            f"(this side speaks {m.PROTOCOL_MAJOR}.x)"
+            f"protocol version {major}.{minor} is not supported (this side speaks {m.PROTOCOL_MAJOR}.x)"
         )
     if not isinstance(kind, str) or kind not in _BY_KIND:
         raise MalformedMessage(f"unknown message kind {kind!r}")
@@ -334,7 +335,9 @@ def decode(frames: Sequence[bytes | memoryview | Any]) -> Any:
                 or value[0] + value[1] > len(extra)
             ):
                 raise MalformedMessage(f"{kind} field {name} does not name a range of extra frames")
-            payload[k] = [f if isinstance(f, (bytes, memoryview)) else f.buffer for f in extra[value[0] : value[0] + value[1]]]
+            payload[k] = [
+                f if isinstance(f, (bytes, memoryview)) else f.buffer for f in extra[value[0] : value[0] + value[1]]
+            ]
         elif type(value) not in types:
             raise MalformedMessage(f"{kind} field {name} has the wrong type")
         elif types is _INT and not _INT64_MIN <= value <= _INT64_MAX:
@@ -346,7 +349,9 @@ def decode(frames: Sequence[bytes | memoryview | Any]) -> Any:
         _check_batch(payload)
     elif kind == "output" and payload[0] not in ("stdout", "stderr"):
         raise MalformedMessage("output stream must be stdout or stderr")
-    elif kind == "dropped" and not (1 <= payload[0] <= env.seq and payload[1] >= 0 and payload[2] >= 0 and payload[3] >= 0):
+    elif kind == "dropped" and not (
+        1 <= payload[0] <= env.seq and payload[1] >= 0 and payload[2] >= 0 and payload[3] >= 0
+    ):
         raise MalformedMessage("dropped report needs 1 <= first_seq <= seq and non-negative counts")
     try:
         return _BY_KIND[kind](env, *payload)

@@ -14,8 +14,8 @@ default:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 # sockaddr_un.sun_path is 108 bytes on Linux, including the trailing NUL.
 _MAX_IPC_PATH = 107
@@ -85,14 +85,10 @@ def resolve(value: str | None, environ: Mapping[str, str]) -> Endpoint:
                 f"working directory; give an absolute one, e.g. ipc://{os.path.abspath(base)}"
             )
     elif "://" in value:
-        raise ValueError(
-            f"KOBO_DAEMON_ENDPOINT={value!r}: only ipc:// endpoints are supported here"
-        )
+        raise ValueError(f"KOBO_DAEMON_ENDPOINT={value!r}: only ipc:// endpoints are supported here")
     else:
         hint = os.path.abspath(os.path.expanduser(value))
-        raise ValueError(
-            f"KOBO_DAEMON_ENDPOINT={value!r} has no scheme: write it as ipc://{hint}"
-        )
+        raise ValueError(f"KOBO_DAEMON_ENDPOINT={value!r} has no scheme: write it as ipc://{hint}")
     base = os.path.abspath(base)
     if len(base) + len(".data") > _MAX_IPC_PATH:
         raise ValueError(

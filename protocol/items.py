@@ -91,7 +91,9 @@ def item_array(meta: Any, blobs: list[Any], refs: Any = None) -> Any:
     n = math.prod(shape)
     raw = blobs[ref]
     if n * dtype.itemsize > MAX_BLOB_BYTES:
-        raise InvalidItem(f"array of {n * dtype.itemsize} bytes is over the {MAX_BLOB_BYTES >> 20} MiB limit of one value")
+        raise InvalidItem(
+            f"array of {n * dtype.itemsize} bytes is over the {MAX_BLOB_BYTES >> 20} MiB limit of one value"
+        )
     if len(raw) != n * dtype.itemsize:
         raise InvalidItem(f"array blob has {len(raw)} bytes, expected {n * dtype.itemsize} for {dtype} {tuple(shape)}")
     return np.frombuffer(raw, dtype=dtype).reshape(shape) if n else np.zeros(shape, dtype)
@@ -253,7 +255,9 @@ def check_histogram(name: str, meta: Any, blobs: list[Any], refs: Any = None) ->
                 raise InvalidItem("histogram counts must be finite")
             frac = np.flatnonzero(c != np.floor(c))
             if frac.size:
-                raise InvalidItem(f"histogram counts must be whole numbers; count {int(frac[0])} is {float(c[frac[0]])!r}")
+                raise InvalidItem(
+                    f"histogram counts must be whole numbers; count {int(frac[0])} is {float(c[frac[0]])!r}"
+                )
         if c.min() < 0:
             raise InvalidItem(f"histogram counts must be >= 0; count {int(np.argmin(c))} is {float(c.min())!r}")
         limit = EXACT_COUNT_MAX if precision == "exact" else COMPACT_COUNT_MAX
@@ -320,16 +324,22 @@ def check_call_size(items: list[Any], blobs: list[Any]) -> None:
     from . import codec
 
     if len(blobs) + 1 > codec.MAX_FRAMES:
-        raise InvalidItem(f"the call carries {len(blobs)} arrays or files, more than the {codec.MAX_FRAMES - 1} "
-                          "one log() call may carry; split them over several calls")
+        raise InvalidItem(
+            f"the call carries {len(blobs)} arrays or files, more than the {codec.MAX_FRAMES - 1} "
+            "one log() call may carry; split them over several calls"
+        )
     total = sum(len(b) for b in blobs)
     if total > codec.MAX_MESSAGE_BYTES - codec.MAX_HEADER_BYTES:
-        raise InvalidItem(f"the call carries {total} bytes, more than one log() call may carry "
-                          f"({(codec.MAX_MESSAGE_BYTES - codec.MAX_HEADER_BYTES) >> 20} MiB); split it over several calls")
+        raise InvalidItem(
+            f"the call carries {total} bytes, more than one log() call may carry "
+            f"({(codec.MAX_MESSAGE_BYTES - codec.MAX_HEADER_BYTES) >> 20} MiB); split it over several calls"
+        )
     header = len(codec.msgpack.packb(items, use_bin_type=True))
     if header > codec.MAX_HEADER_BYTES - (64 << 10):
-        raise InvalidItem(f"the call's tables, captions and metadata take {header} bytes, more than the "
-                          f"{codec.MAX_HEADER_BYTES >> 20} MiB one log() call may carry; split them over several calls")
+        raise InvalidItem(
+            f"the call's tables, captions and metadata take {header} bytes, more than the "
+            f"{codec.MAX_HEADER_BYTES >> 20} MiB one log() call may carry; split them over several calls"
+        )
 
 
 def check_item(item: Any, blobs: list[Any]) -> None:

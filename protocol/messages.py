@@ -33,7 +33,7 @@ decoded message on the daemon's hot path.  Treat them as immutable all the same.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 4
@@ -339,11 +339,11 @@ class ErrorReply:
     message: str = ""
 
 
-DataMessage = Union[LogMessage, LogBatch, OutputMessage, DropReport]
-ControlRequest = Union[OpenRun, FlushRequest, FinishRun, AckRequest, StatusRequest, ShutdownRequest]
-DaemonReply = Union[RunOpened, Flushed, Finished, Acked, StatusReply, Ack, ErrorReply]
-ClientMessage = Union[DataMessage, ControlRequest]
-Message = Union[ClientMessage, DaemonReply]
+DataMessage = LogMessage | LogBatch | OutputMessage | DropReport
+ControlRequest = OpenRun | FlushRequest | FinishRun | AckRequest | StatusRequest | ShutdownRequest
+DaemonReply = RunOpened | Flushed | Finished | Acked | StatusReply | Ack | ErrorReply
+ClientMessage = DataMessage | ControlRequest
+Message = ClientMessage | DaemonReply
 
 ALL_MESSAGES: tuple[type, ...] = (
     LogMessage,

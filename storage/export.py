@@ -7,7 +7,8 @@ are written ``nan``, ``inf``, ``-inf``; floats with ``repr`` (round-trip exact).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 CSV_COLUMNS = ("metric", "rank", "step", "global_step", "wall", "value")
 

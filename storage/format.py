@@ -125,7 +125,10 @@ LOGS_DIR = "logs"
 OUTPUT_LOG = os.path.join(LOGS_DIR, "output.log")
 WRITER_LOG = os.path.join(LOGS_DIR, "writer.log")
 WRITER_LOCK = os.path.join(DATA_DIR, ".writer.lock")
-HISTOGRAM_FILES = {"exact": os.path.join(HISTOGRAMS_DIR, "exact_i32.db"), "compact": os.path.join(HISTOGRAMS_DIR, "compact_u8.db")}
+HISTOGRAM_FILES = {
+    "exact": os.path.join(HISTOGRAMS_DIR, "exact_i32.db"),
+    "compact": os.path.join(HISTOGRAMS_DIR, "compact_u8.db"),
+}
 HISTOGRAM_COUNT_DTYPES = {"exact": "<i4", "compact": "u1"}
 HISTOGRAM_HEADER = "<qqdqqqqqd"  # struct format
 TENSORS_DB = os.path.join(TENSORS_DIR, "tensors.db")

@@ -317,7 +317,7 @@ class _ColumnFile:
         rows = self._db.execute("SELECT name, dtype, length FROM kvault_col_columns ORDER BY col_id")
         return [(name, dtype, int(length)) for name, dtype, length in rows]
 
-    def __getitem__(self, name: str) -> "_ColumnFileColumn":
+    def __getitem__(self, name: str) -> _ColumnFileColumn:
         row = None
         if not self._empty:
             row = self._db.execute(
@@ -374,12 +374,16 @@ class _ColumnFileColumn:
                         raise StorageError(f"{self._vault.path}: column {self.name!r}: block at row {first} is short")
                 else:
                     if offs is None or len(offs) < 8 * (hi + 1):
-                        raise StorageError(f"{self._vault.path}: column {self.name!r}: block at row {first} has no offsets")
+                        raise StorageError(
+                            f"{self._vault.path}: column {self.name!r}: block at row {first} has no offsets"
+                        )
                     o = np.frombuffer(offs, dtype="<u8", count=hi + 1)
                     a, b = int(o[lo]), int(o[hi])
                     if b > len(payload) or np.any(np.diff(o[lo:].astype(np.int64)) < 0):
-                        raise StorageError(f"{self._vault.path}: column {self.name!r}: block at row {first} "
-                                           "has offsets outside its data")
+                        raise StorageError(
+                            f"{self._vault.path}: column {self.name!r}: block at row {first} "
+                            "has offsets outside its data"
+                        )
                     piece = payload[a:b]
                     offsets.append(o[lo + 1 : hi + 1] - a + base)
                     base += b - a
@@ -559,8 +563,9 @@ class RunReader:
         committed[(file, column)] = n = int(rows[0][0])
         return n
 
-    def _read_column(self, vault: ReadOnlyFile, file: str, column: str, as_array: bool,
-                     start: int = 0, end: int | None = None) -> Any:
+    def _read_column(
+        self, vault: ReadOnlyFile, file: str, column: str, as_array: bool, start: int = 0, end: int | None = None
+    ) -> Any:
         """Committed rows ``[start, end)`` of ``column`` (clamped to its committed length): the
         committed length is read first, then the rows."""
         committed = self._committed_length(file, column)
@@ -720,7 +725,9 @@ class RunReader:
 
     # ----------------------------------------------------------- rich values
 
-    def _rows(self, table: str, name: str | None, rank: int | None, start: int | None, end: int | None) -> list[dict[str, Any]]:
+    def _rows(
+        self, table: str, name: str | None, rank: int | None, start: int | None, end: int | None
+    ) -> list[dict[str, Any]]:
         where, args = [], []
         for cond, value in (("name = ?", name), ("rank = ?", rank), ("step >= ?", start), ("step <= ?", end)):
             if value is not None:
@@ -763,7 +770,9 @@ class RunReader:
                 out[r["id"]] = r
         return out
 
-    def tables(self, name: str, rank: int = 0, start: int | None = None, end: int | None = None) -> list[dict[str, Any]]:
+    def tables(
+        self, name: str, rank: int = 0, start: int | None = None, end: int | None = None
+    ) -> list[dict[str, Any]]:
         """Logged tables of ``name``: step, global_step, wall, columns, rows.
 
         Media cells are resolved to their media row (a dict with ``path``).
@@ -774,17 +783,28 @@ class RunReader:
         for r in self._rows("tables", name, rank, start, end):
             try:
                 rows, columns = json.loads(r["rows"]), json.loads(r["columns"])
-                if not (isinstance(rows, list) and isinstance(columns, list) and all(isinstance(x, list) for x in rows)):
+                if not (
+                    isinstance(rows, list) and isinstance(columns, list) and all(isinstance(x, list) for x in rows)
+                ):
                     raise ValueError("rows and columns are not lists")
             except (TypeError, ValueError) as exc:
                 self._skip("table", name, rank, r["step"], f"its JSON does not parse as a table: {exc}")
                 continue
             ids = [c["$media"] for row in rows for c in row if isinstance(c, dict) and type(c.get("$media")) is int]
             media = self._media_by_id(ids)
-            rows = [[media.get(c["$media"], c) if isinstance(c, dict) and type(c.get("$media")) is int else c
-                     for c in row] for row in rows]
-            out.append({"step": r["step"], "global_step": r["global_step"], "wall": r["wall"],
-                        "columns": columns, "rows": rows})
+            rows = [
+                [media.get(c["$media"], c) if isinstance(c, dict) and type(c.get("$media")) is int else c for c in row]
+                for row in rows
+            ]
+            out.append(
+                {
+                    "step": r["step"],
+                    "global_step": r["global_step"],
+                    "wall": r["wall"],
+                    "columns": columns,
+                    "rows": rows,
+                }
+            )
         return out
 
     def _hist_vault(self, precision: str) -> ReadOnlyFile | None:
@@ -793,7 +813,9 @@ class RunReader:
             return None
         return self._file(rel, "columns")
 
-    def histograms(self, name: str, rank: int = 0, start: int | None = None, end: int | None = None) -> list[dict[str, Any]]:
+    def histograms(
+        self, name: str, rank: int = 0, start: int | None = None, end: int | None = None
+    ) -> list[dict[str, Any]]:
         """Histograms of ``name``: step, global_step, wall, edges, counts, nan, posinf, neginf, total, precision.
 
         Compact histograms' counts are restored to approximate float counts.
@@ -808,12 +830,20 @@ class RunReader:
                 continue
             cols = [c for c, _, _ in self._guarded(vault, vault.list_columns) if _hist_of(c) == (rank, name)]
             cdtype = np.dtype(fmt.HISTOGRAM_COUNT_DTYPES[precision])
-            for col, row, rec in ((c, i, x) for c in cols for i, x in enumerate(
-                    self._read_column(vault, fmt.HISTOGRAM_FILES[precision], c, as_array=False))):
+            for col, row, rec in (
+                (c, i, x)
+                for c in cols
+                for i, x in enumerate(self._read_column(vault, fmt.HISTOGRAM_FILES[precision], c, as_array=False))
+            ):
                 why = fmt.histogram_record_problem(rec, cdtype.itemsize)
                 if why:
-                    self._skip("histogram", name, rank, None,
-                               f"{fmt.HISTOGRAM_FILES[precision]} column {col!r} row {row}: {why}")
+                    self._skip(
+                        "histogram",
+                        name,
+                        rank,
+                        None,
+                        f"{fmt.HISTOGRAM_FILES[precision]} column {col!r} row {row}: {why}",
+                    )
                     continue
                 step, gstep, wall, n, nan, posinf, neginf, total, scale = struct.unpack_from(fmt.HISTOGRAM_HEADER, rec)
                 if (start is not None and step < start) or (end is not None and step > end):
@@ -821,11 +851,20 @@ class RunReader:
                 n_edges = n + 1 if n else 0
                 edges = np.frombuffer(rec, dtype="<f8", count=n_edges, offset=header)
                 counts = np.frombuffer(rec, dtype=cdtype, count=n, offset=header + 8 * n_edges)
-                out.append({
-                    "step": step, "global_step": gstep, "wall": wall, "edges": edges,
-                    "counts": counts.astype(np.int64) if precision == "exact" else counts * scale,
-                    "nan": nan, "posinf": posinf, "neginf": neginf, "total": total, "precision": precision,
-                })
+                out.append(
+                    {
+                        "step": step,
+                        "global_step": gstep,
+                        "wall": wall,
+                        "edges": edges,
+                        "counts": counts.astype(np.int64) if precision == "exact" else counts * scale,
+                        "nan": nan,
+                        "posinf": posinf,
+                        "neginf": neginf,
+                        "total": total,
+                        "precision": precision,
+                    }
+                )
         out.sort(key=lambda h: h["step"])
         return out
 
@@ -847,10 +886,14 @@ class RunReader:
         values = self._guarded(kv, lambda: kv.read(lambda v: [v.get(r["key"]) for r in rows]))
         for r, value in zip(rows, values):
             if value is None:
-                raise StorageError(f"cannot read {kv.path}: no data for {r['name']!r} step {r['step']} (key {r['key']!r})")
+                raise StorageError(
+                    f"cannot read {kv.path}: no data for {r['name']!r} step {r['step']} (key {r['key']!r})"
+                )
         return values
 
-    def tensors(self, name: str, rank: int = 0, start: int | None = None, end: int | None = None) -> list[dict[str, Any]]:
+    def tensors(
+        self, name: str, rank: int = 0, start: int | None = None, end: int | None = None
+    ) -> list[dict[str, Any]]:
         """Logged tensors of ``name``: step, global_step, wall, array (exact dtype and shape), namespace, metadata."""
         import json
 
@@ -860,12 +903,25 @@ class RunReader:
             try:
                 arr = np.frombuffer(raw, dtype=np.dtype(r["dtype"])).reshape(json.loads(r["shape"]))
             except (TypeError, ValueError) as exc:
-                self._skip("tensor", name, rank, r["step"], f"payload {r['key']!r} does not match dtype "
-                           f"{r['dtype']} and shape {r['shape']}: {exc}")
+                self._skip(
+                    "tensor",
+                    name,
+                    rank,
+                    r["step"],
+                    f"payload {r['key']!r} does not match dtype {r['dtype']} and shape {r['shape']}: {exc}",
+                )
                 continue
-            out.append({"step": r["step"], "global_step": r["global_step"], "wall": r["wall"], "array": arr,
-                        "namespace": r["namespace"], "metadata": json.loads(r["metadata"]),
-                        "source_dtype": r["source_dtype"]})
+            out.append(
+                {
+                    "step": r["step"],
+                    "global_step": r["global_step"],
+                    "wall": r["wall"],
+                    "array": arr,
+                    "namespace": r["namespace"],
+                    "metadata": json.loads(r["metadata"]),
+                    "source_dtype": r["source_dtype"],
+                }
+            )
         return out
 
     def kde(self, name: str, rank: int = 0, start: int | None = None, end: int | None = None) -> list[dict[str, Any]]:
@@ -875,12 +931,26 @@ class RunReader:
         for r, payload in zip(rows, self._payloads(rows)):
             n = r["grid_size"]
             if len(payload) != 16 * n:
-                self._skip("kde", name, rank, r["step"], f"payload {r['key']!r} has {len(payload)} bytes, "
-                           f"not {16 * n} for {n} grid points")
+                self._skip(
+                    "kde",
+                    name,
+                    rank,
+                    r["step"],
+                    f"payload {r['key']!r} has {len(payload)} bytes, not {16 * n} for {n} grid points",
+                )
                 continue
             raw = np.frombuffer(payload, dtype="<f8")
-            out.append({"step": r["step"], "global_step": r["global_step"], "wall": r["wall"],
-                        "grid": raw[:n], "density": raw[n : 2 * n], "bandwidth": r["bandwidth"], "count": r["count"]})
+            out.append(
+                {
+                    "step": r["step"],
+                    "global_step": r["global_step"],
+                    "wall": r["wall"],
+                    "grid": raw[:n],
+                    "density": raw[n : 2 * n],
+                    "bandwidth": r["bandwidth"],
+                    "count": r["count"],
+                }
+            )
         return out
 
     # ---------------------------------------------------------------- tables
@@ -961,7 +1031,9 @@ class RunReader:
                 "rank": r,
                 "ranks": ranks,
                 "points": int(len(s)),
-                "points_by_rank": {rk: int(len(s)) if rk == r else lengths.get(fmt.column_name(rk, name), 0) for rk in ranks},
+                "points_by_rank": {
+                    rk: int(len(s)) if rk == r else lengths.get(fmt.column_name(rk, name), 0) for rk in ranks
+                },
             }
             if len(s):
                 entry.update(
@@ -1003,8 +1075,11 @@ class RunReader:
         lengths: dict[str, int] = {}
         files: dict[str, int] = {}
         if committed is None:
-            lengths = {col: n for col, (dtype, n) in self._column_table(refresh=True).items()
-                       if dtype == fmt.SCALAR_COLUMN_DTYPE}
+            lengths = {
+                col: n
+                for col, (dtype, n) in self._column_table(refresh=True).items()
+                if dtype == fmt.SCALAR_COLUMN_DTYPE
+            }
         else:
             for (file, col), n in committed.items():
                 if file == fmt.SCALARS_DB:
@@ -1026,8 +1101,9 @@ class RunReader:
         ``points_by_rank`` and, when there are points, ``last_step``,
         ``last_global_step``, ``last_value`` (NaN and infinities as logged).
         """
-        lengths = {col: n for col, (dtype, n) in self._column_table(refresh=True).items()
-                   if dtype == fmt.SCALAR_COLUMN_DTYPE}
+        lengths = {
+            col: n for col, (dtype, n) in self._column_table(refresh=True).items() if dtype == fmt.SCALAR_COLUMN_DTYPE
+        }
         by_name: dict[str, dict[int, int]] = {}
         for col, n in lengths.items():
             try:
@@ -1048,8 +1124,9 @@ class RunReader:
         for entry in out:
             row = last.get(fmt.column_name(entry["rank"], entry["name"]))
             if row is not None:
-                entry.update(last_step=int(row["step"]), last_global_step=int(row["global_step"]),
-                             last_value=float(row["value"]))
+                entry.update(
+                    last_step=int(row["step"]), last_global_step=int(row["global_step"]), last_value=float(row["value"])
+                )
         return out
 
     def _last_rows(self, lengths: dict[str, int]) -> dict[str, Any]:
@@ -1155,7 +1232,7 @@ class RunReader:
         for f in files.values():
             f.close()
 
-    def __enter__(self) -> "RunReader":
+    def __enter__(self) -> RunReader:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -1316,7 +1393,6 @@ def find_run(spec: str | os.PathLike[str], base_dir: str | os.PathLike[str] = ".
         if len(matches) > 1:
             listed = ", ".join(f"{r.project}/{r.run_id}" for r in matches)
             raise RunNotFound(
-                f"{spec!r} is ambiguous: it matches {len(matches)} runs under {base} ({listed}); "
-                "give project/run_id"
+                f"{spec!r} is ambiguous: it matches {len(matches)} runs under {base} ({listed}); give project/run_id"
             )
     raise RunNotFound(f"no run {spec!r} under {base} (give a path, project/run_id or run id)")

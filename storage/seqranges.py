@@ -25,7 +25,7 @@ class SeqRanges:
         for lo, hi in sorted(ranges):
             self.add(lo, hi)
 
-    def copy(self) -> "SeqRanges":
+    def copy(self) -> SeqRanges:
         new = SeqRanges()
         new._lo = list(self._lo)
         new._hi = list(self._hi)

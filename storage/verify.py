@@ -121,8 +121,13 @@ class VerifyReport:
             return f"not a KohakuBoard run: {self.path} (no metadata.json or data/metadata.db)"
         c = self.counts
         parts = [_plural(c.get("metrics", 0), "metric column") + f" ({_plural(c.get('points', 0), 'point')})"]
-        for key, word in (("histograms", "histogram record"), ("media_files", "media file"), ("tables", "table"),
-                          ("tensors", "tensor"), ("kde", "KDE")):
+        for key, word in (
+            ("histograms", "histogram record"),
+            ("media_files", "media file"),
+            ("tables", "table"),
+            ("tensors", "tensor"),
+            ("kde", "KDE"),
+        ):
             if c.get(key):
                 parts.append(_plural(c[key], word))
         parts.append(f"output.log {_plural(c.get('output_bytes', 0), 'byte')}")
@@ -130,8 +135,10 @@ class VerifyReport:
         if self.damaged:
             hint = ""
             if self.status == fmt.STATUS_RUNNING and all(p.newest_missing for p in self.problems):
-                hint = (" (the run was being written: if this folder is a copy taken meanwhile, it missed "
-                        "the newest data; copy data/metadata.db first, or after the run finished)")
+                hint = (
+                    " (the run was being written: if this folder is a copy taken meanwhile, it missed "
+                    "the newest data; copy data/metadata.db first, or after the run finished)"
+                )
             return f"DAMAGED: {_plural(len(self.problems), 'problem')} in {self.path}{notes}{hint}"
         return f"ok: {self.path} is intact: {', '.join(parts)}{notes}"
 
@@ -255,8 +262,10 @@ class _Verifier:
                 self.check_vault(rel, kind, committed)
         if snap is None:
             if os.path.exists(self.full(fmt.METADATA_DB)):
-                self.note(fmt.METADATA_DB, "media, tables, tensors, KDEs and commit points not checked: "
-                          "this database cannot be read")
+                self.note(
+                    fmt.METADATA_DB,
+                    "media, tables, tensors, KDEs and commit points not checked: this database cannot be read",
+                )
         else:
             with self.guard(fmt.MEDIA_DIR, "check media files"):
                 self.check_media(snap.media)
@@ -307,8 +316,11 @@ class _Verifier:
         version = meta.get("format_version")
         if isinstance(version, int) and not isinstance(version, bool):
             if version > fmt.FORMAT_VERSION:
-                self.problem(rel, f"format version {version} is newer than this KohakuBoard's "
-                             f"({fmt.FORMAT_VERSION}): upgrade kohakuboard to verify this run")
+                self.problem(
+                    rel,
+                    f"format version {version} is newer than this KohakuBoard's "
+                    f"({fmt.FORMAT_VERSION}): upgrade kohakuboard to verify this run",
+                )
             elif version < 1:
                 self.problem(rel, f"format version {version} does not exist")
 
@@ -323,9 +335,15 @@ class _Verifier:
         """
         path = self.full(rel)
         size = os.path.getsize(path)
-        report = self.problem if committed else (
-            lambda rel, text: self.note(rel, f"{text} (nothing in it was committed: the writer was creating "
-                                             "it, or died doing so)"))
+        report = (
+            self.problem
+            if committed
+            else (
+                lambda rel, text: self.note(
+                    rel, f"{text} (nothing in it was committed: the writer was creating it, or died doing so)"
+                )
+            )
+        )
         if size == 0:
             report(rel, "empty file (0 bytes): truncated")
             return False
@@ -374,8 +392,9 @@ class _Verifier:
                 if row is None:
                     self.problem(rel, "the meta table has no format_version")
                 elif not str(row[0]).isdigit() or int(row[0]) > fmt.FORMAT_VERSION:
-                    self.problem(rel, f"format version {row[0]!r} is not one this KohakuBoard reads "
-                                 f"(up to {fmt.FORMAT_VERSION})")
+                    self.problem(
+                        rel, f"format version {row[0]!r} is not one this KohakuBoard reads (up to {fmt.FORMAT_VERSION})"
+                    )
             if flag == "1":
                 missing += [t for t in _COMMIT_TABLES if t not in names]
             if missing:
@@ -404,8 +423,11 @@ class _Verifier:
         if not os.path.lexists(self.full(rel)):
             lost = {n: ln for n, ln in (expected or {}).items() if ln > 0}
             if lost:
-                self.problem(rel, f"missing, but {_plural(len(lost), 'column')} with "
-                             f"{_plural(sum(lost.values()), 'committed row')} should be in it ({_names(lost)})")
+                self.problem(
+                    rel,
+                    f"missing, but {_plural(len(lost), 'column')} with "
+                    f"{_plural(sum(lost.values()), 'committed row')} should be in it ({_names(lost)})",
+                )
             return
         if not self.sqlite_check(rel, full_check=False, committed=expected is None or bool(expected)):
             return
@@ -422,8 +444,9 @@ class _Verifier:
         with self.opened(rel, "columns") as f:
             self.checked(f, check)
 
-    def check_column(self, rel: str, kind: str, vault: Any, name: str, dtype: str, length: int,
-                     expected: dict[str, int] | None) -> None:
+    def check_column(
+        self, rel: str, kind: str, vault: Any, name: str, dtype: str, length: int, expected: dict[str, int] | None
+    ) -> None:
         col_label = f"column {name!r}: "
         committed = None if expected is None else expected.pop(name, None)
         try:
@@ -441,18 +464,25 @@ class _Verifier:
         if expected is not None:
             if committed is None:  # created by a batch that was never committed
                 if length:
-                    self.tail_note(rel, f"{col_label}{_plural(length, 'uncommitted row')} (the column was "
-                                   "never committed), will be removed")
+                    self.tail_note(
+                        rel,
+                        f"{col_label}{_plural(length, 'uncommitted row')} (the column was "
+                        "never committed), will be removed",
+                    )
                 return
             if length > committed:
-                self.tail_note(rel, f"{col_label}uncommitted tail of {_plural(length - committed, 'row')}, "
-                               "will be removed")
+                self.tail_note(
+                    rel, f"{col_label}uncommitted tail of {_plural(length - committed, 'row')}, will be removed"
+                )
                 n = committed
             elif length < committed:
                 lost = committed - length
-                self.problem(rel, f"{col_label}has {_plural(length, 'row')} but {committed} {_were(committed)} "
-                             f"committed: the last {_plural(lost, 'committed row')} {_are(lost)} lost",
-                             newest_missing=True)
+                self.problem(
+                    rel,
+                    f"{col_label}has {_plural(length, 'row')} but {committed} {_were(committed)} "
+                    f"committed: the last {_plural(lost, 'committed row')} {_are(lost)} lost",
+                    newest_missing=True,
+                )
         col = vault[name]
         if kind == "scalar":
             self.count("metrics")
@@ -475,8 +505,11 @@ class _Verifier:
                     first = start + int(np.flatnonzero(wrong)[0])
                 bad += k
         if bad:
-            self.problem(rel, f"{label}{_plural(bad, 'record')} of {n} cannot be a logged point "
-                         f"(negative step or impossible time), the first at row {first}: corrupted")
+            self.problem(
+                rel,
+                f"{label}{_plural(bad, 'record')} of {n} cannot be a logged point "
+                f"(negative step or impossible time), the first at row {first}: corrupted",
+            )
 
     def check_histograms(self, rel: str, label: str, col: Any, n: int, exact: bool) -> None:
         itemsize = 4 if exact else 1
@@ -490,8 +523,10 @@ class _Verifier:
                     bad += 1
         if bad:
             verb = "does" if bad == 1 else "do"
-            self.problem(rel, f"{label}{_plural(bad, 'histogram record')} of {n} {verb} not parse, "
-                         f"the first at row {first}: {why}")
+            self.problem(
+                rel,
+                f"{label}{_plural(bad, 'histogram record')} of {n} {verb} not parse, the first at row {first}: {why}",
+            )
 
     # ------------------------------------------------------- rich values
 
@@ -500,8 +535,9 @@ class _Verifier:
         for r in rows:
             h, ext = str(r.get("hash")), str(r.get("ext"))
             if not _MEDIA_NAME.fullmatch(h) or not ext.isalnum():
-                self.problem(fmt.METADATA_DB, f"media row {r.get('id')} ({_who([r])}) names no valid file: "
-                             f"{h!r}.{ext!r}")
+                self.problem(
+                    fmt.METADATA_DB, f"media row {r.get('id')} ({_who([r])}) names no valid file: {h!r}.{ext!r}"
+                )
                 continue
             by_file.setdefault((h, ext), []).append(r)
         for (h, ext), refs in by_file.items():
@@ -530,8 +566,10 @@ class _Verifier:
             except (TypeError, ValueError) as exc:
                 self.problem(fmt.METADATA_DB, f"{where}: its JSON does not parse: {exc}")
                 continue
-            if not isinstance(columns, list) or not isinstance(cells, list) or any(
-                not isinstance(row, list) or len(row) != len(columns) for row in cells
+            if (
+                not isinstance(columns, list)
+                or not isinstance(cells, list)
+                or any(not isinstance(row, list) or len(row) != len(columns) for row in cells)
             ):
                 width = len(columns) if isinstance(columns, list) else "?"
                 self.problem(fmt.METADATA_DB, f"{where}: rows do not match its {width} columns")
@@ -540,17 +578,22 @@ class _Verifier:
             refs = [c["$media"] for row in cells for c in row if isinstance(c, dict) and "$media" in c]
             lost = [ref for ref in refs if ref not in media_ids]
             if lost:
-                self.problem(fmt.METADATA_DB, f"{where}: {_plural(len(lost), 'media cell')} "
-                             f"refer{'s' if len(lost) == 1 else ''} to media rows "
-                             f"that do not exist ({', '.join(map(str, lost[:5]))})")
+                self.problem(
+                    fmt.METADATA_DB,
+                    f"{where}: {_plural(len(lost), 'media cell')} "
+                    f"refer{'s' if len(lost) == 1 else ''} to media rows "
+                    f"that do not exist ({', '.join(map(str, lost[:5]))})",
+                )
 
     def check_tensors(self, tensors: list[dict[str, Any]], kdes: list[dict[str, Any]]) -> None:
         rel = fmt.TENSORS_DB
         if not tensors and not kdes:
             return
         if not os.path.lexists(self.full(rel)):
-            self.problem(rel, f"missing, but {_plural(len(tensors), 'tensor')} and {_plural(len(kdes), 'KDE')} "
-                         "were logged into it")
+            self.problem(
+                rel,
+                f"missing, but {_plural(len(tensors), 'tensor')} and {_plural(len(kdes), 'KDE')} were logged into it",
+            )
             return
         if not self.sqlite_check(rel, full_check=False):
             return
@@ -565,8 +608,9 @@ class _Verifier:
                     shape = [int(x) for x in json.loads(r["shape"])]
                     size = int(np.prod(shape, dtype=np.int64)) * np.dtype(r["dtype"]).itemsize
                 except (TypeError, ValueError) as exc:
-                    self.problem(fmt.METADATA_DB, f"{where}: dtype {r['dtype']!r} / shape {r['shape']!r} "
-                                 f"do not parse: {exc}")
+                    self.problem(
+                        fmt.METADATA_DB, f"{where}: dtype {r['dtype']!r} / shape {r['shape']!r} do not parse: {exc}"
+                    )
                     continue
                 self.check_payload(rel, where, kv, r["key"], size)
                 self.count("tensors")
@@ -597,9 +641,12 @@ class _Verifier:
             if want > 0:
                 self.problem(rel, f"missing, but {_plural(want, 'byte')} of captured output {_were(want)} committed")
         elif size < want:
-            self.problem(rel, f"is {_plural(size, 'byte')} but {want} {_were(want)} committed: the last "
-                         f"{_plural(want - size, 'byte')} of captured output {_are(want - size)} lost (truncated)",
-                         newest_missing=True)
+            self.problem(
+                rel,
+                f"is {_plural(size, 'byte')} but {want} {_were(want)} committed: the last "
+                f"{_plural(want - size, 'byte')} of captured output {_are(want - size)} lost (truncated)",
+                newest_missing=True,
+            )
         elif size > want:
             self.tail_note(rel, f"uncommitted tail of {_plural(size - want, 'byte')}, will be removed")
 

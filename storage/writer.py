@@ -148,7 +148,9 @@ class RunWriter:
     def _open_files(self) -> None:
         try:
             self._writer_log = open(os.path.join(self.path, fmt.WRITER_LOG), "a", buffering=1, encoding="utf-8")
-            self._db = sqlite3.connect(os.path.join(self.path, fmt.METADATA_DB), isolation_level=None, check_same_thread=False)
+            self._db = sqlite3.connect(
+                os.path.join(self.path, fmt.METADATA_DB), isolation_level=None, check_same_thread=False
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: the commit point itself reaches the disk before COMMIT returns
             # (NORMAL would leave it to the next checkpoint); format: "Durability".
@@ -202,7 +204,9 @@ class RunWriter:
             if flag is None:
                 # A new run, or one written before commit points existed: what is
                 # there now is committed.
-                rows = [(rel, name, int(n)) for rel, vault in self._vault_files() for name, _, n in vault.list_columns()]
+                rows = [
+                    (rel, name, int(n)) for rel, vault in self._vault_files() for name, _, n in vault.list_columns()
+                ]
                 rows.append((fmt.OUTPUT_LOG, "", out_size))
                 self._db.execute("BEGIN")
                 self._db.executemany("INSERT OR REPLACE INTO committed(file, name, length) VALUES (?,?,?)", rows)
@@ -215,7 +219,10 @@ class RunWriter:
                         if n > keep:
                             col = vault.ensure(name, dtype)
                             del col[keep:]
-                            self.event("recovered", f"removed {n - keep} uncommitted row(s) of {rel}:{name} (re-sent by the client)")
+                            self.event(
+                                "recovered",
+                                f"removed {n - keep} uncommitted row(s) of {rel}:{name} (re-sent by the client)",
+                            )
                 keep = committed.get((fmt.OUTPUT_LOG, ""), 0)
                 if out_size > keep:
                     os.truncate(out_path, keep)
@@ -352,9 +359,7 @@ class RunWriter:
     def detach(self, client: str, status: str) -> None:
         """Record that a client finished (or crashed)."""
         with self._sql():
-            self._db.execute(
-                "UPDATE clients SET status=?, closed_at=? WHERE client=?", (status, self._now(), client)
-            )
+            self._db.execute("UPDATE clients SET status=?, closed_at=? WHERE client=?", (status, self._now(), client))
         self.event("client_" + status, f"client {client}")
 
     def set_status(self, status: str) -> None:
@@ -388,7 +393,11 @@ class RunWriter:
 
     # ------------------------------------------------------------- scalars
 
-    def stage(self, batch: Iterable[LogMessage | LogBatch | OutputMessage | DropReport], prepared: dict[int, Any] | None = None) -> None:
+    def stage(
+        self,
+        batch: Iterable[LogMessage | LogBatch | OutputMessage | DropReport],
+        prepared: dict[int, Any] | None = None,
+    ) -> None:
         """Turn log messages into per-column record arrays, ready to commit.
 
         Values of one metric keep the order of the batch.  Pure CPU work.
@@ -429,13 +438,17 @@ class RunWriter:
                     self.duplicates += n - int(keep.sum())
                     if not keep.any():
                         continue
-                    seqs, steps, gsteps, walls, values = seqs[keep], steps[keep], gsteps[keep], walls[keep], values[keep]
+                    seqs, steps, gsteps, walls, values = (
+                        seqs[keep],
+                        steps[keep],
+                        gsteps[keep],
+                        walls[keep],
+                        values[keep],
+                    )
                     n = len(seqs)
                 _add_seqs(r, seqs)
                 touched.add(env.client)
-                segments.append(
-                    (env.rank, tuple(msg.names), np.arange(pos, pos + n), steps, gsteps, walls, values)
-                )
+                segments.append((env.rank, tuple(msg.names), np.arange(pos, pos + n), steps, gsteps, walls, values))
                 calls.setdefault(env.rank, []).append((steps, gsteps, walls))
                 pos += n
                 continue
@@ -563,12 +576,18 @@ class RunWriter:
         if parked:
             for c in list(parked):
                 waiting = sorted(parked[c], key=lambda t: t[0])
-                if self.release_parked or self.parked_bytes > _PARK_BYTES or now - min(t[1] for t in waiting) > _PARK_SECONDS:
+                if (
+                    self.release_parked
+                    or self.parked_bytes > _PARK_BYTES
+                    or now - min(t[1] for t in waiting) > _PARK_SECONDS
+                ):
                     del parked[c]
                     for _, _, held in waiting:
                         self.parked_bytes -= _msg_bytes(held)
                         out.append(held)
-                    self.event("gap", f"client {c}: stored messages from seq {waiting[0][0]} on without the ones before them")
+                    self.event(
+                        "gap", f"client {c}: stored messages from seq {waiting[0][0]} on without the ones before them"
+                    )
         return out
 
     @property
@@ -902,11 +921,17 @@ class RunWriter:
         """An item's SQL rows: run inside the commit's transaction (phase B)."""
         return what, fn, True
 
-    def _ops_media(self, env: Any, name: str, meta: dict[str, Any], value: tuple[Any, ...]) -> list[tuple[str, Callable[[], None]]]:
+    def _ops_media(
+        self, env: Any, name: str, meta: dict[str, Any], value: tuple[Any, ...]
+    ) -> list[tuple[str, Callable[[], None]]]:
         row = _media_row(env, name, meta, value)
-        return self._media_ops(name, value) + [self._sql_op(f"record media {name!r}", lambda: self._insert_media(row) and None)]
+        return self._media_ops(name, value) + [
+            self._sql_op(f"record media {name!r}", lambda: self._insert_media(row) and None)
+        ]
 
-    def _ops_table(self, env: Any, name: str, meta: dict[str, Any], value: list[tuple[Any, ...]]) -> list[tuple[str, Callable[[], None]]]:
+    def _ops_table(
+        self, env: Any, name: str, meta: dict[str, Any], value: list[tuple[Any, ...]]
+    ) -> list[tuple[str, Callable[[], None]]]:
         columns = [str(c) for c in meta["columns"]]
         rows = meta["rows"]
         media_meta = meta.get("media") or []
@@ -928,7 +953,9 @@ class RunWriter:
 
         return ops + [self._sql_op(f"record table {name!r}", insert)]
 
-    def _ops_histogram(self, env: Any, name: str, meta: dict[str, Any], value: tuple[str, bytes]) -> list[tuple[str, Callable[[], None]]]:
+    def _ops_histogram(
+        self, env: Any, name: str, meta: dict[str, Any], value: tuple[str, bytes]
+    ) -> list[tuple[str, Callable[[], None]]]:
         precision, record = value
         base = fmt.column_name(env.rank, name)
 
@@ -1002,7 +1029,9 @@ class RunWriter:
         self._kvault().put(key, data)
         self._unsynced.add(fmt.TENSORS_DB)
 
-    def _ops_tensor(self, env: Any, name: str, meta: dict[str, Any], value: tuple[Any, ...]) -> list[tuple[str, Callable[[], None]]]:
+    def _ops_tensor(
+        self, env: Any, name: str, meta: dict[str, Any], value: tuple[Any, ...]
+    ) -> list[tuple[str, Callable[[], None]]]:
         dtype, shape, data = value
         key = f"tensor/{env.client}/{env.seq}/{name}"
 
@@ -1010,8 +1039,19 @@ class RunWriter:
             self._db.execute(
                 "INSERT INTO tensors(name, rank, step, global_step, wall, key, dtype, shape, namespace, metadata, source_dtype) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (name, env.rank, env.step, env.global_step, env.wall, key, dtype, json.dumps(shape),
-                 meta.get("namespace"), json.dumps(meta.get("metadata") or {}), str(meta.get("source_dtype") or "")),
+                (
+                    name,
+                    env.rank,
+                    env.step,
+                    env.global_step,
+                    env.wall,
+                    key,
+                    dtype,
+                    json.dumps(shape),
+                    meta.get("namespace"),
+                    json.dumps(meta.get("metadata") or {}),
+                    str(meta.get("source_dtype") or ""),
+                ),
             )
 
         return [
@@ -1019,7 +1059,9 @@ class RunWriter:
             self._sql_op(f"record tensor {name!r}", insert),
         ]
 
-    def _ops_kde(self, env: Any, name: str, meta: dict[str, Any], value: tuple[Any, ...]) -> list[tuple[str, Callable[[], None]]]:
+    def _ops_kde(
+        self, env: Any, name: str, meta: dict[str, Any], value: tuple[Any, ...]
+    ) -> list[tuple[str, Callable[[], None]]]:
         grid_size, bandwidth, count, data = value
         key = f"kde/{env.client}/{env.seq}/{name}"
 
@@ -1029,14 +1071,16 @@ class RunWriter:
                 (name, env.rank, env.step, env.global_step, env.wall, key, grid_size, bandwidth, count),
             )
 
-        return [(f"store KDE {name!r}", lambda: self._put_payload(key, data)),
-                self._sql_op(f"record KDE {name!r}", insert)]
+        return [
+            (f"store KDE {name!r}", lambda: self._put_payload(key, data)),
+            self._sql_op(f"record KDE {name!r}", insert),
+        ]
 
     # -------------------------------------------------------------- output
 
     # ---------------------------------------------------------------- close
 
-    def _sql(self) -> "_SqlGuard":
+    def _sql(self) -> _SqlGuard:
         return _SqlGuard(self.path)
 
     def checkpoint(self) -> None:
@@ -1127,7 +1171,9 @@ def _add_seqs(r: SeqRanges, seqs: np.ndarray) -> None:
             r.add(s, s)
 
 
-def _step_ranges(steps: np.ndarray, gsteps: np.ndarray, walls: np.ndarray) -> list[tuple[int, int, int, int, float, float]]:
+def _step_ranges(
+    steps: np.ndarray, gsteps: np.ndarray, walls: np.ndarray
+) -> list[tuple[int, int, int, int, float, float]]:
     """Split calls into maximal runs of step +1 with a constant global-step delta of 0 or 1."""
     n = len(steps)
     if n == 0:
@@ -1141,8 +1187,12 @@ def _step_ranges(steps: np.ndarray, gsteps: np.ndarray, walls: np.ndarray) -> li
     ends = np.r_[starts[1:] - 1, n - 1]
     return list(
         zip(
-            steps[starts].tolist(), steps[ends].tolist(), gsteps[starts].tolist(), gsteps[ends].tolist(),
-            walls[starts].tolist(), walls[ends].tolist(),
+            steps[starts].tolist(),
+            steps[ends].tolist(),
+            gsteps[starts].tolist(),
+            gsteps[ends].tolist(),
+            walls[starts].tolist(),
+            walls[ends].tolist(),
         )
     )
 
@@ -1205,9 +1255,19 @@ def _compute_media(env: Any, name: str, meta: dict[str, Any], blobs: _BlobView) 
 def _media_row(env: Any, name: str, meta: dict[str, Any], value: tuple[Any, ...]) -> dict[str, Any]:
     data, ext, media_type, width, height, digest = value
     return {
-        "name": name, "rank": env.rank, "step": env.step, "global_step": env.global_step, "wall": env.wall,
-        "media_type": media_type, "hash": digest, "ext": ext, "size": len(data), "width": width,
-        "height": height, "caption": str(meta.get("caption") or ""), "source": meta.get("source"),
+        "name": name,
+        "rank": env.rank,
+        "step": env.step,
+        "global_step": env.global_step,
+        "wall": env.wall,
+        "media_type": media_type,
+        "hash": digest,
+        "ext": ext,
+        "size": len(data),
+        "width": width,
+        "height": height,
+        "caption": str(meta.get("caption") or ""),
+        "source": meta.get("source"),
     }
 
 
@@ -1243,7 +1303,9 @@ def _compute_histogram(env: Any, name: str, meta: dict[str, Any], blobs: _BlobVi
             raise ValueError("histogram count over int32 range; use fewer values per histogram")
         packed = counts.astype("<i4")
     record = (
-        struct.pack(fmt.HISTOGRAM_HEADER, env.step, env.global_step, env.wall, len(counts), nan, posinf, neginf, total, scale)
+        struct.pack(
+            fmt.HISTOGRAM_HEADER, env.step, env.global_step, env.wall, len(counts), nan, posinf, neginf, total, scale
+        )
         + edges.astype("<f8").tobytes()
         + packed.tobytes()
     )
@@ -1317,7 +1379,9 @@ def prepare_items(msg: LogMessage) -> list[tuple[str, Any]]:
         try:
             check_item(item, msg.blobs)  # the client's own rule, applied again (protocol.items)
         except Exception as exc:
-            out.append(("invalid", str(exc) if isinstance(exc, InvalidItem) else f"BUG: the rule itself failed: {exc!r:.200}"))
+            out.append(
+                ("invalid", str(exc) if isinstance(exc, InvalidItem) else f"BUG: the rule itself failed: {exc!r:.200}")
+            )
             continue
         name, kind, meta, refs = item
         try:
@@ -1360,6 +1424,11 @@ def _storage_error(path: str, what: str, exc: BaseException) -> StorageError:
     text = str(exc)
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "full" in text.lower():
         return StorageError(f"disk full: cannot {what} in {path}: {text}")
-    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM) or "readonly" in text.lower() or "read-only" in text.lower():
+    if (
+        isinstance(exc, OSError)
+        and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM)
+        or "readonly" in text.lower()
+        or "read-only" in text.lower()
+    ):
         return StorageError(f"run folder not writable: cannot {what} in {path}: {text}")
     return StorageError(f"cannot {what} in {path}: {text}")

@@ -15,8 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -133,7 +133,9 @@ def daemon(endpoint: Endpoint) -> Iterator[DaemonProcess]:
             assert code == 0, f"daemon exited {code}: {d.output()}"
 
 
-def run_script(code: str, *, cwd: Path, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_script(
+    code: str, *, cwd: Path, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run Python ``code`` as a separate training script; return the finished process."""
     full_env = dict(os.environ)
     if env:

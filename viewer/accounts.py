@@ -43,8 +43,9 @@ import stat
 import threading
 import time
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from ..storage import format as fmt
 
@@ -191,8 +192,15 @@ def hash_password(password: str) -> dict[str, Any]:
     """A new salted scrypt record ``{"alg", "n", "r", "p", "dklen", "salt", "hash"}`` for ``password``."""
     salt = secrets.token_bytes(SALT_BYTES)
     digest = _scrypt(_pw_bytes(password), salt, SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_DKLEN)
-    return {"alg": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P, "dklen": SCRYPT_DKLEN,
-            "salt": _b64(salt), "hash": _b64(digest)}
+    return {
+        "alg": "scrypt",
+        "n": SCRYPT_N,
+        "r": SCRYPT_R,
+        "p": SCRYPT_P,
+        "dklen": SCRYPT_DKLEN,
+        "salt": _b64(salt),
+        "hash": _b64(digest),
+    }
 
 
 def _check_hash_record(rec: Any) -> None:
@@ -215,8 +223,15 @@ def check_password_hash(rec: dict[str, Any], password: str) -> bool:
 
 # a record no password matches, hashed against when the user does not exist so that
 # an unknown name costs the same scrypt as a known one
-_DUMMY = {"alg": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P, "dklen": SCRYPT_DKLEN,
-          "salt": _b64(secrets.token_bytes(SALT_BYTES)), "hash": _b64(secrets.token_bytes(SCRYPT_DKLEN))}
+_DUMMY = {
+    "alg": "scrypt",
+    "n": SCRYPT_N,
+    "r": SCRYPT_R,
+    "p": SCRYPT_P,
+    "dklen": SCRYPT_DKLEN,
+    "salt": _b64(secrets.token_bytes(SALT_BYTES)),
+    "hash": _b64(secrets.token_bytes(SCRYPT_DKLEN)),
+}
 _DUMMY_SHA = hashlib.sha256(secrets.token_bytes(32)).hexdigest()
 
 
@@ -228,7 +243,7 @@ def split_token(token: str) -> tuple[str, str] | None:
     """``kobo_<id>_<secret>`` -> (id, secret), or None if it does not look like a token."""
     if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         return None
-    parts = token[len(TOKEN_PREFIX):].split("_", 1)
+    parts = token[len(TOKEN_PREFIX) :].split("_", 1)
     if len(parts) != 2 or not TOKEN_ID_RE.match(parts[0]) or len(parts[1]) < 20:
         return None
     return parts[0], parts[1]
@@ -265,12 +280,16 @@ def _check_dir(path: str, *, fix: bool) -> None:
             return
         except OSError as exc:
             if st.st_mode & 0o022:
-                raise AccountsError(f"{path} is writable by other users (mode {oct(st.st_mode & 0o777)}) and "
-                                    f"cannot be tightened ({exc.strerror}): run `chmod 700 {path}`") from exc
+                raise AccountsError(
+                    f"{path} is writable by other users (mode {oct(st.st_mode & 0o777)}) and "
+                    f"cannot be tightened ({exc.strerror}): run `chmod 700 {path}`"
+                ) from exc
             return
     if st.st_mode & 0o022:
-        raise AccountsError(f"{path} is writable by other users (mode {oct(st.st_mode & 0o777)}), who could "
-                            f"replace the accounts file: run `chmod 700 {path}`")
+        raise AccountsError(
+            f"{path} is writable by other users (mode {oct(st.st_mode & 0o777)}), who could "
+            f"replace the accounts file: run `chmod 700 {path}`"
+        )
 
 
 def _check_file(path: str, st: os.stat_result) -> None:
@@ -284,12 +303,15 @@ def _check_file(path: str, st: os.stat_result) -> None:
         try:
             os.chmod(path, 0o600)
         except OSError as exc:
-            raise AccountsError(f"{path} is readable by other users (mode {mode}) and cannot be tightened "
-                                f"({exc.strerror}): run `chmod 600 {path}`") from exc
+            raise AccountsError(
+                f"{path} is readable by other users (mode {mode}) and cannot be tightened "
+                f"({exc.strerror}): run `chmod 600 {path}`"
+            ) from exc
         log.warning("%s was mode %s; tightened to 0600", path, mode)
         return
-    raise AccountsError(f"{path} is accessible to other users (mode {mode}) and not ours to fix: "
-                        f"run `chmod 600 {path}` as its owner")
+    raise AccountsError(
+        f"{path} is accessible to other users (mode {mode}) and not ours to fix: run `chmod 600 {path}` as its owner"
+    )
 
 
 def _give_to_dir_owner(fd: int, directory: str) -> None:
@@ -358,12 +380,17 @@ def _credential(name: str, u: dict[str, Any]) -> str:
 
 
 def _state_from(data: dict[str, Any], key: tuple[int, ...] | None) -> _State:
-    users = {n: User(n, tuple(u["projects"]) if u.get("projects") is not None else None, float(u["created"]),
-                     _credential(n, u))
-             for n, u in data["users"].items()}
+    users = {
+        n: User(
+            n, tuple(u["projects"]) if u.get("projects") is not None else None, float(u["created"]), _credential(n, u)
+        )
+        for n, u in data["users"].items()
+    }
     hashes = {n: u["password"] for n, u in data["users"].items()}
-    tokens = {tid: (Token(tid, t["user"], str(t.get("label", "")), float(t.get("created", 0.0))), t["sha256"])
-              for tid, t in data["tokens"].items()}
+    tokens = {
+        tid: (Token(tid, t["user"], str(t.get("label", "")), float(t.get("created", 0.0))), t["sha256"])
+        for tid, t in data["tokens"].items()
+    }
     return _State(key, users, hashes, tokens)
 
 
@@ -509,9 +536,11 @@ class Accounts:
         """The JSON content of a state (what the file holds)."""
         data = _empty()
         for name, u in state.users.items():
-            data["users"][name] = {"password": state.hashes[name],
-                                   "projects": list(u.projects) if u.projects is not None else None,
-                                   "created": u.created}
+            data["users"][name] = {
+                "password": state.hashes[name],
+                "projects": list(u.projects) if u.projects is not None else None,
+                "created": u.created,
+            }
         for tid, (t, digest) in state.tokens.items():
             data["tokens"][tid] = {"user": t.user, "label": t.label, "created": t.created, "sha256": digest}
         return data
@@ -526,7 +555,7 @@ class Accounts:
                 _give_to_dir_owner(fd, self.config_dir)
                 view = memoryview(text.encode("utf-8"))
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -552,10 +581,14 @@ class Accounts:
 
         def fn(data: dict[str, Any]) -> None:
             if name in data["users"]:
-                raise UserExists(f"user {name!r} already exists (use `kobo-serve user passwd {name}` "
-                                 "to change her password)")
-            data["users"][name] = {"password": record, "projects": list(plist) if plist is not None else None,
-                                   "created": time.time()}
+                raise UserExists(
+                    f"user {name!r} already exists (use `kobo-serve user passwd {name}` to change her password)"
+                )
+            data["users"][name] = {
+                "password": record,
+                "projects": list(plist) if plist is not None else None,
+                "created": time.time(),
+            }
 
         self._change(fn)
         user = self._state.users[name]

@@ -8,7 +8,6 @@ files hang never stalls the others or the live stream.  The app never opens a ru
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import contextlib
@@ -18,7 +17,8 @@ import os
 import re
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 from starlette.applications import Starlette
@@ -43,11 +43,28 @@ HASH_RE = re.compile(r"^([0-9a-f]{64})\.([a-z0-9]{1,10})$")
 X_KINDS = ("step", "global_step", "wall", "relative")
 MAX_WIDTH = 10_000
 SERIES_CACHE_BYTES = 256 << 20
-MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "gif": "image/gif",
-               "webp": "image/webp", "bmp": "image/bmp", "svg": "image/svg+xml", "mp4": "video/mp4",
-               "webm": "video/webm", "ogv": "video/ogg", "mov": "video/quicktime", "avi": "video/x-msvideo",
-               "mkv": "video/x-matroska", "wav": "audio/wav", "mp3": "audio/mpeg", "ogg": "audio/ogg",
-               "flac": "audio/flac", "m4a": "audio/mp4", "aac": "audio/aac", "opus": "audio/opus"}
+MEDIA_TYPES = {
+    "png": "image/png",
+    "jpg": "image/jpeg",
+    "jpeg": "image/jpeg",
+    "gif": "image/gif",
+    "webp": "image/webp",
+    "bmp": "image/bmp",
+    "svg": "image/svg+xml",
+    "mp4": "video/mp4",
+    "webm": "video/webm",
+    "ogv": "video/ogg",
+    "mov": "video/quicktime",
+    "avi": "video/x-msvideo",
+    "mkv": "video/x-matroska",
+    "wav": "audio/wav",
+    "mp3": "audio/mpeg",
+    "ogg": "audio/ogg",
+    "flac": "audio/flac",
+    "m4a": "audio/mp4",
+    "aac": "audio/aac",
+    "opus": "audio/opus",
+}
 
 
 CSV_CHUNK_ROWS = 20_000
@@ -151,9 +168,14 @@ class StaticCache:
     upgraded package is picked up at once; unchanged files cost a 304).
     """
 
-    TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
-             ".html": "text/html; charset=utf-8", ".txt": "text/plain; charset=utf-8", ".png": "image/png",
-             ".svg": "image/svg+xml"}
+    TYPES = {
+        ".js": "text/javascript; charset=utf-8",
+        ".css": "text/css; charset=utf-8",
+        ".html": "text/html; charset=utf-8",
+        ".txt": "text/plain; charset=utf-8",
+        ".png": "image/png",
+        ".svg": "image/svg+xml",
+    }
 
     def __init__(self, root: str) -> None:
         import hashlib
@@ -233,8 +255,9 @@ class SeriesCache:
             if hit is not None:
                 self._items.move_to_end(key)
                 return hit
-            shorter = max((k for k in self._items if k[:3] == key[:3] and k[3] < key[3]), key=lambda k: k[3],
-                          default=None)
+            shorter = max(
+                (k for k in self._items if k[:3] == key[:3] and k[3] < key[3]), key=lambda k: k[3], default=None
+            )
             prefix = self._items[shorter] if shorter is not None else None
         value = load(0) if prefix is None else _concat_rows([prefix, load(len(prefix))])
         with self._lock:
@@ -301,11 +324,11 @@ class TailCache:
                 e = None
             else:
                 self._items.move_to_end(series)
-                parts, pos = [e[2][0][:0]], e[0]   # an empty range is an empty array of the rows' dtype
+                parts, pos = [e[2][0][:0]], e[0]  # an empty range is an empty array of the rows' dtype
                 for c in e[2]:
                     lo, hi = max(start, pos), min(n, pos + len(c))
                     if lo < hi:
-                        parts.append(c[lo - pos:hi - pos])
+                        parts.append(c[lo - pos : hi - pos])
                     pos += len(c)
         if e is None:
             return load(start, n)
@@ -373,7 +396,9 @@ class Viewer:
         self.readers = ReaderPool()
         # run path -> (stamp, summary without its time-dependent fields): pages polling a run
         # read it once per change
-        self.summaries: collections.OrderedDict[str, tuple[Any, dict[str, Any], bytes, float]] = collections.OrderedDict()
+        self.summaries: collections.OrderedDict[str, tuple[Any, dict[str, Any], bytes, float]] = (
+            collections.OrderedDict()
+        )
         # run path -> when its summary was last asked for (the last SUMMARY_BUSY_PER_S times)
         self._summary_asks: dict[str, collections.deque[float]] = {}
         self._summaries_lock = threading.Lock()
@@ -407,7 +432,9 @@ class Viewer:
         """Every committed point (the first ``n``), decoded once per committed length."""
         if n is None:
             n = self.length(reader, metric, rank)
-        return self.cache.get((reader.path, metric, rank, n), lambda m: _concat_rows([reader.series(metric, rank, m, n)]))
+        return self.cache.get(
+            (reader.path, metric, rank, n), lambda m: _concat_rows([reader.series(metric, rank, m, n)])
+        )
 
     # ------------------------------------------------------------- views
 
@@ -432,20 +459,28 @@ class Viewer:
             asked.append(t)
             busy = len(asked) == asked.maxlen and t - asked[0] < 1.0
             hit = self.summaries.get(path)
-            if hit is not None and (hit[0] == stamp or (busy and t - hit[3] < SUMMARY_BUSY_MAX_AGE_S
-                                                        and hit[1]["stored_status"] == fmt.STATUS_RUNNING)):
+            if hit is not None and (
+                hit[0] == stamp
+                or (busy and t - hit[3] < SUMMARY_BUSY_MAX_AGE_S and hit[1]["stored_status"] == fmt.STATUS_RUNNING)
+            ):
                 self.summaries.move_to_end(path)
                 base, encoded = hit[1], hit[2]
             else:
                 base = None
         if base is None:
             base, encoded = self._summary_once(path, stamp, project, run_id)
-        now = {"status": shown_status(path, base["stored_status"], facts.get("last_commit")),
-               "last_commit": facts.get("last_commit"), "duration": facts.get("duration"),
-               "last_step": facts.get("last_step"), "num_ranks": facts.get("num_ranks")}
+        now = {
+            "status": shown_status(path, base["stored_status"], facts.get("last_commit")),
+            "last_commit": facts.get("last_commit"),
+            "duration": facts.get("duration"),
+            "last_step": facts.get("last_step"),
+            "num_ranks": facts.get("num_ranks"),
+        }
         return base, encoded, now
 
-    def _summary_once(self, path: str, stamp: tuple[Any, ...], project: str, run_id: str) -> tuple[dict[str, Any], bytes]:
+    def _summary_once(
+        self, path: str, stamp: tuple[Any, ...], project: str, run_id: str
+    ) -> tuple[dict[str, Any], bytes]:
         """Read a run's summary once for all the requests that want it at the same time.
 
         The pages following a live run ask for its summary together (after the same live
@@ -490,15 +525,32 @@ class Viewer:
         for m in metrics:
             m["points_by_rank"] = {str(k): v for k, v in m["points_by_rank"].items()}
         return {
-            "project": project, "run_id": str(meta.get("run_id") or run_id), "name": str(meta.get("name") or run_id),
+            "project": project,
+            "run_id": str(meta.get("run_id") or run_id),
+            "name": str(meta.get("name") or run_id),
             "stored_status": str(meta.get("status", "?")),
             "created_at": meta.get("created_at"),
-            "finished_at": meta.get("finished_at"), "config": meta.get("config") or {}, "metadata": meta,
-            "ranks": ranks, "world_size": meta.get("world_size"), "dropped": dropped, "metrics": metrics,
-            "items": {kind: [{"name": n, "count": sum(per.values()), "ranks": list(per),
-                              "counts_by_rank": {str(k): v for k, v in per.items()}} for n, per in names.items()]
-                      for kind, names in counts.items()},
-            "clients": clients, "version": _version(state, meta),
+            "finished_at": meta.get("finished_at"),
+            "config": meta.get("config") or {},
+            "metadata": meta,
+            "ranks": ranks,
+            "world_size": meta.get("world_size"),
+            "dropped": dropped,
+            "metrics": metrics,
+            "items": {
+                kind: [
+                    {
+                        "name": n,
+                        "count": sum(per.values()),
+                        "ranks": list(per),
+                        "counts_by_rank": {str(k): v for k, v in per.items()},
+                    }
+                    for n, per in names.items()
+                ]
+                for kind, names in counts.items()
+            },
+            "clients": clients,
+            "version": _version(state, meta),
         }
 
     def first_charts(self, project: str, run_id: str, rank: int, count: int) -> list[tuple[str, int]]:
@@ -541,8 +593,12 @@ class Viewer:
                 per_rank = [self.series(r, metric, rk, n) for rk, n in zip(ranks, lengths)]
             elif q["start"] is not None and not q["smooth"]:
                 n = lengths[0]
-                tail = self.tails.get((r.path, metric, rank), min(q["start"], n), n,
-                                      lambda a, b: _concat_rows([r.series(metric, rank, a, b)]))
+                tail = self.tails.get(
+                    (r.path, metric, rank),
+                    min(q["start"], n),
+                    n,
+                    lambda a, b: _concat_rows([r.series(metric, rank, a, b)]),
+                )
                 first = np.array(r.series(metric, rank, 0, 1)) if n else tail
             else:
                 s = self.series(r, metric, rank, lengths[0])
@@ -552,8 +608,17 @@ class Viewer:
             ys = [s["value"] for s in per_rank]
             bx, lo, hi, used = R.band(xs, ys, q["width"], q["x0"], q["x1"])
             total = sum(len(s) for s in per_rank)
-            header = {"n": len(bx), "total": total, "in_range": used, "committed": None, "reduced": True,
-                      "ranks": ranks, **_x_range(xs), "nonfinite": {}, "marks": []}
+            header = {
+                "n": len(bx),
+                "total": total,
+                "in_range": used,
+                "committed": None,
+                "reduced": True,
+                "ranks": ranks,
+                **_x_range(xs),
+                "nonfinite": {},
+                "marks": [],
+            }
             body = R.encode(header, {"x": bx, "lo": lo, "hi": hi})
         elif q["start"] is not None and not q["smooth"]:
             body = self._tail(tail, first, q, lengths[0])
@@ -581,9 +646,18 @@ class Viewer:
             x, y = x[idx], y[idx]
         else:
             counts, marks = R.nonfinite_marks(x, y, max(1, rows))
-        header = {"total": n, "committed": n, "x_min": x_first, "x_max": float(x.max()) if len(x) else x_first,
-                  "n": len(x), "in_range": rows, "start": n - rows, "reduced": len(x) < rows,
-                  "nonfinite": counts, "marks": marks}
+        header = {
+            "total": n,
+            "committed": n,
+            "x_min": x_first,
+            "x_max": float(x.max()) if len(x) else x_first,
+            "n": len(x),
+            "in_range": rows,
+            "start": n - rows,
+            "reduced": len(x) < rows,
+            "nonfinite": counts,
+            "marks": marks,
+        }
         return R.encode(header, {"x": x, "y": np.where(np.isfinite(y), y, np.nan)})
 
     def _reduce_one(self, s: np.ndarray, q: dict[str, Any]) -> bytes:
@@ -599,8 +673,18 @@ class Viewer:
             arrays = {"x": x, "y": np.where(np.isfinite(y), y, np.nan)}
             if ys_all is not None:
                 arrays["ys"] = ys_all[st:]
-            return R.encode({**base, "n": len(x), "in_range": len(x), "start": st, "reduced": False,
-                             "nonfinite": counts, "marks": marks}, arrays)
+            return R.encode(
+                {
+                    **base,
+                    "n": len(x),
+                    "in_range": len(x),
+                    "start": st,
+                    "reduced": False,
+                    "nonfinite": counts,
+                    "marks": marks,
+                },
+                arrays,
+            )
         if ys_all is None:
             x, y = R.sort_by_x(x_all, y_all)
             ys = None
@@ -616,8 +700,14 @@ class Viewer:
         arrays = {"x": x[idx], "y": np.where(np.isfinite(sent_y), sent_y, np.nan)}
         if ys is not None:
             arrays["ys"] = ys[idx]
-        header = {**base, "n": len(idx), "in_range": len(x), "reduced": len(idx) < len(x),
-                  "nonfinite": counts, "marks": marks}
+        header = {
+            **base,
+            "n": len(idx),
+            "in_range": len(x),
+            "reduced": len(idx) < len(x),
+            "nonfinite": counts,
+            "marks": marks,
+        }
         return R.encode(header, arrays)
 
     def csv_series(self, project: str, run_id: str, metric: str, rank: str) -> list[tuple[int, np.ndarray]]:
@@ -635,9 +725,11 @@ class Viewer:
         yield csv_header()
         for rk, s in series:
             for i in range(0, len(s), rows):
-                yield "".join(csv_lines(metric, rk, s[i:i + rows]))
+                yield "".join(csv_lines(metric, rk, s[i : i + rows]))
 
-    def media_rows(self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None) -> dict[str, Any]:
+    def media_rows(
+        self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None
+    ) -> dict[str, Any]:
         with self.open(project, run_id) as r:
             rows = r.media(name, rank, start, end)
             if not rows and name not in r.list_items()["media"]:
@@ -645,7 +737,9 @@ class Viewer:
             skipped = list(r.skipped)
         return {"name": name, "rows": [_media_json(project, run_id, row) for row in rows], "skipped": skipped}
 
-    def table_rows(self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None) -> dict[str, Any]:
+    def table_rows(
+        self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None
+    ) -> dict[str, Any]:
         with self.open(project, run_id) as r:
             tables = r.tables(name, rank, start, end)
             if not tables and name not in r.list_items()["table"]:
@@ -653,13 +747,16 @@ class Viewer:
             skipped = list(r.skipped)
         out = []
         for t in tables:
-            rows = [[{"$media": _media_json(project, run_id, c)} if isinstance(c, dict) and "hash" in c else c
-                     for c in row] for row in t["rows"]]
+            rows = [
+                [{"$media": _media_json(project, run_id, c)} if isinstance(c, dict) and "hash" in c else c for c in row]
+                for row in t["rows"]
+            ]
             out.append({**t, "rows": rows})
         return {"name": name, "rows": out, "skipped": skipped}
 
-    def histogram_rows(self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None,
-                       max_rows: int = 500) -> dict[str, Any]:
+    def histogram_rows(
+        self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None, max_rows: int = 500
+    ) -> dict[str, Any]:
         with self.open(project, run_id) as r:
             hists = r.histograms(name, rank, start, end)
             if not hists and name not in r.list_items()["histogram"]:
@@ -671,7 +768,9 @@ class Viewer:
             hists = [hists[i] for i in keep]
         return {"name": name, "total": total, "rows": hists, "skipped": skipped}
 
-    def kde_rows(self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None) -> dict[str, Any]:
+    def kde_rows(
+        self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None
+    ) -> dict[str, Any]:
         with self.open(project, run_id) as r:
             rows = r.kde(name, rank, start, end)
             if not rows and name not in r.list_items()["kde"]:
@@ -679,7 +778,9 @@ class Viewer:
             skipped = list(r.skipped)
         return {"name": name, "rows": rows, "skipped": skipped}
 
-    def tensor_rows(self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None) -> dict[str, Any]:
+    def tensor_rows(
+        self, project: str, run_id: str, name: str, rank: int, start: int | None, end: int | None
+    ) -> dict[str, Any]:
         with self.open(project, run_id) as r:
             rows = r.tensors(name, rank, start, end)
             if not rows and name not in r.list_items()["tensor"]:
@@ -696,8 +797,12 @@ class Viewer:
             size = r.output_size()
             start = max(0, size - limit) if offset is None else min(offset, size)
             data = r.read_output_bytes(start, limit)
-            return {"size": size, "offset": start, "end": start + len(data),
-                    "text": data.decode("utf-8", errors="replace")}
+            return {
+                "size": size,
+                "offset": start,
+                "end": start + len(data),
+                "text": data.decode("utf-8", errors="replace"),
+            }
 
     def run_events(self, project: str, run_id: str) -> dict[str, Any]:
         with self.open(project, run_id) as r:
@@ -715,8 +820,9 @@ class Viewer:
             raise NotFound(f"run {project}/{run_id} holds no media {filename}")
         path = row["path"]
         real = os.path.realpath(path)
-        if not real.startswith(os.path.realpath(os.path.join(run_path, fmt.MEDIA_DIR)) + os.sep) \
-                or not real.startswith(self.index.real_base + os.sep):
+        if not real.startswith(os.path.realpath(os.path.join(run_path, fmt.MEDIA_DIR)) + os.sep) or not real.startswith(
+            self.index.real_base + os.sep
+        ):
             raise NotFound(f"media {filename} of run {project}/{run_id} resolves outside the run folder")
         if not os.path.isfile(real):
             raise NotFound(f"media file {filename} of run {project}/{run_id} is missing")
@@ -730,11 +836,17 @@ class Viewer:
             state = r.commit_state()
             meta = r.metadata
             status = shown_status(r.path, str(meta.get("status", "?")), facts.get("last_commit"))
-        return {"run": f"{project}/{run_id}", "version": _version(state, meta),
-                "status": status, "lengths": state["lengths"], "items": state["items"],
-                "output": state["files"].get(f"{fmt.OUTPUT_LOG}:", 0),
-                "histograms": {k.split(":", 1)[1]: n for k, n in state["files"].items()
-                               if k.split(":", 1)[0] in HISTOGRAM_FILES}}
+        return {
+            "run": f"{project}/{run_id}",
+            "version": _version(state, meta),
+            "status": status,
+            "lengths": state["lengths"],
+            "items": state["items"],
+            "output": state["files"].get(f"{fmt.OUTPUT_LOG}:", 0),
+            "histograms": {
+                k.split(":", 1)[1]: n for k, n in state["files"].items() if k.split(":", 1)[0] in HISTOGRAM_FILES
+            },
+        }
 
 
 def _missing_metric(reader: RunReader, metric: str, rank: int | None) -> str:
@@ -776,11 +888,16 @@ def _tensor_view(arr: np.ndarray) -> dict[str, Any]:
     if arr.dtype.kind in "biuf" and arr.size:
         a = arr.astype(np.float64, copy=False).reshape(-1)
         finite = a[np.isfinite(a)]
-        stats = {"size": int(a.size), "nan": int(np.isnan(a).sum()), "posinf": int(np.isposinf(a).sum()),
-                 "neginf": int(np.isneginf(a).sum())}
+        stats = {
+            "size": int(a.size),
+            "nan": int(np.isnan(a).sum()),
+            "posinf": int(np.isposinf(a).sum()),
+            "neginf": int(np.isneginf(a).sum()),
+        }
         if len(finite):
-            stats.update(min=float(finite.min()), max=float(finite.max()), mean=float(finite.mean()),
-                         std=float(finite.std()))
+            stats.update(
+                min=float(finite.min()), max=float(finite.max()), mean=float(finite.mean()), std=float(finite.std())
+            )
     else:
         stats = {"size": int(arr.size)}
     heatmap = None
@@ -789,8 +906,12 @@ def _tensor_view(arr: np.ndarray) -> dict[str, Any]:
             plane = arr.reshape(1, -1)
         else:
             plane = arr.reshape(-1, *arr.shape[-2:])[0]
-        heatmap = {"rows": int(plane.shape[0]), "cols": int(plane.shape[1]),
-                   "values": plane.astype(np.float64).reshape(-1), "sliced": arr.ndim > 2}
+        heatmap = {
+            "rows": int(plane.shape[0]),
+            "cols": int(plane.shape[1]),
+            "values": plane.astype(np.float64).reshape(-1),
+            "sliced": arr.ndim > 2,
+        }
     return {"stats": stats, "heatmap": heatmap}
 
 
@@ -802,13 +923,26 @@ def create_app(base_dir: str, token: str | None = None, allowed_hosts: tuple[str
     return AuthMiddleware(build_app(base_dir), token, allowed_hosts)
 
 
-def create_team_app(base_dir: str, accounts: Any, allowed_hosts: tuple[str, ...] = (), base_url: str = "",
-                    https: bool = False, session_idle: float = 12 * 3600, session_max: float = 7 * 24 * 3600) -> Any:
+def create_team_app(
+    base_dir: str,
+    accounts: Any,
+    allowed_hosts: tuple[str, ...] = (),
+    base_url: str = "",
+    https: bool = False,
+    session_idle: float = 12 * 3600,
+    session_max: float = 7 * 24 * 3600,
+) -> Any:
     """``kobo-serve``'s app: the same viewer behind accounts, sessions and CSRF (:mod:`.team`)."""
     from .team import Sessions, TeamAuth
 
-    return TeamAuth(build_app(base_dir), accounts, allowed_hosts, base_url=base_url, https=https,
-                    sessions=Sessions(session_idle, session_max))
+    return TeamAuth(
+        build_app(base_dir),
+        accounts,
+        allowed_hosts,
+        base_url=base_url,
+        https=https,
+        sessions=Sessions(session_idle, session_max),
+    )
 
 
 def build_app(base_dir: str) -> Starlette:
@@ -840,6 +974,7 @@ def build_app(base_dir: str) -> Starlette:
                 return _json({"error": str(exc)}, 400)
             except OSError as exc:
                 return _json({"error": f"cannot read: {exc}"}, 500)
+
         return wrapped
 
     def visible(request: Request, project: str) -> None:
@@ -854,8 +989,13 @@ def build_app(base_dir: str) -> Starlette:
         return project, run_id
 
     def item_args(request: Request) -> tuple[Any, ...]:
-        return (*run_args(request), _required(request, "name"), _int(request, "rank", 0, 0),
-                _int(request, "start", None), _int(request, "end", None))
+        return (
+            *run_args(request),
+            _required(request, "name"),
+            _int(request, "rank", 0, 0),
+            _int(request, "start", None),
+            _int(request, "end", None),
+        )
 
     @handler
     async def index_page(request: Request) -> Response:
@@ -885,8 +1025,13 @@ def build_app(base_dir: str) -> Starlette:
         shown = filter_runs(runs, q, regex)
         if project:
             shown = [r for r in shown if r["project"] == project]
-        head = _json_bytes({"dir": viewer.index.base_dir, "total": len(runs),
-                            "projects": [{"name": n, "runs": c} for n, c in sorted(projects.items())]})
+        head = _json_bytes(
+            {
+                "dir": viewer.index.base_dir,
+                "total": len(runs),
+                "projects": [{"name": n, "runs": c} for n, c in sorted(projects.items())],
+            }
+        )
         body = head[:-1] + b',"runs":[' + b",".join(run_lines.encoded(r) for r in shown) + b"]}"
         return Response(body, media_type="application/json", headers={"cache-control": "no-store"})
 
@@ -904,11 +1049,18 @@ def build_app(base_dir: str) -> Starlette:
         smooth = _float(request, "smooth") or 0.0
         if not 0.0 <= smooth < 1.0:
             raise _bad(f"parameter 'smooth' must be in [0, 1), got {smooth}")
-        q = {"metric": _required(request, "metric") if metric else None, "rank": rank, "x": x, "smooth": smooth,
-             "width": _int(request, "width", 1000, 1, MAX_WIDTH), "x0": _float(request, "x0"),
-             "x1": _float(request, "x1"), "start": _int(request, "start", None, 0),
-             # a live tail is reduced to the width only when the page says its width
-             "tail_width": "width" in request.query_params}
+        q = {
+            "metric": _required(request, "metric") if metric else None,
+            "rank": rank,
+            "x": x,
+            "smooth": smooth,
+            "width": _int(request, "width", 1000, 1, MAX_WIDTH),
+            "x0": _float(request, "x0"),
+            "x1": _float(request, "x1"),
+            "start": _int(request, "start", None, 0),
+            # a live tail is reduced to the width only when the page says its width
+            "tail_width": "width" in request.query_params,
+        }
         if q["x0"] is not None and q["x1"] is not None and q["x1"] < q["x0"]:
             raise _bad(f"x1 ({q['x1']}) is smaller than x0 ({q['x0']})")
         return q
@@ -939,7 +1091,9 @@ def build_app(base_dir: str) -> Starlette:
             yield frame(json.dumps([{"metric": m, "rank": rk} for m, rk in charts]).encode())
             for metric, rank in charts:
                 try:
-                    body, _ = await run_blocking(viewer.series_body, project, run_id, {**q, "metric": metric, "rank": rank})
+                    body, _ = await run_blocking(
+                        viewer.series_body, project, run_id, {**q, "metric": metric, "rank": rank}
+                    )
                 except (NotFound, KoboError, KeyError, ValueError, OSError):
                     body = b""
                 yield frame(body)
@@ -956,13 +1110,17 @@ def build_app(base_dir: str) -> Starlette:
         project, run_id = run_args(request)
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{run_id}_{metric}").strip("_")
         # formatted a piece at a time in a worker thread (Starlette iterates a plain iterator there)
-        return StreamingResponse(viewer.csv_chunks(metric, series), media_type="text/csv; charset=utf-8", headers={
-            "cache-control": "no-store", "content-disposition": f'attachment; filename="{safe}.csv"'})
+        return StreamingResponse(
+            viewer.csv_chunks(metric, series),
+            media_type="text/csv; charset=utf-8",
+            headers={"cache-control": "no-store", "content-disposition": f'attachment; filename="{safe}.csv"'},
+        )
 
     def item_route(method: Callable[..., dict[str, Any]]) -> Callable[[Request], Any]:
         @handler
         async def route(request: Request) -> Response:
             return _json(await run_blocking(method, *item_args(request)))
+
         return route
 
     @handler
@@ -999,8 +1157,11 @@ def build_app(base_dir: str) -> Starlette:
             visible(request, project)
             viewer.index.resolve(project, run_id)  # 404 for an unknown run
             targets.append((project, run_id))
-        return StreamingResponse(hub.stream(targets, request.is_disconnected), media_type="text/event-stream",
-                                 headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+        return StreamingResponse(
+            hub.stream(targets, request.is_disconnected),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+        )
 
     static = StaticCache(STATIC_DIR)
 
@@ -1011,8 +1172,16 @@ def build_app(base_dir: str) -> Starlette:
         return _json({"ok": True})
 
     async def api_stats(request: Request) -> Response:
-        return _json({**hub.stats(), "readers": {"opened": viewer.readers.opened, "lent": viewer.readers.lent,
-                                                   "idle": viewer.readers.idle()}})
+        return _json(
+            {
+                **hub.stats(),
+                "readers": {
+                    "opened": viewer.readers.opened,
+                    "lent": viewer.readers.lent,
+                    "idle": viewer.readers.idle(),
+                },
+            }
+        )
 
     async def not_found(request: Request) -> Response:
         return _json({"error": f"not found: {request.url.path}"}, 404)

@@ -21,7 +21,8 @@ import re
 import secrets
 import time
 import urllib.parse
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 COOKIE = "kobo_session"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -32,15 +33,16 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-
 def inline_script_hashes(html: bytes) -> list[bytes]:
     """``'sha256-...'`` of each inline ``<script>`` of a page, for its ``script-src``.
 
     index.html has one: the boot script that asks for a run's first data before the
     modules load.  The CSP allows exactly that text and no other inline script.
     """
-    return [b"'sha256-" + base64.b64encode(hashlib.sha256(body).digest()) + b"'"
-            for body in re.findall(rb"<script>(.*?)</script>", html, re.S)]
+    return [
+        b"'sha256-" + base64.b64encode(hashlib.sha256(body).digest()) + b"'"
+        for body in re.findall(rb"<script>(.*?)</script>", html, re.S)
+    ]
 
 
 def _page_script_hashes() -> bytes:
@@ -49,10 +51,12 @@ def _page_script_hashes() -> bytes:
 
 
 SECURITY_HEADERS = [
-    (b"content-security-policy",
-     b"default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; style-src 'self'; "
-     b"script-src 'self'" + _page_script_hashes() + b"; connect-src 'self'; object-src 'none'; base-uri 'none'; "
-     b"frame-ancestors 'none'; form-action 'self'"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; style-src 'self'; "
+        b"script-src 'self'" + _page_script_hashes() + b"; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+        b"frame-ancestors 'none'; form-action 'self'",
+    ),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
@@ -82,10 +86,12 @@ async def refuse_foreign_host(headers: dict[str, str], allowed: set[str], send: 
 
 def with_security_headers(send: Send) -> Send:
     """``send`` adding :data:`SECURITY_HEADERS` to the response start."""
+
     async def send_secure(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
             message = dict(message, headers=[*message.get("headers", []), *SECURITY_HEADERS])
         await send(message)
+
     return send_secure
 
 
@@ -143,12 +149,18 @@ class AuthMiddleware:
             cookie = f"{COOKIE}={self.sessions.new()}; HttpOnly; SameSite=Strict; Path=/"
             if scope.get("scheme") == "https":
                 cookie += "; Secure"
-            await send_secure({"type": "http.response.start", "status": 303, "headers": [
-                (b"location", ("/" + (f"?{rest}" if rest else "")).encode()),
-                (b"set-cookie", cookie.encode()),
-                (b"cache-control", b"no-store"),
-                (b"content-length", b"0"),
-            ]})
+            await send_secure(
+                {
+                    "type": "http.response.start",
+                    "status": 303,
+                    "headers": [
+                        (b"location", ("/" + (f"?{rest}" if rest else "")).encode()),
+                        (b"set-cookie", cookie.encode()),
+                        (b"cache-control", b"no-store"),
+                        (b"content-length", b"0"),
+                    ],
+                }
+            )
             await send_secure({"type": "http.response.body", "body": b""})
             return
         verdict = self._check(headers)
@@ -174,20 +186,34 @@ class AuthMiddleware:
             if self.sessions.valid(cookies[COOKIE]):
                 return None
             return 403, "session expired or unknown: open the URL `kobo open` printed (with ?token=)"
-        return 401, "authentication required: open the URL `kobo open` printed (with ?token=) or send Authorization: Bearer <token>"
+        return (
+            401,
+            "authentication required: open the URL `kobo open` printed (with ?token=) or send Authorization: Bearer <token>",
+        )
 
 
 async def deny(send: Send, status: int, message: str, html: bool = False) -> None:
     if html:
-        body = (f"<!doctype html><meta charset=utf-8><title>KohakuBoard</title>"
-                f"<p style='font:16px system-ui;margin:3em'>{_escape(message)}</p>").encode()
+        body = (
+            f"<!doctype html><meta charset=utf-8><title>KohakuBoard</title>"
+            f"<p style='font:16px system-ui;margin:3em'>{_escape(message)}</p>"
+        ).encode()
         ctype = b"text/html; charset=utf-8"
     else:
         body = json.dumps({"error": message}).encode()
         ctype = b"application/json"
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", ctype), (b"content-length", str(len(body)).encode()), (b"cache-control", b"no-store"),
-        *SECURITY_HEADERS]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", ctype),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+                *SECURITY_HEADERS,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

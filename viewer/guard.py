@@ -38,6 +38,7 @@ MAX_CONNECTIONS = 1000
 MAX_PER_CLIENT = 128
 FD_HEADROOM = 256  # descriptors kept for the run files, the accounts file and the worker threads
 
+
 class _Quiet:
     """At most one log line per kind every :data:`LOG_EVERY_S`, with how many were folded into it
     (a flood of connections must not become a flood of journal lines)."""
@@ -58,8 +59,10 @@ class _Quiet:
 
 LOG_EVERY_S = 10.0
 
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
-         b"retry-after: 5\r\nconnection: close\r\ncontent-length: 30\r\n\r\ntoo many connections: try again")
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"retry-after: 5\r\nconnection: close\r\ncontent-length: 30\r\n\r\ntoo many connections: try again"
+)
 
 
 def fit_to_fd_limit(max_connections: int) -> int:
@@ -83,9 +86,13 @@ def fit_to_fd_limit(max_connections: int) -> int:
     return max_connections
 
 
-def guarded_protocol(request_timeout: float = REQUEST_TIMEOUT_S, send_timeout: float = SEND_TIMEOUT_S,
-                     max_connections: int = MAX_CONNECTIONS, max_per_client: int = MAX_PER_CLIENT,
-                     keep_alive: float = KEEP_ALIVE_S) -> type:
+def guarded_protocol(
+    request_timeout: float = REQUEST_TIMEOUT_S,
+    send_timeout: float = SEND_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
+    max_per_client: int = MAX_PER_CLIENT,
+    keep_alive: float = KEEP_ALIVE_S,
+) -> type:
     """A uvicorn HTTP protocol class (for ``uvicorn.Config(http=...)``) with the limits above.
 
     ``keep_alive`` is the ``timeout_keep_alive`` uvicorn runs with: after a response, a
@@ -108,9 +115,15 @@ def guarded_protocol(request_timeout: float = REQUEST_TIMEOUT_S, send_timeout: f
             addr = self.client[0] if self.client else "?"
             n = per_client.get(addr, 0)
             if total[0] >= max_connections or n >= max_per_client:
-                quiet(logging.WARNING, "refused", "refused a connection from %s: %s", addr,
-                      f"{n} open from that address (--max-connections-per-client {max_per_client})"
-                      if n >= max_per_client else f"{total[0]} open (--max-connections {max_connections})")
+                quiet(
+                    logging.WARNING,
+                    "refused",
+                    "refused a connection from %s: %s",
+                    addr,
+                    f"{n} open from that address (--max-connections-per-client {max_per_client})"
+                    if n >= max_per_client
+                    else f"{total[0]} open (--max-connections {max_connections})",
+                )
                 transport.write(_BUSY)
                 transport.close()
                 return
@@ -151,8 +164,13 @@ def guarded_protocol(request_timeout: float = REQUEST_TIMEOUT_S, send_timeout: f
                 return  # the request is in; its response is the app's (and the send timeout's) business
             # abort, not close: close() would first wait to flush whatever a client that does not
             # read still has buffered
-            quiet(logging.INFO, "request", "closed a connection from %s: no complete request in time "
-                  "(--request-timeout %g)", self.client[0] if self.client else "?", request_timeout)
+            quiet(
+                logging.INFO,
+                "request",
+                "closed a connection from %s: no complete request in time (--request-timeout %g)",
+                self.client[0] if self.client else "?",
+                request_timeout,
+            )
             self.transport.abort()
 
         def on_response_complete(self) -> None:
@@ -176,8 +194,13 @@ def guarded_protocol(request_timeout: float = REQUEST_TIMEOUT_S, send_timeout: f
         def _kobo_send_timed_out(self) -> None:
             self._kobo_send_timer = None
             if self.flow.write_paused:
-                quiet(logging.INFO, "send", "aborted a connection from %s: it read nothing for %g s "
-                      "(--send-timeout)", self.client[0] if self.client else "?", send_timeout)
+                quiet(
+                    logging.INFO,
+                    "send",
+                    "aborted a connection from %s: it read nothing for %g s (--send-timeout)",
+                    self.client[0] if self.client else "?",
+                    send_timeout,
+                )
                 self.transport.abort()
 
     GuardedProtocol.__name__ = GuardedProtocol.__qualname__ = f"Guarded{AutoHTTPProtocol.__name__}"

@@ -81,8 +81,14 @@ def _regular(path: str) -> None:
 def _db_facts(path: str) -> dict[str, Any]:
     """Last step, ranks, drops and last commit time from ``data/metadata.db``, read-only."""
     db_path = os.path.join(path, fmt.METADATA_DB)
-    facts: dict[str, Any] = {"last_step": None, "last_global_step": None, "num_ranks": 0,
-                             "dropped_calls": 0, "dropped_values": 0, "last_commit": None}
+    facts: dict[str, Any] = {
+        "last_step": None,
+        "last_global_step": None,
+        "num_ranks": 0,
+        "dropped_calls": 0,
+        "dropped_values": 0,
+        "last_commit": None,
+    }
     if not os.path.exists(db_path):
         return facts
     _regular(db_path)
@@ -92,14 +98,17 @@ def _db_facts(path: str) -> dict[str, Any]:
     db = sqlite3.connect(uri, uri=True)
     try:
         try:
-            row = db.execute("SELECT max(last_step), max(last_global_step), max(last_wall), "
-                             "count(DISTINCT rank) FROM steps").fetchone()
+            row = db.execute(
+                "SELECT max(last_step), max(last_global_step), max(last_wall), count(DISTINCT rank) FROM steps"
+            ).fetchone()
             facts.update(last_step=row[0], last_global_step=row[1], last_commit=row[2], num_ranks=row[3] or 0)
         except sqlite3.OperationalError as exc:
             if "no such table" not in str(exc):
                 raise
         try:
-            row = db.execute("SELECT sum(dropped_calls), sum(dropped_values), count(DISTINCT rank) FROM clients").fetchone()
+            row = db.execute(
+                "SELECT sum(dropped_calls), sum(dropped_values), count(DISTINCT rank) FROM clients"
+            ).fetchone()
             facts.update(dropped_calls=int(row[0] or 0), dropped_values=int(row[1] or 0))
             facts["num_ranks"] = max(facts["num_ranks"], int(row[2] or 0))
         except sqlite3.OperationalError as exc:
@@ -111,11 +120,25 @@ def _db_facts(path: str) -> dict[str, Any]:
 
 
 def _run_info(entry: RunEntry) -> dict[str, Any]:
-    info: dict[str, Any] = {"project": entry.project, "run_id": entry.run_id, "name": entry.run_id,
-                            "annotation": None, "status": "?", "created_at": None, "finished_at": None,
-                            "duration": None, "last_step": None, "last_global_step": None, "num_ranks": 0,
-                            "world_size": None, "dropped_calls": 0, "dropped_values": 0, "last_commit": None,
-                            "config": {}, "error": None}
+    info: dict[str, Any] = {
+        "project": entry.project,
+        "run_id": entry.run_id,
+        "name": entry.run_id,
+        "annotation": None,
+        "status": "?",
+        "created_at": None,
+        "finished_at": None,
+        "duration": None,
+        "last_step": None,
+        "last_global_step": None,
+        "num_ranks": 0,
+        "world_size": None,
+        "dropped_calls": 0,
+        "dropped_values": 0,
+        "last_commit": None,
+        "config": {},
+        "error": None,
+    }
     try:
         _regular(os.path.join(entry.path, fmt.METADATA_JSON))
         meta = fmt.read_json(os.path.join(entry.path, fmt.METADATA_JSON))
@@ -144,10 +167,25 @@ def _run_info(entry: RunEntry) -> dict[str, Any]:
 
 def _unreadable(name: tuple[str, str], error: str) -> dict[str, Any]:
     """The summary line of a run that could not be read (yet)."""
-    return {"project": name[0], "run_id": name[1], "name": name[1], "annotation": None, "status": "?",
-            "created_at": None, "finished_at": None, "duration": None, "last_step": None, "last_global_step": None,
-            "num_ranks": 0, "world_size": None, "dropped_calls": 0, "dropped_values": 0, "last_commit": None,
-            "config": {}, "error": error}
+    return {
+        "project": name[0],
+        "run_id": name[1],
+        "name": name[1],
+        "annotation": None,
+        "status": "?",
+        "created_at": None,
+        "finished_at": None,
+        "duration": None,
+        "last_step": None,
+        "last_global_step": None,
+        "num_ranks": 0,
+        "world_size": None,
+        "dropped_calls": 0,
+        "dropped_values": 0,
+        "last_commit": None,
+        "config": {},
+        "error": error,
+    }
 
 
 INFO_WAIT_S = 2.0  # how long a listing waits for the next of the summary lines it has to read again
@@ -195,7 +233,9 @@ class RunIndex:
         self._lock = threading.Lock()
         self._projects: dict[str, tuple[int, list[str]]] = {}  # project -> (dir mtime_ns, run ids)
         self._runs: dict[tuple[str, str], RunEntry] = {}
-        self._asks: dict[tuple[str, str], collections.deque[float]] = {}  # live runs: when their line was last asked for
+        self._asks: dict[
+            tuple[str, str], collections.deque[float]
+        ] = {}  # live runs: when their line was last asked for
         # summary lines being read: (project, run_id, key) -> future; read by their own threads, outside
         # the lock, so a run whose files hang (a stale network mount) delays nobody but itself
         # (at most one read per run at a time: a hung one does not pile up threads)
@@ -247,9 +287,15 @@ class RunIndex:
             names = []
         # A folder whose real path leaves the base (an rsynced symlink) is not a run of this viewer:
         # not listed, not resolved, not read.
-        runs = [n for n in names if self._inside(os.path.join(pdir, n))
-                and (os.path.isfile(os.path.join(pdir, n, fmt.METADATA_JSON))
-                     or os.path.isdir(os.path.join(pdir, n, fmt.DATA_DIR)))]
+        runs = [
+            n
+            for n in names
+            if self._inside(os.path.join(pdir, n))
+            and (
+                os.path.isfile(os.path.join(pdir, n, fmt.METADATA_JSON))
+                or os.path.isdir(os.path.join(pdir, n, fmt.DATA_DIR))
+            )
+        ]
         self._projects[project] = (mtime, runs)
         return runs
 
@@ -258,8 +304,14 @@ class RunIndex:
             names = sorted(os.listdir(self.base_dir))
         except OSError:
             return []
-        return [n for n in names if NAME_RE.match(n) and n not in (".", "..")
-                and os.path.isdir(os.path.join(self.base_dir, n)) and self._inside(os.path.join(self.base_dir, n))]
+        return [
+            n
+            for n in names
+            if NAME_RE.match(n)
+            and n not in (".", "..")
+            and os.path.isdir(os.path.join(self.base_dir, n))
+            and self._inside(os.path.join(self.base_dir, n))
+        ]
 
     def key(self, project: str, run_id: str) -> tuple[Any, ...]:
         """What changes whenever anything read from a run's metadata changes: its metadata files' stat
@@ -297,7 +349,9 @@ class RunIndex:
         with self._lock:
             for name, (key, fut) in todo.items():
                 if not fut.done():
-                    out[name] = _unreadable(name, f"reading its files took over {INFO_WAIT_S:g} s (a hung file system?)")
+                    out[name] = _unreadable(
+                        name, f"reading its files took over {INFO_WAIT_S:g} s (a hung file system?)"
+                    )
                     continue
                 if self._reading.get(name) == (key, fut):
                     del self._reading[name]
@@ -305,8 +359,9 @@ class RunIndex:
                     info = fut.result()
                 except Exception as exc:  # whatever a broken run raises stays with that run
                     info = _unreadable(name, f"cannot read: {exc}")
-                self._runs[name] = RunEntry(name[0], name[1], os.path.join(self.base_dir, *name), key, info,
-                                            time.monotonic())
+                self._runs[name] = RunEntry(
+                    name[0], name[1], os.path.join(self.base_dir, *name), key, info, time.monotonic()
+                )
                 out[name] = info
         return out
 
@@ -338,8 +393,12 @@ class RunIndex:
         for project, run_id in names:
             info = infos[(project, run_id)]
             if info.get("stored_status") == fmt.STATUS_RUNNING:  # may go stale with no file changing
-                info = dict(info, status=shown_status(os.path.join(self.base_dir, project, run_id),
-                                                      fmt.STATUS_RUNNING, info.get("last_commit")))
+                info = dict(
+                    info,
+                    status=shown_status(
+                        os.path.join(self.base_dir, project, run_id), fmt.STATUS_RUNNING, info.get("last_commit")
+                    ),
+                )
             out.append(info)
         out.sort(key=lambda r: (r["created_at"] or 0.0, r["project"], r["run_id"]), reverse=True)
         return out
@@ -392,8 +451,15 @@ def filter_runs(runs: list[dict[str, Any]], q: str, regex: bool) -> list[dict[st
         match = lambda s: needle in s.lower()  # noqa: E731
     out = []
     for r in runs:
-        texts = [r["name"], r["run_id"], r["project"], f"{r['project']}/{r['run_id']}", r.get("annotation") or "",
-                 r["status"], *config_text(r.get("config") or {})]
+        texts = [
+            r["name"],
+            r["run_id"],
+            r["project"],
+            f"{r['project']}/{r['run_id']}",
+            r.get("annotation") or "",
+            r["status"],
+            *config_text(r.get("config") or {}),
+        ]
         if any(match(t) for t in texts):
             out.append(r)
     return out

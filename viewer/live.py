@@ -17,7 +17,8 @@ import concurrent.futures
 import contextlib
 import json
 import time
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 POLL_S = 0.25
 LIST_POLL_S = 1.0
@@ -44,7 +45,9 @@ class LiveHub:
         self._topics: dict[tuple[str, str], _Topic] = {}
         self.polls = 0  # reads made, for tests and the benchmark
         # Its own threads: polls keep their pace when page requests fill the default pool.
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="kobo-live")  # a hung run holds one
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=8, thread_name_prefix="kobo-live"
+        )  # a hung run holds one
 
     def _publish(self, topic: _Topic, value: Any, text: str | None) -> None:
         """``text``: a run's SSE event for ``value``, encoded once for every page that watches it."""
@@ -75,8 +78,11 @@ class LiveHub:
 
     def stats(self) -> dict[str, Any]:
         """Watched runs, open streams and reads made so far."""
-        return {"watched": len([k for k in self._topics if k != ListKey]),
-                "subscribers": sum(len(t.subscribers) for t in self._topics.values()), "polls": self.polls}
+        return {
+            "watched": len([k for k in self._topics if k != ListKey]),
+            "subscribers": sum(len(t.subscribers) for t in self._topics.values()),
+            "polls": self.polls,
+        }
 
     def subscribe(self, key: tuple[str, str]) -> asyncio.Queue[Any]:
         topic = self._topics.get(key)

@@ -28,7 +28,8 @@ import contextlib
 import os
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from ..storage import format as fmt
 from ..storage.reader import RunReader
@@ -58,7 +59,7 @@ class ReaderPool:
         self._count = 0
         self._lock = threading.Lock()
         self.opened = 0  # readers made (for /api/stats and tests)
-        self.lent = 0    # requests served by a kept reader
+        self.lent = 0  # requests served by a kept reader
 
     def take(self, path: str) -> tuple[RunReader, Any]:
         """A reader of the run folder ``path``, kept or new, and what :meth:`give` needs back."""

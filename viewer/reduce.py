@@ -147,8 +147,8 @@ def ema_debiased(y: np.ndarray, weight: float) -> np.ndarray:
     # Block length B such that w**-B stays far from float64 overflow.
     block = int(min(1024, max(1, math.floor(250.0 / -math.log10(w)))))
     j = np.arange(block, dtype=np.float64)
-    pw = w ** j  # w^j
-    inv = w ** -j  # w^-j
+    pw = w**j  # w^j
+    inv = w**-j  # w^-j
     # Every block at once: the EMA of each block started from 0 ...
     n = len(v)
     rows = -(-n // block)
@@ -169,7 +169,9 @@ def ema_debiased(y: np.ndarray, weight: float) -> np.ndarray:
     return out
 
 
-def band(xs: list[np.ndarray], ys: list[np.ndarray], width: int, x0: float | None, x1: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def band(
+    xs: list[np.ndarray], ys: list[np.ndarray], width: int, x0: float | None, x1: float | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Min and max across every point of several series per x bucket.
 
     Returns (bucket x, min, max, points used); buckets without a finite value

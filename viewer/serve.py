@@ -9,7 +9,8 @@ import secrets
 import socket
 import sys
 import webbrowser
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 DEFAULT_PORT = 48889
 DEFAULT_TEAM_PORT = 48890
@@ -64,9 +65,16 @@ def bind(host: str, port: int, fallback: bool = True) -> tuple[socket.socket, st
     return sock, f"port {port} is in use; using port {sock.getsockname()[1]} instead"
 
 
-def serve(base_dir: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None = "",
-          allowed_hosts: tuple[str, ...] = (), open_browser: bool = False,
-          echo: Callable[[str], None] = print, log_level: str = "warning") -> None:
+def serve(
+    base_dir: str,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    token: str | None = "",
+    allowed_hosts: tuple[str, ...] = (),
+    open_browser: bool = False,
+    echo: Callable[[str], None] = print,
+    log_level: str = "warning",
+) -> None:
     """Serve the viewer over ``base_dir`` until interrupted.
 
     ``token=""`` makes a random token; ``None`` turns the check off (refused
@@ -75,8 +83,10 @@ def serve(base_dir: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, toke
     from .app import create_app
 
     if token is None and not is_loopback(host):
-        raise ServeError(f"--no-token is only allowed on a loopback address, not {host}: anyone who can "
-                         "reach the port could read every run")
+        raise ServeError(
+            f"--no-token is only allowed on a loopback address, not {host}: anyone who can "
+            "reach the port could read every run"
+        )
     if token == "":
         token = secrets.token_urlsafe(32)
     extra_hosts = tuple(allowed_hosts)
@@ -104,9 +114,22 @@ def _return_memory_to_the_os() -> None:
         pass
 
 
-def _run(app: Any, base_dir: str, host: str, port: int, token: str | None, base_url: str, open_browser: bool,
-         echo: Callable[[str], None], log_level: str, certfile: str | None, keyfile: str | None,
-         access_log: bool = False, fallback: bool = True, limits: dict[str, Any] | None = None) -> None:
+def _run(
+    app: Any,
+    base_dir: str,
+    host: str,
+    port: int,
+    token: str | None,
+    base_url: str,
+    open_browser: bool,
+    echo: Callable[[str], None],
+    log_level: str,
+    certfile: str | None,
+    keyfile: str | None,
+    access_log: bool = False,
+    fallback: bool = True,
+    limits: dict[str, Any] | None = None,
+) -> None:
     import uvicorn
 
     _return_memory_to_the_os()
@@ -122,8 +145,10 @@ def _run(app: Any, base_dir: str, host: str, port: int, token: str | None, base_
     echo(f"KohakuBoard viewer for {base_dir}")
     echo(f"    {url}")
     if not is_loopback(host) and not certfile:
-        echo("warning: listening beyond this machine without TLS: passwords, tokens and session cookies "
-             "travel in clear text. Use --certfile/--keyfile, or a reverse proxy that terminates HTTPS.")
+        echo(
+            "warning: listening beyond this machine without TLS: passwords, tokens and session cookies "
+            "travel in clear text. Use --certfile/--keyfile, or a reverse proxy that terminates HTTPS."
+        )
     echo("Press Ctrl-C to stop.")
     sys.stdout.flush()
     extra: dict[str, Any] = {}
@@ -134,8 +159,17 @@ def _run(app: Any, base_dir: str, host: str, port: int, token: str | None, base_
         limits.setdefault("keep_alive", KEEP_ALIVE_S)
         extra["http"] = guarded_protocol(**limits)
         extra["timeout_keep_alive"] = limits["keep_alive"]
-    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=2,
-                            lifespan="off", ssl_certfile=certfile, ssl_keyfile=keyfile, server_header=False, **extra)
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=access_log,
+        timeout_graceful_shutdown=2,
+        lifespan="off",
+        ssl_certfile=certfile,
+        ssl_keyfile=keyfile,
+        server_header=False,
+        **extra,
+    )
     server = uvicorn.Server(config)
     if open_browser:
         try:
@@ -145,12 +179,24 @@ def _run(app: Any, base_dir: str, host: str, port: int, token: str | None, base_
     server.run(sockets=[sock])
 
 
-def serve_team(data_dir: str, *, accounts: Any, host: str = "127.0.0.1", port: int = DEFAULT_TEAM_PORT,
-               certfile: str | None = None, keyfile: str | None = None, base_url: str = "",
-               allowed_hosts: tuple[str, ...] = (), open_browser: bool = False,
-               echo: Callable[[str], None] = print, log_level: str = "info",
-               session_idle: float = 12 * 3600, session_max: float = 7 * 24 * 3600, niceness: int = 10,
-               limits: dict[str, Any] | None = None) -> None:
+def serve_team(
+    data_dir: str,
+    *,
+    accounts: Any,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_TEAM_PORT,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    base_url: str = "",
+    allowed_hosts: tuple[str, ...] = (),
+    open_browser: bool = False,
+    echo: Callable[[str], None] = print,
+    log_level: str = "info",
+    session_idle: float = 12 * 3600,
+    session_max: float = 7 * 24 * 3600,
+    niceness: int = 10,
+    limits: dict[str, Any] | None = None,
+) -> None:
     """``kobo-serve``: the viewer over ``data_dir`` for a team, behind accounts (see :mod:`.team`).
 
     Refuses a non-loopback address unless at least one user exists (there is
@@ -169,8 +215,15 @@ def serve_team(data_dir: str, *, accounts: Any, host: str = "127.0.0.1", port: i
     if not is_loopback(host) and host not in ("0.0.0.0", "::"):
         extra_hosts += (host.strip("[]"),)
     if accounts.has_users():
-        app = create_team_app(data_dir, accounts, extra_hosts, base_url=base_url, https=bool(certfile),
-                              session_idle=session_idle, session_max=session_max)
+        app = create_team_app(
+            data_dir,
+            accounts,
+            extra_hosts,
+            base_url=base_url,
+            https=bool(certfile),
+            session_idle=session_idle,
+            session_max=session_max,
+        )
         token = None
     elif is_loopback(host):
         token = secrets.token_urlsafe(32)
@@ -179,11 +232,27 @@ def serve_team(data_dir: str, *, accounts: Any, host: str = "127.0.0.1", port: i
         if base_url:
             raise ServeError("--base-url needs accounts: run `kobo-serve user add NAME` first")
     else:
-        raise ServeError(f"refusing to listen on {host} without authentication: no users are configured in "
-                         f"{accounts.path}. Run `kobo-serve user add NAME` first.")
+        raise ServeError(
+            f"refusing to listen on {host} without authentication: no users are configured in "
+            f"{accounts.path}. Run `kobo-serve user add NAME` first."
+        )
     if niceness > 0:
         # Readers must not slow training that shares the machine: when CPU is short, the
         # scheduler serves the training processes (nice 0) first.
         os.nice(niceness)
-    _run(app, data_dir, host, port, token, base_url, open_browser, echo, log_level, certfile, keyfile,
-         access_log=True, fallback=False, limits=limits if limits is not None else {})
+    _run(
+        app,
+        data_dir,
+        host,
+        port,
+        token,
+        base_url,
+        open_browser,
+        echo,
+        log_level,
+        certfile,
+        keyfile,
+        access_log=True,
+        fallback=False,
+        limits=limits if limits is not None else {},
+    )

@@ -18,7 +18,8 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -78,8 +79,9 @@ def check_tls(certfile: str | None, keyfile: str | None) -> tuple[str | None, st
 
 def check_data_dir(data_dir: str | None) -> str:
     if not data_dir:
-        raise Refused("missing --data-dir DIR (the folder of {project}/{run_id} runs to serve; "
-                      "env KOBO_SERVE_DATA_DIR)")
+        raise Refused(
+            "missing --data-dir DIR (the folder of {project}/{run_id} runs to serve; env KOBO_SERVE_DATA_DIR)"
+        )
     path = os.path.abspath(os.path.expanduser(data_dir))
     if not os.path.isdir(path):
         raise Refused(f"--data-dir {path} is not a directory")
@@ -143,8 +145,7 @@ def _read_password(password_stdin: bool) -> str:
         except ValueError as exc:
             raise click.UsageError(str(exc)) from exc  # click says why and asks again
 
-    return click.prompt("Password", hide_input=True, confirmation_prompt="Repeat the password",
-                        value_proc=valid)
+    return click.prompt("Password", hide_input=True, confirmation_prompt="Repeat the password", value_proc=valid)
 
 
 def _change(fn: Callable[[], Any]) -> Any:
@@ -164,9 +165,13 @@ def _change(fn: Callable[[], Any]) -> Any:
 
 
 def config_dir_option(fn: F) -> F:
-    return click.option("--config-dir", type=click.Path(file_okay=False), default=None, envvar="KOBO_SERVE_CONFIG",
-                        help="Where accounts.json lives (default $KOBO_SERVE_CONFIG or "
-                             "~/.config/kohakuboard/serve).")(fn)
+    return click.option(
+        "--config-dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        envvar="KOBO_SERVE_CONFIG",
+        help="Where accounts.json lives (default $KOBO_SERVE_CONFIG or ~/.config/kohakuboard/serve).",
+    )(fn)
 
 
 def _config_dir(ctx: click.Context, local: str | None) -> str | None:
@@ -202,48 +207,137 @@ def _version() -> str:
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data-dir", envvar="KOBO_SERVE_DATA_DIR", default=None, type=click.Path(file_okay=False),
-              help="The folder of {project}/{run_id} runs to serve (only read). Env: KOBO_SERVE_DATA_DIR.")
-@click.option("--host", default=DEFAULT_HOST, show_default=True,
-              help="Address to listen on. Anything but loopback needs at least one user.")
+@click.option(
+    "--data-dir",
+    envvar="KOBO_SERVE_DATA_DIR",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="The folder of {project}/{run_id} runs to serve (only read). Env: KOBO_SERVE_DATA_DIR.",
+)
+@click.option(
+    "--host",
+    default=DEFAULT_HOST,
+    show_default=True,
+    help="Address to listen on. Anything but loopback needs at least one user.",
+)
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535), help="Port.")
 @click.option("--certfile", default=None, type=click.Path(dir_okay=False), help="TLS certificate (PEM) for HTTPS.")
 @click.option("--keyfile", default=None, type=click.Path(dir_okay=False), help="TLS private key (PEM) for HTTPS.")
-@click.option("--base-url", default="/", show_default=True,
-              help="Path prefix when a reverse proxy serves it under a sub-path, e.g. /kobo.")
-@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
-              help="A host name the server is reached by (Host header check against DNS rebinding); repeatable.")
-@click.option("--config-dir", type=click.Path(file_okay=False), default=None, envvar="KOBO_SERVE_CONFIG",
-              help="Where accounts.json lives (default $KOBO_SERVE_CONFIG or ~/.config/kohakuboard/serve).")
+@click.option(
+    "--base-url",
+    default="/",
+    show_default=True,
+    help="Path prefix when a reverse proxy serves it under a sub-path, e.g. /kobo.",
+)
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="A host name the server is reached by (Host header check against DNS rebinding); repeatable.",
+)
+@click.option(
+    "--config-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    envvar="KOBO_SERVE_CONFIG",
+    help="Where accounts.json lives (default $KOBO_SERVE_CONFIG or ~/.config/kohakuboard/serve).",
+)
 @click.option("--browser", is_flag=True, help="Open the page in a web browser.")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-              help="Logging level (access log and logins at info).")
-@click.option("--session-idle", default=12 * 3600, show_default=True, type=click.IntRange(1, None), metavar="SECONDS",
-              help="A session unused this long ends (the user logs in again).")
-@click.option("--nice", "niceness", default=10, show_default=True, type=click.IntRange(0, 19),
-              help="Lower the server's CPU priority by this much, so training on the same machine comes first "
-                   "(0: keep it).")
-@click.option("--session-max", default=7 * 24 * 3600, show_default=True, type=click.IntRange(1, None),
-              metavar="SECONDS", help="A session ends this long after its login, used or not.")
-@click.option("--request-timeout", default=15, show_default=True, type=click.FloatRange(0.5, 3600), metavar="SECONDS",
-              help="Close a connection whose request has not fully arrived this long after it opened (or after "
-                   "the --keep-alive wait that follows a response): slowloris and idle sockets.")
-@click.option("--keep-alive", default=30, show_default=True, type=click.FloatRange(1, 3600), metavar="SECONDS",
-              help="How long a connection may stay idle between requests.")
-@click.option("--send-timeout", default=60, show_default=True, type=click.FloatRange(0.5, 86400), metavar="SECONDS",
-              help="Abort a connection that has read nothing of its response for this long.")
-@click.option("--max-connections", default=1000, show_default=True, type=click.IntRange(1, 1_000_000),
-              help="Open connections in all; one more is answered 503 and closed.")
-@click.option("--max-connections-per-client", default=128, show_default=True, type=click.IntRange(1, 1_000_000),
-              help="Open connections from one client address (behind a reverse proxy: the proxy's; raise it "
-                   "there); one more is answered 503 and closed.")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    help="Logging level (access log and logins at info).",
+)
+@click.option(
+    "--session-idle",
+    default=12 * 3600,
+    show_default=True,
+    type=click.IntRange(1, None),
+    metavar="SECONDS",
+    help="A session unused this long ends (the user logs in again).",
+)
+@click.option(
+    "--nice",
+    "niceness",
+    default=10,
+    show_default=True,
+    type=click.IntRange(0, 19),
+    help="Lower the server's CPU priority by this much, so training on the same machine comes first (0: keep it).",
+)
+@click.option(
+    "--session-max",
+    default=7 * 24 * 3600,
+    show_default=True,
+    type=click.IntRange(1, None),
+    metavar="SECONDS",
+    help="A session ends this long after its login, used or not.",
+)
+@click.option(
+    "--request-timeout",
+    default=15,
+    show_default=True,
+    type=click.FloatRange(0.5, 3600),
+    metavar="SECONDS",
+    help="Close a connection whose request has not fully arrived this long after it opened (or after "
+    "the --keep-alive wait that follows a response): slowloris and idle sockets.",
+)
+@click.option(
+    "--keep-alive",
+    default=30,
+    show_default=True,
+    type=click.FloatRange(1, 3600),
+    metavar="SECONDS",
+    help="How long a connection may stay idle between requests.",
+)
+@click.option(
+    "--send-timeout",
+    default=60,
+    show_default=True,
+    type=click.FloatRange(0.5, 86400),
+    metavar="SECONDS",
+    help="Abort a connection that has read nothing of its response for this long.",
+)
+@click.option(
+    "--max-connections",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1, 1_000_000),
+    help="Open connections in all; one more is answered 503 and closed.",
+)
+@click.option(
+    "--max-connections-per-client",
+    default=128,
+    show_default=True,
+    type=click.IntRange(1, 1_000_000),
+    help="Open connections from one client address (behind a reverse proxy: the proxy's; raise it "
+    "there); one more is answered 503 and closed.",
+)
 @click.version_option(_version(), "--version", prog_name="kobo-serve", message="%(prog)s %(version)s")
 @click.pass_context
-def main(ctx: click.Context, data_dir: str | None, host: str, port: int, certfile: str | None, keyfile: str | None,
-         base_url: str, allowed_hosts: tuple[str, ...], config_dir: str | None, browser: bool, log_level: str,
-         session_idle: int, session_max: int, niceness: int, request_timeout: float, keep_alive: float,
-         send_timeout: float, max_connections: int, max_connections_per_client: int) -> None:
+def main(
+    ctx: click.Context,
+    data_dir: str | None,
+    host: str,
+    port: int,
+    certfile: str | None,
+    keyfile: str | None,
+    base_url: str,
+    allowed_hosts: tuple[str, ...],
+    config_dir: str | None,
+    browser: bool,
+    log_level: str,
+    session_idle: int,
+    session_max: int,
+    niceness: int,
+    request_timeout: float,
+    keep_alive: float,
+    send_timeout: float,
+    max_connections: int,
+    max_connections_per_client: int,
+) -> None:
     """Serve the KohakuBoard viewer over DATA_DIR to a team, behind accounts.
 
     \b
@@ -266,12 +360,29 @@ def main(ctx: click.Context, data_dir: str | None, host: str, port: int, certfil
     accounts = open_accounts(config_dir)
     _setup_logging(log_level)
     try:
-        serve_team(path, host=host, port=port, certfile=cert, keyfile=key, base_url=base,
-                   allowed_hosts=tuple(allowed_hosts), accounts=accounts, open_browser=browser,
-                   echo=click.echo, log_level=log_level.lower(), session_idle=session_idle,
-                   session_max=session_max, niceness=niceness,
-                   limits={"request_timeout": request_timeout, "send_timeout": send_timeout, "keep_alive": keep_alive,
-                           "max_connections": max_connections, "max_per_client": max_connections_per_client})
+        serve_team(
+            path,
+            host=host,
+            port=port,
+            certfile=cert,
+            keyfile=key,
+            base_url=base,
+            allowed_hosts=tuple(allowed_hosts),
+            accounts=accounts,
+            open_browser=browser,
+            echo=click.echo,
+            log_level=log_level.lower(),
+            session_idle=session_idle,
+            session_max=session_max,
+            niceness=niceness,
+            limits={
+                "request_timeout": request_timeout,
+                "send_timeout": send_timeout,
+                "keep_alive": keep_alive,
+                "max_connections": max_connections,
+                "max_per_client": max_connections_per_client,
+            },
+        )
     except ServeError as exc:
         raise Refused(str(exc)) from exc
 
@@ -286,8 +397,9 @@ def user() -> None:
 
 @user.command("add")
 @click.argument("name")
-@click.option("--projects", default=None, metavar="A,B",
-              help="Only these projects (comma-separated); default every project.")
+@click.option(
+    "--projects", default=None, metavar="A,B", help="Only these projects (comma-separated); default every project."
+)
 @click.option("--password-stdin", is_flag=True, help="Read the password from one line of standard input.")
 @config_dir_option
 @click.pass_context
@@ -299,7 +411,9 @@ def user_add(ctx: click.Context, name: str, projects: str | None, password_stdin
     plist = _projects(projects)
     _change(lambda: (check_name(name), check_projects(plist)))  # before asking for a password
     if accounts.get_user(name) is not None:
-        raise click.ClickException(f"user {name!r} already exists (`kobo-serve user passwd {name}` changes the password)")
+        raise click.ClickException(
+            f"user {name!r} already exists (`kobo-serve user passwd {name}` changes the password)"
+        )
     password = _read_password(password_stdin)
     u = _change(lambda: accounts.add_user(name, password, plist))
     seen = ", ".join(u.projects) if u.projects is not None else "every project"
@@ -331,8 +445,10 @@ def user_list(ctx: click.Context, config_dir: str | None) -> None:
     for t in accounts.tokens():
         counts[t.user] = counts.get(t.user, 0) + 1
     rows = [("USER", "PROJECTS", "CREATED", "TOKENS")]
-    rows += [(u.name, ",".join(u.projects) if u.projects is not None else "*", _when(u.created),
-              str(counts.get(u.name, 0))) for u in users]
+    rows += [
+        (u.name, ",".join(u.projects) if u.projects is not None else "*", _when(u.created), str(counts.get(u.name, 0)))
+        for u in users
+    ]
     _table(rows)
 
 
@@ -357,8 +473,9 @@ def user_passwd(ctx: click.Context, name: str, password_stdin: bool, config_dir:
 @click.option("--all", "all_projects", is_flag=True, help="Let NAME see every project.")
 @config_dir_option
 @click.pass_context
-def user_projects(ctx: click.Context, name: str, projects: str | None, all_projects: bool,
-                  config_dir: str | None) -> None:
+def user_projects(
+    ctx: click.Context, name: str, projects: str | None, all_projects: bool, config_dir: str | None
+) -> None:
     """Limit NAME to PROJECTS (comma-separated), or let her see every project with --all."""
     if all_projects == (projects is not None):
         raise Refused("give either PROJECTS (a,b) or --all")
@@ -385,9 +502,12 @@ def token_create(ctx: click.Context, user_name: str, label: str, config_dir: str
     accounts = open_accounts(_config_dir(ctx, config_dir))
     tid, secret = _change(lambda: accounts.create_token(user_name, label))
     click.echo(secret)
-    click.echo(f"token {tid} for {user_name}: copy it now, it will not be shown again "
-               f"(`kobo-serve token revoke {tid}` revokes it). Scripts send it as "
-               "`Authorization: Bearer <token>`.", err=True)
+    click.echo(
+        f"token {tid} for {user_name}: copy it now, it will not be shown again "
+        f"(`kobo-serve token revoke {tid}` revokes it). Scripts send it as "
+        "`Authorization: Bearer <token>`.",
+        err=True,
+    )
 
 
 @token.command("list")
@@ -439,30 +559,69 @@ def _account_uid(name: str) -> int | None:
 
 
 @main.command("install-systemd")
-@click.option("--user", "user_unit", is_flag=True,
-              help="A user unit (systemctl --user) instead of the system unit /etc/systemd/system/kobo-serve.service.")
-@click.option("--dest", type=click.Path(file_okay=False), default=None,
-              help="Write into DIR instead of where systemd looks (packaging, tests).")
+@click.option(
+    "--user",
+    "user_unit",
+    is_flag=True,
+    help="A user unit (systemctl --user) instead of the system unit /etc/systemd/system/kobo-serve.service.",
+)
+@click.option(
+    "--dest",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Write into DIR instead of where systemd looks (packaging, tests).",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing unit file that differs.")
 @click.option("--print", "to_stdout", is_flag=True, help="Print the unit to stdout and write nothing.")
-@click.option("--run-as", default=None, metavar="ACCOUNT",
-              help="System unit: the account it runs as (default $SUDO_USER or you; never root). It must read "
-                   "DATA_DIR and own the accounts file.")
-@click.option("--data-dir", envvar="KOBO_SERVE_DATA_DIR", default=None, type=click.Path(file_okay=False),
-              help="The folder of runs the service serves. Env: KOBO_SERVE_DATA_DIR.")
-@click.option("--config-dir", type=click.Path(file_okay=False), default=None, envvar="KOBO_SERVE_CONFIG",
-              help="The service's accounts directory (default: the --run-as account's ~/.config/kohakuboard/serve, "
-                   "or $KOBO_SERVE_CONFIG).")
+@click.option(
+    "--run-as",
+    default=None,
+    metavar="ACCOUNT",
+    help="System unit: the account it runs as (default $SUDO_USER or you; never root). It must read "
+    "DATA_DIR and own the accounts file.",
+)
+@click.option(
+    "--data-dir",
+    envvar="KOBO_SERVE_DATA_DIR",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="The folder of runs the service serves. Env: KOBO_SERVE_DATA_DIR.",
+)
+@click.option(
+    "--config-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    envvar="KOBO_SERVE_CONFIG",
+    help="The service's accounts directory (default: the --run-as account's ~/.config/kohakuboard/serve, "
+    "or $KOBO_SERVE_CONFIG).",
+)
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address the service listens on.")
-@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(1024, 65535),
-              help="Port (1024 or above: the system unit has no capabilities).")
+@click.option(
+    "--port",
+    default=DEFAULT_PORT,
+    show_default=True,
+    type=click.IntRange(1024, 65535),
+    help="Port (1024 or above: the system unit has no capabilities).",
+)
 @click.option("--certfile", default=None, type=click.Path(dir_okay=False), help="TLS certificate (PEM).")
 @click.option("--keyfile", default=None, type=click.Path(dir_okay=False), help="TLS private key (PEM).")
 @click.option("--base-url", default="/", show_default=True, help="Path prefix behind a reverse proxy.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME", help="Repeatable.")
-def install_systemd(user_unit: bool, dest: str | None, force: bool, to_stdout: bool, run_as: str | None,
-                    data_dir: str | None, config_dir: str | None, host: str, port: int, certfile: str | None,
-                    keyfile: str | None, base_url: str, allowed_hosts: tuple[str, ...]) -> None:
+def install_systemd(
+    user_unit: bool,
+    dest: str | None,
+    force: bool,
+    to_stdout: bool,
+    run_as: str | None,
+    data_dir: str | None,
+    config_dir: str | None,
+    host: str,
+    port: int,
+    certfile: str | None,
+    keyfile: str | None,
+    base_url: str,
+    allowed_hosts: tuple[str, ...],
+) -> None:
     """Write a systemd unit that runs this installation's kobo-serve over --data-dir.
 
     Without --user: /etc/systemd/system/kobo-serve.service (needs root), run as
@@ -487,15 +646,19 @@ def install_systemd(user_unit: bool, dest: str | None, force: bool, to_stdout: b
     else:
         account = run_as or os.environ.get("SUDO_USER") or getpass.getuser()
         if account == "root":
-            raise Refused("the system unit will not run the server as root: pass --run-as ACCOUNT, an account "
-                          "that can read --data-dir (and owns the accounts file)")
+            raise Refused(
+                "the system unit will not run the server as root: pass --run-as ACCOUNT, an account "
+                "that can read --data-dir (and owns the accounts file)"
+            )
         home = _account_home(account)
         if home is None:
             raise Refused(f"--run-as {account}: no such account on this machine")
         if account == "nobody" or _account_uid(account) in (0, 65534):
-            raise Refused(f"--run-as {account}: systemd refuses to call that safe (whatever else runs as it "
-                          "could read the accounts file); create an account for the server, e.g. "
-                          "`useradd --system kohakuboard`")
+            raise Refused(
+                f"--run-as {account}: systemd refuses to call that safe (whatever else runs as it "
+                "could read the accounts file); create an account for the server, e.g. "
+                "`useradd --system kohakuboard`"
+            )
         if config_dir:
             cfg = os.path.abspath(os.path.expanduser(config_dir))
         else:
@@ -521,8 +684,9 @@ def install_systemd(user_unit: bool, dest: str | None, force: bool, to_stdout: b
 
     directory = dest if dest is not None else units.default_dir(user_unit)
     try:
-        for line in install_unit(directory, units.UNIT, text, force=force, program="kobo-serve",
-                                 systemd_dir=units.default_dir(user_unit)):
+        for line in install_unit(
+            directory, units.UNIT, text, force=force, program="kobo-serve", systemd_dir=units.default_dir(user_unit)
+        ):
             click.echo(line)
     except UnitInstallError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -531,8 +695,11 @@ def install_systemd(user_unit: bool, dest: str | None, force: bool, to_stdout: b
     if not user_unit:
         for what, p in (("--data-dir", path_data), ("--config-dir", cfg)):
             if p == "/tmp" or p.startswith(("/tmp/", "/var/tmp/")) or p == "/var/tmp":
-                click.echo(f"warning: {what} {p} is under /tmp, which the unit's PrivateTmp=yes hides from the "
-                           "service: move it, or add PrivateTmp=no in a drop-in", err=True)
+                click.echo(
+                    f"warning: {what} {p} is under /tmp, which the unit's PrivateTmp=yes hides from the "
+                    "service: move it, or add PrivateTmp=no in a drop-in",
+                    err=True,
+                )
     try:
         has_users = Accounts(cfg).has_users()
     except (AccountsError, OSError):

@@ -39,8 +39,17 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from .auth import (LOOPBACK_HOSTS, SECURITY_HEADERS, Receive, Scope, Send, deny, refuse_foreign_host,
-                   request_headers, with_security_headers)
+from .auth import (
+    LOOPBACK_HOSTS,
+    SECURITY_HEADERS,
+    Receive,
+    Scope,
+    Send,
+    deny,
+    refuse_foreign_host,
+    request_headers,
+    with_security_headers,
+)
 
 log = logging.getLogger("kohakuboard.serve")
 
@@ -113,8 +122,11 @@ class Sessions:
 
     def _expire(self) -> None:
         now = time.time()
-        for k in [k for k, s in self._by_hash.items()
-                  if now - s.last_seen > (ANON_IDLE_S if s.user is None else self.idle_s) or now - s.created > self.max_s]:
+        for k in [
+            k
+            for k, s in self._by_hash.items()
+            if now - s.last_seen > (ANON_IDLE_S if s.user is None else self.idle_s) or now - s.created > self.max_s
+        ]:
             del self._by_hash[k]
 
     def __len__(self) -> int:
@@ -150,8 +162,15 @@ class LoginThrottle:
 class TeamAuth:
     """ASGI middleware in front of the viewer app for ``kobo-serve`` (see the module docstring)."""
 
-    def __init__(self, app: Any, accounts: Any, allowed_hosts: tuple[str, ...] = (), base_url: str = "",
-                 https: bool = False, sessions: Sessions | None = None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        accounts: Any,
+        allowed_hosts: tuple[str, ...] = (),
+        base_url: str = "",
+        https: bool = False,
+        sessions: Sessions | None = None,
+    ) -> None:
         self.app = app
         self.accounts = accounts
         self.allowed = {h.lower() for h in (*LOOPBACK_HOSTS, *allowed_hosts)}
@@ -189,15 +208,34 @@ class TeamAuth:
 
     async def _json(self, send: Send, status: int, obj: Any, extra: list[tuple[bytes, bytes]] | None = None) -> None:
         body = json.dumps(obj).encode()
-        await send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"cache-control", b"no-store"), *SECURITY_HEADERS, *(extra or [])]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"cache-control", b"no-store"),
+                    *SECURITY_HEADERS,
+                    *(extra or []),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def _redirect(self, send: Send, location: str) -> None:
-        await send({"type": "http.response.start", "status": 303, "headers": [
-            (b"location", location.encode()), (b"content-length", b"0"), (b"cache-control", b"no-store"),
-            *SECURITY_HEADERS]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 303,
+                "headers": [
+                    (b"location", location.encode()),
+                    (b"content-length", b"0"),
+                    (b"cache-control", b"no-store"),
+                    *SECURITY_HEADERS,
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": b""})
 
     @staticmethod
@@ -230,8 +268,11 @@ class TeamAuth:
         user = self.accounts.get_user(session.user)
         if user is None or user.credential != session.credential:  # removed, or a new password, since the login
             self.sessions.end(sid)
-            log.info("ended a session of %r: %s", session.user, "the user was removed" if user is None
-                     else "the password changed")
+            log.info(
+                "ended a session of %r: %s",
+                session.user,
+                "the user was removed" if user is None else "the password changed",
+            )
             return None, None, sid
         return user, session, sid
 
@@ -252,7 +293,7 @@ class TeamAuth:
             if not path.startswith(self.base + "/"):
                 await deny(send, 404, f"not found: {path} (this server lives under {self.base}/)")
                 return
-            path = path[len(self.base):]
+            path = path[len(self.base) :]
             # ASGI: scope["path"] keeps the prefix, root_path names it (Starlette routes and
             # StaticFiles match on path minus root_path)
             scope = dict(scope, root_path=scope.get("root_path", "") + self.base)
@@ -335,8 +376,16 @@ class TeamAuth:
         if session is None and user is None:
             sid, session = self.sessions.create(None)
             extra.append(self._cookie_header(sid))
-        await self._json(send, 200, {"user": getattr(user, "name", None), "csrf": session.csrf if session else None,
-                                     "projects": getattr(user, "projects", None)}, extra)
+        await self._json(
+            send,
+            200,
+            {
+                "user": getattr(user, "name", None),
+                "csrf": session.csrf if session else None,
+                "projects": getattr(user, "projects", None),
+            },
+            extra,
+        )
 
     def _csrf_ok(self, headers: dict[str, str], session: Session | None) -> bool:
         token = headers.get(CSRF_HEADER, "")
@@ -355,8 +404,12 @@ class TeamAuth:
             return
         wait = self.throttle.wait(client)
         if wait > 0:
-            await self._json(send, 429, {"error": f"too many failed logins: try again in {int(wait) + 1} s"},
-                             [(b"retry-after", str(int(wait) + 1).encode())])
+            await self._json(
+                send,
+                429,
+                {"error": f"too many failed logins: try again in {int(wait) + 1} s"},
+                [(b"retry-after", str(int(wait) + 1).encode())],
+            )
             return
         body = await self._body(receive)
         try:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from ..daemon.units import quote_arg
 
@@ -128,8 +128,9 @@ WantedBy=default.target
 def render(exec_start: str, *, user: str | None) -> str:
     """The unit text running ``exec_start`` (systemd syntax); ``user`` None gives the user-manager unit."""
     if user is None:
-        head = _HEAD.format(name=UNIT, what="the KohakuBoard team viewer as a systemd user service",
-                            flag=" --user", ctl=" --user")
+        head = _HEAD.format(
+            name=UNIT, what="the KohakuBoard team viewer as a systemd user service", flag=" --user", ctl=" --user"
+        )
         body = _USER_BODY.format(seccomp=_SECCOMP)
         return head + _UNIT_SECTION.format(exec_start=exec_start, usage=USAGE_EXIT, ctl=" --user") + body
     if not user or any(c.isspace() or c in "%$\"'\\" for c in user):

@@ -38,8 +38,16 @@ def make_run(
     (path / fmt.METRICS_DIR).mkdir(parents=True)
     fmt.write_json_atomic(
         str(path / fmt.METADATA_JSON),
-        {"name": name or run_id, "project": project, "run_id": run_id, "config": config or {}, "status": status,
-         "created_at": created_at, "finished_at": created_at + 60, "format_version": format_version},
+        {
+            "name": name or run_id,
+            "project": project,
+            "run_id": run_id,
+            "config": config or {},
+            "status": status,
+            "created_at": created_at,
+            "finished_at": created_at + 60,
+            "format_version": format_version,
+        },
     )
     vault = ColumnVault(str(path / fmt.SCALARS_DB), block_bytes=fmt.VAULT_BLOCK_BYTES)
     for key, points in (metrics or {}).items():
@@ -66,8 +74,14 @@ LOSS_R1 = [(0, 0, T0 + 0.1, 3.0), (1, 8, T0 + 0.6, 1e-300)]
 def runs(tmp_path: Path) -> Path:
     """Three runs in two projects; nlp/r1 has NaN/inf values and two ranks."""
     base = tmp_path / "boards"
-    make_run(base, "nlp", "r1", {"train/loss": LOSS, "val,acc": ACC, (1, "train/loss"): LOSS_R1},
-             name="bert-base", config={"lr": 0.001, "opt": "adam"})
+    make_run(
+        base,
+        "nlp",
+        "r1",
+        {"train/loss": LOSS, "val,acc": ACC, (1, "train/loss"): LOSS_R1},
+        name="bert-base",
+        config={"lr": 0.001, "opt": "adam"},
+    )
     make_run(base, "nlp", "r2", {"train/loss": LOSS[:1]}, status=fmt.STATUS_RUNNING, created_at=T0 + 100)
     make_run(base, "vision", "v1", {}, name="resnet", status=fmt.STATUS_CRASHED, created_at=T0 + 200)
     return base
@@ -136,7 +150,7 @@ def test_no_option_is_taken_from_an_undocumented_environment_variable(runs, monk
     plain = invoke("show", "r1", "--dir", str(runs))
     res = invoke("show", "r1", "--dir", str(runs), env={"KOBO_SHOW_JSON": "1", "KOBO_SHOW_OUTPUT": "1"})
     assert res.exit_code == 0 and res.output == plain.output and res.output.startswith("run:")
-    monkeypatch.setenv("KOBO_BASE_DIR", str(runs))          # the documented one still works
+    monkeypatch.setenv("KOBO_BASE_DIR", str(runs))  # the documented one still works
     assert invoke("show", "r1").output == plain.output
     # a daemon endpoint nobody listens on: stop says so; the stray variable is not parsed as --timeout
     env = {"KOBO_DAEMON_ENDPOINT": f"ipc://{runs}/none", "KOBO_DAEMON_STOP_TIMEOUT": "not-a-number"}
@@ -167,7 +181,9 @@ def test_export_csv_has_every_point_exactly(runs):
     assert res.exit_code == 0, res.output
     assert res.output.splitlines()[0] == "metric,rank,step,global_step,wall,value"
     rows = list(csv.DictReader(io.StringIO(res.output)))
-    got = [(r["metric"], int(r["rank"]), int(r["step"]), int(r["global_step"]), float(r["wall"]), r["value"]) for r in rows]
+    got = [
+        (r["metric"], int(r["rank"]), int(r["step"]), int(r["global_step"]), float(r["wall"]), r["value"]) for r in rows
+    ]
     expected = [("train/loss", 0, *p[:3], v) for p, v in zip(LOSS, ["2.5", "nan", "inf", "0.1"])]
     expected += [("val,acc", 0, *p[:3], v) for p, v in zip(ACC, ["-inf", "0.875"])]
     assert got == expected  # "val,acc" survives CSV quoting, wall times round-trip exactly
@@ -191,7 +207,10 @@ def test_export_selected_metrics_and_ranks(runs):
     assert points[-1]["value"] == 1e-300
     res = invoke("export", "r1", "--dir", str(runs), "--rank", "1")
     assert res.exit_code == 0, res.output
-    assert [line.split(",")[:3] for line in res.output.splitlines()[1:]] == [["train/loss", "1", "0"], ["train/loss", "1", "1"]]
+    assert [line.split(",")[:3] for line in res.output.splitlines()[1:]] == [
+        ["train/loss", "1", "0"],
+        ["train/loss", "1", "1"],
+    ]
     res = invoke("export", "r1", "--dir", str(runs), "--metric", "val,acc", "--metric", "train/loss")
     assert [row["metric"] for row in csv.DictReader(io.StringIO(res.output))] == ["val,acc"] * 2 + ["train/loss"] * 4
 

@@ -52,7 +52,10 @@ def test_export_csv_and_media_files(daemon, base_dir, tmp_path):
     lines = [ln for ln in res.output.splitlines() if not ln.startswith("wrote ")]
     rows = list(csv.DictReader(io.StringIO("\n".join(lines))))
     assert [(r["metric"], r["step"], r["value"]) for r in rows] == [
-        ("train/loss", "0", "1.0"), ("train/loss", "1", "0.5"), ("val/acc", "0", "nan"), ("val/acc", "1", "0.5"),
+        ("train/loss", "0", "1.0"),
+        ("train/loss", "1", "0.5"),
+        ("val/acc", "0", "nan"),
+        ("val/acc", "1", "0.5"),
     ]
     files = sorted(p.name for p in media_dir.iterdir())
     assert len(files) == 4  # sample x2 + the table's image cell x2

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from kohakuboard.cli.main import main as kobo
@@ -65,8 +64,13 @@ def _stalled_run(daemon, tmp_path, policy: str, client: str = CLIENT, n: int = N
     err_path = tmp_path / "client.err"
     with open(err_path, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-c", client, run_id or f"stall-{policy}", str(n)], env=env, cwd=tmp_path,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+            [sys.executable, "-c", client, run_id or f"stall-{policy}", str(n)],
+            env=env,
+            cwd=tmp_path,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
         )
     try:
         assert proc.stdout.readline().strip() == "open"
@@ -143,7 +147,11 @@ def test_drop_policy_counts_output_lines_apart_and_marks_them(daemon, tmp_path, 
     run = base_dir / "default" / "stall-output"
     with RunReader(run) as r:
         assert len(r.series("x")) + stats["dropped_calls"] == n
-        assert r.dropped() == {"calls": stats["dropped_calls"], "values": stats["dropped_calls"], "lines": stats["dropped_lines"]}
+        assert r.dropped() == {
+            "calls": stats["dropped_calls"],
+            "values": stats["dropped_calls"],
+            "lines": stats["dropped_lines"],
+        }
         text = r.read_output()
     kept = re.findall(r"^line (\d+)$", text, re.M)
     assert len(kept) + stats["dropped_lines"] == n
@@ -152,7 +160,9 @@ def test_drop_policy_counts_output_lines_apart_and_marks_them(daemon, tmp_path, 
     # Each mark stands where its lines were: between two kept lines, the marks
     # account for exactly the lines missing there.
     previous, marked = -1, 0
-    for kept_line, mark in re.findall(r"^(?:line (\d+)|\[kohakuboard: (\d+) line\(s\) of output dropped here.*)$", text, re.M):
+    for kept_line, mark in re.findall(
+        r"^(?:line (\d+)|\[kohakuboard: (\d+) line\(s\) of output dropped here.*)$", text, re.M
+    ):
         if mark:
             marked += int(mark)
         else:

@@ -53,15 +53,37 @@ def test_values_of_every_numeric_kind_and_non_finite_are_kept(daemon):
     """Python, numpy and 1-element array values are stored; NaN and +-inf survive unchanged."""
     with Board(run_id="kinds", capture_output=False) as b:
         b.log(
-            i=3, f=0.1, t=True, n32=np.float32(0.5), n64=np.int64(2**40), arr=np.array([7.5]), zero_d=np.array(1.25),
-            nan=float("nan"), pinf=float("inf"), ninf=-math.inf, big=10**300,
+            i=3,
+            f=0.1,
+            t=True,
+            n32=np.float32(0.5),
+            n64=np.int64(2**40),
+            arr=np.array([7.5]),
+            zero_d=np.array(1.25),
+            nan=float("nan"),
+            pinf=float("inf"),
+            ninf=-math.inf,
+            big=10**300,
         )
         b.flush()
         with RunReader(b.path) as r:
-            got = {k: r.series(k)["value"][0] for k in ("i", "f", "t", "n32", "n64", "arr", "zero_d", "pinf", "ninf", "big")}
+            got = {
+                k: r.series(k)["value"][0]
+                for k in ("i", "f", "t", "n32", "n64", "arr", "zero_d", "pinf", "ninf", "big")
+            }
             assert math.isnan(r.series("nan")["value"][0])
-    assert got == {"i": 3.0, "f": 0.1, "t": 1.0, "n32": 0.5, "n64": 2.0**40, "arr": 7.5, "zero_d": 1.25,
-                   "pinf": math.inf, "ninf": -math.inf, "big": 1e300}
+    assert got == {
+        "i": 3.0,
+        "f": 0.1,
+        "t": 1.0,
+        "n32": 0.5,
+        "n64": 2.0**40,
+        "arr": 7.5,
+        "zero_d": 1.25,
+        "pinf": math.inf,
+        "ninf": -math.inf,
+        "big": 1e300,
+    }
 
 
 @pytest.mark.parametrize(
@@ -116,7 +138,9 @@ def test_config_must_be_json_serialisable_before_anything_is_created(endpoint, b
 
 def test_numpy_config_values_are_converted(daemon, base_dir):
     """numpy scalars and arrays in config are stored as plain JSON numbers and lists."""
-    with Board(run_id="npcfg", config={"lr": np.float32(0.5), "dims": np.arange(3), "n": np.int64(4)}, capture_output=False):
+    with Board(
+        run_id="npcfg", config={"lr": np.float32(0.5), "dims": np.arange(3), "n": np.int64(4)}, capture_output=False
+    ):
         pass
     meta = json.loads((base_dir / "default" / "npcfg" / "metadata.json").read_text())
     assert meta["config"] == {"lr": 0.5, "dims": [0, 1, 2], "n": 4}
@@ -250,6 +274,7 @@ def test_board_usable_from_several_threads(daemon):
     import threading
 
     with Board(run_id="threads", capture_output=False) as b:
+
         def work(k: int) -> None:
             for i in range(2000):
                 b.log(**{f"t{k}": float(i)})

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-COMPLETE_EXAMPLE = '''
+COMPLETE_EXAMPLE = """
 import torch
 from torch import nn, optim
 
@@ -100,7 +100,7 @@ for epoch in range(EPOCHS):
 
 # Auto-cleanup on exit (atexit hook)
 print(board.path)
-'''
+"""
 
 
 def test_complete_example_with_a_small_cpu_model(endpoint, tmp_path, script):

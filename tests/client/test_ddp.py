@@ -19,7 +19,7 @@ dist = pytest.importorskip("torch.distributed")
 STEPS = 6
 WORLD = 4
 
-TRAIN = '''
+TRAIN = """
 import sys
 import torch
 import torch.distributed as dist
@@ -45,7 +45,7 @@ for _ in range(steps):
     board.log(loss=loss.item(), weight_grad=Histogram(model.module.weight.grad))
 board.finish()
 dist.destroy_process_group()
-'''
+"""
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch without gloo")
@@ -54,9 +54,19 @@ def test_torchrun_ranks_log_into_one_run(daemon, base_dir, tmp_path):
     script = tmp_path / "train.py"
     script.write_text(TRAIN)
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-         str(script), str(STEPS)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={WORLD}",
+            str(script),
+            str(STEPS),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 

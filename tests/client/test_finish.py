@@ -108,7 +108,7 @@ def test_a_call_that_fails_to_encode_is_reported_once_and_the_rest_is_delivered(
     real = _transport.codec.encode_log
 
     def encode_log(run, client, seq, rank, step, gstep, wall, scalars):
-        if scalars.get("x") == 2.0:   # the third call: an encoder bug
+        if scalars.get("x") == 2.0:  # the third call: an encoder bug
             raise RuntimeError("injected encoder bug")
         return real(run, client, seq, rank, step, gstep, wall, scalars)
 
@@ -117,14 +117,14 @@ def test_a_call_that_fails_to_encode_is_reported_once_and_the_rest_is_delivered(
     for i in range(2):
         b.log(x=float(i))
         b.flush()
-    b.log(x=2.0)                               # alone in the queue: encoded as one message
+    b.log(x=2.0)  # alone in the queue: encoded as one message
     with pytest.raises(TransportError, match="could not be encoded and was counted as dropped"):
         b.flush()
-    b.flush()                                  # reported once; nothing else is wrong
+    b.flush()  # reported once; nothing else is wrong
     for i in range(3, 6):
         b.log(x=float(i))
     b.flush()
-    b.log(x=2.0)                               # again, right before finish(): a warning, the run is finished
+    b.log(x=2.0)  # again, right before finish(): a warning, the run is finished
     with pytest.warns(RuntimeWarning, match="could not be encoded and were counted as dropped"):
         b.finish()
     with RunReader(b.path) as r:

@@ -29,8 +29,14 @@ def test_finish_shows_progress_without_carriage_returns_when_stderr_is_a_file(da
     """The daemon is stopped (SIGSTOP) while finish() waits: after ~1 s finish() prints a progress line
     (written / total calls, rate); stderr is a pipe, so there is no carriage return; after SIGCONT the
     last line says all calls were written."""
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], cwd=tmp_path, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT],
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     stopped = False
     try:
         assert proc.stdout.readline().strip() == "open", proc.stderr.read()

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from kohakuboard.protocol.endpoint import daemon_alive
 
-FIRST_EXPERIMENT = '''
+FIRST_EXPERIMENT = """
 import random
 from kohakuboard.client import Board
 
@@ -49,7 +49,7 @@ for epoch in range(10):
 
 # Auto-saves on exit (via atexit hook)
 print(board.path)
-'''
+"""
 
 
 def _daemon_pid(endpoint) -> int:

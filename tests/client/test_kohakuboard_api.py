@@ -24,7 +24,7 @@ from kohakuboard.client import Board
 from kohakuboard.client._words import ADJECTIVES, NOUNS
 from kohakuboard.storage.reader import RunReader, find_run, list_runs
 
-KOHAKUBOARD_SCRIPT = r'''
+KOHAKUBOARD_SCRIPT = r"""
 import struct, wave
 import numpy as np
 from kohakuboard.client import Board, Table
@@ -68,7 +68,7 @@ for epoch in range(2):
     board.log_kernel_density("pre", grid=np.linspace(0, 1, 5), density=np.ones(5))
 print("RUN", board.run_id, board.board_id, board.name)
 board.flush()
-'''
+"""
 
 
 @pytest.fixture
@@ -176,8 +176,16 @@ def test_default_name_is_two_readable_words_from_the_shipped_list(daemon, base_d
 
 def test_legacy_settings_at_their_defaults_are_silent(daemon):
     """A script passing KohakuBoard's defaults explicitly (sync off, no remote, no memory mode) hears nothing."""
-    with Board(run_id="quiet", capture_output=False, sync_enabled=False, memory_mode=False, remote_url=None,
-               remote_token=None, remote_project=None, sync_interval=10) as b:
+    with Board(
+        run_id="quiet",
+        capture_output=False,
+        sync_enabled=False,
+        memory_mode=False,
+        remote_url=None,
+        remote_token=None,
+        remote_project=None,
+        sync_interval=10,
+    ) as b:
         b.log(x=1.0)
 
 

@@ -50,8 +50,9 @@ def test_ranks_of_one_launch_share_a_run_and_rank_0_owns_its_metadata(daemon, ba
     first.finish()
     zero.finish()
     # a rank other than 0 resuming with its own name and config changes neither
-    with Board(name="renamed", run_id=zero.run_id, config={"set_by": "rank 1 again"}, rank=1,
-               capture_output=False) as again:
+    with Board(
+        name="renamed", run_id=zero.run_id, config={"set_by": "rank 1 again"}, rank=1, capture_output=False
+    ) as again:
         again.log(loss=13)
 
     meta = json.loads((base_dir / "default" / zero.run_id / "metadata.json").read_text())
@@ -65,7 +66,7 @@ def test_ranks_of_one_launch_share_a_run_and_rank_0_owns_its_metadata(daemon, ba
         assert other.run_id != zero.run_id and other.run_id.startswith("ddp_")
 
 
-RANK_SCRIPT = '''
+RANK_SCRIPT = """
 import sys
 from kohakuboard.client import Board
 board = Board(name="labels", run_id="labels")
@@ -73,7 +74,7 @@ print("line a\\nline b")
 print("to stderr", file=sys.stderr)
 board.log(x=1)
 sys.stdout.write("tail without newline")
-'''
+"""
 
 
 def test_captured_output_is_labelled_by_rank(daemon, base_dir, tmp_path, script):
@@ -86,8 +87,7 @@ def test_captured_output_is_labelled_by_rank(daemon, base_dir, tmp_path, script)
     for rank in (0, 1):
         mine = [line for line in lines if line.startswith(f"[rank {rank}] ")]
         assert sorted(mine) == sorted(
-            f"[rank {rank}] {text}\n"
-            for text in ("line a", "line b", "[stderr] to stderr", "tail without newline")
+            f"[rank {rank}] {text}\n" for text in ("line a", "line b", "[stderr] to stderr", "tail without newline")
         )
     assert len(lines) == 8
 

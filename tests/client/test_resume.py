@@ -31,8 +31,9 @@ b.finish()
 def other_writer(daemon, tmp_path):
     """Another live process logging into run "twice" with rank 0."""
     env = dict(os.environ, KOBO_DAEMON_AUTOSTART="0")
-    proc = subprocess.Popen([sys.executable, "-c", HOLD], cwd=tmp_path, env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD], cwd=tmp_path, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         yield proc
@@ -43,8 +44,11 @@ def other_writer(daemon, tmp_path):
 
 
 def test_a_second_process_with_the_same_rank_is_warned_naming_the_other(other_writer):
-    with pytest.warns(UserWarning, match=rf"another live process with rank 0 \(pid {other_writer.pid} on "
-                                         rf"{socket.gethostname()}\).*interleave.*same run_id") as caught:
+    with pytest.warns(
+        UserWarning,
+        match=rf"another live process with rank 0 \(pid {other_writer.pid} on "
+        rf"{socket.gethostname()}\).*interleave.*same run_id",
+    ) as caught:
         b = Board(run_id="twice", capture_output=False)
     assert len(caught) == 1
     b.log(x=2.0)

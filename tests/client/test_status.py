@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from click.testing import CliRunner
@@ -25,29 +23,35 @@ def _output(path) -> str:
 ENDINGS = {
     "interrupt-at-top-level": (
         "b = Board(run_id='end', capture_output=CAPTURE)\nb.log(x=1.0)\nprint('started')\nraise KeyboardInterrupt\n",
-        "interrupted", "KeyboardInterrupt",
+        "interrupted",
+        "KeyboardInterrupt",
     ),
     "interrupt-in-with": (
         "with Board(run_id='end', capture_output=CAPTURE) as b:\n    b.log(x=1.0)\n    print('started')\n"
         "    raise KeyboardInterrupt\n",
-        "interrupted", "KeyboardInterrupt",
+        "interrupted",
+        "KeyboardInterrupt",
     ),
     "exception-at-top-level": (
         "b = Board(run_id='end', capture_output=CAPTURE)\nb.log(x=1.0)\nprint('started')\n"
         "def train():\n    raise ValueError('boom')\ntrain()\n",
-        "crashed", "ValueError: boom",
+        "crashed",
+        "ValueError: boom",
     ),
     "exception-in-with": (
         "with Board(run_id='end', capture_output=CAPTURE) as b:\n    b.log(x=1.0)\n    print('started')\n"
         "    def train():\n        raise ValueError('boom')\n    train()\n",
-        "crashed", "ValueError: boom",
+        "crashed",
+        "ValueError: boom",
     ),
 }
 
 
 @pytest.mark.parametrize("capture", [True, False], ids=["capture", "no-capture"])
 @pytest.mark.parametrize("ending", list(ENDINGS))
-def test_how_the_script_ended_is_the_status_with_the_traceback_in_output_log(script, tmp_path, base_dir, ending, capture):
+def test_how_the_script_ended_is_the_status_with_the_traceback_in_output_log(
+    script, tmp_path, base_dir, ending, capture
+):
     code, status, last_line = ENDINGS[ending]
     r = script("from kohakuboard.client import Board\n" + code.replace("CAPTURE", str(capture)), cwd=tmp_path)
     assert r.returncode != 0 and last_line in r.stderr  # Python still prints the traceback itself
@@ -143,8 +147,13 @@ def test_stderr_lines_are_marked_and_ansi_codes_can_be_stripped(script, tmp_path
     ]
     with RunReader(path) as run:
         clean = run.read_output(strip_ansi=True)
-    assert clean.splitlines() == ["plain stdout", "[stderr] red warning on stderr", "bold green done",
-                                  "[stderr] two", "[stderr] lines"]
+    assert clean.splitlines() == [
+        "plain stdout",
+        "[stderr] red warning on stderr",
+        "bold green done",
+        "[stderr] two",
+        "[stderr] lines",
+    ]
     res = CliRunner().invoke(kobo, ["show", "out", "--dir", str(base_dir), "--output", "--strip-ansi"])
     assert res.exit_code == 0 and res.output == clean
     res = CliRunner().invoke(kobo, ["show", "out", "--dir", str(base_dir), "--output"])

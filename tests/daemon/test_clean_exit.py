@@ -19,8 +19,12 @@ def test_a_cleanly_stopped_daemon_removes_its_socket_and_pid_files(daemon, endpo
     left = _files(endpoint)
     assert not {"kobo.data", "kobo.ctl", "kobo.pid"} & left, left
     # and `kobo-daemon stop` too, on the daemon a client started
-    r = subprocess.run([sys.executable, "-c", "from kohakuboard.client import Board\nBoard(capture_output=False).finish()"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", "from kohakuboard.client import Board\nBoard(capture_output=False).finish()"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert daemon_alive(endpoint) and {"kobo.data", "kobo.ctl"} <= _files(endpoint)
     r = subprocess.run([sys.executable, "-m", "kohakuboard.daemon", "stop"], capture_output=True, text=True, timeout=60)
@@ -40,8 +44,13 @@ print(os.getpid(), flush=True)
 
 def test_an_autostarted_daemon_is_no_child_of_the_script_and_nothing_warns(endpoint, tmp_path):
     """The script exits first, as it should, without 'ResourceWarning: subprocess ... is still running'."""
-    r = subprocess.run([sys.executable, "-W", "always", "-X", "dev", "-c", SCRIPT], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-W", "always", "-X", "dev", "-c", SCRIPT],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert "Warning" not in r.stderr, r.stderr
     script_pid = int(r.stdout.split()[0])

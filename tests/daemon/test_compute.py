@@ -272,7 +272,7 @@ def test_kde_uses_scotts_rule_and_spans_three_bandwidths_past_the_data():
     rng = np.random.default_rng(1)
     x = rng.normal(size=5_000).astype(np.float32)
     k = kde(x, grid_size=100)
-    bw = 1.06 * float(np.std(x.astype(np.float64))) * 5_000 ** -0.2
+    bw = 1.06 * float(np.std(x.astype(np.float64))) * 5_000**-0.2
     assert k["bandwidth"] == pytest.approx(bw, rel=1e-9)
     assert k["grid"][0] == pytest.approx(float(x.min()) - 3 * bw, rel=1e-9)
     assert k["grid"][-1] == pytest.approx(float(x.max()) + 3 * bw, rel=1e-9)

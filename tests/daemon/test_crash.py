@@ -10,7 +10,7 @@ import time
 
 from kohakuboard.storage.reader import RunReader
 
-KILLED = '''
+KILLED = """
 import sys, time
 from kohakuboard.client import Board
 board = Board(name="doomed", run_id="doomed", capture_output=False)
@@ -20,7 +20,7 @@ for i in range(5000):
 board.flush()
 print("flushed", flush=True)
 time.sleep(600)
-'''
+"""
 
 
 def test_sigkill_after_flush_keeps_data_and_marks_crashed(daemon, base_dir, tmp_path):
@@ -45,13 +45,13 @@ def test_sigkill_after_flush_keeps_data_and_marks_crashed(daemon, base_dir, tmp_
 
 def test_uncaught_exception_marks_run_crashed(endpoint, base_dir, tmp_path, script):
     """A script that dies of an exception leaves a crashed run with all it logged and its traceback."""
-    code = '''
+    code = """
 from kohakuboard.client import Board
 board = Board(name="boom", run_id="boom")
 for i in range(100):
     board.log(x=i)
 raise RuntimeError("diverged at step 100")
-'''
+"""
     res = script(code, cwd=tmp_path)
     assert res.returncode == 1 and "diverged at step 100" in res.stderr
     run = base_dir / "default" / "boom"

@@ -33,7 +33,7 @@ def test_socket_directory_and_sockets_are_private(daemon, endpoint):
     """The endpoint directory is 0700 and the sockets 0600."""
     assert stat.S_IMODE(os.stat(endpoint.directory).st_mode) == 0o700
     for addr in (endpoint.data_addr, endpoint.control_addr):
-        assert stat.S_IMODE(os.stat(addr[len("ipc://"):]).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(addr[len("ipc://") :]).st_mode) == 0o600
 
 
 def test_start_status_stop(endpoint):

@@ -15,8 +15,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -37,8 +37,9 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
     mnt = tmp_path / "small_fs"
     mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={FS_BYTES}", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={FS_BYTES}", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if res.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip() or res.returncode}")
     try:
@@ -58,8 +59,9 @@ def _fill(mnt: Path, leave: int) -> Path:
 
 
 def _daemon_status() -> dict:
-    res = subprocess.run([sys.executable, "-m", "kohakuboard.daemon", "status", "--json"],
-                         capture_output=True, text=True, timeout=30)
+    res = subprocess.run(
+        [sys.executable, "-m", "kohakuboard.daemon", "status", "--json"], capture_output=True, text=True, timeout=30
+    )
     assert res.returncode == 0, f"kobo-daemon status failed: {res.stdout}{res.stderr}"
     return json.loads(res.stdout)
 
@@ -157,8 +159,9 @@ def test_a_run_blocked_by_a_full_disk_resumes_by_itself_when_space_is_freed(smal
 
     tensor_bytes = 256 << 10
     calls = 40  # 10 MiB
-    board = Board(name="tfull", run_id="tfull", base_dir=small_fs / "runs", capture_output=False,
-                  max_inflight_bytes=4 << 20)
+    board = Board(
+        name="tfull", run_id="tfull", base_dir=small_fs / "runs", capture_output=False, max_inflight_bytes=4 << 20
+    )
     try:
         board.log(t=TensorLog(np.full(tensor_bytes // 4, -1.0, np.float32)))
         board.flush()
@@ -194,7 +197,9 @@ def test_a_run_blocked_by_a_full_disk_resumes_by_itself_when_space_is_freed(smal
             pass
     with RunReader(board.path) as r:
         ts = r.tensors("t")
-        assert [float(x["array"][0]) for x in ts] == [-1.0] + [float(i) for i in range(calls)], "lost, doubled or reordered"
+        assert [float(x["array"][0]) for x in ts] == [-1.0] + [float(i) for i in range(calls)], (
+            "lost, doubled or reordered"
+        )
         assert all(x["array"].shape == (tensor_bytes // 4,) for x in ts)
     report = verify_run(board.path)
     assert report.exit_code == 0, "\n".join(map(str, report.findings))

@@ -243,9 +243,28 @@ msgpack_values = st.recursive(
 # Item fields left out of the fuzz (none: the writer skips an item the database
 # cannot take, see test_hostile_item_values_do_not_wedge_the_run).
 WRITER_WEDGES: set[str] = set()
-_META_KEYS = [k for k in ("ref", "dtype", "shape", "ext", "media_type", "caption", "encoding", "columns", "rows",
-                          "precision", "binned", "values", "edges", "counts", "num_bins", "source")
-              if k not in WRITER_WEDGES]
+_META_KEYS = [
+    k
+    for k in (
+        "ref",
+        "dtype",
+        "shape",
+        "ext",
+        "media_type",
+        "caption",
+        "encoding",
+        "columns",
+        "rows",
+        "precision",
+        "binned",
+        "values",
+        "edges",
+        "counts",
+        "num_bins",
+        "source",
+    )
+    if k not in WRITER_WEDGES
+]
 
 
 def items(min_size: int = 0) -> st.SearchStrategy[list[Any]]:
@@ -320,8 +339,16 @@ def _field_strategy(cls: type, name: str, ann: str, nested: bool) -> st.SearchSt
 # Every kind but shutdown (a valid one would end the daemon); data messages and
 # the requests that reach a run more often than the rest.
 SENDABLE = [cls for cls in m.ALL_MESSAGES if cls is not m.ShutdownRequest] + [
-    m.LogMessage, m.LogMessage, m.LogBatch, m.LogBatch, m.DropReport, m.OutputMessage,
-    m.OpenRun, m.FlushRequest, m.AckRequest, m.FinishRun,
+    m.LogMessage,
+    m.LogMessage,
+    m.LogBatch,
+    m.LogBatch,
+    m.DropReport,
+    m.OutputMessage,
+    m.OpenRun,
+    m.FlushRequest,
+    m.AckRequest,
+    m.FinishRun,
 ]
 
 
@@ -414,8 +441,29 @@ def mutated(draw: Any, sent: tuple[str, list[bytes]]) -> tuple[str, list[bytes]]
 
 # Values a seeded tree mutator puts anywhere in a decoded header (and keys it
 # puts in maps): every type msgpack has, and the edges of each.
-_HOSTILE_VALUES = [None, True, 0, -1, 2**63 - 1, -(2**63), 2**63, 2**64 - 1, math.nan, math.inf, -math.inf,
-                   "", "x" * 5000, b"", b"\xff" * 9, [], [[]], [1, "a"], {}, {"k": [None]}, {"": 1.0}]
+_HOSTILE_VALUES = [
+    None,
+    True,
+    0,
+    -1,
+    2**63 - 1,
+    -(2**63),
+    2**63,
+    2**64 - 1,
+    math.nan,
+    math.inf,
+    -math.inf,
+    "",
+    "x" * 5000,
+    b"",
+    b"\xff" * 9,
+    [],
+    [[]],
+    [1, "a"],
+    {},
+    {"k": [None]},
+    {"": 1.0},
+]
 _HOSTILE_KEYS = ["", "x" * 2000, b"k", "loss"]
 
 
@@ -606,8 +654,11 @@ def test_fuzzed_frames_on_both_sockets_leave_the_daemon_serving(daemon, endpoint
     out = Path(daemon.log_path).read_text(errors="replace")
     for bad in ("Traceback", " ERROR "):
         assert bad not in out, out[max(0, out.index(bad) - 500) :][:4000]
-    print(f"fuzz: {totals['sent']} sends ({totals['bytes'] >> 10} KB), {totals['known_invalid']} known invalid, "
-          f"{elapsed:.1f}s, RSS {rss_before >> 10} -> {rss_after >> 10} MB", sorted(totals.items()))
+    print(
+        f"fuzz: {totals['sent']} sends ({totals['bytes'] >> 10} KB), {totals['known_invalid']} known invalid, "
+        f"{elapsed:.1f}s, RSS {rss_before >> 10} -> {rss_after >> 10} MB",
+        sorted(totals.items()),
+    )
 
 
 # ---- every node of every message kind, replaced by every hostile value ----------------
@@ -640,12 +691,29 @@ def _base_messages(run: str) -> list[Any]:
         items, blobs = _encode_rich([(name, value)])
         out.append(m.LogMessage(env(), {"loss": 0.25}, items, [bytes(b) for b in blobs]))
     out += [
-        m.LogBatch(env(), ["loss", "acc"], 2, struct.pack("<2q", 1, 2), struct.pack("<2q", 5, 6),
-                   struct.pack("<2q", 50, 60), struct.pack("<2d", 1.7e9, 1.7e9 + 1), struct.pack("<4d", 1, 2, 3, 4)),
+        m.LogBatch(
+            env(),
+            ["loss", "acc"],
+            2,
+            struct.pack("<2q", 1, 2),
+            struct.pack("<2q", 5, 6),
+            struct.pack("<2q", 50, 60),
+            struct.pack("<2d", 1.7e9, 1.7e9 + 1),
+            struct.pack("<4d", 1, 2, 3, 4),
+        ),
         m.OutputMessage(env(), "stderr", "line\n"),
         m.DropReport(env(), 1, 2, 4),
-        m.OpenRun(env(), "fuzz", "default", "fuzz", {"lr": 0.1, "layers": [64, 64], "opt": {"betas": [0.9, 0.99]}},
-                  0, 0, "host", 1),
+        m.OpenRun(
+            env(),
+            "fuzz",
+            "default",
+            "fuzz",
+            {"lr": 0.1, "layers": [64, 64], "opt": {"betas": [0.9, 0.99]}},
+            0,
+            0,
+            "host",
+            1,
+        ),
         m.FlushRequest(env(), 1),
         m.AckRequest(env(), 1, 10, 0, 0, "host"),
         m.FinishRun(env(), 1, "finished"),
@@ -762,8 +830,12 @@ def test_hostile_item_values_do_not_wedge_the_run(daemon, endpoint, base_dir):
         for k, (case, (item, blobs)) in enumerate(HOSTILE_ITEMS.items()):
             run = str(base_dir / "default" / f"item{k}")
             _open_run(wire, run, "h")
-            wire.send("data", codec.encode(m.LogMessage(m.Envelope(run=run, client="h", seq=1, wall=1.7e9),
-                                                        {"x": 1.0}, [item], blobs)))
+            wire.send(
+                "data",
+                codec.encode(
+                    m.LogMessage(m.Envelope(run=run, client="h", seq=1, wall=1.7e9), {"x": 1.0}, [item], blobs)
+                ),
+            )
             reply = wire.request(m.FlushRequest(m.Envelope(run=run, client="h", seq=100 + k), last_seq=1))
             if not isinstance(reply, m.Flushed):
                 wedged[case] = getattr(reply, "message", reply)
@@ -786,8 +858,12 @@ def known_invalid(draw: Any, where: str, unknown_run: str) -> list[bytes]:
     """A frame list the daemon must reject on ``where``, for a reason the local decode names."""
     valid = codec.encode_log(unknown_run, "c", 1, 0, 0, 0, 1.0, {"x": 1.0})[0]
     h = msgpack.unpackb(valid)
-    family = draw(st.sampled_from(["garbage", "shape", "major", "kind", "envelope", "count", "frames", "wrong_socket"]
-                                  + (["unknown_run"] if where == "data" else [])))
+    family = draw(
+        st.sampled_from(
+            ["garbage", "shape", "major", "kind", "envelope", "count", "frames", "wrong_socket"]
+            + (["unknown_run"] if where == "data" else [])
+        )
+    )
     extra = draw(st.lists(st.binary(max_size=64), max_size=2))
     if family == "garbage":  # 0xc1 is never valid msgpack
         return [b"\xc1" + draw(st.binary(max_size=200)), *extra]
@@ -802,13 +878,18 @@ def known_invalid(draw: Any, where: str, unknown_run: str) -> list[bytes]:
         h[draw(st.integers(3, 9))] = draw(st.sampled_from([None, [1], {"a": 1}, b"x", True]))
     elif family == "count":  # a LogBatch claiming a huge count, with 8-byte frames
         count = draw(st.sampled_from([2**20, 2**20 + 1, 2**40, 2**63 - 1]))
-        return [msgpack.packb([1, 2, "log_batch", unknown_run, "c", 1, 0, 0, 0, 1.0, [["x"], count, 0, 1, 2, 3, 4]]),
-                *[b"\0" * 8] * 5]
+        return [
+            msgpack.packb([1, 2, "log_batch", unknown_run, "c", 1, 0, 0, 0, 1.0, [["x"], count, 0, 1, 2, 3, 4]]),
+            *[b"\0" * 8] * 5,
+        ]
     elif family == "frames":  # one frame over MAX_FRAMES
         return [valid, *[b""] * codec.MAX_FRAMES]
     elif family == "wrong_socket":
-        cls = draw(st.sampled_from([c for c in m.ALL_MESSAGES
-                                    if c.KIND not in (m.DATA_KINDS if where == "data" else m.REQUEST_KINDS)]))
+        cls = draw(
+            st.sampled_from(
+                [c for c in m.ALL_MESSAGES if c.KIND not in (m.DATA_KINDS if where == "data" else m.REQUEST_KINDS)]
+            )
+        )
         if cls is m.LogBatch:
             return codec.encode(m.LogBatch(m.Envelope(run=unknown_run)))
         return codec.encode(cls(m.Envelope(run=unknown_run, seq=1)))
@@ -908,8 +989,10 @@ def test_oversized_and_lying_messages_are_refused_before_allocation(daemon, endp
         #    8-byte frames, a LogMessage naming 2**40 blob frames, and a header whose msgpack
         #    declares 2**20-element arrays nested 2000 deep in 10 KB.
         lies = [
-            [msgpack.packb([1, 2, "log_batch", "/r", "c", 1, 0, 0, 0, 1.0, [["x"], count, 0, 1, 2, 3, 4]]),
-             *[b"\0" * 8] * 5]
+            [
+                msgpack.packb([1, 2, "log_batch", "/r", "c", 1, 0, 0, 0, 1.0, [["x"], count, 0, 1, 2, 3, 4]]),
+                *[b"\0" * 8] * 5,
+            ]
             for count in (2**20, 2**63 - 1)
         ]
         lies.append([msgpack.packb([1, 2, "log", "/r", "c", 1, 0, 0, 0, 1.0, [{}, [], [0, 2**40]]])])

@@ -30,8 +30,30 @@ from kohakuboard.storage.reader import RunReader
 # the header mutator the fuzz test uses: every node of a decoded header, and a copy with one replaced
 from .test_fuzz import _paths, _replaced
 
-_HOSTILE = [None, True, 0, -1, 2**63 - 1, -(2**63), 2**64 - 1, math.nan, math.inf, -math.inf,
-            "", "x" * 5000, b"", b"\xff" * 9, [], [[]], [1, "a"], {}, {"k": [None]}, {"": 1.0}, 1e30, 0.4]
+_HOSTILE = [
+    None,
+    True,
+    0,
+    -1,
+    2**63 - 1,
+    -(2**63),
+    2**64 - 1,
+    math.nan,
+    math.inf,
+    -math.inf,
+    "",
+    "x" * 5000,
+    b"",
+    b"\xff" * 9,
+    [],
+    [[]],
+    [1, "a"],
+    {},
+    {"k": [None]},
+    {"": 1.0},
+    1e30,
+    0.4,
+]
 _HOSTILE_KEYS = ["", "x" * 2000, "ref"]
 _WORDS = [struct.pack("<d", x) for x in (math.nan, math.inf, -math.inf, 1e30, 0.4)] + [struct.pack("<q", -1)]
 
@@ -77,20 +99,33 @@ def _variants() -> list[tuple[str, list[Any], list[bytes]]]:
         out.append((f"{name} as logged", item, blobs))
         for path in _paths(meta)[1:]:
             for v in _HOSTILE:
-                out.append((f"{name} meta{list(path)} = {v!r:.20}", [name, kind, _replaced(meta, path, value=v), refs], blobs))
+                out.append(
+                    (f"{name} meta{list(path)} = {v!r:.20}", [name, kind, _replaced(meta, path, value=v), refs], blobs)
+                )
             if isinstance(path[-1], str):
                 for k in _HOSTILE_KEYS:
                     if k != path[-1]:
-                        out.append((f"{name} meta key {path[-1]!r} renamed", [name, kind, _replaced(meta, path, key=k), refs], blobs))
+                        out.append(
+                            (
+                                f"{name} meta key {path[-1]!r} renamed",
+                                [name, kind, _replaced(meta, path, key=k), refs],
+                                blobs,
+                            )
+                        )
         for i, blob in enumerate(blobs):
             for bad in [b"", blob[:-1], blob + b"\0"] + [w + blob[8:] for w in _WORDS if len(blob) >= 8]:
                 out.append((f"{name} blob {i} poisoned", item, [*blobs[:i], bad, *blobs[i + 1 :]]))
+
     # the issue's cases, as a hostile client would send them (log() refuses each)
     def binned(edges: list[float], counts: list[float], precision: str = "exact") -> tuple[list[Any], list[bytes]]:
         e, c = np.array(edges, "<f8"), np.array(counts, "<f8")
-        meta = {"precision": precision, "num_bins": 64, "binned": True,
-                "edges": {"dtype": "<f8", "shape": [len(e)], "ref": 0},
-                "counts": {"dtype": "<f8", "shape": [len(c)], "ref": 1}}
+        meta = {
+            "precision": precision,
+            "num_bins": 64,
+            "binned": True,
+            "edges": {"dtype": "<f8", "shape": [len(e)], "ref": 0},
+            "counts": {"dtype": "<f8", "shape": [len(c)], "ref": 1},
+        }
         return ["issue", "histogram", meta, [0, 1]], [e.tobytes(), c.tobytes()]
 
     for what, args in {
@@ -176,8 +211,13 @@ def test_malformed_items_on_the_socket_never_damage_the_run(daemon, endpoint, ba
     assert stored + len(events) == len(variants)
     # every unmodified item is stored; each issue case is rejected, by name
     assert stored >= len(_base_items()) and len(events) > 1000, (stored, len(events))
-    for what in ("3 bin edges for 3 counts", "over 2147483647", "whole numbers", "over 9007199254740992",
-                 "1 bin edge(s) but no counts"):
+    for what in (
+        "3 bin edges for 3 counts",
+        "over 2147483647",
+        "whole numbers",
+        "over 9007199254740992",
+        "1 bin edge(s) but no counts",
+    ):
         assert any(what in e for e in events), what
 
 
@@ -190,7 +230,9 @@ def test_run_paths_the_daemon_cannot_hold_are_refused_with_a_reason(daemon, endp
     try:
         cases = {
             str(tmp_path) + "/d" * 1500: r"bytes long; a run's databases \(SQLite\) need it to be at most 460 bytes",
-            str(taken): r"refusing to create a run in .*taken: the folder already exists, holds other files \(photo\.jpg\)",
+            str(
+                taken
+            ): r"refusing to create a run in .*taken: the folder already exists, holds other files \(photo\.jpg\)",
         }
         for k, (path, why) in enumerate(cases.items()):
             reply = raw.request(m.OpenRun(m.Envelope(run=path, client="p", seq=k + 1), name="x", run_id="x"))
@@ -220,8 +262,11 @@ def test_a_reader_skips_a_malformed_record_reports_it_and_reads_the_rest(daemon,
         b.log(h=Histogram(bins=[0, 1, 2], counts=[3, 4]))
     assert daemon.terminate() == 0
     # the size of a 2-bin row, but its header says 3 bins (a row a buggy writer packed wrong)
-    bad = struct.pack(fmt.HISTOGRAM_HEADER, 2, 0, 1.7e9, 3, 0, 0, 0, 6, 1.0) + np.zeros(3, "<f8").tobytes() \
+    bad = (
+        struct.pack(fmt.HISTOGRAM_HEADER, 2, 0, 1.7e9, 3, 0, 0, 0, 6, 1.0)
+        + np.zeros(3, "<f8").tobytes()
         + np.array([1, 2], "<i4").tobytes()
+    )
     rel = fmt.HISTOGRAM_FILES["exact"]
     with ColumnVault(str(Path(b.path) / rel)) as cv:
         dtype = {c: d for c, d, _ in cv.list_columns()}["0/h"]

@@ -13,7 +13,7 @@ from kohakuboard.storage.reader import RunReader
 N_PROC = 4
 N_CALLS = 10_000
 
-WORKER = '''
+WORKER = """
 import sys
 from kohakuboard.client import Board
 proc, run_id = int(sys.argv[1]), sys.argv[2]
@@ -23,7 +23,7 @@ for i in range(N_CALLS):
     board.log(**{f"p{proc}/value": proc * 1_000_000 + i + 0.25, "shared": float(i)})
 board.flush()
 board.finish()
-'''
+"""
 
 
 def _spawn_workers(script_path: Path, run_ids: list[str]):

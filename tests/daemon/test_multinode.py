@@ -67,7 +67,10 @@ else:
 
 def _uts_namespaces() -> bool:
     try:
-        return subprocess.run(["unshare", "--uts", "hostname", "kobo-probe"], capture_output=True, timeout=10).returncode == 0
+        return (
+            subprocess.run(["unshare", "--uts", "hostname", "kobo-probe"], capture_output=True, timeout=10).returncode
+            == 0
+        )
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -85,11 +88,13 @@ def node_daemon(daemon_factory, ep, *args: str):
     return daemon_factory(ep, *args, prefix=NODE)
 
 
-
 def kobo_daemon(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "kohakuboard.daemon", *args],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -185,7 +190,10 @@ def start_board(
     env = {**os.environ, "KOBO_DAEMON_ENDPOINT": str(endpoint), "KOBO_DAEMON_AUTOSTART": "0"}
     return subprocess.Popen(
         [*(NODE if on_node else ()), sys.executable, str(script), str(rank), run_id, str(base), str(n)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -214,9 +222,17 @@ def test_two_nodes_log_into_one_run_on_the_head(endpoint, second_endpoint, daemo
     head = daemon_factory(endpoint, "--listen", f"tcp://127.0.0.1:{port}", "--key-dir", str(head_keys))
     # The head listens on exactly PORT (data) and PORT+1 (requests).
     assert listening_tcp_ports(head.pid) == {port, port + 1}
-    node = node_daemon(daemon_factory,
-        second_endpoint, "--endpoint", str(second_endpoint),
-        "--forward", f"tcp://127.0.0.1:{port}", "--head-key", str(head_key_file), "--key-dir", str(node_keys),
+    node = node_daemon(
+        daemon_factory,
+        second_endpoint,
+        "--endpoint",
+        str(second_endpoint),
+        "--forward",
+        f"tcp://127.0.0.1:{port}",
+        "--head-key",
+        str(head_key_file),
+        "--key-dir",
+        str(node_keys),
     )
     assert listening_tcp_ports(node.pid) == set()  # a forwarder listens on nothing
 
@@ -260,7 +276,9 @@ def test_two_nodes_log_into_one_run_on_the_head(endpoint, second_endpoint, daemo
 
 
 @pytest.mark.slow
-def test_unauthorized_node_and_plain_zeromq_are_refused(endpoint, second_endpoint, daemon_factory, base_dir, tmp_path, script):
+def test_unauthorized_node_and_plain_zeromq_are_refused(
+    endpoint, second_endpoint, daemon_factory, base_dir, tmp_path, script
+):
     """A node whose key the head did not authorize gets a clear error fast; plain ZeroMQ writes nothing."""
     head_keys, good_keys, bad_keys = tmp_path / "head-keys", tmp_path / "good-keys", tmp_path / "bad-keys"
     head_pub, _ = make_keys(head_keys)
@@ -280,9 +298,17 @@ def test_unauthorized_node_and_plain_zeromq_are_refused(endpoint, second_endpoin
     assert r.returncode == 0, r.stderr
     run = base_dir / "nodes" / "shared"
 
-    node = node_daemon(daemon_factory,
-        second_endpoint, "--endpoint", str(second_endpoint),
-        "--forward", f"tcp://127.0.0.1:{port}", "--head-key", head_pub, "--key-dir", str(bad_keys),
+    node = node_daemon(
+        daemon_factory,
+        second_endpoint,
+        "--endpoint",
+        str(second_endpoint),
+        "--forward",
+        f"tcp://127.0.0.1:{port}",
+        "--head-key",
+        head_pub,
+        "--key-dir",
+        str(bad_keys),
     )
     t0 = time.monotonic()
     r = script(REFUSED, cwd=tmp_path, env={"KOBO_DAEMON_ENDPOINT": str(second_endpoint), "KOBO_DAEMON_AUTOSTART": "0"})
@@ -301,7 +327,9 @@ def test_unauthorized_node_and_plain_zeromq_are_refused(endpoint, second_endpoin
         push.setsockopt(zmq.LINGER, 0)
         push.connect(f"tcp://127.0.0.1:{port}")
         for seq in range(1, 51):
-            push.send_multipart(codec.encode_log(str(run), "intruder", seq, 0, 100 + seq, 0, time.time(), {"loss": 666.0}))
+            push.send_multipart(
+                codec.encode_log(str(run), "intruder", seq, 0, 100 + seq, 0, time.time(), {"loss": 666.0})
+            )
         dealer = ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.connect(f"tcp://127.0.0.1:{port + 1}")
@@ -340,7 +368,9 @@ def test_unauthorized_node_and_plain_zeromq_are_refused(endpoint, second_endpoin
     by_address = peers["by_address"]
     assert by_address["127.0.0.1"].get("unauthorized_key", 0) >= 1, peers  # the node with a key not authorized
     # A wrong server key (its address is "?" if it was gone before the head could ask; a busy machine).
-    assert by_address.get("127.0.0.3", {}).get("bad_crypto", 0) + by_address.get("?", {}).get("bad_crypto", 0) >= 1, peers
+    assert by_address.get("127.0.0.3", {}).get("bad_crypto", 0) + by_address.get("?", {}).get("bad_crypto", 0) >= 1, (
+        peers
+    )
     # Plain ZeroMQ against CURVE (either side may notice first), and bytes that are not ZeroMQ.
     kinds = ("mechanism_mismatch", "closed_in_handshake", "protocol_error")
     assert sum(peers["refused"].get(k, 0) for k in kinds) >= 2, peers
@@ -360,7 +390,9 @@ def test_tcp_only_on_request_and_never_without_keys_by_accident(endpoint, second
     assert r.returncode == 3, r.stderr
     assert "keys generate" in r.stderr and "--insecure-plaintext" in r.stderr
     # Same through the environment (what a systemd unit would set).
-    r = kobo_daemon("run", env={**env, "KOBO_DAEMON_LISTEN": f"tcp://127.0.0.1:{port}", "KOBO_DAEMON_KEY_DIR": str(empty_keys)})
+    r = kobo_daemon(
+        "run", env={**env, "KOBO_DAEMON_LISTEN": f"tcp://127.0.0.1:{port}", "KOBO_DAEMON_KEY_DIR": str(empty_keys)}
+    )
     assert r.returncode == 3 and "keys generate" in r.stderr, r.stderr
     # A forwarder without the head's key refuses too.
     r = kobo_daemon("run", "--forward", f"tcp://127.0.0.1:{port}", "--key-dir", str(empty_keys), env=env)
@@ -376,8 +408,14 @@ def test_insecure_plaintext_is_explicit_and_loud(endpoint, second_endpoint, daem
     head = daemon_factory(endpoint, "--listen", f"tcp://127.0.0.1:{port}", "--insecure-plaintext")
     assert listening_tcp_ports(head.pid) == {port, port + 1}
     assert "WITHOUT encryption or authentication" in head.output()
-    node = node_daemon(daemon_factory,
-        second_endpoint, "--endpoint", str(second_endpoint), "--forward", f"tcp://127.0.0.1:{port}", "--insecure-plaintext",
+    node = node_daemon(
+        daemon_factory,
+        second_endpoint,
+        "--endpoint",
+        str(second_endpoint),
+        "--forward",
+        f"tcp://127.0.0.1:{port}",
+        "--insecure-plaintext",
     )
     assert "WITHOUT encryption or authentication" in node.output()
     rank1 = start_board(second_endpoint, 1, "plain", base_dir, 200, tmp_path)
@@ -418,11 +456,17 @@ def test_forwarder_and_head_killed_while_logging_store_each_call_once(
     port = free_port_pair()
     head_args = ("--listen", f"tcp://127.0.0.1:{port}", "--key-dir", str(head_keys))
     node_args = (
-        "--endpoint", str(second_endpoint), "--forward", f"tcp://127.0.0.1:{port}",
-        "--head-key", head_pub, "--key-dir", str(node_keys),
+        "--endpoint",
+        str(second_endpoint),
+        "--forward",
+        f"tcp://127.0.0.1:{port}",
+        "--head-key",
+        head_pub,
+        "--key-dir",
+        str(node_keys),
     )
     head = daemon_factory(endpoint, *head_args)
-    node = node_daemon(daemon_factory,second_endpoint, *node_args)
+    node = node_daemon(daemon_factory, second_endpoint, *node_args)
 
     stop_file = tmp_path / "stop"
     script = tmp_path / "steady.py"
@@ -430,13 +474,15 @@ def test_forwarder_and_head_killed_while_logging_store_each_call_once(
     client = subprocess.Popen(
         [*NODE, sys.executable, str(script), str(stop_file)],
         env={**os.environ, "KOBO_DAEMON_ENDPOINT": str(second_endpoint), "KOBO_DAEMON_AUTOSTART": "0"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert client.stdout.readline().strip() == "open"
         time.sleep(1.0)
         node.kill()  # data in the forwarder's queues is lost with it
-        node = node_daemon(daemon_factory,second_endpoint, *node_args)
+        node = node_daemon(daemon_factory, second_endpoint, *node_args)
         time.sleep(1.5)
         head.kill()
         time.sleep(2.0)  # the client's acknowledgement requests queue up in the forwarder meanwhile
@@ -500,23 +546,34 @@ def test_node_reports_its_killed_client_as_crashed(endpoint, second_endpoint, da
     with open(head_log, "wb") as log:
         head = subprocess.Popen(
             [*HEAD_CMD, "run", "--listen", f"tcp://127.0.0.1:{port}", "--key-dir", str(head_keys)],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         deadline = time.monotonic() + 20
         while not (daemon_alive(endpoint) and os.path.exists(endpoint.control_addr[6:])):
             assert head.poll() is None and time.monotonic() < deadline, head_log.read_text()
             time.sleep(0.02)
-        node = node_daemon(daemon_factory,
-            second_endpoint, "--endpoint", str(second_endpoint), "--forward", f"tcp://127.0.0.1:{port}",
-            "--head-key", head_pub, "--key-dir", str(node_keys),
+        node = node_daemon(
+            daemon_factory,
+            second_endpoint,
+            "--endpoint",
+            str(second_endpoint),
+            "--forward",
+            f"tcp://127.0.0.1:{port}",
+            "--head-key",
+            head_pub,
+            "--key-dir",
+            str(node_keys),
         )
         script = tmp_path / "dies.py"
         script.write_text(DIES)
         client = subprocess.Popen(
             [*NODE, sys.executable, str(script)],
             env={**os.environ, "KOBO_DAEMON_ENDPOINT": str(second_endpoint), "KOBO_DAEMON_AUTOSTART": "0"},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         assert client.stdout.readline().strip() == "flushed", client.stderr.read()
         meta = base_dir / "nodes" / "dies" / "metadata.json"
@@ -550,7 +607,11 @@ def start_head(endpoint, args: list[str], log_path: Path, *, fd_limit: int | Non
 
             resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
 
-    cmd = [sys.executable, "-c", code, "run", *args] if code else [sys.executable, "-m", "kohakuboard.daemon", "run", *args]
+    cmd = (
+        [sys.executable, "-c", code, "run", *args]
+        if code
+        else [sys.executable, "-m", "kohakuboard.daemon", "run", *args]
+    )
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit)
     deadline = time.monotonic() + 20
@@ -605,14 +666,24 @@ def test_connection_flood_does_not_knock_the_head_over(endpoint, second_endpoint
     head_log = tmp_path / "head.log"
     # 1024 descriptors: fewer than the flood's connections.
     head = start_head(
-        endpoint, ["--listen", f"tcp://127.0.0.1:{port}", "--key-dir", str(head_keys), "--handshake-timeout", "2"],
-        head_log, fd_limit=1024,
+        endpoint,
+        ["--listen", f"tcp://127.0.0.1:{port}", "--key-dir", str(head_keys), "--handshake-timeout", "2"],
+        head_log,
+        fd_limit=1024,
     )
     held: list[socket.socket] = []
     try:
-        node = node_daemon(daemon_factory,
-            second_endpoint, "--endpoint", str(second_endpoint), "--forward", f"tcp://127.0.0.1:{port}",
-            "--head-key", head_pub, "--key-dir", str(node_keys),
+        node = node_daemon(
+            daemon_factory,
+            second_endpoint,
+            "--endpoint",
+            str(second_endpoint),
+            "--forward",
+            f"tcp://127.0.0.1:{port}",
+            "--head-key",
+            head_pub,
+            "--key-dir",
+            str(node_keys),
         )
         held += flood(port, 1500, "127.0.0.2")  # before the node's client connects ...
         board = start_board(second_endpoint, 1, "flooded", base_dir, N_CALLS, tmp_path)
@@ -644,8 +715,13 @@ def test_connection_flood_does_not_knock_the_head_over(endpoint, second_endpoint
         # the node was never refused: none of the guard's own refusals counted against its address (a
         # failure it cannot tell apart, such as a handshake of the node's that closed under the flood and
         # was retried, may be; its calls all arrived above)
-        refusals = {"too_many_connections", "too_many_from_address", "too_many_handshakes_from_address",
-                    "handshake_timeout", "unauthorized_key"}
+        refusals = {
+            "too_many_connections",
+            "too_many_from_address",
+            "too_many_handshakes_from_address",
+            "handshake_timeout",
+            "unauthorized_key",
+        }
         assert not refusals & set(peers["by_address"].get("127.0.0.1", {})), peers
         assert peers["limits"]["open_file_limit"] == 1024
         assert peers["limits"]["max_connections"] <= 1024
@@ -706,7 +782,9 @@ def start_ends(second_endpoint, run_id: str, mode: str, tmp_path: Path) -> tuple
     proc = subprocess.Popen(
         [*NODE, sys.executable, str(script), run_id, mode, str(go)],
         env={**os.environ, "KOBO_DAEMON_ENDPOINT": str(second_endpoint), "KOBO_DAEMON_AUTOSTART": "0"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     line = proc.stdout.readline().strip()
     if line != "flushed":
@@ -726,7 +804,7 @@ def test_finish_through_a_node_survives_a_head_restart(endpoint, second_endpoint
     """The head dies with a node client's finish request unanswered: the client asks again and the run ends finished."""
     head_args, node_args = node_setup(tmp_path)
     head = daemon_factory(endpoint, *head_args)
-    node = node_daemon(daemon_factory,second_endpoint, "--endpoint", str(second_endpoint), *node_args)
+    node = node_daemon(daemon_factory, second_endpoint, "--endpoint", str(second_endpoint), *node_args)
     client, go = start_ends(second_endpoint, "fin", "finish", tmp_path)
     try:
         os.kill(head.pid, signal.SIGSTOP)  # the request reaches a head that never answers ...
@@ -754,7 +832,7 @@ def test_head_marks_a_run_nobody_is_heard_from_crashed(endpoint, second_endpoint
     head_log = tmp_path / "head.log"
     head = start_head(endpoint, [*head_args, "--stale-run", "3"], head_log, code=HEAD_CODE)
     try:
-        node = node_daemon(daemon_factory,second_endpoint, "--endpoint", str(second_endpoint), *node_args)
+        node = node_daemon(daemon_factory, second_endpoint, "--endpoint", str(second_endpoint), *node_args)
         client, _ = start_ends(second_endpoint, "silent", "sleep", tmp_path)
         node.kill()
         client.kill()
@@ -770,13 +848,15 @@ def test_head_marks_a_run_nobody_is_heard_from_crashed(endpoint, second_endpoint
         stop_head(head, head_log)
 
 
-def test_restarted_forwarder_reports_a_client_that_died_meanwhile(endpoint, second_endpoint, daemon_factory, base_dir, tmp_path):
+def test_restarted_forwarder_reports_a_client_that_died_meanwhile(
+    endpoint, second_endpoint, daemon_factory, base_dir, tmp_path
+):
     """A client dies while its node's forwarder is down: the restarted forwarder knows it (pid + start time) and reports it."""
     head_args, node_args = node_setup(tmp_path)
     head_log = tmp_path / "head.log"
     head = start_head(endpoint, [*head_args, "--stale-run", "0"], head_log, code=HEAD_CODE)
     try:
-        node = node_daemon(daemon_factory,second_endpoint, "--endpoint", str(second_endpoint), *node_args)
+        node = node_daemon(daemon_factory, second_endpoint, "--endpoint", str(second_endpoint), *node_args)
         alive, _ = start_ends(second_endpoint, "alive", "sleep", tmp_path)
         dies, _ = start_ends(second_endpoint, "dies", "sleep", tmp_path)
         # The forwarder keeps the clients it watches on disk (0600, beside its socket).
@@ -789,7 +869,7 @@ def test_restarted_forwarder_reports_a_client_that_died_meanwhile(endpoint, seco
         node.kill()
         dies.kill()
         dies.communicate(timeout=10)
-        node = node_daemon(daemon_factory,second_endpoint, "--endpoint", str(second_endpoint), *node_args)
+        node = node_daemon(daemon_factory, second_endpoint, "--endpoint", str(second_endpoint), *node_args)
         wait_status(base_dir / "nodes" / "dies", "crashed", 15, node.output() + head_log.read_text())
         assert "died without finishing" in node.output()
         # The client that lives on is still watched, not reported.
@@ -802,13 +882,15 @@ def test_restarted_forwarder_reports_a_client_that_died_meanwhile(endpoint, seco
         stop_head(head, head_log)
 
 
-def test_crash_report_does_not_wait_for_data_lost_with_the_head(endpoint, second_endpoint, daemon_factory, base_dir, tmp_path):
+def test_crash_report_does_not_wait_for_data_lost_with_the_head(
+    endpoint, second_endpoint, daemon_factory, base_dir, tmp_path
+):
     """Client and head die ~50 ms apart while it logs: the run still ends crashed, with what arrived, each call once."""
     head_args, node_args = node_setup(tmp_path)
     head_log = tmp_path / "head.log"
     head = start_head(endpoint, [*head_args, "--stale-run", "0"], head_log, code=HEAD_CODE)
     try:
-        node = node_daemon(daemon_factory,second_endpoint, "--endpoint", str(second_endpoint), *node_args)
+        node = node_daemon(daemon_factory, second_endpoint, "--endpoint", str(second_endpoint), *node_args)
         client, _ = start_ends(second_endpoint, "both", "steady", tmp_path)
         time.sleep(0.5)
         client.kill()

@@ -45,8 +45,14 @@ def test_sigkill_ten_times_while_four_clients_log_exactly_once(endpoint, daemon_
     env = dict(os.environ, KOBO_DAEMON_AUTOSTART="0")  # the test restarts the daemon, not the clients
     d = daemon_factory()
     clients = [
-        subprocess.Popen([sys.executable, "-c", CLIENT, str(n), str(rank)], env=env, cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", CLIENT, str(n), str(rank)],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for rank in range(4)
     ]
     kills_while_logging = 0
@@ -71,7 +77,9 @@ def test_sigkill_ten_times_while_four_clients_log_exactly_once(endpoint, daemon_
     stats = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert kills_while_logging >= 8, f"only {kills_while_logging} kills hit the clients while they logged"
     # the clients really saw restarts (a daemon killed before a client asked it anything goes unseen)
-    assert all(s["daemon_restarts_seen"] >= 1 for s in stats) and sum(s["daemon_restarts_seen"] for s in stats) >= 10, stats
+    assert all(s["daemon_restarts_seen"] >= 1 for s in stats) and sum(s["daemon_restarts_seen"] for s in stats) >= 10, (
+        stats
+    )
     assert all(s["acknowledged"] == s["logged"] for s in stats), stats
     expected = np.arange(n, dtype=np.float64)
     with RunReader(base_dir / "default" / "killed") as r:
@@ -88,10 +96,11 @@ def test_sigkill_ten_times_while_four_clients_log_exactly_once(endpoint, daemon_
 def test_replayed_batch_after_half_written_commit_is_not_doubled(daemon, endpoint, base_dir, monkeypatch):
     """Rows a daemon appended but never committed (it died in between) are rolled back when the run is
     reopened, so the client's re-send does not store them twice."""
+    from kohakuvault import ColumnVault
+
     from kohakuboard.client import Board
     from kohakuboard.storage import format as fmt
     from kohakuboard.storage.writer import RunWriter
-    from kohakuvault import ColumnVault
 
     monkeypatch.setenv("KOBO_DAEMON_AUTOSTART", "0")
     b = Board(run_id="half", capture_output=False)

@@ -22,7 +22,8 @@ CLIENTS = 3
 CALLS = 80
 HIST_VALUES = 200_000
 
-CLIENT = r"""
+CLIENT = (
+    r"""
 import sys
 import numpy as np
 from kohakuboard.client import Board, Histogram, KernelDensity, Media, TensorLog
@@ -45,7 +46,9 @@ with Board(run_id="pooled", rank=rank, world_size=%d, capture_output=False) as b
     b.flush(timeout=120)
     s = b.stats()
     print("done", s["acknowledged"], s["logged"], flush=True)
-""" % CLIENTS
+"""
+    % CLIENTS
+)
 
 
 def test_pooled_rich_values_in_call_order_exactly_once_through_sigkill(endpoint, daemon_factory, base_dir, tmp_path):
@@ -55,8 +58,14 @@ def test_pooled_rich_values_in_call_order_exactly_once_through_sigkill(endpoint,
     env = dict(os.environ, KOBO_DAEMON_AUTOSTART="0")  # the test restarts the daemon
     d = daemon_factory(endpoint, "--compute-threads", "2")
     clients = [
-        subprocess.Popen([sys.executable, "-c", CLIENT, str(CALLS), str(rank), str(HIST_VALUES), str(CALLS // 2)],
-                         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", CLIENT, str(CALLS), str(rank), str(HIST_VALUES), str(CALLS // 2)],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for rank in range(CLIENTS)
     ]
     try:

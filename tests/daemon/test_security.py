@@ -330,7 +330,9 @@ def test_daemon_refuses_relative_and_dotdot_run_paths(daemon, endpoint, tmp_path
     try:
         for path, reason in ((sneaky, "'..'"), ("relative/run", "absolute")):
             with pytest.raises(StorageError) as err:
-                conn.request(m.OpenRun, m.Envelope(run=path, client="c1"), 5.0, "n", "p", "r", {}, os.getpid(), 0, "h", 1)
+                conn.request(
+                    m.OpenRun, m.Envelope(run=path, client="c1"), 5.0, "n", "p", "r", {}, os.getpid(), 0, "h", 1
+                )
             assert path in str(err.value) and reason in str(err.value)
     finally:
         conn.close()

@@ -20,8 +20,18 @@ from kohakuboard.daemon.sysmetrics import NodeSampler
 from kohakuboard.storage.reader import RunReader
 from kohakuboard.storage.verify import verify_run
 
-from .test_multinode import HEAD_CODE, NODE, NODE_HOST, UTS, kobo_daemon, node_daemon, node_setup, start_head, stop_head
-from .test_multinode import second_endpoint  # noqa: F401  (a fixture of the tests with a forwarding node)
+from .test_multinode import (
+    HEAD_CODE,
+    NODE,
+    NODE_HOST,
+    UTS,
+    kobo_daemon,
+    node_daemon,
+    node_setup,
+    second_endpoint,  # noqa: F401  (a fixture of the tests with a forwarding node)
+    start_head,
+    stop_head,
+)
 
 HOST = socket.gethostname()
 P = f"sys/{HOST}/"
@@ -53,8 +63,16 @@ def test_samples_reach_runs_with_a_live_client(endpoint, monkeypatch, daemon_fac
         assert run.series("loss")["step"].tolist() == list(range(12))  # the training's steps are its own
         assert run.series("loss")["global_step"].tolist() == list(range(1, 13))
         names = set(run.list_metrics())
-        for name in ("cpu/percent", "cpu/load1", "memory/percent", "memory/used_gb",
-                     "disk/read_mb_s", "disk/write_mb_s", "net/recv_mb_s", "net/sent_mb_s"):
+        for name in (
+            "cpu/percent",
+            "cpu/load1",
+            "memory/percent",
+            "memory/used_gb",
+            "disk/read_mb_s",
+            "disk/write_mb_s",
+            "net/recv_mb_s",
+            "net/sent_mb_s",
+        ):
             assert P + name in names, (name, sorted(names))
         cpu, mem = run.series(P + "cpu/percent"), run.series(P + "memory/percent")
         assert len(mem) >= 3
@@ -130,7 +148,9 @@ def _trains(endpoint, run_id: str, rank: int, tmp_path: Path, *, on_node: bool):
     proc = subprocess.Popen(
         [*(NODE if on_node else ()), sys.executable, str(script), run_id, str(rank), str(go)],
         env={**os.environ, "KOBO_DAEMON_ENDPOINT": str(endpoint), "KOBO_DAEMON_AUTOSTART": "0"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     line = proc.stdout.readline().strip()
     if line != "flushed":
@@ -180,15 +200,18 @@ def _node_status(ep) -> dict:
     return json.loads(r.stdout)["forward"]
 
 
-def test_forwarding_node_samples_itself_into_the_head_run(endpoint, second_endpoint, daemon_factory, base_dir, tmp_path):
+def test_forwarding_node_samples_itself_into_the_head_run(
+    endpoint, second_endpoint, daemon_factory, base_dir, tmp_path
+):
     """A worker node's forwarder samples its node; the samples reach the head's run under the node's host,
     at the rank and step of the node's client, each once and in order; the head (sampling too) adds none."""
     head_args, node_args = node_setup(tmp_path)
     head_log = tmp_path / "head.log"
     head = start_head(endpoint, [*head_args, "--system-metrics", "0.2"], head_log, code=HEAD_CODE)
     try:
-        node = node_daemon(daemon_factory, second_endpoint, "--endpoint", str(second_endpoint), *node_args,
-                           "--system-metrics", "0.2")
+        node = node_daemon(
+            daemon_factory, second_endpoint, "--endpoint", str(second_endpoint), *node_args, "--system-metrics", "0.2"
+        )
         client, go = _trains(second_endpoint, "sysnode", 1, tmp_path, on_node=True)
         run = base_dir / "nodes" / "sysnode"
         opened = time.time()
@@ -200,8 +223,16 @@ def test_forwarding_node_samples_itself_into_the_head_run(endpoint, second_endpo
         with RunReader(run) as r:
             assert r.status == "finished"
             names = set(r.list_metrics(rank=None))
-            for name in ("cpu/percent", "cpu/load1", "memory/percent", "memory/used_gb",
-                         "disk/read_mb_s", "disk/write_mb_s", "net/recv_mb_s", "net/sent_mb_s"):
+            for name in (
+                "cpu/percent",
+                "cpu/load1",
+                "memory/percent",
+                "memory/used_gb",
+                "disk/read_mb_s",
+                "disk/write_mb_s",
+                "net/recv_mb_s",
+                "net/sent_mb_s",
+            ):
                 assert NODE_SYS + name in names, (name, sorted(names))
             # only the node's own samples: the head samples runs with clients of its host, none here
             assert not [n for n in names if n.startswith("sys/") and not n.startswith(NODE_SYS)], sorted(names)
@@ -225,21 +256,26 @@ def test_forwarding_node_samples_itself_into_the_head_run(endpoint, second_endpo
         assert verify_run(run).exit_code == 0
         st = _node_status(second_endpoint)["system_metrics"]
         assert st["interval"] == 0.2 and st["sent"] == st["durable"] == len(mem) and st["resent"] == 0, st
-        assert f"{len(mem)} stored in runs by the head" in kobo_daemon("status", "--endpoint", str(second_endpoint)).stdout
+        assert (
+            f"{len(mem)} stored in runs by the head" in kobo_daemon("status", "--endpoint", str(second_endpoint)).stdout
+        )
         assert node.terminate() == 0, node.output()
     finally:
         stop_head(head, head_log)
 
 
-def test_forwarding_node_with_system_metrics_off_sends_none(endpoint, second_endpoint, daemon_factory, base_dir, tmp_path):
+def test_forwarding_node_with_system_metrics_off_sends_none(
+    endpoint, second_endpoint, daemon_factory, base_dir, tmp_path
+):
     """``--system-metrics 0`` on the node: no samples of it, while the head's own samples of the same run go on."""
     head_args, node_args = node_setup(tmp_path)
     head_log = tmp_path / "head.log"
     # An ordinary head (its own host name) with a client of its own in the run: it samples itself at rank 0.
     head = start_head(endpoint, [*head_args, "--system-metrics", "0.2"], head_log)
     try:
-        node = node_daemon(daemon_factory, second_endpoint, "--endpoint", str(second_endpoint), *node_args,
-                           "--system-metrics", "0")
+        node = node_daemon(
+            daemon_factory, second_endpoint, "--endpoint", str(second_endpoint), *node_args, "--system-metrics", "0"
+        )
         on_node, go_node = _trains(second_endpoint, "nosysnode", 1, tmp_path, on_node=True)
         on_head, go_head = _trains(endpoint, "nosysnode", 0, tmp_path, on_node=False)
         run = base_dir / "nodes" / "nosysnode"
@@ -260,15 +296,18 @@ def test_forwarding_node_with_system_metrics_off_sends_none(endpoint, second_end
         stop_head(head, head_log)
 
 
-def test_node_samples_held_through_a_head_restart_arrive_once(endpoint, second_endpoint, daemon_factory, base_dir, tmp_path):
+def test_node_samples_held_through_a_head_restart_arrive_once(
+    endpoint, second_endpoint, daemon_factory, base_dir, tmp_path
+):
     """The head is killed and restarted while the node samples: what the node sampled meanwhile arrives
     afterwards, and nothing in flight at the kill is lost twice or stored twice (forwarded delivery)."""
     head_args, node_args = node_setup(tmp_path)
     head_log = tmp_path / "head.log"
     head = start_head(endpoint, head_args, head_log, code=HEAD_CODE)
     try:
-        node = node_daemon(daemon_factory, second_endpoint, "--endpoint", str(second_endpoint), *node_args,
-                           "--system-metrics", "0.2")
+        node = node_daemon(
+            daemon_factory, second_endpoint, "--endpoint", str(second_endpoint), *node_args, "--system-metrics", "0.2"
+        )
         client, go = _trains(second_endpoint, "sysrestart", 1, tmp_path, on_node=True)
         run = base_dir / "nodes" / "sysrestart"
         name = NODE_SYS + "memory/percent"

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,8 +28,12 @@ def test_notify_socket_gets_ready_and_stopping(endpoint, tmp_path):
     sock.bind(addr)
     sock.settimeout(20)
     env = dict(os.environ, NOTIFY_SOCKET=addr)
-    proc = subprocess.Popen([sys.executable, "-m", "kohakuboard.daemon", "run"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kohakuboard.daemon", "run"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         assert sock.recv(256) == b"READY=1"
         # ready means ready: the control socket answers at once
@@ -73,7 +76,10 @@ def install_systemd(*args: str, env: dict[str, str] | None = None) -> subprocess
     """Run the real ``kobo-daemon install-systemd ARGS`` in a fresh interpreter."""
     return subprocess.run(
         [sys.executable, "-m", "kohakuboard.daemon", "install-systemd", *args],
-        env=dict(os.environ, **(env or {})), capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, **(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -104,8 +110,9 @@ def test_install_user_unit_runs_this_interpreter_and_prints_how_to_enable(tmp_pa
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(addr)
     sock.settimeout(20)
-    proc = subprocess.Popen(argv, env=dict(os.environ, NOTIFY_SOCKET=addr),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        argv, env=dict(os.environ, NOTIFY_SOCKET=addr), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         assert sock.recv(256) == b"READY=1"
         proc.send_signal(signal.SIGTERM)
@@ -192,8 +199,7 @@ def test_shipped_units_are_what_install_systemd_writes_apart_from_exec_start():
         shipped = (ROOT / "systemd" / kind.name).read_text()
         printed = install_systemd(*flags, "--print")
         assert printed.returncode == 0, printed.stderr
-        ours = printed.stdout.replace(f"ExecStart={units.exec_start()}\n",
-                                      f"ExecStart={units.SHIPPED_EXEC_START}\n")
+        ours = printed.stdout.replace(f"ExecStart={units.exec_start()}\n", f"ExecStart={units.SHIPPED_EXEC_START}\n")
         assert ours != printed.stdout
         assert shipped == ours, (
             f"systemd/{kind.name} is out of date; regenerate it with: python -c "
@@ -209,10 +215,14 @@ def systemd_analyze() -> str:
     if exe:
         return exe
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        pytest.fail("systemd-analyze is missing although we run as root with apt-get: "
-                    "install Debian's systemd package (.ci/run does)")
-    pytest.skip("systemd-analyze is not installed and cannot be installed here (not root, or no apt-get); "
-                "install the systemd package to run this check")
+        pytest.fail(
+            "systemd-analyze is missing although we run as root with apt-get: "
+            "install Debian's systemd package (.ci/run does)"
+        )
+    pytest.skip(
+        "systemd-analyze is not installed and cannot be installed here (not root, or no apt-get); "
+        "install the systemd package to run this check"
+    )
 
 
 def verify(path: Path, *, user: bool, tmp_path: Path) -> None:
@@ -227,7 +237,10 @@ def verify(path: Path, *, user: bool, tmp_path: Path) -> None:
     env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime), SYSTEMD_LOG_COLOR="0", SYSTEMD_LOG_LEVEL="info")
     res = subprocess.run(
         [systemd_analyze(), "verify", "--man=no", "--user" if user else "--system", str(path)],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     out = res.stdout + res.stderr
     about_unit = [line for line in out.splitlines() if path.name in line]
@@ -237,8 +250,10 @@ def verify(path: Path, *, user: bool, tmp_path: Path) -> None:
 def test_systemd_analyze_catches_a_broken_unit(tmp_path):
     """The check below is not vacuous: a misspelled value (exit 0, just a warning) and a missing binary fail it."""
     good = units.render(units.USER, units.exec_start())
-    for broken in (good.replace("Restart=on-failure", "Restart=onfailure"),
-                   good.replace(units.exec_start(), "/nonexistent/python -m kohakuboard.daemon run")):
+    for broken in (
+        good.replace("Restart=on-failure", "Restart=onfailure"),
+        good.replace(units.exec_start(), "/nonexistent/python -m kohakuboard.daemon run"),
+    ):
         path = tmp_path / "kobo-daemon.service"
         path.write_text(broken)
         with pytest.raises(AssertionError, match="systemd-analyze verify"):

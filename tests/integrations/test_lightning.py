@@ -52,8 +52,12 @@ def _module_class(pl):
             self.log("train_loss", loss, batch_size=len(x))
             self.logged.append((self.global_step, "train_loss", float(loss.detach())))
             if self.global_step == 1:
-                self.logger.log_image("sample", [np.full((4, 4, 3), 200, np.uint8), np.zeros((4, 4), np.uint8)],
-                                      step=self.global_step, caption=["white-ish", "black"])
+                self.logger.log_image(
+                    "sample",
+                    [np.full((4, 4, 3), 200, np.uint8), np.zeros((4, 4), np.uint8)],
+                    step=self.global_step,
+                    caption=["white-ish", "black"],
+                )
                 self.logger.log_histogram("weights", self.net.weight.detach(), step=self.global_step)
                 self.logger.experiment.log(auto_step=False, direct=1.0)  # the Board itself
             return loss
@@ -69,9 +73,18 @@ def _module_class(pl):
 
 
 def _fit(pl, logger, tmp_path: Path, module) -> object:
-    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=logger, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
-                         limit_val_batches=1, val_check_interval=2, default_root_dir=str(tmp_path))
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        limit_val_batches=1,
+        val_check_interval=2,
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(module, _loader(), _loader(4))
     return trainer
 

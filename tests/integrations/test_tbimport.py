@@ -102,8 +102,10 @@ def _value_of(event_dir: Path, tag: str):
 
 
 def _reference(event_dir: Path) -> dict:
-    return {"image_bytes": _value_of(event_dir, "img").image.encoded_image_string,
-            "histo": _value_of(event_dir, "h").histo}
+    return {
+        "image_bytes": _value_of(event_dir, "img").image.encoded_image_string,
+        "histo": _value_of(event_dir, "h").histo,
+    }
 
 
 @pytest.mark.parametrize("source", ["tensorboard", "tensorboardX"])
@@ -152,7 +154,7 @@ def test_changed_damaged_and_interrupted_imports(logdir: Path, base_dir: Path):
 
     # the event file grew, and its last record is cut off (a writer still running): skipped until --replace
     data = event_file.read_bytes()
-    event_file.write_bytes(data + data[:12 + 5])  # a whole header, 5 bytes of its record
+    event_file.write_bytes(data + data[: 12 + 5])  # a whole header, 5 bytes of its record
     out = runner.invoke(main, args)
     assert out.exit_code == 0 and "changed since" in out.output, out.output
     out = runner.invoke(main, [*args, "--replace"])

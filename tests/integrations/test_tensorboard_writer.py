@@ -65,8 +65,14 @@ SCRIPT = textwrap.dedent(
 def _run(import_line: str, cwd: Path) -> None:
     cwd.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(import_line=import_line)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(import_line=import_line)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -96,8 +102,12 @@ def test_script_written_for_torch_tensorboard_runs_unchanged(daemon, base_dir: P
         assert run.config == {"lr": 0.1, "optimizer": "sgd"}
 
         # scalars: every TensorBoard value at its step, with the same value
-        pairs = {"train/loss": (main, "train/loss"), "train/lr": (main, "train/lr"),
-                 "norms/weight": (tb["linear/norms_weight"], "norms"), "norms/bias": (tb["linear/norms_bias"], "norms")}
+        pairs = {
+            "train/loss": (main, "train/loss"),
+            "train/lr": (main, "train/lr"),
+            "norms/weight": (tb["linear/norms_weight"], "norms"),
+            "norms/bias": (tb["linear/norms_bias"], "norms"),
+        }
         for name, (acc, tag) in pairs.items():
             events = acc.Scalars(tag)
             s = run.series(name)

@@ -30,24 +30,46 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning:transformers.*",
 )
 
-TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-            max_position_embeddings=16, num_labels=2)
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=37,
+    max_position_embeddings=16,
+    num_labels=2,
+)
 
 
 def _dataset(n: int = 8) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     return [
-        {"input_ids": torch.randint(1, 64, (8,), generator=g), "attention_mask": torch.ones(8, dtype=torch.long),
-         "labels": torch.tensor(i % 2)}
+        {
+            "input_ids": torch.randint(1, 64, (8,), generator=g),
+            "attention_mask": torch.ones(8, dtype=torch.long),
+            "labels": torch.tensor(i % 2),
+        }
         for i in range(n)
     ]
 
 
 def _args(tmp_path: Path, **kw) -> TrainingArguments:
-    base = dict(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=2,
-                per_device_eval_batch_size=4, logging_steps=1, eval_strategy="steps", eval_steps=2,
-                save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, run_name="tiny-bert",
-                learning_rate=1e-3, seed=0)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=4,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        run_name="tiny-bert",
+        learning_rate=1e-3,
+        seed=0,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -69,8 +91,9 @@ def test_trainer_logs_values_config_and_finishes(daemon, base_dir: Path, tmp_pat
             super().on_log(args, state, control, logs=logs, **kw)
 
     cb = Spy(project="hf", base_dir=str(base_dir), config={"note": "tiny"})
-    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_dataset(), eval_dataset=_dataset(4),
-                      callbacks=[cb])
+    trainer = Trainer(
+        model=model, args=_args(tmp_path), train_dataset=_dataset(), eval_dataset=_dataset(4), callbacks=[cb]
+    )
     trainer.train()
     run_id = cb.board.run_id
     path = base_dir / "hf" / run_id
@@ -95,7 +118,9 @@ def test_trainer_logs_values_config_and_finishes(daemon, base_dir: Path, tmp_pat
         assert list(run.series("train/loss")["global_step"]) == [1, 2, 3]
         assert list(run.series("eval/loss")["global_step"]) == [2, 3]  # eval_steps=2 and the last step
         # values of one global step share one step: no step inflation
-        pairs = {(int(st), int(g)) for k in expected for st, g in zip(run.series(k)["step"], run.series(k)["global_step"])}
+        pairs = {
+            (int(st), int(g)) for k in expected for st, g in zip(run.series(k)["step"], run.series(k)["global_step"])
+        }
         assert sorted(pairs) == [(0, 1), (1, 2), (2, 3)]
     assert verify_run(str(path)).exit_code == 0
 
@@ -103,8 +128,9 @@ def test_trainer_logs_values_config_and_finishes(daemon, base_dir: Path, tmp_pat
 def test_add_callback_then_evaluate_after_training_reopens_the_run(daemon, base_dir: Path, tmp_path: Path):
     """trainer.add_callback(...); evaluate() after train() logs into the same run, which ends finished."""
     model = BertForSequenceClassification(BertConfig(**TINY))
-    trainer = Trainer(model=model, args=_args(tmp_path, eval_strategy="no"), train_dataset=_dataset(),
-                      eval_dataset=_dataset(4))
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, eval_strategy="no"), train_dataset=_dataset(), eval_dataset=_dataset(4)
+    )
     cb = KohakuBoardCallback(name="added", project="hf", base_dir=str(base_dir))
     trainer.add_callback(cb)
     trainer.train()

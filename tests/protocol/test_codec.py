@@ -94,8 +94,12 @@ def test_every_message_round_trips(cls):
 def test_rich_items_travel_with_blobs_as_extra_frames():
     """Items and their binary blobs round-trip; blobs are separate frames, not msgpack."""
     blob = bytes(range(256)) * 1000
-    msg = m.LogMessage(m.Envelope("/r", "c", 3), {"loss": 0.5},
-                       [["img", "media", {"shape": [10, 10, 3]}, [0]], ["h", "histogram", {}, [1]]], [blob, b"xy"])
+    msg = m.LogMessage(
+        m.Envelope("/r", "c", 3),
+        {"loss": 0.5},
+        [["img", "media", {"shape": [10, 10, 3]}, [0]], ["h", "histogram", {}, [1]]],
+        [blob, b"xy"],
+    )
     frames = codec.encode(msg)
     assert len(frames) == 3 and frames[1] == blob and len(frames[0]) < 200
     assert codec.decode(frames) == msg
@@ -121,8 +125,16 @@ def test_log_batch_frames_must_match_count():
     """A LogBatch whose array frames disagree with its count is malformed, not a crash."""
     import struct
 
-    good = m.LogBatch(m.Envelope("/r", "c", 2), ["a", "b"], 2, struct.pack("<2q", 1, 2), struct.pack("<2q", 0, 1),
-                      struct.pack("<2q", 0, 0), struct.pack("<2d", 0.0, 0.0), struct.pack("<4d", 1, 2, 3, 4))
+    good = m.LogBatch(
+        m.Envelope("/r", "c", 2),
+        ["a", "b"],
+        2,
+        struct.pack("<2q", 1, 2),
+        struct.pack("<2q", 0, 1),
+        struct.pack("<2q", 0, 0),
+        struct.pack("<2d", 0.0, 0.0),
+        struct.pack("<4d", 1, 2, 3, 4),
+    )
     frames = codec.encode(good)
     assert codec.decode(frames) == good
     with pytest.raises(MalformedMessage, match="values"):
@@ -186,8 +198,9 @@ def test_open_run_from_another_minor_version_decodes():
 
 def test_run_opened_from_a_1_2_daemon_decodes_without_kinds_name_and_same_rank():
     """A 1.2 daemon's RunOpened (no kinds, name, same_rank) decodes with empty ones: the client then knows none."""
-    msg = m.RunOpened(m.Envelope("/r", "c", 1), False, 5, 7, 0, "d1", {"loss": "scalar"}, "Brave Falcon",
-                      [[123, "node1"]])
+    msg = m.RunOpened(
+        m.Envelope("/r", "c", 1), False, 5, 7, 0, "d1", {"loss": "scalar"}, "Brave Falcon", [[123, "node1"]]
+    )
     header = msgpack.unpackb(codec.encode(msg)[0])
     assert codec.decode(codec.encode(msg)) == msg
     v12 = header[:1] + [2] + header[2:10] + [header[10][:-3]]

@@ -12,7 +12,6 @@ what was logged.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -92,8 +91,13 @@ def _check_order(run: Path, events: list[tuple[str, str]], written: dict[str, in
         path = str(run / rel)
         first_commit = next(i for i in commits if i > written_at)
         # a media file is synced under its temporary name, then renamed (same inode)
-        synced = [i for i, (kind, p) in enumerate(events) if kind == "fsync" and written_at <= i < first_commit
-                  and (p == path or p.startswith(path + ".tmp-") and rel.startswith(fmt.MEDIA_DIR))]
+        synced = [
+            i
+            for i, (kind, p) in enumerate(events)
+            if kind == "fsync"
+            and written_at <= i < first_commit
+            and (p == path or p.startswith(path + ".tmp-") and rel.startswith(fmt.MEDIA_DIR))
+        ]
         assert synced, f"{rel} was written but not synced before the commit that names it: {events}"
 
 
@@ -108,9 +112,16 @@ def test_every_named_file_is_synced_before_its_commit(tmp_path: Path, recorded: 
         rng = np.random.default_rng(0)
         img = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
         first = [
-            _message(1, [("img", Media(img)), ("h", Histogram(np.arange(100.0))),
-                         ("t", TensorLog(np.arange(6.0).reshape(2, 3))), ("k", KernelDensity(values=np.arange(9.0)))],
-                     {"loss": 0.5}),
+            _message(
+                1,
+                [
+                    ("img", Media(img)),
+                    ("h", Histogram(np.arange(100.0))),
+                    ("t", TensorLog(np.arange(6.0).reshape(2, 3))),
+                    ("k", KernelDensity(values=np.arange(9.0))),
+                ],
+                {"loss": 0.5},
+            ),
             m.OutputMessage(m.Envelope(run="", client="c", seq=2, wall=time.time()), "stdout", "epoch 1\n"),
         ]
         w.stage(first)

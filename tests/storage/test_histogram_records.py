@@ -40,7 +40,9 @@ def _write(run: Path, msgs: list[m.LogMessage]) -> None:
 def test_rows_of_several_bin_counts_read_back_in_step_order(tmp_path: Path) -> None:
     run = tmp_path / "run"
     bins = [4, 8, 4, 2, 8]
-    _write(run, [_msg(i + 1, h=Histogram(bins=np.arange(n + 1.0), counts=np.arange(n) + i)) for i, n in enumerate(bins)])
+    _write(
+        run, [_msg(i + 1, h=Histogram(bins=np.arange(n + 1.0), counts=np.arange(n) + i)) for i, n in enumerate(bins)]
+    )
     with RunReader(run) as r:
         hs = r.histograms("h")
         assert [int(h["step"]) for h in hs] == [0, 1, 2, 3, 4]
@@ -62,8 +64,13 @@ def test_a_run_with_the_older_variable_size_column_keeps_it(tmp_path: Path) -> N
     with ColumnVault(str(run / fmt.HISTOGRAM_FILES["exact"]), block_bytes=fmt.VAULT_BLOCK_BYTES) as cv:
         cv.ensure("0/h", "bytes")
     (run / fmt.METADATA_JSON).write_text('{"run_id": "old", "format_version": 1, "status": "running"}')
-    _write(run, [_msg(1, h=Histogram(bins=[0.0, 1.0, 2.0], counts=[3, 4])),
-                 _msg(2, h=Histogram(bins=[0.0, 1.0, 2.0, 3.0], counts=[5, 6, 7]))])
+    _write(
+        run,
+        [
+            _msg(1, h=Histogram(bins=[0.0, 1.0, 2.0], counts=[3, 4])),
+            _msg(2, h=Histogram(bins=[0.0, 1.0, 2.0, 3.0], counts=[5, 6, 7])),
+        ],
+    )
     with ColumnVault(str(run / fmt.HISTOGRAM_FILES["exact"]), read_only=True) as cv:
         assert [(c, d, n) for c, d, n in cv.list_columns()] == [("0/h", "bytes", 2)]
     with RunReader(run) as r:

@@ -145,7 +145,9 @@ def test_missing_metric_error_names_it_and_suggests_close_names(tmp_path):
 
 def test_metadata_properties(tmp_path):
     """name, run_id, project, status and config come from metadata.json."""
-    path = make_run(tmp_path, "vision", "r42", name="resnet", status=fmt.STATUS_CRASHED, config={"lr": 0.1, "layers": [1, 2]})
+    path = make_run(
+        tmp_path, "vision", "r42", name="resnet", status=fmt.STATUS_CRASHED, config={"lr": 0.1, "layers": [1, 2]}
+    )
     with RunReader(path) as r:
         assert (r.name, r.run_id, r.project, r.status) == ("resnet", "r42", "vision", "crashed")
         assert r.config == {"lr": 0.1, "layers": [1, 2]}
@@ -172,11 +174,15 @@ def test_summary_has_counts_step_range_last_value_and_ranks(tmp_path):
 
 def test_events_are_returned_in_order(tmp_path):
     """The run's events table is readable, oldest first."""
-    path = make_run(tmp_path, events=[(T0, "opened", "client a"), (T0 + 1, "client_finished", "a"), (T0 + 2, "finished", "")])
+    path = make_run(
+        tmp_path, events=[(T0, "opened", "client a"), (T0 + 1, "client_finished", "a"), (T0 + 2, "finished", "")]
+    )
     with RunReader(path) as r:
         events = r.events()
     assert [(e["kind"], e["detail"], e["wall"]) for e in events] == [
-        ("opened", "client a", T0), ("client_finished", "a", T0 + 1), ("finished", "", T0 + 2),
+        ("opened", "client a", T0),
+        ("client_finished", "a", T0 + 1),
+        ("finished", "", T0 + 2),
     ]
 
 
@@ -285,11 +291,18 @@ def test_list_runs_across_projects_skipping_broken_folders(tmp_path):
     runs = list_runs(tmp_path)
     assert [(r.project, r.run_id, r.name, r.status) for r in runs] == [
         # "b" says running but no daemon holds it open: reported stale
-        ("vision", "a", "resnet", "finished"), ("nlp", "b", "b", "running?"), ("nlp", "c", "c", "crashed"),
+        ("vision", "a", "resnet", "finished"),
+        ("nlp", "b", "b", "running?"),
+        ("nlp", "c", "c", "crashed"),
     ]
     assert runs[0] == RunInfo(
-        path=str(tmp_path / "vision" / "a"), project="vision", run_id="a", name="resnet",
-        status="finished", created_at=T0 + 10, finished_at=T0 + 70,
+        path=str(tmp_path / "vision" / "a"),
+        project="vision",
+        run_id="a",
+        name="resnet",
+        status="finished",
+        created_at=T0 + 10,
+        finished_at=T0 + 70,
     )
     assert runs[1].finished_at is None
     assert list_runs(tmp_path / "nowhere") == []

@@ -27,8 +27,9 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -103,8 +104,12 @@ def read_everything(path: str) -> dict[str, Any]:
             "loss": r.series("loss").tolist(),
             "loss_1_3": r.series("loss", start=1, end=3).tolist(),
             "num_points": r.num_points("loss"),
-            "media": [(m["step"], m["caption"], hashlib.sha256(r.media_bytes(m)).hexdigest()) for m in r.media("sample")],
-            "tables": [[[c["hash"] if isinstance(c, dict) else c for c in row] for row in t["rows"]] for t in r.tables("preds")],
+            "media": [
+                (m["step"], m["caption"], hashlib.sha256(r.media_bytes(m)).hexdigest()) for m in r.media("sample")
+            ],
+            "tables": [
+                [[c["hash"] if isinstance(c, dict) else c for c in row] for row in t["rows"]] for t in r.tables("preds")
+            ],
             "grads": [(h["step"], h["edges"].tolist(), h["counts"].tolist()) for h in r.histograms("grads")],
             "small": [(h["step"], h["counts"].tolist()) for h in r.histograms("small")],
             "tensors": [(t["step"], t["array"].tolist(), str(t["array"].dtype)) for t in r.tensors("attn")],
@@ -138,8 +143,13 @@ def check_values(got: dict[str, Any], steps: int) -> None:
     assert got["loss_1_3"] == got["loss"][1:3]
     assert got["num_points"] == steps
     assert got["summary"]["loss"]["points"] == steps and got["summary"]["acc"]["last_value"] == (steps - 1) / 10
-    assert got["items"] == {"media": ["sample"], "table": ["preds"], "tensor": ["attn"], "kde": ["logits"],
-                            "histogram": ["grads", "small"]}
+    assert got["items"] == {
+        "media": ["sample"],
+        "table": ["preds"],
+        "tensor": ["attn"],
+        "kde": ["logits"],
+        "histogram": ["grads", "small"],
+    }
     assert [(s, c) for s, c, _ in got["media"]] == [(i, f"c{i}") for i in range(steps)]
     assert len({h for _, _, h in got["media"]}) == steps  # a different image each step
     assert [len(rows) for rows in got["tables"]] == [1] * steps
@@ -199,11 +209,12 @@ def nobody_script(code: str) -> str:
 def as_nobody(code: str, timeout: float = 60, tmpdir: str | None = None) -> Any:
     """Run ``code`` as nobody (with ``TMPDIR``, if given); it prints its result as ``RESULT <json>``."""
     env = dict(os.environ, **({"TMPDIR": tmpdir} if tmpdir else {}))
-    proc = subprocess.run([sys.executable, "-c", nobody_script(code)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", nobody_script(code)], capture_output=True, text=True, timeout=timeout, env=env
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 @pytest.fixture
@@ -304,11 +315,14 @@ def test_killed_daemon_run_made_read_only_reads_every_committed_point(daemon, sh
     tmp = tempfile.mkdtemp(prefix="kobo-tmp-", dir="/tmp")  # the child's TMPDIR: its private copies go there
     os.chown(tmp, NOBODY.pw_uid, NOBODY.pw_gid)
     try:
-        got = as_nobody(f"""
+        got = as_nobody(
+            f"""
 out = [t.read_everything(p) for p in ({str(run)!r}, {str(copy)!r})]
 out.append(t.run_cli({str(run)!r}, tempfile.mkdtemp())["verify"])
 print("RESULT " + json.dumps(out))
-""", tmpdir=tmp)
+""",
+            tmpdir=tmp,
+        )
         assert not [p for p in os.listdir(tmp) if p.startswith("kobo-read-")]  # the copies were removed
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -380,22 +394,29 @@ def test_live_run_read_by_nobody_sees_later_commits(daemon, shared_dir):
     b.flush()
     subprocess.run(["chmod", "-R", "go+rX", str(shared_dir)], check=True)
     child = subprocess.Popen(
-        [sys.executable, "-c", nobody_script(f"""
+        [
+            sys.executable,
+            "-c",
+            nobody_script(f"""
 r = reader.RunReader({b.path!r})
 for line in sys.stdin:
     n = r.num_points("loss")
     s = r.series("loss", start=int(line))
     print("RESULT " + json.dumps([n, s["step"].tolist(), len(r.tensors("attn")), sorted({{f.mode for f in r._files.values()}})]), flush=True)
-""")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+"""),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
+
         def ask(start: int) -> Any:
             child.stdin.write(f"{start}\n")
             child.stdin.flush()
             line = child.stdout.readline()
             assert line.startswith("RESULT "), line
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
 
         assert ask(0) == [2, [0, 1], 2, ["shared"]]
         for i in range(2, 5):
@@ -420,10 +441,18 @@ N = 5000  # three 64 KiB blocks of 32-byte records
 def _hand_run(path: Path, committed: int, total: int) -> None:
     """A run of ``total`` loss points of which ``committed`` are committed (the rest: an uncommitted tail)."""
     (path / fmt.METRICS_DIR).mkdir(parents=True)
-    fmt.write_json_atomic(str(path / fmt.METADATA_JSON), {
-        "name": "slices", "project": "p", "run_id": "slices", "config": {}, "status": fmt.STATUS_FINISHED,
-        "created_at": T0, "format_version": fmt.FORMAT_VERSION,
-    })
+    fmt.write_json_atomic(
+        str(path / fmt.METADATA_JSON),
+        {
+            "name": "slices",
+            "project": "p",
+            "run_id": "slices",
+            "config": {},
+            "status": fmt.STATUS_FINISHED,
+            "created_at": T0,
+            "format_version": fmt.FORMAT_VERSION,
+        },
+    )
     rec = np.zeros(total, dtype=fmt.scalar_record_dtype())
     rec["step"] = np.arange(total)
     rec["global_step"] = np.arange(total) * 2
@@ -441,8 +470,22 @@ def _hand_run(path: Path, committed: int, total: int) -> None:
     db.close()
 
 
-SLICES = [(0, None), (0, 0), (0, 1), (1, 3), (2047, 2049), (2048, 4096), (100, 4800), (4799, None),
-          (4800, None), (4800, 4800), (4900, 6000), (6000, None), (6000, 7000), (0, 10**9)]
+SLICES = [
+    (0, None),
+    (0, 0),
+    (0, 1),
+    (1, 3),
+    (2047, 2049),
+    (2048, 4096),
+    (100, 4800),
+    (4799, None),
+    (4800, None),
+    (4800, 4800),
+    (4900, 6000),
+    (6000, None),
+    (6000, 7000),
+    (0, 10**9),
+]
 
 
 def test_series_start_end_is_exactly_that_slice_of_the_committed_points(tmp_path):
@@ -480,9 +523,15 @@ def test_series_rejects_bad_start_and_end_naming_the_parameter(tmp_path):
     path = tmp_path / "p" / "slices"
     _hand_run(path, committed=10, total=10)
     with RunReader(path) as r:
-        for kwargs, param in (({"start": -1}, "start"), ({"end": -1}, "end"), ({"start": 1.5}, "start"),
-                              ({"end": "3"}, "end"), ({"start": True}, "start"), ({"start": None}, "start"),
-                              ({"start": 5, "end": 4}, "end")):
+        for kwargs, param in (
+            ({"start": -1}, "start"),
+            ({"end": -1}, "end"),
+            ({"start": 1.5}, "start"),
+            ({"end": "3"}, "end"),
+            ({"start": True}, "start"),
+            ({"start": None}, "start"),
+            ({"start": 5, "end": 4}, "end"),
+        ):
             with pytest.raises(ValueError, match=param):
                 r.series("loss", **kwargs)
             with pytest.raises(ValueError, match=param):

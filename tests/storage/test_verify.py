@@ -16,8 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -49,8 +49,11 @@ print("done", flush=True)
 
 def _isolated_env(root: Path) -> tuple[dict[str, str], str]:
     sock_dir = tempfile.mkdtemp(prefix="kobo-", dir="/tmp")  # short: Unix socket paths are limited
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("KOBO_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("KOBO_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")
+    }
     env["KOBO_DAEMON_ENDPOINT"] = f"ipc://{sock_dir}/kobo"
     env["KOBO_BASE_DIR"] = str(root / "kohakuboard")
     return env, sock_dir
@@ -62,8 +65,9 @@ def golden(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("golden")
     env, sock_dir = _isolated_env(root)
     try:
-        res = subprocess.run([sys.executable, "-c", GOLDEN], cwd=root, env=env, capture_output=True, text=True,
-                             timeout=120)
+        res = subprocess.run(
+            [sys.executable, "-c", GOLDEN], cwd=root, env=env, capture_output=True, text=True, timeout=120
+        )
         assert res.returncode == 0, res.stdout + res.stderr
     finally:
         subprocess.run([sys.executable, "-m", "kohakuboard.daemon", "stop"], env=env, capture_output=True, timeout=90)
@@ -83,8 +87,9 @@ def run(golden: Path, tmp_path: Path) -> Path:
 
 def kobo(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """The real ``kobo`` command line, in a fresh interpreter."""
-    return subprocess.run([sys.executable, "-m", "kohakuboard.cli.main", *args], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "kohakuboard.cli.main", *args], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
 
 
 def problem_files(res: subprocess.CompletedProcess[str]) -> list[str]:
@@ -144,6 +149,7 @@ def _truncate(rel: str, fraction: float) -> Callable[[Path], str]:
         p = run / rel
         os.truncate(p, int(p.stat().st_size * fraction))
         return rel
+
     return damage
 
 
@@ -156,6 +162,7 @@ def _garbage_middle(rel: str) -> Callable[[Path], str]:
             f.seek(size // 4)
             f.write(rng.integers(0, 256, size // 2, dtype=np.uint8).tobytes())
         return rel
+
     return damage
 
 
@@ -182,6 +189,7 @@ def _delete(rel: str) -> Callable[[Path], str]:
     def damage(run: Path) -> str:
         os.unlink(run / rel)
         return rel
+
     return damage
 
 
@@ -222,8 +230,18 @@ def test_damage_is_reported_with_the_file(case: str, run: Path):
     assert report["ok"] is False and {p["file"] for p in report["problems"]} == {rel}
 
 
-@pytest.mark.parametrize("rel", [fmt.METADATA_JSON, fmt.METADATA_DB, fmt.SCALARS_DB, fmt.HISTOGRAM_FILES["exact"],
-                                 fmt.TENSORS_DB, fmt.OUTPUT_LOG, "MEDIA"])
+@pytest.mark.parametrize(
+    "rel",
+    [
+        fmt.METADATA_JSON,
+        fmt.METADATA_DB,
+        fmt.SCALARS_DB,
+        fmt.HISTOGRAM_FILES["exact"],
+        fmt.TENSORS_DB,
+        fmt.OUTPUT_LOG,
+        "MEDIA",
+    ],
+)
 def test_any_truncation_of_any_file_is_found_without_crashing(rel: str, run: Path):
     """Every file verify knows, cut at many lengths (1 byte .. all but one byte): never an exception,
     always that file reported as damaged."""
@@ -260,14 +278,26 @@ def test_rotten_scalar_and_histogram_records_are_found(run: Path):
     with RunReader(run) as r:
         point = r.series("loss")[150].tobytes()
         h = r.histograms("weights")[0]
-    hist = struct.pack(fmt.HISTOGRAM_HEADER, h["step"], h["global_step"], h["wall"], len(h["counts"]), h["nan"], h["posinf"],
-                       h["neginf"], h["total"], 1.0)
+    hist = struct.pack(
+        fmt.HISTOGRAM_HEADER,
+        h["step"],
+        h["global_step"],
+        h["wall"],
+        len(h["counts"]),
+        h["nan"],
+        h["posinf"],
+        h["neginf"],
+        h["total"],
+        1.0,
+    )
     _rot(run / fmt.SCALARS_DB, point, 7, b"\xff")  # top byte of the step
     _rot(run / fmt.HISTOGRAM_FILES["exact"], hist, 24, struct.pack("<q", len(h["counts"]) + 7))  # num_bins
     res = kobo("verify", str(run))
     assert res.returncode == 1, res.stdout + res.stderr
-    assert (f"{fmt.SCALARS_DB}: column '0/loss': 1 record of 301 cannot be a logged point "
-            "(negative step or impossible time), the first at row 150: corrupted") in res.stdout
+    assert (
+        f"{fmt.SCALARS_DB}: column '0/loss': 1 record of 301 cannot be a logged point "
+        "(negative step or impossible time), the first at row 150: corrupted"
+    ) in res.stdout
     assert f"{fmt.HISTOGRAM_FILES['exact']}: column '0/weights': 1 histogram record of 1 does not parse" in res.stdout
     assert set(problem_files(res)) == {fmt.SCALARS_DB, fmt.HISTOGRAM_FILES["exact"]}
 
@@ -280,8 +310,10 @@ def test_damaged_metadata_db_still_checks_the_other_files(run: Path):
     report = verify_run(run)
     assert report.exit_code == 1
     assert {p.file for p in report.problems} == {fmt.METADATA_DB, fmt.SCALARS_DB}
-    assert any(n.file == fmt.METADATA_DB and "media, tables, tensors, KDEs and commit points not checked" in n.message
-               for n in report.notes)
+    assert any(
+        n.file == fmt.METADATA_DB and "media, tables, tensors, KDEs and commit points not checked" in n.message
+        for n in report.notes
+    )
 
 
 # --------------------------------------------------- commit point (reader)
@@ -340,8 +372,10 @@ def test_uncommitted_tail_is_a_note_not_damage(run: Path):
     res = kobo("verify", str(run))
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout
-    assert (f"{fmt.SCALARS_DB}: note: column '0/loss': uncommitted tail of 3 rows, "
-            "will be removed when the run is next written") in out
+    assert (
+        f"{fmt.SCALARS_DB}: note: column '0/loss': uncommitted tail of 3 rows, "
+        "will be removed when the run is next written"
+    ) in out
     assert f"{fmt.SCALARS_DB}: note: column '0/ghost': 2 uncommitted rows (the column was never committed)" in out
     assert f"{fmt.HISTOGRAM_FILES['exact']}: note: column '0/weights': uncommitted tail of 1 row" in out
     assert f"{fmt.OUTPUT_LOG}: note: uncommitted tail of 23 bytes" in out
@@ -410,8 +444,13 @@ def _copy_live(src: Path, dest: Path) -> None:
 
 def _copies_of_live_run(tmp_path: Path, base_dir: Path, n: int) -> tuple[list[Path], dict[str, np.ndarray]]:
     stop = tmp_path / "stop"
-    proc = subprocess.Popen([sys.executable, "-c", LIVE, str(stop)], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LIVE, str(stop)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     src = base_dir / "default" / "live"
     copies = []
     try:
@@ -454,4 +493,3 @@ def test_copy_of_a_live_run_reads_as_a_prefix(tmp_path: Path, base_dir: Path, da
             assert any(b in p.message for b in behind), f"{copy.name}: {p}"
         if report.damaged:  # and says why that may be
             assert "if this folder is a copy taken meanwhile, it missed the newest data" in report.summary()
-

@@ -19,7 +19,14 @@ def test_thousand_metrics_use_few_file_descriptors(tmp_path):
     w = RunWriter(str(tmp_path / "run"))
     w.attach(client="c", rank=0, pid=os.getpid(), host="h", name="n", project="p", run_id="run", config={})
     for step in range(3):
-        w.stage([LogMessage(Envelope("/r", "c", step + 1, 0, step, step, 1.0), {f"m{i:04d}": float(i * step) for i in range(1000)})])
+        w.stage(
+            [
+                LogMessage(
+                    Envelope("/r", "c", step + 1, 0, step, step, 1.0),
+                    {f"m{i:04d}": float(i * step) for i in range(1000)},
+                )
+            ]
+        )
         w.commit()
     used = _fds() - before
     w.close()

@@ -20,8 +20,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -91,7 +92,11 @@ raise RuntimeError("boom")
 
 
 def _env(base: Path, sock_dir: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KOBO_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("KOBO_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+    }
     env.update(KOBO_DAEMON_ENDPOINT=f"ipc://{sock_dir}/kobo", KOBO_BASE_DIR=str(base), **extra)
     return env
 
@@ -111,8 +116,16 @@ def viewer_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     try:
         _run(SPIKE_SCRIPT, env, root)
         _run(RICH_SCRIPT, env, root)
-        procs = [subprocess.Popen([sys.executable, "-c", DDP_SCRIPT], env={**env, "RANK": str(r), "WORLD_SIZE": "2"},
-                                  cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in (0, 1)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", DDP_SCRIPT],
+                env={**env, "RANK": str(r), "WORLD_SIZE": "2"},
+                cwd=root,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for r in (0, 1)
+        ]
         for p in procs:
             _, err = p.communicate(timeout=120)
             assert p.returncode == 0, err.decode()[-3000:]
@@ -145,8 +158,9 @@ class ServerProcess:
         import re
         import time
 
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+        )
         self.lines: list[str] = []
         self.url = ""
         deadline = time.monotonic() + 30
@@ -179,8 +193,9 @@ class OpenServer(ServerProcess):
     def __init__(self, base: Path, *args: str, env: dict[str, str] | None = None) -> None:
         import re
 
-        super().__init__([sys.executable, "-m", "kohakuboard.cli.main", "open", str(base), "--port", "0", *args],
-                         env=env)
+        super().__init__(
+            [sys.executable, "-m", "kohakuboard.cli.main", "open", str(base), "--port", "0", *args], env=env
+        )
         m = re.search(r"\?token=(\S+)", self.url)
         self.token = m.group(1) if m else None
 

@@ -23,8 +23,13 @@ PW = "correct horse battery"
 
 
 def cli(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kohakuboard.viewer.serve_cli", *args, "--config-dir", str(config)],
-                          input=stdin, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "kohakuboard.viewer.serve_cli", *args, "--config-dir", str(config)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def mode(path: Path) -> int:
@@ -53,9 +58,24 @@ def test_file_is_0600_and_dirs_private_even_with_umask_0(tmp_path):
 
     # and through the CLI in another process started with umask 0
     config2 = tmp_path / "c" / "serve"
-    res = subprocess.run([sys.executable, "-m", "kohakuboard.viewer.serve_cli", "user", "add", "bob",
-                          "--password-stdin", "--config-dir", str(config2)],
-                         input=PW + "\n", capture_output=True, text=True, timeout=60, preexec_fn=lambda: os.umask(0))
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kohakuboard.viewer.serve_cli",
+            "user",
+            "add",
+            "bob",
+            "--password-stdin",
+            "--config-dir",
+            str(config2),
+        ],
+        input=PW + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: os.umask(0),
+    )
     assert res.returncode == 0, res.stderr
     assert mode(config2) == 0o700 and mode(config2 / "accounts.json") == 0o600 and mode(tmp_path / "c") == 0o755
 

@@ -42,6 +42,7 @@ class Api:
             transport = httpx.ASGITransport(app=self.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:48889") as c:
                 return await c.get(url, headers={**(AUTH if auth else {}), **(headers or {})})
+
         return asyncio.run(go())
 
     def json(self, url: str, status: int = 200) -> Any:
@@ -117,8 +118,10 @@ def test_nonfinite_values_are_counted_and_marked_never_sent(api, viewer_runs):
     assert header["nonfinite"] == {"nan": 1, "posinf": 1, "neginf": 1}
     with RunReader(viewer_runs / "default" / "rich") as r:
         s = r.series("train/loss")
-    where = {kind: float(s["step"][test(s["value"])][0])
-             for kind, test in (("nan", np.isnan), ("posinf", np.isposinf), ("neginf", np.isneginf))}
+    where = {
+        kind: float(s["step"][test(s["value"])][0])
+        for kind, test in (("nan", np.isnan), ("posinf", np.isposinf), ("neginf", np.isneginf))
+    }
     marks = {(m["kind"], m["x"]) for m in header["marks"]}
     assert marks == {(kind, x) for kind, x in where.items()}
     assert not np.isinf(a["y"]).any()
@@ -218,32 +221,38 @@ def test_run_summary_and_rich_values(api):
     assert kinds[0] == "open" and "finished" in " ".join(kinds + [str(e) for e in kinds])
 
 
-@pytest.mark.parametrize("url, needle", [
-    ("/api/runs/nope/rich", "no project 'nope'"),
-    ("/api/runs/default/nope", "no run 'nope'"),
-    ("/api/runs/default/rich/series?metric=train/los", "did you mean 'train/loss'"),
-    ("/api/runs/default/ddp/series?metric=loss&rank=7", "rank(s) 0, 1"),
-    ("/api/runs/default/rich/media?name=nope", "no media 'nope'"),
-    ("/api/runs/default/rich/histograms?name=nope", "no histogram 'nope'"),
-    ("/media/default/rich/" + "0" * 64 + ".png", "holds no media"),
-])
+@pytest.mark.parametrize(
+    "url, needle",
+    [
+        ("/api/runs/nope/rich", "no project 'nope'"),
+        ("/api/runs/default/nope", "no run 'nope'"),
+        ("/api/runs/default/rich/series?metric=train/los", "did you mean 'train/loss'"),
+        ("/api/runs/default/ddp/series?metric=loss&rank=7", "rank(s) 0, 1"),
+        ("/api/runs/default/rich/media?name=nope", "no media 'nope'"),
+        ("/api/runs/default/rich/histograms?name=nope", "no histogram 'nope'"),
+        ("/media/default/rich/" + "0" * 64 + ".png", "holds no media"),
+    ],
+)
 def test_unknown_names_are_404_with_a_message(api, url, needle):
     r = api.get(url)
     assert r.status_code == 404, r.text
     assert needle in r.json()["error"]
 
 
-@pytest.mark.parametrize("url", [
-    "/api/runs/%2E%2E/default",
-    "/api/runs/default/%2E%2E",
-    "/api/runs/default/..%2F..%2Fetc",
-    "/api/runs/%2Fetc/passwd",
-    "/media/default/rich/..%2F..%2F..%2Fmetadata.json",
-    "/media/default/rich/%2E%2E",
-    "/media/%2E%2E/%2E%2E/passwd",
-    "/static/..%2F..%2Fapp.py",
-    "/static/%2E%2E/app.py",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/api/runs/%2E%2E/default",
+        "/api/runs/default/%2E%2E",
+        "/api/runs/default/..%2F..%2Fetc",
+        "/api/runs/%2Fetc/passwd",
+        "/media/default/rich/..%2F..%2F..%2Fmetadata.json",
+        "/media/default/rich/%2E%2E",
+        "/media/%2E%2E/%2E%2E/passwd",
+        "/static/..%2F..%2Fapp.py",
+        "/static/%2E%2E/app.py",
+    ],
+)
 def test_traversal_attempts_are_refused(api, url):
     r = api.get(url)
     assert r.status_code in (400, 404), (url, r.status_code)
@@ -270,9 +279,9 @@ def test_symlinks_out_of_the_folder_are_not_served(tmp_path, viewer_runs):
     shutil.copytree(viewer_runs / "default" / "ddp", outside / "proj" / "ddp")
     (base / "default").mkdir(parents=True)
     shutil.copytree(viewer_runs / "default" / "ddp", base / "default" / "ddp")
-    os.symlink(outside / "proj", base / "escaped")                       # a project symlink out
-    os.symlink(outside / "proj" / "ddp", base / "default" / "linked")     # a run symlink out
-    os.symlink(base / "default" / "ddp", base / "default" / "inside")     # a symlink within DIR is fine
+    os.symlink(outside / "proj", base / "escaped")  # a project symlink out
+    os.symlink(outside / "proj" / "ddp", base / "default" / "linked")  # a run symlink out
+    os.symlink(base / "default" / "ddp", base / "default" / "inside")  # a symlink within DIR is fine
     api = Api(base)
     runs = {(r["project"], r["run_id"]) for r in api.json("/api/runs")["runs"]}
     assert runs == {("default", "ddp"), ("default", "inside")}  # the ones leading out are not even listed
@@ -330,8 +339,15 @@ def test_viewer_changes_nothing_in_the_runs(viewer_runs):
         s = api.json(f"/api/runs/default/{run}")
         for m in s["metrics"]:
             api.series(f"/api/runs/default/{run}/series?metric={m['name']}")
-    for item in ("media?name=sample", "tables?name=preds", "histograms?name=grads", "kde?name=logits",
-                 "tensors?name=attn", "logs", "run-events"):
+    for item in (
+        "media?name=sample",
+        "tables?name=preds",
+        "histograms?name=grads",
+        "kde?name=logits",
+        "tensors?name=attn",
+        "logs",
+        "run-events",
+    ):
         assert api.get(f"/api/runs/default/rich/{item}").status_code == 200
     assert snapshot(viewer_runs) == before
 
@@ -381,8 +397,8 @@ def _parts(body: bytes) -> list[bytes]:
     """The framed parts of a first-charts answer (u32 little-endian length, then the bytes)."""
     out, off = [], 0
     while off < len(body):
-        n = int.from_bytes(body[off:off + 4], "little")
-        out.append(body[off + 4:off + 4 + n])
+        n = int.from_bytes(body[off : off + 4], "little")
+        out.append(body[off + 4 : off + 4 + n])
         off += 4 + n
     assert off == len(body), "the answer ends inside a part"
     return out
@@ -395,13 +411,16 @@ def test_first_charts_are_the_pages_first_charts_with_the_same_bytes(api):
     parts = _parts(r.content)
     charts = json.loads(parts[0])
     # the page's order: "general" first, then groups by name, names sorted within a group
-    assert charts == [{"metric": "train/grad_norm", "rank": 0}, {"metric": "train/loss", "rank": 0},
-                      {"metric": "train/lr", "rank": 0}]
+    assert charts == [
+        {"metric": "train/grad_norm", "rank": 0},
+        {"metric": "train/loss", "rank": 0},
+        {"metric": "train/lr", "rank": 0},
+    ]
     assert len(parts) == 1 + len(charts)
     for c, body in zip(charts, parts[1:]):
         alone = api.get(f"/api/runs/default/rich/series?metric={c['metric']}&rank=0&x=step&width=614")
         assert body == alone.content
-    header, arrays = R.decode(parts[2])   # train/loss: its NaN and infinities are counted there too
+    header, arrays = R.decode(parts[2])  # train/loss: its NaN and infinities are counted there too
     assert header["nonfinite"] == {"nan": 1, "posinf": 1, "neginf": 1}
     # smoothing and another x axis pass through; a rank the metric lacks falls back to its lowest
     r = api.get("/api/runs/default/ddp/first-charts?rank=1&x=relative&smooth=0.6&width=300&count=4")
@@ -418,8 +437,14 @@ def test_first_charts_are_the_pages_first_charts_with_the_same_bytes(api):
 
 def test_first_charts_bad_input(api):
     assert api.get("/api/runs/default/nope/first-charts").status_code == 404
-    for q, needle in [("rank=band", "first-charts takes"), ("x0=1&x1=2", "first-charts takes"),
-                      ("count=0", "count"), ("count=99", "count"), ("x=epoch", "'x'"), ("width=0", "width")]:
+    for q, needle in [
+        ("rank=band", "first-charts takes"),
+        ("x0=1&x1=2", "first-charts takes"),
+        ("count=0", "count"),
+        ("count=99", "count"),
+        ("x=epoch", "'x'"),
+        ("width=0", "width"),
+    ]:
         r = api.get(f"/api/runs/default/rich/first-charts?{q}")
         assert r.status_code == 400 and needle in r.json()["error"], (q, r.text)
 
@@ -452,13 +477,14 @@ def test_a_growing_series_is_read_only_from_its_cached_length():
         def load(m):
             reads.append((m, n))
             return column[m:n].copy()
+
         return load
 
     assert cache.get(("run", "loss", 0, 600), loader(600)).tolist() == column[:600].tolist()
     assert cache.get(("run", "loss", 0, 600), loader(600)) is not None and reads == [(0, 600)]
     grown = cache.get(("run", "loss", 0, 750), loader(750))
     assert grown.tolist() == column[:750].tolist() and reads[-1] == (600, 750)
-    cache.get(("run", "loss", 1, 10), loader(10))   # another rank: its own rows from 0
+    cache.get(("run", "loss", 1, 10), loader(10))  # another rank: its own rows from 0
     assert reads[-1] == (0, 10)
 
 
@@ -470,7 +496,7 @@ def test_a_cold_listing_longer_than_the_hang_limit_lists_every_run(tmp_path, vie
     base = tmp_path / "kohakuboard"
     for i in range(120):
         shutil.copytree(viewer_runs / "default" / "ddp", base / "many" / f"r{i:03d}")
-    monkeypatch.setattr(index_mod, "INFO_WAIT_S", 0.02)   # far below the listing's whole time
+    monkeypatch.setattr(index_mod, "INFO_WAIT_S", 0.02)  # far below the listing's whole time
     t0 = __import__("time").perf_counter()
     runs = index_mod.RunIndex(str(base)).runs()
     took = __import__("time").perf_counter() - t0
@@ -495,7 +521,7 @@ def test_a_run_summary_is_read_once_for_requests_that_come_together(tmp_path, vi
 
     def slow_read(project, run_id):
         reads.append(run_id)
-        _time.sleep(0.3)   # a slow disk: every request arrives while the first read is going on
+        _time.sleep(0.3)  # a slow disk: every request arrives while the first read is going on
         return real(project, run_id)
 
     monkeypatch.setattr(viewer, "_read_summary", slow_read)
@@ -534,11 +560,11 @@ def test_a_live_summary_many_pages_ask_for_is_read_at_most_every_tenth_of_a_seco
     viewer._read_summary = lambda p, r: reads.append(r) or real(p, r)
     assert viewer.run_summary("default", "rich")["name"] == "rich"
     meta.write_text(_json.dumps({**data, "status": "running", "name": "renamed"}))
-    assert viewer.run_summary("default", "rich")["name"] == "renamed"      # little demand: the latest
+    assert viewer.run_summary("default", "rich")["name"] == "renamed"  # little demand: the latest
     for _ in range(app_mod.SUMMARY_BUSY_PER_S):
         viewer.run_summary("default", "rich")
     meta.write_text(_json.dumps({**data, "status": "running", "name": "renamed-again"}))
-    assert viewer.run_summary("default", "rich")["name"] == "renamed"      # busy, and read just now
+    assert viewer.run_summary("default", "rich")["name"] == "renamed"  # busy, and read just now
     _time.sleep(app_mod.SUMMARY_BUSY_MAX_AGE_S * 1.5)
     assert viewer.run_summary("default", "rich")["name"] == "renamed-again"
     assert len(reads) == 3
@@ -562,11 +588,11 @@ def test_a_live_run_line_many_pages_ask_for_is_read_at_most_every_max_age(tmp_pa
     idx = index_mod.RunIndex(str(base))
     assert idx.info("default", "rich")["name"] == "rich"
     meta.write_text(_json.dumps({**data, "status": "running", "name": "renamed"}))
-    assert idx.info("default", "rich")["name"] == "renamed"                 # little demand: the latest
+    assert idx.info("default", "rich")["name"] == "renamed"  # little demand: the latest
     for _ in range(index_mod.BUSY_PER_S):
         idx.runs()
     meta.write_text(_json.dumps({**data, "status": "running", "name": "renamed-again"}))
-    assert [r["name"] for r in idx.runs()] == ["renamed"]                  # busy, and read just now
+    assert [r["name"] for r in idx.runs()] == ["renamed"]  # busy, and read just now
     _time.sleep(0.6)
     assert [r["name"] for r in idx.runs()] == ["renamed-again"]
     # the finish shows within the same bound; after it, any change shows at once, however busy
@@ -631,7 +657,7 @@ def test_live_tails_read_each_new_row_once_for_every_page():
     assert tails.get("s", 50, 800, load).tolist() == column[50:800].tolist() and reads[-1] == (50, 800)
     # held rows are bounded: old chunks go, and a tail before them is read again
     for end in range(1800, 9001, 1000):
-        assert tails.get("s", end - 1000, end, load).tolist() == column[end - 1000:end].tolist()
+        assert tails.get("s", end - 1000, end, load).tolist() == column[end - 1000 : end].tolist()
     assert tails.get("s", 100, 200, load).tolist() == column[100:200].tolist() and reads[-1] == (100, 200)
 
 

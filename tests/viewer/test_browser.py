@@ -17,8 +17,9 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,8 +35,9 @@ Image = pytest.importorskip("PIL.Image")
 class Page:
     """A browser page on a ``kobo open`` server, recording JS errors and series responses."""
 
-    def __init__(self, browser: Any, server: Any, shots: Path, width: int = 1400, height: int = 900,
-                 bypass_csp: bool = True) -> None:
+    def __init__(
+        self, browser: Any, server: Any, shots: Path, width: int = 1400, height: int = 900, bypass_csp: bool = True
+    ) -> None:
         self.server = server
         self.shots = shots
         # Playwright evaluates the tests' JS snippets with eval, which the page's CSP forbids;
@@ -118,8 +120,12 @@ def test_run_list_shows_every_run_and_its_status(page, open_server, viewer_runs)
     rows = p.page.locator("tr.run-row")
     assert rows.count() == 4
     status = {r.get_attribute("data-run"): r.locator(".badge").get_attribute("data-status") for r in rows.all()}
-    assert status == {"default/spikes": "finished", "default/rich": "finished", "default/ddp": "finished",
-                      "other/crashed": "crashed"}
+    assert status == {
+        "default/spikes": "finished",
+        "default/rich": "finished",
+        "default/ddp": "finished",
+        "other/crashed": "crashed",
+    }
     p.page.fill("#run-filter", "optimizer.name=adamw")
     p.page.wait_for_function("document.querySelectorAll('tr.run-row').length === 1", timeout=10_000)
     assert p.page.locator("tr.run-row").get_attribute("data-run") == "default/rich"
@@ -175,10 +181,13 @@ def test_rich_run_renders_scalars_nonfinite_media_tables_histograms(page, open_s
     card.locator("img").first.wait_for(timeout=10_000)
     p.page.wait_for_function(
         "[...document.querySelectorAll('.item-card[data-item=\"sample\"] img')].some(i => i.complete && i.naturalWidth === 64)",
-        timeout=10_000)
+        timeout=10_000,
+    )
     assert p.page.evaluate("window.koboSetStep('media', 'sample', 52)")
     p.page.wait_for_function(
-        "document.querySelector('.item-card[data-item=\"sample\"] .step-label').textContent.includes('52')", timeout=10_000)
+        "document.querySelector('.item-card[data-item=\"sample\"] .step-label').textContent.includes('52')",
+        timeout=10_000,
+    )
     shot = p.shot("media", card)
     assert ink(shot) > 0.02
 
@@ -187,7 +196,8 @@ def test_rich_run_renders_scalars_nonfinite_media_tables_histograms(page, open_s
     cell.first.wait_for(timeout=10_000)
     p.page.wait_for_function(
         "[...document.querySelectorAll('.item-card[data-item=\"preds\"] table img')].every(i => i.complete && i.naturalWidth === 16)",
-        timeout=10_000)
+        timeout=10_000,
+    )
     assert "dog" in p.page.locator('.item-card[data-item="preds"] table').inner_text()
     p.shot("table", p.page.locator('.item-card[data-item="preds"]'))
 
@@ -203,7 +213,10 @@ def test_rich_run_renders_scalars_nonfinite_media_tables_histograms(page, open_s
         p.page.wait_for_selector(f'.item-card[data-item="{item}"][data-drawn="1"]', timeout=20_000)
         assert ink(p.shot(tab, p.page.locator(f'.item-card[data-item="{item}"]'))) > 0.02
     p.page.click('nav#tabs button.tab[data-tab="output"]')
-    p.page.wait_for_function("document.querySelector('pre#output-text') && document.querySelector('pre#output-text').textContent.includes('epoch 0 starting')", timeout=10_000)
+    p.page.wait_for_function(
+        "document.querySelector('pre#output-text') && document.querySelector('pre#output-text').textContent.includes('epoch 0 starting')",
+        timeout=10_000,
+    )
     assert p.js_errors() == []
 
 
@@ -239,8 +252,9 @@ print("finished", flush=True)
 
 
 def test_flushed_point_appears_on_the_open_page(page, open_server, daemon, base_dir, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", LIVE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            cwd=tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LIVE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         p = page(open_server(base_dir))
@@ -265,7 +279,8 @@ def test_flushed_point_appears_on_the_open_page(page, open_server, daemon, base_
         assert proc.stdout.readline().strip() == "finished"
         p.page.wait_for_function(
             "[...document.querySelectorAll('.badge[data-status]')].some(b => b.dataset.status === 'finished')",
-            timeout=10_000)
+            timeout=10_000,
+        )
         assert p.js_errors() == []
     finally:
         if proc.poll() is None:
@@ -321,21 +336,23 @@ def test_a_run_page_opened_directly_has_its_first_charts_with_the_page(page, ope
     early: list[str] = []
     p.page.on("request", lambda r: early.append(r.url) if "/first-charts?" in r.url else None)
     p.page.goto("about:blank")
-    p.page.goto(f"{s.origin}/#/run/default/spikes")   # a new document: the boot script runs
+    p.page.goto(f"{s.origin}/#/run/default/spikes")  # a new document: the boot script runs
     p.page.wait_for_selector('.chart-card[data-metric="loss"][data-drawn="1"]', timeout=30_000)
     st = p.page.evaluate("JSON.parse(JSON.stringify(window.koboState.charts.loss))")
-    width = p.page.evaluate("Math.round(document.querySelector('.chart-card[data-metric=\"loss\"] .chart-plot')"
-                            ".clientWidth * devicePixelRatio)")
+    width = p.page.evaluate(
+        "Math.round(document.querySelector('.chart-card[data-metric=\"loss\"] .chart-plot')"
+        ".clientWidth * devicePixelRatio)"
+    )
     assert len(early) == 1 and "rank=0" in early[0] and "x=step" in early[0]
     assert st["lastFetch"]["early"] is True and st["lastFetch"]["total"] == 1_000_000, (st["lastFetch"], width)
     used = int(st["lastFetch"]["url"].rsplit("width=", 1)[1])
-    assert width <= used <= 2 * width, (width, used)   # reduced for at least the chart's own width
+    assert width <= used <= 2 * width, (width, used)  # reduced for at least the chart's own width
     # the answer the page read (streamed to a reader, so the browser keeps no copy): asked again, same bytes
     body = p.page.request.get(early[0]).body()
     parts, off = [], 0
     while off < len(body):
-        n = int.from_bytes(body[off:off + 4], "little")
-        parts.append(body[off + 4:off + 4 + n])
+        n = int.from_bytes(body[off : off + 4], "little")
+        parts.append(body[off + 4 : off + 4 + n])
         off += 4 + n
     assert json.loads(parts[0]) == [{"metric": "loss", "rank": 0}]
     header, arrays = R.decode(parts[1])

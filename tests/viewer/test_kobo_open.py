@@ -43,8 +43,9 @@ def test_port_in_use_falls_back_to_a_free_port(open_server, viewer_runs):
 
 def test_unsafe_or_wrong_options_are_refused(tmp_path, viewer_runs):
     def kobo_open(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "kohakuboard.cli.main", "open", *args],
-                              capture_output=True, text=True, timeout=30)
+        return subprocess.run(
+            [sys.executable, "-m", "kohakuboard.cli.main", "open", *args], capture_output=True, text=True, timeout=30
+        )
 
     r = kobo_open(str(viewer_runs), "--host", "0.0.0.0", "--no-token", "--port", "0")
     assert r.returncode != 0 and "--no-token is only allowed on a loopback address" in r.stderr
@@ -93,8 +94,9 @@ def _events(response: httpx.Response, out: list, stop: threading.Event) -> None:
 
 def test_live_run_pushes_new_points_new_metrics_and_status(open_server, daemon, base_dir, tmp_path):
     """A running script's flushed point, its new metric and its finish reach an open event stream."""
-    proc = subprocess.Popen([sys.executable, "-c", LIVE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LIVE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         s = open_server(base_dir)

@@ -72,7 +72,9 @@ def test_viewer_as_another_user_reads_root_owned_runs_and_changes_nothing(viewer
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
         before = snapshot(base)
         code = SERVER.format(uid=NOBODY.pw_uid, gid=NOBODY.pw_gid, base=str(base))
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         try:
             lines = []
             url = None
@@ -88,7 +90,10 @@ def test_viewer_as_another_user_reads_root_owned_runs_and_changes_nothing(viewer
             assert f"uid {NOBODY.pw_uid}\n" in lines
             with httpx.Client(base_url=url, timeout=20) as c:
                 runs = c.get("/api/runs").json()["runs"]
-                assert {(r["run_id"], r["status"], r["error"]) for r in runs} == {("rich", "finished", None), ("ddp", "finished", None)}
+                assert {(r["run_id"], r["status"], r["error"]) for r in runs} == {
+                    ("rich", "finished", None),
+                    ("ddp", "finished", None),
+                }
                 s = c.get("/api/runs/default/rich").json()
                 assert [m["name"] for m in s["metrics"]] == ["train/grad_norm", "train/loss", "train/lr", "val/acc"]
                 header, a = R.decode(c.get("/api/runs/default/rich/series?metric=val/acc").content)

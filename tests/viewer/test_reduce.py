@@ -35,15 +35,17 @@ def test_reduce_m4_keeps_first_last_min_max_of_every_column(seed: int) -> None:
     rng = np.random.default_rng(seed)
     n = int(rng.integers(50, 5000))
     width = int(rng.integers(1, 60))
-    x = np.sort(rng.choice([rng.integers(0, n // 3 + 1, n), rng.random(n) * 100, np.arange(n)], 1)[0]).astype(np.float64)
+    x = np.sort(rng.choice([rng.integers(0, n // 3 + 1, n), rng.random(n) * 100, np.arange(n)], 1)[0]).astype(
+        np.float64
+    )
     if seed % 4 == 0:
-        x[n // 3: n // 2] = x[n // 3]                 # many points at one x
-    y = rng.standard_normal(n).round(1)               # ties: the first of equal extremes is kept
+        x[n // 3 : n // 2] = x[n // 3]  # many points at one x
+    y = rng.standard_normal(n).round(1)  # ties: the first of equal extremes is kept
     y[rng.random(n) < 0.05] = np.nan
     y[rng.random(n) < 0.01] = np.inf
     y[rng.random(n) < 0.01] = -np.inf
     if seed % 3 == 0:
-        y[: n // 4] = np.nan                          # whole columns with no finite value
+        y[: n // 4] = np.nan  # whole columns with no finite value
     got = R.reduce_m4(x, y, width)
     assert np.array_equal(got, _reference(x, y, width))
     assert len(got) <= 4 * width

@@ -28,8 +28,9 @@ from __future__ import annotations
 import shutil
 import time
 import urllib.parse
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -68,8 +69,9 @@ class Page:
         self.console: list[tuple[str, str]] = []  # (text, url) of console errors
         self.requests: list[str] = []
         self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
-        self.page.on("console", lambda m: self.console.append((m.text, m.location.get("url", "")))
-                     if m.type == "error" else None)
+        self.page.on(
+            "console", lambda m: self.console.append((m.text, m.location.get("url", ""))) if m.type == "error" else None
+        )
         self.page.on("request", lambda r: self.requests.append(r.url))
 
     def expect_401(self, url: str) -> None:
@@ -219,8 +221,14 @@ def test_login_run_list_and_logout(page, serve, base):
     assert p.js_errors() == []
 
     if base:
-        outside = sorted({u for u in p.requests if urllib.parse.urlsplit(u).scheme in ("http", "https")
-                          and not urllib.parse.urlsplit(u).path.startswith(base + "/")})
+        outside = sorted(
+            {
+                u
+                for u in p.requests
+                if urllib.parse.urlsplit(u).scheme in ("http", "https")
+                and not urllib.parse.urlsplit(u).path.startswith(base + "/")
+            }
+        )
         assert outside == [], outside
 
 
@@ -238,11 +246,15 @@ def test_base_url_run_view_requests_stay_under_the_base(page, serve):
     p.wait_until("window.koboState.sse === 'open'")
     csv = p.page.get_attribute('.chart-card[data-metric="train/loss"] a.csv-link', "href")
     assert csv and not csv.startswith("/"), csv  # relative to the page
-    assert p.page.evaluate(f"new URL({csv!r}, location.href).pathname").startswith("/kobo/api/runs/default/rich/series.csv")
+    assert p.page.evaluate(f"new URL({csv!r}, location.href).pathname").startswith(
+        "/kobo/api/runs/default/rich/series.csv"
+    )
     p.page.click('nav#tabs button.tab[data-tab="media"]')
     p.page.wait_for_selector('.item-card[data-item="sample"][data-drawn="1"]', timeout=20_000)
-    p.wait_until("[...document.querySelectorAll('.item-card[data-item=\"sample\"] img')]"
-                 ".some(i => i.complete && i.naturalWidth === 64)")
+    p.wait_until(
+        "[...document.querySelectorAll('.item-card[data-item=\"sample\"] img')]"
+        ".some(i => i.complete && i.naturalWidth === 64)"
+    )
     paths = [urllib.parse.urlsplit(u).path for u in p.requests if urllib.parse.urlsplit(u).scheme in ("http", "https")]
     assert any(x.startswith("/kobo/media/default/rich/") for x in paths), paths
     assert any(x.startswith("/kobo/api/runs/default/rich/series") for x in paths), paths

@@ -18,8 +18,8 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -32,10 +32,15 @@ PW = "correct horse battery"
 MODULE = "kohakuboard.viewer.serve_cli"
 
 
-def kobo_serve(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
-               argv0: tuple[str, ...] = (sys.executable, "-m", MODULE)) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*argv0, *args], input=stdin, capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, **(env or {})))
+def kobo_serve(
+    *args: str,
+    stdin: str | None = None,
+    env: dict[str, str] | None = None,
+    argv0: tuple[str, ...] = (sys.executable, "-m", MODULE),
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*argv0, *args], input=stdin, capture_output=True, text=True, timeout=60, env=dict(os.environ, **(env or {}))
+    )
 
 
 @pytest.fixture
@@ -59,8 +64,17 @@ def add_user(config: Path, name: str = "alice", *extra: str) -> None:
 
 
 def test_user_add_list_passwd_remove(config):
-    res = kobo_serve("user", "add", "alice", "--password-stdin", "--projects", "vision,nlp",
-                     "--config-dir", str(config), stdin=PW + "\n")
+    res = kobo_serve(
+        "user",
+        "add",
+        "alice",
+        "--password-stdin",
+        "--projects",
+        "vision,nlp",
+        "--config-dir",
+        str(config),
+        stdin=PW + "\n",
+    )
     assert res.returncode == 0, res.stderr
     assert "added user alice (sees vision, nlp)" in res.stdout
     add_user(config, "bob")
@@ -72,8 +86,12 @@ def test_user_add_list_passwd_remove(config):
     assert lines[1].split()[:2] == ["alice", "vision,nlp"] and lines[1].split()[-1] == "0"
     assert lines[2].split()[:2] == ["bob", "*"]
     stored = json.loads((config / "accounts.json").read_text())
-    for secret in (PW, stored["users"]["alice"]["password"]["hash"], stored["users"]["alice"]["password"]["salt"],
-                   "scrypt"):
+    for secret in (
+        PW,
+        stored["users"]["alice"]["password"]["hash"],
+        stored["users"]["alice"]["password"]["salt"],
+        "scrypt",
+    ):
         assert secret not in listed.stdout + listed.stderr
 
     # --config-dir before the subcommand works too, and so does $KOBO_SERVE_CONFIG
@@ -83,8 +101,9 @@ def test_user_add_list_passwd_remove(config):
     dup = kobo_serve("user", "add", "alice", "--password-stdin", "--config-dir", str(config), stdin=PW + "\n")
     assert dup.returncode == 1 and "already exists" in dup.stderr
 
-    pw = kobo_serve("user", "passwd", "alice", "--password-stdin", "--config-dir", str(config),
-                    stdin="a different one\r\n")
+    pw = kobo_serve(
+        "user", "passwd", "alice", "--password-stdin", "--config-dir", str(config), stdin="a different one\r\n"
+    )
     assert pw.returncode == 0, pw.stderr
     from kohakuboard.viewer.accounts import Accounts
 
@@ -107,8 +126,9 @@ def test_user_add_refuses_bad_names_and_passwords(config):
     assert bad.returncode == 2 and "invalid user name" in bad.stderr
     empty = kobo_serve("user", "add", "alice", "--password-stdin", "--config-dir", str(config), stdin="")
     assert empty.returncode == 2 and "nothing on standard input" in empty.stderr
-    proj = kobo_serve("user", "add", "alice", "--password-stdin", "--projects", ",", "--config-dir", str(config),
-                      stdin=PW + "\n")
+    proj = kobo_serve(
+        "user", "add", "alice", "--password-stdin", "--projects", ",", "--config-dir", str(config), stdin=PW + "\n"
+    )
     assert proj.returncode == 2 and "--projects needs at least one project" in proj.stderr
     assert not (config / "accounts.json").exists()
 
@@ -160,8 +180,9 @@ def test_version_and_the_kobo_serve_alias(config):
     res = kobo_serve("--version")
     assert res.returncode == 0 and res.stdout.strip() == f"kobo-serve {version('kohakuboard')}"
     add_user(config)
-    alias = kobo_serve("serve", "user", "list", "--config-dir", str(config),
-                       argv0=(sys.executable, "-m", "kohakuboard.cli.main"))
+    alias = kobo_serve(
+        "serve", "user", "list", "--config-dir", str(config), argv0=(sys.executable, "-m", "kohakuboard.cli.main")
+    )
     assert alias.returncode == 0, alias.stderr
     assert "alice" in alias.stdout
     helped = kobo_serve("serve", "--help", argv0=(sys.executable, "-m", "kohakuboard.cli.main"))
@@ -177,20 +198,24 @@ def test_non_loopback_bind_without_users_refuses_to_start(config, data_dir):
     assert "kobo-serve user add NAME" in res.stderr and "refusing to listen on 0.0.0.0" in res.stderr
     assert not config.exists()  # the server created nothing
     # the same through the environment variable for the data dir
-    res = kobo_serve("--host", "0.0.0.0", "--port", "0", "--config-dir", str(config),
-                     env={"KOBO_SERVE_DATA_DIR": str(data_dir)})
+    res = kobo_serve(
+        "--host", "0.0.0.0", "--port", "0", "--config-dir", str(config), env={"KOBO_SERVE_DATA_DIR": str(data_dir)}
+    )
     assert res.returncode == 2 and "kobo-serve user add NAME" in res.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    ((), "missing --data-dir"),
-    (("--data-dir", "/nonexistent/runs"), "is not a directory"),
-    (("--data-dir", "{data}", "--base-url", "kobo"), "must start with '/'"),
-    (("--data-dir", "{data}", "--base-url", "/a/../b"), "'..' segments"),
-    (("--data-dir", "{data}", "--base-url", "/a?b"), "cannot have"),
-    (("--data-dir", "{data}", "--certfile", "{data}/../cert.pem"), "both --certfile and --keyfile"),
-    (("--data-dir", "{data}", "--certfile", "/nonexistent.pem", "--keyfile", "/nonexistent.key"), "is not a file"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((), "missing --data-dir"),
+        (("--data-dir", "/nonexistent/runs"), "is not a directory"),
+        (("--data-dir", "{data}", "--base-url", "kobo"), "must start with '/'"),
+        (("--data-dir", "{data}", "--base-url", "/a/../b"), "'..' segments"),
+        (("--data-dir", "{data}", "--base-url", "/a?b"), "cannot have"),
+        (("--data-dir", "{data}", "--certfile", "{data}/../cert.pem"), "both --certfile and --keyfile"),
+        (("--data-dir", "{data}", "--certfile", "/nonexistent.pem", "--keyfile", "/nonexistent.key"), "is not a file"),
+    ],
+)
 def test_bad_server_options_exit_2(config, data_dir, args, message):
     args = tuple(a.replace("{data}", str(data_dir)) for a in args)
     res = kobo_serve(*args, "--port", "0", "--config-dir", str(config))
@@ -249,8 +274,7 @@ def test_server_takes_tokens_and_sees_cli_changes_without_restart(config, data_d
     add_user(config)
     tok = kobo_serve("token", "create", "alice", "--config-dir", str(config)).stdout.strip()
     before = (config / "accounts.json").stat()
-    s = Server([sys.executable, "-m", MODULE, "--data-dir", str(data_dir), "--port", "0",
-                "--config-dir", str(config)])
+    s = Server([sys.executable, "-m", MODULE, "--data-dir", str(data_dir), "--port", "0", "--config-dir", str(config)])
     servers.append(s)
     assert s.url.startswith("http://127.0.0.1:") and "token=" not in s.url
     assert s.get("/healthz")[0] == 200
@@ -269,8 +293,11 @@ def test_server_takes_tokens_and_sees_cli_changes_without_restart(config, data_d
     origin = s.url.rstrip("/")
     with httpx.Client(base_url=origin, timeout=10) as c:
         csrf = c.get("/api/session").json()["csrf"]
-        r = c.post("/api/login", json={"user": "alice", "password": "not her password"},
-                   headers={"X-Kobo-CSRF": csrf, "Origin": origin})
+        r = c.post(
+            "/api/login",
+            json={"user": "alice", "password": "not her password"},
+            headers={"X-Kobo-CSRF": csrf, "Origin": origin},
+        )
         assert r.status_code == 401
     assert kobo_serve("user", "remove", "alice", "--config-dir", str(config)).returncode == 0
     assert s.get("/api/runs", tok2)[0] == 401
@@ -310,8 +337,17 @@ def test_installed_exec_start_runs_the_server_under_memory_deny_write_execute(co
     add_user(config)
     tok = kobo_serve("token", "create", "alice", "--config-dir", str(config)).stdout.strip()
     port = free_port()
-    res = kobo_serve("install-systemd", "--user", "--print", "--data-dir", str(data_dir), "--config-dir", str(config),
-                     "--port", str(port))
+    res = kobo_serve(
+        "install-systemd",
+        "--user",
+        "--print",
+        "--data-dir",
+        str(data_dir),
+        "--config-dir",
+        str(config),
+        "--port",
+        str(port),
+    )
     assert res.returncode == 0, res.stderr
     argv = shlex.split(service_section(res.stdout)["ExecStart"])
     assert argv[:3] == [sys.executable, "-m", MODULE]
@@ -351,8 +387,7 @@ def service_account() -> str:
 
 
 def system_args(data_dir: Path, config: Path) -> list[str]:
-    return ["install-systemd", "--run-as", service_account(), "--data-dir", str(data_dir),
-            "--config-dir", str(config)]
+    return ["install-systemd", "--run-as", service_account(), "--data-dir", str(data_dir), "--config-dir", str(config)]
 
 
 def test_print_is_the_rendered_unit_and_writes_nothing(config, data_dir, tmp_path):
@@ -363,16 +398,41 @@ def test_print_is_the_rendered_unit_and_writes_nothing(config, data_dir, tmp_pat
     exec_start = units.exec_start(["--data-dir", str(data_dir), "--config-dir", str(config)])
     assert res.stdout == units.render(exec_start, user=service_account())
     svc = service_section(res.stdout)
-    assert shlex.split(svc["ExecStart"]) == [sys.executable, "-m", MODULE, "--data-dir", str(data_dir),
-                                             "--config-dir", str(config)]
+    assert shlex.split(svc["ExecStart"]) == [
+        sys.executable,
+        "-m",
+        MODULE,
+        "--data-dir",
+        str(data_dir),
+        "--config-dir",
+        str(config),
+    ]
     assert svc["User"] == service_account()
 
     # server options go into ExecStart
-    res = kobo_serve(*system_args(data_dir, config), "--print", "--host", "10.1.2.3", "--port", "8443",
-                     "--base-url", "/kobo/", "--allowed-host", "kobo.lab.example")
+    res = kobo_serve(
+        *system_args(data_dir, config),
+        "--print",
+        "--host",
+        "10.1.2.3",
+        "--port",
+        "8443",
+        "--base-url",
+        "/kobo/",
+        "--allowed-host",
+        "kobo.lab.example",
+    )
     assert res.returncode == 0, res.stderr
     assert shlex.split(service_section(res.stdout)["ExecStart"])[7:] == [
-        "--host", "10.1.2.3", "--port", "8443", "--base-url", "/kobo", "--allowed-host", "kobo.lab.example"]
+        "--host",
+        "10.1.2.3",
+        "--port",
+        "8443",
+        "--base-url",
+        "/kobo",
+        "--allowed-host",
+        "kobo.lab.example",
+    ]
 
 
 def test_install_refuses_root_and_unknown_accounts(config, data_dir):
@@ -384,8 +444,9 @@ def test_install_refuses_root_and_unknown_accounts(config, data_dir):
     assert res.returncode == 2 and "no such account" in res.stderr
     res = kobo_serve("install-systemd", "--print", "--run-as", service_account(), "--data-dir", "/nonexistent")
     assert res.returncode == 2 and "is not a directory" in res.stderr
-    res = kobo_serve("install-systemd", "--print", "--run-as", service_account(), "--data-dir", str(data_dir),
-                     "--port", "443")
+    res = kobo_serve(
+        "install-systemd", "--print", "--run-as", service_account(), "--data-dir", str(data_dir), "--port", "443"
+    )
     assert res.returncode == 2  # no capabilities in the unit: no privileged port
 
 
@@ -420,8 +481,15 @@ def test_install_refuses_to_overwrite_a_different_unit_without_force(config, dat
 
 def test_user_unit_goes_to_the_user_manager_dir(config, data_dir, tmp_path):
     home = tmp_path / "xdg"
-    res = kobo_serve("install-systemd", "--user", "--data-dir", str(data_dir), "--config-dir", str(config),
-                     env={"XDG_CONFIG_HOME": str(home)})
+    res = kobo_serve(
+        "install-systemd",
+        "--user",
+        "--data-dir",
+        str(data_dir),
+        "--config-dir",
+        str(config),
+        env={"XDG_CONFIG_HOME": str(home)},
+    )
     assert res.returncode == 0, res.stderr
     unit = home / "systemd" / "user" / "kobo-serve.service"
     assert f"wrote {unit}" in res.stdout and "systemctl --user enable --now kobo-serve" in res.stdout
@@ -434,10 +502,19 @@ def test_shipped_unit_is_the_render_and_is_hardened():
     shipped = (ROOT / "systemd" / "kobo-serve.service").read_text()
     assert shipped == units.render_shipped(), (
         "systemd/kobo-serve.service is out of date; regenerate it with: python -c "
-        "\"from kohakuboard.viewer import units; units.write_shipped('systemd')\"")
+        "\"from kohakuboard.viewer import units; units.write_shipped('systemd')\""
+    )
     # and it is what install-systemd prints, apart from the ExecStart and User lines
-    printed = kobo_serve("install-systemd", "--print", "--run-as", service_account(), "--data-dir", "/",
-                         "--config-dir", "/etc/kohakuboard/serve")
+    printed = kobo_serve(
+        "install-systemd",
+        "--print",
+        "--run-as",
+        service_account(),
+        "--data-dir",
+        "/",
+        "--config-dir",
+        "/etc/kohakuboard/serve",
+    )
     assert printed.returncode == 0, printed.stderr
     ours = re.sub(r"(?m)^ExecStart=.*$", f"ExecStart={units.SHIPPED_EXEC_START}", printed.stdout)
     ours = re.sub(rf"(?m)^User={re.escape(service_account())}$", f"User={units.SHIPPED_USER}", ours)
@@ -445,20 +522,39 @@ def test_shipped_unit_is_the_render_and_is_hardened():
 
     svc = service_section(shipped)
     expected = {
-        "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "read-only", "PrivateTmp": "yes",
-        "PrivateDevices": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
-        "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes", "RestrictNamespaces": "yes",
-        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX", "LockPersonality": "yes",
-        "MemoryDenyWriteExecute": "yes", "SystemCallArchitectures": "native", "CapabilityBoundingSet": "",
-        "Restart": "on-failure", "StandardOutput": "journal", "StandardError": "journal", "UMask": "0077",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "read-only",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes",
+        "ProtectControlGroups": "yes",
+        "RestrictNamespaces": "yes",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+        "LockPersonality": "yes",
+        "MemoryDenyWriteExecute": "yes",
+        "SystemCallArchitectures": "native",
+        "CapabilityBoundingSet": "",
+        "Restart": "on-failure",
+        "StandardOutput": "journal",
+        "StandardError": "journal",
+        "UMask": "0077",
         "User": units.SHIPPED_USER,
     }
     assert {k: svc.get(k) for k in expected} == expected
     # the server writes nowhere: no writable path at all, and no restart loop on a refused configuration
     assert "ReadWritePaths" not in svc and "StateDirectory" not in svc
     assert svc["RestartPreventExitStatus"] == "2"
-    assert shlex.split(svc["ExecStart"]) == ["/usr/bin/env", "kobo-serve", "--data-dir", "/var/lib/kohakuboard",
-                                             "--config-dir", "/etc/kohakuboard/serve"]
+    assert shlex.split(svc["ExecStart"]) == [
+        "/usr/bin/env",
+        "kobo-serve",
+        "--data-dir",
+        "/var/lib/kohakuboard",
+        "--config-dir",
+        "/etc/kohakuboard/serve",
+    ]
 
 
 # ----------------------------------------------------------- systemd-analyze verify
@@ -469,8 +565,10 @@ def systemd_analyze() -> str:
     if exe:
         return exe
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        pytest.fail("systemd-analyze is missing although we run as root with apt-get: "
-                    "install Debian's systemd package (.ci/run does)")
+        pytest.fail(
+            "systemd-analyze is missing although we run as root with apt-get: "
+            "install Debian's systemd package (.ci/run does)"
+        )
     pytest.skip("systemd-analyze is not installed and cannot be installed here (not root, or no apt-get)")
 
 
@@ -479,8 +577,13 @@ def verify(path: Path, *, user: bool, tmp_path: Path) -> None:
     runtime = tmp_path / "xdg-runtime"
     runtime.mkdir(mode=0o700, exist_ok=True)
     env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime), SYSTEMD_LOG_COLOR="0", SYSTEMD_LOG_LEVEL="info")
-    res = subprocess.run([systemd_analyze(), "verify", "--man=no", "--user" if user else "--system", str(path)],
-                         env=env, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [systemd_analyze(), "verify", "--man=no", "--user" if user else "--system", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     out = res.stdout + res.stderr
     about_unit = [line for line in out.splitlines() if path.name in line]
     assert res.returncode == 0 and not about_unit, f"systemd-analyze verify {path}:\n{out}"
@@ -489,8 +592,10 @@ def verify(path: Path, *, user: bool, tmp_path: Path) -> None:
 def test_systemd_analyze_catches_a_broken_unit(tmp_path):
     """Not vacuous: a misspelled value and a missing interpreter fail the check."""
     good = units.render(units.exec_start(["--data-dir", "/"]), user="kohakuboard")
-    for broken in (good.replace("ProtectSystem=strict", "ProtectSystem=stricter"),
-                   good.replace(sys.executable, "/nonexistent/python")):
+    for broken in (
+        good.replace("ProtectSystem=strict", "ProtectSystem=stricter"),
+        good.replace(sys.executable, "/nonexistent/python"),
+    ):
         path = tmp_path / "kobo-serve.service"
         path.write_text(broken)
         with pytest.raises(AssertionError, match="systemd-analyze verify"):
@@ -509,7 +614,8 @@ def test_shipped_and_installed_units_pass_systemd_analyze_verify(config, data_di
     verify(system / "kobo-serve.service", user=False, tmp_path=tmp_path)
 
     user = tmp_path / "user"
-    res = kobo_serve("install-systemd", "--user", "--data-dir", str(data_dir), "--config-dir", str(config),
-                     "--dest", str(user))
+    res = kobo_serve(
+        "install-systemd", "--user", "--data-dir", str(data_dir), "--config-dir", str(config), "--dest", str(user)
+    )
     assert res.returncode == 0, res.stderr
     verify(user / "kobo-serve.service", user=True, tmp_path=tmp_path)

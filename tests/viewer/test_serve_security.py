@@ -11,8 +11,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -23,16 +24,33 @@ PASSWORD = "correct horse battery"
 
 
 def cli(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kohakuboard.viewer.serve_cli", "--config-dir", str(config), *args],
-                          input=stdin, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "kohakuboard.viewer.serve_cli", "--config-dir", str(config), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 class Server(ServerProcess):
     """A real ``kobo-serve`` over ``data`` with the accounts in ``config``."""
 
     def __init__(self, data: Path, config: Path, *args: str) -> None:
-        super().__init__([sys.executable, "-m", "kohakuboard.viewer.serve_cli", "--data-dir", str(data),
-                          "--config-dir", str(config), "--port", "0", *args])
+        super().__init__(
+            [
+                sys.executable,
+                "-m",
+                "kohakuboard.viewer.serve_cli",
+                "--data-dir",
+                str(data),
+                "--config-dir",
+                str(config),
+                "--port",
+                "0",
+                *args,
+            ]
+        )
 
     def client(self, **kw: Any) -> httpx.Client:
         return httpx.Client(base_url=self.origin, timeout=20, follow_redirects=False, **kw)
@@ -74,8 +92,11 @@ def own_server(tmp_path: Path, viewer_runs: Path, user: str) -> tuple[Server, Pa
 
 def login(c: httpx.Client, user: str, password: str = PASSWORD, origin: str | None = None) -> httpx.Response:
     csrf = c.get("/api/session").json()["csrf"]
-    return c.post("/api/login", json={"user": user, "password": password},
-                  headers={"x-kobo-csrf": csrf, "origin": origin or str(c.base_url).rstrip("/")})
+    return c.post(
+        "/api/login",
+        json={"user": user, "password": password},
+        headers={"x-kobo-csrf": csrf, "origin": origin or str(c.base_url).rstrip("/")},
+    )
 
 
 def no_leak(r: httpx.Response) -> None:
@@ -87,8 +108,13 @@ def test_no_credentials(team):
     with team["server"].client() as c:
         page = c.get("/")
         assert page.status_code == 303 and page.headers["location"] == "/login"
-        for url in ("/api/runs", "/api/runs/default/rich", "/api/runs/default/rich/series?metric=val/acc",
-                    "/api/events", "/api/stats"):
+        for url in (
+            "/api/runs",
+            "/api/runs/default/rich",
+            "/api/runs/default/rich/series?metric=val/acc",
+            "/api/events",
+            "/api/stats",
+        ):
             r = c.get(url)
             assert r.status_code == 401, url
             no_leak(r)
@@ -109,7 +135,9 @@ def test_login_session_and_logout(team):
         assert c.get("/").status_code == 200
         # logout needs the CSRF token and a same-origin Origin
         assert c.post("/api/logout", headers={"origin": team["server"].origin}).status_code == 403
-        assert c.post("/api/logout", headers={"x-kobo-csrf": "forged", "origin": team["server"].origin}).status_code == 403
+        assert (
+            c.post("/api/logout", headers={"x-kobo-csrf": "forged", "origin": team["server"].origin}).status_code == 403
+        )
         assert c.post("/api/logout", headers={"x-kobo-csrf": csrf, "origin": "http://evil.example"}).status_code == 403
         assert c.get("/api/runs").status_code == 200  # none of those logged out
         r = c.post("/api/logout", headers={"x-kobo-csrf": csrf, "origin": team["server"].origin})
@@ -162,12 +190,23 @@ def test_cross_origin_and_csrf_on_login(tmp_path, viewer_runs):
         with s.client() as c:
             csrf = c.get("/api/session").json()["csrf"]
             body = {"user": "alice", "password": PASSWORD}
-            assert c.post("/api/login", json=body, headers={"x-kobo-csrf": csrf, "origin": "http://evil.example"}).status_code == 403
+            assert (
+                c.post(
+                    "/api/login", json=body, headers={"x-kobo-csrf": csrf, "origin": "http://evil.example"}
+                ).status_code
+                == 403
+            )
             assert c.post("/api/login", json=body, headers={"x-kobo-csrf": csrf}).status_code == 403  # no Origin
             assert c.post("/api/login", json=body, headers={"origin": s.origin}).status_code == 403  # no token
-            assert c.post("/api/login", json=body, headers={"x-kobo-csrf": "forged", "origin": s.origin}).status_code == 403
+            assert (
+                c.post("/api/login", json=body, headers={"x-kobo-csrf": "forged", "origin": s.origin}).status_code
+                == 403
+            )
         with s.client() as fresh:  # no pre-login session cookie at all
-            assert fresh.post("/api/login", json=body, headers={"x-kobo-csrf": csrf, "origin": s.origin}).status_code == 403
+            assert (
+                fresh.post("/api/login", json=body, headers={"x-kobo-csrf": csrf, "origin": s.origin}).status_code
+                == 403
+            )
         with s.client() as c:
             assert login(c, "alice").status_code == 200
             for method in ("PUT", "DELETE", "PATCH"):
@@ -206,30 +245,33 @@ def test_no_cors_headers(team):
         assert pre.status_code == 405 and not [h for h in pre.headers if h.lower().startswith("access-control-")]
 
 
-@pytest.mark.parametrize("url", [
-    "/api/runs/../../etc/passwd",
-    "/api/runs/%2E%2E/%2E%2E",
-    "/api/runs/default/%2E%2E",
-    "/api/runs/%252E%252E/default",
-    "/api/runs/default/..%2F..%2Fetc",
-    "/api/runs/%2Fetc/passwd",
-    "/api/runs/default/escape",
-    "/api/runs/default/escape/series?metric=loss",
-    "/api/runs/default/rich/media?name=..%2F..%2Fmetadata.json",
-    "/media/default/rich/..%2F..%2F..%2F..%2Fetc%2Fpasswd",
-    "/media/default/rich/%2E%2E%2Fmetadata.json",
-    "/media/default/escape/" + "0" * 64 + ".png",
-    "/media/%2Fetc/passwd/x.png",
-    "/static/..%2F..%2F..%2Fetc%2Fpasswd",
-    "/static/%2E%2E/app.py",
-    "/static/%252E%252E/app.py",
-    "/media/default/rich/" + "0" * 64 + ".png",  # a well-formed hash the run's media table does not hold
-    "/api/events?runs=..%2F..%2Fetc",
-    "/api/events?runs=default/..",
-    "/api/events?runs=%2Fetc/passwd",
-    "/api/events?runs=default/escape",
-    "/api/events?runs=default/%2E%2E%2F%2E%2E",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/api/runs/../../etc/passwd",
+        "/api/runs/%2E%2E/%2E%2E",
+        "/api/runs/default/%2E%2E",
+        "/api/runs/%252E%252E/default",
+        "/api/runs/default/..%2F..%2Fetc",
+        "/api/runs/%2Fetc/passwd",
+        "/api/runs/default/escape",
+        "/api/runs/default/escape/series?metric=loss",
+        "/api/runs/default/rich/media?name=..%2F..%2Fmetadata.json",
+        "/media/default/rich/..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+        "/media/default/rich/%2E%2E%2Fmetadata.json",
+        "/media/default/escape/" + "0" * 64 + ".png",
+        "/media/%2Fetc/passwd/x.png",
+        "/static/..%2F..%2F..%2Fetc%2Fpasswd",
+        "/static/%2E%2E/app.py",
+        "/static/%252E%252E/app.py",
+        "/media/default/rich/" + "0" * 64 + ".png",  # a well-formed hash the run's media table does not hold
+        "/api/events?runs=..%2F..%2Fetc",
+        "/api/events?runs=default/..",
+        "/api/events?runs=%2Fetc/passwd",
+        "/api/events?runs=default/escape",
+        "/api/events?runs=default/%2E%2E%2F%2E%2E",
+    ],
+)
 def test_traversal_in_every_path_parameter(team, url):
     with team["server"].client() as c:
         login(c, "alice")
@@ -259,8 +301,10 @@ def raw_get(origin: str, target: str, token: str) -> tuple[int, str]:
 
     host, port = origin.rsplit("/", 1)[1].rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
-                     "Connection: close\r\n\r\n".encode())
+        sock.sendall(
+            f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
@@ -283,9 +327,29 @@ def test_https_cookie_is_secure_host_prefixed_and_http_origins_are_refused(tmp_p
     if not shutil.which("openssl"):
         pytest.skip("no openssl to make a certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     data = tmp_path / "data"
     shutil.copytree(viewer_runs / "default" / "ddp", data / "default" / "ddp")
     config = tmp_path / "config"
@@ -296,8 +360,11 @@ def test_https_cookie_is_secure_host_prefixed_and_http_origins_are_refused(tmp_p
         with httpx.Client(base_url=s.origin, verify=ssl.create_default_context(cafile=str(cert)), timeout=20) as c:
             csrf = c.get("/api/session").json()["csrf"]
             plain = s.origin.replace("https://", "http://")
-            r = c.post("/api/login", json={"user": "erin", "password": PASSWORD},
-                       headers={"x-kobo-csrf": csrf, "origin": plain})
+            r = c.post(
+                "/api/login",
+                json={"user": "erin", "password": PASSWORD},
+                headers={"x-kobo-csrf": csrf, "origin": plain},
+            )
             assert r.status_code == 403  # an http:// page is not this https:// origin
             r = login(c, "erin")
             assert r.status_code == 200
@@ -324,9 +391,13 @@ def test_a_project_the_user_may_not_see_is_like_one_that_does_not_exist(team):
         missing = c.get("/api/runs/nope/rich")
         assert hidden.status_code == missing.status_code == 404
         assert hidden.json()["error"].replace("'default'", "'X'") == missing.json()["error"].replace("'nope'", "'X'")
-        for url in ("/api/runs/default/rich/series?metric=val/acc", "/api/runs/default/rich/media?name=sample",
-                    "/api/runs/default/rich/logs", "/api/events?runs=default/rich",
-                    "/api/runs/default/rich/series.csv?metric=val/acc"):
+        for url in (
+            "/api/runs/default/rich/series?metric=val/acc",
+            "/api/runs/default/rich/media?name=sample",
+            "/api/runs/default/rich/logs",
+            "/api/events?runs=default/rich",
+            "/api/runs/default/rich/series.csv?metric=val/acc",
+        ):
             r = c.get(url)
             assert r.status_code == 404, url
             no_leak(r)

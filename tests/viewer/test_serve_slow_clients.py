@@ -16,8 +16,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -35,8 +36,13 @@ STUCK, LORIS, IDLE = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 
 
 def cli(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kohakuboard.viewer.serve_cli", "--config-dir", str(config), *args],
-                          input=stdin, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "kohakuboard.viewer.serve_cli", "--config-dir", str(config), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +54,29 @@ def server(viewer_runs: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     config = root / "config"
     assert cli(config, "user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n").returncode == 0
     token = cli(config, "token", "create", "alice").stdout.strip()
-    s = ServerProcess([sys.executable, "-m", "kohakuboard.viewer.serve_cli", "--data-dir", str(data),
-                       "--config-dir", str(config), "--port", "0", "--nice", "0",
-                       "--request-timeout", str(REQUEST_TIMEOUT), "--send-timeout", str(SEND_TIMEOUT),
-                       "--keep-alive", str(KEEP_ALIVE),
-                       "--max-connections-per-client", str(PER_CLIENT)])
+    s = ServerProcess(
+        [
+            sys.executable,
+            "-m",
+            "kohakuboard.viewer.serve_cli",
+            "--data-dir",
+            str(data),
+            "--config-dir",
+            str(config),
+            "--port",
+            "0",
+            "--nice",
+            "0",
+            "--request-timeout",
+            str(REQUEST_TIMEOUT),
+            "--send-timeout",
+            str(SEND_TIMEOUT),
+            "--keep-alive",
+            str(KEEP_ALIVE),
+            "--max-connections-per-client",
+            str(PER_CLIENT),
+        ]
+    )
     try:
         yield {"server": s, "token": token, "port": int(s.origin.rsplit(":", 1)[1])}
     finally:
@@ -78,7 +102,7 @@ def closed_by_server(sock: socket.socket, within: float) -> bool:
                 return True
         except (ConnectionResetError, BrokenPipeError):
             return True
-        except (socket.timeout, BlockingIOError):
+        except (TimeoutError, BlockingIOError):
             return False
     return False
 
@@ -99,8 +123,7 @@ class Readers:
 
     def run(self) -> None:
         urls = {"runs": "/api/runs", "chart": "/api/runs/default/spikes/series?metric=loss&width=1000"}
-        with httpx.Client(base_url=self.origin, headers={"authorization": f"Bearer {self.token}"},
-                          timeout=30) as c:
+        with httpx.Client(base_url=self.origin, headers={"authorization": f"Bearer {self.token}"}, timeout=30) as c:
             while not self.stop.is_set():
                 for kind, url in urls.items():
                     t0 = time.perf_counter()
@@ -116,7 +139,7 @@ class Readers:
                         self.times.append((kind, time.perf_counter() - t0))
                 time.sleep(0.05)
 
-    def __enter__(self) -> "Readers":
+    def __enter__(self) -> Readers:
         for t in self.threads:
             t.start()
         return self
@@ -171,7 +194,9 @@ def test_slow_readers_slowloris_and_idle_connections_do_not_stall_other_readers(
             except BlockingIOError:
                 pass
     assert len(busy) == 20, f"{len(busy)} of {len(idle)} idle connections refused (cap {PER_CLIENT})"
-    assert all(b.startswith(b"HTTP/1.1 503 ") and b"retry-after: 5" in b for b in busy.values()), list(busy.values())[:2]
+    assert all(b.startswith(b"HTTP/1.1 503 ") and b"retry-after: 5" in b for b in busy.values()), list(busy.values())[
+        :2
+    ]
 
     stop = threading.Event()
 
@@ -181,7 +206,7 @@ def test_slow_readers_slowloris_and_idle_connections_do_not_stall_other_readers(
         while not stop.is_set() and i < len(msg):
             for sock in loris:
                 try:
-                    sock.send(msg[i:i + 1])
+                    sock.send(msg[i : i + 1])
                 except OSError:
                     pass
             i += 1
@@ -209,8 +234,10 @@ def test_slow_readers_slowloris_and_idle_connections_do_not_stall_other_readers(
             sock.close()
     with httpx.Client(base_url=origin, headers={"authorization": f"Bearer {token}"}, timeout=5) as c:
         assert c.get("/api/runs").json()["total"] == 2
-    print(f"{len(readers.times)} requests in {time.monotonic() - t0:.1f} s, max "
-          f"{max(s for _, s in readers.times) * 1e3:.0f} ms")
+    print(
+        f"{len(readers.times)} requests in {time.monotonic() - t0:.1f} s, max "
+        f"{max(s for _, s in readers.times) * 1e3:.0f} ms"
+    )
 
 
 def test_a_run_whose_files_hang_stalls_only_itself(viewer_runs, tmp_path):
@@ -227,8 +254,21 @@ def test_a_run_whose_files_hang_stalls_only_itself(viewer_runs, tmp_path):
     config = tmp_path / "config"
     assert cli(config, "user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n").returncode == 0
     token = cli(config, "token", "create", "alice").stdout.strip()
-    s = ServerProcess([sys.executable, "-m", "kohakuboard.viewer.serve_cli", "--data-dir", str(data),
-                       "--config-dir", str(config), "--port", "0", "--nice", "0"])
+    s = ServerProcess(
+        [
+            sys.executable,
+            "-m",
+            "kohakuboard.viewer.serve_cli",
+            "--data-dir",
+            str(data),
+            "--config-dir",
+            str(config),
+            "--port",
+            "0",
+            "--nice",
+            "0",
+        ]
+    )
     hung: list[threading.Thread] = []
     try:
         auth = {"authorization": f"Bearer {token}"}
@@ -284,11 +324,24 @@ def test_connection_cap_in_total_and_the_open_files_limit(viewer_runs, tmp_path)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and hard < 2000:
         pytest.skip(f"hard open-files limit {hard}")
-    s = ServerProcess([sys.executable, "-c", "import resource, runpy, sys; "
-                       "resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
-                       "sys.argv = ['kobo-serve', *sys.argv[1:]]; "
-                       "runpy.run_module('kohakuboard.viewer.serve_cli', run_name='__main__')",
-                       "--data-dir", str(data), "--config-dir", str(config), "--port", "0", "--max-connections", "5"])
+    s = ServerProcess(
+        [
+            sys.executable,
+            "-c",
+            "import resource, runpy, sys; "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
+            "sys.argv = ['kobo-serve', *sys.argv[1:]]; "
+            "runpy.run_module('kohakuboard.viewer.serve_cli', run_name='__main__')",
+            "--data-dir",
+            str(data),
+            "--config-dir",
+            str(config),
+            "--port",
+            "0",
+            "--max-connections",
+            "5",
+        ]
+    )
     port = int(s.origin.rsplit(":", 1)[1])
     held: list[socket.socket] = []
     try:
