@@ -30,6 +30,7 @@ from ..protocol.errors import KoboError
 from ..storage import format as fmt
 from ..storage.export import csv_header, csv_lines
 from ..storage.reader import RunReader
+from . import index as run_index
 from . import reduce as R
 from .auth import AuthMiddleware
 from .index import BadName, NotFound, RunIndex, filter_runs, shown_status
@@ -68,13 +69,6 @@ MEDIA_TYPES = {
 
 
 CSV_CHUNK_ROWS = 20_000
-# A live run whose summary is asked for SUMMARY_BUSY_PER_S times a second or more (many pages
-# following it) is read again at most every SUMMARY_BUSY_MAX_AGE_S, however often it commits: a
-# run written at full speed commits ~40 times a second, and each read of a 32-metric run costs
-# ~2 ms of CPU that training on the same machine would rather have.  The page itself refreshes
-# the summary at most every 1.5 s; a page or script asking less often always gets the latest.
-SUMMARY_BUSY_PER_S = 10
-SUMMARY_BUSY_MAX_AGE_S = 0.1
 
 
 class ApiError(Exception):
@@ -399,7 +393,7 @@ class Viewer:
         self.summaries: collections.OrderedDict[str, tuple[Any, dict[str, Any], bytes, float]] = (
             collections.OrderedDict()
         )
-        # run path -> when its summary was last asked for (the last SUMMARY_BUSY_PER_S times)
+        # run path -> when its summary was last asked for (see index.busy)
         self._summary_asks: dict[str, collections.deque[float]] = {}
         self._summaries_lock = threading.Lock()
         self._summary_reads: dict[str, tuple[Any, concurrent.futures.Future[tuple[dict[str, Any], bytes]]]] = {}
@@ -455,13 +449,13 @@ class Viewer:
         stamp = self.index.key(project, run_id)
         t = time.monotonic()
         with self._summaries_lock:
-            asked = self._summary_asks.setdefault(path, collections.deque(maxlen=SUMMARY_BUSY_PER_S))
-            asked.append(t)
-            busy = len(asked) == asked.maxlen and t - asked[0] < 1.0
+            # under many pages' demand a live run's summary (~2 ms of CPU for 32 metrics) is read
+            # at most every index.BUSY_MAX_AGE_S; the page itself refreshes it every 1.5 s
+            busy = run_index.busy(self._summary_asks, path, t)
             hit = self.summaries.get(path)
             if hit is not None and (
                 hit[0] == stamp
-                or (busy and t - hit[3] < SUMMARY_BUSY_MAX_AGE_S and hit[1]["stored_status"] == fmt.STATUS_RUNNING)
+                or (busy and t - hit[3] < run_index.BUSY_MAX_AGE_S and hit[1]["stored_status"] == fmt.STATUS_RUNNING)
             ):
                 self.summaries.move_to_end(path)
                 base, encoded = hit[1], hit[2]

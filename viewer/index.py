@@ -120,25 +120,7 @@ def _db_facts(path: str) -> dict[str, Any]:
 
 
 def _run_info(entry: RunEntry) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "project": entry.project,
-        "run_id": entry.run_id,
-        "name": entry.run_id,
-        "annotation": None,
-        "status": "?",
-        "created_at": None,
-        "finished_at": None,
-        "duration": None,
-        "last_step": None,
-        "last_global_step": None,
-        "num_ranks": 0,
-        "world_size": None,
-        "dropped_calls": 0,
-        "dropped_values": 0,
-        "last_commit": None,
-        "config": {},
-        "error": None,
-    }
+    info = _unreadable((entry.project, entry.run_id), None)
     try:
         _regular(os.path.join(entry.path, fmt.METADATA_JSON))
         meta = fmt.read_json(os.path.join(entry.path, fmt.METADATA_JSON))
@@ -165,8 +147,8 @@ def _run_info(entry: RunEntry) -> dict[str, Any]:
     return info
 
 
-def _unreadable(name: tuple[str, str], error: str) -> dict[str, Any]:
-    """The summary line of a run that could not be read (yet)."""
+def _unreadable(name: tuple[str, str], error: str | None) -> dict[str, Any]:
+    """The summary line of a run that could not be read (yet); with ``error`` None, the defaults a read fills in."""
     return {
         "project": name[0],
         "run_id": name[1],
@@ -189,11 +171,23 @@ def _unreadable(name: tuple[str, str], error: str) -> dict[str, Any]:
 
 
 INFO_WAIT_S = 2.0  # how long a listing waits for the next of the summary lines it has to read again
-# A live run's line asked for BUSY_PER_S times a second or more is read again at most every
-# BUSY_MAX_AGE_S (see RunIndex._recent_enough); asked for less often, it is always the latest.
+# A live run's line (and its summary, viewer/app.py) asked for BUSY_PER_S times a second or more
+# (many pages following it) is read again at most every BUSY_MAX_AGE_S, however often it commits:
+# a run written at full speed commits ~40 times a second, and each read costs CPU that training on
+# the same machine would rather have.  Asked for less often, it is always the latest (see busy()).
 BUSY_PER_S = 10
 BUSY_MAX_AGE_S = 0.1
 LIVE_COMMIT_S = 120.0
+
+
+def busy(asks: dict[Any, collections.deque[float]], key: Any, now: float) -> bool:
+    """Count one ask for ``key`` (at ``now``) in ``asks``; whether it has been asked for
+    :data:`BUSY_PER_S` times within the last second."""
+    asked = asks.get(key)
+    if asked is None:
+        asked = asks[key] = collections.deque(maxlen=BUSY_PER_S)
+    asked.append(now)
+    return len(asked) == asked.maxlen and now - asked[0] < 1.0
 
 
 def shown_status(path: str, stored: str, last_commit: float | None) -> str:
@@ -372,11 +366,7 @@ class RunIndex:
         Called with the lock held."""
         if entry.info.get("stored_status") != fmt.STATUS_RUNNING:
             return False
-        asked = self._asks.get(name)
-        if asked is None:
-            asked = self._asks[name] = collections.deque(maxlen=BUSY_PER_S)
-        asked.append(now)
-        return len(asked) == asked.maxlen and now - asked[0] < 1.0 and now - entry.read_at < BUSY_MAX_AGE_S
+        return busy(self._asks, name, now) and now - entry.read_at < BUSY_MAX_AGE_S
 
     def runs(self) -> list[dict[str, Any]]:
         """Every run's summary line, newest first."""
