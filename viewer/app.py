@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..protocol.errors import KoboError
@@ -92,8 +92,13 @@ def _bad(message: str) -> ApiError:
     return ApiError(400, message)
 
 
-def _json(obj: Any, status: int = 200) -> JSONResponse:
-    return JSONResponse(_finite(obj), status_code=status, headers={"cache-control": "no-store"})
+def _json(obj: Any, status: int = 200) -> Response:
+    return _json_response(_json_bytes(obj), status)
+
+
+def _json_response(body: bytes, status: int = 200) -> Response:
+    """A JSON body (from :func:`_json_bytes`, or joined from pieces of it), never cached."""
+    return Response(body, status_code=status, media_type="application/json", headers={"cache-control": "no-store"})
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -1027,12 +1032,12 @@ def build_app(base_dir: str) -> Starlette:
             }
         )
         body = head[:-1] + b',"runs":[' + b",".join(run_lines.encoded(r) for r in shown) + b"]}"
-        return Response(body, media_type="application/json", headers={"cache-control": "no-store"})
+        return _json_response(body)
 
     @handler
     async def api_run(request: Request) -> Response:
         body = await run_blocking(viewer.run_summary_json, *run_args(request))
-        return Response(body, media_type="application/json", headers={"cache-control": "no-store"})
+        return _json_response(body)
 
     def series_query(request: Request, metric: bool = True) -> dict[str, Any]:
         rank_raw = request.query_params.get("rank", "0")
