@@ -410,15 +410,11 @@ class Viewer:
         """A reader of the run for one request (kept open for the next: see :mod:`.readers`)."""
         path = self.index.resolve(project, run_id)
         try:
-            reader, key = self.readers.take(path)
+            lent = self.readers.borrow(path)
         except KoboError as exc:
             raise ApiError(500, f"run {project}/{run_id} cannot be read: {exc}") from exc
-        ok = False
-        try:
+        with lent as reader:
             yield reader
-            ok = True
-        finally:
-            self.readers.give(path, key, reader, ok)
 
     def length(self, reader: RunReader, metric: str, rank: int) -> int:
         """Committed points of ``metric`` from ``rank``; :class:`NotFound` (naming close names) if none."""

@@ -114,10 +114,14 @@ class ReaderPool:
         for r in closing:
             r.close()
 
-    @contextlib.contextmanager
-    def borrow(self, path: str) -> Iterator[RunReader]:
-        """``with pool.borrow(path) as reader:`` (a failure inside closes the reader)."""
+    def borrow(self, path: str) -> contextlib.AbstractContextManager[RunReader]:
+        """``with pool.borrow(path) as reader:`` (a failure inside closes the reader).  The reader is
+        taken at the call, so an error opening the run is raised there, before the ``with`` body."""
         reader, key = self.take(path)
+        return self._lent(path, key, reader)
+
+    @contextlib.contextmanager
+    def _lent(self, path: str, key: Any, reader: RunReader) -> Iterator[RunReader]:
         ok = False
         try:
             yield reader
