@@ -28,6 +28,11 @@ QUEUE_MAX = 8
 ListKey = ("", "")  # the run list's key among the watched runs
 
 
+def _run_event(state: Any) -> str:
+    """A run's SSE event for its commit ``state``."""
+    return f"event: run\ndata: {json.dumps(state, separators=(',', ':'))}\n\n"
+
+
 class _Topic:
     def __init__(self) -> None:
         self.subscribers: set[asyncio.Queue[Any]] = set()
@@ -71,7 +76,7 @@ class LiveHub:
                 value = {"run": "/".join(key), "version": "error", "error": str(exc)}
             self.polls += 1
             if value != topic.last:
-                text = None if key == ListKey else f"event: run\ndata: {json.dumps(value, separators=(',', ':'))}\n\n"
+                text = None if key == ListKey else _run_event(value)
                 self._publish(topic, value, text)
             await asyncio.sleep(interval)
         self._topics.pop(key, None)
@@ -131,7 +136,7 @@ class LiveHub:
                     first_list = False
                     yield f"event: runs\ndata: {json.dumps(payload)}\n\n"
                 else:
-                    yield text or f"event: run\ndata: {json.dumps(value, separators=(',', ':'))}\n\n"
+                    yield text if text is not None else _run_event(value)
         finally:
             for p in pumps:
                 p.cancel()
