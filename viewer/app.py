@@ -191,9 +191,16 @@ class StaticCache:
                     data = f.read()
                 self.files[rel] = (data, self.TYPES[ext], '"' + hashlib.sha256(data).hexdigest()[:32] + '"')
 
-    def page(self, name: str) -> Response:
-        """An HTML page (index.html, login.html) from memory, never cached (it names the other files)."""
-        data, ctype, _ = self.files[name]
+    def page(self, name: str, mode: str | None = None) -> Response:
+        """An HTML page (index.html, login.html) from memory, never cached (it names the other files).
+
+        ``mode`` ("open" or "serve") is written into the page's ``<html data-kobo>`` so its scripts know
+        at once which server they are under (outside the inline script: its CSP hash is unchanged)."""
+        key = f"{name}#{mode}" if mode else name
+        if key not in self.files:
+            data, ctype, etag = self.files[name]
+            self.files[key] = (data.replace(b"<html ", b'<html data-kobo="' + mode.encode() + b'" ', 1), ctype, etag)
+        data, ctype, _ = self.files[key]
         return Response(data, media_type=ctype, headers={"cache-control": "no-store"})
 
     def response(self, name: str, if_none_match: str) -> Response:
@@ -931,7 +938,7 @@ def create_team_app(
     from .team import Sessions, TeamAuth
 
     return TeamAuth(
-        build_app(base_dir),
+        build_app(base_dir, mode="serve"),
         accounts,
         allowed_hosts,
         base_url=base_url,
@@ -940,8 +947,10 @@ def create_team_app(
     )
 
 
-def build_app(base_dir: str) -> Starlette:
-    """The viewer's routes over ``base_dir``, without any authentication (wrap it: see above)."""
+def build_app(base_dir: str, mode: str = "open") -> Starlette:
+    """The viewer's routes over ``base_dir``, without any authentication (wrap it: see above).
+
+    ``mode``: "open" (``kobo open``) or "serve" (``kobo-serve``, whose pages ask who is logged in)."""
     viewer = Viewer(base_dir)
     run_lines = EncodedLines()
     hub = LiveHub(viewer.watch, viewer.index.signature)
@@ -994,7 +1003,7 @@ def build_app(base_dir: str) -> Starlette:
 
     @handler
     async def index_page(request: Request) -> Response:
-        return static.page("index.html")
+        return static.page("index.html", mode)
 
     @handler
     async def login_page(request: Request) -> Response:

@@ -463,6 +463,8 @@ def test_the_csp_allows_the_boot_script_by_its_hash_and_nothing_else_inline(api)
     assert script_src == ["script-src", "'self'", f"'sha256-{digest}'"]
     assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
     assert page.headers["cache-control"] == "no-store"
+    # the page learns from the server that it is under kobo open (no api/session request, no localStorage)
+    assert '<html data-kobo="open" lang="en">' in page.text
 
 
 def test_a_growing_series_is_read_only_from_its_cached_length():

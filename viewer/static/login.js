@@ -1,7 +1,6 @@
 // The kobo-serve login page: fetch a CSRF token (and a pre-login session cookie) from
 // api/session, then POST the credentials to api/login with it.  Paths are relative to
 // the page, so the server may live under a --base-url.
-import { markServe } from "./session.js";
 
 const form = document.getElementById("login-form");
 const errorBox = document.getElementById("login-error");
@@ -16,7 +15,6 @@ function showError(message) {
 async function session() {
   const r = await fetch("api/session", { credentials: "same-origin", cache: "no-store" });
   const d = await r.json();
-  if (r.ok && d && "csrf" in d) markServe();   // the viewer page at ./ then asks api/session who is logged in
   if (d.user) {
     location.replace("./");   // already logged in
     return;

@@ -6,9 +6,9 @@
 // page's base in front of them.
 //
 // Who: kobo-serve answers GET api/session with {user, csrf, projects}; `kobo open` has no
-// such route (404, which the browser logs as an error).  So the page asks only where it
-// knows it is under kobo-serve: a page below a base path (kobo open is always at /), or an
-// origin+base where a login (login.js) or an earlier api/session succeeded (localStorage).
+// such route (404, which the browser logs as an error).  So the page asks only under
+// kobo-serve, which the server writes into the page (<html data-kobo="serve">): no
+// localStorage read on the way to the first chart (its first use blocks ~10 ms).
 // An API answer 401 also asks: kobo-serve -> the login page; `kobo open` -> a banner that
 // says to open the URL `kobo open` printed again.
 
@@ -21,19 +21,9 @@ export function pageUrl(url) {
   return BASE + url.slice(1);
 }
 
-const HINT = "kobo.serve:" + BASE;
-
-/** Remember that this origin+base is a kobo-serve (login.js calls it when api/session answers). */
-export function markServe(on = true) {
-  try {
-    if (on) localStorage.setItem(HINT, "1");
-    else localStorage.removeItem(HINT);
-  } catch (_) { /* storage disabled: the page still works, it just does not show the user */ }
-}
-
+/** Whether this page is under kobo-serve: the server writes it into <html data-kobo> (app.py StaticCache.page). */
 function serveHint() {
-  if (BASE !== "/") return true;
-  try { return localStorage.getItem(HINT) === "1"; } catch (_) { return false; }
+  return document.documentElement.dataset.kobo === "serve";
 }
 
 /** mode: "serve" (kobo-serve answered api/session), "open" (it did not), null (not asked). */
@@ -61,14 +51,12 @@ function apply(d) {
   if (d === null) {
     session.mode = "open";
     session.user = session.csrf = session.projects = null;
-    markServe(false);
     return;
   }
   session.mode = "serve";
   session.user = d.user || null;
   session.csrf = d.csrf || null;
   session.projects = d.projects ?? null;
-  markServe(true);
 }
 
 /** On load: who is logged in (only asked where the page knows it is under kobo-serve). */
