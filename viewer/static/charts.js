@@ -128,6 +128,21 @@ export function joinSources(sources, { logScale = false } = {}) {
   return out;
 }
 
+/**
+ * The expand / shrink arrows drawn as SVG: a symbol character (U+2922) is in no font the first
+ * layout already has, and looking for one cost the first layout a few milliseconds.
+ */
+function expandIcon() {
+  const NS = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(NS, "svg");
+  const path = document.createElementNS(NS, "path");
+  for (const [k, v] of [["viewBox", "0 0 12 12"], ["width", "12"], ["height", "12"], ["aria-hidden", "true"]]) svg.setAttribute(k, v);
+  for (const [k, v] of [["d", "M1.5 10.5l9-9M6.5 1.5h4v4M1.5 6.5v4h4"], ["fill", "none"], ["stroke", "currentColor"],
+    ["stroke-width", "1.4"], ["stroke-linecap", "round"], ["stroke-linejoin", "round"]]) path.setAttribute(k, v);
+  svg.append(path);
+  return svg;
+}
+
 function sortedCheck(x) {
   for (let i = 1; i < x.length; i++) if (x[i] < x[i - 1]) return false;
   return true;
@@ -402,7 +417,7 @@ class ChartCard {
     this.resetBtn = el("button.icon-btn.reset-zoom", { type: "button", title: "reset zoom (or double-click the chart)", hidden: true }, "⟲ reset");
     this.resetBtn.addEventListener("click", () => this.resetZoom());
     this.csvMenu = el("details.csv-menu", el("summary", { title: "download CSV (every point)" }, "CSV"), el("div.menu"));
-    const expand = el("button.icon-btn", { type: "button", title: "expand / shrink" }, "⤢");
+    const expand = el("button.icon-btn", { type: "button", title: "expand / shrink", "aria-label": "expand / shrink" }, expandIcon());
     expand.addEventListener("click", () => this.toggleBig());
     this.plotEl = el("div.chart-plot", el("div.chart-loading", "loading…"));
     this.tip = el("div.chart-tip", { hidden: true });
