@@ -20,9 +20,11 @@ Phases, per repeat (the order alternates between repeats):
 1. **alone**: the training script with the server up and nobody reading;
 2. **loaded**: the same with ``--readers`` (50) concurrent readers in a load-generator process of
    their own (``--role load``; asyncio + one ``httpx.AsyncClient`` each, as one browser page each)
-   at the lowest CPU priority (``--reader-nice 19``): the simulated browsers, which in real use run
-   on other machines, take as little CPU from training as the scheduler allows, and their CPU time
-   is counted apart (``/proc``).  Each reader holds ``/api/events?runs=default/<live run>`` (SSE)
+   at the lowest CPU priority (``--reader-nice 19`` and ``SCHED_IDLE``, ``--no-reader-sched-idle``
+   to turn that off): the simulated browsers, which in real use run on other machines, take as little
+   CPU from training as the scheduler allows, and their CPU time is counted apart (``/proc``).
+   kobo-serve runs with its defaults (``--nice 10``, ``--sched-idle``: see ``viewer/serve.py``
+   ``yield_cpu``).  Each reader holds ``/api/events?runs=default/<live run>`` (SSE)
    open and, in a loop with a random 0.2-0.5 s pause, requests the run list ``/api/runs``, the
    live run's summary, the live ``m0`` chart once (``width=1000``) and then its tail
    (``series?metric=m0&start=N&width=1000``, N = the previous answer's ``committed``, as the page asks), and every 5th loop the
@@ -560,7 +562,14 @@ class LoadGenerator:
     """
 
     def __init__(
-        self, origin: str, token: str, live: str, n_readers: int, nice: int, period: float | None = None
+        self,
+        origin: str,
+        token: str,
+        live: str,
+        n_readers: int,
+        nice: int,
+        period: float | None = None,
+        idle: bool = True,
     ) -> None:
         cfg = {
             "origin": origin,
@@ -568,6 +577,7 @@ class LoadGenerator:
             "live": live,
             "readers": n_readers,
             "nice": nice,
+            "idle": idle,
             "think": THINK_S,
             "big_every": BIG_EVERY,
             "period": period,
@@ -618,8 +628,9 @@ class LoadGenerator:
 
 def load_role(cfg: dict[str, Any]) -> None:
     """``--role load``: the readers of :func:`reader`, driven by ``go``/``stop`` lines on stdin."""
-    if cfg["nice"]:
-        os.nice(cfg["nice"])
+    from kohakuboard.viewer.serve import yield_cpu
+
+    yield_cpu(cfg["nice"], cfg.get("idle", False))
     n = cfg["readers"]
     rec = Recorder(n)
     out: dict[str, Any] = {}
@@ -748,8 +759,9 @@ def capture_canned(origin: str, token: str, run_id: str, directory: str) -> dict
 def static_role(cfg: dict[str, Any]) -> None:
     """``--role static``: the cheapest HTTP server that gives the readers the same answers (recorded from
     kobo-serve by :func:`capture_canned`): one asyncio stream per connection, a path prefix picks the bytes."""
-    if cfg["nice"]:
-        os.nice(cfg["nice"])
+    from kohakuboard.viewer.serve import yield_cpu
+
+    yield_cpu(cfg["nice"], cfg.get("idle", False))
     canned: dict[str, bytes] = {}
     for kind in KINDS:
         with open(os.path.join(cfg["dir"], kind), "rb") as f:
@@ -819,6 +831,7 @@ def loaded_phase(
     n_readers: int,
     pinned: bool = False,
     reader_nice: int = 19,
+    reader_idle: bool = True,
     kobo: bool = True,
     period: float | None = None,
 ) -> dict[str, Any]:
@@ -827,7 +840,7 @@ def loaded_phase(
     w = Writer(run_id, env.base_dir, duration)
     lg: LoadGenerator | None = None
     try:
-        lg = LoadGenerator(server.origin, token, run_id, n_readers, reader_nice, period)
+        lg = LoadGenerator(server.origin, token, run_id, n_readers, reader_nice, period, reader_idle)
         stats0 = asyncio.run(api_stats(server.origin, token)) if kobo else {"polls": 0}
         t_stats0 = time.perf_counter()
         with (
@@ -1300,6 +1313,19 @@ def main() -> None:
         help="kobo-serve --nice (default 10, its default); the static baseline server runs at the same",
     )
     p.add_argument(
+        "--server-sched-idle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="kobo-serve --sched-idle (its default) or --no-sched-idle; the static baseline server the same",
+    )
+    p.add_argument(
+        "--reader-sched-idle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the load generator under SCHED_IDLE too (default): like browsers on other machines, the "
+        "simulated readers get only CPU time that training does not want",
+    )
+    p.add_argument(
         "--pinned",
         action="store_true",
         help="also the pinned pair (training script + daemon on CPU 0, server + readers on CPU 1); "
@@ -1347,7 +1373,15 @@ def main() -> None:
             t1 = time.perf_counter()
             server = ServerProcess(
                 serve_cmd(
-                    "--data-dir", env.base_dir, "--config-dir", cfg, "--port", "0", "--nice", str(args.server_nice)
+                    "--data-dir",
+                    env.base_dir,
+                    "--config-dir",
+                    cfg,
+                    "--port",
+                    "0",
+                    "--nice",
+                    str(args.server_nice),
+                    "--sched-idle" if args.server_sched_idle else "--no-sched-idle",
                 ),
                 "kobo-serve",
             )
@@ -1421,7 +1455,7 @@ def main() -> None:
                                 os.path.abspath(__file__),
                                 "--role",
                                 "static",
-                                json.dumps({"dir": canned, "nice": args.server_nice}),
+                                json.dumps({"dir": canned, "nice": args.server_nice, "idle": args.server_sched_idle}),
                             ],
                             "static-server",
                         )
@@ -1435,6 +1469,7 @@ def main() -> None:
                                 duration,
                                 args.readers,
                                 reader_nice=args.reader_nice,
+                                reader_idle=args.reader_sched_idle,
                                 kobo=False,
                                 period=period,
                             )
@@ -1463,6 +1498,7 @@ def main() -> None:
                             args.readers,
                             pinned,
                             reader_nice=args.reader_nice,
+                            reader_idle=args.reader_sched_idle,
                         )
                         last_live = run_id
                         if not pinned and ph["requests"]["runs"]:  # one run-list request per loop

@@ -179,6 +179,42 @@ def _run(
     server.run(sockets=[sock])
 
 
+def yield_cpu(niceness: int, sched_idle: bool) -> str:
+    """Lower this process's CPU priority so that training sharing the machine comes first.
+
+    ``niceness`` (0-19) is added to the nice value.  ``sched_idle`` (Linux) puts the process
+    under the scheduler's idle policy (``SCHED_IDLE``): it runs on CPU time that nothing else
+    wants, and a task of normal priority that wakes up takes the CPU from it at once.  A nice
+    value alone does not give that: a niced task keeps the CPU for its time slice while a
+    training thread that was woken (by its data, by an acknowledgement) waits, and a training
+    loop with a daemon and a writer thread waits like that several times per step.
+
+    Linux keeps both settings per thread; every thread of the process is changed, and threads
+    started later inherit them.  Returns what was applied, for the start-up message.
+    """
+    done = []
+    tids = [0]
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        pass
+    if niceness > 0:
+        for tid in tids:
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
+            except OSError:
+                pass
+        done.append(f"nice +{niceness}")
+    if sched_idle and hasattr(os, "SCHED_IDLE"):
+        try:
+            for tid in tids:
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            done.append("SCHED_IDLE")
+        except OSError as exc:
+            done.append(f"SCHED_IDLE refused ({exc.strerror})")
+    return ", ".join(done) or "normal priority"
+
+
 def serve_team(
     data_dir: str,
     *,
@@ -195,9 +231,13 @@ def serve_team(
     session_idle: float = 12 * 3600,
     session_max: float = 7 * 24 * 3600,
     niceness: int = 10,
+    sched_idle: bool = True,
     limits: dict[str, Any] | None = None,
 ) -> None:
     """``kobo-serve``: the viewer over ``data_dir`` for a team, behind accounts (see :mod:`.team`).
+
+    ``niceness`` and ``sched_idle``: how the server gives way to training on the same machine
+    (:func:`yield_cpu`).
 
     Refuses a non-loopback address unless at least one user exists (there is
     no default account and no way to turn authentication off there).  On
@@ -236,10 +276,7 @@ def serve_team(
             f"refusing to listen on {host} without authentication: no users are configured in "
             f"{accounts.path}. Run `kobo-serve user add NAME` first."
         )
-    if niceness > 0:
-        # Readers must not slow training that shares the machine: when CPU is short, the
-        # scheduler serves the training processes (nice 0) first.
-        os.nice(niceness)
+    echo(f"CPU priority: {yield_cpu(niceness, sched_idle)} (training on this machine comes first)")
     _run(
         app,
         data_dir,

@@ -268,6 +268,13 @@ def _version() -> str:
     help="Lower the server's CPU priority by this much, so training on the same machine comes first (0: keep it).",
 )
 @click.option(
+    "--sched-idle/--no-sched-idle",
+    default=True,
+    show_default=True,
+    help="Run under the scheduler's idle policy (Linux SCHED_IDLE): the server uses only CPU time that "
+    "nothing else wants, and training that wakes up takes the CPU from it at once.",
+)
+@click.option(
     "--session-max",
     default=7 * 24 * 3600,
     show_default=True,
@@ -332,6 +339,7 @@ def main(
     session_idle: int,
     session_max: int,
     niceness: int,
+    sched_idle: bool,
     request_timeout: float,
     keep_alive: float,
     send_timeout: float,
@@ -375,6 +383,7 @@ def main(
             session_idle=session_idle,
             session_max=session_max,
             niceness=niceness,
+            sched_idle=sched_idle,
             limits={
                 "request_timeout": request_timeout,
                 "send_timeout": send_timeout,

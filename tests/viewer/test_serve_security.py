@@ -81,13 +81,34 @@ def team(viewer_runs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         server.stop()
 
 
-def own_server(tmp_path: Path, viewer_runs: Path, user: str) -> tuple[Server, Path]:
+def test_the_server_gives_way_to_training(team):
+    """By default every thread of kobo-serve runs under SCHED_IDLE at nice +10: training on the node comes first."""
+    pid = team["server"].proc.pid
+    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    assert len(tids) > 1  # the event loop and the read threads
+    for tid in tids:
+        assert os.sched_getscheduler(tid) == os.SCHED_IDLE, tid
+        assert os.getpriority(os.PRIO_PROCESS, tid) >= 10, tid
+
+
+def test_no_sched_idle_keeps_the_normal_policy(tmp_path, viewer_runs):
+    server, _ = own_server(tmp_path, viewer_runs, "carol", "--nice", "0", "--no-sched-idle")
+    try:
+        pid = server.proc.pid
+        assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+        assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0)
+    finally:
+        out = server.stop()
+    assert "CPU priority: normal priority" in out
+
+
+def own_server(tmp_path: Path, viewer_runs: Path, user: str, *args: str) -> tuple[Server, Path]:
     """A server of the test's own (one run, one user): for tests whose side effects must not reach others."""
     data = tmp_path / "data"
     shutil.copytree(viewer_runs / "default" / "ddp", data / "default" / "ddp")
     config = tmp_path / "config"
     assert cli(config, "user", "add", user, "--password-stdin", stdin=PASSWORD + "\n").returncode == 0
-    return Server(data, config), config
+    return Server(data, config, *args), config
 
 
 def login(c: httpx.Client, user: str, password: str = PASSWORD, origin: str | None = None) -> httpx.Response:

@@ -67,6 +67,7 @@ def server(viewer_runs: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             "0",
             "--nice",
             "0",
+            "--no-sched-idle",
             "--request-timeout",
             str(REQUEST_TIMEOUT),
             "--send-timeout",
@@ -267,6 +268,7 @@ def test_a_run_whose_files_hang_stalls_only_itself(viewer_runs, tmp_path):
             "0",
             "--nice",
             "0",
+            "--no-sched-idle",
         ]
     )
     hung: list[threading.Thread] = []
