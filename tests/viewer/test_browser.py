@@ -374,3 +374,26 @@ def test_a_run_page_opened_directly_has_its_first_charts_with_the_page(page, ope
     assert st["lastFetch"]["early"] is True and "smooth=0.6" in st["lastFetch"]["url"]
     assert len(early) == 1 and "smooth=0.6" in early[0]
     assert p.errors == [] and p.page.evaluate("window.koboState.errors.length") == 0
+
+
+def test_the_page_formats_numbers_like_intl_and_gives_intl_back_after_uplot(page, open_server, viewer_runs):
+    """No ICU start-up on the way to the first chart: uPlot loads with lazy Intl stand-ins, our numbers are
+    formatted without Intl, and once the modules run Intl is the browser's own again."""
+    p = page(open_server(viewer_runs))
+    p.goto("#/run/default/spikes")
+    got = p.page.evaluate(
+        """async () => {
+          const { fmtInt } = await import("./static/util.js");
+          const real = new Intl.NumberFormat("en-US");
+          const values = [0, -0, 1, -1, 7, 999, 1000, -1000, 12345, 999999, 1000000, 1234567.891, 0.5, -0.0004,
+                          2.0005, 123456789012, Number.MAX_SAFE_INTEGER, NaN, Infinity, -Infinity];
+          return {
+            mismatches: values.map((v) => [v, fmtInt(v), real.format(v)]).filter(([, a, b]) => a !== b),
+            intlIsNative: /\\[native code\\]/.test(String(Intl.NumberFormat)) && /\\[native code\\]/.test(String(Intl.DateTimeFormat)),
+            zone: typeof new Intl.DateTimeFormat().resolvedOptions().timeZone,
+          };
+        }"""
+    )
+    assert got["mismatches"] == [], got["mismatches"]
+    assert got["intlIsNative"] and got["zone"] == "string"
+    assert p.js_errors() == []

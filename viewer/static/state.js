@@ -1,6 +1,9 @@
 // Page-wide state: the test hooks (window.koboState / koboPerf), error reporting,
 // and the URL hash <-> route mapping.  See the comment at the top of app.js.
 
+// uPlot has loaded (a classic script before every module): Intl's real constructors back (index.html)
+if (window.koboBoot && window.koboBoot.restoreIntl) window.koboBoot.restoreIntl();
+
 export const koboState = {
   ready: false,        // true once the current view's first data is drawn
   view: null,          // "runs" | "run"
