@@ -339,6 +339,118 @@ class Recorder:
         self.errors.append((time.time(), kind, msg[:300]))
 
 
+class LiteResponse:
+    """What :func:`timed` reads of an answer (the names httpx uses)."""
+
+    def __init__(self, status_code: int, headers: dict[str, str], content: bytes) -> None:
+        self.status_code, self.headers, self.content = status_code, headers, content
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+
+class LiteClient:
+    """The simulated browser's HTTP/1.1: one kept-alive connection, GET only, plain asyncio streams.
+
+    The readers stand for browsers on other machines; their CPU on this machine is an artefact of
+    the benchmark, and httpx spends ~1 ms of it per request (as much as kobo-serve).  This client
+    parses only what the server sends (status line, headers, a Content-Length or chunked body) and
+    costs a fraction of that, so more of what training loses is the server's doing.
+    ``--reader-http httpx`` uses httpx instead.
+    """
+
+    def __init__(self, origin: str, headers: dict[str, str], timeout: float = 120.0) -> None:
+        host_port = origin.split("://", 1)[1].rstrip("/")
+        self.host, _, port = host_port.rpartition(":")
+        self.port = int(port)
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.head = f"Host: {host_port}\r\n{extra}Accept: */*\r\n".encode()
+        self.timeout = timeout
+        self.conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(self.host, self.port, limit=1 << 22)
+
+    @staticmethod
+    async def _head(rd: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+        raw = await rd.readuntil(b"\r\n\r\n")
+        lines = raw[:-4].decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        return status, headers
+
+    @staticmethod
+    async def _chunk(rd: asyncio.StreamReader) -> bytes:
+        size = int((await rd.readuntil(b"\r\n"))[:-2].split(b";", 1)[0], 16)
+        data = await rd.readexactly(size + 2)
+        return data[:-2]
+
+    async def _get(self, path: str) -> LiteResponse:
+        for attempt in (0, 1):  # a kept-alive connection the server closed meanwhile: once more on a new one
+            if self.conn is None:
+                self.conn = await self._open()
+            rd, wr = self.conn
+            try:
+                wr.write(b"GET " + path.encode() + b" HTTP/1.1\r\n" + self.head + b"\r\n")
+                status, headers = await self._head(rd)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                self.close()
+                if attempt:
+                    raise
+                continue
+            if headers.get("transfer-encoding", "").lower() == "chunked":
+                parts = []
+                while chunk := await self._chunk(rd):
+                    parts.append(chunk)
+                await rd.readuntil(b"\r\n")  # the end of the (empty) trailer
+                body = b"".join(parts)
+            else:
+                body = await rd.readexactly(int(headers.get("content-length", "0")))
+            if headers.get("connection", "").lower() == "close":
+                self.close()
+            return LiteResponse(status, headers, body)
+        raise ConnectionError("unreachable")
+
+    async def get(self, path: str) -> LiteResponse:
+        return await asyncio.wait_for(self._get(path), self.timeout)
+
+    async def lines(self, path: str) -> Any:
+        """GET ``path`` on a connection of its own and yield its body's lines as they come (SSE):
+        first the status, then str lines."""
+        rd, wr = await self._open()
+        try:
+            wr.write(b"GET " + path.encode() + b" HTTP/1.1\r\n" + self.head + b"\r\n")
+            status, headers = await self._head(rd)
+            yield status
+            chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+            buf = b""
+            while True:
+                data = await self._chunk(rd) if chunked else await rd.read(1 << 16)
+                if not data:
+                    return
+                buf += data
+                *done, buf = buf.split(b"\n")
+                for line in done:
+                    yield line.rstrip(b"\r").decode("utf-8", "replace")
+        finally:
+            wr.close()
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn[1].close()
+            self.conn = None
+
+    async def __aenter__(self) -> LiteClient:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+
+
 async def timed(cl: Any, rec: Recorder, kind: str, url: str) -> Any:
     w = time.time()
     t0 = time.perf_counter()
@@ -360,6 +472,8 @@ async def timed(cl: Any, rec: Recorder, kind: str, url: str) -> Any:
 
 
 async def sse(cl: Any, rec: Recorder, idx: int, live: str, opened: asyncio.Event, stop: asyncio.Event) -> None:
+    if isinstance(cl, LiteClient):
+        return await sse_lite(cl, rec, idx, live, opened, stop)
     try:
         async with cl.stream("GET", f"/api/events?runs=default/{live}") as r:
             if r.status_code != 200:
@@ -370,6 +484,28 @@ async def sse(cl: Any, rec: Recorder, idx: int, live: str, opened: asyncio.Event
             async for line in r.aiter_lines():
                 if line.startswith("event: run"):
                     rec.events[idx].append(time.time())
+        if not stop.is_set():
+            rec.error("sse", "the event stream ended")
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        if not stop.is_set():
+            rec.error("sse", f"{type(exc).__name__}: {exc}")
+
+
+async def sse_lite(
+    cl: LiteClient, rec: Recorder, idx: int, live: str, opened: asyncio.Event, stop: asyncio.Event
+) -> None:
+    try:
+        lines = cl.lines(f"/api/events?runs=default/{live}")
+        status = await anext(lines)
+        if status != 200:
+            rec.error("sse", f"HTTP {status}")
+            return
+        opened.set()
+        async for line in lines:
+            if line.startswith("event: run"):
+                rec.events[idx].append(time.time())
         if not stop.is_set():
             rec.error("sse", "the event stream ended")
     except asyncio.CancelledError:
@@ -390,6 +526,7 @@ async def reader(
     big_every: int,
     max_loops: int | None = None,
     period: float | None = None,
+    http: str = "lite",
 ) -> None:
     """One page: the live stream open, and the run list / summary / tail / 1M chart polled in a loop.
 
@@ -401,9 +538,13 @@ async def reader(
     rng = random.Random(idx)
     base = f"/api/runs/default/{live}"
     big = f"/api/runs/default/{BIG_RUN}/series?metric=loss&width=1000"
-    async with httpx.AsyncClient(
-        base_url=origin, headers={"authorization": f"Bearer {token}"}, timeout=httpx.Timeout(120.0)
-    ) as cl:
+    auth = {"authorization": f"Bearer {token}"}
+    client: Any = (
+        LiteClient(origin, auth)
+        if http == "lite"
+        else httpx.AsyncClient(base_url=origin, headers=auth, timeout=httpx.Timeout(120.0))
+    )
+    async with client as cl:
         opened = asyncio.Event()
         stream = asyncio.create_task(sse(cl, rec, idx, live, opened, stop))
         try:
@@ -570,8 +711,10 @@ class LoadGenerator:
         nice: int,
         period: float | None = None,
         idle: bool = True,
+        http: str = "lite",
     ) -> None:
         cfg = {
+            "http": http,
             "origin": origin,
             "token": token,
             "live": live,
@@ -663,6 +806,7 @@ def load_role(cfg: dict[str, Any]) -> None:
                     tuple(cfg["think"]),
                     cfg["big_every"],
                     period=cfg.get("period"),
+                    http=cfg.get("http", "lite"),
                 )
             )
             for i in range(n)
@@ -832,6 +976,7 @@ def loaded_phase(
     pinned: bool = False,
     reader_nice: int = 19,
     reader_idle: bool = True,
+    reader_http: str = "lite",
     kobo: bool = True,
     period: float | None = None,
 ) -> dict[str, Any]:
@@ -840,7 +985,7 @@ def loaded_phase(
     w = Writer(run_id, env.base_dir, duration)
     lg: LoadGenerator | None = None
     try:
-        lg = LoadGenerator(server.origin, token, run_id, n_readers, reader_nice, period, reader_idle)
+        lg = LoadGenerator(server.origin, token, run_id, n_readers, reader_nice, period, reader_idle, reader_http)
         stats0 = asyncio.run(api_stats(server.origin, token)) if kobo else {"polls": 0}
         t_stats0 = time.perf_counter()
         with (
@@ -1319,6 +1464,13 @@ def main() -> None:
         help="kobo-serve --sched-idle (its default) or --no-sched-idle; the static baseline server the same",
     )
     p.add_argument(
+        "--reader-http",
+        choices=("lite", "httpx"),
+        default="lite",
+        help="the readers' HTTP client: lite (default; plain asyncio streams, a fraction of httpx's CPU per "
+        "request, see LiteClient) or httpx",
+    )
+    p.add_argument(
         "--reader-sched-idle",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -1470,6 +1622,7 @@ def main() -> None:
                                 args.readers,
                                 reader_nice=args.reader_nice,
                                 reader_idle=args.reader_sched_idle,
+                                reader_http=args.reader_http,
                                 kobo=False,
                                 period=period,
                             )
@@ -1499,6 +1652,7 @@ def main() -> None:
                             pinned,
                             reader_nice=args.reader_nice,
                             reader_idle=args.reader_sched_idle,
+                            reader_http=args.reader_http,
                         )
                         last_live = run_id
                         if not pinned and ph["requests"]["runs"]:  # one run-list request per loop
