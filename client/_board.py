@@ -386,7 +386,7 @@ class Board:
             folder = _existing_folder(os.path.join(self.base_dir, self.project), self.run_id) or folder
         self.annotation = annotation
         self.path = os.path.join(self.base_dir, self.project, folder)
-        from ..storage.format import run_path_too_long
+        from ..protocol.runpath import run_path_too_long
 
         too_long = run_path_too_long(self.path)
         if too_long is not None:

@@ -345,6 +345,7 @@ def install_systemd(user_unit: bool, dest: str | None, force: bool, to_stdout: b
     """
     import getpass
 
+    from ..protocol.systemd import UnitInstallError, install_unit
     from . import units
 
     kind = units.USER if user_unit else units.SYSTEM
@@ -357,11 +358,11 @@ def install_systemd(user_unit: bool, dest: str | None, force: bool, to_stdout: b
         return
     directory = dest if dest is not None else units.default_dir(kind)
     try:
-        for line in units.install_unit(
+        for line in install_unit(
             directory, kind.name, text, force=force, program="kobo-daemon", systemd_dir=units.default_dir(kind)
         ):
             click.echo(line)
-    except units.UnitInstallError as exc:
+    except UnitInstallError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo("enable and start it with:")
     if user_unit:

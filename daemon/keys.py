@@ -33,6 +33,7 @@ from collections.abc import Mapping
 
 import click
 
+from ..protocol.atomic import write_atomic
 from ..protocol.errors import KoboError
 
 log = logging.getLogger("kohakuboard.daemon")
@@ -94,15 +95,7 @@ def _zpl(public: str, secret: str | None, what: str) -> str:
 
 
 def _write_private(path: str, text: str, mode: int) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    write_atomic(path, text, mode=mode, fsync=True)
 
 
 def generate(directory: str, *, force: bool = False) -> dict[str, tuple[str, bool]]:

@@ -48,7 +48,7 @@ from typing import Any
 import zmq
 
 from ..protocol.errors import StorageError
-from ..storage import format as fmt
+from ..protocol.runpath import run_path_too_long
 
 log = logging.getLogger("kohakuboard.daemon")
 
@@ -238,7 +238,7 @@ def run_path_problem(path: Any, uid: int | None = None, gids: Iterable[int] | No
         return "it is not an absolute path"
     if ".." in path.split("/"):
         return "it contains a '..' component"
-    too_long = fmt.run_path_too_long(path)
+    too_long = run_path_too_long(path)
     if too_long is not None:
         return too_long
     if uid is None:

@@ -99,7 +99,7 @@ resumed by a newer writer stays version 1 and keeps its ``bytes`` columns.
 
 Run folders.  A writer creates a run only in a folder that does not exist, is
 empty, or already is a run (:func:`run_folder_problem`), never beside other
-files, and only at a path of at most ``MAX_RUN_PATH_BYTES`` (SQLite's limit).
+files, and only at a path of at most ``protocol.runpath.MAX_RUN_PATH_BYTES`` (SQLite's limit).
 Media names of the form ``{name}#{digits}`` are table cells
 (:func:`is_table_cell`); the item rule refuses them for media a user logs.
 """
@@ -108,8 +108,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
+
+from ..protocol.atomic import write_atomic
 
 FORMAT_VERSION = 2  # 2: fixed-size histogram records (HISTOGRAM_SIZE_SEP); readers read 1 and 2
 
@@ -322,28 +323,12 @@ def is_table_cell(media_name: str) -> bool:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to ``path`` via a temp file and rename: readers never see half a file."""
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; the run's other files are 0644
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(d or ".", os.O_RDONLY)  # the new name survives a power loss too
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write JSON to ``path`` via a temp file and rename: readers never see half a file.
+
+    Mode 0644 like the run's other files; the data and the new name are synced.
+    """
+    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    write_atomic(path, text, mode=0o644, fsync=True, sync_dir=True)
 
 
 def read_json(path: str) -> dict[str, Any]:
@@ -354,28 +339,7 @@ def read_json(path: str) -> dict[str, Any]:
     return obj
 
 
-def run_dir(base_dir: str, project: str, run_id: str) -> str:
-    return os.path.join(os.path.abspath(base_dir), project, run_id)
-
-
 # ------------------------------------------------------------ run folders
-
-# SQLite opens files by paths of at most 512 bytes (its unix VFS's limit, the
-# "-wal" suffix included): measured, data/metadata.db fails to open beyond ~504.
-# The longest database path inside a run is data/histograms/compact_u8.db (+30).
-MAX_RUN_PATH_BYTES = 460
-
-
-def run_path_too_long(path: str) -> str | None:
-    """Why ``path`` is too long to hold a run (its databases could not be opened); None if it is not."""
-    n = len(os.fsencode(path))
-    if n > MAX_RUN_PATH_BYTES:
-        return (
-            f"the run folder's path is {n} bytes long; a run's databases (SQLite) need it to be at most "
-            f"{MAX_RUN_PATH_BYTES} bytes: use a shorter base_dir"
-        )
-    return None
-
 
 # What a writer creates in a new run folder before metadata.json exists: a
 # folder holding only these (empty) directories and the lock is a run whose

@@ -47,6 +47,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..protocol.atomic import write_atomic
 from ..storage import format as fmt
 
 log = logging.getLogger("kohakuboard.viewer.accounts")
@@ -547,30 +548,14 @@ class Accounts:
 
     def _write(self, data: dict[str, Any]) -> None:
         text = json.dumps(data, indent=1, sort_keys=True) + "\n"
-        tmp = os.path.join(self.config_dir, f".{FILE_NAME}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                os.fchmod(fd, 0o600)  # whatever the umask
-                _give_to_dir_owner(fd, self.config_dir)
-                view = memoryview(text.encode("utf-8"))
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        dfd = os.open(self.config_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomic(
+            self.path,
+            text,
+            mode=0o600,  # whatever the umask
+            fsync=True,
+            sync_dir=True,
+            prepare=lambda fd: _give_to_dir_owner(fd, self.config_dir),
+        )
 
     def add_user(self, name: str, password: str, projects: Iterable[str] | None = None) -> User:
         """Add a user (``projects`` None: she sees every project).  ValueError if the name is taken or invalid."""

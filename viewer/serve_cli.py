@@ -640,7 +640,7 @@ def install_systemd(
     """
     import getpass
 
-    from ..daemon.units import UnitInstallError, install_unit
+    from ..protocol.systemd import UnitInstallError, install_unit
     from . import units
 
     path_data = check_data_dir(data_dir)

@@ -24,7 +24,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from ..daemon.units import quote_arg
+from ..protocol.systemd import quote_arg, unit_dir, write_unit
 
 UNIT = "kobo-serve.service"
 MODULE = "kohakuboard.viewer.serve_cli"
@@ -150,11 +150,7 @@ def exec_start(args: Sequence[str], python: str | None = None) -> str:
 
 def default_dir(user_unit: bool, environ: Mapping[str, str] | None = None) -> str:
     """Where systemd looks: the user's unit dir, or /etc/systemd/system."""
-    env = os.environ if environ is None else environ
-    if not user_unit:
-        return "/etc/systemd/system"
-    config = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return os.path.join(config, "systemd", "user")
+    return unit_dir(user_unit, environ)
 
 
 def render_shipped() -> str:
@@ -163,6 +159,4 @@ def render_shipped() -> str:
 
 def write_shipped(directory: str) -> None:
     """Regenerate the repository's ``systemd/kobo-serve.service``."""
-    from ..daemon.units import write_unit
-
     write_unit(os.path.join(directory, UNIT), render_shipped(), force=True)
