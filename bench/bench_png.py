@@ -31,7 +31,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from kohakuboard.daemon import compute  # noqa: E402
+from kohakuboard.storage import values as compute  # noqa: E402
 
 
 def _render(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Everything here is a pure function and runs in the caller's training loop, so
 it only copies and reshapes: no PNG encoding, no binning, no density estimates
-(the daemon does those, see :mod:`kohakuboard.daemon.compute`).
+(the daemon does those, see :mod:`kohakuboard.storage.values`).
 
 numpy is imported inside the functions, and torch and PIL are never imported
 here: a torch tensor or PIL image is recognised by its type's module name, and

@@ -207,7 +207,7 @@ class Histogram:
     def compute_bins(self) -> Histogram:
         """Bin the raw values now, in this process; return ``self``.
 
-        The daemon's own binning (``daemon.compute.bin_histogram``): the same
+        The daemon's own binning (``protocol.binning.bin_histogram``): the same
         edges and counts as when the daemon bins them.
         """
         self._no_values()
@@ -219,7 +219,7 @@ class Histogram:
         return self
 
     def _bin(self, arr: Any) -> None:
-        from ..daemon.compute import bin_histogram
+        from ..protocol.binning import bin_histogram
 
         if arr.dtype.kind not in "biuf":
             raise TypeError(f"histogram values must be numbers, not {arr.dtype}")
