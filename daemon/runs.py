@@ -24,7 +24,8 @@ from ..protocol.errors import StorageError
 from ..protocol.messages import DropReport, LogBatch, LogMessage, OutputMessage
 from ..protocol.peer import process_alive
 from ..storage import format as fmt
-from ..storage.writer import RunWriter, prepare_items
+from ..storage.writer import RunWriter
+from .ingest import RunIngest, prepare_items
 
 log = logging.getLogger("kohakuboard.daemon")
 
@@ -93,11 +94,13 @@ class RunChannel:
         # Rich values are prepared (PNG, binning, KDE) on the daemon's shared
         # compute pool as soon as they arrive: id(msg) -> (msg, future).  The
         # writer thread stages messages in arrival order and takes each result
-        # from here when it gets to its message (RunWriter.stage), so order,
+        # from here when it gets to its message (RunIngest.stage), so order,
         # duplicate detection and the commit point are the writer's as before.
         self._pool = pool
         self.prepared: dict[int, tuple[Any, Any]] = {}
         self.writer: RunWriter | None = None
+        # Turns the batches into the writer's plain calls (writer thread; daemon/ingest.py).
+        self.ingest: RunIngest | None = None
         self._writer_lock = asyncio.Lock()
         # One detach at a time: a repeated FinishRun (a client's request that
         # reached a restarted daemon late, next to its retry) answers with the
@@ -143,6 +146,7 @@ class RunChannel:
         async with self._writer_lock:
             if self.writer is None:
                 self.writer = await self.call(RunWriter, self.path, on_event=log.info, durable=self.durable)
+                self.ingest = RunIngest(self.writer)
         return self.writer
 
     # -------------------------------------------------------------- clients
@@ -271,8 +275,8 @@ class RunChannel:
 
     @property
     def _parked(self) -> bool:
-        """Messages wait in the writer for a client's re-send (RunWriter._in_sequence)."""
-        return self.writer is not None and bool(self.writer.parked)
+        """Messages wait for a client's re-send (RunIngest._in_sequence)."""
+        return self.ingest is not None and bool(self.ingest.parked)
 
     def durable_seq(self, client: str) -> int:
         state = self.clients.get(client)
@@ -364,8 +368,8 @@ class RunChannel:
                 wait = self._first_pending_at + self.flush_interval - self._now()
                 if (self._retry or parked) and not (self.pending or self.pending_output):
                     wait = 1.0  # storage failed, or messages wait for a re-send: look again every second
-                if self._stopping and self.writer is not None:
-                    self.writer.release_parked = True
+                if self._stopping and self.ingest is not None:
+                    self.ingest.release_parked = True
                 if wait > 0 and not self._kick.is_set() and not self._stopping:
                     try:
                         await asyncio.wait_for(self._kick.wait(), wait)
@@ -394,8 +398,9 @@ class RunChannel:
             return
         started = time.perf_counter()
         try:
-            writer = await self.ensure_writer()
-            seqs = await self.call(self._write, writer, batch, output)
+            await self.ensure_writer()
+            assert self.ingest is not None
+            seqs = await self.call(self._write, self.ingest, batch, output)
         except StorageError as exc:
             self._retry = True
             self.stats.errors += 1
@@ -452,12 +457,13 @@ class RunChannel:
         return batch[:cut]
 
     def _write(
-        self, writer: RunWriter, batch: list[LogMessage | LogBatch], output: list[OutputMessage]
+        self, ingest: RunIngest, batch: list[LogMessage | LogBatch], output: list[OutputMessage]
     ) -> dict[str, int]:
         # Runs on the writer thread.  Output is written first: it is small, and a
         # crash traceback matters most when everything else is failing.
+        writer = ingest.writer
         before = writer.points_written
-        writer.stage(output + batch if output else batch, self.prepared)
+        ingest.stage(output + batch if output else batch, self.prepared)
         seqs = writer.commit()
         self.stats.points += writer.points_written - before
         self.stats.duplicates = writer.duplicates
@@ -476,6 +482,7 @@ class RunChannel:
         self._waiters.clear()
         if self.writer is not None:
             writer, self.writer = self.writer, None
+            self.ingest = None
             await self.call(writer.close)
         self.prepared.clear()
         self._executor.shutdown(wait=True)

@@ -325,6 +325,7 @@ def import_dir(
     progress: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Convert one directory of event files into ``{base_dir}/{project}/tb_...``."""
+    from ..daemon.ingest import RunIngest
     from ..storage import format as fmt
     from ..storage.writer import RunWriter
 
@@ -361,6 +362,7 @@ def import_dir(
     clock = _Clock()
     conv = _Converter(path, hparams_pb2, result)
     writer = None
+    ingest = None
     try:
         batch: list[Any] = []
         batch_bytes = 0
@@ -388,6 +390,7 @@ def import_dir(
                 if writer is None:
                     clock.t = conv.first_wall
                     writer = RunWriter(path, now=clock)
+                    ingest = RunIngest(writer, now=clock)
                     writer.attach(
                         client=CLIENT,
                         rank=0,
@@ -402,7 +405,7 @@ def import_dir(
                 batch.extend(msgs)
                 batch_bytes += sum(len(b) for msg in msgs for b in msg.blobs)
                 if len(batch) >= _BATCH_CALLS or batch_bytes >= _BATCH_BYTES:
-                    writer.stage(batch)
+                    ingest.stage(batch)
                     writer.commit()
                     batch, batch_bytes = [], 0
             if progress is not None and done:
@@ -411,7 +414,7 @@ def import_dir(
             result.action, result.reason = "skipped", "no values to convert"
             return result
         if batch:
-            writer.stage(batch)
+            ingest.stage(batch)
             writer.commit()
         clock.t = conv.last_wall if conv.last_wall is not None else clock.t
         writer.detach(CLIENT, fmt.STATUS_FINISHED)

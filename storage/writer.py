@@ -10,10 +10,13 @@ files: kohakuvault itself does nothing to prevent two writers.
 Writing is staged so that neither a storage fault nor a crash loses or
 duplicates a point:
 
-* :meth:`RunWriter.stage` turns a batch of log messages into per-column record
-  arrays (pure, cannot fail on the disk), dropping messages whose sequence
-  numbers this run already has (a client re-sending what a dead daemon never
-  acknowledged).
+* The ``stage_*`` methods take plain data (per-column arrays, the calls' steps,
+  output text, prepared rich values: :mod:`.rich`) and only keep it in memory
+  (pure, cannot fail on the disk).  :meth:`RunWriter.claim` records the
+  sequence numbers of the calls staged, per client, and refuses ones this run
+  already has (a client re-sending what a dead daemon never acknowledged).
+  The daemon turns what clients send into these calls (``daemon/ingest.py``);
+  the writer knows nothing of the wire.
 * :meth:`RunWriter.commit` phase A appends them column by column (and writes
   media files, tensor payloads, captured output), removing each from the
   staging list only after its append has committed; phase B is ONE SQLite
@@ -30,12 +33,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
-import json
 import os
 import socket
 import sqlite3
-import struct
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -44,15 +44,14 @@ import numpy as np
 from kohakuvault import ColumnVault
 
 from ..protocol.errors import FormatVersionError, StorageError
-from ..protocol.items import InvalidItem, check_item, item_array
-from ..protocol.messages import DropReport, LogBatch, LogMessage, OutputMessage
 from . import format as fmt
+from .rich import RichStaging
 from .seqranges import SeqRanges
 
 _REC = fmt.scalar_record_dtype()
 
 
-class RunWriter:
+class RunWriter(RichStaging):
     """Create or resume the run folder at ``path`` and hold it open for writing.
 
     Raises :class:`StorageError` when the folder cannot be created or written
@@ -391,117 +390,63 @@ class RunWriter:
         if self._on_event is not None:
             self._on_event(f"{self.path}: {line}")
 
-    # ------------------------------------------------------------- scalars
+    # ------------------------------------------------------------- staging
+    #
+    # Plain calls, made on the writer's thread by the daemon (daemon/ingest.py
+    # translates what clients send into them); nothing reaches the disk before
+    # commit().  Every call a client makes has a sequence number: the writer
+    # records which ones it holds (client_seqs, with the commit that stores
+    # them), so a call re-sent after a crash is stored once.
 
-    def stage(
-        self,
-        batch: Iterable[LogMessage | LogBatch | OutputMessage | DropReport],
-        prepared: dict[int, Any] | None = None,
-    ) -> None:
-        """Turn log messages into per-column record arrays, ready to commit.
+    def highest_seen(self, client: str) -> int:
+        """The highest sequence number of ``client`` this run holds, committed or staged (0: none)."""
+        r = self._seen.get(client)
+        return r.highest() if r is not None else 0
 
-        Values of one metric keep the order of the batch.  Pure CPU work.
-        ``prepared`` maps ``id(msg)`` to ``(msg, future)`` for messages whose
-        rich values are being prepared on the daemon's compute pool
-        (:func:`prepare_items`); a message's entry is removed when it is staged
-        (or found to be a duplicate), and the future's result used in its place.
+    def claim(self, client: str, first: int, last: int) -> bool:
+        """Record calls ``first..last`` of ``client`` as staged; False (a duplicate: stage nothing of
+        them) if the run has them all."""
+        r = self._seen_of(client)
+        if r.covers(first, last):
+            self.duplicates += 1
+            return False
+        r.add(first, last)
+        self._touched.add(client)
+        return True
+
+    def claim_each(self, client: str, seqs: np.ndarray) -> np.ndarray | None:
+        """Record the calls ``seqs`` (int64, ascending) of ``client`` as staged.
+
+        None: all of them were new.  Otherwise the mask of the new ones (maybe
+        none), which alone were recorded: stage only those.
         """
-        # Training loops log the same keys call after call, so single messages
-        # are grouped by (rank, key tuple) and each group becomes one 2-D array,
-        # and a LogBatch already is one: numpy conversions per group instead of
-        # Python work per value.
-        seen = self._seen
-        touched = self._touched
-        calls = self._staged_calls  # rank -> [(steps, global_steps, walls)] in call order
-        # segment: (rank, names, order, steps, global_steps, walls, values[n, k])
-        segments: list[tuple[int, tuple[str, ...], Any, Any, Any, Any, Any]] = []
-        groups: dict[tuple[int, tuple[str, ...]], list[Any]] = {}
-        pos = 0
-        for msg in self._in_sequence(batch):
-            pre = prepared.pop(id(msg), None) if prepared else None
-            env = msg.env
-            r = seen.get(env.client)
-            if r is None:
-                r = seen[env.client] = SeqRanges()
-            if type(msg) is LogBatch:
-                n = msg.count
-                if n == 0:
-                    continue
-                seqs = np.frombuffer(msg.seqs, dtype="<i8")
-                steps = np.frombuffer(msg.steps, dtype="<i8")
-                gsteps = np.frombuffer(msg.global_steps, dtype="<i8")
-                walls = np.frombuffer(msg.walls, dtype="<f8")
-                values = np.frombuffer(msg.values, dtype="<f8").reshape(n, len(msg.names))
-                lo, hi = int(seqs.min()), int(seqs.max())
-                if r.overlaps(lo, hi):  # a re-send: keep only calls this run does not have
-                    keep = np.fromiter((s not in r for s in seqs.tolist()), dtype=bool, count=n)
-                    self.duplicates += n - int(keep.sum())
-                    if not keep.any():
-                        continue
-                    seqs, steps, gsteps, walls, values = (
-                        seqs[keep],
-                        steps[keep],
-                        gsteps[keep],
-                        walls[keep],
-                        values[keep],
-                    )
-                    n = len(seqs)
-                _add_seqs(r, seqs)
-                touched.add(env.client)
-                segments.append((env.rank, tuple(msg.names), np.arange(pos, pos + n), steps, gsteps, walls, values))
-                calls.setdefault(env.rank, []).append((steps, gsteps, walls))
-                pos += n
-                continue
-            seq = env.seq
-            if type(msg) is OutputMessage:
-                if not self._claim(env.client, r, seq, seq):
-                    continue
-                if msg.text:
-                    self._staged_output.append(msg.text)
-                continue
-            if type(msg) is DropReport:
-                if not self._claim(env.client, r, msg.first_seq, seq):
-                    continue
-                d = self._staged_drops.setdefault(env.client, [0, 0, 0])
-                d[0] += msg.calls
-                d[1] += msg.values
-                if msg.lines:
-                    d[2] += msg.lines
-                    self._staged_output.append(
-                        f"[kohakuboard: {msg.lines} line(s) of output dropped here: the queue was full "
-                        f"(queue_policy='drop')]\n"
-                    )
-                continue
-            if not self._claim(env.client, r, seq, seq):
-                continue
-            calls.setdefault(env.rank, []).append((env.step, env.global_step, env.wall))
-            if msg.items:
-                self._stage_items(msg, _prepared_result(pre))
-            sc = msg.scalars
-            key = (env.rank, tuple(sc))
-            g = groups.get(key)
-            if g is None:
-                groups[key] = g = [[], [], [], [], []]
-            g[0].append(pos)
-            g[1].append(env.step)
-            g[2].append(env.global_step)
-            g[3].append(env.wall)
-            g[4].append(tuple(sc.values()))
-            pos += 1
-        for (rank, names), (order, steps, gsteps, walls, rows) in groups.items():
-            if not names:
-                continue
-            segments.append(
-                (
-                    rank,
-                    names,
-                    np.array(order, dtype=np.intp),
-                    np.array(steps, dtype=np.int64),
-                    np.array(gsteps, dtype=np.int64),
-                    np.array(walls, dtype=np.float64),
-                    np.array(rows, dtype=np.float64).reshape(len(rows), len(names)),
-                )
-            )
+        r = self._seen_of(client)
+        keep = None
+        lo, hi = int(seqs.min()), int(seqs.max())
+        if r.overlaps(lo, hi):
+            keep = np.fromiter((s not in r for s in seqs.tolist()), dtype=bool, count=len(seqs))
+            self.duplicates += len(seqs) - int(keep.sum())
+            if not keep.any():
+                return keep
+            seqs = seqs[keep]
+        _add_seqs(r, seqs)
+        self._touched.add(client)
+        return keep
+
+    def _seen_of(self, client: str) -> SeqRanges:
+        r = self._seen.get(client)
+        if r is None:
+            r = self._seen[client] = SeqRanges()
+        return r
+
+    def stage_calls(self, rank: int, steps: Any, global_steps: Any, walls: Any) -> None:
+        """Record calls of ``rank`` (one, or arrays of several) in the steps table with the next commit."""
+        self._staged_calls.setdefault(rank, []).append((steps, global_steps, walls))
+
+    def stage_scalars(self, segments: Iterable[tuple[int, tuple[str, ...], Any, Any, Any, Any, Any]]) -> None:
+        """Stage scalar points, given as segments ``(rank, names, order, steps, global_steps, walls,
+        values[n, len(names)])`` of n calls each; ``order`` (n call positions) sorts the points of a
+        metric that come in several segments.  Each metric becomes one record array."""
         parts: dict[tuple[int, str], list[tuple[Any, Any, Any, Any, Any]]] = {}
         for rank, names, order, steps, gsteps, walls, values in segments:
             for j, name in enumerate(names):
@@ -525,79 +470,16 @@ class RunWriter:
                     rec = rec[np.argsort(ix, kind="stable")]
             self._staged.append((fmt.column_name(rank, name), rec))
 
-    def _claim(self, client: str, r: SeqRanges, first: int, last: int) -> bool:
-        """Record seqs ``first..last`` of ``client`` as staged; False (a duplicate) if the run has them."""
-        if r.covers(first, last):
-            self.duplicates += 1
-            return False
-        r.add(first, last)
-        self._touched.add(client)
-        return True
+    def stage_output(self, text: str) -> None:
+        """Append captured output text to ``logs/output.log`` with the next commit."""
+        self._staged_output.append(text)
 
-    def _in_sequence(self, batch: Iterable[Any]) -> list[Any]:
-        """The batch in the order to store it, holding back messages that arrive after a gap.
-
-        After a daemon restart a client's newest messages can reach the new
-        daemon before the client notices the restart and re-sends the older
-        ones the dead daemon lost.  Such a message (its first sequence number
-        is beyond anything seen of its client) waits here until the re-sent
-        ones fill the gap, so a metric's points stay in call order; after
-        ``_PARK_SECONDS``, over ``_PARK_BYTES``, or when the run is closed, it
-        is stored anyway.
-        """
-        parked = self._parked
-        out: list[Any] = []
-        ends: dict[str, int] = {}
-        now = self._now()
-        for msg in batch:
-            c = msg.env.client
-            first, last = _seq_span(msg)
-            end = ends.get(c)
-            if end is None:
-                r = self._seen.get(c)
-                end = r.highest() if r is not None else 0
-            if first > end + 1:
-                parked.setdefault(c, []).append((first, now, msg))
-                self.parked_bytes += _msg_bytes(msg)
-                continue
-            out.append(msg)
-            end = max(end, last)
-            waiting = parked.get(c)
-            if waiting:
-                waiting.sort(key=lambda t: t[0])
-                while waiting and waiting[0][0] <= end + 1:
-                    _, _, held = waiting.pop(0)
-                    self.parked_bytes -= _msg_bytes(held)
-                    out.append(held)
-                    end = max(end, _seq_span(held)[1])
-                if not waiting:
-                    del parked[c]
-            ends[c] = end
-        if parked:
-            for c in list(parked):
-                waiting = sorted(parked[c], key=lambda t: t[0])
-                if (
-                    self.release_parked
-                    or self.parked_bytes > _PARK_BYTES
-                    or now - min(t[1] for t in waiting) > _PARK_SECONDS
-                ):
-                    del parked[c]
-                    for _, _, held in waiting:
-                        self.parked_bytes -= _msg_bytes(held)
-                        out.append(held)
-                    self.event(
-                        "gap", f"client {c}: stored messages from seq {waiting[0][0]} on without the ones before them"
-                    )
-        return out
-
-    @property
-    def parked(self) -> int:
-        """Clients with messages held back for a re-send (see :meth:`_in_sequence`)."""
-        return len(self._parked)
-
-    @property
-    def staged_points(self) -> int:
-        return sum(len(a) for _, a in self._staged)
+    def stage_drops(self, client: str, calls: int, values: int, lines: int) -> None:
+        """Add to ``client``'s counts of calls, values and output lines it dropped (queue full)."""
+        d = self._staged_drops.setdefault(client, [0, 0, 0])
+        d[0] += calls
+        d[1] += values
+        d[2] += lines
 
     def commit(self) -> dict[str, int]:
         """Write everything staged; return ``{client: durable prefix}`` for the clients touched.
@@ -857,154 +739,6 @@ class RunWriter:
         if last is not None:
             self._last_range[rank] = last
 
-    # ---------------------------------------------------------- rich values
-
-    def _stage_items(self, msg: LogMessage, prepared: list[tuple[str, Any]] | None = None) -> None:
-        """Queue the writes of a message's rich values.  Their CPU work (PNG,
-        binning, KDE) is ``prepared``, done by :func:`prepare_items` on the
-        daemon's compute pool, or done here when not given.  A malformed item is
-        logged and skipped: one bad value must not block the run."""
-        env = msg.env
-        if prepared is None:
-            prepared = prepare_items(msg)
-        for item, (outcome, value) in zip(msg.items, prepared):
-            name, kind = item[0], item[1]
-            if outcome == "invalid":  # a hostile or buggy client's item: nothing of it is written
-                self.event("rejected_item", f"{kind} {name!r:.80} at step {env.step}: {value}")
-                continue
-            if outcome == "bug":  # a valid item the daemon cannot prepare: a bug, said loudly
-                self.event("rejected_item", f"BUG: valid {kind} {name!r} at step {env.step} failed: {value!r}")
-                continue
-            for op in _ITEM_OPS[kind](self, env, name, item[2], value):
-                if len(op) == 3:
-                    self._sql_ops.append(op[:2])
-                else:
-                    self._ops.append(op)
-
-    def _media_ops(self, name: str, value: tuple[Any, ...]) -> list[tuple[str, Callable[[], None]]]:
-        data, ext, digest = value[0], value[1], value[5]
-        return [(f"write media {name!r}", lambda: self._write_blob(digest, ext, data))]
-
-    def _write_blob(self, digest: str, ext: str, data: bytes) -> None:
-        path = os.path.join(self.path, fmt.MEDIA_DIR, f"{digest}.{ext}")
-        if os.path.exists(path):
-            return  # content-addressed: identical bytes are stored once
-        if not os.path.isdir(os.path.dirname(path)):
-            fmt.makedirs(os.path.dirname(path))
-            self._unsynced_dirs.add("")  # media/ itself is new
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                if self.durable:
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-            self._unsynced_dirs.add(fmt.MEDIA_DIR)  # the new name is synced before the commit
-        except BaseException:
-            try:
-                os.unlink(tmp)  # no half-written temporary left behind (disk full)
-            except OSError:
-                pass
-            raise
-
-    def _insert_media(self, row: dict[str, Any]) -> int:
-        cur = self._db.execute(
-            "INSERT INTO media(name, rank, step, global_step, wall, media_type, hash, ext, size, width, height, caption, source) "
-            "VALUES (:name, :rank, :step, :global_step, :wall, :media_type, :hash, :ext, :size, :width, :height, :caption, :source)",
-            row,
-        )
-        return int(cur.lastrowid)
-
-    @staticmethod
-    def _sql_op(what: str, fn: Callable[[], None]) -> tuple[str, Callable[[], None], bool]:
-        """An item's SQL rows: run inside the commit's transaction (phase B)."""
-        return what, fn, True
-
-    def _ops_media(
-        self, env: Any, name: str, meta: dict[str, Any], value: tuple[Any, ...]
-    ) -> list[tuple[str, Callable[[], None]]]:
-        row = _media_row(env, name, meta, value)
-        return self._media_ops(name, value) + [
-            self._sql_op(f"record media {name!r}", lambda: self._insert_media(row) and None)
-        ]
-
-    def _ops_table(
-        self, env: Any, name: str, meta: dict[str, Any], value: list[tuple[Any, ...]]
-    ) -> list[tuple[str, Callable[[], None]]]:
-        columns = [str(c) for c in meta["columns"]]
-        rows = meta["rows"]
-        media_meta = meta.get("media") or []
-        ops: list[tuple[str, Callable[[], None]]] = []
-        media_rows = []
-        for k, (mm, mv) in enumerate(zip(media_meta, value)):
-            media_rows.append(_media_row(env, f"{name}#{k}", mm, mv))
-            ops.extend(self._media_ops(f"{name}#{k}", mv))
-
-        def insert() -> None:
-            ids = [self._insert_media(row) for row in media_rows]
-            resolved = [
-                [{"$media": ids[c["$media"]]} if isinstance(c, dict) and "$media" in c else c for c in r] for r in rows
-            ]
-            self._db.execute(
-                "INSERT INTO tables(name, rank, step, global_step, wall, columns, rows) VALUES (?,?,?,?,?,?,?)",
-                (name, env.rank, env.step, env.global_step, env.wall, json.dumps(columns), json.dumps(resolved)),
-            )
-
-        return ops + [self._sql_op(f"record table {name!r}", insert)]
-
-    def _ops_histogram(
-        self, env: Any, name: str, meta: dict[str, Any], value: tuple[str, bytes]
-    ) -> list[tuple[str, Callable[[], None]]]:
-        precision, record = value
-        base = fmt.column_name(env.rank, name)
-
-        def append() -> None:
-            colname, col, fixed = self._hist_column(precision, base, len(record))
-            if fixed:
-                col.append_array(np.frombuffer(record, np.uint8).reshape(1, -1))
-            else:  # a run written before fixed-size records: its bytes column
-                col.append(record)
-            self._dirty_columns[(fmt.HISTOGRAM_FILES[precision], colname)] = col
-            self._unsynced.add(fmt.HISTOGRAM_FILES[precision])
-
-        return [(f"append histogram {name!r}", append)]
-
-    def _hist_vault(self, precision: str) -> Any:
-        vault = self._hist_vaults.get(precision)
-        if vault is None:
-            fmt.makedirs(os.path.join(self.path, fmt.HISTOGRAMS_DIR))
-            vault = self._hist_vaults[precision] = ColumnVault(
-                os.path.join(self.path, fmt.HISTOGRAM_FILES[precision]), block_bytes=fmt.VAULT_BLOCK_BYTES
-            )
-            self._unsynced_dirs.update((fmt.DATA_DIR, fmt.HISTOGRAMS_DIR))  # the file and its WAL may be new
-        return vault
-
-    def _hist_column(self, precision: str, base: str, size: int) -> tuple[str, Any, bool]:
-        """``(column name, column, fixed-size?)`` for a ``size``-byte histogram row of ``base``
-        (format: ``HISTOGRAM_SIZE_SEP``)."""
-        got = self._hist_columns.get((precision, base, size))
-        if got is not None:
-            return got
-        vault = self._hist_vault(precision)
-        dtypes = self._hist_dtypes.get(precision)
-        if dtypes is None:
-            dtypes = self._hist_dtypes[precision] = {n: d for n, d, _ in vault.list_columns()}
-        want = fmt.histogram_dtype(size)
-        have = dtypes.get(base)
-        if have == "bytes":
-            colname, dtype = base, "bytes"
-        elif have is None or have == want:
-            colname, dtype = base, want
-        else:
-            colname, dtype = f"{base}{fmt.HISTOGRAM_SIZE_SEP}{size}", want
-        if dtype != "bytes" and colname not in dtypes:
-            self._require_format(2)  # a version-1 reader would misread fixed-size rows
-        col = vault.ensure(colname, dtype)
-        dtypes[colname] = dtype
-        got = self._hist_columns[(precision, base, size)] = (colname, col, dtype != "bytes")
-        return got
-
     def _require_format(self, version: int) -> None:
         """Raise the run's format version to ``version`` (a run created by an older writer)."""
         if int(self.metadata.get("format_version", 1)) >= version:
@@ -1016,80 +750,12 @@ class RunWriter:
         self.metadata["format_version"] = version
         self._write_metadata()
 
-    def _kvault(self) -> Any:
-        if self._kv is None:
-            from kohakuvault import KVault
-
-            fmt.makedirs(os.path.join(self.path, fmt.TENSORS_DIR))
-            self._kv = KVault(os.path.join(self.path, fmt.TENSORS_DB), cache_kb=fmt.KVAULT_CACHE_KB)
-            self._unsynced_dirs.update((fmt.DATA_DIR, fmt.TENSORS_DIR))  # the file and its WAL may be new
-        return self._kv
-
-    def _put_payload(self, key: str, data: bytes) -> None:
-        self._kvault().put(key, data)
-        self._unsynced.add(fmt.TENSORS_DB)
-
-    def _ops_tensor(
-        self, env: Any, name: str, meta: dict[str, Any], value: tuple[Any, ...]
-    ) -> list[tuple[str, Callable[[], None]]]:
-        dtype, shape, data = value
-        key = f"tensor/{env.client}/{env.seq}/{name}"
-
-        def insert() -> None:
-            self._db.execute(
-                "INSERT INTO tensors(name, rank, step, global_step, wall, key, dtype, shape, namespace, metadata, source_dtype) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    name,
-                    env.rank,
-                    env.step,
-                    env.global_step,
-                    env.wall,
-                    key,
-                    dtype,
-                    json.dumps(shape),
-                    meta.get("namespace"),
-                    json.dumps(meta.get("metadata") or {}),
-                    str(meta.get("source_dtype") or ""),
-                ),
-            )
-
-        return [
-            (f"store tensor {name!r}", lambda: self._put_payload(key, data)),
-            self._sql_op(f"record tensor {name!r}", insert),
-        ]
-
-    def _ops_kde(
-        self, env: Any, name: str, meta: dict[str, Any], value: tuple[Any, ...]
-    ) -> list[tuple[str, Callable[[], None]]]:
-        grid_size, bandwidth, count, data = value
-        key = f"kde/{env.client}/{env.seq}/{name}"
-
-        def insert() -> None:
-            self._db.execute(
-                "INSERT INTO kde(name, rank, step, global_step, wall, key, grid_size, bandwidth, count) VALUES (?,?,?,?,?,?,?,?,?)",
-                (name, env.rank, env.step, env.global_step, env.wall, key, grid_size, bandwidth, count),
-            )
-
-        return [
-            (f"store KDE {name!r}", lambda: self._put_payload(key, data)),
-            self._sql_op(f"record KDE {name!r}", insert),
-        ]
-
     # -------------------------------------------------------------- output
 
     # ---------------------------------------------------------------- close
 
     def _sql(self) -> _SqlGuard:
         return _SqlGuard(self.path)
-
-    def checkpoint(self) -> None:
-        """Fold the WAL files back into the main files (cheap when idle)."""
-        try:
-            self._vault.checkpoint()
-            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except Exception:
-            pass
 
     def close(self) -> None:
         """Close every file and release the writer lock.  Idempotent."""
@@ -1133,32 +799,6 @@ def _trim_heap() -> None:
             _libc = False
     if _libc:
         _libc(0)
-
-
-_PARK_SECONDS = 10.0
-_PARK_BYTES = 32 << 20
-
-
-def _seq_span(msg: Any) -> tuple[int, int]:
-    """First and last sequence number a data message carries."""
-    if type(msg) is LogBatch:
-        if msg.count == 0:
-            return msg.env.seq, msg.env.seq
-        seqs = np.frombuffer(msg.seqs, dtype="<i8")
-        return int(seqs[0]), int(seqs[-1])
-    if type(msg) is DropReport:
-        return msg.first_seq, msg.env.seq
-    return msg.env.seq, msg.env.seq
-
-
-def _msg_bytes(msg: Any) -> int:
-    if type(msg) is LogBatch:
-        return 200 + len(msg.values) + 32 * msg.count
-    if type(msg) is LogMessage:
-        return 200 + 100 * len(msg.scalars) + sum(len(b) for b in msg.blobs)
-    if type(msg) is OutputMessage:
-        return 200 + len(msg.text)
-    return 200
 
 
 def _add_seqs(r: SeqRanges, seqs: np.ndarray) -> None:
@@ -1206,189 +846,6 @@ def _extends(last: tuple[int, int, int, int, int, float, float], s0: int, s1: in
     if ls1 > ls0 and (lg1 - lg0) != k * (ls1 - ls0):
         return False
     return s1 == s0 or (g1 - g0) == k * (s1 - s0)
-
-
-class _BlobView:
-    """The blobs one item may use, with checked conversion to arrays."""
-
-    def __init__(self, blobs: list[Any], refs: list[int]) -> None:
-        self._blobs = blobs
-        self._refs = set(refs)
-
-    def raw(self, ref: Any) -> Any:
-        """The blob as received (bytes or a memoryview of the ZeroMQ frame): not copied."""
-        if type(ref) is not int or ref not in self._refs:
-            raise ValueError(f"blob reference {ref!r} is not one of the item's")
-        return self._blobs[ref]
-
-    def array(self, meta: dict[str, Any]) -> np.ndarray:
-        return item_array(meta, self._blobs, self._refs)
-
-
-# ------------------------------------------------------ rich values: CPU work
-#
-# Pure functions of one item (no RunWriter state): the daemon runs them on its
-# compute pool as messages arrive (daemon/runs.py), the run's writer thread only
-# queues the writes of their results, in message order.
-
-
-def _compute_media(env: Any, name: str, meta: dict[str, Any], blobs: _BlobView) -> tuple[Any, ...]:
-    """``(data, ext, media_type, width, height, sha256 hex)`` of a media value."""
-    from ..daemon import compute
-
-    if meta.get("encoding") == "raw":
-        pixels = blobs.array(meta)
-        data: Any = compute.encode_png(pixels)
-        ext, media_type = "png", "image"
-        height, width = int(pixels.shape[0]), int(pixels.shape[1])
-    else:
-        data = blobs.raw(meta["ref"])
-        ext = str(meta.get("ext") or "bin")
-        media_type = str(meta.get("media_type") or "image")
-        size = compute.image_size(data) if media_type == "image" else None
-        width, height = size if size else (None, None)
-    if not ext.isalnum() or len(ext) > 8:
-        raise ValueError(f"bad media extension {ext!r}")
-    return data, ext, media_type, width, height, hashlib.sha256(data).hexdigest()
-
-
-def _media_row(env: Any, name: str, meta: dict[str, Any], value: tuple[Any, ...]) -> dict[str, Any]:
-    data, ext, media_type, width, height, digest = value
-    return {
-        "name": name,
-        "rank": env.rank,
-        "step": env.step,
-        "global_step": env.global_step,
-        "wall": env.wall,
-        "media_type": media_type,
-        "hash": digest,
-        "ext": ext,
-        "size": len(data),
-        "width": width,
-        "height": height,
-        "caption": str(meta.get("caption") or ""),
-        "source": meta.get("source"),
-    }
-
-
-def _compute_table(env: Any, name: str, meta: dict[str, Any], blobs: _BlobView) -> list[tuple[Any, ...]]:
-    columns = meta["columns"]
-    for r in meta["rows"]:
-        if not isinstance(r, list) or len(r) != len(columns):
-            raise ValueError("table row does not match its columns")
-    return [_compute_media(env, f"{name}#{k}", mm, blobs) for k, mm in enumerate(meta.get("media") or [])]
-
-
-def _compute_histogram(env: Any, name: str, meta: dict[str, Any], blobs: _BlobView) -> tuple[str, bytes]:
-    """``(precision, record)``: the histogram's fixed-size row (format.HISTOGRAM_HEADER)."""
-    from ..daemon import compute
-
-    precision = meta.get("precision", "exact")
-    if precision not in fmt.HISTOGRAM_FILES:
-        raise ValueError(f"unknown histogram precision {precision!r}")
-    if meta.get("binned"):
-        edges = blobs.array(meta["edges"]).astype(np.float64)
-        counts = np.rint(blobs.array(meta["counts"])).astype(np.int64)
-        nan, posinf, neginf = (int(meta.get(k, 0)) for k in ("nan", "posinf", "neginf"))
-        total = int(counts.sum())
-    else:
-        h = compute.bin_histogram(blobs.array(meta["values"]), int(meta.get("num_bins", 64)))
-        edges, counts = h["edges"], h["counts"]
-        nan, posinf, neginf, total = h["nan"], h["posinf"], h["neginf"], h["total"]
-    scale = 1.0
-    if precision == "compact":
-        packed, scale = compute.compact_counts(counts)
-    else:
-        if counts.size and counts.max() > np.iinfo(np.int32).max:
-            raise ValueError("histogram count over int32 range; use fewer values per histogram")
-        packed = counts.astype("<i4")
-    record = (
-        struct.pack(
-            fmt.HISTOGRAM_HEADER, env.step, env.global_step, env.wall, len(counts), nan, posinf, neginf, total, scale
-        )
-        + edges.astype("<f8").tobytes()
-        + packed.tobytes()
-    )
-    return precision, record
-
-
-def _compute_tensor(env: Any, name: str, meta: dict[str, Any], blobs: _BlobView) -> tuple[Any, ...]:
-    """``(dtype, shape, payload)``; the payload is the received buffer itself, not a copy."""
-    arr = blobs.array(meta["array"])  # validates dtype, shape and size
-    data = memoryview(np.ascontiguousarray(arr)).cast("B") if arr.size else b""
-    return arr.dtype.str, list(arr.shape), data
-
-
-def _compute_kde(env: Any, name: str, meta: dict[str, Any], blobs: _BlobView) -> tuple[Any, ...]:
-    """``(grid_size, bandwidth, count, payload)``."""
-    from ..daemon import compute
-
-    if meta.get("precomputed"):
-        grid = blobs.array(meta["grid"]).astype("<f8")
-        density = blobs.array(meta["density"]).astype("<f8")
-        if grid.shape != density.shape:
-            raise ValueError("KDE grid and density differ in length")
-        bandwidth, count = None, None
-    else:
-        bw = meta.get("bandwidth")
-        k = compute.kde(blobs.array(meta["values"]), int(meta.get("grid_size", 256)), float(bw) if bw else None)
-        grid, density = k["grid"].astype("<f8"), k["density"].astype("<f8")
-        bandwidth, count = float(k["bandwidth"]), int(k["count"])
-    return len(grid), bandwidth, count, grid.tobytes() + density.tobytes()
-
-
-_ITEM_COMPUTE: dict[str, Callable[..., Any]] = {
-    "media": _compute_media,
-    "table": _compute_table,
-    "histogram": _compute_histogram,
-    "tensor": _compute_tensor,
-    "kde": _compute_kde,
-}
-
-_ITEM_OPS: dict[str, Callable[..., list[tuple[str, Callable[[], None]]]]] = {
-    "media": RunWriter._ops_media,
-    "table": RunWriter._ops_table,
-    "histogram": RunWriter._ops_histogram,
-    "tensor": RunWriter._ops_tensor,
-    "kde": RunWriter._ops_kde,
-}
-
-
-def _prepared_result(pre: Any) -> list[tuple[str, Any]] | None:
-    """The result of a ``(msg, future)`` entry of :meth:`RunWriter.stage`'s ``prepared``,
-    or None (the writer then does the work itself): none given, or the pool
-    was shut down before it ran."""
-    if pre is None:
-        return None
-    try:
-        return pre[1].result()
-    except Exception:  # cancelled (pool shut down), or out of memory in a worker
-        return None
-
-
-def prepare_items(msg: LogMessage) -> list[tuple[str, Any]]:
-    """The CPU work of a message's rich values, one ``(outcome, value)`` per item.
-
-    ``("ok", value)`` for :meth:`RunWriter._stage_items`; ``("invalid", why)``
-    for an item the protocol's rule refuses (protocol.items, applied again in
-    the daemon); ``("bug", exc)`` for a valid item that failed.  Thread-safe:
-    reads the message only.
-    """
-    out: list[tuple[str, Any]] = []
-    for item in msg.items:
-        try:
-            check_item(item, msg.blobs)  # the client's own rule, applied again (protocol.items)
-        except Exception as exc:
-            out.append(
-                ("invalid", str(exc) if isinstance(exc, InvalidItem) else f"BUG: the rule itself failed: {exc!r:.200}")
-            )
-            continue
-        name, kind, meta, refs = item
-        try:
-            out.append(("ok", _ITEM_COMPUTE[kind](msg.env, name, meta, _BlobView(msg.blobs, refs))))
-        except Exception as exc:
-            out.append(("bug", exc))
-    return out
 
 
 class _SqlGuard:

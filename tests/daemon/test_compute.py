@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kohakuboard.daemon.compute import (
-    bin_histogram,
+from kohakuboard.protocol.binning import bin_histogram
+from kohakuboard.storage.values import (
     compact_counts,
     encode_png,
     image_size,

@@ -22,6 +22,7 @@ import pytest
 
 from kohakuboard.client import Histogram, KernelDensity, Media, TensorLog
 from kohakuboard.client._board import _encode_rich
+from kohakuboard.daemon.ingest import stage
 from kohakuboard.protocol import messages as m
 from kohakuboard.storage import format as fmt
 from kohakuboard.storage.reader import RunReader
@@ -124,7 +125,7 @@ def test_every_named_file_is_synced_before_its_commit(tmp_path: Path, recorded: 
             ),
             m.OutputMessage(m.Envelope(run="", client="c", seq=2, wall=time.time()), "stdout", "epoch 1\n"),
         ]
-        w.stage(first)
+        stage(w, first)
         w.commit()
         names = _named_files(run)
         assert {fmt.SCALARS_DB, fmt.HISTOGRAM_FILES["exact"], fmt.TENSORS_DB, fmt.OUTPUT_LOG} <= names
@@ -142,7 +143,7 @@ def test_every_named_file_is_synced_before_its_commit(tmp_path: Path, recorded: 
 
         # A second batch: only what it writes is synced again, still before its commit.
         recorded.events.clear()
-        w.stage([_message(3, [], {"loss": 0.25})])
+        stage(w, [_message(3, [], {"loss": 0.25})])
         w.commit()
         kinds = [(k, os.path.relpath(p, run) if p else "") for k, p in recorded.events]
         assert kinds[-1] == ("commit", "") and ("fsync", fmt.SCALARS_DB + "-wal") in kinds[:-1], kinds
@@ -162,7 +163,7 @@ def test_process_durability_is_opt_in_and_syncs_nothing(tmp_path: Path, recorded
         assert w._db.execute("PRAGMA synchronous").fetchone()[0] == 1
         w.attach(client="c", rank=0, pid=os.getpid(), host="h", name="n", project="p", run_id="run", config={})
         recorded.events.clear()
-        w.stage([_message(1, [("img", Media(np.zeros((4, 4, 3), np.uint8)))], {"loss": 1.0})])
+        stage(w, [_message(1, [("img", Media(np.zeros((4, 4, 3), np.uint8)))], {"loss": 1.0})])
         w.commit()
     finally:
         w.close()

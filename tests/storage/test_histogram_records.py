@@ -15,6 +15,7 @@ from kohakuvault import ColumnVault
 from kohakuboard.cli.main import main as kobo
 from kohakuboard.client import Histogram
 from kohakuboard.client._board import _encode_rich
+from kohakuboard.daemon.ingest import stage
 from kohakuboard.protocol import messages as m
 from kohakuboard.storage import format as fmt
 from kohakuboard.storage.reader import RunReader
@@ -31,7 +32,7 @@ def _write(run: Path, msgs: list[m.LogMessage]) -> None:
     w = RunWriter(str(run))
     try:
         w.attach(client="c", rank=0, pid=os.getpid(), host="h", name="n", project="p", run_id=run.name, config={})
-        w.stage(msgs)
+        stage(w, msgs)
         w.commit()
     finally:
         w.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from kohakuboard.daemon.ingest import stage
 from kohakuboard.protocol.messages import Envelope, LogMessage
 from kohakuboard.storage.reader import RunReader
 from kohakuboard.storage.writer import RunWriter
@@ -19,13 +20,14 @@ def test_thousand_metrics_use_few_file_descriptors(tmp_path):
     w = RunWriter(str(tmp_path / "run"))
     w.attach(client="c", rank=0, pid=os.getpid(), host="h", name="n", project="p", run_id="run", config={})
     for step in range(3):
-        w.stage(
+        stage(
+            w,
             [
                 LogMessage(
                     Envelope("/r", "c", step + 1, 0, step, step, 1.0),
                     {f"m{i:04d}": float(i * step) for i in range(1000)},
                 )
-            ]
+            ],
         )
         w.commit()
     used = _fds() - before
@@ -60,10 +62,10 @@ def test_steps_table_is_compact_and_maps_every_step(tmp_path):
         for i in range(batch * 100, batch * 100 + 100):
             seq += 1
             msgs.append(LogMessage(Envelope("/r", "c", seq, 0, i, i + 1, float(i)), {"x": float(i)}))
-        w.stage(msgs)
+        stage(w, msgs)
         w.commit()
     # then a stretch without step(): global step constant
-    w.stage([LogMessage(Envelope("/r", "c", seq + 1 + i, 0, 500 + i, 500, 0.0), {"x": 0.0}) for i in range(10)])
+    stage(w, [LogMessage(Envelope("/r", "c", seq + 1 + i, 0, 500 + i, 500, 0.0), {"x": 0.0}) for i in range(10)])
     w.commit()
     n_rows = w._db.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
     w.close()
@@ -92,7 +94,7 @@ def test_scalar_vault_is_reopened_after_each_mebibyte_without_losing_points(tmp_
             seq += 1
             msgs.append(LogMessage(Envelope("/r", "c", seq, 0, step, step, 0.0), {k: float(step) for k in "abcd"}))
             step += 1
-        w.stage(msgs)
+        stage(w, msgs)
         w.commit()
         assert w._scalar_bytes < writer_mod._SCALAR_REOPEN_BYTES
     w.close()
