@@ -108,7 +108,7 @@ class IsolatedDaemon:
 
     def start(self) -> int:
         """Start the daemon (as autostart would) and return its pid."""
-        from kohakuboard.client._spawn import ensure_daemon
+        from kohakuboard.protocol.control import ensure_daemon
         from kohakuboard.protocol.endpoint import resolve
 
         ensure_daemon(resolve(self.endpoint, os.environ), autostart=True)

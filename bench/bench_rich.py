@@ -173,11 +173,11 @@ def thread_usage() -> tuple[int, int, float]:
 
 def daemon_status(endpoint: str) -> dict[str, Any]:
     """The daemon's status map (what ``kobo-daemon status --json`` prints)."""
-    from kohakuboard.client._transport import Connection
     from kohakuboard.protocol import messages as m
+    from kohakuboard.protocol.control import ControlClient
     from kohakuboard.protocol.endpoint import resolve
 
-    conn = Connection(resolve(endpoint, os.environ))
+    conn = ControlClient(resolve(endpoint, os.environ))
     try:
         return conn.request(m.StatusRequest, m.Envelope(), 10.0).info
     finally:

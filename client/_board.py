@@ -441,13 +441,13 @@ class Board:
         """Open the sockets, attach this client to the run, start the sender; return the reply."""
         import socket
 
+        from ..protocol.control import ControlClient, ensure_daemon
         from ..protocol.peer import process_start_ticks
-        from ._spawn import ensure_daemon
-        from ._transport import Connection, Sender
+        from ._transport import Sender
 
         cfg = self._cfg
         ensure_daemon(cfg.endpoint, autostart=cfg.autostart)
-        conn = Connection(cfg.endpoint)
+        conn = ControlClient(cfg.endpoint)
         ident = (os.getpid(), process_start_ticks(), socket.gethostname())
         try:
             reply = conn.request(
@@ -949,7 +949,7 @@ class Board:
             except DaemonUnavailable as exc:
                 problem = exc
                 if sender.autostart:  # nothing else may start one: the sender has nothing to send
-                    from ._spawn import ensure_daemon
+                    from ..protocol.control import ensure_daemon
 
                     try:
                         if ensure_daemon(self._conn.ep, autostart=True, timeout=max(0.1, deadline - time.monotonic())):

@@ -20,7 +20,8 @@
   stores the count in the run (``kobo show`` prints it).  Nothing is dropped
   silently.
 * Control: a ``DEALER`` socket for requests that need an answer (open, finish,
-  status), used under a lock from whichever thread asks.
+  status), used under a lock from whichever thread asks
+  (``protocol.control.ControlClient``, the public control client).
 
 zmq and msgpack are imported here, and this module is imported only when the
 first Board connects.
@@ -653,7 +654,7 @@ class Sender(threading.Thread):
         self.daemon_down = True
         if not self.autostart:
             return
-        from ._spawn import ensure_daemon
+        from ..protocol.control import ensure_daemon
 
         try:
             if ensure_daemon(self._ep, autostart=True):
@@ -683,64 +684,3 @@ _BIG_ENDIAN = sys.byteorder == "big"
 
 class _Aborted(Exception):
     pass
-
-
-class Connection:
-    """A Board's sockets to one daemon."""
-
-    def __init__(self, ep: Endpoint) -> None:
-        self.ep = ep
-        self.ctx: zmq.Context[Any] = zmq.Context()
-        self._dealer = self.ctx.socket(zmq.DEALER)
-        self._dealer.setsockopt(zmq.LINGER, 0)
-        self._dealer.connect(ep.control_addr)
-        self._lock = threading.Lock()
-        self._req = 0
-
-    def request(self, msg_cls: type, env: m.Envelope, timeout: float, *fields: Any) -> Any:
-        """Send a control request and wait for its reply.
-
-        Raises the daemon's error (``StorageError``, ``ProtocolError``, ...),
-        :class:`DaemonUnavailable` when the daemon is gone, and
-        :class:`KoboTimeoutError` after ``timeout`` seconds.
-        """
-        with self._lock:
-            self._req += 1
-            req_id = self._req
-            env = m.Envelope(env.run, env.client, req_id, env.rank, env.step, env.global_step, time.time())
-            self._dealer.send_multipart(codec.encode(msg_cls(env, *fields)))
-            deadline = time.monotonic() + timeout
-            next_check = time.monotonic() + 0.2
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    exc = KoboTimeoutError(
-                        f"kobo-daemon on {self.ep} did not answer {msg_cls.KIND} within {timeout:g}s"
-                    )
-                    exc.no_answer = True  # type: ignore[attr-defined]  # (not the daemon saying it timed out)
-                    raise exc
-                if self._dealer.poll(int(min(remaining, 0.05) * 1000) + 1):
-                    try:
-                        reply = codec.decode(self._dealer.recv_multipart())
-                    except ProtocolError:
-                        continue
-                    if reply.env.seq != req_id:
-                        continue  # a late answer to an earlier, timed-out request
-                    if isinstance(reply, m.ErrorReply):
-                        raise error_from_code(reply.code, reply.message)
-                    return reply
-                if time.monotonic() >= next_check:
-                    next_check = time.monotonic() + 0.2
-                    if not daemon_alive(self.ep):
-                        # The request may still wait in the socket's queue: a new
-                        # socket, so that it never reaches a daemon started later.
-                        self._dealer.close(linger=0)
-                        self._dealer = self.ctx.socket(zmq.DEALER)
-                        self._dealer.setsockopt(zmq.LINGER, 0)
-                        self._dealer.connect(self.ep.control_addr)
-                        raise DaemonUnavailable(f"kobo-daemon on {self.ep} is not running")
-
-    def close(self) -> None:
-        with self._lock:
-            self._dealer.close(linger=0)
-        self.ctx.term()

@@ -203,7 +203,7 @@ def run(
 @click.option("--timeout", type=float, default=15.0, show_default=True, help="Seconds to wait for it to be ready.")
 def start(endpoint: str | None, timeout: float) -> None:
     """Start a detached daemon (no-op if one is already running)."""
-    from ..client._spawn import ensure_daemon
+    from ..protocol.control import ensure_daemon
 
     cfg = _config(endpoint)
     try:
@@ -213,29 +213,19 @@ def start(endpoint: str | None, timeout: float) -> None:
     click.echo(f"kobo-daemon {'started' if started else 'already running'} on {cfg.endpoint}")
 
 
-def _request(cfg: DaemonConfig, kind: str, timeout: float) -> object:
-    from ..client._transport import Connection
-    from ..protocol import messages as m
-
-    conn = Connection(cfg.endpoint)
-    try:
-        cls = m.StatusRequest if kind == "status" else m.ShutdownRequest
-        return conn.request(cls, m.Envelope(), timeout)
-    finally:
-        conn.close()
-
-
 @main.command()
 @_endpoint_option
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for it to exit.")
 def stop(endpoint: str | None, timeout: float) -> None:
     """Ask the daemon to flush everything and exit; wait until it has."""
+    from ..protocol import control
+
     cfg = _config(endpoint)
     if not daemon_alive(cfg.endpoint):
         click.echo(f"no kobo-daemon running on {cfg.endpoint}")
         return
     try:
-        _request(cfg, "shutdown", 5.0)
+        control.shutdown(cfg.endpoint, 5.0)
     except KoboError:
         pid = _pid(cfg)
         if pid:
@@ -253,6 +243,8 @@ def stop(endpoint: str | None, timeout: float) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 def status(endpoint: str | None, as_json: bool) -> None:
     """Show whether the daemon runs, its runs, clients, queues and rejected messages."""
+    from ..protocol import control
+
     cfg = _config(endpoint)
     if not daemon_alive(cfg.endpoint):
         if as_json:
@@ -261,7 +253,7 @@ def status(endpoint: str | None, as_json: bool) -> None:
             click.echo(f"no kobo-daemon running on {cfg.endpoint}")
         sys.exit(1)
     try:
-        info = _request(cfg, "status", 5.0).info  # type: ignore[attr-defined]
+        info = control.status(cfg.endpoint, 5.0)
     except KoboError as exc:
         raise click.ClickException(str(exc)) from exc
     info["running"] = True

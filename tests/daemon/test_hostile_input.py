@@ -14,9 +14,9 @@ from kohakuboard.storage.reader import RunReader
 
 
 def _status(endpoint) -> dict:
-    from kohakuboard.client._transport import Connection
+    from kohakuboard.protocol.control import ControlClient
 
-    conn = Connection(endpoint)
+    conn = ControlClient(endpoint)
     try:
         return conn.request(m.StatusRequest, m.Envelope(), 5.0).info
     finally:

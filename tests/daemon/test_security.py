@@ -54,8 +54,8 @@ _PRELUDE = """
 import hashlib, json, os, secrets, socket, string, subprocess, sys, time, traceback
 import msgpack, zmq
 import kohakuboard.client
-from kohakuboard.client import _board, _config, _rich, _spawn, _transport, _values
-from kohakuboard.protocol import codec, endpoint, errors, messages as m, peer
+from kohakuboard.client import _board, _config, _rich, _transport, _values
+from kohakuboard.protocol import binning, codec, control, endpoint, errors, items, messages as m, peer, runpath
 from kohakuboard.client import Board
 
 os.chdir("/")
@@ -95,9 +95,9 @@ def as_nobody(code: str, timeout: float = 60) -> dict:
 
 
 def status(endpoint) -> dict:
-    from kohakuboard.client._transport import Connection
+    from kohakuboard.protocol.control import ControlClient
 
-    conn = Connection(endpoint)
+    conn = ControlClient(endpoint)
     try:
         return conn.request(m.StatusRequest, m.Envelope(), 5.0).info
     finally:
@@ -321,12 +321,12 @@ def test_board_refuses_a_base_dir_its_user_cannot_write(daemon, tmp_path):
 
 def test_daemon_refuses_relative_and_dotdot_run_paths(daemon, endpoint, tmp_path):
     """A raw OpenRun with '..' or a relative path is refused with the reason; nothing is created."""
-    from kohakuboard.client._transport import Connection
+    from kohakuboard.protocol.control import ControlClient
 
     inside = tmp_path / "inside"
     inside.mkdir()
     sneaky = f"{inside}/../escaped/run"
-    conn = Connection(endpoint)
+    conn = ControlClient(endpoint)
     try:
         for path, reason in ((sneaky, "'..'"), ("relative/run", "absolute")):
             with pytest.raises(StorageError) as err:
@@ -344,8 +344,8 @@ def test_daemon_refuses_data_and_requests_for_a_foreign_run_folder(daemon, endpo
     """Data for an existing run folder its user could not write is dropped and counted, not written."""
     import zmq
 
-    from kohakuboard.client._transport import Connection
     from kohakuboard.protocol import codec
+    from kohakuboard.protocol.control import ControlClient
 
     mine = tmp_path / "mine"
     with Board(name="x", run_id="r1", base_dir=mine, capture_output=False) as b:
@@ -377,7 +377,7 @@ def test_daemon_refuses_data_and_requests_for_a_foreign_run_folder(daemon, endpo
         push.close(0)
         ctx.term()
 
-    conn = Connection(endpoint)
+    conn = ControlClient(endpoint)
     try:
         with pytest.raises(StorageError) as err:
             conn.request(m.FlushRequest, m.Envelope(run=str(run), client="other"), 5.0, 1)

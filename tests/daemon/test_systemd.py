@@ -37,10 +37,10 @@ def test_notify_socket_gets_ready_and_stopping(endpoint, tmp_path):
     try:
         assert sock.recv(256) == b"READY=1"
         # ready means ready: the control socket answers at once
-        from kohakuboard.client._transport import Connection
         from kohakuboard.protocol import messages as m
+        from kohakuboard.protocol.control import ControlClient
 
-        conn = Connection(endpoint)
+        conn = ControlClient(endpoint)
         try:
             assert conn.request(m.StatusRequest, m.Envelope(), 2.0).info["pid"] == proc.pid
         finally:
