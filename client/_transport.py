@@ -162,7 +162,6 @@ class Sender(threading.Thread):
         self.encode_error: tuple[int, BaseException] | None = None
         self.storage_error: tuple[int, str] | None = None
         self.daemon_down = False
-        self.daemon_restarts = 0
         self.revive_error: BaseException | None = None
         self.replays = 0
         self.replayed_calls = 0
@@ -174,7 +173,7 @@ class Sender(threading.Thread):
         # The daemon's connection dropped (it died or restarts): no new data is
         # sent until a daemon answers, so that a restarted daemon gets the
         # re-sent messages before newer ones instead of parking megabytes of
-        # newer ones in front of a gap (RunWriter._in_sequence).
+        # newer ones in front of a gap (daemon/ingest.py, RunIngest._in_sequence).
         self._hold = False
         self._current: _Entry | None = None
         self._query_id = 0
@@ -375,8 +374,6 @@ class Sender(threading.Thread):
         both.register(ack, zmq.POLLIN)
         try:
             self._loop(push, ack, both, monitor)
-        except _Aborted:
-            pass
         except BaseException as exc:  # pragma: no cover - reported by flush()/finish()
             self.error = exc
         finally:
@@ -658,7 +655,6 @@ class Sender(threading.Thread):
 
         try:
             if ensure_daemon(self._ep, autostart=True):
-                self.daemon_restarts += 1
                 print(
                     f"kohakuboard: the kobo-daemon on {self._ep} had stopped; started a new one",
                     file=sys.__stderr__ or sys.stderr,
@@ -680,7 +676,3 @@ def _le(code: str, values: Any) -> bytes:
 
 
 _BIG_ENDIAN = sys.byteorder == "big"
-
-
-class _Aborted(Exception):
-    pass

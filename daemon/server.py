@@ -196,7 +196,6 @@ class Daemon:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self._force = False
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)

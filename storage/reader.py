@@ -166,7 +166,6 @@ class ReadOnlyFile:
         self.mode = ""
         self.handle: Any = None
         self._seen: tuple[Any, Any] = (None, None)  # stat keys of the file and its -wal when opened
-        self._tmp: str | None = None
         self._remove_tmp: Any = None
         self._lock = threading.RLock()
         self._open()
@@ -223,12 +222,12 @@ class ReadOnlyFile:
         except BaseException:
             remove()
             raise
-        self.handle, self.mode, self._seen, self._tmp, self._remove_tmp = handle, "copy", keys, tmp, remove
+        self.handle, self.mode, self._seen, self._remove_tmp = handle, "copy", keys, remove
 
     def _drop_copy(self) -> None:
         if self._remove_tmp is not None:
             self._remove_tmp()
-        self._tmp = self._remove_tmp = None
+        self._remove_tmp = None
 
     def _changed(self) -> bool:
         return self.mode != "shared" and self._keys() != self._seen

@@ -104,7 +104,6 @@ class RunWriter(RichStaging):
         self._kv: Any = None
         self._scalar_bytes = 0  # appended to the scalar vault since it was opened
         self._in_compact = False
-        self.items_written = 0
         self._columns: dict[str, Any] = {}
         self._writer_log: Any = None
         self._lock_fd: int | None = None
@@ -572,7 +571,6 @@ class RunWriter(RichStaging):
         except BaseException:
             self._last_range = last_range  # the rows it described were rolled back
             raise
-        self.items_written += len(self._sql_ops)
         self._sql_ops = []
         self._staged_calls = {}
         self._staged_drops = {}

@@ -116,10 +116,6 @@ class Sessions:
     def end(self, sid: str) -> None:
         self._by_hash.pop(self._key(sid), None)
 
-    def end_user(self, user: str) -> None:
-        for k in [k for k, s in self._by_hash.items() if s.user == user]:
-            del self._by_hash[k]
-
     def _expire(self) -> None:
         now = time.time()
         for k in [
