@@ -281,7 +281,7 @@ def warm_up(python: str, pycache: str) -> None:
     """Compile every module both sides import into the shared pycache prefix (outside the timings)."""
     env = child_env({"PYTHONPYCACHEPREFIX": pycache})
     code = (
-        "import kohakuboard.client, kohakuboard.client._transport, kohakuboard.daemon.server, "
+        "import kohakuboard.client, kohakuboard.client._outbox, kohakuboard.client._sender, kohakuboard.daemon.server, "
         "kohakuboard.daemon.cli, kohakuboard.storage.reader, kohakuboard.storage.writer, numpy, zmq, msgpack"
     )
     subprocess.run([python, "-c", code], env=env, cwd="/", check=True)

@@ -652,7 +652,7 @@ def run_repeat(
         mem_after = {"daemon": mem_mb(daemon_pid), "client": mem_mb(me)}
         stats = board.stats()
         run_info = next((x for x in daemon_status(env.endpoint).get("runs", []) if x.get("path") == board.path), {})
-        warned = bool(getattr(board._sender, "_warned", False))
+        warned = bool(getattr(board._outbox, "_warned", False))
         window = t_done - t_first
         res: dict[str, Any] = {
             "calls": n,

@@ -396,7 +396,6 @@ class Board:
         self._timeout = timeout
         self._client = os.urandom(8).hex()
         self._lock = threading.Lock()
-        self._seq = 0
         self._step = -1
         self._global_step = 0
         # name -> kind ("scalar", "media", "table", ...) of every name this run
@@ -443,7 +442,10 @@ class Board:
 
         from ..protocol.control import ControlClient, ensure_daemon
         from ..protocol.peer import process_start_ticks
-        from ._transport import Sender
+        from ._encoding import Encoder
+        from ._outbox import Outbox
+        from ._revival import Revival
+        from ._sender import Sender
 
         cfg = self._cfg
         ensure_daemon(cfg.endpoint, autostart=cfg.autostart)
@@ -465,21 +467,19 @@ class Board:
         except BaseException:
             conn.close()
             raise
-        sender = Sender(
-            conn.ctx,
+        outbox = Outbox(
             cfg.endpoint,
-            self.path,
-            self._client,
-            self.rank,
+            Encoder(self.path, self._client, self.rank),
             self._max_queue,
             max_inflight_bytes=self._max_inflight,
             policy=self._policy,
             daemon_id=reply.daemon,
-            ident=ident,
+            peer=ident,
+            request=conn.request,
         )
-        sender.autostart = cfg.autostart
+        sender = Sender(conn.ctx, cfg.endpoint, outbox, Revival(cfg.endpoint, outbox, autostart=cfg.autostart))
         sender.start()
-        self._conn, self._sender = conn, sender
+        self._conn, self._outbox, self._sender = conn, outbox, sender
         return reply
 
     # ---------------------------------------------------------------- fork
@@ -505,9 +505,8 @@ class Board:
             _abandoned.append((self._conn, self._sender))
             self._reopening = True
             self._client = os.urandom(8).hex()
-            self._seq = 0
             try:
-                self._connect()  # steps continue from the parent's at fork time
+                self._connect()  # a new outbox numbering from 1; steps continue from the parent's at fork time
                 self._pid = pid  # only now: other threads of this child wait on the lock until here
             except BaseException:
                 # No way to log from this child: close the board here (only here).
@@ -603,12 +602,10 @@ class Board:
                 self._step += 1
             elif self._step < 0:
                 self._step = 0
-            self._seq = seq = self._seq + 1
             if rich is None:
-                self._sender.put((seq, self._step, self._global_step, time.time(), scalars))
+                self._outbox.put_scalars(self._step, self._global_step, scalars)
             else:
-                env = m.Envelope(self.path, self._client, seq, self.rank, self._step, self._global_step, time.time())
-                self._sender.put(m.LogMessage(env, scalars, items, blobs))
+                self._outbox.put_log(self._step, self._global_step, scalars, items, blobs)
 
     def _new_name(self, key: str, kind: str, new: list[tuple[str, str]] | None) -> list[tuple[str, str]]:
         """A name not yet seen as ``kind``: check it; refuse a second kind for one name."""
@@ -759,9 +756,7 @@ class Board:
         with self._lock:
             self._step += 1
             for items, blobs in encoded:
-                self._seq = seq = self._seq + 1
-                env = m.Envelope(self.path, self._client, seq, self.rank, self._step, self._global_step, time.time())
-                self._sender.put(m.LogMessage(env, {}, items, blobs))
+                self._outbox.put_log(self._step, self._global_step, {}, items, blobs)
 
     def _send_output(self, stream: str, text: str) -> None:
         if self._closed and self._capture is None:
@@ -771,11 +766,7 @@ class Board:
                 return  # printed while attaching a forked child: nowhere to send it yet
             self._check_process()
         with self._lock:
-            self._seq = seq = self._seq + 1
-            env = m.Envelope(
-                self.path, self._client, seq, self.rank, max(self._step, 0), self._global_step, time.time()
-            )
-            self._sender.put(m.OutputMessage(env, stream, text))
+            self._outbox.put_output(max(self._step, 0), self._global_step, stream, text)
 
     # ----------------------------------------------------------- durability
 
@@ -791,51 +782,24 @@ class Board:
         if self._pid != os.getpid():
             return  # a forked child that has logged nothing yet: nothing of this process to wait for
         self._raise_sender_error()
+        outbox = self._outbox
         with self._lock:
-            last = self._seq
-            self._sender.flush_drops()
+            last = outbox.seq
+            outbox.flush_drops()
         timeout = _check_seconds("timeout", timeout)
         timeout = timeout if timeout is not None else self._cfg.flush_timeout
-        self._wait_durable(last, timeout)
+        outbox.flush(last, timeout)
         self._raise_sender_error()  # a call among these that could not be encoded (a bug): said once
 
-    def _wait_durable(self, last: int, timeout: float) -> None:
-        sender = self._sender
-        if sender.acked_seq >= last:
-            return
-        deadline = time.monotonic() + timeout
-        if self._ask_durable(last, min(timeout, 2.0)):
-            return
-        sender.sync(last, max(0.0, deadline - time.monotonic()))
-
-    def _ask_durable(self, last: int, wait: float, limit: float | None = None) -> bool:
-        """Fast path of flush() and finish(): True when the daemon says ``last`` is durable.
-
-        Asks the daemon directly on the Board's control socket (connected since
-        the run was opened; one thread hop less than going through the sender)
-        to write the batch now and answer when ``last`` is durable.  Anything
-        unusual (a storage error, a daemon restart, no answer in time) returns
-        False and is left to the sender's acknowledged delivery.
-        """
-        sender = self._sender
-        budget = wait + 0.5 if limit is None else max(0.05, min(wait + 0.5, limit))
-        try:
-            reply = self._conn.request(m.AckRequest, self._env(), budget, last, int(wait * 1000), *sender.peer)
-        except KoboError:
-            return False
-        if isinstance(reply, m.Acked) and reply.durable_seq >= last and not reply.error_code:
-            sender.note_durable(reply.durable_seq)
-            return True
-        return False
-
     def _raise_sender_error(self) -> None:
-        err = self._sender.error
+        outbox = self._outbox
+        err = outbox.sender_error
         if err is not None:
             raise TransportError(f"sending to kobo-daemon failed: {err!r}") from err
-        failed, self._sender.encode_error = self._sender.encode_error, None
+        failed, outbox.encode_error = outbox.encode_error, None
         if failed is not None:  # reported once: later calls are delivered as usual
             seq, exc = failed
-            n = self._sender.encode_errors
+            n = outbox.encode_errors
             raise TransportError(
                 f"a log() call (message {seq} of this board) could not be encoded and was counted as dropped "
                 f"({n} so far); the calls after it are delivered. Cause: {exc!r}. This is a KohakuBoard bug; "
@@ -865,16 +829,16 @@ class Board:
             if self._closed:
                 return
             self._closed = True
-            last = self._seq
+            last = self._outbox.seq
         status = status or self._end_status or ("crashed" if self._crashed else "finished")
         timeout = self._cfg.finish_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         _unregister(self)
-        sender = self._sender
+        outbox, sender = self._outbox, self._sender
         problem: KoboError | None = None
         try:
             with self._lock:
-                sender.flush_drops()
+                outbox.flush_drops()
             # One round trip in the usual case: the daemon's FinishRun waits until
             # everything up to ``last`` is durable (the sender keeps sending
             # meanwhile), then marks the client finished.  The end of a run must
@@ -885,11 +849,11 @@ class Board:
             # A backlog that takes more than a second shows a progress line on stderr.
             from ._progress import FinishProgress
 
-            with FinishProgress(sender.unwritten_calls, f"finishing {self.path}"):
-                problem = self._finish_until(sender, last, status, deadline)
+            with FinishProgress(outbox.unwritten_calls, f"finishing {self.path}"):
+                problem = self._finish_until(last, status, deadline)
         finally:
             stopped = sender.stop(0.5)
-            unwritten = sender.unwritten_calls()
+            unwritten = outbox.unwritten_calls()
             if stopped:
                 self._conn.close()
             else:
@@ -905,20 +869,22 @@ class Board:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        failed, sender.encode_error = sender.encode_error, None
+        failed, outbox.encode_error = outbox.encode_error, None
         if failed is not None:  # not yet reported by a flush(): the run is finished, so a warning
             import warnings
 
             warnings.warn(
-                f"kohakuboard: {sender.encode_errors} log() call(s) of run {self.path} could not be encoded and "
+                f"kohakuboard: {outbox.encode_errors} log() call(s) of run {self.path} could not be encoded and "
                 f"were counted as dropped (first cause: {failed[1]!r}); this is a KohakuBoard bug, please report it",
                 RuntimeWarning,
                 stacklevel=2,
             )
 
-    def _finish_until(self, sender: Any, last: int, status: str, deadline: float) -> KoboError | None:
+    def _finish_until(self, last: int, status: str, deadline: float) -> KoboError | None:
         """Ask the daemon to finish this client until it answers or ``deadline``; the last problem."""
         from ..protocol.endpoint import daemon_alive
+
+        outbox = self._outbox
 
         problem: KoboError | None = None
         attempt = 0
@@ -928,10 +894,10 @@ class Board:
                 if problem is not None and not daemon_alive(self._conn.ep):
                     return DaemonUnavailable(f"kobo-daemon on {self._conn.ep} is not running")
                 return problem
-            if attempt and sender.acked_seq < last and not sender.daemon_down:
+            if attempt and outbox.acked_seq < last and not outbox.daemon_down:
                 # Data first: acknowledged delivery re-sends what a restarted daemon lost.
                 try:
-                    sender.sync(last, remaining)
+                    outbox.flush(last, remaining)
                 except StorageError as exc:
                     problem = exc  # the daemon still defers the finish until the data is written
                 except KoboError as exc:
@@ -948,7 +914,7 @@ class Board:
                 return exc
             except DaemonUnavailable as exc:
                 problem = exc
-                if sender.autostart:  # nothing else may start one: the sender has nothing to send
+                if self._sender.revival.autostart:  # nothing else may start one: the sender has nothing to send
                     from ..protocol.control import ensure_daemon
 
                     try:
@@ -963,7 +929,7 @@ class Board:
                     problem = exc
                     continue
                 return exc  # the daemon answered with an error (e.g. its own timeout): final
-            sender.note_durable(reply.durable_seq)
+            outbox.note_durable(reply.durable_seq)
             return None
 
     def _close_unused_in_child(self) -> None:
@@ -1025,9 +991,9 @@ class Board:
 
     def stats(self) -> dict[str, Any]:
         """Client-side counters: what was logged, sent, acknowledged, queued, dropped, re-sent."""
-        s = self._sender
+        s = self._outbox
         return {
-            "logged": self._seq,
+            "logged": s.seq,
             "sent": s.sent_seq,
             "acknowledged": s.acked_seq,
             "queued": len(s.queue),
@@ -1138,4 +1104,6 @@ def _finish_all() -> None:
         try:
             board.finish()
         except Exception as exc:  # at exit there is nobody left to raise to
-            print(f"kohakuboard: finishing {board.path} failed: {exc}", file=sys.stderr)
+            from ._notices import error
+
+            error(f"kohakuboard: finishing {board.path} failed: {exc}")

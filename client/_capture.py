@@ -23,6 +23,21 @@ from typing import Any
 _CHUNK = 1 << 20
 _active: Capture | None = None
 _active_lock = threading.Lock()
+_quiet = threading.local()  # .depth > 0: this thread writes something that is not the script's output
+
+
+class uncaptured:
+    """``with uncaptured():`` what this thread writes meanwhile reaches the terminal only.
+
+    Used for KohakuBoard's own messages (:mod:`._notices`): they are not the
+    script's output, and may be written while the Board's lock is held.
+    """
+
+    def __enter__(self) -> None:
+        _quiet.depth = getattr(_quiet, "depth", 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        _quiet.depth -= 1
 
 
 def collapse_carriage_returns(text: str) -> str:
@@ -50,7 +65,7 @@ class _Tee:
 
     def write(self, text: str) -> int:
         n = self._stream.write(text)
-        if self._capture.active and isinstance(text, str) and text:
+        if self._capture.active and isinstance(text, str) and text and not getattr(_quiet, "depth", 0):
             with self._lock:
                 buf = self._partial + text
                 cut = buf.rfind("\n")

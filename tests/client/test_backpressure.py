@@ -107,7 +107,7 @@ def _stalled_run(daemon, tmp_path, policy: str, client: str = CLIENT, n: int = N
 
 def test_block_policy_bounds_memory_and_delivers_everything(daemon, tmp_path, base_dir):
     growth, err, stats = _stalled_run(daemon, tmp_path, "block")
-    assert "WARNING: Queue size is" in err and "capacity" in err
+    assert "kohakuboard: Queue size is" in err and "capacity" in err
     assert "log() blocks" in err
     assert growth < 48, f"client memory grew by {growth:.0f} MB with a 4 MB in-flight bound"
     assert stats["dropped_calls"] == 0 and stats["acknowledged"] == N_CALLS
@@ -121,7 +121,7 @@ def test_block_policy_bounds_memory_and_delivers_everything(daemon, tmp_path, ba
 
 def test_drop_policy_counts_exactly_what_is_missing(daemon, tmp_path, base_dir):
     growth, err, stats = _stalled_run(daemon, tmp_path, "drop")
-    assert "WARNING: Queue size is" in err and "dropping the newest" in err
+    assert "kohakuboard: Queue size is" in err and "dropping the newest" in err
     assert growth < 48, f"client memory grew by {growth:.0f} MB with a 4 MB in-flight bound"
     assert stats["dropped_calls"] > 0
     run = base_dir / "default" / "stall-drop"

@@ -57,7 +57,7 @@ def test_finish_warns_when_the_daemon_times_out(short_grace_daemon):
     b.log(x=1.0)
     b.flush()
     with b._lock:
-        b._seq += 3  # three calls the daemon will never receive
+        b._outbox.seq += 3  # three calls the daemon will never receive
     t0 = time.monotonic()
     with pytest.warns(RuntimeWarning, match=r"could not be finished \(.*timed out"):
         b.finish(timeout=8)
@@ -102,17 +102,17 @@ def test_a_call_that_fails_to_encode_is_reported_once_and_the_rest_is_delivered(
     """A call log() accepted but the sender cannot encode (a KohakuBoard bug, injected here) is counted
     as dropped and named by the next flush(), once; the calls before and after it are stored and
     later flush() calls succeed."""
-    from kohakuboard.client import _transport
+    from kohakuboard.client import _encoding
     from kohakuboard.protocol.errors import TransportError
 
-    real = _transport.codec.encode_log
+    real = _encoding.codec.encode_log
 
     def encode_log(run, client, seq, rank, step, gstep, wall, scalars):
         if scalars.get("x") == 2.0:  # the third call: an encoder bug
             raise RuntimeError("injected encoder bug")
         return real(run, client, seq, rank, step, gstep, wall, scalars)
 
-    monkeypatch.setattr(_transport.codec, "encode_log", encode_log)
+    monkeypatch.setattr(_encoding.codec, "encode_log", encode_log)
     b = Board(run_id="encode-bug", capture_output=False)
     for i in range(2):
         b.log(x=float(i))

@@ -54,7 +54,7 @@ _PRELUDE = """
 import hashlib, json, os, secrets, socket, string, subprocess, sys, time, traceback
 import msgpack, zmq
 import kohakuboard.client
-from kohakuboard.client import _board, _config, _rich, _transport, _values
+from kohakuboard.client import _board, _capture, _config, _encoding, _notices, _outbox, _revival, _rich, _sender, _values
 from kohakuboard.protocol import binning, codec, control, endpoint, errors, items, messages as m, peer, runpath
 from kohakuboard.client import Board
 
