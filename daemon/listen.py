@@ -29,7 +29,7 @@ over a limit is shut down as soon as it is seen.  Every refused or failed peer
 is counted by kind and address (``kobo-daemon status``) and logged, at most
 once a second.
 
-How messages reach the daemon: a :class:`~.forward.Relay` thread in the child
+How messages reach the daemon: a :class:`~.relay.Relay` thread in the child
 passes every message on to the daemon's own IPC sockets, unchanged.  Remote
 data is thus decoded, checked and written by exactly the code local data goes
 through.  A ``shutdown`` request is not accepted over TCP.
@@ -67,7 +67,7 @@ from ..protocol.endpoint import resolve
 from ..protocol.errors import KoboError, code_for
 from . import keys
 from .config import DaemonConfig
-from .forward import Head, Relay, RelaySetupError, tcp_pair
+from .relay import Head, Relay, RelaySetupError, tcp_pair
 
 log = logging.getLogger("kohakuboard.daemon")
 BIND_WAIT_S = 20.0  # how long a new listener waits for its ports to be released

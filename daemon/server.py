@@ -30,7 +30,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 
@@ -63,6 +63,18 @@ _HOST = socket.gethostname()
 
 class AlreadyRunning(KoboError):
     """Another daemon holds the endpoint's lock."""
+
+
+class Service(Protocol):
+    """What a daemon runs on its endpoint instead of writing runs (see :meth:`Daemon.run`)."""
+
+    def prepare(self) -> None: ...
+
+    def bound(self) -> None: ...
+
+    async def serve(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Daemon:
@@ -152,8 +164,17 @@ class Daemon:
         finally:
             os.umask(old_umask)
 
-    def run(self) -> int:
-        """Serve until stopped; return the process exit code."""
+    def run(self, service: Service | None = None) -> int:
+        """Serve until stopped; return the process exit code.
+
+        ``service``: what to do with the endpoint instead of writing runs (a
+        forwarding node, ``forward.Forwarder``): this daemon takes the lock,
+        binds the IPC sockets and handles signals; the service checks its
+        settings before the sockets are bound (``prepare``, raising
+        :class:`KoboError` to refuse to start), takes them over once bound
+        (``bound``), serves (``serve``, in this daemon's event loop) and is
+        closed before the sockets are.
+        """
         # A SIGTERM before the event loop installs its handlers (while binding)
         # must still mean "drain and exit 0", not death by signal.
         if threading.current_thread() is threading.main_thread():
@@ -169,7 +190,9 @@ class Daemon:
             return EXIT_STARTUP_FAILURE
         try:
             try:
-                if self.config.listen:  # TCP for other nodes (listen.py), up before the IPC sockets appear
+                if service is not None:
+                    service.prepare()
+                elif self.config.listen:  # TCP for other nodes (listen.py), up before the IPC sockets appear
                     from .listen import open_file_limit, start_tcp_listener
 
                     # Each remote client costs an IPC connection from the listener process.
@@ -177,33 +200,43 @@ class Daemon:
 
                     self._tcp = start_tcp_listener(self.config)
                 self._bind()
+                if service is not None:
+                    service.bound()
             except zmq.ZMQError as exc:
                 log.error("cannot bind %s: %s", self.ep, exc)
                 return EXIT_STARTUP_FAILURE
             except KoboError as exc:  # --listen/--forward without keys, bad address, port in use
                 log.error("%s", exc)
                 return EXIT_STARTUP_FAILURE
-            asyncio.run(self.serve())
+            asyncio.run(self.serve() if service is None else service.serve())
             return EXIT_OK
         finally:
             if self._tcp is not None:
                 self._tcp.close()
+            if service is not None:
+                service.close()
             self._close_sockets()
             self.release_lock()
 
     # ----------------------------------------------------------------- serve
 
-    async def serve(self) -> None:
+    def handle_signals(self) -> asyncio.Event:
+        """In the running loop: SIGTERM/SIGINT set the returned stop event (a second one exits at once),
+        SIGHUP reopens log files.  A signal that came before the loop stops it now."""
         loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
+        stop = self._stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         if self._early_signal is not None:
             self._on_stop_signal(self._early_signal)
+        return stop
+
+    async def serve(self) -> None:
+        self.handle_signals()
         log.info("kobo-daemon %d listening on %s", os.getpid(), self.ep)
         self.ready = True
-        _sd_notify("READY=1")
+        sd_notify("READY=1")
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             data_task = tg.create_task(self._data_loop(), name="data")
@@ -212,7 +245,7 @@ class Daemon:
             if self.config.system_metrics > 0:
                 tg.create_task(self._system_metrics(self.config.system_metrics), name="system-metrics")
             await self._stop.wait()
-            _sd_notify("STOPPING=1")
+            sd_notify("STOPPING=1")
             log.info("stopping: draining and flushing %d run(s)", len(self.runs))
             await data_task  # ends after a final drain
             for ch in self.runs.values():
@@ -721,7 +754,7 @@ def _read_pid(path: str) -> int | None:
         return None
 
 
-def _sd_notify(state: str) -> None:
+def sd_notify(state: str) -> None:
     """Tell systemd our state over ``$NOTIFY_SOCKET`` (no-op elsewhere)."""
     addr = os.environ.get("NOTIFY_SOCKET")
     if not addr:
