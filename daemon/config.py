@@ -1,17 +1,26 @@
-"""Every setting of the daemon, read once (environment included) into one object."""
+"""Every setting of the daemon, read once (environment included) into one immutable object.
+
+:meth:`DaemonConfig.from_env` is the only place the daemon reads its
+``KOBO_DAEMON_*`` environment variables (the table of every variable the
+package reads is in ``docs/how-it-works.md``, "Environment variables"); the
+``kobo-daemon`` command line overrides them.  Nothing else in the daemon looks
+at the environment for a setting: the CLI has no automatic environment prefix.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..protocol.endpoint import Endpoint, resolve
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DaemonConfig:
     """Settings of one ``kobo-daemon``.
 
@@ -53,7 +62,7 @@ class DaemonConfig:
     reap_interval: float = 0.5
     max_backlog_bytes: int = 32 << 20
     log_level: str = "INFO"
-    listen: list[str] = field(default_factory=list)
+    listen: tuple[str, ...] = ()
     forward: str | None = None
     head_key: str | None = None
     key_dir: str | None = None
@@ -67,6 +76,10 @@ class DaemonConfig:
     stale_run: float = 600.0
     durability: str = "sync"
     compute_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.listen, tuple):  # a list from the command line or the listener's JSON spec
+            object.__setattr__(self, "listen", tuple(self.listen))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> DaemonConfig:
@@ -84,27 +97,27 @@ class DaemonConfig:
         process, not a power loss; no fsync).
         """
         env = os.environ if environ is None else environ
-        cfg = cls(endpoint=resolve(env.get("KOBO_DAEMON_ENDPOINT"), env))
+        values: dict[str, Any] = {"endpoint": resolve(env.get("KOBO_DAEMON_ENDPOINT"), env)}
         if "KOBO_DAEMON_FLUSH_INTERVAL" in env:
-            cfg.flush_interval = float(env["KOBO_DAEMON_FLUSH_INTERVAL"])
+            values["flush_interval"] = float(env["KOBO_DAEMON_FLUSH_INTERVAL"])
         if "KOBO_DAEMON_LOG_LEVEL" in env:
-            cfg.log_level = env["KOBO_DAEMON_LOG_LEVEL"].upper()
-        cfg.listen = env.get("KOBO_DAEMON_LISTEN", "").replace(",", " ").split()
-        cfg.forward = env.get("KOBO_DAEMON_FORWARD") or None
-        cfg.head_key = env.get("KOBO_DAEMON_HEAD_KEY") or None
-        cfg.key_dir = env.get("KOBO_DAEMON_KEY_DIR") or None
-        cfg.authorized = env.get("KOBO_DAEMON_AUTHORIZED") or None
-        cfg.insecure_plaintext = env.get("KOBO_DAEMON_INSECURE_PLAINTEXT", "").strip().lower() in (
+            values["log_level"] = env["KOBO_DAEMON_LOG_LEVEL"].upper()
+        values["listen"] = tuple(env.get("KOBO_DAEMON_LISTEN", "").replace(",", " ").split())
+        values["forward"] = env.get("KOBO_DAEMON_FORWARD") or None
+        values["head_key"] = env.get("KOBO_DAEMON_HEAD_KEY") or None
+        values["key_dir"] = env.get("KOBO_DAEMON_KEY_DIR") or None
+        values["authorized"] = env.get("KOBO_DAEMON_AUTHORIZED") or None
+        values["insecure_plaintext"] = env.get("KOBO_DAEMON_INSECURE_PLAINTEXT", "").strip().lower() in (
             "1",
             "true",
             "yes",
             "on",
         )
-        cfg.durability = env.get("KOBO_DAEMON_DURABILITY", "sync").strip().lower() or "sync"
+        values["durability"] = env.get("KOBO_DAEMON_DURABILITY", "sync").strip().lower() or "sync"
         sysm = env.get("KOBO_DAEMON_SYSTEM_METRICS", "").strip().lower()
         if sysm:
             try:
-                cfg.system_metrics = 0.0 if sysm in ("off", "no", "false") else float(sysm)
+                values["system_metrics"] = 0.0 if sysm in ("off", "no", "false") else float(sysm)
             except ValueError:
                 raise ValueError(f"KOBO_DAEMON_SYSTEM_METRICS={sysm!r} is not a number of seconds (or 'off')") from None
         for key, name, kind in (
@@ -118,15 +131,19 @@ class DaemonConfig:
             text = env.get(key, "").strip()
             if text:
                 try:
-                    setattr(cfg, name, kind(text))
+                    values[name] = kind(text)
                 except ValueError:
                     raise ValueError(f"{key}={text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        names = {f.name for f in dataclasses.fields(cls)}
         for key, value in overrides.items():
             if value is None:
                 continue
+            if key not in names:
+                raise TypeError(f"DaemonConfig has no setting {key!r}")
             if key == "endpoint" and isinstance(value, str):
                 value = resolve(value, env)
-            setattr(cfg, key, value)
+            values[key] = value
+        cfg = cls(**values)
         if cfg.durability not in ("sync", "process"):
             raise ValueError(f"durability must be 'sync' or 'process', got {cfg.durability!r}")
         if cfg.log_level not in LOG_LEVELS:

@@ -651,7 +651,7 @@ def child_main(spec_text: str) -> int:
         out.write(json.dumps(obj) + "\n")
         out.flush()
 
-    spec["endpoint"] = resolve(spec["endpoint"], os.environ)
+    spec["endpoint"] = resolve(spec["endpoint"], {})  # always an ipc:// address: no default to look up
     try:
         listener = TcpListener(DaemonConfig(**spec))
     except KoboError as exc:
