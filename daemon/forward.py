@@ -18,12 +18,9 @@ in flight.  So the forwarder replaces the id in replies with
 ``<head id>@<forwarder instance>[.<reconnections>]``: after either event the
 clients see a new id and re-send, and the head stores each call once.
 
-Dead clients.  Only the node that ran a client can tell that its process died.
-The forwarder remembers the pid of each client attached through it (from its
-``open`` or ``ack_req`` request, once the head has accepted it) and, when that
-process is gone without a
-``finish``, sends the head a ``finish`` with status ``crashed`` for it, after
-everything the client sent has gone upstream.
+Dead clients.  Only the node that ran a client can tell that its process died;
+the forwarder watches the clients attached through it and reports the ones
+that die without finishing to the head (:mod:`.crash_reports`).
 
 Node samples.  The forwarder samples its own node and delivers the samples to
 the head as the calls of a client of its own, kept until durable and re-sent
@@ -34,10 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,18 +44,15 @@ import zmq
 from ..protocol import codec
 from ..protocol import messages as m
 from ..protocol.errors import KoboError
-from ..protocol.peer import process_alive
 from .config import DaemonConfig
+from .crash_reports import HOST, Client, CrashReports
 from .node_samples import NodeSamples
 from .relay import Head, Relay, RelaySetupError, peek, tcp_pair
 from .server import Daemon, sd_notify
 
 log = logging.getLogger("kohakuboard.daemon")
 
-_HOST = socket.gethostname()
 _REFUSED_RETRY = 5.0  # seconds between connection attempts after the head refused our key
-_MAX_TRACKED = 100_000  # clients remembered for reaping
-_STEP_KINDS = (m.LogMessage.KIND, m.LogBatch.KIND)  # data whose envelope carries the call's step
 
 # Reply kinds that carry the daemon instance id, and its index in their payload.
 _DAEMON_FIELD: dict[str, int] = {}
@@ -71,24 +63,6 @@ for _cls in m.ALL_MESSAGES:
 
 
 # ------------------------------------------------------------- forwarding node
-
-
-@dataclass
-class _Client:
-    run: str
-    client: str
-    rank: int
-    pid: int
-    pid_start: int
-    host: str
-    last_seq: int = 0
-    finishing: bool = False
-    reap_id: int = 0
-    reap_deadline: float = 0.0
-    dead_since: float = 0.0
-    reports: int = 0
-    step: int = -1  # latest (step, global_step) of its calls seen here (-1: none yet); node samples go there
-    global_step: int = 0
 
 
 @dataclass
@@ -153,18 +127,10 @@ class ForwardRelay(Relay):
         self._refused_logged = -1e9
         self._monitor: zmq.Socket[Any] | None = None
         self._monitors = 0
-        self.clients: dict[tuple[str, str], _Client] = {}
-        self._reaper: zmq.Socket[Any] | None = None
-        self._reap_id = 0
+        # The clients of this node, watched for crashes (crash_reports.py), kept
+        # in a file beside the endpoint.
+        self.crashes = CrashReports(node.ep.base + ".clients.json", self._open_control, self._close_control)
         self._next_reap = 0.0
-        self._tracking_full = False
-        self.reaped = 0
-        # The clients watched, kept in a file beside the endpoint: a forwarder
-        # restarted (or killed) while a client died still reports that client.
-        self._state_path = node.ep.base + ".clients.json"
-        self._dirty = False
-        self._next_save = 0.0
-        self._load_clients()
         # This node's samples (node_samples.py): handed over by the event loop
         # (add_sample), sent as the data of a client of our own.
         self.samples = NodeSamples("sys-" + node.instance, self._open_control, self._close_control)
@@ -291,33 +257,15 @@ class ForwardRelay(Relay):
             return
         key = (head.run, head.client)
         if head.kind == m.FinishRun.KIND:
-            c = self.clients.get(key)
-            if c is not None:
-                c.finishing = True
-        elif head.kind == m.OpenRun.KIND or (head.kind == m.AckRequest.KIND and key not in self.clients):
+            self.crashes.finishing(key, True)
+        elif head.kind == m.OpenRun.KIND or (head.kind == m.AckRequest.KIND and key not in self.crashes.clients):
             # Watched once the head confirms the attachment (see reply_received).
             try:
                 req = codec.decode(body)
             except KoboError:
                 return
             if getattr(req, "pid", 0):
-                head.extra = _Client(head.run, head.client, head.rank, req.pid, req.pid_start, req.host)
-
-    def _watch(self, c: _Client) -> None:
-        key = (c.run, c.client)
-        if len(self.clients) >= _MAX_TRACKED and key not in self.clients:
-            if not self._tracking_full:
-                self._tracking_full = True
-                log.warning("watching %d clients: newer ones are not watched for crashes", _MAX_TRACKED)
-            return
-        old = self.clients.get(key)
-        if old is not None:
-            c.last_seq = max(c.last_seq, old.last_seq)
-            if old.step >= 0:  # its calls seen here are newer than what the head had committed
-                c.step, c.global_step = old.step, old.global_step
-        self.clients[key] = c
-        if old is None or (old.pid, old.pid_start) != (c.pid, c.pid_start):
-            self._dirty = True
+                head.extra = Client(head.run, head.client, head.rank, req.pid, req.pid_start, req.host)
 
     def reply_received(self, request: Head | None, head: Head | None, body: list[bytes]) -> list[bytes]:
         if request is not None and head is not None:
@@ -331,13 +279,12 @@ class ForwardRelay(Relay):
                     last_step, last_global_step = payload[1], payload[2]  # where the client's rank stands
                     if type(last_step) is int and type(last_global_step) is int:
                         request.extra.step, request.extra.global_step = max(last_step, 0), last_global_step
-                self._watch(request.extra)
+                self.crashes.watch(request.extra)
             elif request.kind == m.FinishRun.KIND:
                 if head.kind == m.Finished.KIND:
-                    if self.clients.pop(key, None) is not None:
-                        self._dirty = True
-                elif key in self.clients:
-                    self.clients[key].finishing = False
+                    self.crashes.finished(key)
+                else:
+                    self.crashes.finishing(key, False)
         if head is not None and head.kind in _DAEMON_FIELD:
             payload = head.fields[10] if len(head.fields) > 10 else None
             i = _DAEMON_FIELD[head.kind]
@@ -352,17 +299,11 @@ class ForwardRelay(Relay):
         return f"{head_instance}@{self.instance}{suffix}"
 
     def on_data(self, frames: list[Any]) -> None:
-        if not self.clients:
+        if not self.crashes.clients:
             return
         head = peek(frames[0])
         if head is not None:
-            c = self.clients.get((head.run, head.client))
-            if c is not None and head.seq > c.last_seq:  # (not a re-send: those are older)
-                c.last_seq = head.seq
-                if head.kind in _STEP_KINDS:
-                    step, global_step = head.fields[7], head.fields[8]
-                    if type(step) is int and type(global_step) is int:
-                        c.step, c.global_step = step, global_step
+            self.crashes.seen(head.run, head.client, head.seq, head.kind, head.fields)
 
     # ---------------------------------------------------------- housekeeping
 
@@ -372,143 +313,28 @@ class ForwardRelay(Relay):
             # fresh sockets (the key may have been authorized meanwhile).
             self._retry_at = None
             self._close_push()
-            if self._reaper is not None:  # refused as well: libzmq gave up on it too
-                self._unregister(self._reaper)
-                self._reaper.close(linger=0)
-                self._reaper = None
+            self.crashes.close_socket()  # refused as well: libzmq gave up on it too
             self.samples.close_socket()
             self.state = "connecting"
             self._open_push()
         if now >= self._next_reap:
             self._next_reap = now + self.config.reap_interval
-            self._reap(now)
-        if self._dirty and now >= self._next_save:
-            self._next_save = now + 0.5
-            self._save_clients()
+            self.crashes.reap(now, self._data_waiting)
+        self.crashes.save_if_changed(now)
         if self.samples.busy():
             self._pass_samples(now)
 
-    def _reap(self, now: float) -> None:
-        for c in list(self.clients.values()):
-            if c.reap_id:
-                if now > c.reap_deadline:
-                    # No answer: the head (or the connection) restarted and lost
-                    # the report.  Ask again; the report is kept on disk meanwhile.
-                    self._report_crash(c, now)
-                continue
-            if c.finishing or not c.pid or c.host != _HOST or process_alive(c.pid, c.pid_start):
-                continue
-            if not c.dead_since:
-                c.dead_since = now
-            if now - c.dead_since < 2.0 and (
-                self._pending is not None or self.down_pull.getsockopt(zmq.EVENTS) & zmq.POLLIN
-            ):
-                # Its last messages may still be here: first send them on (the
-                # head waits a few seconds for what is in flight; a report never
-                # waits on data only the dead client could re-send).
-                continue
-            self._report_crash(c, now)
-
-    def _report_crash(self, c: _Client, now: float) -> None:
-        if self._reaper is None:
-            self._reaper = self._upstream_socket(zmq.DEALER, self.control_addr)
-            self._register(self._reaper, zmq.POLLIN, self._on_reaper_reply)
-        self._reap_id += 1
-        env = m.Envelope(c.run, c.client, self._reap_id, c.rank, 0, 0, time.time())
-        try:
-            self._reaper.send_multipart(codec.encode(m.FinishRun(env, c.last_seq, "crashed")), zmq.NOBLOCK)
-        except zmq.Again:
-            return  # the head is not reachable: tried again on the next pass
-        if not c.reports:
-            log.warning("client pid %d of %s died without finishing: telling the head it crashed", c.pid, c.run)
-        else:
-            log.info("asking the head again to mark client pid %d of %s crashed", c.pid, c.run)
-        c.reports += 1
-        c.reap_id = self._reap_id
-        c.reap_deadline = now + 10.0  # the head answers within ~5 s (its wait for in-flight data)
-
-    def _on_reaper_reply(self) -> None:
-        assert self._reaper is not None
-        while True:
-            try:
-                body = self._reaper.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                reply = codec.decode(body)
-            except KoboError:
-                continue
-            for key, c in list(self.clients.items()):
-                if c.reap_id and c.reap_id == reply.env.seq:
-                    del self.clients[key]
-                    self._dirty = True
-                    if isinstance(reply, m.ErrorReply):
-                        log.warning("could not mark client pid %d of %s crashed: %s", c.pid, c.run, reply.message)
-                    else:
-                        self.reaped += 1
-                        log.info("marked client pid %d of %s crashed", c.pid, c.run)
-
-    def _load_clients(self) -> None:
-        try:
-            with open(self._state_path) as f:
-                entries = json.load(f)
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            log.warning("cannot read the clients a previous forwarder watched (%s): %s", self._state_path, exc)
-            return
-        n = 0
-        for e in entries if isinstance(entries, list) else []:
-            try:
-                c = _Client(
-                    str(e["run"]),
-                    str(e["client"]),
-                    int(e["rank"]),
-                    int(e["pid"]),
-                    int(e["pid_start"]),
-                    str(e["host"]),
-                    int(e.get("last_seq", 0)),
-                )
-            except (KeyError, TypeError, ValueError):
-                continue
-            if c.host == _HOST and len(self.clients) < _MAX_TRACKED:
-                self.clients[(c.run, c.client)] = c
-                n += 1
-        if n:
-            log.info("watching %d client(s) a previous forwarder watched (dead ones are reported to the head)", n)
-
-    def _save_clients(self) -> None:
-        self._dirty = False
-        entries = [
-            {
-                "run": c.run,
-                "client": c.client,
-                "rank": c.rank,
-                "pid": c.pid,
-                "pid_start": c.pid_start,
-                "host": c.host,
-                "last_seq": c.last_seq,
-            }
-            for c in self.clients.values()
-        ]
-        tmp = f"{self._state_path}.{os.getpid()}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(entries, f)
-            os.replace(tmp, self._state_path)
-        except OSError as exc:
-            log.warning("cannot save the watched clients to %s: %s", self._state_path, exc)
+    def _data_waiting(self) -> bool:
+        """Messages of the node's clients wait to go upstream (held here, or in the IPC socket)."""
+        return self._pending is not None or bool(self.down_pull.getsockopt(zmq.EVENTS) & zmq.POLLIN)
 
     def on_exit(self) -> None:
-        if self._dirty:
-            self._save_clients()
+        self.crashes.close()
         self.samples.close_socket()
-        for sock in (self._reaper, self._monitor):
-            if sock is not None:
-                self._unregister(sock)
-                sock.close(linger=0)
-        self._reaper = self._monitor = None
+        if self._monitor is not None:
+            self._unregister(self._monitor)
+            self._monitor.close(linger=0)
+            self._monitor = None
 
     def info(self) -> dict[str, Any]:
         out = super().info()
@@ -520,8 +346,8 @@ class ForwardRelay(Relay):
             since=self.state_since,
             detail=self.detail,
             reconnections=self.epoch,
-            clients=len(self.clients),
-            reaped=self.reaped,
+            clients=len(self.crashes.clients),
+            reaped=self.crashes.reaped,
             system_metrics={
                 "interval": self.config.system_metrics,
                 **self.samples.stats,
@@ -538,7 +364,7 @@ class ForwardRelay(Relay):
 
     def _pass_samples(self, now: float) -> None:
         connected = self.state == "connected" and self.push is not None
-        here = (c for c in self.clients.values() if c.host == _HOST)
+        here = self.crashes.live_here()
         self.samples.step(now, self.epoch, here, self.push if connected else None, self._pending is not None)
 
     def _open_control(self, handler: Callable[[], None]) -> zmq.Socket[Any]:
@@ -640,7 +466,7 @@ class Forwarder:
 
         loop = asyncio.get_running_loop()
         try:
-            sampler = await loop.run_in_executor(None, NodeSampler, _HOST)
+            sampler = await loop.run_in_executor(None, NodeSampler, HOST)
         except Exception as exc:
             log.error("system metrics disabled: %r", exc)
             return
