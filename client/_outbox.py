@@ -168,12 +168,20 @@ class Outbox:
         self.seq = seq = self.seq + 1
         item = (seq, step, global_step, time.time(), scalars)
         nbytes = 200 + 60 * len(scalars)
+        q = self.queue
         if (
             self.put_bytes - self.taken_bytes + self.unacked_bytes + nbytes > self._soft_bytes
-            or len(self.queue) >= self._soft_count
+            or len(q) >= self._soft_count
         ) and not self._pressure(item, nbytes):
             return
-        self._queue(item, nbytes)
+        # (_queue, inlined: this is every scalar log() call)
+        if self._drop is not None:
+            q.append(self._drop)
+            self._drop = None
+        self.put_bytes += nbytes
+        q.append(item)
+        if self.idle:
+            self.wake.set()
 
     def put_log(
         self, step: int, global_step: int, scalars: dict[str, float], items: list[Any], blobs: list[Any]
