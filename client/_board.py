@@ -885,7 +885,6 @@ class Board:
         from ..protocol.endpoint import daemon_alive
 
         outbox = self._outbox
-
         problem: KoboError | None = None
         attempt = 0
         while True:
