@@ -242,8 +242,8 @@ class Board:
     can be reached, :class:`StorageError` when the run folder cannot be written.
 
     ``max_queue``: how many ``log()`` calls may wait in this process for the
-    sender thread.  At 80 % a warning is printed once; at 100 % ``log()``
-    blocks until the daemon catches up (nothing is dropped).
+    sender thread.  At 80 % a warning goes once to the ``kohakuboard`` logger;
+    at 100 % ``log()`` blocks until the daemon catches up (nothing is dropped).
 
     Distributed training: ``rank``, ``local_rank`` and ``world_size`` default
     to the ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` environment variables
