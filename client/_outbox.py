@@ -157,7 +157,7 @@ class Outbox:
         self._query_id = 0
         self._query_at: float | None = None
         self._query_sync = False
-        self.unanswered_since: float | None = None  # when the daemon last answered anything, while it does not
+        self.unanswered_since: float | None = None  # since when the daemon has not answered (None: it answers)
         self._next_query = 0.0
         self._keepalive_at = time.monotonic() + _KEEPALIVE
 
