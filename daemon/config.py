@@ -78,8 +78,29 @@ class DaemonConfig:
     compute_threads: int = 0
 
     def __post_init__(self) -> None:
+        """Every DaemonConfig is a valid one: a value out of range raises ``ValueError``."""
         if not isinstance(self.listen, tuple):  # a list from the command line or the listener's JSON spec
             object.__setattr__(self, "listen", tuple(self.listen))
+        if self.durability not in ("sync", "process"):
+            raise ValueError(f"durability must be 'sync' or 'process', got {self.durability!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+        if not 0 < self.flush_interval <= 0.45:
+            raise ValueError("flush_interval must be in (0, 0.45] seconds to keep the 0.5 s durability promise")
+        if not (self.system_metrics == 0 or 0.05 <= self.system_metrics <= 86400):
+            raise ValueError(
+                f"system metrics interval must be 0 (off) or 0.05..86400 seconds, got {self.system_metrics}"
+            )
+        if not 0.1 <= self.handshake_timeout <= 3600:
+            raise ValueError(f"handshake timeout must be 0.1..3600 seconds, got {self.handshake_timeout}")
+        if self.max_connections < 0 or self.max_per_address < 1 or self.max_handshakes_per_address < 1:
+            raise ValueError("connection limits must be positive (max_connections 0 means: from the open file limit)")
+        if not 0 <= self.compute_threads <= 1024:
+            raise ValueError(f"compute threads must be 0 (one per CPU) .. 1024, got {self.compute_threads}")
+        if self.stale_run < 0:
+            raise ValueError(f"stale run time must be >= 0 seconds (0: never), got {self.stale_run}")
+        if self.listen and self.forward:
+            raise ValueError("--listen and --forward cannot be combined: a forwarding node serves no other nodes")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> DaemonConfig:
@@ -144,24 +165,4 @@ class DaemonConfig:
                 value = resolve(value, env)
             values[key] = value
         cfg = cls(**values)
-        if cfg.durability not in ("sync", "process"):
-            raise ValueError(f"durability must be 'sync' or 'process', got {cfg.durability!r}")
-        if cfg.log_level not in LOG_LEVELS:
-            raise ValueError(f"log level {cfg.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
-        if not 0 < cfg.flush_interval <= 0.45:
-            raise ValueError("flush_interval must be in (0, 0.45] seconds to keep the 0.5 s durability promise")
-        if not (cfg.system_metrics == 0 or 0.05 <= cfg.system_metrics <= 86400):
-            raise ValueError(
-                f"system metrics interval must be 0 (off) or 0.05..86400 seconds, got {cfg.system_metrics}"
-            )
-        if not 0.1 <= cfg.handshake_timeout <= 3600:
-            raise ValueError(f"handshake timeout must be 0.1..3600 seconds, got {cfg.handshake_timeout}")
-        if cfg.max_connections < 0 or cfg.max_per_address < 1 or cfg.max_handshakes_per_address < 1:
-            raise ValueError("connection limits must be positive (max_connections 0 means: from the open file limit)")
-        if not 0 <= cfg.compute_threads <= 1024:
-            raise ValueError(f"compute threads must be 0 (one per CPU) .. 1024, got {cfg.compute_threads}")
-        if cfg.stale_run < 0:
-            raise ValueError(f"stale run time must be >= 0 seconds (0: never), got {cfg.stale_run}")
-        if cfg.listen and cfg.forward:
-            raise ValueError("--listen and --forward cannot be combined: a forwarding node serves no other nodes")
         return cfg

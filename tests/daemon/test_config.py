@@ -38,3 +38,10 @@ def test_an_unknown_override_is_refused():
 def test_a_listen_list_becomes_a_tuple():
     """The listener process rebuilds its config from JSON, where the addresses are a list."""
     assert DaemonConfig(listen=["tcp://*:7000"]).listen == ("tcp://*:7000",)  # type: ignore[arg-type]
+
+
+def test_every_config_is_checked_however_it_is_made():
+    with pytest.raises(ValueError, match="flush_interval"):
+        DaemonConfig(flush_interval=1.0)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        DaemonConfig.from_env({}, listen=["tcp://*:7000"], forward="tcp://head:7000")
