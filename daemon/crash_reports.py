@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ import zmq
 
 from ..protocol import codec
 from ..protocol import messages as m
+from ..protocol.atomic import write_atomic
 from ..protocol.errors import KoboError
 from ..protocol.peer import process_alive
 
@@ -251,11 +251,9 @@ class CrashReports:
             }
             for c in self.clients.values()
         ]
-        tmp = f"{self._state_path}.{os.getpid()}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(entries, f)
-            os.replace(tmp, self._state_path)
+            # Not fsynced, as before: saved up to twice a second while clients come and go, and
+            # only a power loss of the node could lose it, which ends its clients too.
+            write_atomic(self._state_path, json.dumps(entries), mode=0o600, fsync=False)
         except OSError as exc:
             log.warning("cannot save the watched clients to %s: %s", self._state_path, exc)
