@@ -1,73 +1,84 @@
 """Shared fixtures: an isolated daemon endpoint and base dir per test, a real daemon.
 
-Every test gets its own ``KOBO_DAEMON_ENDPOINT`` in a short temporary directory
-(Unix socket paths are limited to 107 bytes) and a ``KOBO_BASE_DIR`` under
-``tmp_path``; other ``KOBO_*`` and rank variables are scrubbed.  Whatever daemon
-a test started, by hand or through client autostart, is stopped afterwards.
+Every test gets a ``KOBO_BASE_DIR`` under ``tmp_path`` and a ``KOBO_DAEMON_ENDPOINT``
+in a short temporary directory (Unix socket paths are limited to 107 bytes); other
+``KOBO_*`` and rank variables are scrubbed.
+
+``daemon`` is a real daemon, shared by the tests of one module (started by
+:func:`kohakuboard.testing.isolated_daemon`, its endpoint is the test's endpoint):
+its runs are each test's own, under each test's ``tmp_path``.  A test that kills,
+stops, pauses or restarts its daemon, or reads its whole log, is marked
+``@pytest.mark.own_daemon`` and gets one of its own, stopped (exit status 0
+asserted) afterwards.  Whatever daemon a test started on its own endpoint, by hand or
+through client autostart, is stopped afterwards.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from kohakuboard.protocol.endpoint import Endpoint, daemon_alive, resolve
+from kohakuboard.protocol.endpoint import Endpoint, resolve
+from kohakuboard.testing import RANK_VARIABLES, KoboDaemon, isolated_daemon, stop_endpoint
 
-SCRUB = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")
-
-
-def _read_pid(ep: Endpoint) -> int | None:
-    try:
-        return int(Path(ep.pid_path).read_text().strip())
-    except (OSError, ValueError):
-        return None
+OWN_DAEMON = "own_daemon"
 
 
-def stop_daemon(ep: Endpoint, timeout: float = 20.0) -> None:
-    """SIGTERM the daemon on ``ep`` (SIGKILL after ``timeout``) and wait for the lock to drop."""
-    pid = _read_pid(ep)
-    if pid is None or not daemon_alive(ep):
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while daemon_alive(ep) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if daemon_alive(ep):
-        os.kill(pid, signal.SIGKILL)
-        raise AssertionError(f"daemon {pid} ignored SIGTERM for {timeout}s")
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{OWN_DAEMON}: the test's daemon is its own (it kills, stops, pauses or restarts it, or reads its log)",
+    )
+
+
+def _wants_shared_daemon(request: pytest.FixtureRequest) -> bool:
+    return "daemon" in request.fixturenames and request.node.get_closest_marker(OWN_DAEMON) is None
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KoboDaemon]:
+    """One daemon for the tests of a module that do not need their own (exit status 0 asserted at the end)."""
+    with isolated_daemon(tmp_path_factory.mktemp("shared-daemon"), set_environ=False) as d:
+        yield d
 
 
 @pytest.fixture(autouse=True)
-def kobo_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Endpoint]:
+def kobo_env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Endpoint]:
     """Isolate the daemon endpoint and the default base dir of this test."""
     for key in list(os.environ):
-        if key.startswith("KOBO_") or key in SCRUB:
+        if key.startswith("KOBO_") or key in RANK_VARIABLES:
             monkeypatch.delenv(key, raising=False)
-    sock_dir = tempfile.mkdtemp(prefix="kobo-", dir="/tmp")
-    value = f"ipc://{sock_dir}/kobo"
-    monkeypatch.setenv("KOBO_DAEMON_ENDPOINT", value)
+    shared: KoboDaemon | None = None
+    sock_dir = None
+    if _wants_shared_daemon(request):
+        shared = request.getfixturevalue("shared_daemon")
+        assert shared.running, f"the module's shared daemon died in an earlier test: {shared.output()[-3000:]}"
+        ep = shared.endpoint
+    else:
+        sock_dir = tempfile.mkdtemp(prefix="kobo-", dir="/tmp")
+        ep = resolve(f"ipc://{sock_dir}/kobo", {})
+    monkeypatch.setenv("KOBO_DAEMON_ENDPOINT", str(ep))
     monkeypatch.setenv("KOBO_BASE_DIR", str(tmp_path / "kohakuboard"))
     # Node samples (sys/HOST/...) every 10 s would add metrics to long tests' runs;
     # tests/daemon/test_system_metrics.py turns them on where it checks them.
     monkeypatch.setenv("KOBO_DAEMON_SYSTEM_METRICS", "0")
-    ep = resolve(value, os.environ)
     try:
         yield ep
     finally:
-        stop_daemon(ep)
-        shutil.rmtree(sock_dir, ignore_errors=True)
+        if shared is not None:
+            assert shared.running, (
+                f"the shared daemon died during this test (mark it own_daemon?): {shared.output()[-3000:]}"
+            )
+        else:
+            stop_endpoint(ep)
+            shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -80,55 +91,22 @@ def base_dir(tmp_path: Path) -> Path:
     return tmp_path / "kohakuboard"
 
 
-class DaemonProcess:
-    """A real ``kobo-daemon run`` child process."""
-
-    def __init__(self, ep: Endpoint, extra_args: tuple[str, ...] = (), prefix: tuple[str, ...] = ()) -> None:
-        self.ep = ep
-        self.log_path = ep.base + ".test.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "kohakuboard.daemon", "run", *extra_args],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ),
-        )
-        deadline = time.monotonic() + 20
-        while not (daemon_alive(ep) and os.path.exists(ep.control_addr[6:])):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"daemon did not start: {self.output()}")
-            time.sleep(0.01)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def output(self) -> str:
-        self._log.flush()
-        return Path(self.log_path).read_text(errors="replace")
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        self._log.close()
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self._log.close()
+def start_daemon(ep: Endpoint, args: tuple[str, ...] = (), prefix: tuple[str, ...] = ()) -> KoboDaemon:
+    """A real ``kobo-daemon run`` child on ``ep`` with this test's environment."""
+    return KoboDaemon(ep, args, env=dict(os.environ), prefix=prefix, log_path=ep.base + ".test.log")
 
 
 @pytest.fixture
-def daemon(endpoint: Endpoint) -> Iterator[DaemonProcess]:
-    """A real daemon for this test's endpoint; stopped (SIGTERM, exit 0 asserted) afterwards."""
-    d = DaemonProcess(endpoint)
+def daemon(request: pytest.FixtureRequest, endpoint: Endpoint) -> Iterator[KoboDaemon]:
+    """A real daemon on this test's endpoint: the module's shared one, or (``own_daemon``) the test's own."""
+    if request.node.get_closest_marker(OWN_DAEMON) is None:
+        yield request.getfixturevalue("shared_daemon")
+        return
+    d = start_daemon(endpoint)
     try:
         yield d
     finally:
-        if d.proc.poll() is None:
+        if d.running:
             code = d.terminate()
             assert code == 0, f"daemon exited {code}: {d.output()}"
 
@@ -154,15 +132,15 @@ def script() -> object:
 @pytest.fixture
 def daemon_factory(endpoint: Endpoint) -> Iterator[object]:
     """Start extra daemons by hand (restarts, second-daemon tests); all stopped afterwards."""
-    started: list[DaemonProcess] = []
+    started: list[KoboDaemon] = []
 
-    def make(ep: Endpoint = endpoint, *args: str, prefix: tuple[str, ...] = ()) -> DaemonProcess:
+    def make(ep: Endpoint = endpoint, *args: str, prefix: tuple[str, ...] = ()) -> KoboDaemon:
         """``prefix``: a command the daemon runs under (e.g. ``unshare --uts ...``; it must exec the daemon)."""
-        d = DaemonProcess(ep, args, prefix)
+        d = start_daemon(ep, args, prefix)
         started.append(d)
         return d
 
     yield make
     for d in started:
-        if d.proc.poll() is None:
+        if d.running:
             d.kill()
