@@ -37,6 +37,7 @@ from kohakuboard.protocol import messages as m
 from kohakuboard.protocol.endpoint import resolve
 from kohakuboard.protocol.errors import StorageError
 from kohakuboard.storage.reader import RunReader
+from kohakuboard.testing import daemon_status, wait_until
 
 try:
     NOBODY = pwd.getpwnam("nobody")
@@ -94,16 +95,6 @@ def as_nobody(code: str, timeout: float = 60) -> dict:
     return report
 
 
-def status(endpoint) -> dict:
-    from kohakuboard.protocol.control import ControlClient
-
-    conn = ControlClient(endpoint)
-    try:
-        return conn.request(m.StatusRequest, m.Envelope(), 5.0).info
-    finally:
-        conn.close()
-
-
 @pytest.fixture
 def nobody_dir():
     """A directory nobody owns and may write (outside tmp_path, whose parents are 0700)."""
@@ -130,7 +121,7 @@ def _open_up(endpoint) -> None:
 
 def test_socket_directory_and_sockets_are_private(daemon, endpoint):
     """The endpoint directory is 0700 and both sockets 0600, owned by the daemon's user."""
-    assert status(endpoint)["pid"] == daemon.pid  # serving (and past its signal-handler setup)
+    assert daemon_status(endpoint)["pid"] == daemon.pid  # serving (and past its signal-handler setup)
     st = os.stat(endpoint.directory)
     assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
     assert st.st_uid == os.geteuid()
@@ -155,7 +146,7 @@ def test_loose_directory_and_umask_do_not_open_the_endpoint(daemon_factory, tmp_
             d = daemon_factory(ep, "--endpoint", str(ep))
         finally:
             os.umask(old)
-        assert status(ep)["pid"] == d.pid  # it serves: the tightened directory is in use
+        assert daemon_status(ep)["pid"] == d.pid  # it serves: the tightened directory is in use
         assert stat.S_IMODE(os.stat(sock_dir).st_mode) == 0o700
         for addr in (ep.data_addr, ep.control_addr):
             assert stat.S_IMODE(os.stat(addr[6:]).st_mode) == 0o600
@@ -169,6 +160,7 @@ def test_loose_directory_and_umask_do_not_open_the_endpoint(daemon_factory, tmp_
 
 
 @needs_root
+@pytest.mark.own_daemon
 def test_other_user_cannot_log_with_default_permissions(daemon, endpoint, nobody_dir):
     """Another user's script gets a clear error at once; its raw requests reach nothing."""
     report = as_nobody(
@@ -195,12 +187,13 @@ ctx.term()
     assert report["raw_answered"] is False
     assert list(nobody_dir.iterdir()) == []
     # The filesystem stopped it before the daemon ever saw a connection.
-    info = status(endpoint)
+    info = daemon_status(endpoint)
     assert info["rejected"].get("PeerUid", 0) == 0
     assert info["runs"] == []
 
 
 @needs_root
+@pytest.mark.own_daemon
 def test_daemon_refuses_other_uid_even_when_files_allow_it(daemon, endpoint, base_dir, nobody_dir):
     """With the endpoint opened up to everyone, the daemon itself refuses another uid's connections.
 
@@ -274,10 +267,7 @@ ctx.term()
     assert list(nobody_dir.iterdir()) == []
 
     # data socket, raw control connection, the Board's control connection, the flood
-    deadline = time.monotonic() + 10
-    while (refused := status(endpoint)["rejected"].get("PeerUid", 0)) < 33:
-        assert time.monotonic() < deadline, refused
-        time.sleep(0.05)
+    wait_until(lambda: daemon_status(endpoint)["rejected"].get("PeerUid", 0) >= 33, message="33 refusals counted")
     cli = subprocess.run(
         [sys.executable, "-m", "kohakuboard.daemon", "status"], capture_output=True, text=True, timeout=30
     )
@@ -337,9 +327,11 @@ def test_daemon_refuses_relative_and_dotdot_run_paths(daemon, endpoint, tmp_path
     finally:
         conn.close()
     assert not (tmp_path / "escaped").exists()
-    assert status(endpoint)["runs"] == []
+    opened = [r["path"] for r in daemon_status(endpoint)["runs"]]
+    assert not [p for p in opened if p.startswith(str(tmp_path)) or not p.startswith("/")], opened
 
 
+@pytest.mark.own_daemon
 def test_daemon_refuses_data_and_requests_for_a_foreign_run_folder(daemon, endpoint, tmp_path):
     """Data for an existing run folder its user could not write is dropped and counted, not written."""
     import zmq
@@ -369,10 +361,7 @@ def test_daemon_refuses_data_and_requests_for_a_foreign_run_folder(daemon, endpo
     try:
         push.connect(endpoint.data_addr)
         push.send_multipart(codec.encode_log(str(run), "other", 1, 0, 1, 0, time.time(), {"evil": 1.0}))
-        deadline = time.monotonic() + 10
-        while status(endpoint)["rejected"].get("RunPath", 0) < 1:
-            assert time.monotonic() < deadline, status(endpoint)
-            time.sleep(0.05)
+        wait_until(lambda: daemon_status(endpoint)["rejected"].get("RunPath", 0) >= 1, message="RunPath refusal")
     finally:
         push.close(0)
         ctx.term()
@@ -384,7 +373,7 @@ def test_daemon_refuses_data_and_requests_for_a_foreign_run_folder(daemon, endpo
         assert str(run) in str(err.value) and "not writable" in str(err.value)
     finally:
         conn.close()
-    info = status(endpoint)
+    info = daemon_status(endpoint)
     assert all(r["path"] != str(run) for r in info["runs"])
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
     assert "rejected message (RunPath)" in daemon.output()
