@@ -17,8 +17,8 @@ have read every data message sent; afterwards its process is the same one, its
 memory did not grow past a bound, and a real ``Board`` still logs and reads
 back.  A second test replaces every node of every message kind's header by
 every one of a list of hostile values; focused tests check exact rejection
-accounting and the size limits, and one records item values that once
-wedge a run in the writer.
+accounting, a hand-picked list of bad frames (answered, counted, logged) and the
+size limits, and one records item values that once wedge a run in the writer.
 
 Every frame is decoded locally first (the same ``codec.decode`` the daemon
 runs): that is the oracle for which sends are certainly rejected, and a guard
@@ -590,6 +590,7 @@ def _board_still_works(base_dir: Path, run_id: str) -> None:
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.own_daemon
 def test_fuzzed_frames_on_both_sockets_leave_the_daemon_serving(daemon, endpoint, base_dir, tmp_path):
     """Random and mutated frames: no crash, no hang, bounded memory, rejections counted."""
     wire = Wire(endpoint)
@@ -599,7 +600,8 @@ def test_fuzzed_frames_on_both_sockets_leave_the_daemon_serving(daemon, endpoint
         # Warm up (the writer's modules load on the first data) before measuring memory.
         wire.send("data", codec.encode_log(runs.fuzz, "owner", 1, 0, 0, 0, time.time(), {"warm": 1.0}))
         info = wire.settled(1)
-        time.sleep(0.5)
+        reply = wire.request(m.FlushRequest(m.Envelope(run=runs.fuzz, client="owner", seq=2 * 10**15), last_seq=1))
+        assert isinstance(reply, m.Flushed) and reply.durable_seq == 1, reply  # written: the writer is loaded
         rss_before = _proc_kb(daemon.pid, "VmRSS")
         totals = Counter()
         state = {"info": info}
@@ -757,6 +759,7 @@ def _every_variant(msg: Any, n: list[int]) -> list[list[bytes]]:
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.own_daemon
 def test_every_field_of_every_kind_replaced_by_hostile_values(daemon, endpoint, base_dir, tmp_path):
     """Each node of each message kind's header, replaced by each of 21 hostile values: no crash,
     no internal error, no run left failing, and a clean shutdown that writes everything."""
@@ -955,6 +958,45 @@ def test_every_rejected_frame_is_counted_exactly_once(daemon, endpoint, tmp_path
         wire.close()
 
 
+def _named_hostile_frames() -> list[list[bytes]]:
+    """Hand-picked bad frame lists (from what once was test_hostile_input.py), each sent on both sockets."""
+    valid = codec.encode_log("/nonexistent/run", "c", 1, 0, 0, 0, 0.0, {"x": 1.0})[0]
+    return [
+        [b"\x00\xff garbage"],
+        [valid[: len(valid) // 2]],  # truncated
+        [msgpack.packb([99, 0, *msgpack.unpackb(valid)[2:]])],  # unknown protocol major
+        [msgpack.packb({"not": "a list"})],
+        [msgpack.packb([1, 0, "log", "r", "c", "not-an-int", 0, 0, 0, 0.0, [{}]])],
+        [b""],
+    ]
+
+
+@pytest.mark.own_daemon  # the daemon logs at most one rejection a second: a fresh one logs the first
+def test_named_hostile_frames_are_answered_counted_and_logged(daemon, endpoint, base_dir):
+    """Garbage, a truncated frame, an unknown version, a map, a bad envelope and an empty frame on both
+    sockets: each bad request is answered with an error (the unknown version's names the version), a
+    status request after them is still answered, every frame is counted by reason and logged, and a
+    valid client still works."""
+    bad = _named_hostile_frames()
+    wire = Wire(endpoint)
+    try:
+        before = wire.status()
+        for frames in bad:
+            wire.send("data", frames)
+            wire.send("control", frames)
+        wire.collect_replies(len(bad))
+        after = wire.settled(before["received"] + len(bad))  # the status request after them is answered
+    finally:
+        wire.close()
+    assert len(wire.errors) == wire.replies == len(bad)
+    assert any("version" in e.message for e in wire.errors), [e.message for e in wire.errors]
+    rejected = Counter(after["rejected"]) - Counter(before["rejected"])
+    assert sum(rejected.values()) == 2 * len(bad), rejected
+    assert rejected["VersionMismatch"] == 2 and rejected["MalformedMessage"] >= 8, rejected
+    _board_still_works(base_dir, "after-named")
+    assert "rejected message" in daemon.output()
+
+
 # ---- size limits -------------------------------------------------------------------
 
 
@@ -979,9 +1021,13 @@ def test_oversized_and_lying_messages_are_refused_before_allocation(daemon, endp
         for addr, kind in ((endpoint.data_addr, zmq.PUSH), (endpoint.control_addr, zmq.DEALER)):
             s = wire.ctx.socket(kind)
             s.setsockopt(zmq.LINGER, 0)
+            monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             s.connect(addr)
             s.send(huge, copy=False)
-            time.sleep(0.5)  # let the daemon's I/O thread see the frame header
+            # the daemon's I/O thread reads the frame header and drops the connection
+            assert monitor.poll(int(REPLY_TIMEOUT * 1000)), f"the daemon kept reading an over-size frame on {addr}"
+            s.disable_monitor()
+            monitor.close(0)
             s.close(0)
         del huge
 
