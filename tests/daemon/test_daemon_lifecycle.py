@@ -7,12 +7,14 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+import pytest
 
 from kohakuboard.client import Board
 from kohakuboard.protocol.endpoint import daemon_alive
 from kohakuboard.storage.reader import RunReader
+from kohakuboard.testing import daemon_status, wait_until
 
 
 def _kobo_daemon(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -64,16 +66,18 @@ def test_status_lists_runs_and_clients(daemon, endpoint):
         assert "watched: 1 client(s), 100 points" in res.stdout
 
 
-def test_sigterm_drains_and_flushes_everything(daemon, base_dir):
+@pytest.mark.own_daemon
+def test_sigterm_drains_and_flushes_everything(daemon, endpoint, base_dir):
     """SIGTERM while a client has unflushed data: the daemon writes it all and exits 0."""
     b = Board(run_id="drain", capture_output=False)
     for i in range(20_000):
         b.log(x=float(i))
-    deadline = time.monotonic() + 10
-    while b.stats()["sent"] < 20_000:  # everything handed to the socket, nothing flushed
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    time.sleep(0.1)
+
+    def received_everything() -> bool:  # by the daemon, nothing flushed
+        runs = [r for r in daemon_status(endpoint)["runs"] if r["path"] == b.path]
+        return bool(runs) and any(c["received_seq"] >= 20_000 for c in runs[0]["clients"])
+
+    wait_until(received_everything, message="the daemon never received all 20,000 calls")
     assert daemon.terminate() == 0
     with RunReader(base_dir / "default" / "drain") as r:
         assert len(r.series("x")) == 20_000
@@ -85,6 +89,7 @@ def test_sigterm_drains_and_flushes_everything(daemon, base_dir):
         b.finish(timeout=0.5)
 
 
+@pytest.mark.own_daemon
 def test_stale_socket_files_from_a_killed_daemon_do_not_block_a_restart(daemon, daemon_factory, endpoint, base_dir):
     """After kill -9, a new daemon starts on the same endpoint and a new board works."""
     daemon.kill()
