@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from kohakuboard.cli.main import main as kobo
@@ -105,6 +106,7 @@ def _stalled_run(daemon, tmp_path, policy: str, client: str = CLIENT, n: int = N
     return peak - rss0, err_text, stats
 
 
+@pytest.mark.own_daemon
 def test_block_policy_bounds_memory_and_delivers_everything(daemon, tmp_path, base_dir):
     growth, err, stats = _stalled_run(daemon, tmp_path, "block")
     assert "kohakuboard: Queue size is" in err and "capacity" in err
@@ -119,6 +121,7 @@ def test_block_policy_bounds_memory_and_delivers_everything(daemon, tmp_path, ba
         assert r.dropped() == {"calls": 0, "values": 0, "lines": 0}
 
 
+@pytest.mark.own_daemon
 def test_drop_policy_counts_exactly_what_is_missing(daemon, tmp_path, base_dir):
     growth, err, stats = _stalled_run(daemon, tmp_path, "drop")
     assert "kohakuboard: Queue size is" in err and "dropping the newest" in err
@@ -136,6 +139,7 @@ def test_drop_policy_counts_exactly_what_is_missing(daemon, tmp_path, base_dir):
     assert f"dropped:  {stats['dropped_calls']} log() call(s) ({K * stats['dropped_calls']} value(s))" in res.output
 
 
+@pytest.mark.own_daemon
 def test_drop_policy_counts_output_lines_apart_and_marks_them(daemon, tmp_path, base_dir):
     """Calls and captured output lines dropped together: each counted as what it is; output.log says where lines went."""
     import re

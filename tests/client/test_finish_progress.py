@@ -9,6 +9,8 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from kohakuboard.client._progress import FinishProgress
 from kohakuboard.storage.reader import RunReader
 
@@ -25,6 +27,7 @@ print("finished", flush=True)
 """
 
 
+@pytest.mark.own_daemon
 def test_finish_shows_progress_without_carriage_returns_when_stderr_is_a_file(daemon, base_dir, tmp_path):
     """The daemon is stopped (SIGSTOP) while finish() waits: after ~1 s finish() prints a progress line
     (written / total calls, rate); stderr is a pipe, so there is no carriage return; after SIGCONT the

@@ -97,6 +97,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.own_daemon
 def test_a_run_nobody_writes_any_more_reads_as_running_question_mark(daemon, tmp_path, base_dir, endpoint):
     """Daemon and client both killed (kill -9): metadata.json still says running; readers say "running?"."""
     env = dict(os.environ, KOBO_DAEMON_AUTOSTART="0")

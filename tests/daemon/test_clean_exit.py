@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from kohakuboard.protocol.endpoint import daemon_alive
 
 
@@ -13,6 +15,7 @@ def _files(endpoint) -> set[str]:
     return set(os.listdir(endpoint.directory))
 
 
+@pytest.mark.own_daemon
 def test_a_cleanly_stopped_daemon_removes_its_socket_and_pid_files(daemon, endpoint):
     assert {"kobo.data", "kobo.ctl", "kobo.pid", "kobo.lock"} <= _files(endpoint)
     assert daemon.terminate() == 0  # SIGTERM: drain and exit

@@ -9,12 +9,9 @@ logged before, during and after the outage is in the run exactly once, in order.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +22,12 @@ from kohakuboard.client import Board, Media
 from kohakuboard.protocol.errors import StorageError
 from kohakuboard.storage.reader import RunReader
 from kohakuboard.storage.verify import verify_run
+from kohakuboard.testing import daemon_status, wait_until
 
 FS_BYTES = 24 << 20
 LEFT_FREE = 256 << 10  # what the filler leaves: a few images' worth
+# small_fs is unmounted after the daemon stopped: each test has a daemon of its own
+pytestmark = pytest.mark.own_daemon
 
 
 @pytest.fixture
@@ -56,14 +56,6 @@ def _fill(mnt: Path, leave: int) -> Path:
     with open(filler, "wb") as f:
         f.write(b"\0" * max(0, free - leave))
     return filler
-
-
-def _daemon_status() -> dict:
-    res = subprocess.run(
-        [sys.executable, "-m", "kohakuboard.daemon", "status", "--json"], capture_output=True, text=True, timeout=30
-    )
-    assert res.returncode == 0, f"kobo-daemon status failed: {res.stdout}{res.stderr}"
-    return json.loads(res.stdout)
 
 
 def test_disk_full_is_reported_then_logging_resumes_without_loss(small_fs, daemon):
@@ -107,21 +99,22 @@ def _fill_log_recover(small_fs: Path, daemon, board: Board) -> None:
         board.log(x=float(n))
         n += 1
     assert daemon.proc.poll() is None, f"daemon died on a full disk: {daemon.output()}"
-    shown = {r["path"]: r for r in _daemon_status()["runs"]}
+    shown = {r["path"]: r for r in daemon_status(daemon.endpoint)["runs"]}
     assert board.path in shown, f"run not in daemon status: {shown}"
     status_error = shown[board.path]["error"]
     assert status_error, f"daemon status shows no error for the run: {shown[board.path]}"
 
     filler.unlink()
-    deadline = time.monotonic() + 10
-    while True:
+
+    def flushed() -> bool:
         try:
             board.flush(timeout=10)
-            break
-        except StorageError as exc:
-            assert time.monotonic() < deadline, f"flush still fails 10 s after space was freed: {exc}"
-            time.sleep(0.2)
-    shown = {r["path"]: r for r in _daemon_status()["runs"]}
+        except StorageError:
+            return False
+        return True
+
+    wait_until(flushed, timeout=30, interval=0.1, message="flush() still fails after space was freed")
+    shown = {r["path"]: r for r in daemon_status(daemon.endpoint)["runs"]}
     assert shown[board.path]["error"] is None, shown[board.path]
 
     for _ in range(100):  # and after the outage
@@ -175,12 +168,13 @@ def test_a_run_blocked_by_a_full_disk_resumes_by_itself_when_space_is_freed(smal
 
         t = threading.Thread(target=train, daemon=True)
         t.start()
-        deadline = time.monotonic() + 30
-        while not (_run_error(board.path) and board.stats()["inflight_bytes"] >= 3 << 20):
+
+        def disk_full_and_blocked() -> bool:
             assert not done.is_set(), "all calls returned although the disk is full"
-            assert time.monotonic() < deadline, f"the disk never filled: {board.stats()}"
-            time.sleep(0.1)
-        assert "disk full" in _run_error(board.path).lower()
+            return bool(_run_error(daemon, board.path)) and board.stats()["inflight_bytes"] >= 3 << 20
+
+        wait_until(disk_full_and_blocked, interval=0.05, message="the disk never filled")
+        assert "disk full" in _run_error(daemon, board.path).lower()
         # Free what the rest needs: the calls not yet stored, x1.3 (the size target), nothing more.
         stats = board.stats()
         left = (calls + 1 - stats["acknowledged"]) * tensor_bytes
@@ -188,7 +182,7 @@ def test_a_run_blocked_by_a_full_disk_resumes_by_itself_when_space_is_freed(smal
             f.truncate(os.path.getsize(big) - int(1.3 * left))
         assert done.wait(60), f"log() still blocked 60 s after space was freed: {board.stats()}"
         board.flush(timeout=30)
-        assert _run_error(board.path) is None
+        assert _run_error(daemon, board.path) is None
         board.finish()
     finally:
         try:
@@ -205,5 +199,5 @@ def test_a_run_blocked_by_a_full_disk_resumes_by_itself_when_space_is_freed(smal
     assert report.exit_code == 0, "\n".join(map(str, report.findings))
 
 
-def _run_error(path: str) -> str | None:
-    return {r["path"]: r for r in _daemon_status()["runs"]}.get(path, {}).get("error")
+def _run_error(daemon, path: str) -> str | None:
+    return {r["path"]: r for r in daemon_status(daemon.endpoint)["runs"]}.get(path, {}).get("error")

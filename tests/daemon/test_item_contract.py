@@ -182,6 +182,7 @@ def _read_everything(r: RunReader) -> int:
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.own_daemon
 def test_malformed_items_on_the_socket_never_damage_the_run(daemon, endpoint, base_dir):
     variants = _variants()
     run = str(base_dir / "default" / "hostile")
@@ -247,6 +248,7 @@ def test_run_paths_the_daemon_cannot_hold_are_refused_with_a_reason(daemon, endp
     assert "Traceback" not in daemon.output() and "RecursionError" not in daemon.output()
 
 
+@pytest.mark.own_daemon
 def test_a_reader_skips_a_malformed_record_reports_it_and_reads_the_rest(daemon, base_dir):
     """A histogram row an older daemon wrote unchecked (3 edges for 3 counts): the reader gives the
     good rows and names the bad one in ``skipped``; ``kobo verify`` names it too."""
@@ -286,6 +288,7 @@ def test_a_reader_skips_a_malformed_record_reports_it_and_reads_the_rest(daemon,
     assert res.exit_code == 1 and "histogram record" in res.output, res.output
 
 
+@pytest.mark.own_daemon
 def test_a_reader_skips_a_table_row_whose_json_is_damaged(daemon, base_dir):
     """A tables row with JSON that does not parse (a damaged or foreign write): skipped and named."""
     import sqlite3

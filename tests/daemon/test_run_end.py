@@ -8,10 +8,13 @@ import threading
 import time
 import warnings
 
+import pytest
+
 from kohakuboard.client import Board
 from kohakuboard.storage.reader import RunReader
 
 
+@pytest.mark.own_daemon
 def test_finish_asks_again_after_the_daemon_restarts(daemon, daemon_factory, endpoint, base_dir, monkeypatch):
     """The daemon dies with finish()'s request unanswered and comes back 2 s later: the run still ends finished."""
     monkeypatch.setenv("KOBO_DAEMON_AUTOSTART", "0")
@@ -43,6 +46,7 @@ def test_finish_asks_again_after_the_daemon_restarts(daemon, daemon_factory, end
         assert [c["status"] for c in r.clients()] == ["finished"]
 
 
+@pytest.mark.own_daemon
 def test_finish_waits_its_timeout_for_a_daemon_that_is_down(daemon, endpoint, base_dir, monkeypatch):
     """Daemon down, autostart off: finish() keeps asking for its whole timeout, then warns (it does not give up after ~1 s)."""
     monkeypatch.setenv("KOBO_DAEMON_AUTOSTART", "0")

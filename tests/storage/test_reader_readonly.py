@@ -245,6 +245,7 @@ def copy_for_others(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
 # -------------------------------------------------------------------- tests
 
 
+@pytest.mark.own_daemon
 def test_finished_run_read_by_its_owner_creates_and_changes_no_file(daemon, base_dir, tmp_path):
     """A finished run (no -wal/-shm left) read through every reader call and kobo show, export and
     verify: every database is opened immutable, and no file is created, removed or changed."""
@@ -263,6 +264,7 @@ def test_finished_run_read_by_its_owner_creates_and_changes_no_file(daemon, base
 
 
 @needs_root
+@pytest.mark.own_daemon
 def test_root_run_copied_into_0755_folders_is_read_by_nobody(daemon, base_dir, shared_dir, tmp_path):
     """root's run in 0755/0644 folders (its own copy of a finished run, in a folder whose name needs
     URI quoting): nobody reads every value and runs kobo show, export and verify, exactly as the
@@ -286,6 +288,7 @@ print("RESULT " + json.dumps(out))
 
 
 @needs_root
+@pytest.mark.own_daemon
 def test_killed_daemon_run_made_read_only_reads_every_committed_point(daemon, shared_dir, monkeypatch):
     """The daemon is killed with the run open (its -wal holds committed data) and the folder made
     read-only (chmod -R a-w): nobody reads every committed point through the -wal; so it does, and
@@ -336,6 +339,7 @@ print("RESULT " + json.dumps(out))
     assert snapshot(run) == before and snapshot(copy) == before_copy
 
 
+@pytest.mark.own_daemon
 def test_live_run_reader_sees_later_commits(daemon, daemon_factory, base_dir, endpoint):
     """A reader opened while the daemon writes sees each later commit (series, num_points, the
     column table, rich values).  A reader of the finished run (immutable files) sees the commits
