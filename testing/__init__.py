@@ -66,11 +66,17 @@ T = TypeVar("T")
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")
 
 
-def wait_until(cond: Callable[[], T], timeout: float = 30.0, interval: float = 0.01, message: str = "") -> T:
+def wait_until(
+    cond: Callable[[], T],
+    timeout: float = 30.0,
+    interval: float = 0.01,
+    message: str | Callable[[], str] = "",
+) -> T:
     """Call ``cond`` until it returns something true and return that; AssertionError after ``timeout`` s.
 
     The timeout is a generous upper bound for a slow machine, not a measurement:
-    the call returns as soon as the condition holds.
+    the call returns as soon as the condition holds.  ``message`` (or a function
+    returning it, called only on a timeout) says what did not happen.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -78,7 +84,8 @@ def wait_until(cond: Callable[[], T], timeout: float = 30.0, interval: float = 0
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"waited {timeout:g}s: {message or getattr(cond, '__name__', 'condition')}")
+            text = message() if callable(message) else message
+            raise AssertionError(f"waited {timeout:g}s: {text or getattr(cond, '__name__', 'condition')}")
         time.sleep(interval)
 
 

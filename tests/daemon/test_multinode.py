@@ -29,6 +29,7 @@ from kohakuboard.protocol import codec
 from kohakuboard.protocol import messages as m
 from kohakuboard.protocol.endpoint import resolve
 from kohakuboard.storage.reader import RunReader
+from kohakuboard.testing import daemon_status, wait_until
 
 N_CALLS = 3000
 
@@ -149,7 +150,6 @@ def child_pids(pid: int) -> list[int]:
 
 def listening_tcp_ports(pid: int) -> set[int]:
     """TCP ports process ``pid`` or one of its children has a listening socket on (from /proc)."""
-    time.sleep(0.2)  # libzmq's I/O thread may still be setting a listener up
     inodes = set()
     for p in (pid, *child_pids(pid)):
         for fd in os.listdir(f"/proc/{p}/fd"):
@@ -220,8 +220,8 @@ def test_two_nodes_log_into_one_run_on_the_head(endpoint, second_endpoint, daemo
     port = free_port_pair()
 
     head = daemon_factory(endpoint, "--listen", f"tcp://127.0.0.1:{port}", "--key-dir", str(head_keys))
-    # The head listens on exactly PORT (data) and PORT+1 (requests).
-    assert listening_tcp_ports(head.pid) == {port, port + 1}
+    # The head listens on exactly PORT (data) and PORT+1 (requests), from its listener process.
+    wait_until(lambda: listening_tcp_ports(head.pid) == {port, port + 1}, message="the head's TCP listener")
     node = node_daemon(
         daemon_factory,
         second_endpoint,
@@ -234,7 +234,8 @@ def test_two_nodes_log_into_one_run_on_the_head(endpoint, second_endpoint, daemo
         "--key-dir",
         str(node_keys),
     )
-    assert listening_tcp_ports(node.pid) == set()  # a forwarder listens on nothing
+    assert not daemon_status(second_endpoint).get("listen")  # a forwarder listens on nothing
+    assert listening_tcp_ports(node.pid) == set()
 
     rank0 = start_board(endpoint, 0, "shared", base_dir, N_CALLS, tmp_path, on_node=False)  # on the head
     rank1 = start_board(second_endpoint, 1, "shared", base_dir, N_CALLS, tmp_path)
@@ -270,7 +271,7 @@ def test_two_nodes_log_into_one_run_on_the_head(endpoint, second_endpoint, daemo
     assert node.proc.wait(20) == 0
     node.terminate()  # (only closes its log now)
     assert head.proc.poll() is None
-    st = json.loads(kobo_daemon("status", "--json", "--endpoint", str(endpoint)).stdout)
+    st = daemon_status(endpoint)
     assert st["listen"]["secure"] is True and st["listen"]["refused"] == 0
     assert head.terminate() == 0, head.output()
 
@@ -353,14 +354,36 @@ def test_unauthorized_node_and_plain_zeromq_are_refused(
                     pass
             except OSError:
                 pass
-        time.sleep(1.5)
+        kinds = ("mechanism_mismatch", "closed_in_handshake", "protocol_error")
+
+        def every_stranger_counted() -> dict | None:
+            st = daemon_status(endpoint)
+            peers = st["listen"]["peers"]
+            by_address = peers["by_address"]
+            bad_crypto = by_address.get("127.0.0.3", {}).get("bad_crypto", 0) + by_address.get("?", {}).get(
+                "bad_crypto", 0
+            )
+            counted = (
+                by_address.get("127.0.0.1", {}).get("unauthorized_key", 0) >= 1
+                and bad_crypto >= 1
+                and sum(peers["refused"].get(k, 0) for k in kinds) >= 2
+            )
+            last[:] = [peers]
+            return st if counted else None
+
+        # while they are connected, the head counts the wrong key, the plain ZeroMQ peers and the
+        # junk bytes (the listener reports every half second)
+        last: list = []
+        try:
+            st = wait_until(every_stranger_counted, interval=0.1)
+        except AssertionError:
+            raise AssertionError(f"the refused TCP peers were not all counted: {last}") from None
     finally:
         ctx.destroy(linger=0)
     assert not other.exists()
     with RunReader(run) as rr:
         assert list(rr.series("loss")["value"]) == [1.5, 2.5]
         assert rr.ranks("loss") == [0]
-    st = json.loads(kobo_daemon("status", "--json", "--endpoint", str(endpoint)).stdout)
     assert st["listen"]["refused"] >= 1 and st["listen"]["forwarded"] == 0 and st["listen"]["requests"] == 0
     # Every kind of refused or failed peer is counted (and logged), by address
     # where the connection was still there to ask ("?" for one already gone).
@@ -372,7 +395,6 @@ def test_unauthorized_node_and_plain_zeromq_are_refused(
         peers
     )
     # Plain ZeroMQ against CURVE (either side may notice first), and bytes that are not ZeroMQ.
-    kinds = ("mechanism_mismatch", "closed_in_handshake", "protocol_error")
     assert sum(peers["refused"].get(k, 0) for k in kinds) >= 2, peers
     assert "refused or failed TCP peers:" in head.output()
     assert head.terminate() == 0, head.output()
@@ -381,6 +403,7 @@ def test_unauthorized_node_and_plain_zeromq_are_refused(
 
 def test_tcp_only_on_request_and_never_without_keys_by_accident(endpoint, second_endpoint, daemon, tmp_path):
     """No --listen: nothing on TCP.  --listen without keys: refuses to start and says what to do."""
+    assert not daemon_status(endpoint).get("listen")
     assert listening_tcp_ports(daemon.pid) == set()
 
     port = free_port_pair()
@@ -406,7 +429,7 @@ def test_insecure_plaintext_is_explicit_and_loud(endpoint, second_endpoint, daem
     """--insecure-plaintext on both sides works end to end, with a warning on each."""
     port = free_port_pair()
     head = daemon_factory(endpoint, "--listen", f"tcp://127.0.0.1:{port}", "--insecure-plaintext")
-    assert listening_tcp_ports(head.pid) == {port, port + 1}
+    wait_until(lambda: listening_tcp_ports(head.pid) == {port, port + 1}, message="the head's TCP listener")
     assert "WITHOUT encryption or authentication" in head.output()
     node = node_daemon(
         daemon_factory,
@@ -478,16 +501,41 @@ def test_forwarder_and_head_killed_while_logging_store_each_call_once(
         stderr=subprocess.PIPE,
         text=True,
     )
+    seen = [0]
+
+    def head_took_more(at_least: int = 1) -> bool:
+        """The head received at least ``at_least`` new calls of the client since last asked."""
+        try:
+            runs = daemon_status(endpoint, timeout=2)["runs"]
+        except AssertionError:
+            return False
+        got = max((c["received_seq"] for r in runs if r["path"].endswith("/steady") for c in r["clients"]), default=0)
+        if got < seen[0] + at_least:
+            return False
+        seen[0] = got
+        return True
+
+    def requests_at_node() -> int:
+        return daemon_status(second_endpoint)["forward"]["requests"]
+
+    def replies_at_node() -> int:
+        return daemon_status(second_endpoint)["forward"]["replies"]
+
     try:
         assert client.stdout.readline().strip() == "open"
-        time.sleep(1.0)
+        wait_until(lambda: head_took_more(1000), timeout=60, message="the head never got 1000 calls")
         node.kill()  # data in the forwarder's queues is lost with it
         node = node_daemon(daemon_factory, second_endpoint, *node_args)
-        time.sleep(1.5)
+        wait_until(head_took_more, timeout=60, message="no calls through the restarted forwarder")
+        # the client heard from the restarted forwarder (a reply to it went through)
+        wait_until(lambda: replies_at_node() >= 1, message="no reply through the restarted forwarder")
         head.kill()
-        time.sleep(2.0)  # the client's acknowledgement requests queue up in the forwarder meanwhile
+        asked, answered = requests_at_node(), replies_at_node()
+        # the client's acknowledgement requests queue up in the forwarder meanwhile
+        wait_until(lambda: requests_at_node() >= asked + 3, message="the client asked nothing while the head was down")
         head = daemon_factory(endpoint, *head_args)
-        time.sleep(1.5)
+        wait_until(head_took_more, timeout=60, message="no calls reached the restarted head")
+        wait_until(lambda: replies_at_node() > answered, message="no reply from the restarted head")
         stop_file.touch()
         out, err = client.communicate(timeout=150)
     finally:
@@ -580,10 +628,7 @@ def test_node_reports_its_killed_client_as_crashed(endpoint, second_endpoint, da
         assert json.loads(meta.read_text())["status"] == "running"
         client.kill()
         client.communicate(timeout=10)
-        deadline = time.monotonic() + 15
-        while json.loads(meta.read_text())["status"] != "crashed":
-            assert time.monotonic() < deadline, f"run not marked crashed:\n{node.output()}\n{head_log.read_text()}"
-            time.sleep(0.1)
+        wait_status(meta.parent, "crashed", 30, f"{node.output()}\n{head_log.read_text()}")
         assert "died without finishing" in node.output()
         with RunReader(base_dir / "nodes" / "dies") as r:
             np.testing.assert_array_equal(r.series("x")["value"], np.arange(100.0))
@@ -625,12 +670,6 @@ def stop_head(proc: subprocess.Popen, log_path: Path) -> None:
     if proc.poll() is None:
         proc.terminate()
     assert proc.wait(30) == 0, log_path.read_text()
-
-
-def head_status(endpoint) -> dict:
-    r = kobo_daemon("status", "--json", "--endpoint", str(endpoint), timeout=20)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return json.loads(r.stdout)
 
 
 def flood(port: int, n: int, source: str) -> list[socket.socket]:
@@ -689,7 +728,7 @@ def test_connection_flood_does_not_knock_the_head_over(endpoint, second_endpoint
         board = start_board(second_endpoint, 1, "flooded", base_dir, N_CALLS, tmp_path)
         for _ in range(3):  # ... and while it logs: a new wave every second
             time.sleep(1.0)
-            st = head_status(endpoint)  # a local IPC request answers during the flood
+            st = daemon_status(endpoint)  # a local IPC request answers during the flood
             assert st["pid"] == head.pid
             for s in held[: len(held) - 1500]:
                 s.close()
@@ -705,7 +744,7 @@ def test_connection_flood_does_not_knock_the_head_over(endpoint, second_endpoint
 
         deadline = time.monotonic() + 10
         while True:  # the listener reports every half second; timeouts come 2 s after the last wave
-            peers = head_status(endpoint)["listen"]["peers"]
+            peers = daemon_status(endpoint)["listen"]["peers"]
             flooder = peers["by_address"].get("127.0.0.2", {})
             if flooder.get("handshake_timeout") and time.monotonic() > deadline - 7:
                 break
@@ -794,10 +833,11 @@ def start_ends(second_endpoint, run_id: str, mode: str, tmp_path: Path) -> tuple
 
 
 def wait_status(run: Path, status: str, timeout: float, why: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while json.loads((run / "metadata.json").read_text())["status"] != status:
-        assert time.monotonic() < deadline, f"{run.name} not {status} within {timeout}s\n{why}"
-        time.sleep(0.1)
+    wait_until(
+        lambda: json.loads((run / "metadata.json").read_text())["status"] == status,
+        timeout,
+        message=f"{run.name} not {status}\n{why}",
+    )
 
 
 def test_finish_through_a_node_survives_a_head_restart(endpoint, second_endpoint, daemon_factory, base_dir, tmp_path):
@@ -808,8 +848,12 @@ def test_finish_through_a_node_survives_a_head_restart(endpoint, second_endpoint
     client, go = start_ends(second_endpoint, "fin", "finish", tmp_path)
     try:
         os.kill(head.pid, signal.SIGSTOP)  # the request reaches a head that never answers ...
+        asked = daemon_status(second_endpoint)["forward"]["requests"]
         go.touch()
-        time.sleep(1.0)
+        wait_until(
+            lambda: daemon_status(second_endpoint)["forward"]["requests"] > asked,
+            message="finish() sent no request through the forwarder",
+        )
         head.kill()  # ... and dies with it
         head = daemon_factory(endpoint, *head_args)
         out, err = client.communicate(timeout=60)
@@ -861,10 +905,10 @@ def test_restarted_forwarder_reports_a_client_that_died_meanwhile(
         dies, _ = start_ends(second_endpoint, "dies", "sleep", tmp_path)
         # The forwarder keeps the clients it watches on disk (0600, beside its socket).
         state = Path(second_endpoint.base + ".clients.json")
-        deadline = time.monotonic() + 10
-        while not (state.exists() and len(json.loads(state.read_text() or "[]")) == 2):
-            assert time.monotonic() < deadline, node.output()
-            time.sleep(0.05)
+        wait_until(
+            lambda: state.exists() and len(json.loads(state.read_text() or "[]")) == 2,
+            message=f"the forwarder keeps no state of both clients: {node.output()}",
+        )
         assert state.stat().st_mode & 0o777 == 0o600
         node.kill()
         dies.kill()
@@ -892,9 +936,14 @@ def test_crash_report_does_not_wait_for_data_lost_with_the_head(
     try:
         node = node_daemon(daemon_factory, second_endpoint, "--endpoint", str(second_endpoint), *node_args)
         client, _ = start_ends(second_endpoint, "both", "steady", tmp_path)
-        time.sleep(0.5)
+
+        def head_took_more_than_the_first_100() -> bool:
+            runs = daemon_status(endpoint)["runs"]
+            return any(c["received_seq"] > 200 for r in runs if r["path"].endswith("/both") for c in r["clients"])
+
+        wait_until(head_took_more_than_the_first_100, message="the steady client's calls never reached the head")
         client.kill()
-        time.sleep(0.05)
+        time.sleep(0.05)  # the scenario: the head dies ~50 ms after the client
         head.kill()
         head.wait(10)
         client.communicate(timeout=10)
@@ -915,13 +964,13 @@ def test_head_restarts_its_tcp_listener_process(endpoint, second_endpoint, daemo
     head_args, node_args = node_setup(tmp_path)
     head = daemon_factory(endpoint, *head_args)
     node = node_daemon(daemon_factory, second_endpoint, "--endpoint", str(second_endpoint), *node_args)
-    first = head_status(endpoint)["listen"]
+    first = daemon_status(endpoint)["listen"]
     assert first["pid"] in child_pids(head.pid) and first["restarts"] == 0
     os.kill(first["pid"], signal.SIGKILL)  # what an abort (e.g. out of descriptors) would do
-    deadline = time.monotonic() + 20
-    while (st := head_status(endpoint)["listen"])["restarts"] < 1:
-        assert time.monotonic() < deadline, head.output()
-        time.sleep(0.2)
+    st = wait_until(
+        lambda: (info := daemon_status(endpoint)["listen"])["restarts"] >= 1 and info,
+        message=f"the TCP listener was not restarted: {head.output()}",
+    )
     assert st["pid"] != first["pid"] and st["pid"] in child_pids(head.pid)
     assert "TCP listener process" in head.output() and "restarted" in head.output()
     board = start_board(second_endpoint, 1, "relisten", base_dir, 500, tmp_path)

@@ -4,7 +4,6 @@ forwarding node's daemon sends its node's samples to the head, delivered like it
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -19,6 +18,7 @@ from kohakuboard.daemon.config import DaemonConfig
 from kohakuboard.daemon.sysmetrics import NodeSampler
 from kohakuboard.storage.reader import RunReader
 from kohakuboard.storage.verify import verify_run
+from kohakuboard.testing import daemon_status, wait_until
 
 from .test_multinode import (
     HEAD_CODE,
@@ -53,10 +53,18 @@ def test_samples_reach_runs_with_a_live_client(endpoint, monkeypatch, daemon_fac
     d = daemon_factory()
     opened = time.time()
     with Board("sys", base_dir=base_dir, capture_output=False) as board:
+
+        def samples() -> int:
+            with RunReader(board.path) as run:
+                return run.num_points(P + "memory/percent", 0)
+
         for i in range(12):
             board.step()
             board.log(loss=float(i))
-            time.sleep(0.1)
+            if i % 4 == 3:  # three samples at least, taken while the training is at different steps
+                board.flush()
+                before = samples()
+                wait_until(lambda: samples() > before, message=f"no sample at step {i}")  # noqa: B023
     finished = time.time()
     time.sleep(0.6)  # nothing is sampled into a run nobody is attached to
     with RunReader(board.path) as run:
@@ -88,12 +96,11 @@ def test_samples_reach_runs_with_a_live_client(endpoint, monkeypatch, daemon_fac
     assert d.proc.poll() is None
 
 
-def test_off_means_nothing_is_sampled(endpoint, monkeypatch, daemon_factory, base_dir: Path):
-    monkeypatch.setenv("KOBO_DAEMON_SYSTEM_METRICS", "0")
-    daemon_factory()
+def test_off_means_nothing_is_sampled(daemon, base_dir: Path):
+    """The suite's daemons sample nothing (system metrics 0): a run has only what was logged."""
     with Board("nosys", base_dir=base_dir, capture_output=False) as board:
         board.log(x=1.0)
-        time.sleep(0.5)
+        time.sleep(0.5)  # an observation window: no sample may arrive in it (not a wait for anything)
     with RunReader(board.path) as run:
         assert run.list_metrics() == ["x"]
 
@@ -172,10 +179,7 @@ def _points(run: Path, name: str, rank: int) -> int:
 
 def _poll(cond, why, timeout: float = 30.0) -> None:
     """Wait until ``cond()`` holds; fail with ``why()`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, why()
-        time.sleep(0.05)
+    wait_until(cond, timeout, 0.05, why)
 
 
 def _wait_points(run: Path, name: str, rank: int, n: int, why) -> None:
@@ -195,9 +199,7 @@ def _ports_free(port: int) -> bool:
 
 
 def _node_status(ep) -> dict:
-    r = kobo_daemon("status", "--json", "--endpoint", str(ep), timeout=20)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return json.loads(r.stdout)["forward"]
+    return daemon_status(ep)["forward"]
 
 
 def test_forwarding_node_samples_itself_into_the_head_run(
