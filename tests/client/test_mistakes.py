@@ -349,14 +349,24 @@ def _check_cli_mistake(case: Mistake, tmp_path: Path, base_dir: Path, endpoint: 
     assert re.search(case.names, err), err
 
 
-@pytest.mark.parametrize("case", MISTAKES, ids=[c.id for c in MISTAKES])
-def test_mistake_raises_where_made_naming_the_key_and_sends_nothing(case, tmp_path, base_dir, endpoint, monkeypatch):
-    if case.where == "log":  # the Board starts a real daemon (autostart); the fixture stops it
-        _check_log_mistake(case, tmp_path)
-    elif case.where == "board":
-        _check_board_mistake(case, tmp_path, base_dir, endpoint, monkeypatch)
-    else:
-        _check_cli_mistake(case, tmp_path, base_dir, endpoint)
+def _cases(where: str) -> Any:
+    cases = [c for c in MISTAKES if c.where == where]
+    return pytest.mark.parametrize("case", cases, ids=[c.id for c in cases])
+
+
+@_cases("log")
+def test_mistake_raises_where_made_naming_the_key_and_sends_nothing(case, daemon, tmp_path):
+    _check_log_mistake(case, tmp_path)
+
+
+@_cases("board")
+def test_mistake_in_board_raises_naming_the_key_and_starts_nothing(case, tmp_path, base_dir, endpoint, monkeypatch):
+    _check_board_mistake(case, tmp_path, base_dir, endpoint, monkeypatch)
+
+
+@_cases("cli")
+def test_mistake_on_the_command_line_exits_naming_the_key_and_writes_nothing(case, tmp_path, base_dir, endpoint):
+    _check_cli_mistake(case, tmp_path, base_dir, endpoint)
 
 
 def test_config_values_with_an_obvious_form_are_converted(daemon, base_dir):
