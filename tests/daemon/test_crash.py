@@ -6,9 +6,9 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 from kohakuboard.storage.reader import RunReader
+from kohakuboard.testing import wait_until
 
 KILLED = """
 import sys, time
@@ -31,10 +31,11 @@ def test_sigkill_after_flush_keeps_data_and_marks_crashed(daemon, base_dir, tmp_
     proc.wait(10)
     proc.stdout.close()
     run = base_dir / "default" / "doomed"
-    deadline = time.monotonic() + 10
-    while json.loads((run / "metadata.json").read_text())["status"] != "crashed":
-        assert time.monotonic() < deadline, "run was not marked crashed"
-        time.sleep(0.05)
+    wait_until(
+        lambda: json.loads((run / "metadata.json").read_text())["status"] == "crashed",
+        interval=0.05,
+        message="run was not marked crashed",
+    )
     with RunReader(run) as r:
         assert r.status == "crashed"
         loss = r.series("loss")

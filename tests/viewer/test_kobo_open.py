@@ -11,6 +11,7 @@ import time
 
 import httpx
 
+from kohakuboard.testing import wait_until
 from kohakuboard.viewer import reduce as R
 
 
@@ -109,10 +110,8 @@ def test_live_run_pushes_new_points_new_metrics_and_status(open_server, daemon, 
                 assert resp.headers["content-type"].startswith("text/event-stream")
                 t = threading.Thread(target=_events, args=(resp, got, stop), daemon=True)
                 t.start()
-                deadline = time.time() + 10
-                while not got and time.time() < deadline:
-                    time.sleep(0.05)
-                assert got and got[0][2]["lengths"] == {"0/loss": 5} and got[0][2]["status"] == "running"
+                wait_until(lambda: got, message="no event from the live run")
+                assert got[0][2]["lengths"] == {"0/loss": 5} and got[0][2]["status"] == "running"
                 # the summary and the whole series, read now, are what the server keeps until the next commit
                 before = c.get("/api/runs/default/live").json()
                 assert [m["name"] for m in before["metrics"]] == ["loss"] and before["status"] == "running"
@@ -123,10 +122,10 @@ def test_live_run_pushes_new_points_new_metrics_and_status(open_server, daemon, 
                 line = proc.stdout.readline().split()
                 assert line[0] == "flushed"
                 flushed_at = float(line[1])
-                deadline = time.time() + 10
-                while not any(e[2]["lengths"].get("0/lr") for e in got) and time.time() < deadline:
-                    time.sleep(0.02)
-                seen = next(e for e in got if e[2]["lengths"].get("0/lr"))
+                seen = wait_until(
+                    lambda: next((e for e in got if e[2]["lengths"].get("0/lr")), None),
+                    message="the flushed point of the new metric was not pushed",
+                )
                 assert seen[2]["lengths"]["0/loss"] == 6
                 assert seen[0] - flushed_at < 1.0, "a flushed point must be pushed within a second"
                 tail = c.get("/api/runs/default/live/series?metric=loss&start=5")
@@ -143,9 +142,7 @@ def test_live_run_pushes_new_points_new_metrics_and_status(open_server, daemon, 
                 proc.stdin.write("\n")
                 proc.stdin.flush()
                 assert proc.stdout.readline().strip() == "finished"
-                deadline = time.time() + 10
-                while not any(e[2].get("status") == "finished" for e in got) and time.time() < deadline:
-                    time.sleep(0.05)
+                wait_until(lambda: any(e[2].get("status") == "finished" for e in got), message="no finished event")
                 stop.set()
             assert any(e[2].get("status") == "finished" for e in got)
             assert c.get("/api/runs/default/live").json()["status"] == "finished"
@@ -182,19 +179,22 @@ def test_many_pages_on_one_run_share_one_poller(open_server, viewer_runs):
         try:
             lines = [r.iter_lines() for r in responses]  # kept: a dropped iterator closes its stream
             assert all(next(it).startswith("retry:") for it in lines)
-            time.sleep(0.5)
-            start = c.get("/api/stats").json()
-            assert start["watched"] == 1 and start["subscribers"] == 20
-            time.sleep(2.0)
+            start = wait_until(
+                lambda: (st := c.get("/api/stats").json())["subscribers"] == 20 and st,
+                message="the 20 pages did not all subscribe",
+            )
+            assert start["watched"] == 1
+            time.sleep(2.0)  # the window the poll rate is counted over (not a wait for anything)
             polls = c.get("/api/stats").json()["polls"] - start["polls"]
             assert 2 <= polls <= 12, polls  # ~8 at 0.25 s; 20 pages polling alone would be ~160
         finally:
             for st in streams:
                 st.__exit__(None, None, None)
-        deadline = time.time() + 10
-        while c.get("/api/stats").json()["subscribers"] and time.time() < deadline:
-            time.sleep(0.2)
-        assert c.get("/api/stats").json()["subscribers"] == 0
+        wait_until(
+            lambda: c.get("/api/stats").json()["subscribers"] == 0,
+            interval=0.05,
+            message="closed pages are still subscribed",
+        )
     assert httpx.get(s.origin + "/healthz", timeout=5).json() == {"ok": True}
 
 
