@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from kohakuboard.cli.main import main as kobo
 from kohakuboard.storage.reader import RunReader
+from kohakuboard.testing import wait_until
 
 N_CALLS = 300_000
 K = 8  # scalars per call: unbounded, 300k calls would hold ~200 MB of Python objects
@@ -81,16 +82,19 @@ def _stalled_run(daemon, tmp_path, policy: str, client: str = CLIENT, n: int = N
             proc.stdin.write("go\n")
             proc.stdin.flush()
             peak = rss0
-            deadline = time.monotonic() + (6 if policy == "block" else 60)
-            while time.monotonic() < deadline and proc.poll() is None:
+            # the client says when it reached the bound: log() blocks (block) or drops (drop)
+            at_bound = "log() blocks" if policy == "block" else "Queue size is at 100%"
+
+            def bound_reached() -> bool:
+                nonlocal peak
                 peak = max(peak, _rss_mb(proc.pid))
-                if policy == "drop" and "Queue size is at 100%" in err_path.read_text():
-                    # keep sampling a little after the bound is hit
-                    for _ in range(20):
-                        time.sleep(0.05)
-                        peak = max(peak, _rss_mb(proc.pid))
-                    break
+                assert proc.poll() is None, "the client ended while the daemon was stopped"
+                return at_bound in err_path.read_text()
+
+            wait_until(bound_reached, timeout=60, interval=0.05, message=f"the client never said {at_bound!r}")
+            for _ in range(20):  # keep sampling a little after the bound is hit
                 time.sleep(0.05)
+                peak = max(peak, _rss_mb(proc.pid))
             if policy == "block":
                 assert proc.poll() is None, "log() should block while the daemon is stopped"
         finally:
