@@ -72,7 +72,7 @@ board.flush()
 
 
 @pytest.fixture
-def dropin_run(script, tmp_path, base_dir):
+def dropin_run(daemon, script, tmp_path, base_dir):
     r = script(KOHAKUBOARD_SCRIPT, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     m = re.search(r"^RUN (\S+) (\S+) dropin$", r.stdout, re.M)

@@ -50,7 +50,7 @@ ENDINGS = {
 @pytest.mark.parametrize("capture", [True, False], ids=["capture", "no-capture"])
 @pytest.mark.parametrize("ending", list(ENDINGS))
 def test_how_the_script_ended_is_the_status_with_the_traceback_in_output_log(
-    script, tmp_path, base_dir, ending, capture
+    daemon, script, tmp_path, base_dir, ending, capture
 ):
     code, status, last_line = ENDINGS[ending]
     r = script("from kohakuboard.client import Board\n" + code.replace("CAPTURE", str(capture)), cwd=tmp_path)
@@ -126,7 +126,7 @@ def test_a_run_nobody_writes_any_more_reads_as_running_question_mark(daemon, tmp
     assert out.exit_code == 0 and "status:   running? (no daemon holds this run open" in out.output
 
 
-def test_stderr_lines_are_marked_and_ansi_codes_can_be_stripped(script, tmp_path, base_dir):
+def test_stderr_lines_are_marked_and_ansi_codes_can_be_stripped(daemon, script, tmp_path, base_dir):
     code = (
         "import sys\nfrom kohakuboard.client import Board\n"
         "with Board(run_id='out', capture_output=True) as b:\n"
@@ -162,7 +162,7 @@ def test_stderr_lines_are_marked_and_ansi_codes_can_be_stripped(script, tmp_path
     assert strip_ansi("\x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\ \x1b[2J\x1b[Hz") == "link z"
 
 
-def test_ranks_keep_their_prefix_before_the_stderr_mark(script, tmp_path, base_dir):
+def test_ranks_keep_their_prefix_before_the_stderr_mark(daemon, script, tmp_path, base_dir):
     code = (
         "import sys\nfrom kohakuboard.client import Board\n"
         "with Board(run_id='ddp', capture_output=True, rank=1, world_size=2) as b:\n"

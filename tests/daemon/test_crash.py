@@ -44,7 +44,7 @@ def test_sigkill_after_flush_keeps_data_and_marks_crashed(daemon, base_dir, tmp_
     assert "crashed" in (run / "logs" / "writer.log").read_text()
 
 
-def test_uncaught_exception_marks_run_crashed(endpoint, base_dir, tmp_path, script):
+def test_uncaught_exception_marks_run_crashed(daemon, base_dir, tmp_path, script):
     """A script that dies of an exception leaves a crashed run with all it logged and its traceback."""
     code = """
 from kohakuboard.client import Board
