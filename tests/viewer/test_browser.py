@@ -26,7 +26,7 @@ import pytest
 
 from kohakuboard.viewer import reduce as R
 
-from .conftest import SPIKES, playwright_or_skip, save_for_docs
+from .conftest import SPIKES, OpenServer, playwright_or_skip, save_for_docs
 
 playwright_or_skip()
 Image = pytest.importorskip("PIL.Image")
@@ -100,6 +100,17 @@ def ink(img: Any, background: tuple[int, int, int] = (255, 255, 255)) -> float:
     return float((np.abs(a - np.array(background)).sum(axis=2) > 30).mean())
 
 
+@pytest.fixture(scope="module")
+def viewer_server(viewer_runs) -> Iterator[Any]:
+    """One ``kobo open`` on the viewer runs for the tests that only read them (each page has a browser
+    context, so a session, of its own)."""
+    s = OpenServer(viewer_runs)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
 @pytest.fixture
 def page(browser, tmp_path) -> Iterator[Any]:
     pages: list[Page] = []
@@ -114,8 +125,8 @@ def page(browser, tmp_path) -> Iterator[Any]:
         p.close()
 
 
-def test_run_list_shows_every_run_and_its_status(page, open_server, viewer_runs):
-    p = page(open_server(viewer_runs))
+def test_run_list_shows_every_run_and_its_status(page, viewer_server):
+    p = page(viewer_server)
     p.goto()
     rows = p.page.locator("tr.run-row")
     assert rows.count() == 4
@@ -136,8 +147,8 @@ def test_run_list_shows_every_run_and_its_status(page, open_server, viewer_runs)
     assert p.js_errors() == []
 
 
-def test_million_point_chart_has_every_spike_and_zoom_fetches_full_resolution(page, open_server, viewer_runs):
-    p = page(open_server(viewer_runs))
+def test_million_point_chart_has_every_spike_and_zoom_fetches_full_resolution(page, viewer_server):
+    p = page(viewer_server)
     p.goto("#/run/default/spikes")
     p.page.wait_for_selector('.chart-card[data-metric="loss"][data-drawn="1"]', timeout=30_000)
     chart = p.state()["charts"]["loss"]
@@ -160,8 +171,8 @@ def test_million_point_chart_has_every_spike_and_zoom_fetches_full_resolution(pa
     assert p.js_errors() == []
 
 
-def test_rich_run_renders_scalars_nonfinite_media_tables_histograms(page, open_server, viewer_runs):
-    p = page(open_server(viewer_runs))
+def test_rich_run_renders_scalars_nonfinite_media_tables_histograms(page, viewer_server):
+    p = page(viewer_server)
     p.goto("#/run/default/rich")
     p.page.wait_for_selector('.chart-card[data-metric="train/loss"][data-drawn="1"]', timeout=30_000)
     assert p.page.locator("details.group").count() >= 2  # train/ and val/
@@ -220,8 +231,8 @@ def test_rich_run_renders_scalars_nonfinite_media_tables_histograms(page, open_s
     assert p.js_errors() == []
 
 
-def test_ddp_run_rank_band(page, open_server, viewer_runs):
-    p = page(open_server(viewer_runs))
+def test_ddp_run_rank_band(page, viewer_server):
+    p = page(viewer_server)
     p.goto("#/run/default/ddp?rank=band")
     p.page.wait_for_selector('.chart-card[data-metric="loss"][data-drawn="1"]', timeout=30_000)
     assert any("rank=band" in url for url, _, _ in p.series)
@@ -290,8 +301,8 @@ def test_flushed_point_appears_on_the_open_page(page, open_server, daemon, base_
         proc.stdout.close()
 
 
-def test_compare_view_overlays_runs(page, open_server, viewer_runs):
-    p = page(open_server(viewer_runs))
+def test_compare_view_overlays_runs(page, viewer_server):
+    p = page(viewer_server)
     p.goto("#/compare?runs=default/ddp,other/crashed")
     p.page.wait_for_selector('.chart-card[data-metric="loss"][data-drawn="1"]', timeout=30_000)
     sources = p.state()["charts"]["loss"]["sources"]
@@ -300,9 +311,9 @@ def test_compare_view_overlays_runs(page, open_server, viewer_runs):
     assert p.js_errors() == []
 
 
-def test_overview_screenshot(page, open_server, viewer_runs):
+def test_overview_screenshot(page, viewer_server):
     """The README's picture: the rich run's scalars with the namespace groups."""
-    p = page(open_server(viewer_runs), width=1400, height=1000)
+    p = page(viewer_server, width=1400, height=1000)
     p.goto("#/run/default/rich?smooth=0.6")
     p.page.wait_for_selector('.chart-card[data-drawn="1"]', timeout=30_000)
     p.page.wait_for_timeout(300)
@@ -311,9 +322,9 @@ def test_overview_screenshot(page, open_server, viewer_runs):
     assert p.js_errors() == []
 
 
-def test_page_runs_under_its_content_security_policy(page, open_server, viewer_runs):
+def test_page_runs_under_its_content_security_policy(page, viewer_server):
     """With the CSP enforced (no eval, no inline script), the run page draws its charts and reports nothing."""
-    p = page(open_server(viewer_runs), bypass_csp=False)
+    p = page(viewer_server, bypass_csp=False)
     s = p.server
     p.page.goto(f"{s.origin}/?token={s.token}")
     p.page.goto(f"{s.origin}/#/run/default/rich")
@@ -323,14 +334,14 @@ def test_page_runs_under_its_content_security_policy(page, open_server, viewer_r
     assert p.errors == []
 
 
-def test_a_run_page_opened_directly_has_its_first_charts_with_the_page(page, open_server, viewer_runs):
+def test_a_run_page_opened_directly_has_its_first_charts_with_the_page(page, viewer_server):
     """The page's boot script asks for the summary and the first charts before the modules load.
 
     Under the enforced CSP (the inline boot script is allowed by its hash, nothing else inline):
     the 1M-point chart is drawn from that early answer, with every spike in it, and the page
     does not ask for the same series again; a page on another tab asks for no chart early.
     """
-    p = page(open_server(viewer_runs), bypass_csp=False)
+    p = page(viewer_server, bypass_csp=False)
     s = p.server
     p.page.goto(f"{s.origin}/?token={s.token}")
     early: list[str] = []
