@@ -37,14 +37,9 @@ def test_notify_socket_gets_ready_and_stopping(endpoint, tmp_path):
     try:
         assert sock.recv(256) == b"READY=1"
         # ready means ready: the control socket answers at once
-        from kohakuboard.protocol import messages as m
-        from kohakuboard.protocol.control import ControlClient
+        from kohakuboard.testing import daemon_status
 
-        conn = ControlClient(endpoint)
-        try:
-            assert conn.request(m.StatusRequest, m.Envelope(), 2.0).info["pid"] == proc.pid
-        finally:
-            conn.close()
+        assert daemon_status(endpoint, timeout=2.0)["pid"] == proc.pid
         proc.send_signal(signal.SIGTERM)
         assert sock.recv(256) == b"STOPPING=1"
         assert proc.wait(20) == 0
