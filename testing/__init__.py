@@ -46,9 +46,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..protocol.endpoint import Endpoint, daemon_alive, resolve
+
+if TYPE_CHECKING:
+    from ..storage.reader import RunReader
 
 __all__ = [
     "RANK_VARIABLES",
@@ -238,7 +241,7 @@ class KoboDaemon:
             raise ValueError("this daemon was started without a base_dir")
         return self.base_dir / project / run_id
 
-    def read(self, run_id: str, project: str = "default") -> Any:
+    def read(self, run_id: str, project: str = "default") -> RunReader:
         """A :class:`~kohakuboard.storage.reader.RunReader` of that run (use it in a ``with`` block)."""
         from ..storage.reader import RunReader
 
