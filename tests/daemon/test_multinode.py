@@ -374,10 +374,9 @@ def test_unauthorized_node_and_plain_zeromq_are_refused(
         # while they are connected, the head counts the wrong key, the plain ZeroMQ peers and the
         # junk bytes (the listener reports every half second)
         last: list = []
-        try:
-            st = wait_until(every_stranger_counted, interval=0.1)
-        except AssertionError:
-            raise AssertionError(f"the refused TCP peers were not all counted: {last}") from None
+        st = wait_until(
+            every_stranger_counted, interval=0.1, message=lambda: f"the refused TCP peers were not all counted: {last}"
+        )
     finally:
         ctx.destroy(linger=0)
     assert not other.exists()
