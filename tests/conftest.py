@@ -28,6 +28,9 @@ import pytest
 from kohakuboard.protocol.endpoint import Endpoint, resolve
 from kohakuboard.testing import RANK_VARIABLES, KoboDaemon, isolated_daemon, stop_endpoint
 
+# kobo_daemon: a daemon of the test's own from the package's plugin (tests/testing uses it as a user would)
+pytest_plugins = ["kohakuboard.testing.plugin"]
+
 OWN_DAEMON = "own_daemon"
 
 

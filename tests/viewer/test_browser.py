@@ -262,7 +262,7 @@ print("finished", flush=True)
 """
 
 
-def test_flushed_point_appears_on_the_open_page(page, open_server, daemon, base_dir, tmp_path):
+def test_flushed_point_appears_on_the_open_page(open_server, page, daemon, base_dir, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-c", LIVE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path
     )

@@ -170,7 +170,7 @@ def log_out(p: Page, login_url: str) -> None:
 
 
 @pytest.mark.parametrize("base", ["", "/kobo"], ids=["root", "base-url"])
-def test_login_run_list_and_logout(page, serve, base):
+def test_login_run_list_and_logout(serve, page, base):
     s = serve(*(["--base-url", base] if base else []))
     app = f"{s.origin}{base}/"
     login_url = f"{s.origin}{base}/login"
@@ -232,7 +232,7 @@ def test_login_run_list_and_logout(page, serve, base):
         assert outside == [], outside
 
 
-def test_base_url_run_view_requests_stay_under_the_base(page, serve):
+def test_base_url_run_view_requests_stay_under_the_base(serve, page):
     """Scalars, the live stream, CSV links and media URLs (sent by the server as /media/...) under /kobo/."""
     s = serve("--base-url", "/kobo")
     app = f"{s.origin}/kobo/"
@@ -265,7 +265,7 @@ def test_base_url_run_view_requests_stay_under_the_base(page, serve):
     assert p.js_errors() == []
 
 
-def test_removed_user_is_sent_to_the_login_page(page, serve, team_dirs):
+def test_removed_user_is_sent_to_the_login_page(serve, page, team_dirs):
     """The next API answer after ``kobo-serve user remove`` is 401: the page goes to the login page."""
     config = team_dirs["config"]
     r = cli(config, "user", "add", "carol", "--password-stdin", stdin=PASSWORD + "\n")
@@ -293,7 +293,7 @@ def test_removed_user_is_sent_to_the_login_page(page, serve, team_dirs):
         cli(config, "user", "remove", "carol")
 
 
-def test_kobo_open_has_no_session_and_a_refusal_says_to_reopen_the_url(page, open_server, viewer_runs):
+def test_kobo_open_has_no_session_and_a_refusal_says_to_reopen_the_url(open_server, page, viewer_runs):
     """``kobo open``: no api/session request, no user box; a 401 shows the banner instead of a login page."""
     s = open_server(viewer_runs)
     p = page()
