@@ -4,17 +4,20 @@ Every test gets a ``KOBO_BASE_DIR`` under ``tmp_path`` and a ``KOBO_DAEMON_ENDPO
 in a short temporary directory (Unix socket paths are limited to 107 bytes); other
 ``KOBO_*`` and rank variables are scrubbed.
 
-``daemon`` is a real daemon, shared by the tests of one module (started by
-:func:`kohakuboard.testing.isolated_daemon`, its endpoint is the test's endpoint):
-its runs are each test's own, under each test's ``tmp_path``.  A test that kills,
-stops, pauses or restarts its daemon, or reads its whole log, is marked
-``@pytest.mark.own_daemon`` and gets one of its own, stopped (exit status 0
-asserted) afterwards.  Whatever daemon a test started on its own endpoint, by hand or
-through client autostart, is stopped afterwards.
+``daemon`` is a real daemon shared by the tests of the session (started by
+:func:`kohakuboard.testing.isolated_daemon` on first use; its endpoint is the test's
+endpoint): its runs are each test's own, under each test's ``tmp_path``, and what
+tests check in its status are differences.  A test that kills, stops, pauses or
+restarts its daemon, or reads its whole log, is marked ``@pytest.mark.own_daemon``
+and gets one of its own, stopped (exit status 0 asserted) afterwards; a test that
+kills the shared one anyway fails, and the next test gets a new one.  Whatever
+daemon a test started on its own endpoint, by hand or through client autostart, is
+stopped afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -45,11 +48,39 @@ def _wants_shared_daemon(request: pytest.FixtureRequest) -> bool:
     return "daemon" in request.fixturenames and request.node.get_closest_marker(OWN_DAEMON) is None
 
 
-@pytest.fixture(scope="module")
-def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KoboDaemon]:
-    """One daemon for the tests of a module that do not need their own (exit status 0 asserted at the end)."""
-    with isolated_daemon(tmp_path_factory.mktemp("shared-daemon"), set_environ=False) as d:
-        yield d
+class SharedDaemon:
+    """The daemon the tests share, started on first use; a new one replaces it if a test killed it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.started = 0
+        self._stack = contextlib.ExitStack()
+        self._daemon: KoboDaemon | None = None
+
+    def get(self) -> KoboDaemon:
+        if self._daemon is None or not self._daemon.running:
+            self.started += 1
+            base = self.root / f"daemon-{self.started}"
+            self._daemon = self._stack.enter_context(isolated_daemon(base, set_environ=False))
+        return self._daemon
+
+    def close(self) -> None:
+        self._stack.close()  # SIGTERM each; AssertionError if one still running exits other than 0
+
+
+@pytest.fixture(scope="session")
+def shared_daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedDaemon]:
+    shared = SharedDaemon(tmp_path_factory.mktemp("shared-daemon"))
+    try:
+        yield shared
+    finally:
+        shared.close()
+
+
+@pytest.fixture
+def shared_daemon(shared_daemons: SharedDaemon) -> KoboDaemon:
+    """The daemon of the tests that do not need their own (exit status 0 asserted at the end of the session)."""
+    return shared_daemons.get()
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +93,6 @@ def kobo_env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest
     sock_dir = None
     if _wants_shared_daemon(request):
         shared = request.getfixturevalue("shared_daemon")
-        assert shared.running, f"the module's shared daemon died in an earlier test: {shared.output()[-3000:]}"
         ep = shared.endpoint
     else:
         sock_dir = tempfile.mkdtemp(prefix="kobo-", dir="/tmp")
