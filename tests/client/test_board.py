@@ -219,8 +219,8 @@ def test_finish_with_dead_daemon_returns_quickly_and_warns(daemon, endpoint, mon
     t0 = time.monotonic()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        b.finish(timeout=1)
-    assert time.monotonic() - t0 < 3
+        b.finish(timeout=3)
+    assert time.monotonic() - t0 < 5
     messages = [str(w.message) for w in caught]
     assert any("2 log() call(s) were not written" in t and "not running" in t for t in messages), messages
 
