@@ -99,24 +99,35 @@ def kobo_daemon(*args: str, env: dict[str, str] | None = None, timeout: float = 
     )
 
 
+def keys(*args: str) -> subprocess.CompletedProcess[str]:
+    """``kobo-daemon keys ...``: the same click command, run in this process (no interpreter start-up;
+    test_two_nodes_log_into_one_run_on_the_head runs ``kobo-daemon keys show`` as a command too)."""
+    from click.testing import CliRunner
+
+    from kohakuboard.daemon.keys import keys_command
+
+    r = CliRunner().invoke(keys_command, list(args))
+    return subprocess.CompletedProcess(["kobo-daemon", "keys", *args], r.exit_code, r.stdout, r.stderr)
+
+
 def make_keys(directory: Path) -> tuple[str, str]:
     """``kobo-daemon keys generate`` there; return (server public key, client public key)."""
-    r = kobo_daemon("keys", "generate", "--dir", str(directory))
+    r = keys("generate", "--dir", str(directory))
     assert r.returncode == 0, r.stderr
     # Secrets stay private: 0700 directory, 0600 secret key files.
     assert directory.stat().st_mode & 0o777 == 0o700
     for name in ("server", "client"):
         assert (directory / f"{name}.key_secret").stat().st_mode & 0o777 == 0o600
         assert (directory / f"{name}.key").is_file()
-    server = kobo_daemon("keys", "show", "--dir", str(directory)).stdout.strip()
-    client = kobo_daemon("keys", "show", "--client", "--dir", str(directory)).stdout.strip()
+    server = keys("show", "--dir", str(directory)).stdout.strip()
+    client = keys("show", "--client", "--dir", str(directory)).stdout.strip()
     assert len(server) == len(client) == 40 and server != client
     return server, client
 
 
 def authorize(head_dir: Path, key: str, name: str) -> None:
     # "--": a Z85 key may start with "-"
-    r = kobo_daemon("keys", "authorize", "--dir", str(head_dir), "--name", name, "--", key)
+    r = keys("authorize", "--dir", str(head_dir), "--name", name, "--", key)
     assert r.returncode == 0, r.stderr
 
 
