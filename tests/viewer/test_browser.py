@@ -387,10 +387,10 @@ def test_a_run_page_opened_directly_has_its_first_charts_with_the_page(page, vie
     assert p.errors == [] and p.page.evaluate("window.koboState.errors.length") == 0
 
 
-def test_the_page_formats_numbers_like_intl_and_gives_intl_back_after_uplot(page, open_server, viewer_runs):
+def test_the_page_formats_numbers_like_intl_and_gives_intl_back_after_uplot(page, viewer_server):
     """No ICU start-up on the way to the first chart: uPlot loads with lazy Intl stand-ins, our numbers are
     formatted without Intl, and once the modules run Intl is the browser's own again."""
-    p = page(open_server(viewer_runs))
+    p = page(viewer_server)
     p.goto("#/run/default/spikes")
     got = p.page.evaluate(
         """async () => {
