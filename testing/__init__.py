@@ -101,37 +101,18 @@ def scrubbed_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]
 def daemon_status(endpoint: Endpoint | str, timeout: float = 10.0) -> dict[str, Any]:
     """The status of the daemon on ``endpoint``: the map ``kobo-daemon status --json`` prints.
 
-    Asked over the daemon's control socket with the public protocol (a
-    ``StatusRequest``); AssertionError when no answer comes within ``timeout`` s.
+    Asked through the public control client (:func:`kohakuboard.protocol.control.status`);
+    AssertionError when no daemon answers within ``timeout`` s.
     """
-    import zmq
+    from ..protocol import control
+    from ..protocol.errors import KoboError
 
-    from ..protocol import codec
-    from ..protocol import messages as m
-
-    ep = endpoint if isinstance(endpoint, Endpoint) else resolve(endpoint, {})
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
     try:
-        sock.connect(ep.control_addr)
-        seq = int.from_bytes(os.urandom(4), "big") or 1
-        sock.send_multipart(codec.encode(m.StatusRequest(m.Envelope(seq=seq))))
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(int(left * 1000) + 1):
-                raise AssertionError(f"kobo-daemon on {ep} did not answer a status request within {timeout:g}s")
-            reply = codec.decode(sock.recv_multipart())
-            if reply.env.seq != seq:
-                continue
-            if isinstance(reply, m.ErrorReply):
-                raise AssertionError(f"kobo-daemon on {ep} refused a status request: {reply.message}")
-            info = dict(reply.info)
-            info["running"] = True
-            return info
-    finally:
-        sock.close()
+        info = dict(control.status(endpoint, timeout))
+    except KoboError as exc:
+        raise AssertionError(f"kobo-daemon on {endpoint} did not answer a status request: {exc}") from None
+    info["running"] = True
+    return info
 
 
 def _read_pid(ep: Endpoint) -> int | None:

@@ -10,6 +10,7 @@ imports, at module level or inside a function, relative or absolute
     client     the training-side Board                        -> protocol
     viewer     kobo open / kobo-serve                         -> storage, protocol
     integrations, cli   on top                                -> anything below
+    testing    a real daemon for users' tests (a subprocess)  -> storage, protocol
 
 ``storage`` may use ``protocol``'s plain pieces (errors, endpoint paths) but not the
 wire: messages, codec, the item contract.  The test fails with every upward import
@@ -35,6 +36,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "viewer": frozenset({"protocol", "storage"}),
     "integrations": frozenset({"protocol", "storage", "daemon", "client"}),
     "cli": frozenset({"protocol", "storage", "daemon", "client", "viewer", "integrations"}),
+    "testing": frozenset({"protocol", "storage"}),
 }
 # layer -> modules of an allowed layer it still may not import
 FORBIDDEN: dict[str, frozenset[str]] = {
