@@ -981,6 +981,10 @@ def test_head_restarts_its_tcp_listener_process(endpoint, second_endpoint, daemo
     node = node_daemon(daemon_factory, second_endpoint, "--endpoint", str(second_endpoint), *node_args)
     first = daemon_status(endpoint)["listen"]
     assert first["pid"] in child_pids(head.pid) and first["restarts"] == 0
+    forward = wait_until(
+        lambda: (fwd := daemon_status(second_endpoint)["forward"])["state"] == "connected" and fwd,
+        message="the node never connected to the head",
+    )
     os.kill(first["pid"], signal.SIGKILL)  # what an abort (e.g. out of descriptors) would do
     st = wait_until(
         lambda: (info := daemon_status(endpoint)["listen"])["restarts"] >= 1 and info,
@@ -988,6 +992,12 @@ def test_head_restarts_its_tcp_listener_process(endpoint, second_endpoint, daemo
     )
     assert st["pid"] != first["pid"] and st["pid"] in child_pids(head.pid)
     assert "TCP listener process" in head.output() and "restarted" in head.output()
+
+    def node_reconnected() -> bool:  # to the new listener (a Board opened before it may see the old failure)
+        fwd = daemon_status(second_endpoint)["forward"]
+        return fwd["state"] == "connected" and fwd["reconnections"] > forward["reconnections"]
+
+    wait_until(node_reconnected, message=lambda: f"the node did not reconnect: {node.output()}")
     board = start_board(second_endpoint, 1, "relisten", base_dir, 500, tmp_path)
     wait_ok(board, "rank 1 through the new listener")
     with RunReader(base_dir / "nodes" / "relisten") as r:
