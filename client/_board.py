@@ -636,7 +636,7 @@ class Board:
         guide warns about.  Prefer ``log(**{name: Histogram(values)})`` with
         every histogram of a step in one call.
         """
-        self.log(**{name: Histogram(values, num_bins, precision, **kwargs)})
+        self._log_rich(name, Histogram(values, num_bins, precision, **kwargs))
 
     def log_images(self, name: str, images: Any, caption: str | None = None, *, captions: Any = None) -> None:
         """Log one image or several under ``name`` at one step (one ``log()`` call).
@@ -664,25 +664,25 @@ class Board:
             texts = list(captions)
             if len(texts) != len(seq):
                 raise ValueError(f"cannot log {name!r}: {len(texts)} captions for {len(seq)} images")
-        self._log_many(name, [Media(img, caption=c, media_type="image") for img, c in zip(seq, texts)])
+        self._log_many(name, [Media(img, caption=c, media_type="image") for img, c in zip(seq, texts)], "media")
 
     def log_video(self, name: str, video: Any, caption: str | None = None) -> None:
         """Log a video (a file path or encoded bytes: mp4, webm, mkv, mov, avi, ogv) as one ``log()`` call."""
         from ._rich import Media
 
-        self.log(**{name: Media(video, caption=caption or "", media_type="video")})
+        self._log_rich(name, Media(video, caption=caption or "", media_type="video"))
 
     def log_audio(self, name: str, audio: Any, caption: str | None = None) -> None:
         """Log an audio clip (a file path or encoded bytes: wav, mp3, ogg, flac, m4a, aac) as one ``log()`` call."""
         from ._rich import Media
 
-        self.log(**{name: Media(audio, caption=caption or "", media_type="audio")})
+        self._log_rich(name, Media(audio, caption=caption or "", media_type="audio"))
 
     def log_table(self, name: str, table: Any) -> None:
         """Log a :class:`Table` (or a list of dicts, made into one) as one ``log()`` call."""
         from ._rich import Table
 
-        self.log(**{name: table if isinstance(table, Table) else Table(table)})
+        self._log_rich(name, table if isinstance(table, Table) else Table(table))
 
     def log_tensor(
         self,
@@ -704,7 +704,7 @@ class Board:
         if values is not None and tensor is not None:
             raise TypeError("pass the tensor once: values or tensor=, not both")
         data = values if values is not None else tensor
-        self.log(**{name: TensorLog(data, namespace=namespace, metadata=metadata, precision=precision)})
+        self._log_rich(name, TensorLog(data, namespace=namespace, metadata=metadata, precision=precision))
 
     def log_kernel_density(
         self,
@@ -726,22 +726,32 @@ class Board:
         """
         from ._rich import KernelDensity
 
-        self.log(
-            **{
-                name: KernelDensity(
-                    values=values,
-                    num_points=num_points,
-                    bandwidth=bandwidth,
-                    grid=grid,
-                    density=density,
-                    kernel=kernel,
-                    **kwargs,
-                )
-            }
+        self._log_rich(
+            name,
+            KernelDensity(
+                values=values,
+                num_points=num_points,
+                bandwidth=bandwidth,
+                grid=grid,
+                density=density,
+                kernel=kernel,
+                **kwargs,
+            ),
         )
 
-    def _log_many(self, name: str, media: list[Any]) -> None:
-        """Several media values under one name at one step: one message each, queued together.
+    def _log_rich(self, name: str, value: Any) -> None:
+        """One rich value under ``name``, as ``log(**{name: value})`` logs it (a step of its own).
+
+        Not through ``log()``: there a value named ``auto_step`` would be taken for log()'s own
+        argument, and the log_* calls take any metric name.
+        """
+        kind = RICH_KINDS.get(type(value))
+        if kind is None:  # a subclass (of Table): log() refuses it as it refuses any non-number
+            raise TypeError(f"cannot log {name!r}: {type(value).__name__} is not a number")
+        self._log_many(name, [value], kind)
+
+    def _log_many(self, name: str, values: list[Any], kind: str) -> None:
+        """Several rich values of one ``kind`` under one name at one step: one message each, queued together.
 
         Checked and copied first, all of them: if one cannot be logged, none is.
         """
@@ -749,8 +759,8 @@ class Board:
             raise BoardClosedError(f"board {self.run_id!r} is finished; create a new Board to log more")
         if self._pid != _pid:
             self._check_process()
-        new = self._new_name(name, "media", None) if self._kinds.get(name) != "media" else None
-        encoded = [_encode_rich([(name, value)]) for value in media]
+        new = self._new_name(name, kind, None) if self._kinds.get(name) != kind else None
+        encoded = [_encode_rich([(name, value)]) for value in values]
         if new is not None:
             self._kinds.update(new)
         with self._lock:

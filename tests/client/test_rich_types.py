@@ -186,3 +186,49 @@ def test_log_histogram_is_one_step_per_call_as_the_guide_warns(daemon):
         with RunReader(b.path) as r:
             assert [h["step"] for h in r.histograms("grad1")] == [0, 2]
             assert [h["step"] for h in r.histograms("grad2")] == [1, 2]
+
+
+def test_log_helpers_take_the_metric_name_auto_step(daemon, tmp_path):
+    """The log_* calls take the metric name as an argument, so "auto_step" is a name like any other there.
+
+    They once passed it on as ``log(**{name: value})``, where it became log()'s own ``auto_step``
+    argument and was refused (log_images() alone took it).
+    """
+    import wave
+
+    wav = tmp_path / "beep.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(b"\x00\x01" * 800)
+    mp4 = b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 100
+    rng = np.random.default_rng(0)
+    calls = {
+        "histogram": lambda b: b.log_histogram("auto_step", rng.normal(size=100)),
+        "media": lambda b: b.log_video("auto_step", mp4),
+        "audio": lambda b: b.log_audio("auto_step", str(wav)),
+        "table": lambda b: b.log_table("auto_step", [{"a": 1}]),
+        "tensor": lambda b: b.log_tensor("auto_step", np.ones((2, 3))),
+        "kde": lambda b: b.log_kernel_density("auto_step", values=rng.normal(size=100)),
+    }
+    for kind, call in calls.items():
+        with Board(run_id=f"auto-step-{kind}", capture_output=False) as b:
+            b.log(loss=1.0)  # step 0
+            call(b)  # step 1
+            b.flush()
+            with RunReader(b.path) as r:
+                if kind == "histogram":
+                    rows = r.histograms("auto_step")
+                elif kind in ("media", "audio"):
+                    rows = r.media("auto_step")
+                elif kind == "table":
+                    rows = r.tables("auto_step")
+                elif kind == "tensor":
+                    rows = r.tensors("auto_step")
+                else:
+                    rows = r.kde("auto_step")
+                assert [row["step"] for row in rows] == [1], kind
+    with Board(run_id="auto-step-log", capture_output=False) as b:  # log() keeps the name for its argument
+        with pytest.raises(TypeError, match="auto_step"):
+            b.log(auto_step=Histogram([1.0, 2.0]))
