@@ -70,7 +70,7 @@ def list_cmd(directory: str) -> None:
     if not runs:
         click.echo(f"no runs under {directory}")
         return
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for info in runs:
         try:
             with RunReader(info.path) as r:
@@ -225,13 +225,14 @@ def verify(ctx: click.Context, run: str, base_dir: str, as_json: bool) -> None:
     except RunNotFound as exc:
         # A run whose metadata.json is gone is still a (damaged) run.
         candidates = [run, os.path.join(base_dir, run)] if not os.path.isabs(run) else [run]
-        path = next((p for p in candidates if looks_like_run(p)), None)
-        if path is None:
+        found = next((p for p in candidates if looks_like_run(p)), None)
+        if found is None:
             if as_json:
                 click.echo(json.dumps({"path": run, "run": False, "ok": False, "exit_code": 2, "error": str(exc)}))
             else:
                 click.echo(f"Error: {exc}", err=True)
             ctx.exit(2)
+        path = found
     report = verify_run(path)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))

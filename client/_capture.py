@@ -116,8 +116,8 @@ class Capture:
         self.active = True
         self.stdout = _Tee(sys.stdout, "stdout", self)
         self.stderr = _Tee(sys.stderr, "stderr", self)
-        sys.stdout = self.stdout  # type: ignore[assignment]
-        sys.stderr = self.stderr  # type: ignore[assignment]
+        sys.stdout = self.stdout
+        sys.stderr = self.stderr
 
     def emit(self, stream: str, text: str) -> None:
         text = label_output(stream, text, self._prefix)

@@ -52,7 +52,9 @@ def to_scalar(key: str, value: Any) -> float:
             kind = getattr(getattr(value, "dtype", None), "kind", "f")
             if kind not in "biuf":
                 raise TypeError(f"cannot log {key!r}: numpy dtype {value.dtype} is not a number")
-            out = float(value.reshape(-1)[0] if hasattr(value, "reshape") and getattr(value, "ndim", 0) else value)
+            out = float(
+                value.reshape(-1)[0] if hasattr(value, "reshape") and bool(getattr(value, "ndim", 0)) else value
+            )
             if out - out != 0.0 and out == out and not bool(abs(value) == out * out):
                 # a finite longdouble beyond float64 turns into inf without an
                 # OverflowError; refuse it as the int 10**400 is refused

@@ -44,15 +44,16 @@ def _framework() -> ModuleType:
     if "pytorch_lightning" in sys.modules and "lightning.pytorch" not in sys.modules:
         return sys.modules["pytorch_lightning"]
     try:
-        import lightning.pytorch as framework
+        import lightning.pytorch
     except ImportError:
         try:
-            import pytorch_lightning as framework
+            import pytorch_lightning
         except ImportError:
             raise ImportError(
                 "kohakuboard.integrations.lightning needs Lightning: pip install lightning (or pytorch-lightning)"
             ) from None
-    return framework
+        return pytorch_lightning
+    return lightning.pytorch
 
 
 def _params(params: Any) -> dict[str, Any]:
@@ -69,7 +70,7 @@ def make_logger_class(framework: ModuleType) -> type:
 
     logger_mod = importlib.import_module(framework.__name__ + ".loggers.logger")
     utilities = importlib.import_module(framework.__name__ + ".utilities")
-    Logger = logger_mod.Logger
+    Logger: Any = logger_mod.Logger  # a class of the framework given, so typed as Any
     rank_zero_experiment = logger_mod.rank_zero_experiment
     rank_zero_only = utilities.rank_zero_only
 
@@ -133,6 +134,12 @@ def make_logger_class(framework: ModuleType) -> type:
             self._steps = StepMapper(board)
             return board
 
+        def _step_mapper(self) -> StepMapper:
+            """The open run's step mapper (opening the run if need be)."""
+            self._ensure()
+            assert self._steps is not None  # made by _ensure with the board
+            return self._steps
+
         @property
         @rank_zero_experiment
         def experiment(self) -> Board:
@@ -183,8 +190,7 @@ def make_logger_class(framework: ModuleType) -> type:
                 if number is not None:
                     values[key] = number
             if values:
-                self._ensure()
-                self._steps.log(values, step)
+                self._step_mapper().log(values, step)
 
         @rank_zero_only
         def log_image(self, key: str, images: Any, step: int | None = None, caption: Any = None) -> None:
@@ -196,14 +202,12 @@ def make_logger_class(framework: ModuleType) -> type:
                 }
             else:
                 values = {key: Media(images, caption=str(caption or ""))}
-            self._ensure()
-            self._steps.log(values, step)
+            self._step_mapper().log(values, step)
 
         @rank_zero_only
         def log_histogram(self, key: str, values: Any, step: int | None = None, num_bins: int = 64) -> None:
             """Log a histogram of ``values`` (binned by the daemon)."""
-            self._ensure()
-            self._steps.log({key: Histogram(values, num_bins=num_bins)}, step)
+            self._step_mapper().log({key: Histogram(values, num_bins=num_bins)}, step)
 
         # ---------------------------------------------------------- the end
 

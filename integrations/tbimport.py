@@ -388,6 +388,7 @@ def import_dir(
                 if not msgs:
                     continue
                 if writer is None:
+                    assert conv.first_wall is not None  # set by messages() when it returns any
                     clock.t = conv.first_wall
                     writer = RunWriter(path, now=clock)
                     ingest = RunIngest(writer, now=clock)
@@ -480,7 +481,7 @@ def iter_summary(results: list[RunResult]) -> Iterator[str]:
             yield f"{r.action}: {r.name} -> {where} ({kinds or 'nothing'})"
         else:
             yield f"{r.action}: {r.name} ({where}): {r.reason}"
-    left_out = Counter()
+    left_out: Counter[str] = Counter()
     for r in results:
         left_out.update(r.not_converted)
     problems = [p for r in results for p in r.problems]

@@ -191,6 +191,7 @@ class KohakuBoardCallback(TrainerCallback):
         values = rewrite_logs(logs)
         if not values:
             return
+        assert self._steps is not None  # made by _open with the board
         self._steps.log(values, int(state.global_step))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -30,7 +30,7 @@ MAX_NAME_CHARS = 1024
 MAX_VALUES_PER_LOG = 1 << 20
 
 _HEADER_LEN = 11
-_BY_KIND: dict[str, type] = {cls.KIND: cls for cls in m.ALL_MESSAGES}
+_BY_KIND: dict[str, type[m.Message]] = {cls.KIND: cls for cls in m.ALL_MESSAGES}
 
 # Field checkers: what a payload field must be after msgpack decoding.
 _INT = (int,)
@@ -48,7 +48,7 @@ class _Frames:
 _NUM = (int, float)
 
 
-def _payload_types(cls: type) -> list[tuple[str, tuple[type, ...]]]:
+def _payload_types(cls: type[m.Message]) -> list[tuple[str, tuple[type, ...]]]:
     out = []
     for f in fields(cls):
         if f.name == "env":
@@ -94,7 +94,7 @@ def encode(msg: Any) -> list[bytes]:
     carry, and :class:`MessageTooLarge` if the header is over its limit.
     """
     env: m.Envelope = msg.env
-    payload = []
+    payload: list[Any] = []
     extra: list[bytes] = []
     for name, types in _SCHEMA[msg.KIND]:
         value = getattr(msg, name)
@@ -157,7 +157,7 @@ def encode_log(
     ]
 
 
-def _unpack_header(frame: bytes) -> list[Any]:
+def _unpack_header(frame: bytes | memoryview) -> list[Any]:
     n = len(frame)
     if n > MAX_HEADER_BYTES:
         raise MessageTooLarge(f"header frame is {n} bytes (limit {MAX_HEADER_BYTES})")

@@ -101,7 +101,7 @@ def code_for(exc: BaseException) -> int:
     """
     for cls in type(exc).__mro__:
         if cls in ERROR_CODES:
-            return ERROR_CODES[cls]  # type: ignore[index]
+            return ERROR_CODES[cls]
     aio = sys.modules.get("asyncio")  # never imported here: the client imports this module
     if isinstance(exc, TimeoutError) or (aio is not None and isinstance(exc, aio.TimeoutError)):
         return ERROR_CODES[KoboTimeoutError]

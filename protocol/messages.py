@@ -345,7 +345,7 @@ DaemonReply = RunOpened | Flushed | Finished | Acked | StatusReply | Ack | Error
 ClientMessage = DataMessage | ControlRequest
 Message = ClientMessage | DaemonReply
 
-ALL_MESSAGES: tuple[type, ...] = (
+ALL_MESSAGES: tuple[type[Message], ...] = (
     LogMessage,
     LogBatch,
     OutputMessage,

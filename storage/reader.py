@@ -1110,7 +1110,7 @@ class RunReader:
             except ValueError:
                 continue
             by_name.setdefault(name, {})[rank] = n
-        out = []
+        out: list[dict[str, Any]] = []
         wanted: dict[str, int] = {}  # column -> committed length, of each metric's lowest rank
         for name in sorted(by_name):
             per_rank = dict(sorted(by_name[name].items()))

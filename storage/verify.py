@@ -55,7 +55,7 @@ _MEDIA_NAME = re.compile(r"[0-9a-f]{64}")
 # Tables every metadata.db has; ``committed`` and ``client_seqs`` only once it has commit points.
 _TABLES = ("meta", "steps", "clients", "media", "tables", "tensors", "kde", "events")
 _COMMIT_TABLES = ("committed", "client_seqs")
-_METADATA_KEYS = {
+_METADATA_KEYS: dict[str, type | tuple[type, ...]] = {
     "name": str,
     "project": str,
     "run_id": str,

@@ -45,7 +45,7 @@ import time
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..protocol.atomic import write_atomic
 from ..storage import format as fmt
@@ -204,11 +204,15 @@ def hash_password(password: str) -> dict[str, Any]:
     }
 
 
+def _positive_int(v: object) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 def _check_hash_record(rec: Any) -> None:
     if not isinstance(rec, dict) or rec.get("alg") != "scrypt":
         raise ValueError("not a scrypt password record")
     n, r, p, dklen = rec.get("n"), rec.get("r"), rec.get("p"), rec.get("dklen")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (n, r, p, dklen)):
+    if not (_positive_int(n) and _positive_int(r) and _positive_int(p) and _positive_int(dklen)):
         raise ValueError("bad scrypt parameters")
     if n < 2 or n & (n - 1) or 128 * r * (n + p + 2) > _MAX_SCRYPT_MEM or p > 16 or not 16 <= dklen <= 64:
         raise ValueError("scrypt parameters out of range")

@@ -197,7 +197,7 @@ class StaticCache:
         ``mode`` ("open" or "serve") is written into the page's ``<html data-kobo>`` so its scripts know
         at once which server they are under (outside the inline script: its CSP hash is unchanged)."""
         key = f"{name}#{mode}" if mode else name
-        if key not in self.files:
+        if mode and key not in self.files:
             data, ctype, etag = self.files[name]
             self.files[key] = (data.replace(b"<html ", b'<html data-kobo="' + mode.encode() + b'" ', 1), ctype, etag)
         data, ctype, _ = self.files[key]
@@ -300,9 +300,8 @@ class TailCache:
         """Rows ``[start, n)``; ``load(a, b)`` reads rows ``[a, b)`` from the run."""
         with self._lock:
             e = self._items.get(series)
-            held = e is not None and e[0] <= start <= e[1]
-            end = e[1] if held else None
-        if not held:
+            end: int | None = e[1] if e is not None and e[0] <= start <= e[1] else None  # None: not held
+        if end is None:
             rows = load(start, n)
             with self._lock:
                 old = self._items.pop(series, None)
@@ -488,12 +487,15 @@ class Viewer:
         The pages following a live run ask for its summary together (after the same live
         event): the first reads it, the others wait for that read and share it.
         """
+        mine: tuple[Any, concurrent.futures.Future[tuple[dict[str, Any], bytes]]] = (
+            stamp,
+            concurrent.futures.Future(),
+        )
         with self._summaries_lock:
             flight = self._summary_reads.get(path)
-            mine = flight is None or flight[0] != stamp
-            if mine:
-                flight = self._summary_reads[path] = (stamp, concurrent.futures.Future())
-        if not mine:
+            if flight is None or flight[0] != stamp:
+                flight = self._summary_reads[path] = mine
+        if flight is not mine:
             return flight[1].result()
         try:
             base = self._read_summary(project, run_id)
@@ -890,7 +892,7 @@ def _tensor_view(arr: np.ndarray) -> dict[str, Any]:
     if arr.dtype.kind in "biuf" and arr.size:
         a = arr.astype(np.float64, copy=False).reshape(-1)
         finite = a[np.isfinite(a)]
-        stats = {
+        stats: dict[str, int | float] = {
             "size": int(a.size),
             "nan": int(np.isnan(a).sum()),
             "posinf": int(np.isposinf(a).sum()),
