@@ -476,10 +476,10 @@ def import_tensorboard(logdir: str, project: str, base_dir: str, replace: bool) 
     it twice creates no duplicates.  Needs tensorboardX or tensorboard
     (pip install 'kohakuboard[tensorboard]').  Exit code 1 if a directory failed.
     """
-    from ..integrations import tbimport
+    from ..integrations import _tfevents, tbimport
 
     try:
-        tbimport._tfevents.protos()
+        _tfevents.protos()
     except ImportError as exc:
         raise click.ClickException(str(exc)) from exc
     if not tbimport.find_event_dirs(logdir):

@@ -321,6 +321,8 @@ CHECKS = {
 def check_call_size(items: list[Any], blobs: list[Any]) -> None:
     """Raise :class:`InvalidItem` if one ``log()`` call's items exceed what one message may carry
     (the limits :mod:`.codec` enforces when the daemon decodes it): frames, bytes, header size."""
+    import msgpack
+
     from . import codec
 
     if len(blobs) + 1 > codec.MAX_FRAMES:
@@ -334,7 +336,7 @@ def check_call_size(items: list[Any], blobs: list[Any]) -> None:
             f"the call carries {total} bytes, more than one log() call may carry "
             f"({(codec.MAX_MESSAGE_BYTES - codec.MAX_HEADER_BYTES) >> 20} MiB); split it over several calls"
         )
-    header = len(codec.msgpack.packb(items, use_bin_type=True))
+    header = len(msgpack.packb(items, use_bin_type=True))
     if header > codec.MAX_HEADER_BYTES - (64 << 10):
         raise InvalidItem(
             f"the call's tables, captions and metadata take {header} bytes, more than the "
