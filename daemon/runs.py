@@ -106,7 +106,7 @@ class RunChannel:
         # reached a restarted daemon late, next to its retry) answers with the
         # status the first one wrote, not the one before it.
         self._detach_lock = asyncio.Lock()
-        self.pending: list[LogMessage | LogBatch] = []
+        self.pending: list[LogMessage | LogBatch | DropReport] = []
         self._pending_calls = 0
         # Memory held for this run: pending (not yet handed to the writer) and
         # unwritten (handed over, or staged after a storage error).  The daemon
@@ -248,7 +248,7 @@ class RunChannel:
         now = self.last_heard = self._now()
         if not self.pending and not self.pending_output:
             self._first_pending_at = now
-        if type(msg) is not OutputMessage:
+        if not isinstance(msg, OutputMessage):
             self.pending.append(msg)
             self._pending_calls += msg.count if type(msg) is LogBatch else 1
             self.pending_bytes += _pending_estimate(msg)
@@ -457,13 +457,13 @@ class RunChannel:
         return batch[:cut]
 
     def _write(
-        self, ingest: RunIngest, batch: list[LogMessage | LogBatch], output: list[OutputMessage]
+        self, ingest: RunIngest, batch: list[LogMessage | LogBatch | DropReport], output: list[OutputMessage]
     ) -> dict[str, int]:
         # Runs on the writer thread.  Output is written first: it is small, and a
         # crash traceback matters most when everything else is failing.
         writer = ingest.writer
         before = writer.points_written
-        ingest.stage(output + batch if output else batch, self.prepared)
+        ingest.stage([*output, *batch] if output else batch, self.prepared)
         seqs = writer.commit()
         self.stats.points += writer.points_written - before
         self.stats.duplicates = writer.duplicates

@@ -387,7 +387,7 @@ def import_dir(
                 msgs = conv.messages(event)
                 if not msgs:
                     continue
-                if writer is None:
+                if writer is None or ingest is None:  # (made together)
                     assert conv.first_wall is not None  # set by messages() when it returns any
                     clock.t = conv.first_wall
                     writer = RunWriter(path, now=clock)
@@ -411,7 +411,7 @@ def import_dir(
                     batch, batch_bytes = [], 0
             if progress is not None and done:
                 progress(done)
-        if writer is None:
+        if writer is None or ingest is None:  # (made together)
             result.action, result.reason = "skipped", "no values to convert"
             return result
         if batch:

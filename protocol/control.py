@@ -53,7 +53,7 @@ class ControlClient:
         self._lock = threading.Lock()
         self._req = 0
 
-    def request(self, msg_cls: type, env: m.Envelope, timeout: float, *fields: Any) -> Any:
+    def request(self, msg_cls: type[m.ControlRequest], env: m.Envelope, timeout: float, *fields: Any) -> Any:
         """Send a control request and wait for its reply.
 
         Raises the daemon's error (``StorageError``, ``ProtocolError``, ...),

@@ -113,7 +113,7 @@ def histogram_record(
 
 def tensor_payload(arr: np.ndarray) -> tuple[str, list[int], Any]:
     """``(dtype, shape, payload)``; the payload is the array's own buffer when it is contiguous, not a copy."""
-    data = memoryview(np.ascontiguousarray(arr)).cast("B") if arr.size else b""
+    data = np.ascontiguousarray(arr).data.cast("B") if arr.size else b""
     return arr.dtype.str, list(arr.shape), data
 
 
@@ -144,7 +144,7 @@ class RichStaging:
     metadata: dict[str, Any]
     _db: sqlite3.Connection
     _ops: list[tuple[str, Callable[[], None]]]
-    _sql_ops: list[tuple[str, Callable[[], None]]]
+    _sql_ops: list[tuple[str, Callable[[], object]]]  # what each returns is ignored
     _unsynced: set[str]
     _unsynced_dirs: set[str]
     _dirty_columns: dict[tuple[str, str], Any]
@@ -158,7 +158,7 @@ class RichStaging:
         """Queue a media file and its ``media`` row."""
         row = _media_row(call, name, value, caption, source)
         self._stage_file(name, value)
-        self._sql_ops.append((f"record media {name!r}", lambda: self._insert_media(row) and None))
+        self._sql_ops.append((f"record media {name!r}", lambda: self._insert_media(row)))
 
     def stage_table(
         self,
@@ -273,7 +273,8 @@ class RichStaging:
             "VALUES (:name, :rank, :step, :global_step, :wall, :media_type, :hash, :ext, :size, :width, :height, :caption, :source)",
             row,
         )
-        return int(cur.lastrowid)
+        assert cur.lastrowid is not None  # the row just inserted
+        return cur.lastrowid
 
     def _hist_vault(self, precision: str) -> Any:
         vault = self._hist_vaults.get(precision)

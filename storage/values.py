@@ -20,6 +20,7 @@ import math
 import struct
 import warnings
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -79,7 +80,7 @@ def encode_png(hwc: np.ndarray) -> bytes:
     raw[:, 1 : c + 1] = x[:, :c]
     np.subtract(x[:, c:], x[:, :-c], out=raw[:, c + 1 :])  # uint8 arithmetic wraps mod 256, as PNG wants
     z = zlib.compressobj(PNG_COMPRESS_LEVEL, zlib.DEFLATED, 15, 8, PNG_STRATEGY)
-    idat = z.compress(raw) + z.flush()
+    idat = z.compress(raw.data) + z.flush()
     header = struct.pack(">IIBBBBB", w, h, 8, _PNG_COLOR_TYPES[c], 0, 0, 0)
     return b"".join((_PNG_SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", idat), _png_chunk(b"IEND", b"")))
 
@@ -166,7 +167,7 @@ _KDE_CHUNK = 1 << 16
 _MIN_SPAN = 2.0**-33  # in units where max|x| is in [0.5, 1): keeps 65536 grid points distinct
 
 
-def _chunks(a: np.ndarray, exp: int, finite_only: bool):
+def _chunks(a: np.ndarray, exp: int, finite_only: bool) -> Iterator[np.ndarray]:
     """float64 chunks of ``a``, scaled by ``2**-exp`` (exact), non-finite values removed."""
     for i in range(0, a.size, _KDE_CHUNK):
         c = a[i : i + _KDE_CHUNK].astype(np.float64)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import socket
 import sqlite3
@@ -97,7 +98,7 @@ class RunWriter(RichStaging):
         # removed only after it succeeded (see the module docstring).  File
         # operations run in phase A, SQL ones inside phase B's transaction.
         self._ops: list[tuple[str, Callable[[], None]]] = []
-        self._sql_ops: list[tuple[str, Callable[[], None]]] = []
+        self._sql_ops: list[tuple[str, Callable[[], object]]] = []  # what each returns is ignored
         self._hist_vaults: dict[str, Any] = {}
         self._hist_columns: dict[tuple[str, str, int], tuple[str, Any, bool]] = {}
         self._hist_dtypes: dict[str, dict[str, str]] = {}  # precision -> column -> dtype
@@ -169,7 +170,9 @@ class RunWriter(RichStaging):
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('format_version', ?)",
                 (str(fmt.FORMAT_VERSION),),
             )
-            self._vault = ColumnVault(os.path.join(self.path, fmt.SCALARS_DB), block_bytes=fmt.VAULT_BLOCK_BYTES)
+            self._vault: ColumnVault | None = ColumnVault(
+                os.path.join(self.path, fmt.SCALARS_DB), block_bytes=fmt.VAULT_BLOCK_BYTES
+            )
             self._unsynced_dirs.update(("", fmt.DATA_DIR, fmt.METRICS_DIR, fmt.LOGS_DIR))
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open {fmt.METADATA_DB} in {self.path}: {exc}") from exc
@@ -522,14 +525,14 @@ class RunWriter(RichStaging):
             with self._sql():
                 self._db.execute("BEGIN")
                 try:
-                    for what, op in self._sql_ops:
+                    for what, sql_op in self._sql_ops:
                         # A savepoint per item: a value the database cannot take (a
                         # client bug or hostile input) is skipped with an event
                         # instead of failing the batch again and again.  Disk and
                         # lock problems (OperationalError) fail the commit: retried.
                         self._db.execute("SAVEPOINT item")
                         try:
-                            op()
+                            sql_op()
                         except sqlite3.OperationalError:
                             raise
                         except Exception as exc:
@@ -538,7 +541,7 @@ class RunWriter(RichStaging):
                         self._db.execute("RELEASE item")
                     for rank, parts in self._staged_calls.items():
                         self._write_step_ranges(rank, parts)
-                    seq_rows = []
+                    seq_rows: list[tuple[str, int, int]] = []
                     for client in touched:
                         r = self._seen[client]
                         self._db.execute("DELETE FROM client_seqs WHERE client=?", (client,))
@@ -623,7 +626,7 @@ class RunWriter(RichStaging):
         if self._kv is not None:
             stores.append((fmt.TENSORS_DB, self._close_kvault))
         for precision in list(self._hist_vaults):
-            stores.append((fmt.HISTOGRAM_FILES[precision], lambda p=precision: self._close_hist_vault(p)))
+            stores.append((fmt.HISTOGRAM_FILES[precision], functools.partial(self._close_hist_vault, precision)))
         for rel, close in stores:
             try:
                 wal = os.path.getsize(os.path.join(self.path, rel) + "-wal")
@@ -650,11 +653,12 @@ class RunWriter(RichStaging):
         self._scalar_bytes = 0
         vault, self._vault = self._vault, None
         self._columns.clear()
-        try:
-            vault.checkpoint()
-            vault.close()
-        except Exception:
-            pass  # committed data is in the WAL either way; the next open recovers it
+        if vault is not None:  # None: the last reopen failed (the next write reopens)
+            try:
+                vault.checkpoint()
+                vault.close()
+            except Exception:
+                pass  # committed data is in the WAL either way; the next open recovers it
         _trim_heap()
         self._scalar_vault()  # a failure here is the next write's (its error is raised there)
 
@@ -733,7 +737,8 @@ class RunWriter(RichStaging):
                     "first_wall, last_wall) VALUES (?,?,?,?,?,?,?)",
                     (rank, s0, s1, g0, g1, w0, w1),
                 )
-                last = (int(cur.lastrowid), s0, s1, g0, g1, w0, w1)
+                assert cur.lastrowid is not None  # the row just inserted
+                last = (cur.lastrowid, s0, s1, g0, g1, w0, w1)
         if last is not None:
             self._last_range[rank] = last
 
@@ -855,10 +860,9 @@ class _SqlGuard:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, et: Any, exc: Any, tb: Any) -> bool:
+    def __exit__(self, et: Any, exc: Any, tb: Any) -> None:
         if exc is not None and isinstance(exc, sqlite3.Error):
             raise _storage_error(self.path, "write data/metadata.db", exc) from exc
-        return False
 
 
 def _fsync(path: str, missing_ok: bool = False) -> None:
