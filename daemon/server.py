@@ -10,7 +10,7 @@ receive in flight.
 
 Decoded data is routed to the run's :class:`~.runs.RunChannel`, whose batcher
 writes on the run's own thread.  Every long-lived task is a child of one
-``asyncio.TaskGroup``.
+``asyncio.TaskGroup`` (on Python 3.10, the ``taskgroup`` backport's).
 
 Shutdown (SIGTERM, SIGINT or a ``shutdown`` request): stop taking requests,
 drain the data socket, let every run write what it holds (bounded by
@@ -43,6 +43,11 @@ from ..storage import format as fmt
 from .config import DaemonConfig
 from .runs import ClientState, RunChannel, compute_threads_default
 from .security import PeerGuard, check_run_path, run_path_problem
+
+if sys.version_info >= (3, 11):
+    from asyncio import TaskGroup
+else:  # the backport, a dependency on Python 3.10 (asyncio.TaskGroup is new in 3.11)
+    from taskgroup import TaskGroup
 
 log = logging.getLogger("kohakuboard.daemon")
 
@@ -95,7 +100,7 @@ class Daemon:
         self._ctx: zmq.Context[Any] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pool: ThreadPoolExecutor | None = None
-        self._tg: asyncio.TaskGroup | None = None
+        self._tg: TaskGroup | None = None
         self._last_reject_log = 0.0
         self.ready = False
         self._early_signal: int | None = None  # SIGTERM/SIGINT before the loop's handlers
@@ -237,7 +242,7 @@ class Daemon:
         log.info("kobo-daemon %d listening on %s", os.getpid(), self.ep)
         self.ready = True
         sd_notify("READY=1")
-        async with asyncio.TaskGroup() as tg:
+        async with TaskGroup() as tg:
             self._tg = tg
             data_task = tg.create_task(self._data_loop(), name="data")
             tg.create_task(self._control_loop(), name="control")
