@@ -26,7 +26,7 @@ _endpoint_option = click.option(
 
 def _config(endpoint: str | None, **overrides: object) -> DaemonConfig:
     try:
-        return DaemonConfig.from_env(endpoint=endpoint, **overrides)
+        return DaemonConfig.from_env(None, endpoint=endpoint, **overrides)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
 

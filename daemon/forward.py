@@ -36,7 +36,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import zmq
@@ -117,7 +117,7 @@ class ForwardRelay(Relay):
         self.config = forwarder.config
         self.setup = setup
         self.drain_timeout = min(5.0, self.config.graceful_timeout)
-        self.on_shutdown: Callable[[], None] = lambda: None
+        self.on_shutdown: Callable[[], object] = lambda: None  # what it returns is ignored
         self.state = "connecting"
         self.state_since = time.time()
         self.detail = ""
@@ -326,7 +326,7 @@ class ForwardRelay(Relay):
 
     def _data_waiting(self) -> bool:
         """Messages of the node's clients wait to go upstream (held here, or in the IPC socket)."""
-        return self._pending is not None or bool(self.down_pull.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        return self._pending is not None or bool(cast(int, self.down_pull.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
     def on_exit(self) -> None:
         self.crashes.close()

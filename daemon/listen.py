@@ -45,6 +45,7 @@ daemon user can: authorize only nodes you trust with that.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import os
@@ -452,9 +453,10 @@ class _HeadRelay(Relay):
         return False
 
     def start(self) -> None:
-        if self.guard is not None:
-            for mon in self.guard.monitors:
-                self._register(mon, zmq.POLLIN, lambda mon=mon: self.guard.on_event(mon))  # type: ignore[union-attr]
+        guard = self.guard  # set once, before start()
+        if guard is not None:
+            for mon in guard.monitors:
+                self._register(mon, zmq.POLLIN, functools.partial(guard.on_event, mon))
         super().start()
 
     def tick(self, now: float) -> None:
@@ -510,6 +512,7 @@ class TcpListener:
                 # libzmq refuse connections should the handler ever be missing.
                 self.auth = _authenticator(self.ctx)
                 self.auth.start()
+                assert self.authorized is not None  # loaded with the server keys
                 self.auth.configure_curve_callback(ZAP_DOMAIN, _KeyCheck(self.authorized, self))
             for sock in (self.pull, self.router):
                 sock.setsockopt(zmq.LINGER, 0)

@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import zmq
@@ -340,7 +340,7 @@ class Relay:
         deadline = time.monotonic() + (self.drain_timeout if self.can_drain() else 0.0)
         while time.monotonic() < deadline and self.push is not None:
             self._move_data()
-            if self._pending is None and not self.down_pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if self._pending is None and not cast(int, self.down_pull.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 break
             self.push.poll(20, zmq.POLLOUT)
         # What zmq still queues goes out while the socket lingers (bounded too).

@@ -30,7 +30,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import zmq
 
@@ -238,7 +238,7 @@ class Daemon:
         return stop
 
     async def serve(self) -> None:
-        self.handle_signals()
+        stop = self.handle_signals()
         log.info("kobo-daemon %d listening on %s", os.getpid(), self.ep)
         self.ready = True
         sd_notify("READY=1")
@@ -249,7 +249,7 @@ class Daemon:
             tg.create_task(self._housekeeping(), name="housekeeping")
             if self.config.system_metrics > 0:
                 tg.create_task(self._system_metrics(self.config.system_metrics), name="system-metrics")
-            await self._stop.wait()
+            await stop.wait()
             sd_notify("STOPPING=1")
             log.info("stopping: draining and flushing %d run(s)", len(self.runs))
             await data_task  # ends after a final drain
@@ -285,6 +285,11 @@ class Daemon:
         log.info("received %s", signal.Signals(sig).name)
         self.request_stop()
 
+    def _stop_event(self) -> asyncio.Event:
+        """The stop event, for the loop's tasks (serve() makes it before it starts them)."""
+        assert self._stop is not None
+        return self._stop
+
     def request_stop(self) -> None:
         if self._stop is not None:
             self._stop.set()
@@ -304,7 +309,7 @@ class Daemon:
     async def _wait_readable(self, sock: zmq.Socket[Any], event: asyncio.Event, timeout: float) -> None:
         event.clear()
         # ZMQ_FD is edge-triggered: check EVENTS after clearing, before sleeping.
-        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             return
         try:
             await asyncio.wait_for(event.wait(), timeout)
@@ -314,10 +319,11 @@ class Daemon:
     async def _data_loop(self) -> None:
         loop = asyncio.get_running_loop()
         readable = asyncio.Event()
-        fd = self.pull.getsockopt(zmq.FD)
+        fd = self.pull.fileno()
         loop.add_reader(fd, readable.set)
+        stop = self._stop_event()
         try:
-            while not self._stop.is_set():
+            while not stop.is_set():
                 if self.backlog() > self.config.max_backlog_bytes:
                     # The writers are behind: leave messages in the socket (and
                     # so in the clients' bounded queues) until they catch up.
@@ -427,10 +433,11 @@ class Daemon:
     async def _control_loop(self) -> None:
         loop = asyncio.get_running_loop()
         readable = asyncio.Event()
-        fd = self.router.getsockopt(zmq.FD)
+        fd = self.router.fileno()
         loop.add_reader(fd, readable.set)
+        stop = self._stop_event()
         try:
-            while not self._stop.is_set():
+            while not stop.is_set():
                 for _ in range(256):
                     try:
                         frames = self.router.recv_multipart(zmq.NOBLOCK)
@@ -586,12 +593,13 @@ class Daemon:
 
     async def _housekeeping(self) -> None:
         """Mark runs of dead client processes crashed; close idle runs."""
-        while not self._stop.is_set():
+        stop = self._stop_event()
+        while not stop.is_set():
             try:
-                await asyncio.wait_for(self._stop.wait(), self.config.reap_interval)
+                await asyncio.wait_for(stop.wait(), self.config.reap_interval)
             except asyncio.TimeoutError:
                 pass
-            if self._stop.is_set():
+            if stop.is_set():
                 break
             dead = [
                 (ch, c)
@@ -676,14 +684,15 @@ class Daemon:
             return
         client = "sys-" + self.instance
         seqs: dict[str, int] = {}  # kept while the daemon lives: a reopened run continues its numbers
+        stop = self._stop_event()
         try:
-            while not self._stop.is_set():
+            while not stop.is_set():
                 try:
-                    await asyncio.wait_for(self._stop.wait(), interval)
+                    await asyncio.wait_for(stop.wait(), interval)
                 except asyncio.TimeoutError:
                     pass
                 values = await loop.run_in_executor(None, sampler.sample)  # every interval: rates cover it
-                if self._stop.is_set() or not values:
+                if stop.is_set() or not values:
                     continue
                 wall = time.time()
                 for ch in list(self.runs.values()):
