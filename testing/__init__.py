@@ -264,7 +264,7 @@ def isolated_daemon(
     """
     sock_dir = tempfile.mkdtemp(prefix="kobo-", dir="/tmp")  # short: a Unix socket path has at most 107 bytes
     own_base = base_dir is None
-    base = Path(tempfile.mkdtemp(prefix="kobo-runs-") if own_base else os.path.abspath(os.fspath(base_dir)))
+    base = Path(tempfile.mkdtemp(prefix="kobo-runs-") if base_dir is None else os.path.abspath(os.fspath(base_dir)))
     ep = resolve(f"ipc://{sock_dir}/kobo", {})
     env = scrubbed_environ()
     env["KOBO_DAEMON_SYSTEM_METRICS"] = "10" if system_metrics else "0"
