@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -86,6 +87,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import _common as c
@@ -350,6 +352,27 @@ class LiteResponse:
         return self.content.decode("utf-8", "replace")
 
 
+class LiteStream(LiteResponse):
+    """An answer whose body is read as it comes: :meth:`aiter_lines`, or :meth:`aread` at once."""
+
+    def __init__(self, rd: asyncio.StreamReader, status_code: int, headers: dict[str, str]) -> None:
+        super().__init__(status_code, headers, b"")
+        self.rd = rd
+
+    async def aread(self) -> bytes:
+        self.content = await LiteClient._body(self.rd, self.headers)
+        return self.content
+
+    async def aiter_lines(self) -> AsyncIterator[str]:
+        chunked = self.headers.get("transfer-encoding", "").lower() == "chunked"
+        buf = b""
+        while data := await LiteClient._chunk(self.rd) if chunked else await self.rd.read(1 << 16):
+            buf += data
+            *done, buf = buf.split(b"\n")
+            for line in done:
+                yield line.rstrip(b"\r").decode("utf-8", "replace")
+
+
 class LiteClient:
     """The simulated browser's HTTP/1.1: one kept-alive connection, GET only, plain asyncio streams.
 
@@ -389,27 +412,33 @@ class LiteClient:
         data = await rd.readexactly(size + 2)
         return data[:-2]
 
+    def _request(self, wr: asyncio.StreamWriter, path: str) -> None:
+        wr.write(b"GET " + path.encode() + b" HTTP/1.1\r\n" + self.head + b"\r\n")
+
+    @classmethod
+    async def _body(cls, rd: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+        if headers.get("transfer-encoding", "").lower() != "chunked":
+            return await rd.readexactly(int(headers.get("content-length", "0")))
+        parts = []
+        while chunk := await cls._chunk(rd):
+            parts.append(chunk)
+        await rd.readuntil(b"\r\n")  # the end of the (empty) trailer
+        return b"".join(parts)
+
     async def _get(self, path: str) -> LiteResponse:
         for attempt in (0, 1):  # a kept-alive connection the server closed meanwhile: once more on a new one
             if self.conn is None:
                 self.conn = await self._open()
             rd, wr = self.conn
             try:
-                wr.write(b"GET " + path.encode() + b" HTTP/1.1\r\n" + self.head + b"\r\n")
+                self._request(wr, path)
                 status, headers = await self._head(rd)
             except (ConnectionError, asyncio.IncompleteReadError):
                 self.close()
                 if attempt:
                     raise
                 continue
-            if headers.get("transfer-encoding", "").lower() == "chunked":
-                parts = []
-                while chunk := await self._chunk(rd):
-                    parts.append(chunk)
-                await rd.readuntil(b"\r\n")  # the end of the (empty) trailer
-                body = b"".join(parts)
-            else:
-                body = await rd.readexactly(int(headers.get("content-length", "0")))
+            body = await self._body(rd, headers)
             if headers.get("connection", "").lower() == "close":
                 self.close()
             return LiteResponse(status, headers, body)
@@ -418,24 +447,15 @@ class LiteClient:
     async def get(self, path: str) -> LiteResponse:
         return await asyncio.wait_for(self._get(path), self.timeout)
 
-    async def lines(self, path: str) -> Any:
-        """GET ``path`` on a connection of its own and yield its body's lines as they come (SSE):
-        first the status, then str lines."""
+    @contextlib.asynccontextmanager
+    async def stream(self, method: str, path: str) -> AsyncIterator[LiteStream]:
+        """``method`` ``path`` on a connection of its own, its body read as it comes (SSE), as httpx's."""
+        assert method == "GET", method
         rd, wr = await self._open()
         try:
-            wr.write(b"GET " + path.encode() + b" HTTP/1.1\r\n" + self.head + b"\r\n")
+            self._request(wr, path)
             status, headers = await self._head(rd)
-            yield status
-            chunked = headers.get("transfer-encoding", "").lower() == "chunked"
-            buf = b""
-            while True:
-                data = await self._chunk(rd) if chunked else await rd.read(1 << 16)
-                if not data:
-                    return
-                buf += data
-                *done, buf = buf.split(b"\n")
-                for line in done:
-                    yield line.rstrip(b"\r").decode("utf-8", "replace")
+            yield LiteStream(rd, status, headers)
         finally:
             wr.close()
 
@@ -472,8 +492,6 @@ async def timed(cl: Any, rec: Recorder, kind: str, url: str) -> Any:
 
 
 async def sse(cl: Any, rec: Recorder, idx: int, live: str, opened: asyncio.Event, stop: asyncio.Event) -> None:
-    if isinstance(cl, LiteClient):
-        return await sse_lite(cl, rec, idx, live, opened, stop)
     try:
         async with cl.stream("GET", f"/api/events?runs=default/{live}") as r:
             if r.status_code != 200:
@@ -484,28 +502,6 @@ async def sse(cl: Any, rec: Recorder, idx: int, live: str, opened: asyncio.Event
             async for line in r.aiter_lines():
                 if line.startswith("event: run"):
                     rec.events[idx].append(time.time())
-        if not stop.is_set():
-            rec.error("sse", "the event stream ended")
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        if not stop.is_set():
-            rec.error("sse", f"{type(exc).__name__}: {exc}")
-
-
-async def sse_lite(
-    cl: LiteClient, rec: Recorder, idx: int, live: str, opened: asyncio.Event, stop: asyncio.Event
-) -> None:
-    try:
-        lines = cl.lines(f"/api/events?runs=default/{live}")
-        status = await anext(lines)
-        if status != 200:
-            rec.error("sse", f"HTTP {status}")
-            return
-        opened.set()
-        async for line in lines:
-            if line.startswith("event: run"):
-                rec.events[idx].append(time.time())
         if not stop.is_set():
             rec.error("sse", "the event stream ended")
     except asyncio.CancelledError:
