@@ -180,6 +180,7 @@ class StaticCache:
         import hashlib
 
         self.files: dict[str, tuple[bytes, str, str]] = {}
+        self._pages: dict[tuple[str, str | None], bytes] = {}  # (page, mode) -> its bytes with the mode written in
         for dirpath, _, names in os.walk(root):
             for name in names:
                 full = os.path.join(dirpath, name)
@@ -196,11 +197,12 @@ class StaticCache:
 
         ``mode`` ("open" or "serve") is written into the page's ``<html data-kobo>`` so its scripts know
         at once which server they are under (outside the inline script: its CSP hash is unchanged)."""
-        key = f"{name}#{mode}" if mode else name
-        if mode and key not in self.files:
-            data, ctype, etag = self.files[name]
-            self.files[key] = (data.replace(b"<html ", b'<html data-kobo="' + mode.encode() + b'" ', 1), ctype, etag)
-        data, ctype, _ = self.files[key]
+        data, ctype, _ = self.files[name]
+        if mode is not None:
+            page = self._pages.get((name, mode))
+            if page is None:
+                page = self._pages[(name, mode)] = data.replace(b"<html ", f'<html data-kobo="{mode}" '.encode(), 1)
+            data = page
         return Response(data, media_type=ctype, headers={"cache-control": "no-store"})
 
     def response(self, name: str, if_none_match: str) -> Response:
