@@ -1,8 +1,8 @@
 """From received messages to plain writer calls: how the daemon stores what clients send.
 
-``storage.writer.RunWriter`` stores rows and blobs and, with each commit, the
-sequence numbers of the calls it holds per client; it knows nothing of the
-wire.  This module is the translation, in two parts:
+``storage.writer.RunWriter`` stores rows and blobs and commits them; it knows
+nothing of the wire, of clients' sequence numbers or of acknowledgements.  This
+module is the translation, in two parts:
 
 * :func:`prepare_items` (the daemon's compute pool, as soon as a message with
   rich values arrives, ``RunChannel.add``): applies the item rule again
@@ -12,11 +12,12 @@ wire.  This module is the translation, in two parts:
 * :class:`RunIngest` (the run's writer thread, ``RunChannel._write``): walks a
   batch of ``LogMessage``/``LogBatch``/``OutputMessage``/``DropReport`` in
   arrival order, holds back messages that arrive after a gap in their client's
-  sequence numbers, claims each call's sequence numbers from the writer
-  (``RunWriter.claim``: a re-sent call the run already has is dropped there),
-  and hands the writer per-column arrays, the calls' steps, output text, drop
-  counts and the prepared rich values.  Then ``RunWriter.commit`` makes it
-  durable.
+  sequence numbers, claims each call's sequence numbers from the run's ledger
+  (``daemon/ledger.py``, ``Ledger.claim``: a re-sent call the run already has
+  is dropped there), and hands the writer per-column arrays, the calls' steps,
+  output text, drop counts and the prepared rich values.  Then
+  :meth:`RunIngest.commit` makes it durable: ``RunWriter.commit`` with the
+  ledger's marks in the same transaction.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ..protocol.messages import DropReport, LogBatch, LogMessage, OutputMessage
 from ..storage import format as fmt
 from ..storage import rich
 from ..storage.writer import RunWriter
+from .ledger import Ledger
 
 # A message that arrives after a gap waits this long (or until this many bytes
 # wait) for its client to re-send the calls before it (RunIngest._in_sequence).
@@ -45,8 +47,12 @@ Message = LogMessage | LogBatch | OutputMessage | DropReport
 class RunIngest:
     """Stages one run's received messages into its :class:`RunWriter` (writer thread only)."""
 
-    def __init__(self, writer: RunWriter, *, now: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, writer: RunWriter, ledger: Ledger | None = None, *, now: Callable[[], float] = time.time
+    ) -> None:
+        """``ledger``: the run's (a :class:`Ledger` loaded from ``writer`` when not given)."""
         self.writer = writer
+        self.ledger = ledger if ledger is not None else Ledger(writer.delivery_marks())
         self._now = now
         self._parked: dict[str, list[tuple[int, float, Any]]] = {}
         self.parked_bytes = 0
@@ -71,7 +77,7 @@ class RunIngest:
         # are grouped by (rank, key tuple) and each group becomes one 2-D array,
         # and a LogBatch already is one: numpy conversions per group instead of
         # Python work per value.
-        writer = self.writer
+        writer, ledger = self.writer, self.ledger
         # segment: (rank, names, order, steps, global_steps, walls, values[n, k])
         segments: list[tuple[int, tuple[str, ...], Any, Any, Any, Any, Any]] = []
         groups: dict[tuple[int, tuple[str, ...]], list[Any]] = {}
@@ -88,7 +94,7 @@ class RunIngest:
                 gsteps = np.frombuffer(msg.global_steps, dtype="<i8")
                 walls = np.frombuffer(msg.walls, dtype="<f8")
                 values = np.frombuffer(msg.values, dtype="<f8").reshape(n, len(msg.names))
-                keep = writer.claim_each(env.client, seqs)
+                keep = ledger.claim_each(env.client, seqs)
                 if keep is not None:  # a re-send: keep only calls this run does not have
                     if not keep.any():
                         continue
@@ -106,11 +112,11 @@ class RunIngest:
                 continue
             seq = env.seq
             if type(msg) is OutputMessage:
-                if writer.claim(env.client, seq, seq) and msg.text:
+                if ledger.claim(env.client, seq, seq) and msg.text:
                     writer.stage_output(msg.text)
                 continue
             if type(msg) is DropReport:
-                if not writer.claim(env.client, msg.first_seq, seq):
+                if not ledger.claim(env.client, msg.first_seq, seq):
                     continue
                 writer.stage_drops(env.client, msg.calls, msg.values, msg.lines)
                 if msg.lines:
@@ -119,7 +125,7 @@ class RunIngest:
                         f"(queue_policy='drop')]\n"
                     )
                 continue
-            if not writer.claim(env.client, seq, seq):
+            if not ledger.claim(env.client, seq, seq):
                 continue
             writer.stage_calls(env.rank, env.step, env.global_step, env.wall)
             if msg.items:
@@ -151,6 +157,12 @@ class RunIngest:
             )
         writer.stage_scalars(segments)
 
+    def commit(self) -> dict[str, int]:
+        """Commit what is staged with the ledger's marks; the new durable number of each client
+        it covered.  On a :class:`StorageError` the staged rest and the claims stay for the next try."""
+        self.writer.commit(self.ledger.marks())
+        return self.ledger.committed()
+
     def _in_sequence(self, batch: Iterable[Any]) -> list[Any]:
         """The batch in the order to store it, holding back messages that arrive after a gap.
 
@@ -171,7 +183,7 @@ class RunIngest:
             first, last = _seq_span(msg)
             end = ends.get(c)
             if end is None:
-                end = self.writer.highest_seen(c)
+                end = self.ledger.highest_seen(c)
             if first > end + 1:
                 parked.setdefault(c, []).append((first, now, msg))
                 self.parked_bytes += _msg_bytes(msg)
@@ -207,11 +219,13 @@ class RunIngest:
         return out
 
 
-def stage(writer: RunWriter, batch: Iterable[Message]) -> None:
-    """Stage one batch of messages in ``writer`` with nothing held over (an import, a test)."""
+def stage(writer: RunWriter, batch: Iterable[Message]) -> RunIngest:
+    """Stage one batch of messages in ``writer`` with nothing held over (an import, a test);
+    the returned :class:`RunIngest` commits it with its calls' marks."""
     ingest = RunIngest(writer)
     ingest.release_parked = True
     ingest.stage(batch)
+    return ingest
 
 
 def _seq_span(msg: Any) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Per-run state in the daemon: the batcher, its writer thread and its clients.
+"""Per-run state in the daemon: the batcher, its writer thread, its ledger and its clients.
 
 Each run folder the daemon writes has one :class:`RunChannel`.  Messages for the
 run are appended to ``pending`` by the receive loop (on the event loop, no I/O);
@@ -6,6 +6,11 @@ the channel's batcher task hands a whole batch to the run's own single writer
 thread when the batch is big enough, when the oldest message is
 ``flush_interval`` old, or at once when a client waits on a flush barrier.  Only
 one batch per run is being written at a time; meanwhile the next one fills.
+
+Which calls of a client are new, duplicates or durable is the run's
+:class:`~.ledger.Ledger`'s to say (``daemon/ledger.py``); a channel keeps the
+clients attached in this daemon instance (:class:`ClientState`), the flush
+barriers waiting on the ledger, and the run's storage error.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from ..protocol.peer import process_alive
 from ..storage import format as fmt
 from ..storage.writer import RunWriter
 from .ingest import RunIngest, prepare_items
+from .ledger import Ledger
 
 log = logging.getLogger("kohakuboard.daemon")
 
@@ -39,15 +45,16 @@ _RICH_BATCH_BYTES = 8 << 20
 
 @dataclass
 class ClientState:
-    """One client (one Board in one process) attached to a run."""
+    """One client (one Board in one process) attached to a run in this daemon instance.
+
+    How far its calls arrived and are durable is in the run's ledger.
+    """
 
     client: str
     rank: int
     pid: int
     pid_start: int
     host: str
-    received_seq: int = 0
-    durable_seq: int = 0
     attached: bool = True
     status: str = "attached"
 
@@ -99,6 +106,8 @@ class RunChannel:
         self._pool = pool
         self.prepared: dict[int, tuple[Any, Any]] = {}
         self.writer: RunWriter | None = None
+        # Per client: what is new, a duplicate, durable (loaded when the writer opens).
+        self.ledger = Ledger()
         # Turns the batches into the writer's plain calls (writer thread; daemon/ingest.py).
         self.ingest: RunIngest | None = None
         self._writer_lock = asyncio.Lock()
@@ -145,8 +154,14 @@ class RunChannel:
         # Several clients may open one run at once: only one may create the writer.
         async with self._writer_lock:
             if self.writer is None:
-                self.writer = await self.call(RunWriter, self.path, on_event=log.info, durable=self.durable)
-                self.ingest = RunIngest(self.writer)
+                writer = await self.call(RunWriter, self.path, on_event=log.info, durable=self.durable)
+                try:
+                    await self.call(self.ledger.load, writer.delivery_marks())
+                except BaseException:
+                    await self.call(writer.close)
+                    raise
+                self.writer = writer
+                self.ingest = RunIngest(writer, self.ledger)
         return self.writer
 
     # -------------------------------------------------------------- clients
@@ -169,12 +184,6 @@ class RunChannel:
             and (c.pid, c.host) != (state.pid, state.host)
             and not (c.host == socket.gethostname() and c.pid and not process_alive(c.pid, c.pid_start))
         ]
-        previous = self.clients.get(state.client)
-        if previous is not None:
-            state.received_seq = previous.received_seq
-            state.durable_seq = previous.durable_seq
-        else:
-            state.durable_seq = writer.durable_prefix(state.client)
         info = await self.call(
             writer.attach,
             client=state.client,
@@ -242,9 +251,7 @@ class RunChannel:
 
     def add(self, msg: LogMessage | LogBatch | OutputMessage | DropReport) -> None:
         """Queue a message for writing (event loop; no I/O)."""
-        state = self.clients.get(msg.env.client)
-        if state is not None and msg.env.seq > state.received_seq:
-            state.received_seq = msg.env.seq
+        self.ledger.received(msg.env.client, msg.env.seq)
         now = self.last_heard = self._now()
         if not self.pending and not self.pending_output:
             self._first_pending_at = now
@@ -279,17 +286,17 @@ class RunChannel:
         return self.ingest is not None and bool(self.ingest.parked)
 
     def durable_seq(self, client: str) -> int:
-        state = self.clients.get(client)
-        if state is not None:
-            return state.durable_seq
-        return self.writer.durable_prefix(client) if self.writer is not None else 0
+        """How far ``client``'s calls are durable (the ledger's word; 0 before the writer opened)."""
+        return self.ledger.durable(client)
 
     async def ensure_client(self, client: str, rank: int, pid: int, pid_start: int, host: str) -> ClientState:
         """The state of a client that may have attached to a previous daemon instance.
 
         A client re-attaches implicitly with its first acknowledgement request
         after a daemon restart; from then on it is watched like any other (its
-        process dying marks the run crashed).
+        process dying marks the run crashed).  Whether the run already holds
+        calls of it (the forwarder's queue or the ZeroMQ pipe delivered them
+        first) does not matter: only an attachment here counts.
         """
         state = self.clients.get(client)
         if state is not None:
@@ -320,7 +327,7 @@ class RunChannel:
         Raises the run's :class:`StorageError` if writing fails meanwhile, and
         ``TimeoutError`` if the messages do not arrive in time.
         """
-        if self.writer is None and client not in self.clients:
+        if self.writer is None:
             # A run reopened by a restarted daemon: what is durable is in the
             # run's files (a client whose data is all stored has nothing to re-send).
             await self.ensure_writer()
@@ -400,7 +407,7 @@ class RunChannel:
         try:
             await self.ensure_writer()
             assert self.ingest is not None
-            seqs = await self.call(self._write, self.ingest, batch, output)
+            await self.call(self._write, self.ingest, batch, output)
         except StorageError as exc:
             self._retry = True
             self.stats.errors += 1
@@ -416,12 +423,6 @@ class RunChannel:
             self.error = None
             self._retry = False
             self.unwritten_bytes = 0
-            for client, seq in seqs.items():
-                state = self.clients.get(client)
-                if state is None:
-                    state = self.clients[client] = ClientState(client, 0, 0, 0, "", attached=False)
-                if seq > state.durable_seq:
-                    state.durable_seq = seq
             self.stats.batches += 1
             for client, (seq, status) in list(self.deferred_finish.items()):
                 if self.durable_seq(client) >= seq:
@@ -458,16 +459,15 @@ class RunChannel:
 
     def _write(
         self, ingest: RunIngest, batch: list[LogMessage | LogBatch | DropReport], output: list[OutputMessage]
-    ) -> dict[str, int]:
+    ) -> None:
         # Runs on the writer thread.  Output is written first: it is small, and a
         # crash traceback matters most when everything else is failing.
         writer = ingest.writer
         before = writer.points_written
         ingest.stage([*output, *batch] if output else batch, self.prepared)
-        seqs = writer.commit()
+        ingest.commit()  # the ledger's durable numbers move on here
         self.stats.points += writer.points_written - before
-        self.stats.duplicates = writer.duplicates
-        return seqs
+        self.stats.duplicates = ingest.ledger.duplicates
 
     def stop(self) -> None:
         """Ask the batcher to write what is pending, close the run and return."""
@@ -495,8 +495,8 @@ class RunChannel:
                     "client": c.client,
                     "rank": c.rank,
                     "pid": c.pid,
-                    "durable_seq": c.durable_seq,
-                    "received_seq": c.received_seq,
+                    "durable_seq": self.ledger.durable(c.client),
+                    "received_seq": self.ledger.highest_received(c.client),
                 }
                 for c in self.attached
             ],

@@ -407,7 +407,7 @@ def import_dir(
                 batch_bytes += sum(len(b) for msg in msgs for b in msg.blobs)
                 if len(batch) >= _BATCH_CALLS or batch_bytes >= _BATCH_BYTES:
                     ingest.stage(batch)
-                    writer.commit()
+                    ingest.commit()
                     batch, batch_bytes = [], 0
             if progress is not None and done:
                 progress(done)
@@ -416,7 +416,7 @@ def import_dir(
             return result
         if batch:
             ingest.stage(batch)
-            writer.commit()
+            ingest.commit()
         clock.t = conv.last_wall if conv.last_wall is not None else clock.t
         writer.detach(CLIENT, fmt.STATUS_FINISHED)
         if conv.hparams:

@@ -61,7 +61,9 @@ with name ``""`` is a byte length) belong to a batch whose writer died before
 committing.  Readers ignore them and the next writer removes them; the clients
 re-send that batch, so nothing is lost or doubled.  ``client_seqs`` holds, per
 client, the committed sequence numbers as closed ranges ``lo..hi`` (usually one
-row): the daemon drops a re-sent message whose numbers are already there.
+row): the daemon's ledger drops a re-sent message whose numbers are already
+there (``daemon/ledger.py`` decides and hands them to each commit; the writer
+stores them as given).
 ``clients.dropped_calls``/``dropped_values`` count the ``log()`` calls (and their
 values) the client's drop policy discarded when the daemon could not keep up,
 ``dropped_lines`` the captured output lines (``output.log`` has a line saying

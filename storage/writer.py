@@ -12,16 +12,16 @@ duplicates a point:
 
 * The ``stage_*`` methods take plain data (per-column arrays, the calls' steps,
   output text, prepared rich values: :mod:`.rich`) and only keep it in memory
-  (pure, cannot fail on the disk).  :meth:`RunWriter.claim` records the
-  sequence numbers of the calls staged, per client, and refuses ones this run
-  already has (a client re-sending what a dead daemon never acknowledged).
-  The daemon turns what clients send into these calls (``daemon/ingest.py``);
-  the writer knows nothing of the wire.
+  (pure, cannot fail on the disk).  The daemon turns what clients send into
+  these calls (``daemon/ingest.py``), after its ledger (``daemon/ledger.py``)
+  dropped the re-sent ones; the writer knows nothing of the wire, of clients'
+  sequence numbers or of acknowledgements.
 * :meth:`RunWriter.commit` phase A appends them column by column (and writes
   media files, tensor payloads, captured output), removing each from the
   staging list only after its append has committed; phase B is ONE SQLite
-  transaction with the batch's rows, the clients' sequence numbers and the
-  committed length of every column touched (format: "Commits").  If the disk
+  transaction with the batch's rows, the caller's delivery marks (opaque
+  ``(key, lo, hi)`` ranges: the daemon's record of which calls the batch
+  holds) and the committed length of every column touched (format: "Commits").  If the disk
   fills up half way, the staged rest stays, the error is raised, and the next
   ``commit`` carries on where it stopped.
 * If the process dies between the phases, the next writer to open the run
@@ -38,7 +38,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,7 +47,6 @@ from kohakuvault import ColumnVault
 from ..protocol.errors import FormatVersionError, StorageError
 from . import format as fmt
 from .rich import RichStaging
-from .seqranges import SeqRanges
 
 _REC = fmt.scalar_record_dtype()
 
@@ -75,16 +74,7 @@ class RunWriter(RichStaging):
         self._staged: list[tuple[str, np.ndarray]] = []
         self._staged_calls: dict[int, list[tuple[Any, Any, Any]]] = {}
         self._last_range: dict[int, tuple[int, int, int, int, int, float, float]] = {}
-        # Sequence numbers per client: committed (in metadata.db) and seen
-        # (committed plus staged); clients touched since the last commit.
-        self._committed: dict[str, SeqRanges] = {}
-        self._seen: dict[str, SeqRanges] = {}
-        self._touched: set[str] = set()
         self._staged_drops: dict[str, list[int]] = {}
-        self.duplicates = 0
-        self._parked: dict[str, list[tuple[int, float, Any]]] = {}
-        self.parked_bytes = 0
-        self.release_parked = False
         # Columns appended to since the last commit: (file, column) -> column.
         self._dirty_columns: dict[tuple[str, str], Any] = {}
         self._output_size: int | None = None
@@ -228,18 +218,17 @@ class RunWriter(RichStaging):
                 if out_size > keep:
                     os.truncate(out_path, keep)
                     self.event("recovered", f"removed {out_size - keep} uncommitted byte(s) of {fmt.OUTPUT_LOG}")
-            for client, lo, hi in self._db.execute("SELECT client, lo, hi FROM client_seqs ORDER BY client, lo"):
-                self._committed.setdefault(client, SeqRanges()).add(int(lo), int(hi))
         except sqlite3.Error as exc:
             raise StorageError(f"cannot read the commit point of {self.path}: {exc}") from exc
         except OSError as exc:
             raise StorageError(f"cannot recover {self.path}: {exc.strerror or exc}") from exc
-        self._seen = {c: r.copy() for c, r in self._committed.items()}
 
-    def durable_prefix(self, client: str) -> int:
-        """Highest n such that every message 1..n of ``client`` is committed."""
-        r = self._committed.get(client)
-        return r.prefix() if r is not None else 0
+    def delivery_marks(self) -> list[tuple[str, int, int]]:
+        """The delivery marks committed so far (``(key, lo, hi)``, see :meth:`commit`), for the
+        daemon's ledger to load when it opens the run."""
+        with self._sql():
+            rows = self._db.execute("SELECT client, lo, hi FROM client_seqs ORDER BY client, lo").fetchall()
+        return [(str(c), int(lo), int(hi)) for c, lo, hi in rows]
 
     def reopen_logs(self) -> None:
         """Reopen ``logs/writer.log`` (SIGHUP, after log rotation)."""
@@ -396,50 +385,7 @@ class RunWriter(RichStaging):
     #
     # Plain calls, made on the writer's thread by the daemon (daemon/ingest.py
     # translates what clients send into them); nothing reaches the disk before
-    # commit().  Every call a client makes has a sequence number: the writer
-    # records which ones it holds (client_seqs, with the commit that stores
-    # them), so a call re-sent after a crash is stored once.
-
-    def highest_seen(self, client: str) -> int:
-        """The highest sequence number of ``client`` this run holds, committed or staged (0: none)."""
-        r = self._seen.get(client)
-        return r.highest() if r is not None else 0
-
-    def claim(self, client: str, first: int, last: int) -> bool:
-        """Record calls ``first..last`` of ``client`` as staged; False (a duplicate: stage nothing of
-        them) if the run has them all."""
-        r = self._seen_of(client)
-        if r.covers(first, last):
-            self.duplicates += 1
-            return False
-        r.add(first, last)
-        self._touched.add(client)
-        return True
-
-    def claim_each(self, client: str, seqs: np.ndarray) -> np.ndarray | None:
-        """Record the calls ``seqs`` (int64, ascending) of ``client`` as staged.
-
-        None: all of them were new.  Otherwise the mask of the new ones (maybe
-        none), which alone were recorded: stage only those.
-        """
-        r = self._seen_of(client)
-        keep = None
-        lo, hi = int(seqs.min()), int(seqs.max())
-        if r.overlaps(lo, hi):
-            keep = np.fromiter((s not in r for s in seqs.tolist()), dtype=bool, count=len(seqs))
-            self.duplicates += len(seqs) - int(keep.sum())
-            if not keep.any():
-                return keep
-            seqs = seqs[keep]
-        _add_seqs(r, seqs)
-        self._touched.add(client)
-        return keep
-
-    def _seen_of(self, client: str) -> SeqRanges:
-        r = self._seen.get(client)
-        if r is None:
-            r = self._seen[client] = SeqRanges()
-        return r
+    # commit().
 
     def stage_calls(self, rank: int, steps: Any, global_steps: Any, walls: Any) -> None:
         """Record calls of ``rank`` (one, or arrays of several) in the steps table with the next commit."""
@@ -483,14 +429,24 @@ class RunWriter(RichStaging):
         d[1] += values
         d[2] += lines
 
-    def commit(self) -> dict[str, int]:
-        """Write everything staged; return ``{client: durable prefix}`` for the clients touched.
+    def commit(self, marks: Mapping[str, tuple[Sequence[tuple[int, int]], int]] | None = None) -> None:
+        """Write everything staged, with the caller's delivery ``marks``.
+
+        ``marks`` maps a client id to ``(ranges, prefix)``: every range of call
+        numbers of that client the run holds once this commit is done, and
+        their contiguous prefix.  They replace the client's rows of
+        ``client_seqs`` and its ``clients.durable_seq`` in phase B's
+        transaction, so the data and the record of it become durable together;
+        the writer does not interpret them (the daemon's ledger does:
+        ``daemon/ledger.py``).
 
         Phase A: output text, column appends, file operations; phase B: one
         SQLite transaction that makes the batch durable (module docstring).
         On a storage error the part not yet written stays staged and
-        :class:`StorageError` is raised; calling ``commit`` again resumes.
+        :class:`StorageError` is raised; calling ``commit`` again (with the
+        marks again) resumes.
         """
+        marks = marks or {}
         if self._staged_output:
             self._write_output()
         while self._staged:
@@ -516,9 +472,8 @@ class RunWriter(RichStaging):
             except Exception as exc:
                 raise _storage_error(self.path, what, exc) from exc
             self._ops.pop(0)
-        touched = self._touched
-        if not (touched or self._staged_calls or self._sql_ops or self._dirty_columns or self._output_size is not None):
-            return {}
+        if not (marks or self._staged_calls or self._sql_ops or self._dirty_columns or self._output_size is not None):
+            return
         self._sync_written()
         last_range = dict(self._last_range)
         try:
@@ -542,14 +497,13 @@ class RunWriter(RichStaging):
                     for rank, parts in self._staged_calls.items():
                         self._write_step_ranges(rank, parts)
                     seq_rows: list[tuple[str, int, int]] = []
-                    for client in touched:
-                        r = self._seen[client]
+                    for client, (ranges, _) in marks.items():
                         self._db.execute("DELETE FROM client_seqs WHERE client=?", (client,))
-                        seq_rows.extend((client, lo, hi) for lo, hi in r.ranges())
+                        seq_rows.extend((client, int(lo), int(hi)) for lo, hi in ranges)
                     self._db.executemany("INSERT INTO client_seqs(client, lo, hi) VALUES (?,?,?)", seq_rows)
                     self._db.executemany(
                         "UPDATE clients SET durable_seq=? WHERE client=?",
-                        [(self._seen[client].prefix(), client) for client in touched],
+                        [(int(prefix), client) for client, (_, prefix) in marks.items()],
                     )
                     if self._staged_drops:
                         self._db.executemany(
@@ -579,14 +533,7 @@ class RunWriter(RichStaging):
         self._staged_drops = {}
         self._dirty_columns = {}
         self._output_size = None
-        out = {}
-        for client in touched:
-            r = self._seen[client]
-            self._committed[client] = r.copy()
-            out[client] = r.prefix()
-        self._touched = set()
         self._compact_journals()
-        return out
 
     def _sync_written(self) -> None:
         """fsync every file phase A wrote, and every directory that gained an entry,
@@ -802,16 +749,6 @@ def _trim_heap() -> None:
             _libc = False
     if _libc:
         _libc(0)
-
-
-def _add_seqs(r: SeqRanges, seqs: np.ndarray) -> None:
-    """Add a batch's sequence numbers (normally consecutive: one range)."""
-    first, last = int(seqs[0]), int(seqs[-1])
-    if last - first == len(seqs) - 1 and (len(seqs) < 3 or bool(np.all(np.diff(seqs) == 1))):
-        r.add(first, last)
-    else:
-        for s in seqs.tolist():
-            r.add(s, s)
 
 
 def _step_ranges(

@@ -156,3 +156,65 @@ def test_replayed_batch_after_half_written_commit_is_not_doubled(daemon, endpoin
 
 def w_events(w):
     return [{"kind": k} for (k,) in w._db.execute("SELECT kind FROM events")]
+
+
+def test_a_client_whose_data_reached_a_restarted_daemon_first_is_still_watched(endpoint, daemon_factory, base_dir):
+    """After a daemon restart the client's queued data can be written before its first acknowledgement
+    request arrives.  The client must still be re-attached by that request (a ``resume`` event), so
+    that when its process dies the run is marked crashed instead of staying ``running`` for good."""
+    from kohakuboard.protocol import codec
+    from kohakuboard.protocol import messages as m
+    from kohakuboard.protocol.peer import process_start_ticks
+
+    from .test_item_contract import _Raw
+
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    peer = (trainer.pid, process_start_ticks(trainer.pid), __import__("socket").gethostname())
+    run = str(base_dir / "default" / "early")
+
+    def data(raw, first, last):
+        for seq in range(first, last + 1):
+            env = m.Envelope(run=run, client="early", seq=seq, step=seq, wall=1.7e9 + seq)
+            raw.push.send_multipart(codec.encode(m.LogMessage(env, {"x": float(seq)})))
+
+    def points() -> int:
+        runs = daemon_status(endpoint)["runs"]
+        return sum(r["points"] for r in runs if r["path"] == run)
+
+    try:
+        first = daemon_factory(endpoint)
+        raw = _Raw(endpoint)
+        try:
+            opened = raw.request(
+                m.OpenRun(m.Envelope(run=run, client="early", seq=1), "early", "default", "early", {}, *peer)
+            )
+            assert isinstance(opened, m.RunOpened), opened
+            data(raw, 1, 5)
+            assert raw.request(m.FlushRequest(m.Envelope(run=run, client="early", seq=2), 5)).durable_seq == 5
+        finally:
+            raw.close()
+        first.kill()
+        daemon_factory(endpoint)
+        raw = _Raw(endpoint)
+        try:
+            data(raw, 6, 10)  # what the client had queued reaches the new daemon first
+            wait_until(lambda: points() == 5, message="the new daemon did not write the queued calls")
+            acked = raw.request(m.AckRequest(m.Envelope(run=run, client="early", seq=3), 10, 0, *peer))
+            assert isinstance(acked, m.Acked) and acked.durable_seq == 10, acked
+        finally:
+            raw.close()
+        with RunReader(run) as r:
+            assert [e["kind"] for e in r.events()].count("resume") == 1, r.events()
+        trainer.kill()  # the training process dies without finishing
+        trainer.wait()
+
+        def status() -> str:
+            with RunReader(run) as r:
+                return r.status
+
+        wait_until(lambda: status() == "crashed", message="the run of a dead client stayed running")
+        with RunReader(run) as r:
+            assert r.series("x")["value"].tolist() == [float(i) for i in range(1, 11)]
+    finally:
+        trainer.kill()
+        trainer.wait()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kohakuboard.storage.seqranges import SeqRanges
+from kohakuboard.daemon.seqranges import SeqRanges
 
 ranges = st.lists(st.tuples(st.integers(1, 200), st.integers(0, 30)).map(lambda t: (t[0], t[0] + t[1])), max_size=30)
 
