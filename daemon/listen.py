@@ -79,6 +79,7 @@ FDS_PER_CONNECTION = 3  # a node's connection, and the relay's socket + IPC conn
 _MAX_ADDRESSES = 1024  # peer addresses remembered with their counts
 _LOG_INTERVAL = 1.0  # seconds between two log lines about refused peers
 _SWEEP_INTERVAL = 5.0
+_CLOSE_LIMIT = 3.0  # seconds the listener process may take to close its sockets before it exits anyway
 
 
 def open_file_limit() -> int:
@@ -689,6 +690,12 @@ def child_main(spec_text: str) -> int:
                     return 0
         return 0
     finally:
+        # The listener holds no data (the relay keeps nothing; clients re-send), and
+        # its daemon may be gone: closing must not keep the ports bound, so a close
+        # that hangs (a socket zmq cannot let go of) ends the process anyway.
+        watchdog = threading.Timer(_CLOSE_LIMIT, os._exit, args=(0,))
+        watchdog.daemon = True
+        watchdog.start()
         listener.close()
 
 
