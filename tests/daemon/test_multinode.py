@@ -864,9 +864,11 @@ def test_finish_through_a_node_survives_a_head_restart(endpoint, second_endpoint
     try:
         os.kill(head.pid, signal.SIGSTOP)  # the request reaches a head that never answers ...
         go.touch()
-        # Kept as it was: killing the head as soon as finish()'s request had passed the forwarder once made
-        # finish() warn "could not be finished" after ~1 s of its 40 s; that is for the client/forwarder
-        # owners to look into, not for this test to hide.
+        # Kept as it was: killing the head as soon as finish()'s request has passed the forwarder (a wait on
+        # the forwarder's request count instead of this sleep) makes finish() warn "could not be finished"
+        # in about 1 run in 18 here: no request gets through the forwarder to the restarted head for the
+        # whole 40 s (the last attempt's "did not answer finish within 0.985s" is the end of that time).
+        # An open bug of the forwarder's reconnection; not for this test to hide.
         time.sleep(1.0)
         head.kill()  # ... and dies with it
         head = daemon_factory(endpoint, *head_args)
@@ -875,7 +877,7 @@ def test_finish_through_a_node_survives_a_head_restart(endpoint, second_endpoint
         if client.poll() is None:
             client.kill()
     assert client.returncode == 0 and "DONE" in out, err
-    assert "could not be finished" not in err, err
+    assert "could not be finished" not in err, err + "\nNODE:\n" + node.output() + "\nHEAD:\n" + head.output()
     run = base_dir / "nodes" / "fin"
     with RunReader(run) as r:
         assert r.status == "finished"
