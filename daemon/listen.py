@@ -631,7 +631,8 @@ def child_main(spec_text: str) -> int:
 
     Prints one JSON line ``{"ready": ...}`` or ``{"error": ...}``, then its
     status as a JSON line every half second; exits when its stdin closes (the
-    daemon stopped or died) or on SIGTERM.
+    daemon stopped or died: at most ``_CLOSE_LIMIT`` later) or on SIGTERM, and
+    is killed with its daemon (``PR_SET_PDEATHSIG``).
     """
     spec = json.loads(spec_text)
     logging.basicConfig(
@@ -642,7 +643,11 @@ def child_main(spec_text: str) -> int:
     try:  # die with the daemon, whatever kills it
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        # SIGKILL, not a signal to handle: a daemon started again at once (systemd,
+        # a client's autostart) needs the ports now, and the listener holds nothing
+        # to save (the relay keeps no data; clients re-send).  A handled SIGTERM
+        # waited for the main thread, and the ports stayed bound for over 20 s.
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the daemon, which stops us in order
@@ -671,6 +676,7 @@ def child_main(spec_text: str) -> int:
                 pass
         except OSError:
             pass
+        _exit_after(_CLOSE_LIMIT)  # however the main thread is doing
         stop.set()
 
     threading.Thread(target=watch_stdin, name="kobo-stdin", daemon=True).start()
@@ -693,10 +699,15 @@ def child_main(spec_text: str) -> int:
         # The listener holds no data (the relay keeps nothing; clients re-send), and
         # its daemon may be gone: closing must not keep the ports bound, so a close
         # that hangs (a socket zmq cannot let go of) ends the process anyway.
-        watchdog = threading.Timer(_CLOSE_LIMIT, os._exit, args=(0,))
-        watchdog.daemon = True
-        watchdog.start()
+        _exit_after(_CLOSE_LIMIT)
         listener.close()
+
+
+def _exit_after(seconds: float) -> None:
+    """End this (listener) process after ``seconds`` whatever its threads are doing."""
+    watchdog = threading.Timer(seconds, os._exit, args=(0,))
+    watchdog.daemon = True
+    watchdog.start()
 
 
 class ListenerProcess:

@@ -320,7 +320,7 @@ def test_node_samples_held_through_a_head_restart_arrive_once(
         down = time.time()
         taken = _node_status(second_endpoint)["system_metrics"]["samples"]
         _poll(lambda: _node_status(second_endpoint)["system_metrics"]["samples"] >= taken + 3, why)
-        # The killed head's TCP listener (a child process, told by PR_SET_PDEATHSIG) may take a moment to go.
+        # The killed head's TCP listener (a child process, killed with it by PR_SET_PDEATHSIG) takes a moment to go.
         port = int(head_args[1].rsplit(":", 1)[1])
         _poll(lambda: _ports_free(port), lambda: f"port {port} still taken after the head was killed\n{why()}")
         head = start_head(endpoint, head_args, head_log, code=HEAD_CODE)
