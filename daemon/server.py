@@ -94,6 +94,8 @@ class Daemon:
         self.throttled = 0
         self.started_at = time.time()
         self._stop: asyncio.Event | None = None  # created inside the loop
+        # the socket loops' readable events: a stop sets them too, so a loop sees it at once
+        self._wakeups: list[asyncio.Event] = []
         self._lock_fd: int | None = None
         self.peer_guard: PeerGuard | None = None  # refuses other uids (security.py)
         self._tcp: Any = None  # the --listen TCP listener (listen.py)
@@ -293,6 +295,8 @@ class Daemon:
     def request_stop(self) -> None:
         if self._stop is not None:
             self._stop.set()
+            for event in self._wakeups:  # the socket loops stop now, not after their poll interval
+                event.set()
 
     def _on_sighup(self) -> None:
         log.info("SIGHUP: reopening log files")
@@ -308,6 +312,8 @@ class Daemon:
 
     async def _wait_readable(self, sock: zmq.Socket[Any], event: asyncio.Event, timeout: float) -> None:
         event.clear()
+        if self._stop is not None and self._stop.is_set():
+            return
         # ZMQ_FD is edge-triggered: check EVENTS after clearing, before sleeping.
         if cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             return
@@ -321,6 +327,7 @@ class Daemon:
         readable = asyncio.Event()
         fd = self.pull.fileno()
         loop.add_reader(fd, readable.set)
+        self._wakeups.append(readable)
         stop = self._stop_event()
         try:
             while not stop.is_set():
@@ -435,6 +442,7 @@ class Daemon:
         readable = asyncio.Event()
         fd = self.router.fileno()
         loop.add_reader(fd, readable.set)
+        self._wakeups.append(readable)
         stop = self._stop_event()
         try:
             while not stop.is_set():
