@@ -4,7 +4,6 @@ Trainer against a real daemon; values, config and status read back from the run 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -168,23 +167,65 @@ CRASH = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(
-    "exc,body,code,status",
-    [
-        ("RuntimeError", "trainer.train()", 1, "crashed"),  # uncaught
-        ("KeyboardInterrupt", "trainer.train()", -2, "interrupted"),  # Ctrl-C: Python ends itself with SIGINT
-        ("RuntimeError", "try:\n    trainer.train()\nexcept RuntimeError:\n    print('caught')", 0, "crashed"),
-    ],
-    ids=["uncaught", "keyboard-interrupt", "caught-then-exit"],
-)
-def test_training_that_never_ends(daemon, base_dir: Path, tmp_path: Path, exc, body, code, status):
+# (exception raised at step 2, how the script runs the training, its exit code, the run's status)
+NEVER_ENDS = {
+    "uncaught": ("RuntimeError", "trainer.train()", 1, "crashed"),
+    "keyboard-interrupt": (
+        "KeyboardInterrupt",
+        "trainer.train()",
+        -2,
+        "interrupted",
+    ),  # Ctrl-C: Python ends itself with SIGINT
+    "caught-then-exit": (
+        "RuntimeError",
+        "try:\n    trainer.train()\nexcept RuntimeError:\n    print('caught')",
+        0,
+        "crashed",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def never_ending(shared_daemons, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, Path]]:
+    """The scripts of :func:`test_training_that_never_ends`, run at once (each spends seconds importing
+    torch and transformers) against the shared daemon: case -> (exit code, stderr, base dir)."""
+    from kohakuboard.testing import scrubbed_environ
+
+    ep = shared_daemons.get().endpoint
+    started = {}
+    for case, (exc, body, _, _) in NEVER_ENDS.items():
+        tmp = tmp_path_factory.mktemp(case)
+        base = tmp / "kohakuboard"
+        script = CRASH.format(exc=exc, tiny=TINY, out=str(tmp / "out"), base=str(base), body=body)
+        env = dict(scrubbed_environ(), KOBO_DAEMON_ENDPOINT=str(ep), KOBO_BASE_DIR=str(base), PYTHONWARNINGS="ignore")
+        err = open(tmp / "stderr", "w+")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=err, text=True, env=env
+        )
+        started[case] = (proc, err, base)
+    results = {}
+    try:
+        for case, (proc, err, base) in started.items():
+            code = proc.wait(180)
+            err.seek(0)
+            results[case] = (code, err.read(), base)
+    finally:
+        for proc, err, _ in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            err.close()
+    return results
+
+
+@pytest.mark.parametrize("case", list(NEVER_ENDS))
+def test_training_that_never_ends(daemon, never_ending, case):
     """Training that raised (uncaught, or caught by the script) leaves the run crashed; Ctrl-C interrupted."""
-    script = CRASH.format(exc=exc, tiny=TINY, out=str(tmp_path / "out"), base=str(base_dir), body=body)
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env)
-    assert proc.returncode == code, proc.stderr[-3000:]
+    code, status = NEVER_ENDS[case][2:]
+    returncode, stderr, base_dir = never_ending[case]
+    assert returncode == code, stderr[-3000:]
     runs = list_runs(base_dir)
-    assert len(runs) == 1, proc.stderr[-3000:]
+    assert len(runs) == 1, stderr[-3000:]
     with RunReader(runs[0].path) as run:
         assert run.status == status
         assert list(run.series("train/loss")["global_step"]) == [1, 2][: len(run.series("train/loss"))]
