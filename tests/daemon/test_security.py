@@ -217,12 +217,14 @@ for seq in range(1, 4):
 dealer = ctx.socket(zmq.DEALER)
 dealer.connect({endpoint.control_addr!r})
 dealer.send_multipart(codec.encode(m.StatusRequest(m.Envelope(seq=1))))
-report["raw_answered"] = bool(dealer.poll(2000))
+asked = time.monotonic()
 
 def open_board():
     with Board(name="intruder", base_dir={str(nobody_dir)!r}, capture_output=False, timeout=2) as b:
         b.log(evil=1.0)
 report["board"] = outcome(open_board)
+# no answer to the raw request within 2 s of sending it (most of them went by while the Board waited)
+report["raw_answered"] = bool(dealer.poll(max(0, int((2.0 - (time.monotonic() - asked)) * 1000))))
 # a flood of connections: each is refused, the log is not flooded
 flood = [ctx.socket(zmq.DEALER) for _ in range(30)]
 for s in flood:
