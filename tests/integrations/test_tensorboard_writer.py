@@ -62,18 +62,31 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(import_line: str, cwd: Path) -> None:
-    cwd.mkdir(parents=True, exist_ok=True)
+def _run(*scripts: tuple[str, Path]) -> None:
+    """Run the script with each ``(import line, cwd)`` at once (each spends seconds importing torch)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT.format(import_line=import_line)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-3000:]
+    procs = []
+    try:
+        for import_line, cwd in scripts:
+            cwd.mkdir(parents=True, exist_ok=True)
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", SCRIPT.format(import_line=import_line)],
+                    cwd=cwd,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0 and "done" in out, err[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=10)
 
 
 def _accumulators(logdir: Path) -> dict[str, EventAccumulator]:
@@ -91,8 +104,10 @@ def _pixels(data: bytes) -> np.ndarray:
 
 
 def test_script_written_for_torch_tensorboard_runs_unchanged(daemon, base_dir: Path, tmp_path: Path):
-    _run("from torch.utils.tensorboard import SummaryWriter", tmp_path / "tb")
-    _run("from kohakuboard.integrations.tensorboard import SummaryWriter", tmp_path / "kobo")
+    _run(
+        ("from torch.utils.tensorboard import SummaryWriter", tmp_path / "tb"),
+        ("from kohakuboard.integrations.tensorboard import SummaryWriter", tmp_path / "kobo"),
+    )
     tb = _accumulators(tmp_path / "tb" / "runs")
     main = tb["linear"]
     (info,) = list_runs(base_dir)
