@@ -144,6 +144,10 @@ def test_live_run_pushes_new_points_new_metrics_and_status(open_server, daemon, 
                 assert proc.stdout.readline().strip() == "finished"
                 wait_until(lambda: any(e[2].get("status") == "finished" for e in got), message="no finished event")
                 stop.set()
+                # end the stream now: the reading thread is blocked in recv, and a close alone leaves the
+                # connection open until that returns (the server's next ping, or its shutdown's 2 s grace)
+                resp.extensions["network_stream"].get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+                t.join(10)
             assert any(e[2].get("status") == "finished" for e in got)
             assert c.get("/api/runs/default/live").json()["status"] == "finished"
             # the reads above went through readers kept open between requests, and still saw every
