@@ -113,24 +113,33 @@ def viewer_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     base = root / "kohakuboard"
     sock_dir = tempfile.mkdtemp(prefix="kobo-v-", dir="/tmp")
     env = _env(base, sock_dir)
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        _run(SPIKE_SCRIPT, env, root)
-        _run(RICH_SCRIPT, env, root)
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", DDP_SCRIPT],
-                env={**env, "RANK": str(r), "WORLD_SIZE": "2"},
-                cwd=root,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-            for r in (0, 1)
-        ]
-        for p in procs:
-            _, err = p.communicate(timeout=120)
-            assert p.returncode == 0, err.decode()[-3000:]
+        # the first script starts the daemon (autostart); the others, independent runs, then write at once
         _run(CRASH_SCRIPT, env, root, expect_ok=False)
+        for code, extra in [
+            (SPIKE_SCRIPT, {}),
+            (RICH_SCRIPT, {}),
+            (DDP_SCRIPT, {"RANK": "0", "WORLD_SIZE": "2"}),
+            (DDP_SCRIPT, {"RANK": "1", "WORLD_SIZE": "2"}),
+        ]:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", code],
+                    env={**env, **extra},
+                    cwd=root,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )
+            )
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, out.decode()[-2000:] + err.decode()[-3000:]
     finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate(timeout=10)
         subprocess.run([sys.executable, "-m", "kohakuboard.daemon", "stop"], env=env, capture_output=True, timeout=60)
         shutil.rmtree(sock_dir, ignore_errors=True)
     yield base
