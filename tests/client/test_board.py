@@ -252,7 +252,7 @@ def test_flush_on_dead_daemon_raises(daemon, monkeypatch):
         b.flush(timeout=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        b.finish(timeout=1)
+        b.finish(timeout=0.1)  # (cleanup: the daemon is gone)
 
 
 def test_no_autostart_gives_clear_error(endpoint, monkeypatch):
