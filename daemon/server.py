@@ -546,8 +546,12 @@ class Daemon:
         """Tell a client how far its data is durable (waiting a little if asked)."""
         ch = self._attached_channel(req)
         client = req.env.client
+        # A client this instance never heard of re-attaches after a restart: the data it waits for went
+        # to the previous instance.  Answered at once, it learns of this instance and re-sends that data
+        # (instead of the request being held, for data that is not coming, until its wait runs out).
+        reattached = client not in ch.clients
         await ch.ensure_client(client, req.env.rank, req.pid, req.pid_start, req.host)
-        if req.want_seq > ch.durable_seq(client) and req.wait_ms > 0 and ch.error is None:
+        if req.want_seq > ch.durable_seq(client) and req.wait_ms > 0 and ch.error is None and not reattached:
             try:
                 await ch.barrier(client, req.want_seq, min(req.wait_ms, 5000) / 1000)
             except (asyncio.TimeoutError, StorageError):
