@@ -26,9 +26,15 @@ class Revival:
         self.outbox = outbox
         self.autostart = autostart
         self._next_check = 0.0
+        self._lost = False
+
+    def connection_lost(self) -> None:
+        """The daemon's connection dropped (it may have died): look at the next check, without waiting."""
+        self._lost = True
 
     def check(self, now: float) -> None:
-        """The daemon has not answered for a while: if its process is gone, start a new one.
+        """The daemon has not answered for a while (or its connection dropped): if its process is gone, start
+        a new one.
 
         While it is down, look every 0.2 s, so that a daemon restarted by
         someone else (systemd, by hand, another client) is asked at once.
@@ -37,7 +43,8 @@ class Revival:
         """
         out = self.outbox
         since = out.unanswered_since
-        if since is None or now - since <= ALIVE_CHECK or now < self._next_check:
+        lost, self._lost = self._lost, False
+        if not lost and (since is None or now - since <= ALIVE_CHECK or now < self._next_check):
             return
         self._next_check = now + (0.2 if out.daemon_down else ALIVE_CHECK)
         if daemon_alive(self.ep):

@@ -103,6 +103,7 @@ class Sender(threading.Thread):
                 return
             if _drained(monitor):
                 out.connection_lost()
+                self.revival.connection_lost()
             while True:
                 try:
                     frames = ack.recv_multipart(zmq.NOBLOCK)
