@@ -302,7 +302,7 @@ def test_killed_daemon_run_made_read_only_reads_every_committed_point(daemon, sh
     daemon.kill()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        b.finish(timeout=1)
+        b.finish(timeout=0.1)  # (closes the board: the daemon is gone, the run stays open)
     run = Path(b.path)
     assert os.path.getsize(run / (fmt.METADATA_DB + "-wal")) > 32  # committed data only in the -wal
     assert os.path.getsize(run / (fmt.SCALARS_DB + "-wal")) > 32
