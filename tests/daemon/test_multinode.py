@@ -907,7 +907,7 @@ def test_head_marks_a_run_nobody_is_heard_from_crashed(endpoint, second_endpoint
     """Client and its forwarder both killed: nobody can report it, so the head marks the run crashed after --stale-run."""
     head_args, node_args = node_setup(tmp_path)
     head_log = tmp_path / "head.log"
-    head = start_head(endpoint, [*head_args, "--stale-run", "3"], head_log, code=HEAD_CODE)
+    head = start_head(endpoint, [*head_args, "--stale-run", "1"], head_log, code=HEAD_CODE)
     try:
         node = node_daemon(daemon_factory, second_endpoint, "--endpoint", str(second_endpoint), *node_args)
         client, _ = start_ends(second_endpoint, "silent", "sleep", tmp_path)
