@@ -303,12 +303,15 @@ def test_a_run_whose_files_hang_stalls_only_itself(viewer_runs, tmp_path):
             assert r.status_code == 500 and "not a regular file" in r.text
         assert all(t.is_alive() for t in hung), "the hung run's requests should still be waiting"
     finally:
-        for p in (hang_db,):  # let the blocked opens return, so that the server can stop
-            for _ in range(20):
-                try:
-                    os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
-                except OSError:
-                    break
+        # let the blocked opens return (each open for writing releases one; a request that waited for a
+        # thread opens the FIFO after that) until every hung request is answered, so that the server
+        # stops at once instead of after its shutdown grace with requests still hanging
+        deadline = time.monotonic() + 15
+        while any(t.is_alive() for t in hung) and time.monotonic() < deadline:
+            try:
+                os.close(os.open(hang_db, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader blocked in open() right now
+                time.sleep(0.01)
         s.stop()
         for t in hung:
             t.join(10)
