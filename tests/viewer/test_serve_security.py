@@ -177,12 +177,17 @@ def test_logged_out_session_id_stays_dead(team):
         no_leak(r)
 
 
-def test_idle_session_expires(team):
-    with team["server"].client() as c:
-        assert login(c, "alice").status_code == 200
-        assert c.get("/api/runs").status_code == 200
-        time.sleep(3.5)  # the server runs with --session-idle 3
-        assert c.get("/api/runs").status_code == 401
+def test_idle_session_expires(tmp_path, viewer_runs):
+    """Its own server, with sessions idle for 1 s expiring (the shared one's are 3 s)."""
+    s, _ = own_server(tmp_path, viewer_runs, "alice", "--session-idle", "1")
+    try:
+        with s.client() as c:
+            assert login(c, "alice").status_code == 200
+            assert c.get("/api/runs").status_code == 200
+            time.sleep(1.5)  # idle for longer than --session-idle
+            assert c.get("/api/runs").status_code == 401
+    finally:
+        s.stop()
 
 
 def test_wrong_password_backs_off_and_is_logged(tmp_path, viewer_runs):
