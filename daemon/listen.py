@@ -652,8 +652,12 @@ def child_main(spec_text: str) -> int:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the daemon, which stops us in order
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = threading.Event()  # set by the stdin thread: its EOF means the daemon stopped or died
+    # SIGTERM only leaves a mark, seen by the loop below within half a second: stop.set() in the handler, which runs in the main thread, deadlocked when the signal came
+    # while that thread was inside stop.wait() (which holds the event's lock), and the process then never
+    # exited, keeping the TCP port from a restarted daemon
+    terminated: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
     out = sys.stdout
 
     def say(obj: dict[str, Any]) -> None:
@@ -683,7 +687,7 @@ def child_main(spec_text: str) -> int:
     try:
         say({"ready": True, **listener.info()})
         last = ""
-        while not stop.wait(0.5):
+        while not stop.wait(0.5) and not terminated:
             if listener.relay is None or not listener.relay.alive():
                 log.error("the TCP relay stopped; exiting (the daemon starts a new listener)")
                 return 1
