@@ -653,9 +653,10 @@ def child_main(spec_text: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the daemon, which stops us in order
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     stop = threading.Event()  # set by the stdin thread: its EOF means the daemon stopped or died
-    # SIGTERM only leaves a mark, seen by the loop below within half a second: stop.set() in the handler, which runs in the main thread, deadlocked when the signal came
-    # while that thread was inside stop.wait() (which holds the event's lock), and the process then never
-    # exited, keeping the TCP port from a restarted daemon
+    # SIGTERM only leaves a mark, seen by the loop below within half a second: stop.set() in the
+    # handler, which runs in the main thread, deadlocked when the signal came while that thread was
+    # inside stop.wait() (which holds the event's lock), and the process then never exited, keeping
+    # the TCP port from a restarted daemon
     terminated: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
     out = sys.stdout
