@@ -244,6 +244,21 @@ def playwright_or_skip() -> Any:
     return pytest.importorskip("playwright.sync_api")
 
 
+# Resolves once the page is still: web fonts loaded, every finite CSS animation or transition
+# finished, and two frames painted after that.  Waited on before a screenshot, instead of a pause.
+SETTLED_JS = """async () => {
+  await document.fonts.ready;
+  const finite = document.getAnimations().filter((a) => a.effect && a.effect.getComputedTiming().endTime !== Infinity);
+  await Promise.all(finite.map((a) => a.finished.catch(() => null)));
+  await new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)));
+}"""
+
+
+def settle(page: Any) -> None:
+    """Wait until ``page`` (a Playwright page) is still (:data:`SETTLED_JS`)."""
+    page.evaluate(SETTLED_JS)
+
+
 def save_for_docs(path: Path, name: str) -> None:
     """With ``UPDATE_DOCS_SCREENSHOTS=1``, copy a screenshot the tests took to ``docs/name`` (the README's)."""
     if os.environ.get("UPDATE_DOCS_SCREENSHOTS") == "1":

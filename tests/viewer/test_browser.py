@@ -26,7 +26,7 @@ import pytest
 
 from kohakuboard.viewer import reduce as R
 
-from .conftest import SPIKES, OpenServer, playwright_or_skip, save_for_docs
+from .conftest import SPIKES, OpenServer, playwright_or_skip, save_for_docs, settle
 
 playwright_or_skip()
 Image = pytest.importorskip("PIL.Image")
@@ -316,7 +316,7 @@ def test_overview_screenshot(page, viewer_server):
     p = page(viewer_server, width=1400, height=1000)
     p.goto("#/run/default/rich?smooth=0.6")
     p.page.wait_for_selector('.chart-card[data-drawn="1"]', timeout=30_000)
-    p.page.wait_for_timeout(300)
+    settle(p.page)
     img = p.shot("overview")
     assert colours(img) > 50
     assert p.js_errors() == []

@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import playwright_or_skip, save_for_docs
+from .conftest import playwright_or_skip, save_for_docs, settle
 from .test_serve_security import PASSWORD, Server, cli
 
 PlaywrightError = playwright_or_skip().Error
@@ -198,7 +198,7 @@ def test_login_run_list_and_logout(serve, page, base):
     assert run_list(p, app) == ALL_RUNS
     logged_in_as(p, "alice")
     assert p.page.is_hidden("#auth-error")
-    p.page.wait_for_timeout(300)
+    settle(p.page)
     p.shot("serve-runs", "viewer-serve-runs.png" if not base else None)
     assert p.page_errors() == []
 
@@ -300,7 +300,7 @@ def test_kobo_open_has_no_session_and_a_refusal_says_to_reopen_the_url(open_serv
     p.page.goto(s.url)
     p.page.wait_for_url(f"{s.origin}/")
     assert len(run_list(p, f"{s.origin}/")) == 4
-    p.page.wait_for_timeout(300)
+    settle(p.page)
     assert p.page.is_hidden("#user-box") and p.page.is_hidden("#auth-error")
     assert p.page.evaluate("window.koboState.user") is None
     assert not [u for u in p.requests if "api/session" in u]
