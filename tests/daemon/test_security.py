@@ -227,10 +227,14 @@ report["board"] = outcome(open_board)
 report["raw_answered"] = bool(dealer.poll(max(0, int((2.0 - (time.monotonic() - asked)) * 1000))))
 # a flood of connections: each is refused, the log is not flooded
 flood = [ctx.socket(zmq.DEALER) for _ in range(30)]
+watch = [s.get_monitor_socket(zmq.EVENT_CONNECTED) for s in flood]
 for s in flood:
     s.connect({endpoint.control_addr!r})
-time.sleep(1.0)
+for mon in watch:  # each connection made (the daemon refuses it by the peer's uid)
+    assert mon.poll(30000), "a flood connection was never made"
+    mon.close(0)
 for s in flood:
+    s.disable_monitor()
     s.close(0)
 push.close(500)
 dealer.close(0)
