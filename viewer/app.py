@@ -1183,6 +1183,7 @@ def build_app(base_dir: str, mode: str = "open") -> Starlette:
         return _json(
             {
                 **hub.stats(),
+                "reads": reads.busy(),  # per run: reads in flight or waiting for one of its threads
                 "readers": {
                     "opened": viewer.readers.opened,
                     "lent": viewer.readers.lent,

@@ -23,6 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
+from kohakuboard.testing import wait_until
+
 from .conftest import ServerProcess
 
 PASSWORD = "correct horse battery"
@@ -286,8 +288,12 @@ def test_a_run_whose_files_hang_stalls_only_itself(viewer_runs, tmp_path):
             url = ["/api/runs/default/hang", "/api/runs/default/hang/series?metric=loss"][i % 2]
             hung.append(threading.Thread(target=stuck, args=(url,), daemon=True))
             hung[-1].start()
-        time.sleep(1.0)
         with httpx.Client(base_url=s.origin, headers=auth, timeout=10) as c:
+            # every hung request has reached the server: in flight on the run's threads, or waiting for one
+            wait_until(
+                lambda: c.get("/api/stats").json()["reads"].get("default/hang") == 10,
+                message=lambda: f"the hung requests never all arrived: {c.get('/api/stats').json()}",
+            )
             for _ in range(5):
                 t0 = time.perf_counter()
                 runs = c.get("/api/runs")
