@@ -362,15 +362,24 @@ def test_connection_cap_in_total_and_the_open_files_limit(viewer_runs, tmp_path)
             soft = int(next(line for line in f if line.startswith("Max open files")).split()[3])
         assert soft >= 5 + 256
         held = [connect(port, "127.0.0.1") for _ in range(5)]
-        time.sleep(0.3)
-        extra = connect(port, "127.0.0.1")
-        extra.settimeout(5)
-        assert extra.recv(4096).startswith(b"HTTP/1.1 503 ")
-        extra.close()
+
+        def extra_refused() -> bool:
+            """A sixth connection is answered 503 at once (False while the server has not yet
+            taken all five held ones: it then waits for a request, and is closed here)."""
+            extra = connect(port, "127.0.0.1")
+            extra.settimeout(0.5)
+            try:
+                return extra.recv(4096).startswith(b"HTTP/1.1 503 ")
+            except TimeoutError:
+                return False
+            finally:
+                extra.close()
+
+        wait_until(extra_refused, message="a connection over --max-connections was not refused")
         held.pop().close()
-        time.sleep(0.3)
         with httpx.Client(base_url=s.origin, timeout=5) as c:
-            assert c.get("/healthz").status_code == 200  # the freed slot
+            # the freed slot, once the server has seen the close
+            wait_until(lambda: c.get("/healthz").status_code == 200, message="the freed slot was not given back")
     finally:
         for sock in held:
             sock.close()
