@@ -11,6 +11,8 @@ import warnings
 import pytest
 
 from kohakuboard.client import Board
+from kohakuboard.protocol import codec
+from kohakuboard.protocol.messages import FinishRun
 from kohakuboard.storage.reader import RunReader
 
 
@@ -23,9 +25,28 @@ def test_finish_asks_again_after_the_daemon_restarts(daemon, daemon_factory, end
         b.log(x=float(i))
     b.flush()
     os.kill(daemon.pid, signal.SIGSTOP)  # finish()'s request waits in its socket ...
+    asked = threading.Event()
+
+    class NotingSocket:
+        """The Board's control socket, noting when finish()'s request has been sent (an observer:
+        everything goes to the real socket unchanged)."""
+
+        def __init__(self, sock):
+            self._sock = sock
+
+        def send_multipart(self, frames, *args, **kwargs):
+            out = self._sock.send_multipart(frames, *args, **kwargs)
+            if codec.decode(frames).KIND == FinishRun.KIND:
+                asked.set()
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self._sock, name)
+
+    b._conn._dealer = NotingSocket(b._conn._dealer)
 
     def restart() -> None:
-        time.sleep(1.0)
+        assert asked.wait(30), "finish() sent no FinishRun"
         daemon.kill()  # ... and dies with it
         time.sleep(2.0)  # no daemon at all for a while
         daemon_factory(endpoint)
