@@ -366,6 +366,7 @@ class Daemon:
                 msg = codec.decode(frames)
             except ProtocolError as exc:
                 self._reject(type(exc).__name__, exc)
+                self._fill_hole(frames, exc)
                 continue
             if msg.KIND not in m.DATA_KINDS:
                 self._reject("WrongSocket", f"{msg.KIND} request sent on the data socket")
@@ -380,6 +381,42 @@ class Daemon:
                 break  # large values: let the writers catch up before reading more
         self.received += n
         return n
+
+    def _fill_hole(self, frames: Any, exc: ProtocolError) -> None:
+        """A refused ``log()`` or output message still takes its place in its client's sequence.
+
+        Its client never sends it again (it re-sends only to a new daemon), so
+        without this its number would stay missing and the client's durable
+        number would stop below it for good: every later ``flush()`` timing
+        out, ``log()`` blocking at the in-flight bound.  Instead, for a run open
+        here, the call is stored as a drop of one call (``clients.dropped_calls``,
+        shown by ``kobo show`` and the viewer) and a ``refused`` event says why.
+        """
+        peeked = codec.peek_envelope(frames)
+        if peeked is None:
+            return  # no sender or number to account it to
+        kind, env = peeked
+        ch = self.runs.get(env.run)
+        if ch is None or env.seq < 1 or kind not in (m.LogMessage.KIND, m.OutputMessage.KIND):
+            return  # a batch's or a drop report's numbers are in its unreadable payload
+        calls = 1 if kind == m.LogMessage.KIND else 0
+        ch.add(m.DropReport(m.Envelope(env.run, env.client, env.seq, env.rank, 0, 0, time.time()), env.seq, calls))
+        what = "log() call" if calls else "captured output"
+        self._spawn(
+            self._run_event(
+                ch,
+                "refused",
+                f"client {env.client}: {kind} message #{env.seq} refused ({exc}); its {what} is counted as dropped",
+            ),
+            f"refused:{env.run}",
+        )
+
+    async def _run_event(self, ch: RunChannel, kind: str, detail: str) -> None:
+        try:
+            writer = await ch.ensure_writer()
+            await ch.call(writer.event, kind, detail)
+        except KoboError as exc:
+            log.error("%s: could not record a %s event: %s", ch.path, kind, exc)
 
     def _channel_for_unknown_run(self, run: str) -> RunChannel | None:
         # Data for a run this daemon never opened: a client of a previous daemon

@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 
 from . import messages as m
-from .errors import MalformedMessage, MessageTooLarge, VersionMismatch
+from .errors import MalformedMessage, MessageTooLarge, ProtocolError, VersionMismatch
 
 # Limits.  The header is small by design: large values travel as extra frames.
 MAX_HEADER_BYTES = 16 << 20
@@ -295,6 +295,20 @@ def _adapt_minor(kind: str, minor: int, payload: list[Any], n: int) -> list[Any]
             defaults = cls(m.Envelope())
             return payload + [getattr(defaults, name) for name, _ in _SCHEMA[kind][known:]]
     raise MalformedMessage(f"{kind} payload must be an array of {n} fields")
+
+
+def peek_envelope(frames: Sequence[bytes | memoryview | Any]) -> tuple[str, m.Envelope] | None:
+    """The kind and envelope of a message whose header is valid, whatever its payload
+    (None when the header itself is not).  For a message :func:`decode` refused: who sent it
+    and which sequence number it carried."""
+    if not frames:
+        return None
+    first = frames[0]
+    try:
+        header = _unpack_header(first if isinstance(first, (bytes, memoryview)) else first.bytes)
+        return str(header[2]), _check_envelope(header)
+    except ProtocolError:
+        return None
 
 
 def decode(frames: Sequence[bytes | memoryview | Any]) -> Any:

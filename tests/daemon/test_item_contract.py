@@ -313,3 +313,37 @@ def test_a_reader_skips_a_table_row_whose_json_is_damaged(daemon, base_dir):
     shown = Viewer(str(base_dir)).table_rows("default", "tabs", "tab", 0, None, None)
     assert [t["step"] for t in shown["rows"]] == [0, 2]
     assert [(s["kind"], s["step"]) for s in shown["skipped"]] == [("table", 1)]
+
+
+@pytest.mark.own_daemon
+def test_a_refused_message_takes_its_place_in_the_sequence(daemon, endpoint, base_dir):
+    """A data message the daemon cannot decode (a client bug) is never sent again: it is counted as a
+    dropped call with a ``refused`` event, so the calls after it become durable at once instead of the
+    client's flush() waiting for a number that is never coming."""
+    import msgpack
+
+    run = str(base_dir / "default" / "holey")
+    raw = _Raw(endpoint)
+    try:
+        opened = raw.request(m.OpenRun(m.Envelope(run=run, client="h", seq=1), name="holey", run_id="holey"))
+        assert isinstance(opened, m.RunOpened), opened
+        for seq in (1, 2, 3):
+            frames = codec.encode(
+                m.LogMessage(m.Envelope(run=run, client="h", seq=seq, step=seq, wall=1.7e9), {"x": 1.0 * seq})
+            )
+            if seq == 2:  # its header is fine, its payload is not
+                header = msgpack.unpackb(frames[0], raw=False)
+                header[10] = "not a payload"
+                frames = [msgpack.packb(header, use_bin_type=True), *frames[1:]]
+            raw.push.send_multipart(frames)
+        reply = raw.request(m.FlushRequest(m.Envelope(run=run, client="h", seq=2), last_seq=3), timeout=5)
+        assert isinstance(reply, m.Flushed) and reply.durable_seq == 3, reply
+        raw.request(m.FinishRun(m.Envelope(run=run, client="h", seq=3), 3, "finished"))
+    finally:
+        raw.close()
+    with RunReader(run) as r:
+        assert r.series("x")["value"].tolist() == [1.0, 3.0]
+        assert r.clients()[0]["dropped_calls"] == 1
+        (refused,) = [e for e in r.events() if e["kind"] == "refused"]
+        assert "message #2 refused" in refused["detail"] and "counted as dropped" in refused["detail"]
+        assert r.status == "finished"
