@@ -54,6 +54,7 @@ needs_root = pytest.mark.skipif(
 _PRELUDE = """
 import hashlib, json, os, secrets, socket, string, subprocess, sys, time, traceback
 import msgpack, zmq
+from zmq.utils.monitor import recv_monitor_message
 import kohakuboard.client
 from kohakuboard.client import _board, _capture, _config, _encoding, _notices, _outbox, _revival, _rich, _sender, _values
 from kohakuboard.protocol import binning, codec, control, endpoint, errors, items, messages as m, peer, runpath
@@ -227,11 +228,15 @@ report["board"] = outcome(open_board)
 report["raw_answered"] = bool(dealer.poll(max(0, int((2.0 - (time.monotonic() - asked)) * 1000))))
 # a flood of connections: each is refused, the log is not flooded
 flood = [ctx.socket(zmq.DEALER) for _ in range(30)]
-watch = [s.get_monitor_socket(zmq.EVENT_CONNECTED) for s in flood]
+# each socket's first refusal (the daemon's ZAP handler answering 400 for the peer's uid); waiting only
+# for the connection to be made let some close before the handler saw them (fewer than 33 counted under load)
+watch = [s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH) for s in flood]
 for s in flood:
     s.connect({endpoint.control_addr!r})
-for mon in watch:  # each connection made (the daemon refuses it by the peer's uid)
-    assert mon.poll(30000), "a flood connection was never made"
+for mon in watch:
+    assert mon.poll(30000), "a flood connection was never refused"
+    event = recv_monitor_message(mon)
+    assert event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH and event["value"] == 400, event
     mon.close(0)
 for s in flood:
     s.disable_monitor()
