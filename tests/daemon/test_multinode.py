@@ -196,8 +196,8 @@ def ports_free(port: int) -> bool:
 
 
 def wait_head_ports_free(head_args: list[str]) -> None:
-    """After a head was killed: its TCP listener (a child process, told by PR_SET_PDEATHSIG) may take a
-    moment to go; a head restarted before would find its port taken and exit."""
+    """After a head was killed: its TCP listener (a child process, killed with it by PR_SET_PDEATHSIG) may take
+    a moment to go; a head restarted before would wait for its ports."""
     port = int(head_args[1].rsplit(":", 1)[1])
     wait_until(lambda: ports_free(port), message=f"port {port} still taken after the head was killed")
 

@@ -28,6 +28,7 @@ from .test_multinode import (
     kobo_daemon,
     node_daemon,
     node_setup,
+    ports_free,
     second_endpoint,  # noqa: F401  (a fixture of the tests with a forwarding node)
     start_head,
     stop_head,
@@ -186,18 +187,6 @@ def _wait_points(run: Path, name: str, rank: int, n: int, why) -> None:
     _poll(lambda: _points(run, name, rank) >= n, lambda: f"fewer than {n} points of {name} (rank {rank})\n{why()}")
 
 
-def _ports_free(port: int) -> bool:
-    """Whether the head's ports (``port``, ``port + 1``) can be listened on again."""
-    for p in (port, port + 1):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq's listeners
-            try:
-                s.bind(("127.0.0.1", p))
-            except OSError:
-                return False
-    return True
-
-
 def _node_status(ep) -> dict:
     return daemon_status(ep)["forward"]
 
@@ -322,7 +311,7 @@ def test_node_samples_held_through_a_head_restart_arrive_once(
         _poll(lambda: _node_status(second_endpoint)["system_metrics"]["samples"] >= taken + 3, why)
         # The killed head's TCP listener (a child process, killed with it by PR_SET_PDEATHSIG) takes a moment to go.
         port = int(head_args[1].rsplit(":", 1)[1])
-        _poll(lambda: _ports_free(port), lambda: f"port {port} still taken after the head was killed\n{why()}")
+        _poll(lambda: ports_free(port), lambda: f"port {port} still taken after the head was killed\n{why()}")
         head = start_head(endpoint, head_args, head_log, code=HEAD_CODE)
         up = time.time()
 
