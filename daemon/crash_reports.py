@@ -26,11 +26,10 @@ from typing import Any
 
 import zmq
 
-from ..protocol import codec
 from ..protocol import messages as m
 from ..protocol.atomic import write_atomic
-from ..protocol.errors import KoboError
 from ..protocol.peer import process_alive
+from .relay import ControlLine
 
 log = logging.getLogger("kohakuboard.daemon")
 
@@ -75,9 +74,7 @@ class CrashReports:
         self.clients: dict[tuple[str, str], Client] = {}
         self.reaped = 0
         self._state_path = state_path
-        self._open_socket = open_socket
-        self._close_socket = close_socket
-        self._sock: zmq.Socket[Any] | None = None
+        self._line = ControlLine(open_socket, close_socket, self._on_reply)
         self._reap_id = 0
         self._tracking_full = False
         self._dirty = False
@@ -157,13 +154,9 @@ class CrashReports:
             self._report(c, now)
 
     def _report(self, c: Client, now: float) -> None:
-        if self._sock is None:
-            self._sock = self._open_socket(self._on_reply)
         self._reap_id += 1
         env = m.Envelope(c.run, c.client, self._reap_id, c.rank, 0, 0, time.time())
-        try:
-            self._sock.send_multipart(codec.encode(m.FinishRun(env, c.last_seq, "crashed")), zmq.NOBLOCK)
-        except zmq.Again:
+        if not self._line.send(m.FinishRun(env, c.last_seq, "crashed")):
             return  # the head is not reachable: tried again on the next pass
         if not c.reports:
             log.warning("client pid %d of %s died without finishing: telling the head it crashed", c.pid, c.run)
@@ -173,32 +166,20 @@ class CrashReports:
         c.reap_id = self._reap_id
         c.reap_deadline = now + 10.0  # the head answers within ~5 s (its wait for in-flight data)
 
-    def _on_reply(self) -> None:
-        assert self._sock is not None
-        while True:
-            try:
-                body = self._sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                reply = codec.decode(body)
-            except KoboError:
-                continue
-            for key, c in list(self.clients.items()):
-                if c.reap_id and c.reap_id == reply.env.seq:
-                    del self.clients[key]
-                    self._dirty = True
-                    if isinstance(reply, m.ErrorReply):
-                        log.warning("could not mark client pid %d of %s crashed: %s", c.pid, c.run, reply.message)
-                    else:
-                        self.reaped += 1
-                        log.info("marked client pid %d of %s crashed", c.pid, c.run)
+    def _on_reply(self, reply: Any) -> None:
+        for key, c in list(self.clients.items()):
+            if c.reap_id and c.reap_id == reply.env.seq:
+                del self.clients[key]
+                self._dirty = True
+                if isinstance(reply, m.ErrorReply):
+                    log.warning("could not mark client pid %d of %s crashed: %s", c.pid, c.run, reply.message)
+                else:
+                    self.reaped += 1
+                    log.info("marked client pid %d of %s crashed", c.pid, c.run)
 
     def close_socket(self) -> None:
         """Close the report socket (the head refused us, or the relay stops); unanswered reports are asked again."""
-        if self._sock is not None:
-            self._close_socket(self._sock)
-            self._sock = None
+        self._line.close()
 
     def close(self) -> None:
         """The relay stops: save what changed, close the socket."""

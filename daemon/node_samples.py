@@ -29,8 +29,7 @@ import zmq
 
 from ..protocol import codec
 from ..protocol import messages as m
-from ..protocol.errors import KoboError
-from .relay import IDLE_UPSTREAM, STALE_UPSTREAM
+from .relay import IDLE_UPSTREAM, STALE_UPSTREAM, ControlLine
 
 log = logging.getLogger("kohakuboard.daemon")
 
@@ -77,12 +76,10 @@ class NodeSamples:
         close_socket: Callable[[zmq.Socket[Any]], None],
     ) -> None:
         self.client = client  # "sys-<forwarder instance>"
-        self._open_socket = open_socket
-        self._close_socket = close_socket
+        self._line = ControlLine(open_socket, close_socket, self._on_reply)
         self._inbox: collections.deque[tuple[float, dict[str, float]]] = collections.deque(maxlen=8)
         self._runs: dict[str, _Run] = {}
         self._seq: dict[str, int] = {}  # kept while the forwarder lives: a reopened run continues its numbers
-        self._sock: zmq.Socket[Any] | None = None
         self._epoch = 0
         self._asks = 0
         self.stats = {"samples": 0, "sent": 0, "resent": 0, "durable": 0, "not_taken": 0}
@@ -169,47 +166,31 @@ class NodeSamples:
 
     def _ask(self, run: str, r: _Run, now: float) -> None:
         """Ask the head how far the samples of ``run`` are durable (``flush`` of seq 0: answered at once)."""
-        if self._sock is None:
-            self._sock = self._open_socket(self._on_reply)
         self._asks += 1
         env = m.Envelope(run, self.client, self._asks, 0, 0, 0, time.time())
-        try:
-            self._sock.send_multipart(codec.encode(m.FlushRequest(env, 0)), zmq.NOBLOCK)
-        except zmq.Again:
+        if not self._line.send(m.FlushRequest(env, 0)):
             r.ask_at = now + ASK_AFTER
             return
         r.asked, r.ask_at = now, 0.0
 
-    def _on_reply(self) -> None:
-        assert self._sock is not None
-        while True:
-            try:
-                body = self._sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                reply = codec.decode(body)
-            except KoboError:
-                continue
-            r = self._runs.get(reply.env.run)
-            if r is None:
-                continue
-            r.asked = 0.0
-            if isinstance(reply, m.Flushed):
-                while r.held and r.held[0].seq <= reply.durable_seq:
-                    r.held.popleft()
-                    r.unsent = min(r.unsent, len(r.held))
-                    self.stats["durable"] += 1
-            elif isinstance(reply, m.ErrorReply):
-                log.debug("system metrics of %s: the head answered %s", reply.env.run, reply.message)
-            # Sent ones still unconfirmed: ask again a little later.
-            r.ask_at = time.monotonic() + ASK_AFTER if len(r.held) > r.unsent else 0.0
+    def _on_reply(self, reply: Any) -> None:
+        r = self._runs.get(reply.env.run)
+        if r is None:
+            return
+        r.asked = 0.0
+        if isinstance(reply, m.Flushed):
+            while r.held and r.held[0].seq <= reply.durable_seq:
+                r.held.popleft()
+                r.unsent = min(r.unsent, len(r.held))
+                self.stats["durable"] += 1
+        elif isinstance(reply, m.ErrorReply):
+            log.debug("system metrics of %s: the head answered %s", reply.env.run, reply.message)
+        # Sent ones still unconfirmed: ask again a little later.
+        r.ask_at = time.monotonic() + ASK_AFTER if len(r.held) > r.unsent else 0.0
 
     def close_socket(self) -> None:
         """Close the question socket (the head refused us, or the relay stops); questions on it are lost."""
-        if self._sock is not None:
-            self._close_socket(self._sock)
-            self._sock = None
+        if self._line.close():
             soon = time.monotonic() + ASK_AFTER
             for r in self._runs.values():  # questions on it are lost: ask again
                 r.asked = 0.0

@@ -139,6 +139,58 @@ def peek(frame: Any) -> Head | None:
     return Head(kind, run, client, seq, rank, h)
 
 
+class ControlLine:
+    """A control ``DEALER`` to the upstream daemon for requests of the relay's own (crash reports,
+    node samples; not a client's), opened at first use.
+
+    ``open_socket(handler)`` makes the socket and has ``handler`` called (on the relay thread)
+    when it is readable; ``close_socket`` undoes it.  Replies reach ``on_reply`` decoded; one
+    that does not decode is skipped.
+    """
+
+    def __init__(
+        self,
+        open_socket: Callable[[Callable[[], None]], zmq.Socket[Any]],
+        close_socket: Callable[[zmq.Socket[Any]], None],
+        on_reply: Callable[[Any], None],
+    ) -> None:
+        self._open_socket = open_socket
+        self._close_socket = close_socket
+        self._on_reply = on_reply
+        self._sock: zmq.Socket[Any] | None = None
+
+    def send(self, msg: Any) -> bool:
+        """Send ``msg`` without blocking; False when the socket did not take it (upstream unreachable)."""
+        if self._sock is None:
+            self._sock = self._open_socket(self._readable)
+        try:
+            self._sock.send_multipart(codec.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
+    def _readable(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                body = self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply = codec.decode(body)
+            except KoboError:
+                continue
+            self._on_reply(reply)
+
+    def close(self) -> bool:
+        """Close the socket (requests on it are lost); whether it was open."""
+        if self._sock is None:
+            return False
+        self._close_socket(self._sock)
+        self._sock = None
+        return True
+
+
 class _Upstream:
     """One downstream client socket's own upstream DEALER."""
 
