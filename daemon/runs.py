@@ -164,6 +164,11 @@ class RunChannel:
                 self.ingest = RunIngest(writer, self.ledger)
         return self.writer
 
+    async def event(self, kind: str, detail: str) -> None:
+        """Record a run event (opening the run's writer if need be; raises its :class:`StorageError`)."""
+        writer = await self.ensure_writer()
+        await self.call(writer.event, kind, detail)
+
     # -------------------------------------------------------------- clients
 
     @property

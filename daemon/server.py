@@ -413,8 +413,7 @@ class Daemon:
 
     async def _run_event(self, ch: RunChannel, kind: str, detail: str) -> None:
         try:
-            writer = await ch.ensure_writer()
-            await ch.call(writer.event, kind, detail)
+            await ch.event(kind, detail)
         except KoboError as exc:
             log.error("%s: could not record a %s event: %s", ch.path, kind, exc)
 
@@ -561,9 +560,7 @@ class Daemon:
                 if status != fmt.STATUS_CRASHED:
                     raise
                 durable = ch.durable_seq(req.env.client)
-                writer = await ch.ensure_writer()
-                await ch.call(
-                    writer.event,
+                await ch.event(
                     "client_data_missing",
                     f"client {req.env.client} crashed after sending calls up to #{req.last_seq}; only calls up to "
                     f"#{durable} arrived (the rest died with it)",
@@ -704,8 +701,7 @@ class Daemon:
             )
             log.warning("marking %s crashed: %s", ch.path, why)
             try:
-                writer = await ch.ensure_writer()
-                await ch.call(writer.event, "stale", why)
+                await ch.event("stale", why)
                 for c in clients:
                     await ch.detach(c.client, fmt.STATUS_CRASHED)
             except KoboError as exc:
